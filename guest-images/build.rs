@@ -1,0 +1,101 @@
+//! Builds Specula's guests from source with the installed stable rustc and the
+//! system linker (gcc), into `target/guest-images/NAME.elf`.
+//!
+//! Each guest is a `#![no_std] #![no_main]` crate for the host target, linked
+//! as a freestanding static ELF by `guests/link.ld`. Nothing is downloaded.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Guest source files under `guests/`, each one image.
+const GUESTS: &[&str] = &["hello", "source-workload"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let guests_dir = manifest_dir.join("guests");
+    println!("cargo:rerun-if-changed={}", guests_dir.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("src").display()
+    );
+
+    let out_dir = images_dir();
+    std::fs::create_dir_all(&out_dir).expect("create target/guest-images");
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let linker_script = guests_dir.join("link.ld");
+    let scratch = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+
+    for guest in GUESTS {
+        let source = guests_dir.join(format!("{}.rs", guest.replace('-', "_")));
+        let built = scratch.join(format!("{guest}.elf"));
+        build_guest(&rustc, &source, &linker_script, &built);
+        std::fs::copy(&built, out_dir.join(format!("{guest}.elf"))).expect("copy guest image");
+    }
+    println!(
+        "cargo:rustc-env=SPECULA_GUEST_IMAGES_DIR={}",
+        out_dir.display()
+    );
+}
+
+/// `target/guest-images`, found from OUT_DIR (target/PROFILE/build/PKG-HASH/out).
+fn images_dir() -> PathBuf {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    let target = out
+        .ancestors()
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| {
+            out.ancestors()
+                .nth(4)
+                .expect("target dir above OUT_DIR")
+                .to_path_buf()
+        });
+    target.join("guest-images")
+}
+
+fn build_guest(rustc: &str, source: &Path, linker_script: &Path, output: &Path) {
+    let status = Command::new(rustc)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args(["--edition", "2021", "--crate-type", "bin"])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "debuginfo=1",
+        ])
+        .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
+        .args([
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+        ])
+        .args([
+            "-C",
+            "link-arg=-no-pie",
+            "-C",
+            "link-arg=-Wl,--build-id=none",
+        ])
+        .arg("-C")
+        .arg(format!("link-arg=-Wl,-T,{}", linker_script.display()))
+        .arg("-o")
+        .arg(output)
+        .arg(source)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {rustc} to build guest {}: {e}",
+                source.display()
+            )
+        });
+    assert!(
+        status.success(),
+        "building guest {} failed ({status})",
+        source.display()
+    );
+}

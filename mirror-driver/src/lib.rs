@@ -1,0 +1,1 @@
+//! The mirror device (in progress).

@@ -1,0 +1,3 @@
+//! Architecture support. Specula runs x86_64 guests only.
+
+pub mod x86_64;

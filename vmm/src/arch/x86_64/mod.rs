@@ -1,0 +1,9 @@
+//! x86_64 boot: registers, GDT, page tables, CPUID, MSRs, LAPIC and the MP table.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod interrupts;
+pub mod layout;
+pub mod mptable;
+pub mod msr;
+pub mod regs;

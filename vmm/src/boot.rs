@@ -1,0 +1,532 @@
+//! Loading a kernel into guest RAM and writing what its boot protocol needs.
+//!
+//! ELF images with a PVH note (Specula's own guests, PVH-capable vmlinux) boot
+//! through PVH; other ELF vmlinux images and bzImages boot through the Linux
+//! 64-bit entry with a zero page. Both get the command line, the initramfs and
+//! an e820 map of guest RAM.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::{
+    linux::LinuxBootConfigurator, pvh::PvhBootConfigurator, BootConfigurator, BootParams,
+};
+use linux_loader::loader::bootparam::{boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::layout::*;
+use crate::arch::x86_64::regs::BootProtocol;
+use crate::memory::GuestRam;
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+/// "HdrS" at offset 0x202 marks a Linux setup header.
+const BZIMAGE_MAGIC: u32 = 0x5372_6448;
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// xloadflags bit: the kernel has a 64-bit entry point at load address + 0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// Initramfs must stay below this so 32-bit-addressing kernels can read it.
+const INITRAMFS_MAX_END: u64 = 0x3800_0000;
+/// Bound on the PT_NOTE bytes scanned for the Specula note.
+const MAX_NOTE_BYTES: u64 = 64 << 10;
+/// Specula's ELF note: every vCPU may start at the PVH entry; desc = max vCPUs.
+const SPECULA_NOTE_NAME: &[u8] = b"Specula\0";
+const SPECULA_NOTE_SMP_ENTRY: u32 = 1;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSource {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// Where and how the vCPUs start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub entry: u64,
+    pub protocol: BootProtocol,
+    /// The image starts every vCPU at its entry (Specula SMP note); holds its vCPU limit.
+    pub smp_entry_max_cpus: Option<u32>,
+}
+
+/// Failures while loading a kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel image {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read kernel image {path}")]
+    ReadKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel image {path} is empty")]
+    EmptyKernel { path: PathBuf },
+    #[error(
+        "kernel image {path} is neither an ELF nor a bzImage (no ELF magic, no HdrS setup header)"
+    )]
+    UnknownFormat { path: PathBuf },
+    #[error("kernel image {path} is truncated or corrupt: {detail}")]
+    CorruptKernel { path: PathBuf, detail: String },
+    #[error("kernel image {path} does not fit in {mem_mib} MiB of guest memory; give the VM more --memory")]
+    KernelTooBig { path: PathBuf, mem_mib: u64 },
+    #[error("bzImage {path} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")]
+    No64BitEntry { path: PathBuf },
+    #[error("cannot open initramfs {path}")]
+    OpenInitramfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read initramfs {path}")]
+    ReadInitramfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initramfs {path} ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}; give the VM more --memory")]
+    InitramfsTooBig {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    #[error("cannot write boot data into guest memory: {0}")]
+    WriteBootData(String),
+}
+
+/// Loads `source` into `ram`; returns the entry point and boot protocol.
+pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootError> {
+    let path = &source.kernel;
+    let mut kernel = File::open(path).map_err(|e| BootError::OpenKernel {
+        path: path.clone(),
+        source: e,
+    })?;
+    let format = detect_format(&mut kernel, path)?;
+    let (entry, protocol, kernel_end, header, smp_entry_max_cpus) = match format {
+        KernelFormat::Elf => {
+            let result = Elf::load(
+                ram.memory(),
+                None,
+                &mut kernel,
+                Some(GuestAddress(HIMEM_START)),
+            )
+            .map_err(|e| loader_error(e, path, ram))?;
+            let smp = find_specula_smp_note(&mut kernel, path)?;
+            match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(pvh_entry) => {
+                    (pvh_entry.0, BootProtocol::Pvh, result.kernel_end, None, smp)
+                }
+                _ => (
+                    result.kernel_load.0,
+                    BootProtocol::Linux64,
+                    result.kernel_end,
+                    None,
+                    None,
+                ),
+            }
+        }
+        KernelFormat::BzImage => {
+            let result = BzImage::load(
+                ram.memory(),
+                None,
+                &mut kernel,
+                Some(GuestAddress(HIMEM_START)),
+            )
+            .map_err(|e| loader_error(e, path, ram))?;
+            let header = result
+                .setup_header
+                .ok_or_else(|| BootError::CorruptKernel {
+                    path: path.clone(),
+                    detail: "no setup header".into(),
+                })?;
+            if header.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::No64BitEntry { path: path.clone() });
+            }
+            (
+                result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+                BootProtocol::Linux64,
+                result.kernel_end,
+                Some(header),
+                None,
+            )
+        }
+    };
+
+    let initramfs = match &source.initramfs {
+        Some(initramfs_path) => Some(load_initramfs(ram, initramfs_path, kernel_end)?),
+        None => None,
+    };
+    let cmdline = build_cmdline(&source.cmdline)?;
+    loader::load_cmdline(ram.memory(), GuestAddress(CMDLINE_START), &cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes_with_nul().len())
+        .unwrap_or(1);
+
+    match protocol {
+        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs)?,
+        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size)?,
+    }
+    Ok(KernelEntry {
+        entry,
+        protocol,
+        smp_entry_max_cpus,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Tells ELF from bzImage by their magic numbers.
+fn detect_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
+    let read_err = |e| BootError::ReadKernel {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let len = kernel.metadata().map_err(read_err)?.len();
+    if len == 0 {
+        return Err(BootError::EmptyKernel {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut head = [0u8; 0x206];
+    let got = read_up_to(kernel, &mut head).map_err(read_err)?;
+    kernel.rewind().map_err(read_err)?;
+    if got >= 4 && &head[..4] == ELF_MAGIC {
+        return Ok(KernelFormat::Elf);
+    }
+    if got >= 0x206
+        && u32::from_le_bytes(head[0x202..0x206].try_into().expect("4 bytes")) == BZIMAGE_MAGIC
+    {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(BootError::UnknownFormat {
+        path: path.to_path_buf(),
+    })
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Maps linux-loader's errors onto what the user can act on.
+fn loader_error(error: loader::Error, path: &Path, ram: &GuestRam) -> BootError {
+    let too_big = || BootError::KernelTooBig {
+        path: path.to_path_buf(),
+        mem_mib: ram.size() >> 20,
+    };
+    match error {
+        loader::Error::MemoryOverflow | loader::Error::InvalidKernelStartAddress => too_big(),
+        loader::Error::Elf(loader::elf::Error::InvalidProgramHeaderAddress) => too_big(),
+        other => BootError::CorruptKernel {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Scans the ELF's PT_NOTE segments (bounded) for Specula's SMP-entry note.
+fn find_specula_smp_note(kernel: &mut File, path: &Path) -> Result<Option<u32>, BootError> {
+    let corrupt = |detail: &str| BootError::CorruptKernel {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    };
+    let mut ehdr = [0u8; 64];
+    kernel
+        .rewind()
+        .map_err(|_| corrupt("cannot seek to the ELF header"))?;
+    kernel
+        .read_exact(&mut ehdr)
+        .map_err(|_| corrupt("short ELF header"))?;
+    let phoff = u64::from_le_bytes(ehdr[32..40].try_into().expect("8 bytes"));
+    let phentsize = u16::from_le_bytes([ehdr[54], ehdr[55]]) as u64;
+    let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]) as u64;
+    if phentsize < 56 {
+        return Err(corrupt("program header entries are too small"));
+    }
+    for i in 0..phnum {
+        let mut phdr = [0u8; 56];
+        kernel
+            .seek(SeekFrom::Start(phoff + i * phentsize))
+            .map_err(|_| corrupt("cannot seek to a program header"))?;
+        kernel
+            .read_exact(&mut phdr)
+            .map_err(|_| corrupt("short program header"))?;
+        const PT_NOTE: u32 = 4;
+        if u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes")) != PT_NOTE {
+            continue;
+        }
+        let offset = u64::from_le_bytes(phdr[8..16].try_into().expect("8 bytes"));
+        let size =
+            u64::from_le_bytes(phdr[32..40].try_into().expect("8 bytes")).min(MAX_NOTE_BYTES);
+        let mut notes = vec![0u8; size as usize];
+        kernel
+            .seek(SeekFrom::Start(offset))
+            .map_err(|_| corrupt("cannot seek to a note segment"))?;
+        kernel
+            .read_exact(&mut notes)
+            .map_err(|_| corrupt("short note segment"))?;
+        if let Some(max_cpus) = parse_specula_note(&notes) {
+            return Ok(Some(max_cpus));
+        }
+    }
+    Ok(None)
+}
+
+/// Walks ELF notes in `notes`, bounded by its length; returns the Specula SMP note's value.
+fn parse_specula_note(notes: &[u8]) -> Option<u32> {
+    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    let mut at = 0usize;
+    while at + 12 <= notes.len() {
+        let word =
+            |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().expect("4 bytes")) as usize;
+        let (namesz, descsz, kind) = (word(at), word(at + 4), word(at + 8) as u32);
+        let name_start = at + 12;
+        let desc_start = name_start.checked_add(align4(namesz)?)?;
+        let next = desc_start.checked_add(align4(descsz)?)?;
+        if next > notes.len() {
+            return None;
+        }
+        if &notes[name_start..name_start + namesz] == SPECULA_NOTE_NAME
+            && kind == SPECULA_NOTE_SMP_ENTRY
+            && descsz >= 4
+        {
+            return Some(word(desc_start) as u32);
+        }
+        at = next;
+    }
+    None
+}
+
+/// Loads the initramfs page-aligned at the top of low RAM.
+fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
+    let mut file = File::open(path).map_err(|e| BootError::OpenInitramfs {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|e| BootError::ReadInitramfs {
+            path: path.to_path_buf(),
+            source: e,
+        })?
+        .len();
+    let limit = ram.low_ram_end().min(INITRAMFS_MAX_END);
+    let too_big = || BootError::InitramfsTooBig {
+        path: path.to_path_buf(),
+        size,
+        kernel_end,
+        limit,
+    };
+    let start = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    if start < kernel_end.max(HIMEM_START) {
+        return Err(too_big());
+    }
+    ram.memory()
+        .read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+        .map_err(|e| BootError::ReadInitramfs {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok((start, size))
+}
+
+fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    if !text.is_empty() {
+        cmdline.insert_str(text).map_err(|e| {
+            BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1))
+        })?;
+    }
+    Ok(cmdline)
+}
+
+/// The e820 map of guest RAM: low RAM, the reserved EBDA/BIOS area, RAM from
+/// 1 MiB to the MMIO gap, and RAM above 4 GiB.
+pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
+    for region in ram.regions() {
+        let start = region.guest_addr.max(HIMEM_START);
+        let end = region.guest_addr + region.size;
+        if end > start {
+            map.push((start, end - start, E820_RAM));
+        }
+    }
+    map
+}
+
+fn write_pvh_start_info(ram: &GuestRam, initramfs: Option<(u64, u64)>) -> Result<(), BootError> {
+    let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram)
+        .into_iter()
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
+        .collect();
+    let mut start_info = hvm_start_info {
+        magic: guest_abi::HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+    if let Some((paddr, size)) = initramfs {
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = PVH_MODLIST_START;
+        params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
+        params.set_modules(
+            &[hvm_modlist_entry {
+                paddr,
+                size,
+                ..Default::default()
+            }],
+            GuestAddress(PVH_MODLIST_START),
+        );
+    }
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
+    PvhBootConfigurator::write_bootparams(&params, ram.memory())
+        .map_err(|e| BootError::WriteBootData(e.to_string()))
+}
+
+fn write_zero_page(
+    ram: &GuestRam,
+    header: Option<setup_header>,
+    initramfs: Option<(u64, u64)>,
+    cmdline_size: usize,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(header) = header {
+        params.hdr = header;
+    }
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = BZIMAGE_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_size as u32;
+    params.hdr.kernel_alignment = 0x0100_0000;
+    if let Some((start, size)) = initramfs {
+        params.hdr.ramdisk_image = start as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = e820_map(ram);
+    if map.len() > params.e820_table.len() {
+        return Err(BootError::WriteBootData(format!(
+            "{} e820 entries exceed the zero page's table",
+            map.len()
+        )));
+    }
+    for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(&map) {
+        slot.addr = *addr;
+        slot.size = *size;
+        slot.r#type = *type_;
+    }
+    params.e820_entries = map.len() as u8;
+    let boot = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
+    LinuxBootConfigurator::write_bootparams(&boot, ram.memory())
+        .map_err(|e| BootError::WriteBootData(e.to_string()))
+}
+
+/// The few guest ABI constants the loader shares with Specula's guests.
+mod guest_abi {
+    pub const HVM_START_MAGIC: u32 = 0x336e_c578;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        v.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        v.extend_from_slice(&kind.to_le_bytes());
+        v.extend_from_slice(name);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v.extend_from_slice(desc);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn specula_note_is_found_after_other_notes() {
+        let mut notes = note(b"Xen\0", 18, &0x100000u32.to_le_bytes());
+        notes.extend(note(
+            SPECULA_NOTE_NAME,
+            SPECULA_NOTE_SMP_ENTRY,
+            &32u32.to_le_bytes(),
+        ));
+        assert_eq!(parse_specula_note(&notes), Some(32));
+    }
+
+    #[test]
+    fn truncated_or_hostile_notes_are_rejected_without_panicking() {
+        let notes = note(
+            SPECULA_NOTE_NAME,
+            SPECULA_NOTE_SMP_ENTRY,
+            &32u32.to_le_bytes(),
+        );
+        for cut in 0..notes.len() {
+            assert_eq!(parse_specula_note(&notes[..cut]), None);
+        }
+        let mut huge = vec![0u8; 12];
+        huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_specula_note(&huge), None);
+    }
+
+    #[test]
+    fn e820_reserves_the_bios_area_and_skips_the_mmio_gap() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let map = e820_map(&ram);
+        assert_eq!(map[0], (0, EBDA_START, E820_RAM));
+        assert_eq!(map[1].2, E820_RESERVED);
+        assert_eq!(map[2], (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM));
+    }
+
+    #[test]
+    fn overlong_cmdline_is_refused() {
+        assert!(matches!(
+            build_cmdline(&"x".repeat(CMDLINE_MAX_SIZE + 1)),
+            Err(BootError::Cmdline(_))
+        ));
+        assert!(build_cmdline("console=ttyS0").is_ok());
+    }
+}

@@ -1,0 +1,224 @@
+//! Builds a VM from a [`VmConfig`] and runs it: memory, KVM VM and irqchip,
+//! kernel, devices, vCPUs, then the event loop until something ends the VM.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::x86_64::mptable;
+use crate::boot::{self, KernelEntry};
+use crate::config::VmConfig;
+use crate::devices::serial::{self, SerialInput, SerialOutput};
+use crate::devices::{PioBus, COM1_IRQ};
+use crate::memory::GuestRam;
+use crate::signals::StopSignals;
+use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
+use crate::vstate::vm::Vm;
+
+/// Failures while building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("guest memory")]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("KVM")]
+    Vm(#[from] crate::vstate::vm::VmError),
+    #[error("loading the kernel")]
+    Boot(#[from] crate::boot::BootError),
+    #[error("vCPU")]
+    Vcpu(#[from] vcpu::VcpuError),
+    #[error("MP table")]
+    Mptable(#[from] mptable::MptableError),
+    #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
+    TooManyCpusForImage {
+        requested: u8,
+        max: u32,
+        image: String,
+    },
+    #[error("cannot set up the serial console")]
+    Serial(#[source] std::io::Error),
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] std::io::Error),
+    #[error("event loop failed: {0}")]
+    EventLoopRun(String),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built, not yet running VM.
+pub struct Vmm {
+    vm: Vm,
+    ram: GuestRam,
+    bus: Arc<PioBus>,
+    lifecycle: Arc<Lifecycle>,
+    vcpus: Vec<Vcpu>,
+    reset_evt: EventFd,
+    serial_input: bool,
+    entry: KernelEntry,
+}
+
+impl Vmm {
+    /// Builds everything: RAM, VM, irqchip, kernel, MP table, devices, vCPUs.
+    pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
+        let ram = GuestRam::new(config.memory)?;
+        let mut vm = Vm::new(&config.kvm_path)?;
+        vm.setup_irqchip()?;
+        vm.register_ram(&ram)?;
+        let entry = boot::load(&ram, &config.boot)?;
+        if let Some(max) = entry.smp_entry_max_cpus {
+            if u32::from(config.cpus) > max {
+                return Err(BuildError::TooManyCpusForImage {
+                    requested: config.cpus,
+                    max,
+                    image: config.boot.kernel.display().to_string(),
+                });
+            }
+        }
+        mptable::setup_mptable(ram.memory(), config.cpus)?;
+
+        let (serial, serial_irq) = serial::build(&config.serial).map_err(BuildError::Serial)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Serial)?;
+        let bus = Arc::new(PioBus::new(
+            serial,
+            reset_evt.try_clone().map_err(BuildError::Serial)?,
+        ));
+
+        vcpu::install_kick_handler()?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure(&vm, &ram, &entry, config.cpus)?;
+            vcpus.push(vcpu);
+        }
+        let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
+        Ok(Self {
+            vm,
+            ram,
+            bus,
+            lifecycle,
+            vcpus,
+            reset_evt,
+            serial_input: config.serial == SerialOutput::Tty,
+            entry,
+        })
+    }
+
+    /// Guest RAM (for the mirror device).
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM (to add memslots before running).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+
+    /// Shared VM lifecycle: request an exit from another thread with it.
+    pub fn lifecycle(&self) -> Arc<Lifecycle> {
+        self.lifecycle.clone()
+    }
+
+    /// The kernel's entry point and protocol.
+    pub fn entry(&self) -> KernelEntry {
+        self.entry
+    }
+
+    /// Runs the VM until it ends; SIGINT/SIGTERM stop it when `handle_signals` is set.
+    /// `extra` subscribers join the event loop (the mirror socket, for one).
+    pub fn run(self, handle_signals: bool, extra: Vec<Subscriber>) -> Result<VmExit, BuildError> {
+        let mut manager: EventManager<Subscriber> =
+            EventManager::new().map_err(|e| BuildError::EventLoopRun(format!("{e:?}")))?;
+        if handle_signals {
+            let signals =
+                StopSignals::new(self.lifecycle.clone()).map_err(BuildError::EventLoop)?;
+            manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            lifecycle: self.lifecycle.clone(),
+            reset_evt: self.reset_evt.try_clone().map_err(BuildError::EventLoop)?,
+        })));
+        if self.serial_input {
+            manager.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
+                std::io::stdin().as_raw_fd(),
+                self.bus.clone(),
+            ))));
+        }
+        for subscriber in extra {
+            manager.add_subscriber(subscriber);
+        }
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut start_error = None;
+        for vcpu in self.vcpus {
+            match vcpu.start(self.bus.clone(), self.lifecycle.clone()) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    start_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if start_error.is_none() {
+            while self.lifecycle.exit_reason().is_none() {
+                if let Err(e) = manager.run() {
+                    self.lifecycle
+                        .request_exit(VmExit::Crash(format!("event loop failed: {e:?}")));
+                }
+            }
+        }
+        stop_vcpus(&self.lifecycle, threads);
+        if let Some(e) = start_error {
+            return Err(e.into());
+        }
+        Ok(self
+            .lifecycle
+            .exit_reason()
+            .expect("loop ends only with an exit reason"))
+    }
+}
+
+/// Stops every vCPU thread and joins it, so none outlives the VM.
+fn stop_vcpus(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>) {
+    lifecycle.begin_stop();
+    for handle in &threads {
+        // A thread already past KVM_RUN ignores the kick; one inside it returns EINTR.
+        let _ = handle.kill(vcpu::kick_signal());
+    }
+    for handle in threads {
+        if handle.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+/// Wakes the event loop when a vCPU ends the VM, and turns an i8042 reset into an exit.
+struct ExitWatcher {
+    lifecycle: Arc<Lifecycle>,
+    reset_evt: EventFd,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            self.lifecycle.exit_evt().as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch VM exit events: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.lifecycle.request_exit(VmExit::Reset);
+        } else {
+            let _ = self.lifecycle.exit_evt().read();
+        }
+    }
+}

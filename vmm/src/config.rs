@@ -1,0 +1,265 @@
+//! VM configuration and the `vmm` command line, in the conventions of Cloud
+//! Hypervisor and Firecracker (`--kernel`, `--memory 512M` or `size=512M`,
+//! `--cpus 2` or `boot=2`, `--serial tty|file=PATH|null`).
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
+use crate::boot::BootSource;
+use crate::devices::serial::SerialOutput;
+use crate::memory::parse_size;
+
+/// Default guest RAM.
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kvm_path: PathBuf,
+    pub boot: BootSource,
+    pub memory: u64,
+    pub cpus: u8,
+    pub serial: SerialOutput,
+    /// Unix socket path on which to serve the mirror device (see the `mirror-driver` crate).
+    pub mirror_socket: Option<PathBuf>,
+    /// Peer uids allowed to attach to the mirror socket (empty: only the vmm's own uid).
+    pub mirror_allow_uids: Vec<u32>,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Box<VmConfig>),
+    Help,
+    Version,
+}
+
+/// A bad command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("missing required argument --kernel")]
+    MissingKernel,
+    #[error("unknown argument '{0}' (see --help)")]
+    UnknownArgument(String),
+    #[error("argument {0} needs a value")]
+    MissingValue(String),
+    #[error("invalid value '{value}' for {flag}: {reason}")]
+    BadValue {
+        flag: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// `vmm --help` text.
+pub const USAGE: &str = "\
+Usage: vmm --kernel PATH [options]
+
+Boots a guest on /dev/kvm: an ELF (PVH or 64-bit entry) or a bzImage.
+
+Options:
+  --kernel PATH            kernel or guest image (ELF vmlinux, bzImage, target/guest-images/*.elf)
+  --initramfs PATH         initramfs to load at the top of low RAM
+  --cmdline STRING         kernel command line
+  --memory SIZE            guest RAM, e.g. 512M, 2G or size=512M (default 512M)
+  --cpus N                 number of vCPUs, or boot=N (default 1)
+  --serial MODE            COM1: tty (stdout/stdin, default), file=PATH, or null
+  --mirror-socket PATH     serve the mirror device on this Unix socket
+  --mirror-allow-uid UID   allow this uid to attach to the mirror socket (repeatable;
+                           default: the vmm's own uid)
+  --kvm-device PATH        KVM device node (default /dev/kvm)
+  -h, --help               print this help
+  -V, --version            print the version
+
+Exit status: the byte the guest writes to the debug-exit port (0x501); 0 after an
+i8042 reset, SIGINT or SIGTERM; 1 for a configuration or start-up error; 3 if the
+guest crashes (triple fault, emulation failure).
+";
+
+fn bad(flag: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::BadValue {
+        flag: flag.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses `--memory` values: `512M` or `size=512M`.
+pub fn parse_memory(value: &str) -> Result<u64, ConfigError> {
+    let size_text = value.strip_prefix("size=").unwrap_or(value);
+    let size = parse_size(size_text)
+        .ok_or_else(|| bad("--memory", value, "expected a size such as 512M or 2G"))?;
+    if size < crate::memory::MIN_MEMORY {
+        return Err(bad(
+            "--memory",
+            value,
+            format!("at least {} MiB is needed", crate::memory::MIN_MEMORY >> 20),
+        ));
+    }
+    if size % 4096 != 0 {
+        return Err(bad("--memory", value, "must be a multiple of 4 KiB"));
+    }
+    if size > crate::memory::MAX_MEMORY {
+        return Err(bad("--memory", value, "larger than the 1 TiB limit"));
+    }
+    Ok(size)
+}
+
+/// Parses `--cpus` values: `2` or `boot=2`.
+pub fn parse_cpus(value: &str) -> Result<u8, ConfigError> {
+    let text = value.strip_prefix("boot=").unwrap_or(value);
+    let cpus: u32 = text
+        .parse()
+        .map_err(|_| bad("--cpus", value, "expected a number of vCPUs"))?;
+    if cpus == 0 || cpus > u32::from(MAX_SUPPORTED_CPUS) {
+        return Err(bad(
+            "--cpus",
+            value,
+            format!("must be between 1 and {MAX_SUPPORTED_CPUS}"),
+        ));
+    }
+    Ok(cpus as u8)
+}
+
+/// Parses `--serial` values.
+pub fn parse_serial(value: &str) -> Result<SerialOutput, ConfigError> {
+    match value {
+        "tty" => Ok(SerialOutput::Tty),
+        "null" => Ok(SerialOutput::Null),
+        _ => match value.strip_prefix("file=") {
+            Some(path) if !path.is_empty() => Ok(SerialOutput::File(PathBuf::from(path))),
+            _ => Err(bad("--serial", value, "expected tty, null or file=PATH")),
+        },
+    }
+}
+
+/// Parses the `vmm` command line (without the program name).
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
+    let mut kernel = None;
+    let mut initramfs = None;
+    let mut cmdline = String::new();
+    let mut memory = DEFAULT_MEMORY;
+    let mut cpus = 1;
+    let mut serial = SerialOutput::Tty;
+    let mut kvm_path = PathBuf::from("/dev/kvm");
+    let mut mirror_socket = None;
+    let mut mirror_allow_uids = Vec::new();
+
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| ConfigError::MissingValue(flag.clone()))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
+            "--cmdline" => cmdline = value()?,
+            "--memory" => memory = parse_memory(&value()?)?,
+            "--cpus" => cpus = parse_cpus(&value()?)?,
+            "--serial" => serial = parse_serial(&value()?)?,
+            "--kvm-device" => kvm_path = PathBuf::from(value()?),
+            "--mirror-socket" => mirror_socket = Some(PathBuf::from(value()?)),
+            "--mirror-allow-uid" => {
+                let v = value()?;
+                mirror_allow_uids.push(
+                    v.parse()
+                        .map_err(|_| bad("--mirror-allow-uid", &v, "expected a numeric uid"))?,
+                );
+            }
+            _ => return Err(ConfigError::UnknownArgument(arg)),
+        }
+    }
+    let kernel = kernel.ok_or(ConfigError::MissingKernel)?;
+    Ok(Command::Run(Box::new(VmConfig {
+        kvm_path,
+        boot: BootSource {
+            kernel,
+            initramfs,
+            cmdline,
+        },
+        memory,
+        cpus,
+        serial,
+        mirror_socket,
+        mirror_allow_uids,
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(list: &[&str]) -> VmConfig {
+        match parse_args(args(list)).unwrap() {
+            Command::Run(cfg) => *cfg,
+            other => panic!("expected a run command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_flag_styles_parse() {
+        let cfg = run(&[
+            "--kernel",
+            "k",
+            "--memory",
+            "size=1G",
+            "--cpus",
+            "boot=4",
+            "--serial",
+            "file=/tmp/x",
+        ]);
+        assert_eq!(cfg.memory, 1 << 30);
+        assert_eq!(cfg.cpus, 4);
+        assert_eq!(cfg.serial, SerialOutput::File("/tmp/x".into()));
+        let cfg = run(&[
+            "--kernel=k",
+            "--memory=64M",
+            "--cpus=2",
+            "--cmdline",
+            "a b=c",
+        ]);
+        assert_eq!(
+            (cfg.memory, cfg.cpus, cfg.boot.cmdline.as_str()),
+            (64 << 20, 2, "a b=c")
+        );
+    }
+
+    #[test]
+    fn bad_arguments_name_what_was_wrong() {
+        assert_eq!(
+            parse_args(args(&[])).unwrap_err(),
+            ConfigError::MissingKernel
+        );
+        assert_eq!(
+            parse_args(args(&["--bogus"])).unwrap_err(),
+            ConfigError::UnknownArgument("--bogus".into())
+        );
+        assert_eq!(
+            parse_args(args(&["--kernel"])).unwrap_err(),
+            ConfigError::MissingValue("--kernel".into())
+        );
+        let err = parse_args(args(&["--kernel", "k", "--memory", "lots"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--memory") && err.contains("lots"), "{err}");
+        let err = parse_args(args(&["--kernel", "k", "--cpus", "0"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("between 1 and"), "{err}");
+        assert!(parse_args(args(&["--kernel", "k", "--memory", "1M"])).is_err());
+        assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! Specula's VMM library: boots x86_64 guests on /dev/kvm with the rust-vmm
+//! crates. The `vmm` binary drives it from the command line; the inspector
+//! reuses it to build its own VM.
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod logger;
+pub mod memory;
+pub mod signals;
+pub mod vstate;
+
+pub use builder::{BuildError, Vmm};
+pub use config::{Command, VmConfig};
+pub use vstate::vcpu::{VmExit, CRASH_EXIT_CODE};
+
+/// Formats an error with its chain of sources: "what failed: because: because".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

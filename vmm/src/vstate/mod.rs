@@ -1,0 +1,4 @@
+//! KVM state: the VM (memslots, irqchip, PIT) and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,348 @@
+//! vCPUs: boot configuration, the KVM_RUN loop on its own thread, and the
+//! kick (immediate_exit plus a signal) that stops it.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+
+use kvm_bindings::{kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use super::vm::Vm;
+use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::boot::KernelEntry;
+use crate::devices::{PioAction, PioBus};
+use crate::memory::GuestRam;
+
+/// Failures while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM_CREATE_VCPU {index} failed")]
+    Create {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_CPUID2 on vCPU {index} failed")]
+    SetCpuid {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("boot MSRs on vCPU {index}")]
+    Msrs {
+        index: u8,
+        #[source]
+        source: msr::MsrError,
+    },
+    #[error("boot registers on vCPU {index}")]
+    Regs {
+        index: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+    #[error("LAPIC setup on vCPU {index}")]
+    Lapic {
+        index: u8,
+        #[source]
+        source: interrupts::InterruptError,
+    },
+    #[error("KVM_SET_MP_STATE on vCPU {index} failed")]
+    MpState {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register the vCPU kick signal handler")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot spawn the thread of vCPU {index}")]
+    Spawn {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the debug-exit port.
+    GuestStatus(u8),
+    /// The guest reset the machine through the i8042.
+    Reset,
+    /// The host asked the VM to stop (SIGINT/SIGTERM, or a library caller).
+    Stopped(&'static str),
+    /// The guest crashed or KVM could not go on.
+    Crash(String),
+}
+
+impl VmExit {
+    /// The `vmm` process exit code for this end: the guest's status, 0 for a reset or a
+    /// requested stop, [`CRASH_EXIT_CODE`] for a guest crash.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestStatus(status) => i32::from(*status),
+            VmExit::Reset | VmExit::Stopped(_) => 0,
+            VmExit::Crash(_) => CRASH_EXIT_CODE,
+        }
+    }
+}
+
+/// Exit code when the guest crashed (triple fault, emulation failure, failed entry).
+pub const CRASH_EXIT_CODE: i32 = 3;
+
+/// Shared by the vCPU threads and the event loop: who ended the VM, and whether to stop.
+pub struct Lifecycle {
+    stopping: AtomicBool,
+    exit: Mutex<Option<VmExit>>,
+    parked: Condvar,
+    exit_evt: EventFd,
+}
+
+impl Lifecycle {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            stopping: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            parked: Condvar::new(),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Readable once an exit has been requested.
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    /// Records why the VM ends (the first reason wins) and wakes the event loop.
+    pub fn request_exit(&self, reason: VmExit) {
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            *exit = Some(reason);
+            let _ = self.exit_evt.write(1);
+        }
+    }
+
+    /// The recorded exit reason, if any.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Tells every vCPU to stop and wakes the parked ones.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        self.parked.notify_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling vCPU thread until the VM stops.
+    fn park(&self) {
+        let mut guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.stopping() {
+            guard = self.parked.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+thread_local! {
+    /// This thread's kvm_run, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN.with(|run| {
+        let run = run.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's live kvm_run mapping, set before KVM_RUN
+            // and cleared before the VcpuFd is dropped; a volatile byte store is signal-safe.
+            unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
+    result.map_err(VcpuError::KickHandler)
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` in `vm`.
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self { index, fd })
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets CPUID, MSRs and the LAPIC; sets boot registers on the boot vCPU, and on every
+    /// vCPU when the image asked for all of them to start at its entry.
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        ram: &GuestRam,
+        entry: &KernelEntry,
+        cpu_count: u8,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let mut cpuid = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VcpuError::SupportedCpuid)?;
+        cpuid::normalize(&mut cpuid, index, cpu_count);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
+        interrupts::set_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })?;
+        let starts_at_entry = index == 0 || entry.smp_entry_max_cpus.is_some();
+        if starts_at_entry {
+            let regs_err = |source| VcpuError::Regs { index, source };
+            regs::setup_regs(&self.fd, entry.entry, entry.protocol).map_err(regs_err)?;
+            regs::setup_sregs(ram.memory(), &self.fd, entry.protocol).map_err(regs_err)?;
+            regs::setup_fpu(&self.fd).map_err(regs_err)?;
+        }
+        if index != 0 && starts_at_entry {
+            // Application processors normally wait for INIT/SIPI; Specula images start them directly.
+            let state = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            self.fd
+                .set_mp_state(state)
+                .map_err(|source| VcpuError::MpState { index, source })?;
+        }
+        Ok(())
+    }
+
+    /// Spawns the thread that runs this vCPU until the VM stops.
+    pub fn start(
+        self,
+        bus: Arc<PioBus>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&bus, &lifecycle))
+            .map_err(|source| VcpuError::Spawn { index, source })
+    }
+
+    fn run(mut self, bus: &PioBus, lifecycle: &Lifecycle) {
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        while !lifecycle.stopping() {
+            if let Some(reason) = self.run_once(bus, lifecycle) {
+                lifecycle.request_exit(reason);
+                break;
+            }
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+    }
+
+    /// Runs the vCPU until one exit is handled; returns a reason when the VM must end.
+    fn run_once(&mut self, bus: &PioBus, lifecycle: &Lifecycle) -> Option<VmExit> {
+        let index = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+                PioAction::Continue => {}
+                PioAction::Exit(status) => return Some(VmExit::GuestStatus(status)),
+                PioAction::Park => lifecycle.park(),
+            },
+            // Nothing is mapped in the MMIO gap but the in-kernel APICs: reads see an open bus.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                log::debug!("vcpu{index}: MMIO write to unclaimed {addr:#x}")
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                return Some(VmExit::Crash(format!(
+                    "vCPU {index} shut down (triple fault) near RIP {rip:#x}"
+                )));
+            }
+            Ok(VcpuExit::InternalError) => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
+                // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                let what = if suberror == 1 {
+                    "instruction emulation failed"
+                } else {
+                    "KVM internal error"
+                };
+                return Some(VmExit::Crash(format!(
+                    "vCPU {index}: {what} (suberror {suberror}) at RIP {rip:#x}"
+                )));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Some(VmExit::Crash(format!(
+                    "vCPU {index}: VM entry failed, reason {reason:#x} on host CPU {cpu}"
+                )));
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Stopped("guest shutdown"),
+                    other => VmExit::Crash(format!("vCPU {index}: system event {other}")),
+                });
+            }
+            Ok(other) => {
+                return Some(VmExit::Crash(format!(
+                    "vCPU {index}: unexpected exit {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            Err(e) => return Some(VmExit::Crash(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_exit_reason_wins_and_signals_the_event() {
+        let life = Lifecycle::new().unwrap();
+        life.request_exit(VmExit::GuestStatus(7));
+        life.request_exit(VmExit::Reset);
+        assert_eq!(life.exit_reason(), Some(VmExit::GuestStatus(7)));
+        assert_eq!(life.exit_evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmExit::GuestStatus(42).exit_code(), 42);
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::Stopped("SIGTERM").exit_code(), 0);
+        assert_eq!(VmExit::Crash("x".into()).exit_code(), CRASH_EXIT_CODE);
+    }
+}
