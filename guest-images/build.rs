@@ -15,10 +15,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let guests_dir = manifest_dir.join("guests");
     println!("cargo:rerun-if-changed={}", guests_dir.display());
-    println!(
-        "cargo:rerun-if-changed={}",
-        manifest_dir.join("src").display()
-    );
+    println!("cargo:rerun-if-changed={}", manifest_dir.join("src").display());
 
     let out_dir = images_dir();
     std::fs::create_dir_all(&out_dir).expect("create target/guest-images");
@@ -32,10 +29,7 @@ fn main() {
         build_guest(&rustc, &source, &linker_script, &built);
         std::fs::copy(&built, out_dir.join(format!("{guest}.elf"))).expect("copy guest image");
     }
-    println!(
-        "cargo:rustc-env=SPECULA_GUEST_IMAGES_DIR={}",
-        out_dir.display()
-    );
+    println!("cargo:rustc-env=SPECULA_GUEST_IMAGES_DIR={}", out_dir.display());
 }
 
 /// `target/guest-images`, found from OUT_DIR (target/PROFILE/build/PKG-HASH/out).
@@ -45,12 +39,7 @@ fn images_dir() -> PathBuf {
         .ancestors()
         .find(|dir| dir.join("CACHEDIR.TAG").is_file())
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| {
-            out.ancestors()
-                .nth(4)
-                .expect("target dir above OUT_DIR")
-                .to_path_buf()
-        });
+        .unwrap_or_else(|| out.ancestors().nth(4).expect("target dir above OUT_DIR").to_path_buf());
     target.join("guest-images")
 }
 
@@ -58,44 +47,16 @@ fn build_guest(rustc: &str, source: &Path, linker_script: &Path, output: &Path) 
     let status = Command::new(rustc)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .args(["--edition", "2021", "--crate-type", "bin"])
-        .args([
-            "-C",
-            "opt-level=2",
-            "-C",
-            "panic=abort",
-            "-C",
-            "debuginfo=1",
-        ])
+        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "debuginfo=1"])
         .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
-        .args([
-            "-C",
-            "link-arg=-nostartfiles",
-            "-C",
-            "link-arg=-nostdlib",
-            "-C",
-            "link-arg=-static",
-        ])
-        .args([
-            "-C",
-            "link-arg=-no-pie",
-            "-C",
-            "link-arg=-Wl,--build-id=none",
-        ])
+        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
+        .args(["-C", "link-arg=-no-pie", "-C", "link-arg=-Wl,--build-id=none"])
         .arg("-C")
         .arg(format!("link-arg=-Wl,-T,{}", linker_script.display()))
         .arg("-o")
         .arg(output)
         .arg(source)
         .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {rustc} to build guest {}: {e}",
-                source.display()
-            )
-        });
-    assert!(
-        status.success(),
-        "building guest {} failed ({status})",
-        source.display()
-    );
+        .unwrap_or_else(|e| panic!("cannot run {rustc} to build guest {}: {e}", source.display()));
+    assert!(status.success(), "building guest {} failed ({status})", source.display());
 }

@@ -1,5 +1,7 @@
 //! `hello`: prints a greeting on COM1, counts the vCPUs that reached ring 3,
 //! and exits with the status given as `exit=N` on its command line.
+//! `action=reset` instead resets the machine through the i8042; `action=fault`
+//! executes `ud2` with no IDT, which triple-faults the vCPU.
 #![no_std]
 #![no_main]
 
@@ -34,6 +36,20 @@ fn main(info: &rt::BootInfo) -> u8 {
         info.ram_bytes() >> 20
     );
     println!("hello: cmdline \"{}\"", info.cmdline);
+    match info.cmdline_value("action") {
+        Some("reset") => {
+            println!("hello: resetting through the i8042");
+            rt::outb(0x64, 0xfe);
+            rt::park()
+        }
+        Some("fault") => {
+            println!("hello: executing ud2");
+            // SAFETY: deliberately raises #UD to test the VMM's crash handling.
+            unsafe { core::arch::asm!("ud2") };
+            rt::park()
+        }
+        _ => {}
+    }
     println!("hello: exiting with status {}", status);
     status
 }

@@ -10,6 +10,8 @@
 extern crate std;
 
 pub mod abi;
+pub mod sha256;
+pub mod workload;
 
 use std::path::PathBuf;
 
@@ -31,18 +33,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sha256_matches_fips_vectors() {
+        assert_eq!(
+            &sha256::hex(&sha256::digest(b"abc")),
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            &sha256::hex(&sha256::digest(b"")),
+            b"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        let million_a = std::vec![b'a'; 1_000_000];
+        assert_eq!(
+            &sha256::hex(&sha256::digest(&million_a)),
+            b"cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0"
+        );
+    }
+
+    #[test]
+    fn sha256_is_independent_of_how_input_is_split() {
+        let data: std::vec::Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let mut h = sha256::Sha256::new();
+        for part in data.chunks(33) {
+            h.update(part);
+        }
+        assert_eq!(h.finish(), sha256::digest(&data));
+    }
+
+    #[test]
+    fn task_link_order_is_a_permutation() {
+        let mut seen = [false; workload::TASK_COUNT];
+        for i in 0..workload::TASK_COUNT {
+            seen[workload::link_order(i)] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
     fn every_image_is_a_static_elf_with_a_pvh_note() {
         for name in IMAGES {
             let bytes = std::fs::read(image_path(name)).expect("image was built");
             assert_eq!(&bytes[..4], b"\x7fELF", "{name} is an ELF");
-            assert!(
-                bytes.windows(4).any(|w| w == b"Xen\0"),
-                "{name} has a PVH note"
-            );
-            assert!(
-                bytes.windows(8).any(|w| w == b"Specula\0"),
-                "{name} has the Specula SMP note"
-            );
+            assert!(bytes.windows(4).any(|w| w == b"Xen\0"), "{name} has a PVH note");
+            assert!(bytes.windows(8).any(|w| w == b"Specula\0"), "{name} has the Specula SMP note");
         }
     }
 }

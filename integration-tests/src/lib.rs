@@ -1,1 +1,153 @@
-//! End-to-end tests live in tests/.
+//! Helpers for Specula's end-to-end tests: find the built binaries and guest
+//! images, run processes with deadlines, and read their output as it comes.
+//!
+//! Tests that need something absent (/dev/kvm, a binary, the Linux image) fail
+//! with a message naming it; nothing is skipped silently.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`, from the running test executable (`target/<profile>/deps/NAME-HASH`).
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().and_then(Path::parent).expect("test executable lives in target/<profile>/deps").to_path_buf()
+}
+
+/// Path of a workspace binary; fails with what to run if it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_profile_dir().join(name);
+    assert!(
+        path.is_file(),
+        "binary {} is missing: build the workspace first (cargo build --workspace) — README.md's test command does",
+        path.display()
+    );
+    path
+}
+
+/// Path of a built guest image.
+pub fn guest(name: &str) -> PathBuf {
+    let path = guest_images::image_path(name);
+    assert!(path.is_file(), "guest image {} is missing (built by the guest-images crate)", path.display());
+    path
+}
+
+/// Fails unless /dev/kvm can be opened read-write.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("this test needs /dev/kvm (read-write), which cannot be opened: {e}");
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed, killing it after `limit`.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let stdout = drain(child.stdout.take().expect("stdout"));
+    let stderr = drain(child.stderr.take().expect("stderr"));
+    let status = wait_deadline(&mut child, limit).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{cmd:?} did not finish within {limit:?}");
+    });
+    Output { status, stdout: stdout.join().expect("stdout reader"), stderr: stderr.join().expect("stderr reader") }
+}
+
+fn drain<R: Read + Send + 'static>(mut reader: R) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = reader.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Waits for `child` up to `limit`; `None` if it is still running.
+pub fn wait_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running process whose stdout lines arrive on a channel.
+pub struct Running {
+    pub child: Child,
+    lines: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Running {
+    /// Spawns `cmd` with piped stdin/stdout; stderr is inherited.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a line containing `needle`; panics with everything seen if it does not come.
+    pub fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    panic!("no line containing {needle:?} within {limit:?}; output so far:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Writes to the process's stdin.
+    pub fn send(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(text.as_bytes()).expect("write stdin");
+        stdin.flush().expect("flush stdin");
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.child.id() as libc::pid_t, signal) }, 0, "kill");
+    }
+
+    /// Waits for exit up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        match wait_deadline(&mut self.child, limit) {
+            Some(status) => status,
+            None => {
+                let _ = self.child.kill();
+                panic!("process did not exit within {limit:?}; output so far:\n{}", self.seen.join("\n"));
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

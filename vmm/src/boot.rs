@@ -14,9 +14,7 @@ use linux_loader::configurator::{
     linux::LinuxBootConfigurator, pvh::PvhBootConfigurator, BootConfigurator, BootParams,
 };
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -75,9 +73,7 @@ pub enum BootError {
     },
     #[error("kernel image {path} is empty")]
     EmptyKernel { path: PathBuf },
-    #[error(
-        "kernel image {path} is neither an ELF nor a bzImage (no ELF magic, no HdrS setup header)"
-    )]
+    #[error("kernel image {path} is neither an ELF nor a bzImage (no ELF magic, no HdrS setup header)")]
     UnknownFormat { path: PathBuf },
     #[error("kernel image {path} is truncated or corrupt: {detail}")]
     CorruptKernel { path: PathBuf, detail: String },
@@ -98,12 +94,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}; give the VM more --memory")]
-    InitramfsTooBig {
-        path: PathBuf,
-        size: u64,
-        kernel_end: u64,
-        limit: u64,
-    },
+    InitramfsTooBig { path: PathBuf, size: u64, kernel_end: u64, limit: u64 },
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
     #[error("cannot write boot data into guest memory: {0}")]
@@ -113,48 +104,31 @@ pub enum BootError {
 /// Loads `source` into `ram`; returns the entry point and boot protocol.
 pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootError> {
     let path = &source.kernel;
-    let mut kernel = File::open(path).map_err(|e| BootError::OpenKernel {
-        path: path.clone(),
-        source: e,
-    })?;
+    let mut kernel = File::open(path).map_err(|e| BootError::OpenKernel { path: path.clone(), source: e })?;
     let format = detect_format(&mut kernel, path)?;
     let (entry, protocol, kernel_end, header, smp_entry_max_cpus) = match format {
         KernelFormat::Elf => {
-            let result = Elf::load(
-                ram.memory(),
-                None,
-                &mut kernel,
-                Some(GuestAddress(HIMEM_START)),
-            )
-            .map_err(|e| loader_error(e, path, ram))?;
-            let smp = find_specula_smp_note(&mut kernel, path)?;
+            let result = Elf::load(ram.memory(), None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| loader_error(e, path, ram))?;
+            let facts = scan_elf_program_headers(&mut kernel, path)?;
+            // linux-loader copies p_filesz; the zero-filled rest (bss) must fit in RAM too.
+            if facts.load_segments.iter().any(|&(paddr, memsz)| ram.region_for(paddr, memsz).is_none()) {
+                return Err(BootError::KernelTooBig { path: path.clone(), mem_mib: ram.size() >> 20 });
+            }
+            let smp = facts.smp_entry_max_cpus;
             match result.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(pvh_entry) => {
                     (pvh_entry.0, BootProtocol::Pvh, result.kernel_end, None, smp)
                 }
-                _ => (
-                    result.kernel_load.0,
-                    BootProtocol::Linux64,
-                    result.kernel_end,
-                    None,
-                    None,
-                ),
+                _ => (result.kernel_load.0, BootProtocol::Linux64, result.kernel_end, None, None),
             }
         }
         KernelFormat::BzImage => {
-            let result = BzImage::load(
-                ram.memory(),
-                None,
-                &mut kernel,
-                Some(GuestAddress(HIMEM_START)),
-            )
-            .map_err(|e| loader_error(e, path, ram))?;
+            let result = BzImage::load(ram.memory(), None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                .map_err(|e| loader_error(e, path, ram))?;
             let header = result
                 .setup_header
-                .ok_or_else(|| BootError::CorruptKernel {
-                    path: path.clone(),
-                    detail: "no setup header".into(),
-                })?;
+                .ok_or_else(|| BootError::CorruptKernel { path: path.clone(), detail: "no setup header".into() })?;
             if header.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::No64BitEntry { path: path.clone() });
             }
@@ -175,20 +149,13 @@ pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootErro
     let cmdline = build_cmdline(&source.cmdline)?;
     loader::load_cmdline(ram.memory(), GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
-    let cmdline_size = cmdline
-        .as_cstring()
-        .map(|c| c.as_bytes_with_nul().len())
-        .unwrap_or(1);
+    let cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes_with_nul().len()).unwrap_or(1);
 
     match protocol {
         BootProtocol::Pvh => write_pvh_start_info(ram, initramfs)?,
         BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size)?,
     }
-    Ok(KernelEntry {
-        entry,
-        protocol,
-        smp_entry_max_cpus,
-    })
+    Ok(KernelEntry { entry, protocol, smp_entry_max_cpus })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,15 +166,10 @@ enum KernelFormat {
 
 /// Tells ELF from bzImage by their magic numbers.
 fn detect_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootError> {
-    let read_err = |e| BootError::ReadKernel {
-        path: path.to_path_buf(),
-        source: e,
-    };
+    let read_err = |e| BootError::ReadKernel { path: path.to_path_buf(), source: e };
     let len = kernel.metadata().map_err(read_err)?.len();
     if len == 0 {
-        return Err(BootError::EmptyKernel {
-            path: path.to_path_buf(),
-        });
+        return Err(BootError::EmptyKernel { path: path.to_path_buf() });
     }
     let mut head = [0u8; 0x206];
     let got = read_up_to(kernel, &mut head).map_err(read_err)?;
@@ -215,14 +177,10 @@ fn detect_format(kernel: &mut File, path: &Path) -> Result<KernelFormat, BootErr
     if got >= 4 && &head[..4] == ELF_MAGIC {
         return Ok(KernelFormat::Elf);
     }
-    if got >= 0x206
-        && u32::from_le_bytes(head[0x202..0x206].try_into().expect("4 bytes")) == BZIMAGE_MAGIC
-    {
+    if got >= 0x206 && u32::from_le_bytes(head[0x202..0x206].try_into().expect("4 bytes")) == BZIMAGE_MAGIC {
         return Ok(KernelFormat::BzImage);
     }
-    Err(BootError::UnknownFormat {
-        path: path.to_path_buf(),
-    })
+    Err(BootError::UnknownFormat { path: path.to_path_buf() })
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -238,66 +196,60 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Maps linux-loader's errors onto what the user can act on.
 fn loader_error(error: loader::Error, path: &Path, ram: &GuestRam) -> BootError {
-    let too_big = || BootError::KernelTooBig {
-        path: path.to_path_buf(),
-        mem_mib: ram.size() >> 20,
-    };
+    let too_big = || BootError::KernelTooBig { path: path.to_path_buf(), mem_mib: ram.size() >> 20 };
     match error {
         loader::Error::MemoryOverflow | loader::Error::InvalidKernelStartAddress => too_big(),
         loader::Error::Elf(loader::elf::Error::InvalidProgramHeaderAddress) => too_big(),
-        other => BootError::CorruptKernel {
-            path: path.to_path_buf(),
-            detail: other.to_string(),
-        },
+        other => BootError::CorruptKernel { path: path.to_path_buf(), detail: other.to_string() },
     }
 }
 
-/// Scans the ELF's PT_NOTE segments (bounded) for Specula's SMP-entry note.
-fn find_specula_smp_note(kernel: &mut File, path: &Path) -> Result<Option<u32>, BootError> {
-    let corrupt = |detail: &str| BootError::CorruptKernel {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-    };
+/// What the loader needs from an ELF's program headers beyond what linux-loader reports.
+struct ElfFacts {
+    /// (physical address, size in memory) of every PT_LOAD segment.
+    load_segments: Vec<(u64, u64)>,
+    /// The Specula SMP-entry note's vCPU limit, if the image has the note.
+    smp_entry_max_cpus: Option<u32>,
+}
+
+/// Reads the program headers: PT_LOAD extents and (bounded) PT_NOTE contents.
+fn scan_elf_program_headers(kernel: &mut File, path: &Path) -> Result<ElfFacts, BootError> {
+    let corrupt = |detail: &str| BootError::CorruptKernel { path: path.to_path_buf(), detail: detail.to_string() };
     let mut ehdr = [0u8; 64];
-    kernel
-        .rewind()
-        .map_err(|_| corrupt("cannot seek to the ELF header"))?;
-    kernel
-        .read_exact(&mut ehdr)
-        .map_err(|_| corrupt("short ELF header"))?;
+    kernel.rewind().map_err(|_| corrupt("cannot seek to the ELF header"))?;
+    kernel.read_exact(&mut ehdr).map_err(|_| corrupt("short ELF header"))?;
     let phoff = u64::from_le_bytes(ehdr[32..40].try_into().expect("8 bytes"));
     let phentsize = u16::from_le_bytes([ehdr[54], ehdr[55]]) as u64;
     let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]) as u64;
     if phentsize < 56 {
         return Err(corrupt("program header entries are too small"));
     }
+    let mut facts = ElfFacts { load_segments: Vec::new(), smp_entry_max_cpus: None };
     for i in 0..phnum {
         let mut phdr = [0u8; 56];
-        kernel
-            .seek(SeekFrom::Start(phoff + i * phentsize))
-            .map_err(|_| corrupt("cannot seek to a program header"))?;
-        kernel
-            .read_exact(&mut phdr)
-            .map_err(|_| corrupt("short program header"))?;
+        let at = phoff.checked_add(i * phentsize).ok_or_else(|| corrupt("program header offset overflows"))?;
+        kernel.seek(SeekFrom::Start(at)).map_err(|_| corrupt("cannot seek to a program header"))?;
+        kernel.read_exact(&mut phdr).map_err(|_| corrupt("short program header"))?;
+        const PT_LOAD: u32 = 1;
         const PT_NOTE: u32 = 4;
-        if u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes")) != PT_NOTE {
+        let p_type = u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes"));
+        if p_type == PT_LOAD {
+            let paddr = u64::from_le_bytes(phdr[24..32].try_into().expect("8 bytes"));
+            let memsz = u64::from_le_bytes(phdr[40..48].try_into().expect("8 bytes"));
+            facts.load_segments.push((paddr, memsz));
+            continue;
+        }
+        if p_type != PT_NOTE || facts.smp_entry_max_cpus.is_some() {
             continue;
         }
         let offset = u64::from_le_bytes(phdr[8..16].try_into().expect("8 bytes"));
-        let size =
-            u64::from_le_bytes(phdr[32..40].try_into().expect("8 bytes")).min(MAX_NOTE_BYTES);
+        let size = u64::from_le_bytes(phdr[32..40].try_into().expect("8 bytes")).min(MAX_NOTE_BYTES);
         let mut notes = vec![0u8; size as usize];
-        kernel
-            .seek(SeekFrom::Start(offset))
-            .map_err(|_| corrupt("cannot seek to a note segment"))?;
-        kernel
-            .read_exact(&mut notes)
-            .map_err(|_| corrupt("short note segment"))?;
-        if let Some(max_cpus) = parse_specula_note(&notes) {
-            return Ok(Some(max_cpus));
-        }
+        kernel.seek(SeekFrom::Start(offset)).map_err(|_| corrupt("cannot seek to a note segment"))?;
+        kernel.read_exact(&mut notes).map_err(|_| corrupt("short note segment"))?;
+        facts.smp_entry_max_cpus = parse_specula_note(&notes);
     }
-    Ok(None)
+    Ok(facts)
 }
 
 /// Walks ELF notes in `notes`, bounded by its length; returns the Specula SMP note's value.
@@ -305,8 +257,7 @@ fn parse_specula_note(notes: &[u8]) -> Option<u32> {
     let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
     let mut at = 0usize;
     while at + 12 <= notes.len() {
-        let word =
-            |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().expect("4 bytes")) as usize;
+        let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().expect("4 bytes")) as usize;
         let (namesz, descsz, kind) = (word(at), word(at + 4), word(at + 8) as u32);
         let name_start = at + 12;
         let desc_start = name_start.checked_add(align4(namesz)?)?;
@@ -314,9 +265,7 @@ fn parse_specula_note(notes: &[u8]) -> Option<u32> {
         if next > notes.len() {
             return None;
         }
-        if &notes[name_start..name_start + namesz] == SPECULA_NOTE_NAME
-            && kind == SPECULA_NOTE_SMP_ENTRY
-            && descsz >= 4
+        if &notes[name_start..name_start + namesz] == SPECULA_NOTE_NAME && kind == SPECULA_NOTE_SMP_ENTRY && descsz >= 4
         {
             return Some(word(desc_start) as u32);
         }
@@ -327,44 +276,26 @@ fn parse_specula_note(notes: &[u8]) -> Option<u32> {
 
 /// Loads the initramfs page-aligned at the top of low RAM.
 fn load_initramfs(ram: &GuestRam, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
-    let mut file = File::open(path).map_err(|e| BootError::OpenInitramfs {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|e| BootError::ReadInitramfs {
-            path: path.to_path_buf(),
-            source: e,
-        })?
-        .len();
+    let mut file = File::open(path).map_err(|e| BootError::OpenInitramfs { path: path.to_path_buf(), source: e })?;
+    let size = file.metadata().map_err(|e| BootError::ReadInitramfs { path: path.to_path_buf(), source: e })?.len();
     let limit = ram.low_ram_end().min(INITRAMFS_MAX_END);
-    let too_big = || BootError::InitramfsTooBig {
-        path: path.to_path_buf(),
-        size,
-        kernel_end,
-        limit,
-    };
+    let too_big = || BootError::InitramfsTooBig { path: path.to_path_buf(), size, kernel_end, limit };
     let start = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
     if start < kernel_end.max(HIMEM_START) {
         return Err(too_big());
     }
-    ram.memory()
-        .read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
-        .map_err(|e| BootError::ReadInitramfs {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    ram.memory().read_exact_volatile_from(GuestAddress(start), &mut file, size as usize).map_err(|e| {
+        BootError::ReadInitramfs { path: path.to_path_buf(), source: std::io::Error::other(e.to_string()) }
+    })?;
     Ok((start, size))
 }
 
 fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
-    let mut cmdline =
-        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !text.is_empty() {
-        cmdline.insert_str(text).map_err(|e| {
-            BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1))
-        })?;
+        cmdline
+            .insert_str(text)
+            .map_err(|e| BootError::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1)))?;
     }
     Ok(cmdline)
 }
@@ -372,10 +303,7 @@ fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
 /// The e820 map of guest RAM: low RAM, the reserved EBDA/BIOS area, RAM from
 /// 1 MiB to the MMIO gap, and RAM above 4 GiB.
 pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
-    let mut map = vec![
-        (0, EBDA_START, E820_RAM),
-        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
-    ];
+    let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
     for region in ram.regions() {
         let start = region.guest_addr.max(HIMEM_START);
         let end = region.guest_addr + region.size;
@@ -389,12 +317,7 @@ pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
 fn write_pvh_start_info(ram: &GuestRam, initramfs: Option<(u64, u64)>) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram)
         .into_iter()
-        .map(|(addr, size, type_)| hvm_memmap_table_entry {
-            addr,
-            size,
-            type_,
-            reserved: 0,
-        })
+        .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
         .collect();
     let mut start_info = hvm_start_info {
         magic: guest_abi::HVM_START_MAGIC,
@@ -409,18 +332,10 @@ fn write_pvh_start_info(ram: &GuestRam, initramfs: Option<(u64, u64)>) -> Result
         start_info.nr_modules = 1;
         start_info.modlist_paddr = PVH_MODLIST_START;
         params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
-        params.set_modules(
-            &[hvm_modlist_entry {
-                paddr,
-                size,
-                ..Default::default()
-            }],
-            GuestAddress(PVH_MODLIST_START),
-        );
+        params.set_modules(&[hvm_modlist_entry { paddr, size, ..Default::default() }], GuestAddress(PVH_MODLIST_START));
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams(&params, ram.memory())
-        .map_err(|e| BootError::WriteBootData(e.to_string()))
+    PvhBootConfigurator::write_bootparams(&params, ram.memory()).map_err(|e| BootError::WriteBootData(e.to_string()))
 }
 
 fn write_zero_page(
@@ -445,10 +360,7 @@ fn write_zero_page(
     }
     let map = e820_map(ram);
     if map.len() > params.e820_table.len() {
-        return Err(BootError::WriteBootData(format!(
-            "{} e820 entries exceed the zero page's table",
-            map.len()
-        )));
+        return Err(BootError::WriteBootData(format!("{} e820 entries exceed the zero page's table", map.len())));
     }
     for (slot, (addr, size, type_)) in params.e820_table.iter_mut().zip(&map) {
         slot.addr = *addr;
@@ -457,8 +369,7 @@ fn write_zero_page(
     }
     params.e820_entries = map.len() as u8;
     let boot = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams(&boot, ram.memory())
-        .map_err(|e| BootError::WriteBootData(e.to_string()))
+    LinuxBootConfigurator::write_bootparams(&boot, ram.memory()).map_err(|e| BootError::WriteBootData(e.to_string()))
 }
 
 /// The few guest ABI constants the loader shares with Specula's guests.
@@ -489,21 +400,13 @@ mod tests {
     #[test]
     fn specula_note_is_found_after_other_notes() {
         let mut notes = note(b"Xen\0", 18, &0x100000u32.to_le_bytes());
-        notes.extend(note(
-            SPECULA_NOTE_NAME,
-            SPECULA_NOTE_SMP_ENTRY,
-            &32u32.to_le_bytes(),
-        ));
+        notes.extend(note(SPECULA_NOTE_NAME, SPECULA_NOTE_SMP_ENTRY, &32u32.to_le_bytes()));
         assert_eq!(parse_specula_note(&notes), Some(32));
     }
 
     #[test]
     fn truncated_or_hostile_notes_are_rejected_without_panicking() {
-        let notes = note(
-            SPECULA_NOTE_NAME,
-            SPECULA_NOTE_SMP_ENTRY,
-            &32u32.to_le_bytes(),
-        );
+        let notes = note(SPECULA_NOTE_NAME, SPECULA_NOTE_SMP_ENTRY, &32u32.to_le_bytes());
         for cut in 0..notes.len() {
             assert_eq!(parse_specula_note(&notes[..cut]), None);
         }
@@ -523,10 +426,7 @@ mod tests {
 
     #[test]
     fn overlong_cmdline_is_refused() {
-        assert!(matches!(
-            build_cmdline(&"x".repeat(CMDLINE_MAX_SIZE + 1)),
-            Err(BootError::Cmdline(_))
-        ));
+        assert!(matches!(build_cmdline(&"x".repeat(CMDLINE_MAX_SIZE + 1)), Err(BootError::Cmdline(_))));
         assert!(build_cmdline("console=ttyS0").is_ok());
     }
 }

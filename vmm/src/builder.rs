@@ -33,11 +33,7 @@ pub enum BuildError {
     #[error("MP table")]
     Mptable(#[from] mptable::MptableError),
     #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
-    TooManyCpusForImage {
-        requested: u8,
-        max: u32,
-        image: String,
-    },
+    TooManyCpusForImage { requested: u8, max: u32, image: String },
     #[error("cannot set up the serial console")]
     Serial(#[source] std::io::Error),
     #[error("cannot set up the event loop")]
@@ -82,10 +78,7 @@ impl Vmm {
         let (serial, serial_irq) = serial::build(&config.serial).map_err(BuildError::Serial)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Serial)?;
-        let bus = Arc::new(PioBus::new(
-            serial,
-            reset_evt.try_clone().map_err(BuildError::Serial)?,
-        ));
+        let bus = Arc::new(PioBus::new(serial, reset_evt.try_clone().map_err(BuildError::Serial)?));
 
         vcpu::install_kick_handler()?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -95,16 +88,7 @@ impl Vmm {
             vcpus.push(vcpu);
         }
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
-        Ok(Self {
-            vm,
-            ram,
-            bus,
-            lifecycle,
-            vcpus,
-            reset_evt,
-            serial_input: config.serial == SerialOutput::Tty,
-            entry,
-        })
+        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input: config.serial == SerialOutput::Tty, entry })
     }
 
     /// Guest RAM (for the mirror device).
@@ -133,8 +117,7 @@ impl Vmm {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| BuildError::EventLoopRun(format!("{e:?}")))?;
         if handle_signals {
-            let signals =
-                StopSignals::new(self.lifecycle.clone()).map_err(BuildError::EventLoop)?;
+            let signals = StopSignals::new(self.lifecycle.clone()).map_err(BuildError::EventLoop)?;
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
         }
         manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
@@ -142,10 +125,8 @@ impl Vmm {
             reset_evt: self.reset_evt.try_clone().map_err(BuildError::EventLoop)?,
         })));
         if self.serial_input {
-            manager.add_subscriber(Arc::new(Mutex::new(SerialInput::new(
-                std::io::stdin().as_raw_fd(),
-                self.bus.clone(),
-            ))));
+            manager
+                .add_subscriber(Arc::new(Mutex::new(SerialInput::new(std::io::stdin().as_raw_fd(), self.bus.clone()))));
         }
         for subscriber in extra {
             manager.add_subscriber(subscriber);
@@ -165,8 +146,7 @@ impl Vmm {
         if start_error.is_none() {
             while self.lifecycle.exit_reason().is_none() {
                 if let Err(e) = manager.run() {
-                    self.lifecycle
-                        .request_exit(VmExit::Crash(format!("event loop failed: {e:?}")));
+                    self.lifecycle.request_exit(VmExit::Crash(format!("event loop failed: {e:?}")));
                 }
             }
         }
@@ -174,10 +154,7 @@ impl Vmm {
         if let Some(e) = start_error {
             return Err(e.into());
         }
-        Ok(self
-            .lifecycle
-            .exit_reason()
-            .expect("loop ends only with an exit reason"))
+        Ok(self.lifecycle.exit_reason().expect("loop ends only with an exit reason"))
     }
 }
 
@@ -203,10 +180,7 @@ struct ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.lifecycle.exit_evt().as_raw_fd(),
-            self.reset_evt.as_raw_fd(),
-        ] {
+        for fd in [self.lifecycle.exit_evt().as_raw_fd(), self.reset_evt.as_raw_fd()] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch VM exit events: {e:?}");
             }

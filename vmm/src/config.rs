@@ -44,11 +44,7 @@ pub enum ConfigError {
     #[error("argument {0} needs a value")]
     MissingValue(String),
     #[error("invalid value '{value}' for {flag}: {reason}")]
-    BadValue {
-        flag: String,
-        value: String,
-        reason: String,
-    },
+    BadValue { flag: String, value: String, reason: String },
 }
 
 /// `vmm --help` text.
@@ -77,26 +73,17 @@ guest crashes (triple fault, emulation failure).
 ";
 
 fn bad(flag: &str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::BadValue {
-        flag: flag.into(),
-        value: value.into(),
-        reason: reason.into(),
-    }
+    ConfigError::BadValue { flag: flag.into(), value: value.into(), reason: reason.into() }
 }
 
 /// Parses `--memory` values: `512M` or `size=512M`.
 pub fn parse_memory(value: &str) -> Result<u64, ConfigError> {
     let size_text = value.strip_prefix("size=").unwrap_or(value);
-    let size = parse_size(size_text)
-        .ok_or_else(|| bad("--memory", value, "expected a size such as 512M or 2G"))?;
+    let size = parse_size(size_text).ok_or_else(|| bad("--memory", value, "expected a size such as 512M or 2G"))?;
     if size < crate::memory::MIN_MEMORY {
-        return Err(bad(
-            "--memory",
-            value,
-            format!("at least {} MiB is needed", crate::memory::MIN_MEMORY >> 20),
-        ));
+        return Err(bad("--memory", value, format!("at least {} MiB is needed", crate::memory::MIN_MEMORY >> 20)));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(bad("--memory", value, "must be a multiple of 4 KiB"));
     }
     if size > crate::memory::MAX_MEMORY {
@@ -108,15 +95,9 @@ pub fn parse_memory(value: &str) -> Result<u64, ConfigError> {
 /// Parses `--cpus` values: `2` or `boot=2`.
 pub fn parse_cpus(value: &str) -> Result<u8, ConfigError> {
     let text = value.strip_prefix("boot=").unwrap_or(value);
-    let cpus: u32 = text
-        .parse()
-        .map_err(|_| bad("--cpus", value, "expected a number of vCPUs"))?;
+    let cpus: u32 = text.parse().map_err(|_| bad("--cpus", value, "expected a number of vCPUs"))?;
     if cpus == 0 || cpus > u32::from(MAX_SUPPORTED_CPUS) {
-        return Err(bad(
-            "--cpus",
-            value,
-            format!("must be between 1 and {MAX_SUPPORTED_CPUS}"),
-        ));
+        return Err(bad("--cpus", value, format!("must be between 1 and {MAX_SUPPORTED_CPUS}")));
     }
     Ok(cpus as u8)
 }
@@ -151,12 +132,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
             _ => (arg.clone(), None),
         };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| ConfigError::MissingValue(flag.clone()))
-        };
+        let mut value =
+            || inline.clone().or_else(|| args.next()).ok_or_else(|| ConfigError::MissingValue(flag.clone()));
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
@@ -170,10 +147,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             "--mirror-socket" => mirror_socket = Some(PathBuf::from(value()?)),
             "--mirror-allow-uid" => {
                 let v = value()?;
-                mirror_allow_uids.push(
-                    v.parse()
-                        .map_err(|_| bad("--mirror-allow-uid", &v, "expected a numeric uid"))?,
-                );
+                mirror_allow_uids.push(v.parse().map_err(|_| bad("--mirror-allow-uid", &v, "expected a numeric uid"))?);
             }
             _ => return Err(ConfigError::UnknownArgument(arg)),
         }
@@ -181,11 +155,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let kernel = kernel.ok_or(ConfigError::MissingKernel)?;
     Ok(Command::Run(Box::new(VmConfig {
         kvm_path,
-        boot: BootSource {
-            kernel,
-            initramfs,
-            cmdline,
-        },
+        boot: BootSource { kernel, initramfs, cmdline },
         memory,
         cpus,
         serial,
@@ -211,53 +181,22 @@ mod tests {
 
     #[test]
     fn both_flag_styles_parse() {
-        let cfg = run(&[
-            "--kernel",
-            "k",
-            "--memory",
-            "size=1G",
-            "--cpus",
-            "boot=4",
-            "--serial",
-            "file=/tmp/x",
-        ]);
+        let cfg = run(&["--kernel", "k", "--memory", "size=1G", "--cpus", "boot=4", "--serial", "file=/tmp/x"]);
         assert_eq!(cfg.memory, 1 << 30);
         assert_eq!(cfg.cpus, 4);
         assert_eq!(cfg.serial, SerialOutput::File("/tmp/x".into()));
-        let cfg = run(&[
-            "--kernel=k",
-            "--memory=64M",
-            "--cpus=2",
-            "--cmdline",
-            "a b=c",
-        ]);
-        assert_eq!(
-            (cfg.memory, cfg.cpus, cfg.boot.cmdline.as_str()),
-            (64 << 20, 2, "a b=c")
-        );
+        let cfg = run(&["--kernel=k", "--memory=64M", "--cpus=2", "--cmdline", "a b=c"]);
+        assert_eq!((cfg.memory, cfg.cpus, cfg.boot.cmdline.as_str()), (64 << 20, 2, "a b=c"));
     }
 
     #[test]
     fn bad_arguments_name_what_was_wrong() {
-        assert_eq!(
-            parse_args(args(&[])).unwrap_err(),
-            ConfigError::MissingKernel
-        );
-        assert_eq!(
-            parse_args(args(&["--bogus"])).unwrap_err(),
-            ConfigError::UnknownArgument("--bogus".into())
-        );
-        assert_eq!(
-            parse_args(args(&["--kernel"])).unwrap_err(),
-            ConfigError::MissingValue("--kernel".into())
-        );
-        let err = parse_args(args(&["--kernel", "k", "--memory", "lots"]))
-            .unwrap_err()
-            .to_string();
+        assert_eq!(parse_args(args(&[])).unwrap_err(), ConfigError::MissingKernel);
+        assert_eq!(parse_args(args(&["--bogus"])).unwrap_err(), ConfigError::UnknownArgument("--bogus".into()));
+        assert_eq!(parse_args(args(&["--kernel"])).unwrap_err(), ConfigError::MissingValue("--kernel".into()));
+        let err = parse_args(args(&["--kernel", "k", "--memory", "lots"])).unwrap_err().to_string();
         assert!(err.contains("--memory") && err.contains("lots"), "{err}");
-        let err = parse_args(args(&["--kernel", "k", "--cpus", "0"]))
-            .unwrap_err()
-            .to_string();
+        let err = parse_args(args(&["--kernel", "k", "--cpus", "0"])).unwrap_err().to_string();
         assert!(err.contains("between 1 and"), "{err}");
         assert!(parse_args(args(&["--kernel", "k", "--memory", "1M"])).is_err());
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());

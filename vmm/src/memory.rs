@@ -8,10 +8,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -74,7 +71,7 @@ impl GuestRam {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
             return Err(MemoryError::BadSize { size });
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(MemoryError::Unaligned(size));
         }
         let memfd = Arc::new(create_sealed_memfd(size)?);
@@ -87,26 +84,12 @@ impl GuestRam {
                 len as usize,
                 Some(FileOffset::from_arc(memfd.clone(), file_offset)),
             )
-            .map_err(|source| MemoryError::Map {
-                gpa: guest_addr,
-                source,
-            })?;
-            regions.push(RamRegion {
-                guest_addr,
-                size: len,
-                file_offset,
-                host_addr: region.as_ptr() as u64,
-            });
+            .map_err(|source| MemoryError::Map { gpa: guest_addr, source })?;
+            regions.push(RamRegion { guest_addr, size: len, file_offset, host_addr: region.as_ptr() as u64 });
             mmap_regions.push(region);
         }
-        let memory =
-            GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Collection)?;
-        Ok(Self {
-            memory,
-            memfd,
-            regions,
-            size,
-        })
+        let memory = GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Collection)?;
+        Ok(Self { memory, memfd, regions, size })
     }
 
     /// The vm-memory view used by loaders and devices.
@@ -137,17 +120,12 @@ impl GuestRam {
     /// Finds the region holding `[gpa, gpa + len)`, if the range lies in one region.
     pub fn region_for(&self, gpa: u64, len: u64) -> Option<&RamRegion> {
         let end = gpa.checked_add(len)?;
-        self.regions
-            .iter()
-            .find(|r| gpa >= r.guest_addr && end <= r.guest_addr + r.size)
+        self.regions.iter().find(|r| gpa >= r.guest_addr && end <= r.guest_addr + r.size)
     }
 
     /// Number of bytes a `GuestMemoryMmap` region at `gpa` spans (used by tests).
     pub fn region_len_at(&self, gpa: u64) -> Option<u64> {
-        self.memory
-            .iter()
-            .find(|r| r.start_addr().0 == gpa)
-            .map(|r| r.len())
+        self.memory.iter().find(|r| r.start_addr().0 == gpa).map(|r| r.len())
     }
 }
 
@@ -156,10 +134,7 @@ pub fn split_around_mmio_gap(size: u64) -> Vec<(u64, u64, u64)> {
     if size <= MMIO_GAP_START {
         vec![(0, size, 0)]
     } else {
-        vec![
-            (0, MMIO_GAP_START, 0),
-            (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START),
-        ]
+        vec![(0, MMIO_GAP_START, 0), (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START)]
     }
 }
 
@@ -169,19 +144,13 @@ pub fn split_around_mmio_gap(size: u64) -> Vec<(u64, u64, u64)> {
 /// the inspector maps this file. F_SEAL_WRITE is not set: the guest writes.
 fn create_sealed_memfd(size: u64) -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"specula-guest-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let fd = unsafe { libc::memfd_create(c"specula-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::MemfdCreate(std::io::Error::last_os_error()));
     }
     // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Truncate { size, source })?;
+    file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: F_ADD_SEALS on a memfd we own, with valid seal bits.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -223,10 +192,7 @@ mod tests {
         let ram = GuestRam::new(size).unwrap();
         let r = ram.regions();
         assert_eq!(r.len(), 2);
-        assert_eq!(
-            (r[0].guest_addr, r[0].size, r[0].file_offset),
-            (0, MMIO_GAP_START, 0)
-        );
+        assert_eq!((r[0].guest_addr, r[0].size, r[0].file_offset), (0, MMIO_GAP_START, 0));
         assert_eq!(
             (r[1].guest_addr, r[1].size, r[1].file_offset),
             (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START)
@@ -242,10 +208,7 @@ mod tests {
         assert_eq!(seals & libc::F_SEAL_SHRINK, libc::F_SEAL_SHRINK);
         assert_eq!(seals & libc::F_SEAL_GROW, libc::F_SEAL_GROW);
         assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL);
-        assert!(
-            ram.memfd().set_len(1 << 20).is_err(),
-            "shrink must be refused"
-        );
+        assert!(ram.memfd().set_len(1 << 20).is_err(), "shrink must be refused");
     }
 
     #[test]
@@ -253,9 +216,7 @@ mod tests {
         use std::os::unix::fs::FileExt;
         use vm_memory::Bytes;
         let ram = GuestRam::new(4 << 20).unwrap();
-        ram.memory()
-            .write_obj(0xdead_beef_u32, GuestAddress(0x1234))
-            .unwrap();
+        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
         let mut buf = [0u8; 4];
         ram.memfd().read_exact_at(&mut buf, 0x1234).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
@@ -263,14 +224,8 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused() {
-        assert!(matches!(
-            GuestRam::new(4096),
-            Err(MemoryError::BadSize { .. })
-        ));
-        assert!(matches!(
-            GuestRam::new((4 << 20) + 1),
-            Err(MemoryError::Unaligned(_))
-        ));
+        assert!(matches!(GuestRam::new(4096), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(GuestRam::new((4 << 20) + 1), Err(MemoryError::Unaligned(_))));
     }
 
     #[test]

@@ -35,10 +35,7 @@ impl StopSignals {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
-        Ok(Self {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            lifecycle,
-        })
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, lifecycle })
     }
 
     fn read_signal(&self) -> Option<i32> {
@@ -46,13 +43,7 @@ impl StopSignals {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reads at most `size` bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
         (n == size as isize).then_some(info.ssi_signo as i32)
     }
 }
@@ -66,11 +57,7 @@ impl MutEventSubscriber for StopSignals {
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         while let Some(signo) = self.read_signal() {
-            let name = if signo == libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
+            let name = if signo == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
             self.lifecycle.request_exit(VmExit::Stopped(name));
         }
     }

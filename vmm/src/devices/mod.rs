@@ -43,10 +43,7 @@ pub struct PioBus {
 impl PioBus {
     /// Builds the bus; `reset_evt` fires when the guest resets through the i8042.
     pub fn new(serial: SerialDevice, reset_evt: EventFd) -> Self {
-        Self {
-            serial: Mutex::new(serial),
-            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))),
-        }
+        Self { serial: Mutex::new(serial), i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))) }
     }
 
     /// The serial device, for the input path.
@@ -57,12 +54,8 @@ impl PioBus {
     /// Handles an `in` from `port`; unclaimed ports read as all ones, like an open bus.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         let value = match port {
-            p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => {
-                lock(&self.serial).read((p - COM1_PORT) as u8)
-            }
-            I8042_DATA_PORT | I8042_COMMAND_PORT => {
-                lock(&self.i8042).read((port - I8042_DATA_PORT) as u8)
-            }
+            p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => lock(&self.serial).read((p - COM1_PORT) as u8),
+            I8042_DATA_PORT | I8042_COMMAND_PORT => lock(&self.i8042).read((port - I8042_DATA_PORT) as u8),
             _ => 0xff,
         };
         data.fill(0xff);
@@ -98,9 +91,7 @@ impl PioBus {
 
 /// Locks a device, recovering it if a vCPU thread panicked while holding it.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

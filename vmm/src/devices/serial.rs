@@ -59,10 +59,7 @@ pub struct CaptureWriter(pub Arc<Mutex<Vec<u8>>>);
 
 impl Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -74,10 +71,7 @@ impl Write for CaptureWriter {
 pub fn capturing() -> io::Result<(SerialDevice, Arc<Mutex<Vec<u8>>>)> {
     let buffer = Arc::new(Mutex::new(Vec::new()));
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
-    Ok((
-        Serial::new(EventFdTrigger(irq), Box::new(CaptureWriter(buffer.clone()))),
-        buffer,
-    ))
+    Ok((Serial::new(EventFdTrigger(irq), Box::new(CaptureWriter(buffer.clone()))), buffer))
 }
 
 /// Feeds bytes from an input fd (stdin) into COM1's receive FIFO.
@@ -108,9 +102,7 @@ impl SerialInput {
         }
         let n = n as usize;
         if n > 0 {
-            serial
-                .enqueue_raw_bytes(&buf[..n])
-                .map_err(|e| io::Error::other(format!("{e:?}")))?;
+            serial.enqueue_raw_bytes(&buf[..n]).map_err(|e| io::Error::other(format!("{e:?}")))?;
         }
         Ok(Some(n))
     }
@@ -120,10 +112,7 @@ impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
         // Regular files and /dev/null cannot be polled (EPERM): such stdin gives no input.
         if let Err(e) = ops.add(Events::new_raw(self.input, EventSet::IN)) {
-            log::debug!(
-                "serial input disabled: cannot watch fd {}: {e:?}",
-                self.input
-            );
+            log::debug!("serial input disabled: cannot watch fd {}: {e:?}", self.input);
         }
     }
 

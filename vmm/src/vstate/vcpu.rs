@@ -190,10 +190,7 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` in `vm`.
     pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm
-            .fd()
-            .create_vcpu(u64::from(index))
-            .map_err(|source| VcpuError::Create { index, source })?;
+        let fd = vm.fd().create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
         Ok(Self { index, fd })
     }
 
@@ -203,22 +200,11 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs and the LAPIC; sets boot registers on the boot vCPU, and on every
     /// vCPU when the image asked for all of them to start at its entry.
-    pub fn configure(
-        &self,
-        vm: &Vm,
-        ram: &GuestRam,
-        entry: &KernelEntry,
-        cpu_count: u8,
-    ) -> Result<(), VcpuError> {
+    pub fn configure(&self, vm: &Vm, ram: &GuestRam, entry: &KernelEntry, cpu_count: u8) -> Result<(), VcpuError> {
         let index = self.index;
-        let mut cpuid = vm
-            .kvm()
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(VcpuError::SupportedCpuid)?;
+        let mut cpuid = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
         cpuid::normalize(&mut cpuid, index, cpu_count);
-        self.fd
-            .set_cpuid2(&cpuid)
-            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        self.fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::SetCpuid { index, source })?;
         msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
         interrupts::set_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })?;
         let starts_at_entry = index == 0 || entry.smp_entry_max_cpus.is_some();
@@ -230,22 +216,14 @@ impl Vcpu {
         }
         if index != 0 && starts_at_entry {
             // Application processors normally wait for INIT/SIPI; Specula images start them directly.
-            let state = kvm_mp_state {
-                mp_state: KVM_MP_STATE_RUNNABLE,
-            };
-            self.fd
-                .set_mp_state(state)
-                .map_err(|source| VcpuError::MpState { index, source })?;
+            let state = kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE };
+            self.fd.set_mp_state(state).map_err(|source| VcpuError::MpState { index, source })?;
         }
         Ok(())
     }
 
     /// Spawns the thread that runs this vCPU until the VM stops.
-    pub fn start(
-        self,
-        bus: Arc<PioBus>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    pub fn start(self, bus: Arc<PioBus>, lifecycle: Arc<Lifecycle>) -> Result<std::thread::JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
@@ -282,22 +260,14 @@ impl Vcpu {
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
-                return Some(VmExit::Crash(format!(
-                    "vCPU {index} shut down (triple fault) near RIP {rip:#x}"
-                )));
+                return Some(VmExit::Crash(format!("vCPU {index} shut down (triple fault) near RIP {rip:#x}")));
             }
             Ok(VcpuExit::InternalError) => {
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or_default();
                 // SAFETY: for KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
                 let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                let what = if suberror == 1 {
-                    "instruction emulation failed"
-                } else {
-                    "KVM internal error"
-                };
-                return Some(VmExit::Crash(format!(
-                    "vCPU {index}: {what} (suberror {suberror}) at RIP {rip:#x}"
-                )));
+                let what = if suberror == 1 { "instruction emulation failed" } else { "KVM internal error" };
+                return Some(VmExit::Crash(format!("vCPU {index}: {what} (suberror {suberror}) at RIP {rip:#x}")));
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 return Some(VmExit::Crash(format!(
@@ -311,11 +281,7 @@ impl Vcpu {
                     other => VmExit::Crash(format!("vCPU {index}: system event {other}")),
                 });
             }
-            Ok(other) => {
-                return Some(VmExit::Crash(format!(
-                    "vCPU {index}: unexpected exit {other:?}"
-                )))
-            }
+            Ok(other) => return Some(VmExit::Crash(format!("vCPU {index}: unexpected exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
             }

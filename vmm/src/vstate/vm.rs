@@ -2,9 +2,7 @@
 
 use std::path::Path;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
@@ -73,10 +71,7 @@ pub struct Vm {
 impl Vm {
     /// Opens `kvm_path` (normally /dev/kvm), checks the API and capabilities, creates a VM.
     pub fn new(kvm_path: &Path) -> Result<Self, VmError> {
-        let open_error = |source| VmError::OpenKvm {
-            path: kvm_path.display().to_string(),
-            source,
-        };
+        let open_error = |source| VmError::OpenKvm { path: kvm_path.display().to_string(), source };
         let c_path = std::ffi::CString::new(kvm_path.as_os_str().as_encoded_bytes())
             .map_err(|_| open_error(kvm_ioctls::Error::new(libc::EINVAL)))?;
         let kvm = Kvm::new_with_path(c_path.as_c_str()).map_err(open_error)?;
@@ -90,11 +85,7 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        Ok(Self {
-            kvm,
-            fd,
-            next_slot: 0,
-        })
+        Ok(Self { kvm, fd, next_slot: 0 })
     }
 
     /// Fails unless KVM supports `cap` (used for optional features such as read-only slots).
@@ -118,14 +109,9 @@ impl Vm {
 
     /// Creates the in-kernel PIC/IOAPIC/LAPIC and the PIT, as a PC has them.
     pub fn setup_irqchip(&self) -> Result<(), VmError> {
-        self.fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(VmError::SetTssAddress)?;
+        self.fd.set_tss_address(KVM_TSS_ADDRESS as usize).map_err(VmError::SetTssAddress)?;
         self.fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.fd.create_pit2(pit).map_err(VmError::CreatePit)
     }
 
@@ -138,13 +124,7 @@ impl Vm {
     }
 
     /// Adds a memslot mapping `size` bytes at host address `host_addr` to `gpa`; returns its slot.
-    pub fn add_memslot(
-        &mut self,
-        gpa: u64,
-        size: u64,
-        host_addr: u64,
-        read_only: bool,
-    ) -> Result<u32, VmError> {
+    pub fn add_memslot(&mut self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<u32, VmError> {
         let slot = self.next_slot;
         self.set_memslot(slot, gpa, size, host_addr, read_only)?;
         self.next_slot += 1;
@@ -156,14 +136,7 @@ impl Vm {
         self.set_memslot(slot, gpa, 0, 0, false)
     }
 
-    fn set_memslot(
-        &self,
-        slot: u32,
-        gpa: u64,
-        size: u64,
-        host_addr: u64,
-        read_only: bool,
-    ) -> Result<(), VmError> {
+    fn set_memslot(&self, slot: u32, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<(), VmError> {
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
@@ -182,13 +155,7 @@ impl Vm {
     }
 
     /// Routes `evt` to interrupt line `gsi`.
-    pub fn register_irqfd(
-        &self,
-        evt: &vmm_sys_util::eventfd::EventFd,
-        gsi: u32,
-    ) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(evt, gsi)
-            .map_err(|source| VmError::Irqfd { gsi, source })
+    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Irqfd { gsi, source })
     }
 }

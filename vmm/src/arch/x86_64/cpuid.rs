@@ -49,8 +49,7 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, cpu_index: u32, cpu_count: u32,
             // EAX[31:26] cores per package - 1; EAX[25:14] threads sharing this cache - 1.
             let cache_level = (entry.eax >> 5) & 0x7;
             let sharing = if cache_level >= 3 { cpu_count - 1 } else { 0 };
-            entry.eax =
-                (entry.eax & 0x0000_3fff) | ((cpu_count - 1) << 26) | ((sharing & 0xfff) << 14);
+            entry.eax = (entry.eax & 0x0000_3fff) | ((cpu_count - 1) << 26) | ((sharing & 0xfff) << 14);
         }
         LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
             entry.edx = cpu_index;
@@ -81,12 +80,7 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            ebx: 0x0000_0800,
-            ..Default::default()
-        }
+        kvm_cpuid_entry2 { function, index, ebx: 0x0000_0800, ..Default::default() }
     }
 
     #[test]

@@ -18,8 +18,7 @@ fn get_base(entry: u64) -> u64 {
 }
 
 fn get_limit(entry: u64) -> u32 {
-    let limit =
-        ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff)) as u32;
+    let limit = ((((entry) & 0x000f_0000_0000_0000) >> 32) | ((entry) & 0x0000_0000_0000_ffff)) as u32;
     // With 4 KiB granularity the limit counts pages.
     if get_g(entry) == 1 {
         (limit << 12) | 0xfff
@@ -58,18 +57,7 @@ mod tests {
     #[test]
     fn long_mode_code_segment_round_trips() {
         let seg = kvm_segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!(
-            (
-                seg.selector,
-                seg.type_,
-                seg.l,
-                seg.db,
-                seg.g,
-                seg.present,
-                seg.s
-            ),
-            (8, 0xb, 1, 0, 1, 1, 1)
-        );
+        assert_eq!((seg.selector, seg.type_, seg.l, seg.db, seg.g, seg.present, seg.s), (8, 0xb, 1, 0, 1, 1, 1));
         assert_eq!(seg.limit, 0xffff_ffff);
     }
 

@@ -18,18 +18,12 @@ pub enum InterruptError {
 }
 
 fn get_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
-        .iter()
-        .map(|&b| b as u8)
-        .collect();
+    let bytes: Vec<u8> = lapic.regs[offset..offset + 4].iter().map(|&b| b as u8).collect();
     u32::from_le_bytes(bytes.try_into().expect("4 bytes"))
 }
 
 fn set_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (dst, src) in lapic.regs[offset..offset + 4]
-        .iter_mut()
-        .zip(value.to_le_bytes())
-    {
+    for (dst, src) in lapic.regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
         *dst = src as _;
     }
 }
@@ -43,17 +37,9 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), InterruptError> {
     let mut lapic = vcpu.get_lapic().map_err(InterruptError::GetLapic)?;
     let lvt0 = get_reg(&lapic, APIC_LVT0);
-    set_reg(
-        &mut lapic,
-        APIC_LVT0,
-        set_delivery_mode(lvt0, APIC_MODE_EXTINT),
-    );
+    set_reg(&mut lapic, APIC_LVT0, set_delivery_mode(lvt0, APIC_MODE_EXTINT));
     let lvt1 = get_reg(&lapic, APIC_LVT1);
-    set_reg(
-        &mut lapic,
-        APIC_LVT1,
-        set_delivery_mode(lvt1, APIC_MODE_NMI),
-    );
+    set_reg(&mut lapic, APIC_LVT1, set_delivery_mode(lvt1, APIC_MODE_NMI));
     vcpu.set_lapic(&lapic).map_err(InterruptError::SetLapic)
 }
 

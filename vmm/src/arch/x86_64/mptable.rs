@@ -36,10 +36,7 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |sum, b| sum.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
 }
 
 /// Builds the floating pointer structure followed by the configuration table.
@@ -62,16 +59,7 @@ fn build(cpu_count: u8) -> Vec<u8> {
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     entry_count += 1;
     for irq in 0..ISA_IRQS {
-        entries.extend_from_slice(&[
-            ENTRY_IO_INTERRUPT,
-            INT_TYPE_INT,
-            0,
-            0,
-            0,
-            irq,
-            ioapic_id,
-            irq,
-        ]);
+        entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, 0, irq, ioapic_id, irq]);
         entry_count += 1;
     }
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
@@ -108,8 +96,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<(), Mptable
     if cpu_count > MAX_SUPPORTED_CPUS {
         return Err(MptableError::TooManyCpus(cpu_count));
     }
-    mem.write_slice(&build(cpu_count), GuestAddress(MPTABLE_START))
-        .map_err(MptableError::Write)
+    mem.write_slice(&build(cpu_count), GuestAddress(MPTABLE_START)).map_err(MptableError::Write)
 }
 
 #[cfg(test)]
@@ -127,10 +114,7 @@ mod tests {
         assert_eq!(table.iter().fold(0u8, |s, b| s.wrapping_add(*b)), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
         assert_eq!(count, 4 + 1 + 1 + 16 + 2);
-        let cpus = (0..4)
-            .map(|i| &table[44 + i * 20..44 + i * 20 + 20])
-            .filter(|e| e[0] == ENTRY_PROCESSOR)
-            .count();
+        let cpus = (0..4).map(|i| &table[44 + i * 20..44 + i * 20 + 20]).filter(|e| e[0] == ENTRY_PROCESSOR).count();
         assert_eq!(cpus, 4);
         assert_eq!(table[44 + 3] & CPU_BOOTPROCESSOR, CPU_BOOTPROCESSOR);
     }
@@ -138,10 +122,7 @@ mod tests {
     #[test]
     fn too_many_cpus_is_refused() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert!(matches!(
-            setup_mptable(&mem, 255),
-            Err(MptableError::TooManyCpus(255))
-        ));
+        assert!(matches!(setup_mptable(&mem, 255), Err(MptableError::TooManyCpus(255))));
         setup_mptable(&mem, MAX_SUPPORTED_CPUS).unwrap();
     }
 }

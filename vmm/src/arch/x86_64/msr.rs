@@ -45,11 +45,7 @@ fn boot_msr_entries() -> Vec<kvm_msr_entry> {
         (MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK),
     ]
     .into_iter()
-    .map(|(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
+    .map(|(index, data)| kvm_msr_entry { index, data, ..Default::default() })
     .collect()
 }
 
@@ -59,10 +55,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
     let msrs = Msrs::from_entries(&entries).map_err(MsrError::Build)?;
     let set = vcpu.set_msrs(&msrs).map_err(MsrError::Set)?;
     if set != entries.len() {
-        return Err(MsrError::Partial {
-            set,
-            wanted: entries.len(),
-        });
+        return Err(MsrError::Partial { set, wanted: entries.len() });
     }
     Ok(())
 }

@@ -7,8 +7,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::gdt::{gdt_entry, kvm_segment_from_gdt};
 use super::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
-    PVH_INFO_START, ZERO_PAGE_START,
+    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
 };
 
 const X86_CR0_PE: u64 = 0x1;
@@ -53,22 +53,13 @@ pub fn setup_regs(vcpu: &VcpuFd, entry: u64, protocol: BootProtocol) -> Result<(
             rsi: ZERO_PAGE_START,
             ..Default::default()
         },
-        BootProtocol::Pvh => kvm_regs {
-            rflags: 0x2,
-            rip: entry,
-            rbx: PVH_INFO_START,
-            ..Default::default()
-        },
+        BootProtocol::Pvh => kvm_regs { rflags: 0x2, rip: entry, rbx: PVH_INFO_START, ..Default::default() },
     };
     vcpu.set_regs(&regs).map_err(RegsError::SetRegs)
 }
 
 /// Writes the boot GDT (and, for Linux, page tables) and sets the segment and control registers.
-pub fn setup_sregs(
-    mem: &GuestMemoryMmap,
-    vcpu: &VcpuFd,
-    protocol: BootProtocol,
-) -> Result<(), RegsError> {
+pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, protocol: BootProtocol) -> Result<(), RegsError> {
     let mut sregs = vcpu.get_sregs().map_err(RegsError::GetSregs)?;
     configure_segments_and_sregs(mem, &mut sregs, protocol)?;
     if protocol == BootProtocol::Linux64 {
@@ -83,12 +74,7 @@ fn boot_gdt(protocol: BootProtocol) -> [u64; 4] {
         BootProtocol::Linux64 => gdt_entry(0xa09b, 0, 0xfffff),
         BootProtocol::Pvh => gdt_entry(0xc09b, 0, 0xfffff),
     };
-    [
-        gdt_entry(0, 0, 0),
-        code,
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x808b, 0, 0xfffff),
-    ]
+    [gdt_entry(0, 0, 0), code, gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)]
 }
 
 fn configure_segments_and_sregs(
@@ -98,11 +84,9 @@ fn configure_segments_and_sregs(
 ) -> Result<(), RegsError> {
     let gdt = boot_gdt(protocol);
     for (index, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + index as u64 * 8))
-            .map_err(RegsError::WriteTables)?;
+        mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + index as u64 * 8)).map_err(RegsError::WriteTables)?;
     }
-    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(RegsError::WriteTables)?;
+    mem.write_obj(0u64, GuestAddress(BOOT_IDT_START)).map_err(RegsError::WriteTables)?;
 
     let code = kvm_segment_from_gdt(gdt[1], 1);
     let data = kvm_segment_from_gdt(gdt[2], 2);
@@ -134,16 +118,13 @@ fn configure_segments_and_sregs(
 
 /// Identity-maps the first 1 GiB with 2 MiB pages, as the Linux 64-bit entry expects.
 fn setup_page_tables(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(), RegsError> {
-    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))
-        .map_err(RegsError::WriteTables)?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))
-        .map_err(RegsError::WriteTables)?;
+    mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START)).map_err(RegsError::WriteTables)?;
+    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START)).map_err(RegsError::WriteTables)?;
     let mut pd = [0u8; 4096];
     for (i, chunk) in pd.chunks_exact_mut(8).enumerate() {
         chunk.copy_from_slice(&(((i as u64) << 21) | 0x83).to_le_bytes());
     }
-    mem.write_slice(&pd, GuestAddress(PDE_START))
-        .map_err(RegsError::WriteTables)?;
+    mem.write_slice(&pd, GuestAddress(PDE_START)).map_err(RegsError::WriteTables)?;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 |= X86_CR0_PG;
@@ -152,11 +133,7 @@ fn setup_page_tables(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) -> Result<(),
 
 /// Sets the FPU control word and MXCSR to their power-on values.
 pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(RegsError::SetFpu)
 }
 
