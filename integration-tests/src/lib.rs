@@ -4,6 +4,8 @@
 //! Tests that need something absent (/dev/kvm, a binary, the Linux image) fail
 //! with a message naming it; nothing is skipped silently.
 
+pub mod bench;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

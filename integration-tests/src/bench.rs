@@ -1,0 +1,67 @@
+//! Small helpers for Specula's benchmarks: sample statistics and writing a
+//! named section of BENCHMARKS.md (other sections are kept).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Median, p90, p99 of a set of durations.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub n: usize,
+    pub median: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+}
+
+/// Summarizes samples (nearest-rank percentiles); panics on an empty set.
+pub fn summarize(samples: &[Duration]) -> Summary {
+    assert!(!samples.is_empty(), "no samples");
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let rank = |p: f64| sorted[(((p * sorted.len() as f64).ceil() as usize).max(1) - 1).min(sorted.len() - 1)];
+    Summary { n: sorted.len(), median: rank(0.5), p90: rank(0.9), p99: rank(0.99) }
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+/// The workspace root (BENCHMARKS.md lives there).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Replaces (or appends) the section between `<!-- bench:NAME -->` markers in BENCHMARKS.md.
+pub fn write_section(name: &str, body: &str) -> std::io::Result<PathBuf> {
+    let path = workspace_root().join("BENCHMARKS.md");
+    let existing = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        "# Specula benchmarks\n\nFigures written by the benchmarks; see README.md for how to run them.\n".into()
+    });
+    let begin = format!("<!-- bench:{name} begin -->");
+    let end = format!("<!-- bench:{name} end -->");
+    let section = format!("{begin}\n{body}\n{end}");
+    let updated = match (existing.find(&begin), existing.find(&end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{}{}", &existing[..b], section, &existing[e + end.len()..]),
+        _ => format!("{}\n{}\n", existing.trim_end(), section),
+    };
+    std::fs::write(&path, updated)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
+        let s = summarize(&samples);
+        assert_eq!(
+            (s.median, s.p90, s.p99),
+            (Duration::from_millis(5), Duration::from_millis(9), Duration::from_millis(10))
+        );
+        let one = summarize(&[Duration::from_millis(3)]);
+        assert_eq!(one.p99, Duration::from_millis(3));
+    }
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set-up step 1: the Debian packages Specula's build, tests and benchmarks use.
+#   qemu-system-x86  the live Linux guest for introspection tests, and the benchmark baseline
+#   busybox-static, cpio, gzip  the Linux guest's initramfs (guest-images/linux/build.sh)
+# The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
+set -euo pipefail
+packages=(qemu-system-x86 busybox-static cpio gzip)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+command -v cargo >/dev/null || { echo "install-deps.sh: cargo is missing (install a stable Rust toolchain)" >&2; exit 1; }
+command -v gcc >/dev/null || { echo "install-deps.sh: gcc is missing" >&2; exit 1; }
+echo "install-deps.sh: ${packages[*]} installed"
