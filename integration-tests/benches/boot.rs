@@ -16,6 +16,9 @@ use integration_tests::{binary, guest, require_kvm, Running};
 const RUNS: usize = 15;
 const GUEST_LINE: &[u8] = b"Hello from Specula guest";
 
+/// Picks one time out of a boot sample.
+type Metric = fn(&BootSample) -> Duration;
+
 struct BootSample {
     first_byte: Duration,
     first_guest_line: Duration,
@@ -107,7 +110,7 @@ fn main() {
     }
     let pick =
         |samples: &[BootSample], f: fn(&BootSample) -> Duration| summarize(&samples.iter().map(f).collect::<Vec<_>>());
-    let metrics: [(&str, fn(&BootSample) -> Duration); 3] = [
+    let metrics: [(&str, Metric); 3] = [
         ("start to first serial byte", |s| s.first_byte),
         ("start to guest's first line", |s| s.first_guest_line),
         ("start to guest exit", |s| s.exit),
