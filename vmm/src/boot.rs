@@ -112,7 +112,7 @@ pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootErro
                 .map_err(|e| loader_error(e, path, ram))?;
             let facts = scan_elf_program_headers(&mut kernel, path)?;
             // linux-loader copies p_filesz; the zero-filled rest (bss) must fit in RAM too.
-            if facts.load_segments.iter().any(|&(paddr, memsz)| ram.region_for(paddr, memsz).is_none()) {
+            if facts.load_segments.iter().any(|&(paddr, memsz)| !ram.contains_range(paddr, memsz)) {
                 return Err(BootError::KernelTooBig { path: path.clone(), mem_mib: ram.size() >> 20 });
             }
             let smp = facts.smp_entry_max_cpus;
@@ -304,9 +304,9 @@ fn build_cmdline(text: &str) -> Result<Cmdline, BootError> {
 /// 1 MiB to the MMIO gap, and RAM above 4 GiB.
 pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
     let mut map = vec![(0, EBDA_START, E820_RAM), (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED)];
-    for region in ram.regions() {
-        let start = region.guest_addr.max(HIMEM_START);
-        let end = region.guest_addr + region.size;
+    for (base, size) in crate::memory::split_around_mmio_gap(ram.size()) {
+        let start = base.max(HIMEM_START);
+        let end = base + size;
         if end > start {
             map.push((start, end - start, E820_RAM));
         }

@@ -1,8 +1,10 @@
-//! Guest RAM: one sealed memfd, mapped MAP_SHARED, split around the MMIO gap.
+//! Guest RAM: sealed memfd chunks, mapped MAP_SHARED, split around the MMIO gap.
 //!
-//! The memfd is what makes mirroring possible: the mirror device hands other
-//! processes read-only re-opens of it, so every region keeps its fd, file
-//! offset and guest address reachable through [`GuestRam::regions`].
+//! The memfds are what make mirroring possible: the mirror device hands other
+//! processes read-only re-opens of them. RAM is cut into chunks, one memfd
+//! each, so that a grant's file descriptors expose no more than the chunks the
+//! grant overlaps (an fd always exposes its whole file). Every chunk keeps its
+//! fd, file offset and guest address reachable through [`GuestRam::regions`].
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -16,6 +18,10 @@ use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Largest guest RAM accepted (the backing is sparse, but page tables and memslots are finite).
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Smallest RAM chunk (one memfd, one memslot).
+pub const MIN_CHUNK: u64 = 2 << 20;
+/// Chunks per VM that the default chunk size aims at (memslots and fds stay bounded).
+const TARGET_CHUNKS: u64 = 1024;
 
 /// Failures while creating guest RAM.
 #[derive(Debug, thiserror::Error)]
@@ -26,15 +32,17 @@ pub enum MemoryError {
     BadSize { size: u64 },
     #[error("memfd_create for guest RAM failed")]
     MemfdCreate(#[source] std::io::Error),
-    #[error("cannot size the guest RAM memfd to {size} bytes")]
+    #[error("cannot size a guest RAM memfd to {size} bytes")]
     Truncate {
         size: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot seal the guest RAM memfd")]
+    #[error("cannot seal a guest RAM memfd")]
     Seal(#[source] std::io::Error),
-    #[error("cannot map guest RAM region at {gpa:#x}")]
+    #[error("cannot make a guest RAM memfd owner-read-only")]
+    Chmod(#[source] std::io::Error),
+    #[error("cannot map guest RAM chunk at {gpa:#x}")]
     Map {
         gpa: u64,
         #[source]
@@ -44,14 +52,16 @@ pub enum MemoryError {
     Collection(#[source] vm_memory::GuestRegionCollectionError),
 }
 
-/// One contiguous range of guest RAM and where it lives in the memfd.
+/// One chunk of guest RAM and where it lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamRegion {
     /// Guest-physical start address.
     pub guest_addr: u64,
     /// Length in bytes.
     pub size: u64,
-    /// Offset of this range inside the memfd.
+    /// Index of the chunk's memfd in [`GuestRam::chunk_file`].
+    pub chunk: usize,
+    /// Offset of this range inside that memfd.
     pub file_offset: u64,
     /// Host virtual address of the VMM's MAP_SHARED mapping.
     pub host_addr: u64,
@@ -60,36 +70,59 @@ pub struct RamRegion {
 /// Guest RAM of one VM.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
-    memfd: Arc<File>,
+    chunk_files: Vec<Arc<File>>,
     regions: Vec<RamRegion>,
     size: u64,
+    chunk_size: u64,
 }
 
 impl GuestRam {
-    /// Creates `size` bytes of guest RAM, laid out below and above the MMIO gap.
+    /// Creates `size` bytes of guest RAM with the default chunk size.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::with_chunk_size(size, default_chunk_size(size))
+    }
+
+    /// Creates `size` bytes of guest RAM, laid out below and above the MMIO gap, in chunks
+    /// of `chunk_size` bytes (a power of two, at least [`MIN_CHUNK`]).
+    pub fn with_chunk_size(size: u64, chunk_size: u64) -> Result<Self, MemoryError> {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
             return Err(MemoryError::BadSize { size });
         }
         if !size.is_multiple_of(4096) {
             return Err(MemoryError::Unaligned(size));
         }
-        let memfd = Arc::new(create_sealed_memfd(size)?);
-        let layout = split_around_mmio_gap(size);
-        let mut mmap_regions = Vec::with_capacity(layout.len());
-        let mut regions = Vec::with_capacity(layout.len());
-        for &(guest_addr, len, file_offset) in &layout {
-            let region = GuestRegionMmap::from_range(
-                GuestAddress(guest_addr),
-                len as usize,
-                Some(FileOffset::from_arc(memfd.clone(), file_offset)),
-            )
-            .map_err(|source| MemoryError::Map { gpa: guest_addr, source })?;
-            regions.push(RamRegion { guest_addr, size: len, file_offset, host_addr: region.as_ptr() as u64 });
-            mmap_regions.push(region);
+        let chunk_size = chunk_size.max(MIN_CHUNK).next_power_of_two();
+        let mut mmap_regions = Vec::new();
+        let mut regions = Vec::new();
+        let mut chunk_files = Vec::new();
+        for (start, len) in split_around_mmio_gap(size) {
+            let mut gpa = start;
+            while gpa < start + len {
+                let chunk_len = chunk_size.min(start + len - gpa);
+                let file = Arc::new(create_sealed_memfd(chunk_len)?);
+                let region = GuestRegionMmap::from_range(
+                    GuestAddress(gpa),
+                    chunk_len as usize,
+                    Some(FileOffset::from_arc(file.clone(), 0)),
+                )
+                .map_err(|source| MemoryError::Map { gpa, source })?;
+                // The mapping above is read-write; from now on the inode itself refuses writable
+                // re-opens (through /proc/PID/fd) to everyone without CAP_DAC_OVERRIDE.
+                make_owner_read_only(&file)?;
+                regions.push(RamRegion {
+                    guest_addr: gpa,
+                    size: chunk_len,
+                    chunk: chunk_files.len(),
+                    file_offset: 0,
+                    host_addr: region.as_ptr() as u64,
+                });
+                chunk_files.push(file);
+                mmap_regions.push(region);
+                gpa += chunk_len;
+            }
         }
         let memory = GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Collection)?;
-        Ok(Self { memory, memfd, regions, size })
+        Ok(Self { memory, chunk_files, regions, size, chunk_size })
     }
 
     /// The vm-memory view used by loaders and devices.
@@ -97,12 +130,17 @@ impl GuestRam {
         &self.memory
     }
 
-    /// The sealed memfd backing all regions.
-    pub fn memfd(&self) -> &Arc<File> {
-        &self.memfd
+    /// The sealed memfd of chunk `index`.
+    pub fn chunk_file(&self, index: usize) -> &Arc<File> {
+        &self.chunk_files[index]
     }
 
-    /// The RAM regions in guest-address order.
+    /// Bytes per chunk (the last chunk of each side of the MMIO gap may be shorter).
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// The RAM chunks in guest-address order.
     pub fn regions(&self) -> &[RamRegion] {
         &self.regions
     }
@@ -114,13 +152,23 @@ impl GuestRam {
 
     /// End (exclusive) of the RAM below the MMIO gap.
     pub fn low_ram_end(&self) -> u64 {
-        self.regions[0].guest_addr + self.regions[0].size
+        self.size.min(MMIO_GAP_START)
     }
 
-    /// Finds the region holding `[gpa, gpa + len)`, if the range lies in one region.
-    pub fn region_for(&self, gpa: u64, len: u64) -> Option<&RamRegion> {
-        let end = gpa.checked_add(len)?;
-        self.regions.iter().find(|r| gpa >= r.guest_addr && end <= r.guest_addr + r.size)
+    /// Whether `[gpa, gpa + len)` is all RAM.
+    pub fn contains_range(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else { return false };
+        split_around_mmio_gap(self.size).iter().any(|&(start, size)| gpa >= start && end <= start + size)
+    }
+
+    /// The chunks overlapping `[gpa, gpa + len)`, each with the overlapping sub-range.
+    pub fn chunks_overlapping(&self, gpa: u64, len: u64) -> impl Iterator<Item = (&RamRegion, u64, u64)> {
+        let end = gpa.saturating_add(len);
+        self.regions.iter().filter_map(move |r| {
+            let lo = gpa.max(r.guest_addr);
+            let hi = end.min(r.guest_addr + r.size);
+            (lo < hi).then(|| (r, lo, hi - lo))
+        })
     }
 
     /// Number of bytes a `GuestMemoryMmap` region at `gpa` spans (used by tests).
@@ -129,13 +177,26 @@ impl GuestRam {
     }
 }
 
-/// Guest RAM layout as (guest address, length, memfd offset) triples.
-pub fn split_around_mmio_gap(size: u64) -> Vec<(u64, u64, u64)> {
+/// Default chunk size: 2 MiB, growing in powers of two so a VM has at most ~1024 chunks.
+pub fn default_chunk_size(size: u64) -> u64 {
+    size.div_ceil(TARGET_CHUNKS).max(MIN_CHUNK).next_power_of_two()
+}
+
+/// Guest RAM layout as (guest address, length) pairs.
+pub fn split_around_mmio_gap(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_GAP_START {
-        vec![(0, size, 0)]
+        vec![(0, size)]
     } else {
-        vec![(0, MMIO_GAP_START, 0), (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START)]
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
     }
+}
+
+fn make_owner_read_only(file: &File) -> Result<(), MemoryError> {
+    // SAFETY: fchmod on an fd we own.
+    if unsafe { libc::fchmod(file.as_raw_fd(), 0o400) } < 0 {
+        return Err(MemoryError::Chmod(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Creates the RAM memfd and seals it against shrink, grow and further sealing.
@@ -176,56 +237,73 @@ pub fn parse_size(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
 
     #[test]
-    fn small_ram_is_one_region_at_zero() {
+    fn small_ram_is_chunked_from_zero() {
         let ram = GuestRam::new(64 << 20).unwrap();
-        assert_eq!(ram.regions().len(), 1);
+        assert_eq!(ram.chunk_size(), MIN_CHUNK);
+        assert_eq!(ram.regions().len(), 32);
         assert_eq!(ram.regions()[0].guest_addr, 0);
-        assert_eq!(ram.regions()[0].size, 64 << 20);
-        assert_eq!(ram.region_len_at(0), Some(64 << 20));
+        assert_eq!(ram.regions()[31].guest_addr + ram.regions()[31].size, 64 << 20);
+        assert_eq!(ram.region_len_at(0), Some(MIN_CHUNK));
     }
 
     #[test]
     fn large_ram_is_split_around_the_mmio_gap() {
         let size = 5 << 30;
         let ram = GuestRam::new(size).unwrap();
-        let r = ram.regions();
-        assert_eq!(r.len(), 2);
-        assert_eq!((r[0].guest_addr, r[0].size, r[0].file_offset), (0, MMIO_GAP_START, 0));
-        assert_eq!(
-            (r[1].guest_addr, r[1].size, r[1].file_offset),
-            (MMIO_GAP_END, size - MMIO_GAP_START, MMIO_GAP_START)
-        );
-        assert_eq!(ram.memfd().metadata().unwrap().len(), size);
+        assert!(ram.regions().len() <= TARGET_CHUNKS as usize + 2);
+        let below: u64 = ram.regions().iter().filter(|r| r.guest_addr < MMIO_GAP_START).map(|r| r.size).sum();
+        let above: u64 = ram.regions().iter().filter(|r| r.guest_addr >= MMIO_GAP_END).map(|r| r.size).sum();
+        assert_eq!((below, above), (MMIO_GAP_START, size - MMIO_GAP_START));
+        assert!(ram.contains_range(MMIO_GAP_END, 4096));
+        assert!(!ram.contains_range(MMIO_GAP_START, 4096));
+        assert_eq!(ram.low_ram_end(), MMIO_GAP_START);
     }
 
     #[test]
-    fn memfd_is_sealed_against_shrink_grow_and_seal() {
+    fn memfds_are_sealed_and_owner_read_only() {
         let ram = GuestRam::new(4 << 20).unwrap();
+        let file = ram.chunk_file(0);
         // SAFETY: F_GET_SEALS on an fd we own.
-        let seals = unsafe { libc::fcntl(ram.memfd().as_raw_fd(), libc::F_GET_SEALS) };
-        assert_eq!(seals & libc::F_SEAL_SHRINK, libc::F_SEAL_SHRINK);
-        assert_eq!(seals & libc::F_SEAL_GROW, libc::F_SEAL_GROW);
-        assert_eq!(seals & libc::F_SEAL_SEAL, libc::F_SEAL_SEAL);
-        assert!(ram.memfd().set_len(1 << 20).is_err(), "shrink must be refused");
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & wanted, wanted);
+        assert!(file.set_len(4096).is_err(), "shrink must be refused");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o400);
     }
 
     #[test]
-    fn writes_through_the_mapping_land_in_the_memfd() {
-        use std::os::unix::fs::FileExt;
-        use vm_memory::Bytes;
-        let ram = GuestRam::new(4 << 20).unwrap();
-        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(0x1234)).unwrap();
+    fn writes_through_the_mapping_land_in_the_chunk_memfd() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let gpa = (2 << 20) + 0x1234;
+        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(gpa)).unwrap();
+        let (region, lo, _) = ram.chunks_overlapping(gpa, 4).next().unwrap();
         let mut buf = [0u8; 4];
-        ram.memfd().read_exact_at(&mut buf, 0x1234).unwrap();
+        ram.chunk_file(region.chunk).read_exact_at(&mut buf, lo - region.guest_addr).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
+    }
+
+    #[test]
+    fn overlapping_chunks_are_clipped_to_the_range() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let parts: Vec<_> = ram.chunks_overlapping((2 << 20) - 16, 32).map(|(r, lo, len)| (r.chunk, lo, len)).collect();
+        assert_eq!(parts, vec![(0, (2 << 20) - 16, 16), (1, 2 << 20, 16)]);
     }
 
     #[test]
     fn bad_sizes_are_refused() {
         assert!(matches!(GuestRam::new(4096), Err(MemoryError::BadSize { .. })));
         assert!(matches!(GuestRam::new((4 << 20) + 1), Err(MemoryError::Unaligned(_))));
+    }
+
+    #[test]
+    fn default_chunks_stay_bounded() {
+        assert_eq!(default_chunk_size(64 << 20), MIN_CHUNK);
+        assert_eq!(default_chunk_size(64 << 30), 64 << 20);
     }
 
     #[test]

@@ -62,10 +62,11 @@ mod tests {
     }
 
     #[test]
-    fn tss_segment_has_byte_granularity() {
+    fn system_segments_decode_base_type_and_granularity() {
         let seg = kvm_segment_from_gdt(gdt_entry(0x808b, 0x1234_5678, 0xfffff), 3);
-        assert_eq!(seg.base, 0x1234_5678);
-        assert_eq!(seg.limit, 0xfffff);
-        assert_eq!(seg.s, 0);
+        assert_eq!((seg.base, seg.type_, seg.s, seg.g), (0x1234_5678, 0xb, 0, 1));
+        assert_eq!(seg.limit, 0xffff_ffff, "page granularity scales the limit");
+        let bytes = kvm_segment_from_gdt(gdt_entry(0x0089, 0x1000, 0x67), 5);
+        assert_eq!((bytes.limit, bytes.g, bytes.selector), (0x67, 0, 40));
     }
 }
