@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Guest source files under `guests/`, each one image.
-const GUESTS: &[&str] = &["hello", "source-workload"];
+const GUESTS: &[&str] = &["hello", "source-workload", "inspector-agent"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));

@@ -10,13 +10,15 @@
 extern crate std;
 
 pub mod abi;
+pub mod agent;
 pub mod sha256;
 pub mod workload;
+pub mod xxh64;
 
 use std::path::PathBuf;
 
 /// Names of the images this crate builds.
-pub const IMAGES: &[&str] = &["hello", "source-workload"];
+pub const IMAGES: &[&str] = &["hello", "source-workload", "inspector-agent"];
 
 /// Directory the build script wrote the images to (`target/guest-images`).
 pub fn images_dir() -> PathBuf {
@@ -57,6 +59,14 @@ mod tests {
             h.update(part);
         }
         assert_eq!(h.finish(), sha256::digest(&data));
+    }
+
+    #[test]
+    fn xxh64_matches_reference_vectors() {
+        assert_eq!(xxh64::xxh64(b"", 0), 0xef46_db37_51d8_e999);
+        assert_eq!(xxh64::xxh64(b"a", 0), 0xd24e_c4f1_a98c_6e5b);
+        assert_eq!(xxh64::xxh64(b"abc", 0), 0x44bc_2cf5_ad77_0999);
+        assert_eq!(xxh64::xxh64(b"Nobody inspects the spammish repetition", 0), 0xfbce_a83c_8a37_8bf1);
     }
 
     #[test]

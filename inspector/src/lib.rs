@@ -1,1 +1,7 @@
-//! The inspector: attaches to a source VM through the mirror device (in progress).
+//! Specula's inspector: attaches to a source VMM through the mirror device,
+//! maps granted source RAM as read-only memslots of an isolated agent VM, and
+//! serves analysis (read, hash, scan, integrity watch) run by the agent in ring 3.
+
+pub mod agent_link;
+pub mod control;
+pub mod daemon;

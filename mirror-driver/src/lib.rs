@@ -1,1 +1,11 @@
-//! The mirror device (in progress).
+//! Specula's mirror device.
+//!
+//! The source VMM serves it ([`exporter`]); an inspector attaches to it
+//! ([`importer`]). Grants are O_RDONLY re-opens of the source's sealed RAM
+//! memfds, so the inspector maps the very pages the source guest uses, the
+//! kernel keeps both views coherent, and nothing the inspector holds can write.
+
+pub mod exporter;
+pub mod importer;
+pub mod protocol;
+pub mod wire;

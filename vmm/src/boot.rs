@@ -45,6 +45,9 @@ pub struct BootSource {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
+    /// Extra memory-map entries (guest address, length, e820 type) beyond RAM, such as
+    /// the inspector's mirror window.
+    pub extra_memmap: Vec<(u64, u64, u32)>,
 }
 
 /// Where and how the vCPUs start.
@@ -152,8 +155,8 @@ pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootErro
     let cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes_with_nul().len()).unwrap_or(1);
 
     match protocol {
-        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs)?,
-        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size)?,
+        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, &source.extra_memmap)?,
+        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size, &source.extra_memmap)?,
     }
     Ok(KernelEntry { entry, protocol, smp_entry_max_cpus })
 }
@@ -314,9 +317,14 @@ pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
     map
 }
 
-fn write_pvh_start_info(ram: &GuestRam, initramfs: Option<(u64, u64)>) -> Result<(), BootError> {
+fn write_pvh_start_info(
+    ram: &GuestRam,
+    initramfs: Option<(u64, u64)>,
+    extra: &[(u64, u64, u32)],
+) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram)
         .into_iter()
+        .chain(extra.iter().copied())
         .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
         .collect();
     let mut start_info = hvm_start_info {
@@ -343,6 +351,7 @@ fn write_zero_page(
     header: Option<setup_header>,
     initramfs: Option<(u64, u64)>,
     cmdline_size: usize,
+    extra: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(header) = header {
@@ -358,7 +367,8 @@ fn write_zero_page(
         params.hdr.ramdisk_image = start as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let map = e820_map(ram);
+    let mut map = e820_map(ram);
+    map.extend_from_slice(extra);
     if map.len() > params.e820_table.len() {
         return Err(BootError::WriteBootData(format!("{} e820 entries exceed the zero page's table", map.len())));
     }

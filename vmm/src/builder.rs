@@ -40,13 +40,17 @@ pub enum BuildError {
     EventLoop(#[source] std::io::Error),
     #[error("event loop failed: {0}")]
     EventLoopRun(String),
+    #[error("mirror device")]
+    Mirror(#[from] mirror_driver::exporter::ExportError),
+    #[error("cannot start the API socket")]
+    Api(#[source] std::io::Error),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A built, not yet running VM.
 pub struct Vmm {
-    vm: Vm,
+    vm: Arc<Vm>,
     ram: GuestRam,
     bus: Arc<PioBus>,
     lifecycle: Arc<Lifecycle>,
@@ -54,13 +58,14 @@ pub struct Vmm {
     reset_evt: EventFd,
     serial_input: bool,
     entry: KernelEntry,
+    config: VmConfig,
 }
 
 impl Vmm {
     /// Builds everything: RAM, VM, irqchip, kernel, MP table, devices, vCPUs.
     pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
         let ram = GuestRam::new(config.memory)?;
-        let mut vm = Vm::new(&config.kvm_path)?;
+        let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
         vm.register_ram(&ram)?;
         let entry = boot::load(&ram, &config.boot)?;
@@ -78,7 +83,11 @@ impl Vmm {
         let (serial, serial_irq) = serial::build(&config.serial).map_err(BuildError::Serial)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Serial)?;
-        let bus = Arc::new(PioBus::new(serial, reset_evt.try_clone().map_err(BuildError::Serial)?));
+        let mut bus = PioBus::new(serial, reset_evt.try_clone().map_err(BuildError::Serial)?);
+        if let Some(bell) = &config.doorbell {
+            bus = bus.with_doorbell(bell.clone());
+        }
+        let bus = Arc::new(bus);
 
         vcpu::install_kick_handler()?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -88,7 +97,9 @@ impl Vmm {
             vcpus.push(vcpu);
         }
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
-        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input: config.serial == SerialOutput::Tty, entry })
+        let serial_input = config.serial == SerialOutput::Tty;
+        let vm = Arc::new(vm);
+        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input, entry, config: config.clone() })
     }
 
     /// Guest RAM (for the mirror device).
@@ -96,9 +107,9 @@ impl Vmm {
         &self.ram
     }
 
-    /// The KVM VM (to add memslots before running).
-    pub fn vm_mut(&mut self) -> &mut Vm {
-        &mut self.vm
+    /// The KVM VM, shareable with threads that add or remove memslots while it runs.
+    pub fn vm(&self) -> Arc<Vm> {
+        self.vm.clone()
     }
 
     /// Shared VM lifecycle: request an exit from another thread with it.
@@ -113,7 +124,7 @@ impl Vmm {
 
     /// Runs the VM until it ends; SIGINT/SIGTERM stop it when `handle_signals` is set.
     /// `extra` subscribers join the event loop (the mirror socket, for one).
-    pub fn run(self, handle_signals: bool, extra: Vec<Subscriber>) -> Result<VmExit, BuildError> {
+    pub fn run(mut self, handle_signals: bool, extra: Vec<Subscriber>) -> Result<VmExit, BuildError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| BuildError::EventLoopRun(format!("{e:?}")))?;
         if handle_signals {
@@ -134,13 +145,23 @@ impl Vmm {
 
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut start_error = None;
-        for vcpu in self.vcpus {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start(self.bus.clone(), self.lifecycle.clone()) {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     start_error = Some(e);
                     break;
                 }
+            }
+        }
+        use std::os::unix::thread::JoinHandleExt;
+        self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        let mut exporter = None;
+        let mut start_error: Option<BuildError> = start_error.map(Into::into);
+        if start_error.is_none() {
+            match self.start_services() {
+                Ok(e) => exporter = e,
+                Err(e) => start_error = Some(e),
             }
         }
         if start_error.is_none() {
@@ -150,11 +171,26 @@ impl Vmm {
                 }
             }
         }
+        if let Some(exporter) = &exporter {
+            exporter.shutdown();
+        }
         stop_vcpus(&self.lifecycle, threads);
         if let Some(e) = start_error {
-            return Err(e.into());
+            return Err(e);
         }
         Ok(self.lifecycle.exit_reason().expect("loop ends only with an exit reason"))
+    }
+}
+
+impl Vmm {
+    /// Starts the mirror exporter and the API socket, when configured.
+    fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
+        let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone())?;
+        if let Some(path) = &self.config.api_socket {
+            let context = crate::api::ApiContext { lifecycle: self.lifecycle.clone(), exporter: exporter.clone() };
+            crate::api::start(path, context).map_err(BuildError::Api)?;
+        }
+        Ok(exporter)
     }
 }
 

@@ -24,6 +24,12 @@ pub struct VmConfig {
     pub mirror_socket: Option<PathBuf>,
     /// Peer uids allowed to attach to the mirror socket (empty: only the vmm's own uid).
     pub mirror_allow_uids: Vec<u32>,
+    /// Ranges the mirror may grant (`None`: all of RAM).
+    pub mirror_policy: Option<Vec<mirror_driver::protocol::Range>>,
+    /// Unix socket path for the control API.
+    pub api_socket: Option<PathBuf>,
+    /// A doorbell device for a guest agent (library users only).
+    pub doorbell: Option<std::sync::Arc<crate::devices::doorbell::Doorbell>>,
 }
 
 /// What the command line asks for.
@@ -63,6 +69,8 @@ Options:
   --mirror-socket PATH     serve the mirror device on this Unix socket
   --mirror-allow-uid UID   allow this uid to attach to the mirror socket (repeatable;
                            default: the vmm's own uid)
+  --mirror-policy GPA:LEN  only grant within these ranges (repeatable; default: all RAM)
+  --api-socket PATH        control socket: discard, revoke, grants, pause, resume, vcpus, stop
   --kvm-device PATH        KVM device node (default /dev/kvm)
   -h, --help               print this help
   -V, --version            print the version
@@ -114,6 +122,20 @@ pub fn parse_serial(value: &str) -> Result<SerialOutput, ConfigError> {
     }
 }
 
+/// Parses `GPA:LEN` (hex or decimal GPA; LEN with an optional K/M/G suffix).
+pub fn parse_range(text: &str) -> Option<mirror_driver::protocol::Range> {
+    let (gpa, len) = text.split_once(':')?;
+    let gpa = match gpa.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => gpa.parse().ok()?,
+    };
+    let len = match len.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => parse_size(len)?,
+    };
+    (len > 0 && gpa.checked_add(len).is_some()).then_some(mirror_driver::protocol::Range { gpa, len })
+}
+
 /// Parses the `vmm` command line (without the program name).
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
     let mut kernel = None;
@@ -125,6 +147,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut kvm_path = PathBuf::from("/dev/kvm");
     let mut mirror_socket = None;
     let mut mirror_allow_uids = Vec::new();
+    let mut mirror_policy: Option<Vec<mirror_driver::protocol::Range>> = None;
+    let mut api_socket = None;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -149,18 +173,28 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                 let v = value()?;
                 mirror_allow_uids.push(v.parse().map_err(|_| bad("--mirror-allow-uid", &v, "expected a numeric uid"))?);
             }
+            "--mirror-policy" => {
+                let v = value()?;
+                let range = parse_range(&v)
+                    .ok_or_else(|| bad("--mirror-policy", &v, "expected GPA:LEN, e.g. 0x1000000:64M"))?;
+                mirror_policy.get_or_insert_with(Vec::new).push(range);
+            }
+            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
             _ => return Err(ConfigError::UnknownArgument(arg)),
         }
     }
     let kernel = kernel.ok_or(ConfigError::MissingKernel)?;
     Ok(Command::Run(Box::new(VmConfig {
         kvm_path,
-        boot: BootSource { kernel, initramfs, cmdline },
+        boot: BootSource { kernel, initramfs, cmdline, extra_memmap: Vec::new() },
         memory,
         cpus,
         serial,
         mirror_socket,
         mirror_allow_uids,
+        mirror_policy,
+        api_socket,
+        doorbell: None,
     })))
 }
 
@@ -175,7 +209,7 @@ mod tests {
     fn run(list: &[&str]) -> VmConfig {
         match parse_args(args(list)).unwrap() {
             Command::Run(cfg) => *cfg,
-            other => panic!("expected a run command, got {other:?}"),
+            _ => panic!("expected a run command"),
         }
     }
 

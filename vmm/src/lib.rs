@@ -2,6 +2,7 @@
 //! crates. The `vmm` binary drives it from the command line; the inspector
 //! reuses it to build its own VM.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod devices;
 pub mod logger;
 pub mod memory;
+pub mod mirror;
 pub mod signals;
 pub mod vstate;
 

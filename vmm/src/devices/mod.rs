@@ -1,6 +1,7 @@
 //! Legacy devices on the port-I/O bus: COM1, the i8042 (for reset), the
 //! debug-exit port and the vCPU park port.
 
+pub mod doorbell;
 pub mod serial;
 
 use std::sync::Mutex;
@@ -32,18 +33,36 @@ pub enum PioAction {
     Exit(u8),
     /// Stop this vCPU until the VM ends.
     Park,
+    /// Block this vCPU until the host rings the doorbell.
+    DoorbellWait,
 }
 
 /// The devices a vCPU reaches through port I/O.
 pub struct PioBus {
     serial: Mutex<SerialDevice>,
     i8042: Mutex<I8042Device<EventFdTrigger>>,
+    doorbell: Option<std::sync::Arc<doorbell::Doorbell>>,
 }
 
 impl PioBus {
     /// Builds the bus; `reset_evt` fires when the guest resets through the i8042.
     pub fn new(serial: SerialDevice, reset_evt: EventFd) -> Self {
-        Self { serial: Mutex::new(serial), i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))) }
+        Self {
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))),
+            doorbell: None,
+        }
+    }
+
+    /// Adds a doorbell on [`doorbell::WAIT_PORT`] and [`doorbell::DONE_PORT`].
+    pub fn with_doorbell(mut self, bell: std::sync::Arc<doorbell::Doorbell>) -> Self {
+        self.doorbell = Some(bell);
+        self
+    }
+
+    /// The doorbell, if this bus has one.
+    pub fn doorbell(&self) -> Option<&doorbell::Doorbell> {
+        self.doorbell.as_deref()
     }
 
     /// The serial device, for the input path.
@@ -84,6 +103,13 @@ impl PioBus {
             }
             DEBUG_EXIT_PORT => PioAction::Exit(value),
             PARK_PORT => PioAction::Park,
+            doorbell::WAIT_PORT if self.doorbell.is_some() => PioAction::DoorbellWait,
+            doorbell::DONE_PORT => {
+                if let Some(bell) = &self.doorbell {
+                    bell.guest_done();
+                }
+                PioAction::Continue
+            }
             _ => PioAction::Continue,
         }
     }

@@ -2,10 +2,11 @@
 //! kick (immediate_exit plus a signal) that stops it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::Duration;
 
-use kvm_bindings::{kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -95,22 +96,158 @@ impl VmExit {
 /// Exit code when the guest crashed (triple fault, emulation failure, failed entry).
 pub const CRASH_EXIT_CODE: i32 = 3;
 
-/// Shared by the vCPU threads and the event loop: who ended the VM, and whether to stop.
+/// A vCPU's registers at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuSnapshot {
+    pub index: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+}
+
+/// Requests the vCPU threads serve between two KVM_RUNs.
+struct Requests {
+    /// Generation of the newest snapshot request.
+    wanted: u64,
+    /// Per vCPU: the generation it last published, and what it published.
+    published: Vec<(u64, Option<VcpuSnapshot>)>,
+    /// vCPUs currently held by a pause.
+    paused_count: usize,
+}
+
+/// How long a snapshot or pause waits for every vCPU.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Shared by the vCPU threads and the event loop: who ended the VM, whether to
+/// stop or pause, and snapshots of vCPU registers.
 pub struct Lifecycle {
     stopping: AtomicBool,
+    paused: AtomicBool,
+    wanted: AtomicU64,
     exit: Mutex<Option<VmExit>>,
     parked: Condvar,
     exit_evt: EventFd,
+    requests: Mutex<Requests>,
+    served: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
 }
 
 impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
             exit: Mutex::new(None),
             parked: Condvar::new(),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), paused_count: 0 }),
+            served: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Records the running vCPU threads, so requests can kick them.
+    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        let count = threads.len();
+        *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).published = vec![(0, None); count];
+    }
+
+    fn kick_all(&self) {
+        for &thread in self.threads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            // SAFETY: the threads are joined only after `begin_stop`, so each handle is live.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Registers of every vCPU, taken by kicking each out of KVM_RUN for a moment.
+    pub fn snapshot_vcpus(&self) -> Result<Vec<VcpuSnapshot>, String> {
+        let generation = {
+            let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            req.wanted += 1;
+            self.wanted.store(req.wanted, Ordering::SeqCst);
+            req.wanted
+        };
+        self.parked.notify_all();
+        self.kick_all();
+        let req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let (req, timeout) = self
+            .served
+            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| {
+                !self.stopping() && r.published.iter().any(|(g, _)| *g < generation)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() || self.stopping() {
+            return Err("not every vCPU answered the snapshot request".into());
+        }
+        Ok(req.published.iter().filter_map(|(_, s)| *s).collect())
+    }
+
+    /// Holds every vCPU outside KVM_RUN until [`Lifecycle::resume`].
+    pub fn pause(&self) -> Result<(), String> {
+        self.paused.store(true, Ordering::SeqCst);
+        self.kick_all();
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let (_req, timeout) = self
+            .served
+            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| !self.stopping() && r.paused_count < threads)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            Err("not every vCPU paused".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        let _guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        self.served.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Called by a vCPU thread between runs: publishes a snapshot if one is wanted,
+    /// and holds the thread while the VM is paused.
+    fn serve_requests(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
+        let wanted = self.wanted.load(Ordering::SeqCst);
+        if wanted > *last_published {
+            self.publish(vcpu, index, wanted);
+            *last_published = wanted;
+        }
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        req.paused_count += 1;
+        self.served.notify_all();
+        while self.paused.load(Ordering::SeqCst) && !self.stopping() {
+            req = self.served.wait_timeout(req, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            let wanted = self.wanted.load(Ordering::SeqCst);
+            if wanted > *last_published {
+                drop(req);
+                self.publish(vcpu, index, wanted);
+                *last_published = wanted;
+                req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            }
+        }
+        req.paused_count -= 1;
+    }
+
+    fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
+        let snapshot = match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => Some(VcpuSnapshot { index, regs, sregs }),
+            _ => None,
+        };
+        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = req.published.get_mut(usize::from(index)) {
+            *slot = (generation, snapshot);
+        }
+        self.served.notify_all();
     }
 
     /// Readable once an exit has been requested.
@@ -132,22 +269,34 @@ impl Lifecycle {
         self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Tells every vCPU to stop and wakes the parked ones.
+    /// Tells every vCPU to stop and wakes the parked and paused ones.
     pub fn begin_stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        let _guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        self.parked.notify_all();
+        {
+            let _guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+            self.parked.notify_all();
+        }
+        let _guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        self.served.notify_all();
     }
 
     pub fn stopping(&self) -> bool {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Blocks the calling vCPU thread until the VM stops.
-    fn park(&self) {
+    /// Blocks the calling vCPU thread until the VM stops, still answering snapshot requests.
+    fn park(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
         let mut guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         while !self.stopping() {
-            guard = self.parked.wait(guard).unwrap_or_else(|p| p.into_inner());
+            let wanted = self.wanted.load(Ordering::SeqCst);
+            if wanted > *last_published {
+                drop(guard);
+                self.publish(vcpu, index, wanted);
+                *last_published = wanted;
+                guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            guard = self.parked.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -233,8 +382,10 @@ impl Vcpu {
 
     fn run(mut self, bus: &PioBus, lifecycle: &Lifecycle) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut last_published = 0;
         while !lifecycle.stopping() {
-            if let Some(reason) = self.run_once(bus, lifecycle) {
+            lifecycle.serve_requests(&self.fd, self.index, &mut last_published);
+            if let Some(reason) = self.run_once(bus, lifecycle, &mut last_published) {
                 lifecycle.request_exit(reason);
                 break;
             }
@@ -243,14 +394,19 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason when the VM must end.
-    fn run_once(&mut self, bus: &PioBus, lifecycle: &Lifecycle) -> Option<VmExit> {
+    fn run_once(&mut self, bus: &PioBus, lifecycle: &Lifecycle, last_published: &mut u64) -> Option<VmExit> {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
                 PioAction::Continue => {}
                 PioAction::Exit(status) => return Some(VmExit::GuestStatus(status)),
-                PioAction::Park => lifecycle.park(),
+                PioAction::Park => lifecycle.park(&self.fd, index, last_published),
+                PioAction::DoorbellWait => {
+                    if let Some(bell) = bus.doorbell() {
+                        bell.guest_wait(Duration::from_millis(100), || lifecycle.stopping());
+                    }
+                }
             },
             // Nothing is mapped in the MMIO gap but the in-kernel APICs: reads see an open bus.
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),

@@ -65,7 +65,7 @@ pub enum VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    next_slot: u32,
+    next_slot: std::sync::atomic::AtomicU32,
 }
 
 impl Vm {
@@ -85,7 +85,7 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        Ok(Self { kvm, fd, next_slot: 0 })
+        Ok(Self { kvm, fd, next_slot: std::sync::atomic::AtomicU32::new(0) })
     }
 
     /// Fails unless KVM supports `cap` (used for optional features such as read-only slots).
@@ -116,18 +116,21 @@ impl Vm {
     }
 
     /// Registers every RAM region as a writable memslot.
-    pub fn register_ram(&mut self, ram: &GuestRam) -> Result<(), VmError> {
+    pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
         for region in ram.regions() {
-            self.add_memslot(region.guest_addr, region.size, region.host_addr, false)?;
+            // SAFETY: GuestRam keeps its mappings for the life of the VMM, which outlives the VM.
+            unsafe { self.add_memslot(region.guest_addr, region.size, region.host_addr, false)? };
         }
         Ok(())
     }
 
     /// Adds a memslot mapping `size` bytes at host address `host_addr` to `gpa`; returns its slot.
-    pub fn add_memslot(&mut self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<u32, VmError> {
-        let slot = self.next_slot;
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + size` must stay mapped until the slot is removed or the VM is dropped.
+    pub unsafe fn add_memslot(&self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<u32, VmError> {
+        let slot = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.set_memslot(slot, gpa, size, host_addr, read_only)?;
-        self.next_slot += 1;
         Ok(slot)
     }
 

@@ -1,0 +1,244 @@
+//! `inspector-agent`: runs inside the inspector VM, in ring 3 at native speed,
+//! over the mirror window where the inspector mapped granted source RAM as
+//! read-only memslots. It serves commands from a ring in its RAM (layout in
+//! `src/agent.rs`): read, hash (xxh64 and SHA-256), scan for a pattern, and an
+//! integrity watch; it sleeps on the doorbell between batches.
+//!
+//! The window's contents change under the agent as the source runs; the agent
+//! only ever reads it (the one write, OP_WRITE_PROBE, exists to show that a
+//! write cannot reach the source).
+#![no_std]
+#![no_main]
+
+#[path = "rt/mod.rs"]
+mod rt;
+#[path = "../src/agent.rs"]
+mod agent;
+#[path = "../src/sha256.rs"]
+mod sha256;
+#[path = "../src/xxh64.rs"]
+mod xxh64;
+
+use core::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{compiler_fence, Ordering};
+
+use agent::*;
+
+const PAGE: u64 = 4096;
+
+/// (gpa, len) of each integrity watch; len 0 = unused.
+static mut WATCHES: [(u64, u64); MAX_WATCHES] = [(0, 0); MAX_WATCHES];
+
+struct Window {
+    base: u64,
+    len: u64,
+}
+
+impl Window {
+    /// The window bytes for source range `gpa..gpa+len`, if inside the window.
+    fn slice(&self, gpa: u64, len: u64) -> Option<&'static [u8]> {
+        let end = gpa.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: the window is identity-mapped; the inspector validated that the range is
+        // granted. Its bytes may change under us (the source runs); we only read them.
+        Some(unsafe { core::slice::from_raw_parts((self.base + gpa) as *const u8, len as usize) })
+    }
+}
+
+fn header() -> *mut RingHeader {
+    RING_GPA as *mut RingHeader
+}
+
+fn slot(i: usize) -> *mut Slot {
+    slot_gpa(i) as *mut Slot
+}
+
+fn data(i: usize) -> &'static mut [u8] {
+    // SAFETY: each slot's data area is agent RAM reserved for that slot.
+    unsafe { core::slice::from_raw_parts_mut(data_gpa(i) as *mut u8, DATA_SLOT_SIZE as usize) }
+}
+
+fn main(info: &rt::BootInfo) -> u8 {
+    if info.ram_end() < MIN_RAM {
+        println!("agent: needs {} MiB of RAM, has {} MiB", MIN_RAM >> 20, info.ram_end() >> 20);
+        return 2;
+    }
+    // SAFETY: the inspector wrote the ring header before boot.
+    let h = unsafe { read_volatile(header()) };
+    if h.magic != RING_MAGIC {
+        println!("agent: no ring header at {:#x}", RING_GPA);
+        return 2;
+    }
+    let mapped = info.memmap.iter().any(|e| e.kind == E820_MIRROR && e.addr == h.window_base);
+    if !mapped {
+        println!("agent: the memory map has no mirror window at {:#x}", h.window_base);
+        return 2;
+    }
+    let window = Window { base: h.window_base, len: h.window_len };
+    // SAFETY: the header is agent RAM.
+    unsafe { write_volatile(&mut (*header()).agent_state, AGENT_READY) };
+    println!("agent: ready, mirror window {:#x}+{:#x}, {} command slots", window.base, window.len, RING_SLOTS);
+    loop {
+        let mut completed = 0;
+        for i in 0..RING_SLOTS {
+            // SAFETY: slots are agent RAM shared with the host; volatile for cross-party visibility.
+            if unsafe { read_volatile(&(*slot(i)).state) } != SLOT_SUBMITTED {
+                continue;
+            }
+            compiler_fence(Ordering::Acquire);
+            // SAFETY: as above.
+            let mut s = unsafe { read_volatile(slot(i)) };
+            (s.status, s.result) = match execute(&window, i, &s) {
+                Ok(result) => (STATUS_OK, result),
+                Err(status) => (status, [0; 4]),
+            };
+            s.state = SLOT_DONE;
+            compiler_fence(Ordering::Release);
+            // SAFETY: as above.
+            unsafe { write_volatile(slot(i), s) };
+            completed += 1;
+        }
+        if completed > 0 {
+            // SAFETY: the header is agent RAM.
+            unsafe { write_volatile(&mut (*header()).completed, read_volatile(&(*header()).completed) + completed) };
+            rt::outb(DOORBELL_DONE_PORT, 0);
+        }
+        rt::outb(DOORBELL_WAIT_PORT, 0);
+    }
+}
+
+/// Runs slot `i`'s command; returns its result words or a failure status.
+fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
+    let [a0, a1, a2, _] = s.args;
+    let result = match s.op {
+        OP_READ => {
+            if a1 > DATA_SLOT_SIZE {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let src = window.slice(a0, a1).ok_or(STATUS_OUT_OF_WINDOW)?;
+            data(i)[..src.len()].copy_from_slice(src);
+            [a1, 0, 0, 0]
+        }
+        OP_HASH => {
+            let src = window.slice(a0, a1).ok_or(STATUS_OUT_OF_WINDOW)?;
+            let digest = sha256::digest(src);
+            data(i)[..32].copy_from_slice(&digest);
+            [xxh64::xxh64(src, 0), 0, 0, 0]
+        }
+        OP_SCAN => {
+            let plen = a2 as usize;
+            if plen == 0 || plen > MAX_PATTERN {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let hay = window.slice(a0, a1).ok_or(STATUS_OUT_OF_WINDOW)?;
+            let mut pattern = [0u8; MAX_PATTERN];
+            pattern[..plen].copy_from_slice(&data(i)[..plen]);
+            let (total, stored) = scan(hay, &pattern[..plen], a0, &mut data(i)[4096..]);
+            [total, stored, 0, 0]
+        }
+        OP_WATCH_SET => {
+            let id = a0 as usize;
+            if id >= MAX_WATCHES || a2 == 0 || a2 > MAX_WATCH_LEN || a1 % PAGE != 0 || a2 % PAGE != 0 {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let src = window.slice(a1, a2).ok_or(STATUS_OUT_OF_WINDOW)?;
+            let baseline = baseline(id);
+            for (page, digest) in src.chunks(PAGE as usize).zip(baseline.iter_mut()) {
+                *digest = xxh64::xxh64(page, 0);
+            }
+            // SAFETY: one vCPU runs the agent.
+            unsafe { (*core::ptr::addr_of_mut!(WATCHES))[id] = (a1, a2) };
+            [a2 / PAGE, 0, 0, 0]
+        }
+        OP_WATCH_CHECK => {
+            let id = a0 as usize;
+            // SAFETY: one vCPU runs the agent.
+            let (gpa, len) = *unsafe { (*core::ptr::addr_of!(WATCHES)).get(id).ok_or(STATUS_BAD_ARGS)? };
+            if len == 0 {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let src = window.slice(gpa, len).ok_or(STATUS_OUT_OF_WINDOW)?;
+            let out = data(i);
+            let mut changed = 0u64;
+            for (n, (page, digest)) in src.chunks(PAGE as usize).zip(baseline(id).iter_mut()).enumerate() {
+                let now = xxh64::xxh64(page, 0);
+                if now != *digest {
+                    *digest = now;
+                    let at = changed as usize * 8;
+                    if at + 8 <= out.len() {
+                        out[at..at + 8].copy_from_slice(&(gpa + n as u64 * PAGE).to_le_bytes());
+                    }
+                    changed += 1;
+                }
+            }
+            [changed, 0, 0, 0]
+        }
+        OP_WRITE_PROBE => {
+            let target = window.slice(a0, 1).ok_or(STATUS_OUT_OF_WINDOW)?.as_ptr() as *mut u8;
+            // SAFETY: a deliberate write into a read-only memslot: KVM turns it into an MMIO
+            // exit that the VMM drops, so the source never sees it.
+            unsafe { write_volatile(target, a1 as u8) };
+            // SAFETY: reading the same byte back.
+            [u64::from(unsafe { read_volatile(target) }), 0, 0, 0]
+        }
+        _ => return Err(STATUS_UNKNOWN_OP),
+    };
+    Ok(result)
+}
+
+fn baseline(id: usize) -> &'static mut [u64] {
+    // SAFETY: each watch has its own baseline area in agent RAM.
+    unsafe { core::slice::from_raw_parts_mut((WATCH_GPA + id as u64 * WATCH_SLOT_SIZE) as *mut u64, (WATCH_SLOT_SIZE / 8) as usize) }
+}
+
+/// Finds every occurrence of `pattern` in `hay` (SSE2 on the first byte, then a compare).
+/// Stores the GPAs (`base + offset`) of as many hits as fit in `out`; returns (total, stored).
+fn scan(hay: &[u8], pattern: &[u8], base: u64, out: &mut [u8]) -> (u64, u64) {
+    let max_stored = (out.len() / 8).min(MAX_SCAN_HITS) as u64;
+    let (mut total, mut stored) = (0u64, 0u64);
+    let mut record = |offset: usize| {
+        if stored < max_stored {
+            let at = stored as usize * 8;
+            out[at..at + 8].copy_from_slice(&(base + offset as u64).to_le_bytes());
+            stored += 1;
+        }
+        total += 1;
+    };
+    if hay.len() < pattern.len() {
+        return (0, 0);
+    }
+    let last_start = hay.len() - pattern.len();
+    let first = pattern[0];
+    let mut at = 0usize;
+    // SAFETY: SSE2 is part of the x86_64 baseline and enabled by the CPL0 stub (CR4.OSFXSR).
+    let needle: __m128i = unsafe { _mm_set1_epi8(first as i8) };
+    while at + 16 <= last_start + 1 {
+        // SAFETY: at + 16 <= hay.len() because last_start + 1 <= hay.len().
+        let mut mask = unsafe {
+            let chunk = _mm_loadu_si128(hay.as_ptr().add(at) as *const __m128i);
+            _mm_movemask_epi8(_mm_cmpeq_epi8(chunk, needle)) as u32
+        };
+        while mask != 0 {
+            let offset = at + mask.trailing_zeros() as usize;
+            if hay[offset..offset + pattern.len()] == *pattern {
+                record(offset);
+            }
+            mask &= mask - 1;
+        }
+        at += 16;
+    }
+    while at <= last_start {
+        if hay[at] == first && hay[at..at + pattern.len()] == *pattern {
+            record(at);
+        }
+        at += 1;
+    }
+    (total, stored)
+}
+
+fn ap_main(_info: &rt::BootInfo, _cpu: u32) -> ! {
+    rt::park()
+}

@@ -1,0 +1,104 @@
+//! The ABI between the inspector (host) and its `inspector-agent` guest: a
+//! ring of command slots in the agent's RAM, a data area per slot, and the
+//! doorbell ports. Shared by the guest (`no_std`) and the inspector.
+//!
+//! Addresses in commands are *source* guest-physical addresses; the agent
+//! reads them at `window_base + gpa` in its own physical space, where the
+//! inspector placed the granted ranges as read-only memslots.
+
+/// Ring header and slots.
+pub const RING_GPA: u64 = 0x0200_0000;
+pub const RING_SLOTS: usize = 16;
+/// Data area of slot `i`: `DATA_GPA + i * DATA_SLOT_SIZE`.
+pub const DATA_GPA: u64 = 0x0210_0000;
+pub const DATA_SLOT_SIZE: u64 = 1 << 20;
+/// Integrity-watch baselines: one u64 per 4 KiB page, `WATCH_SLOT_SIZE` bytes per watch.
+pub const WATCH_GPA: u64 = 0x0400_0000;
+pub const MAX_WATCHES: usize = 16;
+pub const WATCH_SLOT_SIZE: u64 = 1 << 20;
+/// Longest range one watch covers (one baseline u64 per page).
+pub const MAX_WATCH_LEN: u64 = (WATCH_SLOT_SIZE / 8) * 4096;
+/// RAM the agent needs.
+pub const MIN_RAM: u64 = WATCH_GPA + (MAX_WATCHES as u64) * WATCH_SLOT_SIZE;
+/// Most scan hits stored (the count is exact beyond it).
+pub const MAX_SCAN_HITS: usize = (DATA_SLOT_SIZE as usize - 4096) / 8;
+/// Longest scan pattern.
+pub const MAX_PATTERN: usize = 256;
+
+/// The agent sleeps on this port until the doorbell rings.
+pub const DOORBELL_WAIT_PORT: u16 = 0x510;
+/// The agent writes this port after completing commands.
+pub const DOORBELL_DONE_PORT: u16 = 0x511;
+/// e820 type of the mirror window in the agent's memory map.
+pub const E820_MIRROR: u32 = 0x5350_0001;
+
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"SPECRING");
+pub const AGENT_BOOTING: u32 = 0;
+pub const AGENT_READY: u32 = 1;
+
+/// Slot states.
+pub const SLOT_FREE: u32 = 0;
+pub const SLOT_SUBMITTED: u32 = 1;
+pub const SLOT_DONE: u32 = 2;
+
+/// Operations.
+/// `args = [gpa, len]`: copies the bytes to the slot's data area.
+pub const OP_READ: u32 = 1;
+/// `args = [gpa, len]`: `result[0]` = xxh64; SHA-256 in the data area's first 32 bytes.
+pub const OP_HASH: u32 = 2;
+/// `args = [gpa, len, pattern_len]`, pattern at the data area's start: `result[0]` = hits,
+/// `result[1]` = hits stored as u64 GPAs from data offset 4096.
+pub const OP_SCAN: u32 = 3;
+/// `args = [watch, gpa, len]`: records the baseline (one xxh64 per page).
+pub const OP_WATCH_SET: u32 = 4;
+/// `args = [watch]`: `result[0]` = changed pages, their GPAs as u64s in the data area;
+/// the baseline moves to the current contents.
+pub const OP_WATCH_CHECK: u32 = 5;
+/// `args = [gpa, byte]`: tries to write into the window (an isolation self-test);
+/// `result[0]` = the byte read back afterwards.
+pub const OP_WRITE_PROBE: u32 = 6;
+
+/// Statuses.
+pub const STATUS_OK: u32 = 0;
+pub const STATUS_OUT_OF_WINDOW: u32 = 1;
+pub const STATUS_BAD_ARGS: u32 = 2;
+pub const STATUS_UNKNOWN_OP: u32 = 3;
+
+/// The ring header at [`RING_GPA`], followed by [`RING_SLOTS`] slots.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RingHeader {
+    pub magic: u64,
+    pub window_base: u64,
+    pub window_len: u64,
+    pub agent_state: u32,
+    pub slots: u32,
+    pub completed: u64,
+}
+
+/// One command slot.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Slot {
+    pub state: u32,
+    pub op: u32,
+    pub seq: u64,
+    pub args: [u64; 4],
+    pub status: u32,
+    pub _pad: u32,
+    pub result: [u64; 4],
+}
+
+/// Address of slot `i`.
+pub const fn slot_gpa(i: usize) -> u64 {
+    RING_GPA + 64 + (i as u64) * core::mem::size_of::<Slot>() as u64
+}
+
+/// Address of slot `i`'s data area.
+pub const fn data_gpa(i: usize) -> u64 {
+    DATA_GPA + (i as u64) * DATA_SLOT_SIZE
+}
+
+const _: () = assert!(core::mem::size_of::<RingHeader>() <= 64);
+const _: () = assert!(slot_gpa(RING_SLOTS) <= DATA_GPA);
+const _: () = assert!(data_gpa(RING_SLOTS) <= WATCH_GPA);

@@ -1,0 +1,164 @@
+//! The inspector's control socket: one request per line, one reply line each
+//! (`ok ...` or `error ...`). Requests (addresses are source GPAs):
+//!
+//! - `read GPA LEN`             `ok HEX`
+//! - `hash GPA LEN`             `ok xxh64=HEX sha256=HEX`
+//! - `scan GPA LEN HEXPATTERN`  `ok hits=N gpas=GPA,GPA,...` (at most 1000 listed)
+//! - `watch GPA LEN`            `ok id=N`
+//! - `check ID`                 `ok changed=N gpas=GPA,...`
+//! - `grants`                   `ok ID:GPA:LEN ...`
+//! - `status`                   `ok source=attached|gone grants=N window=LEN`
+//! - `vcpus`                    `ok INDEX:rip=..:cr3=.. ...`
+//! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::daemon::Inspector;
+
+/// Longest request line (a 256-byte pattern in hex plus the rest).
+const MAX_LINE: u64 = 1024;
+/// Scan hits listed in a reply.
+const MAX_LISTED_HITS: usize = 1000;
+
+/// Binds `path` (mode 0600) and answers requests on a thread per client.
+pub fn serve(path: &Path, inspector: Arc<Inspector>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let inspector = inspector.clone();
+            let _ = std::thread::Builder::new().name("control-client".into()).spawn(move || client(stream, &inspector));
+        }
+    })?;
+    Ok(())
+}
+
+fn client(stream: UnixStream, inspector: &Inspector) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if !line.ends_with('\n') {
+            let mut rest = Vec::new();
+            let _ = reader.read_until(b'\n', &mut rest);
+            format!("error request longer than {MAX_LINE} bytes")
+        } else {
+            match execute(line.trim(), inspector) {
+                Ok(text) => format!("ok {text}").trim_end().to_string(),
+                Err(text) => format!("error {text}"),
+            }
+        };
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn number(word: Option<&str>, what: &str) -> Result<u64, String> {
+    let word = word.ok_or_else(|| format!("missing {what}"))?;
+    let parsed = match word.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => word.parse(),
+    };
+    parsed.map_err(|_| format!("bad {what} '{word}'"))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes a hex string.
+pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    if !text.len().is_multiple_of(2) {
+        return Err("hex needs an even number of digits".into());
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("bad hex '{}'", &text[i..i + 2])))
+        .collect()
+}
+
+fn gpa_list(gpas: &[u64]) -> String {
+    gpas.iter().take(MAX_LISTED_HITS).map(|g| format!("{g:#x}")).collect::<Vec<_>>().join(",")
+}
+
+/// Runs one request.
+pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
+    let mut words = line.split_whitespace();
+    let e = |err: crate::daemon::InspectError| err.to_string();
+    match words.next().unwrap_or("") {
+        "read" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            Ok(hex(&inspector.read(gpa, len).map_err(e)?))
+        }
+        "hash" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            let (xxh, sha) = inspector.hash(gpa, len).map_err(e)?;
+            Ok(format!("xxh64={xxh:016x} sha256={}", hex(&sha)))
+        }
+        "scan" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            let pattern = unhex(words.next().ok_or("missing HEXPATTERN")?)?;
+            let (total, hits) = inspector.scan(gpa, len, &pattern).map_err(e)?;
+            Ok(format!("hits={total} gpas={}", gpa_list(&hits)))
+        }
+        "watch" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            Ok(format!("id={}", inspector.watch(gpa, len).map_err(e)?))
+        }
+        "check" => {
+            let id = number(words.next(), "ID")? as usize;
+            let pages = inspector.check(id).map_err(e)?;
+            Ok(format!("changed={} gpas={}", pages.len(), gpa_list(&pages)))
+        }
+        "grants" => Ok(inspector
+            .grants()
+            .iter()
+            .map(|(id, gpa, len)| format!("{id}:{gpa:#x}:{len:#x}"))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "status" => Ok(format!(
+            "source={} grants={} window={:#x}",
+            if inspector.source_gone() { "gone" } else { "attached" },
+            inspector.grants().len(),
+            inspector.window_len()
+        )),
+        "vcpus" => Ok(inspector
+            .vcpus()
+            .map_err(e)?
+            .iter()
+            .map(|v| format!("{}:rip={:#x}:cr3={:#x}", v.index, v.rip, v.cr3))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "write-probe" => {
+            let gpa = number(words.next(), "GPA")?;
+            let byte = number(words.next(), "BYTE")?;
+            let byte = u8::try_from(byte).map_err(|_| "BYTE must be 0..=255".to_string())?;
+            Ok(format!("read-back={:#04x}", inspector.write_probe(gpa, byte).map_err(e)?))
+        }
+        "" => Err("empty request".into()),
+        other => Err(format!("unknown request '{other}'")),
+    }
+}
+
+/// Client side: sends one request line to a control socket and returns the reply line.
+pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
+    let mut stream = UnixStream::connect(path)?;
+    writeln!(stream, "{line}")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply.trim_end().to_string())
+}

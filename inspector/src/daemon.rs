@@ -1,0 +1,382 @@
+//! The inspector daemon: attach to a source through the mirror device, place
+//! every grant in the agent VM's mirror window as a read-only memslot, boot the
+//! agent, react to source events, and answer analysis requests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use guest_images::agent::{self as abi, E820_MIRROR, MAX_PATTERN, MAX_WATCHES};
+use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
+use mirror_driver::protocol::{Range, VcpuRegs};
+use vmm::boot::BootSource;
+use vmm::devices::doorbell::Doorbell;
+use vmm::devices::serial::SerialOutput;
+use vmm::vstate::vm::Vm;
+use vmm::{VmConfig, VmExit, Vmm};
+
+use crate::agent_link::{AgentError, AgentLink};
+
+/// Where source GPA 0 appears in the agent's physical address space (above its RAM
+/// and the MMIO gap); source GPA `g` is at `WINDOW_BASE + g`.
+pub const WINDOW_BASE: u64 = 1 << 32;
+/// The agent's page tables map at most 512 GiB.
+pub const MAX_WINDOW_END: u64 = 512 << 30;
+/// Default agent RAM.
+pub const DEFAULT_MEMORY: u64 = 128 << 20;
+const PAGE: u64 = 4096;
+/// Longest read served in one request.
+pub const MAX_READ: u64 = 1 << 20;
+
+/// How the daemon runs.
+#[derive(Clone)]
+pub struct DaemonConfig {
+    pub source_socket: PathBuf,
+    /// Ranges to ask for; `None` asks for all of the source's RAM.
+    pub ranges: Option<Vec<Range>>,
+    pub control_socket: Option<PathBuf>,
+    pub memory: u64,
+    pub serial: SerialOutput,
+    /// Ranges to keep under an integrity watch, reported on stdout as they change.
+    pub watches: Vec<Range>,
+    pub watch_interval: Duration,
+    pub kvm_path: PathBuf,
+}
+
+/// Failures of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("attaching to the source")]
+    Import(#[from] ImportError),
+    #[error("the source's RAM ends at {0:#x}, beyond the {MAX_WINDOW_END:#x} the mirror window can map")]
+    SourceTooLarge(u64),
+    #[error("range {gpa:#x}+{len:#x} is not 4 KiB-aligned; memslots map whole pages")]
+    Unaligned { gpa: u64, len: u64 },
+    #[error("building the agent VM")]
+    Build(#[from] vmm::BuildError),
+    #[error("placing grant {grant} in the mirror window")]
+    Memslot {
+        grant: u64,
+        #[source]
+        source: vmm::vstate::vm::VmError,
+    },
+    #[error("the agent")]
+    Agent(#[from] AgentError),
+    #[error("cannot serve the control socket")]
+    Control(#[source] std::io::Error),
+}
+
+/// Failures of one analysis request.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("range {gpa:#x}+{len:#x} is not granted (revoked, released, or never asked for)")]
+    NotGranted { gpa: u64, len: u64 },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error("source: {0}")]
+    Source(#[from] ImportError),
+}
+
+struct LiveGrant {
+    mapped: MappedGrant,
+    slot: u32,
+}
+
+/// A running inspector.
+pub struct Inspector {
+    link: AgentLink,
+    vm: Arc<Vm>,
+    grants: Mutex<BTreeMap<u64, LiveGrant>>,
+    importer: OnceLock<Arc<Importer>>,
+    source_gone: AtomicBool,
+    window_len: u64,
+    next_watch: Mutex<usize>,
+}
+
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "inspector: {line}");
+    let _ = out.flush();
+}
+
+impl Inspector {
+    /// Whether the source has gone away (the inspector keeps serving what it maps).
+    pub fn source_gone(&self) -> bool {
+        self.source_gone.load(Ordering::SeqCst)
+    }
+
+    /// Live grants as (id, gpa, len).
+    pub fn grants(&self) -> Vec<(u64, u64, u64)> {
+        self.lock_grants().values().map(|g| (g.mapped.grant.id, g.mapped.grant.gpa, g.mapped.grant.len)).collect()
+    }
+
+    fn lock_grants(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, LiveGrant>> {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails unless every byte of the range is covered by a live grant.
+    fn check_granted(&self, gpa: u64, len: u64) -> Result<(), InspectError> {
+        let not_granted = InspectError::NotGranted { gpa, len };
+        let end =
+            gpa.checked_add(len).filter(|_| len > 0).ok_or_else(|| InspectError::BadRequest("empty range".into()))?;
+        let mut spans: Vec<(u64, u64)> = self
+            .lock_grants()
+            .values()
+            .map(|g| (g.mapped.grant.gpa, g.mapped.grant.gpa + g.mapped.grant.len))
+            .collect();
+        spans.sort_unstable();
+        let mut covered = gpa;
+        for (lo, hi) in spans {
+            if lo > covered {
+                break;
+            }
+            covered = covered.max(hi);
+            if covered >= end {
+                return Ok(());
+            }
+        }
+        Err(not_granted)
+    }
+
+    /// The bytes of a granted range, read by the agent.
+    pub fn read(&self, gpa: u64, len: u64) -> Result<Vec<u8>, InspectError> {
+        if len > MAX_READ {
+            return Err(InspectError::BadRequest(format!("reads are limited to {MAX_READ} bytes")));
+        }
+        self.check_granted(gpa, len)?;
+        let done = self.link.call(abi::OP_READ, [gpa, len, 0, 0], &[])?;
+        Ok(done.data(0, len as usize)?)
+    }
+
+    /// xxh64 and SHA-256 of a granted range, computed by the agent.
+    pub fn hash(&self, gpa: u64, len: u64) -> Result<(u64, [u8; 32]), InspectError> {
+        self.check_granted(gpa, len)?;
+        let done = self.link.call(abi::OP_HASH, [gpa, len, 0, 0], &[])?;
+        let digest = done.data(0, 32)?.try_into().expect("32 bytes");
+        Ok((done.result[0], digest))
+    }
+
+    /// Every GPA in the range where `pattern` occurs: (total, the first ones stored).
+    pub fn scan(&self, gpa: u64, len: u64, pattern: &[u8]) -> Result<(u64, Vec<u64>), InspectError> {
+        if pattern.is_empty() || pattern.len() > MAX_PATTERN {
+            return Err(InspectError::BadRequest(format!("patterns are 1 to {MAX_PATTERN} bytes")));
+        }
+        self.check_granted(gpa, len)?;
+        let done = self.link.call(abi::OP_SCAN, [gpa, len, pattern.len() as u64, 0], pattern)?;
+        let stored = done.result[1] as usize;
+        let raw = done.data(4096, stored * 8)?;
+        let hits = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        Ok((done.result[0], hits))
+    }
+
+    /// Starts an integrity watch over a granted, page-aligned range; returns its id.
+    pub fn watch(&self, gpa: u64, len: u64) -> Result<usize, InspectError> {
+        if !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 || len > abi::MAX_WATCH_LEN {
+            return Err(InspectError::BadRequest(format!(
+                "watched ranges are whole pages, at most {} MiB",
+                abi::MAX_WATCH_LEN >> 20
+            )));
+        }
+        self.check_granted(gpa, len)?;
+        let id = {
+            let mut next = self.next_watch.lock().unwrap_or_else(|p| p.into_inner());
+            if *next >= MAX_WATCHES {
+                return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches")));
+            }
+            *next += 1;
+            *next - 1
+        };
+        self.link.call(abi::OP_WATCH_SET, [id as u64, gpa, len, 0], &[])?;
+        Ok(id)
+    }
+
+    /// Pages of watch `id` that changed since the last check (or since it was set).
+    pub fn check(&self, id: usize) -> Result<Vec<u64>, InspectError> {
+        let done = self.link.call(abi::OP_WATCH_CHECK, [id as u64, 0, 0, 0], &[])?;
+        let stored = (done.result[0] as usize).min(abi::DATA_SLOT_SIZE as usize / 8);
+        let raw = done.data(0, stored * 8)?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+
+    /// Has the agent try to write `byte` into the window at `gpa`; returns what it reads back.
+    pub fn write_probe(&self, gpa: u64, byte: u8) -> Result<u8, InspectError> {
+        self.check_granted(gpa, 1)?;
+        let done = self.link.call(abi::OP_WRITE_PROBE, [gpa, u64::from(byte), 0, 0], &[])?;
+        Ok(done.result[0] as u8)
+    }
+
+    /// The source's vCPU registers (for page-table walks).
+    pub fn vcpus(&self) -> Result<Vec<VcpuRegs>, InspectError> {
+        if self.source_gone() {
+            return Err(InspectError::BadRequest("the source is gone".into()));
+        }
+        let importer = self.importer.get().ok_or_else(|| InspectError::BadRequest("not attached yet".into()))?;
+        Ok(importer.vcpu_state()?)
+    }
+
+    /// Size of the mirror window (the source's highest RAM address).
+    pub fn window_len(&self) -> u64 {
+        self.window_len
+    }
+
+    fn on_event(&self, importer: &Importer, event: SourceEvent) {
+        match event {
+            SourceEvent::Revoke { grant_id } => {
+                let removed = self.lock_grants().remove(&grant_id);
+                if let Some(live) = removed {
+                    let g = live.mapped.grant;
+                    // The slot goes before the mapping, and both before the acknowledgement.
+                    if let Err(e) = self.vm.remove_memslot(live.slot, WINDOW_BASE + g.gpa) {
+                        say(format_args!("cannot remove the memslot of revoked grant {grant_id}: {e}"));
+                    }
+                    drop(live);
+                    say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
+                }
+                if let Err(e) = importer.ack_revoke(grant_id) {
+                    say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
+                }
+            }
+            SourceEvent::Discard { gpa, len } => {
+                say(format_args!("source discarded {gpa:#x}+{len:#x}; those pages now read as zeros"))
+            }
+            SourceEvent::Paused => say(format_args!("source paused")),
+            SourceEvent::Resumed => say(format_args!("source resumed")),
+            SourceEvent::Gone => {
+                self.source_gone.store(true, Ordering::SeqCst);
+                say(format_args!(
+                    "source gone; still serving {} grants with their last contents",
+                    self.lock_grants().len()
+                ));
+            }
+        }
+    }
+}
+
+/// Attaches, builds and runs the agent VM until it stops; returns how it ended.
+pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
+    let started = Instant::now();
+    let importer = Importer::connect(&config.source_socket)?;
+    let map = importer.memory_map()?;
+    let window_len = map.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+    if WINDOW_BASE + window_len > MAX_WINDOW_END {
+        return Err(DaemonError::SourceTooLarge(window_len));
+    }
+    let ranges = config.ranges.clone().unwrap_or(map);
+    for r in &ranges {
+        if !r.gpa.is_multiple_of(PAGE) || !r.len.is_multiple_of(PAGE) {
+            return Err(DaemonError::Unaligned { gpa: r.gpa, len: r.len });
+        }
+    }
+    let mapped = importer.grant(&ranges)?;
+
+    let doorbell = Arc::new(Doorbell::new());
+    let vm_config = VmConfig {
+        kvm_path: config.kvm_path.clone(),
+        boot: BootSource {
+            kernel: guest_images::image_path("inspector-agent"),
+            initramfs: None,
+            cmdline: String::new(),
+            extra_memmap: vec![(WINDOW_BASE, window_len, E820_MIRROR)],
+        },
+        memory: config.memory,
+        cpus: 1,
+        serial: config.serial.clone(),
+        mirror_socket: None,
+        mirror_allow_uids: Vec::new(),
+        mirror_policy: None,
+        api_socket: None,
+        doorbell: Some(doorbell.clone()),
+    };
+    let vmm = Vmm::build(&vm_config)?;
+    let vm = vmm.vm();
+    let mut grants = BTreeMap::new();
+    let mut bytes = 0;
+    for m in mapped {
+        let g = m.grant;
+        // SAFETY: the mapping lives in `grants` until the slot is removed (revoke) or the VM ends.
+        let slot = unsafe { vm.add_memslot(WINDOW_BASE + g.gpa, g.len, m.host_addr(), true) }
+            .map_err(|source| DaemonError::Memslot { grant: g.id, source })?;
+        bytes += g.len;
+        grants.insert(g.id, LiveGrant { mapped: m, slot });
+    }
+    let count = grants.len();
+    let link = AgentLink::new(vmm.ram().memory().clone(), doorbell, WINDOW_BASE, window_len)?;
+    say(format_args!(
+        "attached to {}: {count} grants, {} MiB mirrored read-only at window {WINDOW_BASE:#x}; memslots ready after {:.1} ms",
+        config.source_socket.display(),
+        bytes >> 20,
+        started.elapsed().as_secs_f64() * 1e3
+    ));
+
+    let inspector = Arc::new(Inspector {
+        link,
+        vm,
+        grants: Mutex::new(grants),
+        importer: OnceLock::new(),
+        source_gone: AtomicBool::new(false),
+        window_len,
+        next_watch: Mutex::new(0),
+    });
+    let weak: Weak<Inspector> = Arc::downgrade(&inspector);
+    let importer = importer.start_events(move |importer, event| {
+        if let Some(inspector) = weak.upgrade() {
+            inspector.on_event(importer, event);
+        }
+    })?;
+    let _ = inspector.importer.set(importer);
+
+    if let Some(path) = &config.control_socket {
+        crate::control::serve(path, inspector.clone()).map_err(DaemonError::Control)?;
+    }
+    start_watches(&inspector, config);
+    let exit = vmm.run(true, Vec::new())?;
+    Ok(exit)
+}
+
+/// Waits for the agent, sets the configured watches, and reports changes as they happen.
+fn start_watches(inspector: &Arc<Inspector>, config: &DaemonConfig) {
+    let inspector = inspector.clone();
+    let watches = config.watches.clone();
+    let interval = config.watch_interval;
+    let _ = std::thread::Builder::new().name("integrity-watch".into()).spawn(move || {
+        if !inspector.link.wait_ready(Duration::from_secs(60)) {
+            say(format_args!("the agent did not become ready"));
+            return;
+        }
+        say(format_args!("agent ready"));
+        let mut ids = Vec::new();
+        for w in &watches {
+            match inspector.watch(w.gpa, w.len) {
+                Ok(id) => {
+                    say(format_args!("integrity watch {id} on {:#x}+{:#x}: baseline taken", w.gpa, w.len));
+                    ids.push((id, *w));
+                }
+                Err(e) => say(format_args!("cannot watch {:#x}+{:#x}: {e}", w.gpa, w.len)),
+            }
+        }
+        while !ids.is_empty() {
+            std::thread::sleep(interval);
+            for (id, w) in &ids {
+                match inspector.check(*id) {
+                    Ok(pages) if !pages.is_empty() => {
+                        let list: Vec<String> = pages.iter().take(8).map(|p| format!("{p:#x}")).collect();
+                        say(format_args!(
+                            "integrity watch {id}: {} page(s) of {:#x}+{:#x} changed: {}",
+                            pages.len(),
+                            w.gpa,
+                            w.len,
+                            list.join(" ")
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(e) => say(format_args!("integrity watch {id}: {e}")),
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,139 @@
+//! `inspector`: the daemon, or a client of a running daemon's control socket.
+//!
+//! ```text
+//! inspector --source-socket PATH (--range GPA:LEN ... | --all) [--control-socket PATH]
+//!           [--watch GPA:LEN ...] [--watch-interval-ms N] [--memory SIZE] [--serial MODE]
+//! inspector read|hash|scan|watch|check|grants|status|vcpus|write-probe --control-socket PATH ARGS...
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use inspector::control;
+use inspector::daemon::{self, DaemonConfig};
+use vmm::config::{parse_memory, parse_range, parse_serial};
+use vmm::devices::serial::SerialOutput;
+use vmm::{error_chain, VmExit};
+
+const USAGE: &str = "\
+Usage:
+  inspector --source-socket PATH (--range GPA:LEN ... | --all) [options]
+      Attach to a source vmm's mirror socket, map the ranges read-only into an
+      agent VM, and serve analysis requests.
+      --control-socket PATH     serve requests on this Unix socket
+      --watch GPA:LEN           keep an integrity watch on a range (repeatable);
+                                changes are reported on stdout as they happen
+      --watch-interval-ms N     how often watches are checked (default 250)
+      --memory SIZE             agent VM RAM (default 128M)
+      --serial tty|null|file=P  where the agent's console goes (default tty)
+  inspector REQUEST --control-socket PATH [ARGS...]
+      Send one request to a running inspector and print the reply. Requests:
+      read GPA LEN | hash GPA LEN | scan GPA LEN HEXPATTERN | watch GPA LEN |
+      check ID | grants | status | vcpus | write-probe GPA BYTE
+Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply.
+";
+
+const REQUESTS: &[&str] = &["read", "hash", "scan", "watch", "check", "grants", "status", "vcpus", "write-probe"];
+
+fn main() -> ExitCode {
+    vmm::logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(request) if REQUESTS.contains(&request) => client(request, &args[1..]),
+        _ => daemon_main(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("inspector: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn client(request: &str, args: &[String]) -> Result<ExitCode, String> {
+    let mut socket = None;
+    let mut words = vec![request.to_string()];
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--control-socket" {
+            socket = Some(PathBuf::from(it.next().ok_or("--control-socket needs a value")?));
+        } else {
+            words.push(arg.clone());
+        }
+    }
+    let socket = socket.ok_or("missing --control-socket PATH")?;
+    let reply = control::request(&socket, &words.join(" "))
+        .map_err(|e| format!("cannot reach the inspector at {}: {e}", socket.display()))?;
+    match reply.strip_prefix("ok") {
+        Some(rest) => {
+            println!("{}", rest.trim_start());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Err(reply.strip_prefix("error ").unwrap_or(&reply).to_string()),
+    }
+}
+
+fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
+    let mut source_socket = None;
+    let mut ranges: Vec<mirror_driver::protocol::Range> = Vec::new();
+    let mut all = false;
+    let mut control_socket = None;
+    let mut watches = Vec::new();
+    let mut watch_interval = Duration::from_millis(250);
+    let mut memory = daemon::DEFAULT_MEMORY;
+    let mut serial = SerialOutput::Tty;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--source-socket" => source_socket = Some(PathBuf::from(value()?)),
+            "--range" => {
+                let v = value()?;
+                ranges.push(parse_range(&v).ok_or_else(|| format!("invalid --range '{v}': expected GPA:LEN"))?);
+            }
+            "--all" => all = true,
+            "--control-socket" => control_socket = Some(PathBuf::from(value()?)),
+            "--watch" => {
+                let v = value()?;
+                watches.push(parse_range(&v).ok_or_else(|| format!("invalid --watch '{v}': expected GPA:LEN"))?);
+            }
+            "--watch-interval-ms" => {
+                let v = value()?;
+                let ms: u64 = v.parse().map_err(|_| format!("invalid --watch-interval-ms '{v}'"))?;
+                watch_interval = Duration::from_millis(ms.max(1));
+            }
+            "--memory" => memory = parse_memory(&value()?).map_err(|e| e.to_string())?,
+            "--serial" => serial = parse_serial(&value()?).map_err(|e| e.to_string())?,
+            other => return Err(format!("unknown argument '{other}' (see --help)")),
+        }
+    }
+    let source_socket = source_socket.ok_or("missing --source-socket PATH (see --help)")?;
+    if all != ranges.is_empty() {
+        return Err("give either --all or one or more --range GPA:LEN".into());
+    }
+    let config = DaemonConfig {
+        source_socket,
+        ranges: (!all).then_some(ranges),
+        control_socket,
+        memory,
+        serial,
+        watches,
+        watch_interval,
+        kvm_path: PathBuf::from("/dev/kvm"),
+    };
+    match daemon::run(&config) {
+        Ok(exit) => {
+            if let VmExit::Crash(what) = &exit {
+                eprintln!("inspector: agent crashed: {what}");
+            }
+            Ok(ExitCode::from(exit.exit_code() as u8))
+        }
+        Err(e) => Err(error_chain(&e)),
+    }
+}

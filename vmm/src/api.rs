@@ -1,0 +1,136 @@
+//! The source VMM's control socket (`--api-socket`): one command per line,
+//! one reply line each (`ok ...` or `error ...`). Lines are bounded.
+//!
+//! - `discard GPA LEN`  punch a hole in guest RAM (balloon-style) and tell inspectors
+//! - `revoke GRANT`     revoke a mirror grant; returns once the inspector unmapped it
+//! - `grants`           list mirror grants: `id:gpa:len:uid` ...
+//! - `inspectors`       number of attached inspectors
+//! - `pause` / `resume` hold or release every vCPU (inspectors get Paused/Resumed)
+//! - `vcpus`            RIP and CR3 of every vCPU
+//! - `stop`             stop the VM (the vmm exits 0)
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use mirror_driver::exporter::Exporter;
+use mirror_driver::protocol::Message;
+
+use crate::vstate::vcpu::{Lifecycle, VmExit};
+
+/// Longest accepted command line.
+const MAX_LINE: u64 = 256;
+
+/// State the API commands act on.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub lifecycle: Arc<Lifecycle>,
+    pub exporter: Option<Arc<Exporter>>,
+}
+
+/// Binds `path` (mode 0600) and serves it on a thread.
+pub fn start(path: &Path, context: ApiContext) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let context = context.clone();
+            let _ = std::thread::Builder::new().name("api-client".into()).spawn(move || serve(stream, &context));
+        }
+    })?;
+    Ok(())
+}
+
+fn serve(stream: UnixStream, context: &ApiContext) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if !line.ends_with('\n') {
+            // Over-long line: drop the rest of it so the next command parses.
+            let mut rest = Vec::new();
+            let _ = reader.read_until(b'\n', &mut rest);
+            format!("error command longer than {MAX_LINE} bytes")
+        } else {
+            match execute(line.trim(), context) {
+                Ok(text) => format!("ok {text}").trim_end().to_string(),
+                Err(text) => format!("error {text}"),
+            }
+        };
+        if writeln!(writer, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn number(word: Option<&str>, what: &str) -> Result<u64, String> {
+    let word = word.ok_or_else(|| format!("missing {what}"))?;
+    let parsed = match word.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => word.parse(),
+    };
+    parsed.map_err(|_| format!("bad {what} '{word}'"))
+}
+
+fn exporter(context: &ApiContext) -> Result<&Exporter, String> {
+    context.exporter.as_deref().ok_or_else(|| "no mirror socket (start the vmm with --mirror-socket)".to_string())
+}
+
+/// Runs one command.
+pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
+    let mut words = line.split_whitespace();
+    match words.next().unwrap_or("") {
+        "discard" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            exporter(context)?.discard(gpa, len).map_err(|e| e.to_string())?;
+            Ok(String::new())
+        }
+        "revoke" => {
+            let id = number(words.next(), "GRANT")?;
+            exporter(context)?.revoke(id).map_err(|e| e.to_string())?;
+            Ok(String::new())
+        }
+        "grants" => Ok(exporter(context)?
+            .grants()
+            .iter()
+            .map(|(g, uid)| format!("{}:{:#x}:{:#x}:{uid}", g.id, g.gpa, g.len))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "inspectors" => Ok(exporter(context)?.connection_count().to_string()),
+        "pause" => {
+            context.lifecycle.pause()?;
+            if let Some(e) = &context.exporter {
+                e.broadcast(&Message::Paused);
+            }
+            Ok(String::new())
+        }
+        "resume" => {
+            context.lifecycle.resume();
+            if let Some(e) = &context.exporter {
+                e.broadcast(&Message::Resumed);
+            }
+            Ok(String::new())
+        }
+        "vcpus" => Ok(context
+            .lifecycle
+            .snapshot_vcpus()?
+            .iter()
+            .map(|s| format!("{}:rip={:#x}:cr3={:#x}", s.index, s.regs.rip, s.sregs.cr3))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "stop" => {
+            context.lifecycle.request_exit(VmExit::Stopped("api stop"));
+            Ok(String::new())
+        }
+        "" => Err("empty command".into()),
+        other => Err(format!("unknown command '{other}'")),
+    }
+}

@@ -1,0 +1,106 @@
+//! A doorbell between a ring-3 guest agent and its host: the guest blocks on
+//! [`WAIT_PORT`] until the host rings; it writes [`DONE_PORT`] when it has
+//! completed work. Neither side polls.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Guest writes here to sleep until the host rings.
+pub const WAIT_PORT: u16 = 0x510;
+/// Guest writes here after completing commands.
+pub const DONE_PORT: u16 = 0x511;
+
+#[derive(Debug, Default)]
+struct State {
+    rung: bool,
+    completions: u64,
+}
+
+/// The doorbell shared by the host and one guest vCPU.
+#[derive(Debug, Default)]
+pub struct Doorbell {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Doorbell {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Host: wakes the guest (or lets its next wait return at once).
+    pub fn ring(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).rung = true;
+        self.changed.notify_all();
+    }
+
+    /// Guest side, on the vCPU thread: waits for a ring, giving up every `tick` to let
+    /// `stopping` end the wait.
+    pub fn guest_wait(&self, tick: Duration, stopping: impl Fn() -> bool) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !state.rung && !stopping() {
+            state = self.changed.wait_timeout(state, tick).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        state.rung = false;
+    }
+
+    /// Guest side: records a completion and wakes host waiters.
+    pub fn guest_done(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).completions += 1;
+        self.changed.notify_all();
+    }
+
+    /// Host: waits until `done()` holds, re-checking on every completion; false on timeout.
+    pub fn wait_until(&self, timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if done() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_ring_before_the_wait_is_not_lost() {
+        let bell = Doorbell::new();
+        bell.ring();
+        bell.guest_wait(Duration::from_millis(10), || false);
+    }
+
+    #[test]
+    fn host_wakes_when_the_guest_completes() {
+        let bell = Arc::new(Doorbell::new());
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, f) = (bell.clone(), flag.clone());
+        let guest = std::thread::spawn(move || {
+            b.guest_wait(Duration::from_millis(10), || false);
+            f.store(true, std::sync::atomic::Ordering::SeqCst);
+            b.guest_done();
+        });
+        bell.ring();
+        assert!(bell.wait_until(Duration::from_secs(5), || flag.load(std::sync::atomic::Ordering::SeqCst)));
+        guest.join().unwrap();
+    }
+
+    #[test]
+    fn a_stop_ends_the_guest_wait() {
+        let bell = Doorbell::new();
+        bell.guest_wait(Duration::from_millis(1), || true);
+    }
+}

@@ -1,0 +1,61 @@
+//! The source side of the mirror device, for this VMM: exports the RAM chunks
+//! and answers vCPU-state requests from the vCPU threads' snapshots.
+
+use std::sync::Arc;
+
+use mirror_driver::exporter::{ExportPolicy, ExportRegion, Exporter, SourceVm};
+use mirror_driver::protocol::VcpuRegs;
+
+use crate::config::VmConfig;
+use crate::memory::GuestRam;
+use crate::vstate::vcpu::Lifecycle;
+
+/// Serves vCPU state from the VM's lifecycle.
+struct LifecycleSource(Arc<Lifecycle>);
+
+impl SourceVm for LifecycleSource {
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, String> {
+        let snapshots = self.0.snapshot_vcpus()?;
+        Ok(snapshots
+            .into_iter()
+            .map(|s| VcpuRegs {
+                index: u32::from(s.index),
+                rip: s.regs.rip,
+                rflags: s.regs.rflags,
+                gprs: [
+                    s.regs.rax, s.regs.rbx, s.regs.rcx, s.regs.rdx, s.regs.rsi, s.regs.rdi, s.regs.rsp, s.regs.rbp,
+                    s.regs.r8, s.regs.r9, s.regs.r10, s.regs.r11, s.regs.r12, s.regs.r13, s.regs.r14, s.regs.r15,
+                ],
+                cr0: s.sregs.cr0,
+                cr2: s.sregs.cr2,
+                cr3: s.sregs.cr3,
+                cr4: s.sregs.cr4,
+                efer: s.sregs.efer,
+            })
+            .collect())
+    }
+}
+
+/// Starts the exporter on `config.mirror_socket`, if one was asked for.
+pub fn start_exporter(
+    config: &VmConfig,
+    ram: &GuestRam,
+    lifecycle: Arc<Lifecycle>,
+) -> Result<Option<Arc<Exporter>>, mirror_driver::exporter::ExportError> {
+    let Some(path) = &config.mirror_socket else { return Ok(None) };
+    let regions = ram
+        .regions()
+        .iter()
+        .map(|r| ExportRegion { gpa: r.guest_addr, len: r.size, file: ram.chunk_file(r.chunk).clone() })
+        .collect();
+    let allowed_uids = if config.mirror_allow_uids.is_empty() {
+        // SAFETY: getuid cannot fail.
+        vec![unsafe { libc::getuid() }]
+    } else {
+        config.mirror_allow_uids.clone()
+    };
+    let policy = ExportPolicy { allowed_uids, ranges: config.mirror_policy.clone() };
+    let exporter =
+        Exporter::start(path, regions, u32::from(config.cpus), policy, Arc::new(LifecycleSource(lifecycle)))?;
+    Ok(Some(Arc::new(exporter)))
+}
