@@ -153,3 +153,48 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("specula-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sends one line to a line-protocol Unix socket (vmm API, inspector control) and returns the reply.
+pub fn unix_request(path: &Path, line: &str) -> String {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    writeln!(stream, "{line}").expect("send request");
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).expect("read reply");
+    reply.trim_end().to_string()
+}
+
+/// Waits until `path` exists (a socket a child process creates).
+pub fn wait_for_path(path: &Path, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear within {limit:?}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -449,6 +449,8 @@ fn serve(stream: UnixStream, conn: Arc<Connection>, shared: Arc<Shared>) {
         }
     }
     conn.alive.store(false, Ordering::SeqCst);
+    // The writer half lives on in the connection list; shut the socket so the peer sees EOF.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 /// Checks a grant request and answers it with O_RDONLY re-opens of the overlapped chunks.

@@ -178,7 +178,14 @@ impl Importer {
     /// Sends a request and returns its reply; an Error reply becomes `Refused`.
     pub fn request(&self, message: &Message) -> Result<Received, ImportError> {
         let _serialized = self.request_lock.lock().unwrap_or_else(|p| p.into_inner());
-        wire::send(&self.stream, message, &[])?;
+        if let Err(send_error) = wire::send(&self.stream, message, &[]) {
+            // A source that refuses us replies and closes before our request lands: its
+            // reason is still in our receive buffer and says more than EPIPE does.
+            return match self.next_reply() {
+                Ok((Message::Error { code, text }, _)) => Err(ImportError::Refused { code, text }),
+                _ => Err(send_error.into()),
+            };
+        }
         let (reply, fds) = self.next_reply()?;
         if let Message::Error { code, text } = reply {
             return Err(ImportError::Refused { code, text });

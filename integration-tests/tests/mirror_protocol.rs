@@ -1,0 +1,176 @@
+//! The mirror device's wire protocol against a real source `vmm`: refused
+//! grants get error replies; malformed, oversized and unknown messages never
+//! crash or hang the source; granted fds can never be made writable.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{binary, guest, require_kvm, unix_request, wait_for_path, Running, TempDir};
+use mirror_driver::importer::{ImportError, Importer};
+use mirror_driver::protocol::{ErrorCode, Message, Range, HEADER_LEN, MAX_PAYLOAD};
+use mirror_driver::wire;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn start_source(dir: &TempDir, extra: &[&str]) -> (Running, PathBuf, PathBuf) {
+    require_kvm();
+    let mirror = dir.join("mirror.sock");
+    let api = dir.join("api.sock");
+    let image = guest("source-workload");
+    let mut cmd = Command::new(binary("vmm"));
+    cmd.args(["--kernel", image.to_str().unwrap(), "--memory", "128M", "--serial", "null"]);
+    cmd.args(["--mirror-socket", mirror.to_str().unwrap(), "--api-socket", api.to_str().unwrap()]);
+    cmd.args(extra);
+    let vm = Running::spawn(&mut cmd);
+    wait_for_path(&api, LIMIT);
+    wait_for_path(&mirror, LIMIT);
+    (vm, mirror, api)
+}
+
+fn refused(result: Result<impl Sized, ImportError>) -> (ErrorCode, String) {
+    match result {
+        Err(ImportError::Refused { code, text }) => (code, text),
+        Err(other) => panic!("expected an error reply, got {other}"),
+        Ok(_) => panic!("expected an error reply, got success"),
+    }
+}
+
+/// The source is alive and serving: its API answers and a new inspector can attach.
+fn assert_source_healthy(vm: &mut Running, mirror: &Path, api: &Path) {
+    assert!(vm.child.try_wait().unwrap().is_none(), "the source vmm is still running");
+    assert!(unix_request(api, "vcpus").starts_with("ok 0:rip="));
+    let importer = Importer::connect(mirror).expect("a fresh inspector can attach");
+    assert_eq!(importer.memory_map().unwrap(), vec![Range { gpa: 0, len: 128 << 20 }]);
+}
+
+#[test]
+fn grants_beyond_ram_or_policy_or_asking_for_write_are_refused_with_error_replies() {
+    let dir = TempDir::new("policy");
+    let (mut vm, mirror, api) = start_source(&dir, &["--mirror-policy", "0x1000000:2M"]);
+    let importer = Importer::connect(&mirror).unwrap();
+    let ok = importer.grant(&[Range { gpa: 0x1000000, len: 0x1000 }]).expect("inside the policy");
+    assert_eq!(ok.len(), 1);
+    let (code, text) = refused(importer.grant(&[Range { gpa: 0, len: 0x1000 }]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
+    let (code, text) = refused(importer.grant(&[Range { gpa: 256 << 20, len: 0x1000 }]));
+    assert_eq!(code, ErrorCode::OutOfRange, "{text}");
+    assert!(text.contains("not within the source's RAM"), "{text}");
+    let (code, _) = refused(importer.grant(&[Range { gpa: u64::MAX - 10, len: 0x1000 }]));
+    assert_eq!(code, ErrorCode::OutOfRange);
+    let (code, _) = refused(
+        importer.request(&Message::GrantRequest { access: 2, ranges: vec![Range { gpa: 0x1000000, len: 4096 }] }),
+    );
+    assert_eq!(code, ErrorCode::BadAccess);
+    let (code, _) = refused(importer.release(999_999));
+    assert_eq!(code, ErrorCode::UnknownGrant);
+    assert_source_healthy(&mut vm, &mirror, &api);
+}
+
+#[test]
+fn a_granted_fd_cannot_be_made_writable() {
+    let dir = TempDir::new("readonly");
+    let (_vm, mirror, _api) = start_source(&dir, &[]);
+    let stream = UnixStream::connect(&mirror).unwrap();
+    wire::send(&stream, &Message::Hello { version: 1 }, &[]).unwrap();
+    assert!(matches!(wire::recv(&stream).unwrap().0, Message::HelloAck { .. }));
+    let request = Message::GrantRequest { access: 1, ranges: vec![Range { gpa: 0x1000000, len: 0x1000 }] };
+    wire::send(&stream, &request, &[]).unwrap();
+    let (reply, fds) = wire::recv(&stream).unwrap();
+    assert!(matches!(reply, Message::GrantReply { more: false, .. }), "{reply:?}");
+    let fd = fds[0].as_raw_fd();
+    // SAFETY: fcntl queries and mapping attempts on an fd this test owns.
+    unsafe {
+        assert_eq!(libc::fcntl(fd, libc::F_GETFL) & libc::O_ACCMODE, libc::O_RDONLY);
+        let rw = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        assert_eq!(rw, libc::MAP_FAILED, "a writable shared mapping of a grant must fail");
+        let ro = libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, fd, 0);
+        assert_ne!(ro, libc::MAP_FAILED);
+        assert_eq!(libc::mprotect(ro, 4096, libc::PROT_READ | libc::PROT_WRITE), -1, "nor can it be upgraded");
+        libc::munmap(ro, 4096);
+        let punch = libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096);
+        assert_eq!(punch, -1, "nor can the inspector punch holes in source RAM");
+    }
+    // Nor re-opened for writing through /proc by a process without CAP_DAC_OVERRIDE: the
+    // memfd is mode 0400. The child inherits the fd and runs as an unprivileged uid.
+    use std::os::unix::process::CommandExt;
+    let script = format!("exec 9<>/proc/self/fd/{fd}; echo WRITABLE");
+    let out = Command::new("/bin/sh").args(["-c", &script]).uid(65534).gid(65534).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("WRITABLE") && stderr.contains("Permission denied"), "{stdout} {stderr}");
+}
+
+fn raw_frame(len: u32, kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = len.to_le_bytes().to_vec();
+    frame.extend_from_slice(&kind.to_le_bytes());
+    frame.extend_from_slice(&0u16.to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn expect_error(stream: &UnixStream, want: ErrorCode) {
+    match wire::recv(stream) {
+        Ok((Message::Error { code, .. }, _)) => assert_eq!(code, want),
+        other => panic!("expected an {want:?} error reply, got {:?}", other.map(|(m, _)| m)),
+    }
+}
+
+#[test]
+fn malformed_oversized_and_unknown_messages_never_crash_or_hang_the_source() {
+    let dir = TempDir::new("badinput");
+    let (mut vm, mirror, api) = start_source(&dir, &[]);
+
+    // Before Hello, anything else is refused.
+    let s = UnixStream::connect(&mirror).unwrap();
+    wire::send(&s, &Message::GetMemoryMap, &[]).unwrap();
+    expect_error(&s, ErrorCode::NotNow);
+    // An unknown protocol version.
+    wire::send(&s, &Message::Hello { version: 99 }, &[]).unwrap();
+    expect_error(&s, ErrorCode::BadVersion);
+    wire::send(&s, &Message::Hello { version: 1 }, &[]).unwrap();
+    assert!(matches!(wire::recv(&s).unwrap().0, Message::HelloAck { .. }));
+    // An unknown message kind: an error reply, and the session goes on.
+    (&s).write_all(&raw_frame(3, 999, b"abc")).unwrap();
+    expect_error(&s, ErrorCode::UnknownMessage);
+    // A truncated known message (a grant request whose count overstates its ranges).
+    let mut bad = 1u32.to_le_bytes().to_vec();
+    bad.extend_from_slice(&5u32.to_le_bytes());
+    (&s).write_all(&raw_frame(bad.len() as u32, 5, &bad)).unwrap();
+    expect_error(&s, ErrorCode::Malformed);
+    wire::send(&s, &Message::GetMemoryMap, &[]).unwrap();
+    assert!(matches!(wire::recv(&s).unwrap().0, Message::MemoryMap { .. }), "still in step after bad messages");
+    // An oversized frame: refused, and the connection closed (its framing cannot be trusted).
+    (&s).write_all(&raw_frame(MAX_PAYLOAD as u32 + 1, 5, &[])).unwrap();
+    expect_error(&s, ErrorCode::TooLarge);
+    let mut buf = [0u8; 1];
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    assert_eq!((&s).read(&mut buf).unwrap(), 0, "the source closed the connection");
+
+    // A peer that sends half a header and stalls only stalls itself.
+    let stalled = UnixStream::connect(&mirror).unwrap();
+    (&stalled).write_all(&[1, 0, 0]).unwrap();
+    // Garbage on several connections.
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    for _ in 0..20 {
+        let g = UnixStream::connect(&mirror).unwrap();
+        let garbage: Vec<u8> = (0..200)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = (&g).write_all(&garbage);
+    }
+    // A header claiming the maximum payload, then a disconnect mid-payload.
+    let cut = UnixStream::connect(&mirror).unwrap();
+    let _ = (&cut).write_all(&raw_frame(MAX_PAYLOAD as u32, 1, &[0; 100]));
+    drop(cut);
+    assert!(HEADER_LEN == 8);
+    assert_source_healthy(&mut vm, &mirror, &api);
+    drop(stalled);
+}
