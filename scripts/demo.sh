@@ -1,17 +1,68 @@
 #!/usr/bin/env bash
-# The main job: boots Specula's built-in guests on /dev/kvm with the vmm.
-#   1. hello on 2 vCPUs, exiting with status 7 (the vmm's exit code becomes 7);
-#   2. source-workload on 2 vCPUs, driven over COM1: modify its kernel text, then exit.
-set -uo pipefail
+# The main job: a paired source + inspector on the built-in guests.
+#
+#   1. a source vmm boots source-workload (2 vCPUs) and serves the mirror device;
+#   2. an inspector attaches, maps all of the source's RAM read-only into its
+#      agent VM, and keeps an integrity watch on the workload's kernel text;
+#   3. the demo asks the agent to read, hash and scan the source's memory;
+#   4. the workload modifies its kernel text: the watch reports it as it happens;
+#   5. the source discards a page, then exits; the inspector keeps serving.
+set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 vmm=target/debug/vmm
-[ -x "$vmm" ] || { echo "demo.sh: $vmm is missing: run scripts/build.sh first" >&2; exit 1; }
+inspector=target/debug/inspector
+for bin in "$vmm" "$inspector"; do
+    [ -x "$bin" ] || { echo "demo.sh: $bin is missing: run scripts/build.sh first" >&2; exit 1; }
+done
+run="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$run"
+}
+trap cleanup EXIT
+mkfifo "$run/com1"
+exec 3<>"$run/com1"
 
-echo "== hello, 2 vCPUs, exit=7"
-"$vmm" --kernel target/guest-images/hello.elf --memory 64M --cpus 2 --cmdline "exit=7"
-echo "== vmm exit code: $?"
+say() { printf '\n== %s\n' "$*"; }
+ask() { echo "\$ inspector $*"; "$inspector" "$@" --control-socket "$run/control.sock" | cut -c1-150; }
+api() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall((sys.argv[2]+"\n").encode()); print(s.makefile().readline().strip())' "$run/api.sock" "$1"; }
+wait_for() { for _ in $(seq 500); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.02; done; echo "demo.sh: timed out waiting for '$2'" >&2; exit 1; }
 
-echo "== source-workload, 2 vCPUs, driven over COM1"
-{ sleep 1; echo "text-modify 4096"; sleep 0.5; echo "reuse-pages 8"; sleep 0.5; echo "exit 0"; sleep 1; } |
-    "$vmm" --kernel target/guest-images/source-workload.elf --memory 128M --cpus 2
-echo "== vmm exit code: $? (1: the workload saw its kernel text modified)"
+say "source: vmm + source-workload, 2 vCPUs, 256 MiB, mirror device on $run/mirror.sock"
+"$vmm" --kernel target/guest-images/source-workload.elf --memory 256M --cpus 2 \
+    --mirror-socket "$run/mirror.sock" --api-socket "$run/api.sock" <&3 \
+    > >(tee "$run/source.log" | sed -u 's/^/[source]    /') 2>&1 &
+pids+=($!)
+wait_for "$run/source.log" "workload: ready"
+
+say "inspector: attach, map all source RAM read-only, watch the kernel text (0x1010000+256K)"
+"$inspector" --source-socket "$run/mirror.sock" --all --control-socket "$run/control.sock" \
+    --watch 0x1010000:0x40000 --watch-interval-ms 100 \
+    > >(tee "$run/inspector.log" | sed -u 's/^/[inspector] /') 2>&1 &
+pids+=($!)
+wait_for "$run/inspector.log" "baseline taken"
+
+say "the agent reads, hashes and scans source memory through its read-only window"
+ask status
+ask read 0x1000000 16
+ask hash 0x1010000 0x40000
+ask scan 0x1000000 0x100000 "$(printf 'sshd' | od -An -tx1 | tr -d ' \n')"
+ask vcpus
+
+say "the source workload modifies its kernel text"
+echo "text-modify 4096" >&3
+wait_for "$run/inspector.log" "integrity watch 0:"
+sleep 0.3
+
+say "the source VMM discards (hole-punches) a page; the inspector reads zeros there"
+echo "source api: discard 0x1100000 4096 -> $(api 'discard 0x1100000 4096')"
+ask read 0x1100000 16
+
+say "the source exits; the inspector keeps serving the last contents"
+echo "exit 0" >&3
+wait_for "$run/inspector.log" "source gone"
+ask status
+ask read 0x1000000 16
+say "done"
