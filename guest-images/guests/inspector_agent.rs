@@ -184,6 +184,32 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             // SAFETY: reading the same byte back.
             [u64::from(unsafe { read_volatile(target) }), 0, 0, 0]
         }
+        OP_LATENCY => {
+            if a1 == 0 || a1 > MAX_LATENCY_SAMPLES {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let stamp = window.slice(a0, 16).ok_or(STATUS_OUT_OF_WINDOW)?.as_ptr() as *const u64;
+            let out = data(i);
+            let start = rt::rdtsc();
+            // SAFETY: the stamp pair lies in the window (checked above); volatile reads see
+            // each new value the source publishes.
+            let mut last = unsafe { read_volatile(stamp) };
+            let mut n = 0u64;
+            while n < a1 && rt::rdtsc() - start < a2 {
+                // SAFETY: as above.
+                let seq = unsafe { read_volatile(stamp) };
+                if seq != last {
+                    let now = rt::rdtsc();
+                    // SAFETY: as above.
+                    let stamped = unsafe { read_volatile(stamp.add(1)) };
+                    let at = n as usize * 8;
+                    out[at..at + 8].copy_from_slice(&now.saturating_sub(stamped).to_le_bytes());
+                    n += 1;
+                    last = seq;
+                }
+            }
+            [n, 0, 0, 0]
+        }
         _ => return Err(STATUS_UNKNOWN_OP),
     };
     Ok(result)

@@ -7,6 +7,8 @@
 //! - `text-modify OFFSET` flip one byte of the kernel text (an integrity watch sees it)
 //! - `text-restore`       rewrite the kernel text to its pristine bytes
 //! - `reuse-pages N`      free N pool pages and reuse them with new contents
+//! - `fill GPA LEN SEED`  fill a range (at or above 32 MiB) with data and planted needles
+//! - `stamp N`            publish N (sequence, TSC) pairs at STAMP_GPA, ~20 us apart
 //! - `exit STATUS`        end the VM with STATUS
 #![no_std]
 #![no_main]
@@ -263,6 +265,39 @@ fn run_command(line: &[u8], info: &rt::BootInfo) -> Option<u8> {
                 for word in 0..512 {
                     // SAFETY: pool pages are this guest's RAM.
                     unsafe { write_volatile(base.add(word), (u64::from(generation) << 32) | (page as u64) << 16 | word as u64) };
+                }
+            }
+            Ok(())
+        })(),
+        "fill" => (|| {
+            let gpa = words.next().and_then(parse_u64).ok_or("fill needs GPA LEN SEED")?;
+            let len = words.next().and_then(parse_u64).ok_or("fill needs GPA LEN SEED")?;
+            let seed = words.next().and_then(parse_u64).ok_or("fill needs GPA LEN SEED")?;
+            let in_ram = info.memmap.iter().any(|e| e.kind == 1 && gpa >= e.addr && gpa.saturating_add(len) <= e.addr + e.size);
+            if !in_ram || gpa < FILL_MIN_GPA {
+                return Err("fill range must lie in RAM at or above 32 MiB");
+            }
+            // SAFETY: checked to lie in this guest's RAM, clear of its code and structures.
+            let buf = unsafe { core::slice::from_raw_parts_mut(gpa as *mut u8, len as usize) };
+            let needles = fill_with_needles(buf, gpa, seed);
+            println!("workload: filled {:#x}+{:#x} with {} needles", gpa, len, needles);
+            Ok(())
+        })(),
+        "stamp" => (|| {
+            const SPACING_CYCLES: u64 = 50_000;
+            let count = words.next().and_then(parse_u64).ok_or("stamp needs N")?;
+            let seq = STAMP_GPA as *mut u64;
+            for i in 1..=count {
+                // SAFETY: the stamp slot is this guest's RAM. TSC first, then the sequence
+                // number that tells a reader a new stamp is complete.
+                unsafe {
+                    write_volatile(seq.add(1), rt::rdtsc());
+                    core::sync::atomic::fence(Ordering::Release);
+                    write_volatile(seq, i);
+                }
+                let start = rt::rdtsc();
+                while rt::rdtsc() - start < SPACING_CYCLES {
+                    core::hint::spin_loop();
                 }
             }
             Ok(())

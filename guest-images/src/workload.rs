@@ -31,6 +31,15 @@ pub const POOL_PAGES: usize = 256;
 /// Smallest guest RAM the workload fits in.
 pub const MIN_RAM: u64 = POOL_GPA + (POOL_PAGES as u64) * 4096;
 
+/// Where `stamp` publishes (sequence u64, TSC u64) pairs for coherence-latency measurements.
+pub const STAMP_GPA: u64 = HEADER_GPA + 0x3000;
+/// `fill` writes only at or above this address (clear of the workload's own structures).
+pub const FILL_MIN_GPA: u64 = 0x0200_0000;
+/// `fill` plants this needle every [`NEEDLE_STRIDE`] bytes, at offset [`NEEDLE_OFFSET`].
+pub const NEEDLE: [u8; 16] = *b"SPECULA-NEEDLE!!";
+pub const NEEDLE_STRIDE: u64 = 16 << 20;
+pub const NEEDLE_OFFSET: u64 = 4096 + 7;
+
 pub const HEADER_MAGIC: [u8; 16] = *b"SPECULA-WORKLOAD";
 pub const LAYOUT_VERSION: u32 = 1;
 pub const TASK_MAGIC: u32 = u32::from_le_bytes(*b"TASK");
@@ -91,6 +100,28 @@ pub fn fill_text(buf: &mut [u8]) {
     }
 }
 
+/// Fills `buf` (which starts at guest address `gpa`) with deterministic bytes and plants
+/// [`NEEDLE`] at every stride; returns how many needles it planted.
+pub fn fill_with_needles(buf: &mut [u8], gpa: u64, seed: u64) -> u64 {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = (x & 0x7f7f_7f7f_7f7f_7f7f).to_le_bytes(); // no 0x80+ bytes: 'S' | 0x80 never matches
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    let mut planted = 0;
+    let mut at = gpa.div_ceil(NEEDLE_STRIDE) * NEEDLE_STRIDE + NEEDLE_OFFSET;
+    while at + NEEDLE.len() as u64 <= gpa + buf.len() as u64 {
+        let off = (at - gpa) as usize;
+        buf[off..off + NEEDLE.len()].copy_from_slice(&NEEDLE);
+        planted += 1;
+        at += NEEDLE_STRIDE;
+    }
+    planted
+}
+
 /// Name of task `i`, NUL-padded.
 pub fn task_name(i: usize) -> [u8; 16] {
     const NAMES: [&[u8]; 8] = [b"init", b"kthreadd", b"sshd", b"cron", b"nginx", b"postgres", b"bash", b"specula-wl"];
@@ -120,3 +151,4 @@ pub fn link_order(i: usize) -> usize {
 const _: () = assert!(TASK_RECORD_SIZE == 64);
 const _: () = assert!(core::mem::size_of::<Header>() <= 4096);
 const _: () = assert!(TEXT_GPA + TEXT_LEN as u64 <= POOL_GPA);
+const _: () = assert!(STAMP_GPA + 16 <= TASK_TABLE_GPA);

@@ -10,6 +10,7 @@
 //! - `status`                   `ok source=attached|gone grants=N window=LEN`
 //! - `vcpus`                    `ok INDEX:rip=..:cr3=.. ...`
 //! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
+//! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -148,6 +149,14 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             let byte = number(words.next(), "BYTE")?;
             let byte = u8::try_from(byte).map_err(|_| "BYTE must be 0..=255".to_string())?;
             Ok(format!("read-back={:#04x}", inspector.write_probe(gpa, byte).map_err(e)?))
+        }
+        "latency" => {
+            let gpa = number(words.next(), "GPA")?;
+            let count = number(words.next(), "COUNT")?;
+            let ms = number(words.next(), "MS")?;
+            let samples = inspector.latency(gpa, count, ms).map_err(e)?;
+            let list: Vec<String> = samples.iter().map(u64::to_string).collect();
+            Ok(format!("samples={} cycles={}", samples.len(), list.join(",")))
         }
         "" => Err("empty request".into()),
         other => Err(format!("unknown request '{other}'")),

@@ -210,6 +210,20 @@ impl Inspector {
         Ok(done.result[0] as u8)
     }
 
+    /// Coherence latency samples in TSC cycles: the agent spins on the (sequence, TSC)
+    /// pair the source publishes at `gpa` and records how long each new stamp took to show.
+    pub fn latency(&self, gpa: u64, count: u64, timeout_ms: u64) -> Result<Vec<u64>, InspectError> {
+        if count == 0 || count > abi::MAX_LATENCY_SAMPLES {
+            return Err(InspectError::BadRequest(format!("1 to {} samples", abi::MAX_LATENCY_SAMPLES)));
+        }
+        self.check_granted(gpa, 16)?;
+        // The agent's deadline in TSC cycles, assuming at most 10 GHz so it is never too short.
+        let timeout_cycles = timeout_ms.saturating_mul(10_000_000);
+        let done = self.link.call(abi::OP_LATENCY, [gpa, count, timeout_cycles, 0], &[])?;
+        let raw = done.data(0, done.result[0] as usize * 8)?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+
     /// The source's vCPU registers (for page-table walks).
     pub fn vcpus(&self) -> Result<Vec<VcpuRegs>, InspectError> {
         if self.source_gone() {
@@ -290,6 +304,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         mirror_allow_uids: Vec::new(),
         mirror_policy: None,
         api_socket: None,
+        host_tsc: true,
         doorbell: Some(doorbell.clone()),
     };
     let vmm = Vmm::build(&vm_config)?;

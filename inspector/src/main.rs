@@ -30,14 +30,16 @@ Usage:
   inspector REQUEST --control-socket PATH [ARGS...]
       Send one request to a running inspector and print the reply. Requests:
       read GPA LEN | hash GPA LEN | scan GPA LEN HEXPATTERN | watch GPA LEN |
-      check ID | grants | status | vcpus | write-probe GPA BYTE
+      check ID | grants | status | vcpus | write-probe GPA BYTE | latency GPA COUNT MS
 Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply.
 ";
 
-const REQUESTS: &[&str] = &["read", "hash", "scan", "watch", "check", "grants", "status", "vcpus", "write-probe"];
+const REQUESTS: &[&str] =
+    &["read", "hash", "scan", "watch", "check", "grants", "status", "vcpus", "write-probe", "latency"];
 
 fn main() -> ExitCode {
     vmm::logger::init();
+    vmm::raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("-h" | "--help") => {

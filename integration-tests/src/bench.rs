@@ -65,3 +65,31 @@ mod tests {
         assert_eq!(one.p99, Duration::from_millis(3));
     }
 }
+
+/// Writes a horizontal bar chart as SVG (bars labelled with their values).
+pub fn bar_chart_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    let width = 760.0;
+    let label_w = 300.0;
+    let bar_h = 26.0;
+    let top = 40.0;
+    let height = top + bars.len() as f64 * (bar_h + 10.0) + 20.0;
+    let max = bars.iter().map(|b| b.1).fold(f64::MIN_POSITIVE, f64::max);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"24\" font-size=\"15\" font-weight=\"bold\">{title}</text>\n"
+    );
+    for (i, (label, value)) in bars.iter().enumerate() {
+        let y = top + i as f64 * (bar_h + 10.0);
+        let w = (width - label_w - 110.0) * value / max;
+        svg.push_str(&format!(
+            "<text x=\"10\" y=\"{:.0}\">{label}</text>\n<rect x=\"{label_w}\" y=\"{y:.0}\" width=\"{w:.1}\" height=\"{bar_h}\" fill=\"#3b7dd8\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.0}\">{value:.2} {unit}</text>\n",
+            y + 18.0,
+            label_w + w + 6.0,
+            y + 18.0
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

@@ -430,7 +430,7 @@ impl Message {
                 let raw = r.u32()?;
                 let code = ErrorCode::from_u32(raw).ok_or(DecodeError::BadErrorCode(raw))?;
                 let n = r.count(MAX_ERROR_TEXT, 1)?;
-                let text = String::from_utf8_lossy(r.take(n)?).into_owned();
+                let text = String::from_utf8(r.take(n)?.to_vec()).map_err(|_| DecodeError::Malformed { kind })?;
                 Message::Error { code, text }
             }
             other => return Err(DecodeError::UnknownKind(other)),
@@ -561,11 +561,24 @@ mod tests {
                 continue;
             }
             if let Ok((_, kind)) = decode_header(frame[..HEADER_LEN].try_into().unwrap()) {
-                let _ = Message::decode(kind, &frame[HEADER_LEN..]);
+                if let Ok(message) = Message::decode(kind, &frame[HEADER_LEN..]) {
+                    // Whatever decodes re-encodes to the same message.
+                    let again = message.encode();
+                    let (_, again_kind) = decode_header(again[..HEADER_LEN].try_into().unwrap()).unwrap();
+                    assert_eq!(Message::decode(again_kind, &again[HEADER_LEN..]).unwrap(), message);
+                }
             }
             let kind = (next() % 40) as u16;
             let _ = Message::decode(kind, &frame[HEADER_LEN.min(frame.len())..]);
         }
+    }
+
+    #[test]
+    fn error_text_must_be_utf8() {
+        let mut payload = (ErrorCode::Internal as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&2u32.to_le_bytes());
+        payload.extend_from_slice(&[0xff, 0xfe]);
+        assert!(matches!(Message::decode(kind::ERROR, &payload), Err(DecodeError::Malformed { .. })));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - `inspectors`       number of attached inspectors
 //! - `pause` / `resume` hold or release every vCPU (inspectors get Paused/Resumed)
 //! - `vcpus`            RIP and CR3 of every vCPU
+//! - `memory`           guest RAM chunks as `gpa:len:host_addr` (for copying tools and benchmarks)
 //! - `stop`             stop the VM (the vmm exits 0)
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -27,6 +28,8 @@ const MAX_LINE: u64 = 256;
 pub struct ApiContext {
     pub lifecycle: Arc<Lifecycle>,
     pub exporter: Option<Arc<Exporter>>,
+    /// (gpa, len, host address) of every RAM chunk.
+    pub memory: Arc<Vec<(u64, u64, u64)>>,
 }
 
 /// Binds `path` (mode 0600) and serves it on a thread.
@@ -124,6 +127,12 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
             .snapshot_vcpus()?
             .iter()
             .map(|s| format!("{}:rip={:#x}:cr3={:#x}", s.index, s.regs.rip, s.sregs.cr3))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "memory" => Ok(context
+            .memory
+            .iter()
+            .map(|(gpa, len, hva)| format!("{gpa:#x}:{len:#x}:{hva:#x}"))
             .collect::<Vec<_>>()
             .join(" ")),
         "stop" => {

@@ -93,7 +93,7 @@ impl Vmm {
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let vcpu = Vcpu::new(&vm, index)?;
-            vcpu.configure(&vm, &ram, &entry, config.cpus)?;
+            vcpu.configure(&vm, &ram, &entry, config.cpus, config.host_tsc)?;
             vcpus.push(vcpu);
         }
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
@@ -187,7 +187,9 @@ impl Vmm {
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
         let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone())?;
         if let Some(path) = &self.config.api_socket {
-            let context = crate::api::ApiContext { lifecycle: self.lifecycle.clone(), exporter: exporter.clone() };
+            let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size, r.host_addr)).collect());
+            let context =
+                crate::api::ApiContext { lifecycle: self.lifecycle.clone(), exporter: exporter.clone(), memory };
             crate::api::start(path, context).map_err(BuildError::Api)?;
         }
         Ok(exporter)

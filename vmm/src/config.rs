@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub mirror_policy: Option<Vec<mirror_driver::protocol::Range>>,
     /// Unix socket path for the control API.
     pub api_socket: Option<PathBuf>,
+    /// Guest TSC = host TSC (offset 0), so timestamps compare across VMs.
+    pub host_tsc: bool,
     /// A doorbell device for a guest agent (library users only).
     pub doorbell: Option<std::sync::Arc<crate::devices::doorbell::Doorbell>>,
 }
@@ -70,7 +72,9 @@ Options:
   --mirror-allow-uid UID   allow this uid to attach to the mirror socket (repeatable;
                            default: the vmm's own uid)
   --mirror-policy GPA:LEN  only grant within these ranges (repeatable; default: all RAM)
-  --api-socket PATH        control socket: discard, revoke, grants, pause, resume, vcpus, stop
+  --api-socket PATH        control socket: discard, revoke, grants, pause, resume, vcpus,
+                           memory, stop
+  --host-tsc               guest TSC reads the host TSC (offset 0): timestamps compare across VMs
   --kvm-device PATH        KVM device node (default /dev/kvm)
   -h, --help               print this help
   -V, --version            print the version
@@ -149,6 +153,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut mirror_allow_uids = Vec::new();
     let mut mirror_policy: Option<Vec<mirror_driver::protocol::Range>> = None;
     let mut api_socket = None;
+    let mut host_tsc = false;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -180,6 +185,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
                 mirror_policy.get_or_insert_with(Vec::new).push(range);
             }
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--host-tsc" => host_tsc = true,
             _ => return Err(ConfigError::UnknownArgument(arg)),
         }
     }
@@ -194,6 +200,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         mirror_allow_uids,
         mirror_policy,
         api_socket,
+        host_tsc,
         doorbell: None,
     })))
 }

@@ -18,6 +18,19 @@ pub use builder::{BuildError, Vmm};
 pub use config::{Command, VmConfig};
 pub use vstate::vcpu::{VmExit, CRASH_EXIT_CODE};
 
+/// Raises the soft open-file limit to the hard limit: a large VM's RAM is ~1024
+/// memfd chunks, and a mirror grant of all of it is as many fds again.
+pub fn raise_fd_limit() {
+    // SAFETY: rlimit is plain data; getrlimit/setrlimit on our own process.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Formats an error with its chain of sources: "what failed: because: because".
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

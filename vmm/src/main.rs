@@ -10,6 +10,7 @@ const ERROR_EXIT_CODE: u8 = 1;
 
 fn main() -> ExitCode {
     vmm::logger::init();
+    vmm::raise_fd_limit();
     let config = match parse_args(std::env::args().skip(1)) {
         Ok(Command::Run(config)) => config,
         Ok(Command::Help) => {

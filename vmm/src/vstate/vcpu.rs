@@ -52,6 +52,12 @@ pub enum VcpuError {
         #[source]
         source: interrupts::InterruptError,
     },
+    #[error("cannot make vCPU {index} read the host TSC (KVM_VCPU_TSC_OFFSET)")]
+    TscOffset {
+        index: u8,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM_SET_MP_STATE on vCPU {index} failed")]
     MpState {
         index: u8,
@@ -349,13 +355,24 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs and the LAPIC; sets boot registers on the boot vCPU, and on every
     /// vCPU when the image asked for all of them to start at its entry.
-    pub fn configure(&self, vm: &Vm, ram: &GuestRam, entry: &KernelEntry, cpu_count: u8) -> Result<(), VcpuError> {
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        ram: &GuestRam,
+        entry: &KernelEntry,
+        cpu_count: u8,
+        host_tsc: bool,
+    ) -> Result<(), VcpuError> {
         let index = self.index;
         let mut cpuid = vm.kvm().get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(VcpuError::SupportedCpuid)?;
         cpuid::normalize(&mut cpuid, index, cpu_count);
         self.fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::SetCpuid { index, source })?;
         msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
         interrupts::set_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })?;
+        if host_tsc {
+            // After the boot MSRs, which set the guest TSC to 0 through an offset.
+            set_tsc_offset_zero(&self.fd).map_err(|source| VcpuError::TscOffset { index, source })?;
+        }
         let starts_at_entry = index == 0 || entry.smp_entry_max_cpus.is_some();
         if starts_at_entry {
             let regs_err = |source| VcpuError::Regs { index, source };
@@ -444,6 +461,28 @@ impl Vcpu {
             Err(e) => return Some(VmExit::Crash(format!("vCPU {index}: KVM_RUN failed: {e}"))),
         }
         None
+    }
+}
+
+vmm_sys_util::ioctl_iow_nr!(KVM_SET_DEVICE_ATTR, kvm_bindings::KVMIO, 0xe1, kvm_bindings::kvm_device_attr);
+
+/// Makes the guest TSC read exactly the host TSC (offset 0), so that timestamps
+/// taken in different VMs compare.
+fn set_tsc_offset_zero(vcpu: &VcpuFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let offset: u64 = 0;
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr: &offset as *const u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: KVM_SET_DEVICE_ATTR on a vCPU fd with a valid attr that points at a live u64.
+    let rc = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_SET_DEVICE_ATTR(), &attr) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -1,0 +1,24 @@
+//! Fuzzes the mirror protocol decoder: any bytes, read as a frame header and a
+//! payload, must decode or fail cleanly; what decodes must re-encode to a frame
+//! that decodes to the same message.
+//!
+//!   cd mirror-driver/fuzz && cargo +nightly fuzz run decode
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mirror_driver::protocol::{decode_header, Message, HEADER_LEN};
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < HEADER_LEN {
+        return;
+    }
+    let header: [u8; HEADER_LEN] = data[..HEADER_LEN].try_into().unwrap();
+    let payload = &data[HEADER_LEN..];
+    let Ok((len, kind)) = decode_header(&header) else { return };
+    let payload = &payload[..len.min(payload.len())];
+    if let Ok(message) = Message::decode(kind, payload) {
+        let frame = message.encode();
+        let (_, again_kind) = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(Message::decode(again_kind, &frame[HEADER_LEN..]).unwrap(), message);
+    }
+});
