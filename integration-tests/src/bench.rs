@@ -49,23 +49,6 @@ pub fn write_section(name: &str, body: &str) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let samples: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
-        let s = summarize(&samples);
-        assert_eq!(
-            (s.median, s.p90, s.p99),
-            (Duration::from_millis(5), Duration::from_millis(9), Duration::from_millis(10))
-        );
-        let one = summarize(&[Duration::from_millis(3)]);
-        assert_eq!(one.p99, Duration::from_millis(3));
-    }
-}
-
 /// Writes a horizontal bar chart as SVG (bars labelled with their values).
 pub fn bar_chart_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
     let width = 760.0;
@@ -92,4 +75,29 @@ pub fn bar_chart_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String 
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let samples: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
+        let s = summarize(&samples);
+        assert_eq!(
+            (s.median, s.p90, s.p99),
+            (Duration::from_millis(5), Duration::from_millis(9), Duration::from_millis(10))
+        );
+        let one = summarize(&[Duration::from_millis(3)]);
+        assert_eq!(one.p99, Duration::from_millis(3));
+    }
+
+    #[test]
+    fn bar_chart_scales_bars_to_the_largest_value() {
+        let svg = bar_chart_svg("t", "GB/s", &[("a".into(), 1.0), ("b".into(), 2.0)]);
+        assert_eq!(svg.matches("<rect x=").count(), 2);
+        assert!(svg.contains("width=\"175.0\"") && svg.contains("width=\"350.0\""), "{svg}");
+        assert!(svg.contains("2.00 GB/s"));
+    }
 }
