@@ -1,7 +1,7 @@
 //! Boots Debian's cloud kernel (built by guest-images/linux/build.sh) with the
 //! `vmm` and checks its early lines on COM1: the banner, our command line
 //! echoed, the e820 map we gave it, and the RAMDISK line where we loaded the
-//! initramfs. On PVM hosts (this project's CI) guest kernel code runs under
+//! initramfs, and that Linux found both vCPUs. On PVM hosts (this project's CI) guest kernel code runs under
 //! KVM's instruction emulator, so reaching these lines takes one to three
 //! minutes and Linux later stops at FPU init; on hosts with VMX/SVM the test
 //! also waits for the initramfs to report that it reached userspace.
@@ -66,6 +66,9 @@ fn linux_prints_its_early_boot_lines_on_com1() {
     let start = ((MEMORY_MIB << 20) - initramfs_size) & !0xfff;
     let end = start + ((initramfs_size + 0xfff) & !0xfff) - 1;
     vm.expect_line(&format!("RAMDISK: [mem {start:#010x}-{end:#010x}]"), EARLY_BOOT_LIMIT);
+    // Debian's cloud kernel has no MP-table parser: it finds the vCPUs in our ACPI MADT.
+    vm.expect_line("ACPI: Using ACPI (MADT) for SMP configuration information", EARLY_BOOT_LIMIT);
+    vm.expect_line("smpboot: Allowing 2 CPUs, 0 hotplug CPUs", EARLY_BOOT_LIMIT);
 
     if host_has_hardware_virtualization() {
         vm.expect_line("specula-initramfs: reached userspace", EARLY_BOOT_LIMIT);

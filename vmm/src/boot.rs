@@ -104,8 +104,9 @@ pub enum BootError {
     WriteBootData(String),
 }
 
-/// Loads `source` into `ram`; returns the entry point and boot protocol.
-pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootError> {
+/// Loads `source` into `ram`; returns the entry point and boot protocol. `rsdp` is the
+/// address of the ACPI RSDP, handed to the kernel through its boot protocol.
+pub fn load(ram: &GuestRam, source: &BootSource, rsdp: Option<u64>) -> Result<KernelEntry, BootError> {
     let path = &source.kernel;
     let mut kernel = File::open(path).map_err(|e| BootError::OpenKernel { path: path.clone(), source: e })?;
     let format = detect_format(&mut kernel, path)?;
@@ -155,8 +156,8 @@ pub fn load(ram: &GuestRam, source: &BootSource) -> Result<KernelEntry, BootErro
     let cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes_with_nul().len()).unwrap_or(1);
 
     match protocol {
-        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, &source.extra_memmap)?,
-        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size, &source.extra_memmap)?,
+        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, rsdp, &source.extra_memmap)?,
+        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size, rsdp, &source.extra_memmap)?,
     }
     Ok(KernelEntry { entry, protocol, smp_entry_max_cpus })
 }
@@ -320,6 +321,7 @@ pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
 fn write_pvh_start_info(
     ram: &GuestRam,
     initramfs: Option<(u64, u64)>,
+    rsdp: Option<u64>,
     extra: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
     let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram)
@@ -333,6 +335,7 @@ fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new(&start_info, GuestAddress(PVH_INFO_START));
@@ -351,9 +354,10 @@ fn write_zero_page(
     header: Option<setup_header>,
     initramfs: Option<(u64, u64)>,
     cmdline_size: usize,
+    rsdp: Option<u64>,
     extra: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params { acpi_rsdp_addr: rsdp.unwrap_or(0), ..Default::default() };
     if let Some(header) = header {
         params.hdr = header;
     }

@@ -9,7 +9,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::x86_64::mptable;
+use crate::arch::x86_64::{acpi, mptable};
 use crate::boot::{self, KernelEntry};
 use crate::config::VmConfig;
 use crate::devices::serial::{self, SerialInput, SerialOutput};
@@ -32,6 +32,8 @@ pub enum BuildError {
     Vcpu(#[from] vcpu::VcpuError),
     #[error("MP table")]
     Mptable(#[from] mptable::MptableError),
+    #[error("ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
     #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
     TooManyCpusForImage { requested: u8, max: u32, image: String },
     #[error("cannot set up the serial console")]
@@ -68,7 +70,8 @@ impl Vmm {
         let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
         vm.register_ram(&ram)?;
-        let entry = boot::load(&ram, &config.boot)?;
+        let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
+        let entry = boot::load(&ram, &config.boot, Some(rsdp))?;
         if let Some(max) = entry.smp_entry_max_cpus {
             if u32::from(config.cpus) > max {
                 return Err(BuildError::TooManyCpusForImage {

@@ -24,6 +24,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// End of usable low RAM: the EBDA starts here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// ACPI tables (RSDP first) in the BIOS area, where Linux also scans for the RSDP.
+pub const ACPI_START: u64 = 0xe0000;
 /// The MP table lives in the BIOS area, where Linux scans for it.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// Kernels are loaded from 1 MiB up.

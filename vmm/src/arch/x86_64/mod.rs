@@ -1,5 +1,6 @@
-//! x86_64 boot: registers, GDT, page tables, CPUID, MSRs, LAPIC and the MP table.
+//! x86_64 boot: registers, GDT, page tables, CPUID, MSRs, LAPIC, the MP table and ACPI.
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod interrupts;

@@ -1,0 +1,177 @@
+//! Minimal hardware-reduced ACPI tables (RSDP, XSDT, FADT, DSDT, MADT), the way
+//! Firecracker provides them: kernels built without MP-table support (Debian's
+//! cloud kernel among them) find their CPUs, IOAPIC and interrupt overrides
+//! only through the MADT.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::{ACPI_START, APIC_START, IOAPIC_START};
+
+const OEM_ID: &[u8; 6] = b"SPECUL";
+const OEM_TABLE_ID: &[u8; 8] = b"SPECULA ";
+const CREATOR_ID: &[u8; 4] = b"SPCL";
+const HEADER_LEN: usize = 36;
+/// FADT flags: HW_REDUCED_ACPI (bit 20): no PM timer, no GPE blocks, no legacy hardware.
+const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// IA-PC boot architecture flags: no VGA (bit 2), no MSI is fine, no CMOS RTC (bit 5).
+const FADT_IAPC_NO_VGA: u16 = 1 << 2;
+const FADT_IAPC_NO_CMOS_RTC: u16 = 1 << 5;
+/// MADT flags: PC-AT compatible dual 8259 PICs present.
+const MADT_PCAT_COMPAT: u32 = 1;
+
+/// Failures while writing ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("cannot write the ACPI tables into guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |sum, b| sum.wrapping_add(*b)).wrapping_neg()
+}
+
+/// A System Description Table: header, then `body`, with length and checksum filled in.
+fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(HEADER_LEN + body.len());
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&((HEADER_LEN + body.len()) as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(OEM_TABLE_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // OEM revision
+    t.extend_from_slice(CREATOR_ID);
+    t.extend_from_slice(&1u32.to_le_bytes()); // creator revision
+    t.extend_from_slice(body);
+    t[9] = checksum(&t);
+    t
+}
+
+fn madt(cpu_count: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    for cpu in 0..cpu_count {
+        // Processor Local APIC: type 0, length 8, ACPI id, APIC id, flags (enabled).
+        body.extend_from_slice(&[0, 8, cpu, cpu]);
+        body.extend_from_slice(&1u32.to_le_bytes());
+    }
+    // I/O APIC: type 1, length 12, id, reserved, address, GSI base.
+    body.extend_from_slice(&[1, 12, cpu_count, 0]);
+    body.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    // Interrupt Source Override: ISA IRQ 0 (PIT) arrives on GSI 2, as on a PC.
+    body.extend_from_slice(&[2, 10, 0, 0]);
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    // Local APIC NMI: all processors, LINT1.
+    body.extend_from_slice(&[4, 6, 0xff, 0, 0, 1]);
+    sdt(b"APIC", 5, &body)
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    // FADT revision 6 is 276 bytes; the body starts after the 36-byte header.
+    let mut body = vec![0u8; 276 - HEADER_LEN];
+    let at = |offset: usize| offset - HEADER_LEN;
+    body[at(40)..at(40) + 4].copy_from_slice(&(dsdt_addr as u32).to_le_bytes()); // DSDT
+    body[at(109)..at(109) + 2].copy_from_slice(&(FADT_IAPC_NO_VGA | FADT_IAPC_NO_CMOS_RTC).to_le_bytes());
+    body[at(112)..at(112) + 4].copy_from_slice(&FADT_HW_REDUCED_ACPI.to_le_bytes());
+    body[at(131)] = 1; // FADT minor version (6.1)
+    body[at(140)..at(140) + 8].copy_from_slice(&dsdt_addr.to_le_bytes()); // X_DSDT
+    body[at(268)..at(268) + 8].copy_from_slice(b"SPECULA\0"); // hypervisor vendor identity
+    sdt(b"FACP", 6, &body)
+}
+
+fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(36);
+    r.extend_from_slice(b"RSD PTR ");
+    r.push(0); // checksum over the first 20 bytes
+    r.extend_from_slice(OEM_ID);
+    r.push(2); // revision: ACPI 2.0+
+    r.extend_from_slice(&0u32.to_le_bytes()); // RSDT address (none; XSDT only)
+    r.extend_from_slice(&36u32.to_le_bytes());
+    r.extend_from_slice(&xsdt_addr.to_le_bytes());
+    r.push(0); // extended checksum
+    r.extend_from_slice(&[0; 3]);
+    r[8] = checksum(&r[..20]);
+    r[32] = checksum(&r);
+    r
+}
+
+/// The tables, laid out from [`ACPI_START`]: RSDP, DSDT, FADT, MADT, XSDT.
+fn build(cpu_count: u8) -> Vec<(u64, Vec<u8>)> {
+    let align = |addr: u64| (addr + 15) & !15;
+    let dsdt_addr = ACPI_START + 64;
+    let dsdt = sdt(b"DSDT", 2, &[]);
+    let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
+    let fadt = fadt(dsdt_addr);
+    let madt_addr = align(fadt_addr + fadt.len() as u64);
+    let madt = madt(cpu_count);
+    let xsdt_addr = align(madt_addr + madt.len() as u64);
+    let mut entries = Vec::new();
+    entries.extend_from_slice(&fadt_addr.to_le_bytes());
+    entries.extend_from_slice(&madt_addr.to_le_bytes());
+    let xsdt = sdt(b"XSDT", 1, &entries);
+    vec![(ACPI_START, rsdp(xsdt_addr)), (dsdt_addr, dsdt), (fadt_addr, fadt), (madt_addr, madt), (xsdt_addr, xsdt)]
+}
+
+/// Writes the tables; returns the RSDP's address (for boot_params and PVH start info).
+pub fn setup_acpi(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<u64, AcpiError> {
+    for (addr, table) in build(cpu_count) {
+        mem.write_slice(&table, GuestAddress(addr)).map_err(AcpiError::Write)?;
+    }
+    Ok(ACPI_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+    }
+
+    #[test]
+    fn every_table_checksums_to_zero_and_states_its_length() {
+        let tables = build(4);
+        let rsdp = &tables[0].1;
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        for (_, t) in &tables[1..] {
+            assert_eq!(sum(t), 0, "{}", String::from_utf8_lossy(&t[..4]));
+            assert_eq!(u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize, t.len());
+        }
+        let (xsdt_addr, xsdt) = tables.last().unwrap();
+        assert_eq!(u64::from_le_bytes(rsdp[24..32].try_into().unwrap()), *xsdt_addr);
+        assert_eq!(xsdt.len(), HEADER_LEN + 16);
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_and_the_ioapic() {
+        let madt = madt(3);
+        let mut at = HEADER_LEN + 8;
+        let (mut cpus, mut ioapics) = (0, 0);
+        while at < madt.len() {
+            match madt[at] {
+                0 => {
+                    assert_eq!(madt[at + 3], cpus, "APIC id = vCPU index");
+                    cpus += 1;
+                }
+                1 => ioapics += 1,
+                _ => {}
+            }
+            at += madt[at + 1] as usize;
+        }
+        assert_eq!((cpus, ioapics), (3, 1));
+        assert_eq!(at, madt.len(), "entries tile the table exactly");
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_and_points_at_the_dsdt() {
+        let f = fadt(0x1234_5678);
+        assert_eq!(f.len(), 276);
+        assert_eq!(u32::from_le_bytes(f[112..116].try_into().unwrap()) & FADT_HW_REDUCED_ACPI, FADT_HW_REDUCED_ACPI);
+        assert_eq!(u64::from_le_bytes(f[140..148].try_into().unwrap()), 0x1234_5678);
+    }
+}
