@@ -12,10 +12,12 @@
 //! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
+
+use vmm::line_server::{self, parse_number as number};
 
 use crate::daemon::Inspector;
 
@@ -26,51 +28,7 @@ const MAX_LISTED_HITS: usize = 1000;
 
 /// Binds `path` (mode 0600) and answers requests on a thread per client.
 pub fn serve(path: &Path, inspector: Arc<Inspector>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    std::thread::Builder::new().name("control".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let inspector = inspector.clone();
-            let _ = std::thread::Builder::new().name("control-client".into()).spawn(move || client(stream, &inspector));
-        }
-    })?;
-    Ok(())
-}
-
-fn client(stream: UnixStream, inspector: &Inspector) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if !line.ends_with('\n') {
-            let mut rest = Vec::new();
-            let _ = reader.read_until(b'\n', &mut rest);
-            format!("error request longer than {MAX_LINE} bytes")
-        } else {
-            match execute(line.trim(), inspector) {
-                Ok(text) => format!("ok {text}").trim_end().to_string(),
-                Err(text) => format!("error {text}"),
-            }
-        };
-        if writeln!(writer, "{reply}").is_err() {
-            return;
-        }
-    }
-}
-
-fn number(word: Option<&str>, what: &str) -> Result<u64, String> {
-    let word = word.ok_or_else(|| format!("missing {what}"))?;
-    let parsed = match word.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => word.parse(),
-    };
-    parsed.map_err(|_| format!("bad {what} '{word}'"))
+    line_server::serve(path, "control", MAX_LINE, Arc::new(move |line: &str| execute(line, &inspector)))
 }
 
 fn hex(bytes: &[u8]) -> String {

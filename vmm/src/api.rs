@@ -10,14 +10,13 @@
 //! - `memory`           guest RAM chunks as `gpa:len:host_addr` (for copying tools and benchmarks)
 //! - `stop`             stop the VM (the vmm exits 0)
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
 use mirror_driver::exporter::Exporter;
 use mirror_driver::protocol::Message;
 
+use crate::line_server::{self, parse_number as number};
 use crate::vstate::vcpu::{Lifecycle, VmExit};
 
 /// Longest accepted command line.
@@ -34,52 +33,7 @@ pub struct ApiContext {
 
 /// Binds `path` (mode 0600) and serves it on a thread.
 pub fn start(path: &Path, context: ApiContext) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    std::thread::Builder::new().name("api".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let context = context.clone();
-            let _ = std::thread::Builder::new().name("api-client".into()).spawn(move || serve(stream, &context));
-        }
-    })?;
-    Ok(())
-}
-
-fn serve(stream: UnixStream, context: &ApiContext) {
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        match (&mut reader).take(MAX_LINE).read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if !line.ends_with('\n') {
-            // Over-long line: drop the rest of it so the next command parses.
-            let mut rest = Vec::new();
-            let _ = reader.read_until(b'\n', &mut rest);
-            format!("error command longer than {MAX_LINE} bytes")
-        } else {
-            match execute(line.trim(), context) {
-                Ok(text) => format!("ok {text}").trim_end().to_string(),
-                Err(text) => format!("error {text}"),
-            }
-        };
-        if writeln!(writer, "{reply}").is_err() {
-            return;
-        }
-    }
-}
-
-fn number(word: Option<&str>, what: &str) -> Result<u64, String> {
-    let word = word.ok_or_else(|| format!("missing {what}"))?;
-    let parsed = match word.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => word.parse(),
-    };
-    parsed.map_err(|_| format!("bad {what} '{word}'"))
+    line_server::serve(path, "api", MAX_LINE, Arc::new(move |line: &str| execute(line, &context)))
 }
 
 fn exporter(context: &ApiContext) -> Result<&Exporter, String> {
