@@ -250,3 +250,21 @@ fn the_source_keeps_running_while_an_inspector_is_stalled() {
     assert!(start.elapsed() < Duration::from_secs(5), "events to a stalled inspector do not block the source");
     inspector.proc.signal(libc::SIGCONT);
 }
+
+#[test]
+fn pausing_the_source_freezes_its_memory_and_tells_the_inspector() {
+    let dir = TempDir::new("pause");
+    let source = Source::start(&dir, &[]);
+    let mut inspector = Inspector::start(&dir, &source, &["--all"]);
+    assert_eq!(source.api("pause"), "ok");
+    inspector.proc.expect_line("inspector: source paused", LIMIT);
+    let frozen = inspector.heartbeat();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(inspector.heartbeat(), frozen, "no vCPU runs while paused");
+    let vcpus = source.api("vcpus");
+    assert_eq!(vcpus.matches("rip=").count(), 2, "paused vCPUs still report their registers: {vcpus}");
+    assert_eq!(source.api("resume"), "ok");
+    inspector.proc.expect_line("inspector: source resumed", LIMIT);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(inspector.heartbeat() > frozen, "the workload runs again");
+}
