@@ -146,7 +146,8 @@ fn main() {
         "\n## Process memory while `source-workload` runs (64 MiB guest, RAM in a shared memfd for both)\n\n\
          | process | own anonymous (KiB) | own file-backed (KiB) | guest RAM touched (KiB) |\n|---|---|---|---|\n\
          | vmm | {} | {} | {} |\n| QEMU | {} | {} | {} |\n\n\
-         vmm's own anonymous memory is {:.3}x QEMU's.\n",
+         \"Guest RAM touched\" counts the memfd pages mapped in the process's own page tables (RssShmem); \
+         pages the guest touches through KVM do not appear there. vmm's own anonymous memory is {:.3}x QEMU's.\n",
         vm.anon,
         vm.file,
         vm.shmem,

@@ -195,7 +195,8 @@ fn main() {
     body.push_str(&format!(
         "\n### Coherence latency: a source ring-3 write until the agent's ring-3 code sees it\n\n\
          Both guests read the host TSC (`--host-tsc`, KVM_VCPU_TSC_OFFSET = 0); the source publishes a \
-         (sequence, TSC) pair every ~20 us, the agent spins on it. {} samples, TSC {:.3} GHz.\n\n\
+         (sequence, TSC) pair every ~20 us, the agent spins on it. {} samples, TSC {:.3} GHz. The figure moves \
+         between runs with where the two vCPU threads land (a shared physical core or not).\n\n\
          | median (ns) | p90 (ns) | p99 (ns) |\n|---|---|---|\n| {} | {} | {} |\n",
         s.n,
         per_ns,

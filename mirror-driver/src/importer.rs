@@ -141,7 +141,11 @@ pub struct Importer {
     pub ram_size: u64,
     pub vcpus: u32,
     replies: Option<Mutex<Receiver<Received>>>,
+    /// Serializes request/reply pairs.
     request_lock: Mutex<()>,
+    /// Serializes frames on the socket: the event thread acknowledges revokes while
+    /// other threads send requests.
+    write_lock: Mutex<()>,
 }
 
 impl Importer {
@@ -149,7 +153,14 @@ impl Importer {
     pub fn connect(path: &Path) -> Result<Self, ImportError> {
         let stream = UnixStream::connect(path)
             .map_err(|source| ImportError::Connect { path: path.display().to_string(), source })?;
-        let mut importer = Self { stream, ram_size: 0, vcpus: 0, replies: None, request_lock: Mutex::new(()) };
+        let mut importer = Self {
+            stream,
+            ram_size: 0,
+            vcpus: 0,
+            replies: None,
+            request_lock: Mutex::new(()),
+            write_lock: Mutex::new(()),
+        };
         match importer.request(&Message::Hello { version: PROTOCOL_VERSION })?.0 {
             Message::HelloAck { ram_size, vcpus, .. } => {
                 importer.ram_size = ram_size;
@@ -158,6 +169,12 @@ impl Importer {
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Sends one frame, never interleaved with another thread's.
+    fn send(&self, message: &Message) -> Result<(), WireError> {
+        let _serialized = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        wire::send(&self.stream, message, &[])
     }
 
     /// The raw stream (tests use it to send malformed frames).
@@ -178,7 +195,7 @@ impl Importer {
     /// Sends a request and returns its reply; an Error reply becomes `Refused`.
     pub fn request(&self, message: &Message) -> Result<Received, ImportError> {
         let _serialized = self.request_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(send_error) = wire::send(&self.stream, message, &[]) {
+        if let Err(send_error) = self.send(message) {
             // A source that refuses us replies and closes before our request lands: its
             // reason is still in our receive buffer and says more than EPIPE does.
             return match self.next_reply() {
@@ -204,7 +221,7 @@ impl Importer {
     /// Asks for read-only grants of `ranges` and maps every piece.
     pub fn grant(&self, ranges: &[Range]) -> Result<Vec<MappedGrant>, ImportError> {
         let _serialized = self.request_lock.lock().unwrap_or_else(|p| p.into_inner());
-        wire::send(&self.stream, &Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: ranges.to_vec() }, &[])?;
+        self.send(&Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: ranges.to_vec() })?;
         let mut mapped = Vec::new();
         loop {
             let (reply, fds) = self.next_reply()?;
@@ -245,7 +262,7 @@ impl Importer {
 
     /// Acknowledges a revoke once its mapping is gone.
     pub fn ack_revoke(&self, grant_id: u64) -> Result<(), ImportError> {
-        Ok(wire::send(&self.stream, &Message::RevokeAck { grant_id }, &[])?)
+        Ok(self.send(&Message::RevokeAck { grant_id })?)
     }
 
     /// Starts the reader thread: events go to `handler` (on that thread), replies to requests.

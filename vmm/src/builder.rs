@@ -146,42 +146,42 @@ impl Vmm {
             manager.add_subscriber(subscriber);
         }
 
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut start_error = None;
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            match vcpu.start(self.bus.clone(), self.lifecycle.clone()) {
-                Ok(handle) => threads.push(handle),
-                Err(e) => {
-                    start_error = Some(e);
-                    break;
-                }
-            }
-        }
-        use std::os::unix::thread::JoinHandleExt;
-        self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
-        let mut exporter = None;
-        let mut start_error: Option<BuildError> = start_error.map(Into::into);
-        if start_error.is_none() {
-            match self.start_services() {
-                Ok(e) => exporter = e,
-                Err(e) => start_error = Some(e),
-            }
-        }
-        if start_error.is_none() {
+        let (threads, vcpu_error) = self.start_vcpus();
+        let services = match vcpu_error {
+            Some(e) => Err(e.into()),
+            None => self.start_services(),
+        };
+        if services.is_ok() {
             while self.lifecycle.exit_reason().is_none() {
                 if let Err(e) = manager.run() {
                     self.lifecycle.request_exit(VmExit::Crash(format!("event loop failed: {e:?}")));
                 }
             }
         }
-        if let Some(exporter) = &exporter {
+        if let Ok(Some(exporter)) = &services {
             exporter.shutdown();
         }
         stop_vcpus(&self.lifecycle, threads);
-        if let Some(e) = start_error {
-            return Err(e);
+        services?;
+        Ok(self.lifecycle.exit_reason().expect("the loop ends only with an exit reason"))
+    }
+
+    /// Spawns a thread per vCPU; stops at the first that fails to start.
+    fn start_vcpus(&mut self) -> (Vec<std::thread::JoinHandle<()>>, Option<vcpu::VcpuError>) {
+        use std::os::unix::thread::JoinHandleExt;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut error = None;
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            match vcpu.start(self.bus.clone(), self.lifecycle.clone()) {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
         }
-        Ok(self.lifecycle.exit_reason().expect("loop ends only with an exit reason"))
+        self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        (threads, error)
     }
 }
 
