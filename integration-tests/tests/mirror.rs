@@ -268,3 +268,15 @@ fn pausing_the_source_freezes_its_memory_and_tells_the_inspector() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(inspector.heartbeat() > frozen, "the workload runs again");
 }
+
+#[test]
+fn a_source_that_exits_says_so_and_the_inspector_keeps_serving() {
+    let dir = TempDir::new("exit");
+    let mut source = Source::start(&dir, &[]);
+    let mut inspector = Inspector::start(&dir, &source, &["--all"]);
+    source.vm.send("exit 0\n");
+    assert_eq!(source.vm.wait(LIMIT).code(), Some(0), "the workload exits with the status it was given");
+    inspector.proc.expect_line("source gone", LIMIT);
+    assert!(inspector.ask("status").starts_with("ok source=gone"));
+    assert_eq!(&inspector.read(workload::HEADER_GPA, 16), &workload::HEADER_MAGIC);
+}
