@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use guest_images::workload::{HEADER_GPA, NEEDLE, STAMP_GPA};
 use integration_tests::bench::{bar_chart_svg, ms, summarize, workspace_root, write_section};
-use integration_tests::{binary, guest, require_kvm, unix_request, wait_for_path, Running, TempDir};
+use integration_tests::{binary, require_kvm, unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::Importer;
 use mirror_driver::protocol::Range;
 
@@ -34,15 +34,8 @@ struct Source {
 
 fn start_source(memory: &str, cpus: &str) -> Source {
     let dir = TempDir::new("bench-source");
-    let mirror = dir.join("mirror.sock");
-    let api = dir.join("api.sock");
-    let image = guest("source-workload");
-    let mut cmd = Command::new(binary("vmm"));
-    cmd.args(["--kernel", image.to_str().unwrap(), "--memory", memory, "--cpus", cpus, "--host-tsc"]);
-    cmd.args(["--mirror-socket", mirror.to_str().unwrap(), "--api-socket", api.to_str().unwrap()]);
-    let mut vm = Running::spawn(&mut cmd);
+    let SourceVm { mut vm, mirror, api } = SourceVm::spawn(&dir, &["--memory", memory, "--cpus", cpus, "--host-tsc"]);
     vm.expect_line("workload: ready", LIMIT);
-    wait_for_path(&api, LIMIT);
     Source { vm, mirror, api, _dir: dir }
 }
 

@@ -198,3 +198,30 @@ pub fn wait_for_path(path: &Path, limit: Duration) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A source `vmm` running `source-workload`, serving the mirror device and its API socket.
+pub struct SourceVm {
+    pub vm: Running,
+    pub mirror: PathBuf,
+    pub api: PathBuf,
+}
+
+impl SourceVm {
+    /// Starts it with the sockets in `dir` and `args` (memory, vCPUs, serial, policy...);
+    /// returns once both sockets exist.
+    pub fn spawn(dir: &TempDir, args: &[&str]) -> Self {
+        require_kvm();
+        let mirror = dir.join("mirror.sock");
+        let api = dir.join("api.sock");
+        let image = guest("source-workload");
+        let mut cmd = Command::new(binary("vmm"));
+        cmd.args(["--kernel", image.to_str().unwrap()]);
+        cmd.args(["--mirror-socket", mirror.to_str().unwrap(), "--api-socket", api.to_str().unwrap()]);
+        cmd.args(args);
+        let vm = Running::spawn(&mut cmd);
+        let limit = Duration::from_secs(60);
+        wait_for_path(&mirror, limit);
+        wait_for_path(&api, limit);
+        Self { vm, mirror, api }
+    }
+}

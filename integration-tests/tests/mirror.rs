@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_images::workload;
-use integration_tests::{binary, guest, require_kvm, unix_request, wait_for_path, Running, TempDir};
+use integration_tests::{binary, unix_request, Running, SourceVm, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const POKE_GPA: u64 = 0x0180_0000;
@@ -21,17 +21,10 @@ struct Source {
 
 impl Source {
     fn start(dir: &TempDir, extra: &[&str]) -> Self {
-        require_kvm();
-        let mirror = dir.join("mirror.sock");
-        let api = dir.join("api.sock");
-        let image = guest("source-workload");
-        let mut cmd = Command::new(binary("vmm"));
-        cmd.args(["--kernel", image.to_str().unwrap(), "--memory", "256M", "--cpus", "2"]);
-        cmd.args(["--mirror-socket", mirror.to_str().unwrap(), "--api-socket", api.to_str().unwrap()]);
-        cmd.args(extra);
-        let mut vm = Running::spawn(&mut cmd);
+        let mut args = vec!["--memory", "256M", "--cpus", "2"];
+        args.extend_from_slice(extra);
+        let SourceVm { mut vm, mirror, api } = SourceVm::spawn(dir, &args);
         vm.expect_line("workload: ready", LIMIT);
-        wait_for_path(&api, LIMIT);
         Self { vm, mirror, api, pokes: 0 }
     }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{binary, guest, require_kvm, unix_request, wait_for_path, Running, TempDir};
+use integration_tests::{unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::{ImportError, Importer};
 use mirror_driver::protocol::{ErrorCode, Message, Range, MAX_PAYLOAD};
 use mirror_driver::wire;
@@ -17,17 +17,9 @@ use mirror_driver::wire;
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn start_source(dir: &TempDir, extra: &[&str]) -> (Running, PathBuf, PathBuf) {
-    require_kvm();
-    let mirror = dir.join("mirror.sock");
-    let api = dir.join("api.sock");
-    let image = guest("source-workload");
-    let mut cmd = Command::new(binary("vmm"));
-    cmd.args(["--kernel", image.to_str().unwrap(), "--memory", "128M", "--serial", "null"]);
-    cmd.args(["--mirror-socket", mirror.to_str().unwrap(), "--api-socket", api.to_str().unwrap()]);
-    cmd.args(extra);
-    let vm = Running::spawn(&mut cmd);
-    wait_for_path(&api, LIMIT);
-    wait_for_path(&mirror, LIMIT);
+    let mut args = vec!["--memory", "128M", "--serial", "null"];
+    args.extend_from_slice(extra);
+    let SourceVm { vm, mirror, api } = SourceVm::spawn(dir, &args);
     (vm, mirror, api)
 }
 
