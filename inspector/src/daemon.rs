@@ -56,6 +56,8 @@ pub enum DaemonError {
     Unaligned { gpa: u64, len: u64 },
     #[error("building the agent VM")]
     Build(#[from] vmm::BuildError),
+    #[error("KVM cannot isolate the mirror window")]
+    Kvm(#[from] vmm::vstate::vm::VmError),
     #[error("placing grant {grant} in the mirror window")]
     Memslot {
         grant: u64,
@@ -309,6 +311,8 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     };
     let vmm = Vmm::build(&vm_config)?;
     let vm = vmm.vm();
+    // The mirror's isolation rests on read-only memslots: without them, refuse to run.
+    vm.require(kvm_ioctls::Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM")?;
     let mut grants = BTreeMap::new();
     let mut bytes = 0;
     for m in mapped {

@@ -177,11 +177,6 @@ impl Importer {
         wire::send(&self.stream, message, &[])
     }
 
-    /// The raw stream (tests use it to send malformed frames).
-    pub fn stream(&self) -> &UnixStream {
-        &self.stream
-    }
-
     fn next_reply(&self) -> Result<Received, ImportError> {
         match &self.replies {
             Some(rx) => rx.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(REPLY_TIMEOUT).map_err(|e| match e {

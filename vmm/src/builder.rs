@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::{acpi, mptable};
-use crate::boot::{self, KernelEntry};
+use crate::boot;
 use crate::config::VmConfig;
 use crate::devices::serial::{self, SerialInput, SerialOutput};
 use crate::devices::{PioBus, COM1_IRQ};
@@ -59,7 +59,6 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     reset_evt: EventFd,
     serial_input: bool,
-    entry: KernelEntry,
     config: VmConfig,
 }
 
@@ -102,7 +101,7 @@ impl Vmm {
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
         let vm = Arc::new(vm);
-        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input, entry, config: config.clone() })
+        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
     }
 
     /// Guest RAM (for the mirror device).
@@ -118,11 +117,6 @@ impl Vmm {
     /// Shared VM lifecycle: request an exit from another thread with it.
     pub fn lifecycle(&self) -> Arc<Lifecycle> {
         self.lifecycle.clone()
-    }
-
-    /// The kernel's entry point and protocol.
-    pub fn entry(&self) -> KernelEntry {
-        self.entry
     }
 
     /// Runs the VM until it ends; SIGINT/SIGTERM stop it when `handle_signals` is set.

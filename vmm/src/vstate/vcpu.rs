@@ -213,10 +213,6 @@ impl Lifecycle {
         self.served.notify_all();
     }
 
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
     /// Called by a vCPU thread between runs: publishes a snapshot if one is wanted,
     /// and holds the thread while the VM is paused.
     fn serve_requests(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {

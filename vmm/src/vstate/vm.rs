@@ -88,7 +88,7 @@ impl Vm {
         Ok(Self { kvm, fd, next_slot: std::sync::atomic::AtomicU32::new(0) })
     }
 
-    /// Fails unless KVM supports `cap` (used for optional features such as read-only slots).
+    /// Fails unless KVM supports `cap` (for features only some users need, such as read-only slots).
     pub fn require(&self, cap: Cap, name: &'static str) -> Result<(), VmError> {
         if self.kvm.check_extension(cap) {
             Ok(())
