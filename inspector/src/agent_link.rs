@@ -76,9 +76,9 @@ impl AgentLink {
 
     /// Waits until the agent reports it is serving.
     pub fn wait_ready(&self, timeout: Duration) -> bool {
-        self.doorbell.wait_until(timeout, || {
-            self.memory.read_obj::<u32>(GuestAddress(RING_GPA + 24)).map(|s| s == AGENT_READY).unwrap_or(false)
-        }) || self.memory.read_obj::<u32>(GuestAddress(RING_GPA + 24)).map(|s| s == AGENT_READY).unwrap_or(false)
+        let state = GuestAddress(RING_GPA + std::mem::offset_of!(RingHeader, agent_state) as u64);
+        self.doorbell
+            .wait_until(timeout, || self.memory.read_obj::<u32>(state).map(|s| s == AGENT_READY).unwrap_or(false))
     }
 
     /// Runs one command: `input` goes to the slot's data area first.

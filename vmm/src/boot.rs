@@ -14,7 +14,9 @@ use linux_loader::configurator::{
     linux::LinuxBootConfigurator, pvh::PvhBootConfigurator, BootConfigurator, BootParams,
 };
 use linux_loader::loader::bootparam::{boot_params, setup_header};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -330,7 +332,7 @@ fn write_pvh_start_info(
         .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
         .collect();
     let mut start_info = hvm_start_info {
-        magic: guest_abi::HVM_START_MAGIC,
+        magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
@@ -384,11 +386,6 @@ fn write_zero_page(
     params.e820_entries = map.len() as u8;
     let boot = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams(&boot, ram.memory()).map_err(|e| BootError::WriteBootData(e.to_string()))
-}
-
-/// The few guest ABI constants the loader shares with Specula's guests.
-mod guest_abi {
-    pub const HVM_START_MAGIC: u32 = 0x336e_c578;
 }
 
 #[cfg(test)]

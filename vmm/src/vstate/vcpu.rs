@@ -216,11 +216,7 @@ impl Lifecycle {
     /// Called by a vCPU thread between runs: publishes a snapshot if one is wanted,
     /// and holds the thread while the VM is paused.
     fn serve_requests(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
-        let wanted = self.wanted.load(Ordering::SeqCst);
-        if wanted > *last_published {
-            self.publish(vcpu, index, wanted);
-            *last_published = wanted;
-        }
+        self.publish_if_wanted(vcpu, index, last_published);
         if !self.paused.load(Ordering::SeqCst) {
             return;
         }
@@ -229,15 +225,24 @@ impl Lifecycle {
         self.served.notify_all();
         while self.paused.load(Ordering::SeqCst) && !self.stopping() {
             req = self.served.wait_timeout(req, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
-            let wanted = self.wanted.load(Ordering::SeqCst);
-            if wanted > *last_published {
+            if self.wanted.load(Ordering::SeqCst) > *last_published {
                 drop(req);
-                self.publish(vcpu, index, wanted);
-                *last_published = wanted;
+                self.publish_if_wanted(vcpu, index, last_published);
                 req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             }
         }
         req.paused_count -= 1;
+    }
+
+    /// Publishes a snapshot if one newer than this vCPU's last is wanted; true if it did.
+    fn publish_if_wanted(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) -> bool {
+        let wanted = self.wanted.load(Ordering::SeqCst);
+        if wanted <= *last_published {
+            return false;
+        }
+        self.publish(vcpu, index, wanted);
+        *last_published = wanted;
+        true
     }
 
     fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
@@ -290,11 +295,9 @@ impl Lifecycle {
     fn park(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
         let mut guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         while !self.stopping() {
-            let wanted = self.wanted.load(Ordering::SeqCst);
-            if wanted > *last_published {
+            if self.wanted.load(Ordering::SeqCst) > *last_published {
                 drop(guard);
-                self.publish(vcpu, index, wanted);
-                *last_published = wanted;
+                self.publish_if_wanted(vcpu, index, last_published);
                 guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
                 continue;
             }
