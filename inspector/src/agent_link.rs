@@ -1,5 +1,11 @@
 //! The host end of the agent's command ring: claim a slot, fill it, ring the
 //! doorbell, wait for the agent to mark it done, collect the result.
+//!
+//! The agent is not trusted. A completion counts only if it carries the slot's
+//! sequence number and operation; a slot whose command timed out is not reused
+//! until the agent hands it back (marks it done), so a late completion can never
+//! be read as the answer to a later command; every length read back is clamped
+//! to the slot's data area.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,23 +32,49 @@ pub enum AgentError {
     UnknownOp(u32),
     #[error("the agent returned status {0}")]
     Status(u32),
+    #[error("the agent completed slot {slot} with sequence {got} (op {op}), expected {expected}")]
+    WrongSequence { slot: usize, expected: u64, got: u64, op: u32 },
+    #[error("the agent's reply claims {len} bytes at offset {offset}, beyond its {DATA_SLOT_SIZE}-byte data area")]
+    OutOfSlot { offset: u64, len: u64 },
+    #[error("every command slot is held by a command the agent never completed")]
+    NoFreeSlot,
 }
 
-/// A completed command.
-pub struct Completion {
+/// A completed command. Its slot (and data area) stays reserved until it is dropped.
+pub struct Completion<'a> {
     pub result: [u64; 4],
     slot: usize,
-    memory: GuestMemoryMmap,
+    link: &'a AgentLink,
 }
 
-impl Completion {
-    /// Reads `len` bytes of the command's data area from `offset`.
-    pub fn data(&self, offset: u64, len: usize) -> Result<Vec<u8>, AgentError> {
-        let mut buf = vec![0u8; len];
-        self.memory
+impl Completion<'_> {
+    /// Reads `len` bytes of the command's data area from `offset`; fails if the range
+    /// leaves the data area (lengths the agent reports are not trusted).
+    pub fn data(&self, offset: u64, len: u64) -> Result<Vec<u8>, AgentError> {
+        if offset.checked_add(len).is_none_or(|end| end > DATA_SLOT_SIZE) {
+            return Err(AgentError::OutOfSlot { offset, len });
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.link
+            .memory
             .read_slice(&mut buf, GuestAddress(data_gpa(self.slot) + offset))
             .map_err(|e| AgentError::Memory(e.to_string()))?;
         Ok(buf)
+    }
+
+    /// Up to `max` u64s stored from data offset `offset`, `count` of them as the agent
+    /// claims, clamped to `max` and to the data area.
+    pub fn u64s(&self, offset: u64, count: u64, max: u64) -> Result<Vec<u64>, AgentError> {
+        let room = DATA_SLOT_SIZE.saturating_sub(offset) / 8;
+        let count = count.min(max).min(room);
+        let raw = self.data(offset, count * 8)?;
+        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+    }
+}
+
+impl Drop for Completion<'_> {
+    fn drop(&mut self) {
+        self.link.release(self.slot);
     }
 }
 
@@ -51,6 +83,9 @@ pub struct AgentLink {
     memory: GuestMemoryMmap,
     doorbell: Arc<Doorbell>,
     free: Mutex<Vec<usize>>,
+    /// Slots whose command timed out, with its sequence number: reusable only once the
+    /// agent marks them done.
+    abandoned: Mutex<Vec<(usize, u64)>>,
     seq: Mutex<u64>,
 }
 
@@ -71,7 +106,13 @@ impl AgentLink {
             completed: 0,
         };
         write_struct(&memory, RING_GPA, &header)?;
-        Ok(Self { memory, doorbell, free: Mutex::new((0..RING_SLOTS).collect()), seq: Mutex::new(0) })
+        Ok(Self {
+            memory,
+            doorbell,
+            free: Mutex::new((0..RING_SLOTS).collect()),
+            abandoned: Mutex::new(Vec::new()),
+            seq: Mutex::new(0),
+        })
     }
 
     /// Waits until the agent reports it is serving.
@@ -82,18 +123,66 @@ impl AgentLink {
     }
 
     /// Runs one command: `input` goes to the slot's data area first.
-    pub fn call(&self, op: u32, args: [u64; 4], input: &[u8]) -> Result<Completion, AgentError> {
+    pub fn call(&self, op: u32, args: [u64; 4], input: &[u8]) -> Result<Completion<'_>, AgentError> {
+        self.call_within(op, args, input, COMMAND_TIMEOUT)
+    }
+
+    /// [`AgentLink::call`] with its own deadline.
+    pub fn call_within(
+        &self,
+        op: u32,
+        args: [u64; 4],
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<Completion<'_>, AgentError> {
         let slot = self.claim()?;
-        let outcome = self.run(slot, op, args, input);
-        self.free.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
-        outcome
+        let seq = self.next_seq();
+        match self.run(slot, seq, op, args, input, timeout) {
+            Ok(result) => Ok(Completion { result, slot, link: self }),
+            Err(AgentError::Timeout(t)) => {
+                // The agent may still be working on it: keep the slot until it says done.
+                lock(&self.abandoned).push((slot, seq));
+                Err(AgentError::Timeout(t))
+            }
+            Err(e) => {
+                self.release(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&self, slot: usize) {
+        lock(&self.free).push(slot);
+    }
+
+    fn next_seq(&self) -> u64 {
+        let mut seq = lock(&self.seq);
+        *seq += 1;
+        *seq
+    }
+
+    /// Returns abandoned slots the agent has since completed to the free list.
+    fn reclaim_abandoned(&self) {
+        let mut abandoned = lock(&self.abandoned);
+        abandoned.retain(|&(slot, _)| {
+            let done = self.memory.read_obj::<u32>(GuestAddress(slot_gpa(slot))).is_ok_and(|st| st == SLOT_DONE);
+            if done && self.memory.write_obj(SLOT_FREE, GuestAddress(slot_gpa(slot))).is_ok() {
+                lock(&self.free).push(slot);
+                return false;
+            }
+            true
+        });
     }
 
     fn claim(&self) -> Result<usize, AgentError> {
         let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
         loop {
-            if let Some(slot) = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            self.reclaim_abandoned();
+            if let Some(slot) = lock(&self.free).pop() {
                 return Ok(slot);
+            }
+            if lock(&self.abandoned).len() == RING_SLOTS {
+                return Err(AgentError::NoFreeSlot);
             }
             if std::time::Instant::now() > deadline {
                 return Err(AgentError::Timeout(COMMAND_TIMEOUT));
@@ -102,17 +191,20 @@ impl AgentLink {
         }
     }
 
-    fn run(&self, slot: usize, op: u32, args: [u64; 4], input: &[u8]) -> Result<Completion, AgentError> {
+    fn run(
+        &self,
+        slot: usize,
+        seq: u64,
+        op: u32,
+        args: [u64; 4],
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<[u64; 4], AgentError> {
         if !input.is_empty() {
             self.memory
                 .write_slice(input, GuestAddress(data_gpa(slot)))
                 .map_err(|e| AgentError::Memory(e.to_string()))?;
         }
-        let seq = {
-            let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
-            *seq += 1;
-            *seq
-        };
         let mut s = Slot { state: SLOT_FREE, op, seq, args, status: 0, _pad: 0, result: [0; 4] };
         write_struct(&self.memory, slot_gpa(slot), &s)?;
         // Publish the state last: the agent reads the other fields once it sees SUBMITTED.
@@ -123,22 +215,29 @@ impl AgentLink {
         self.doorbell.ring();
         let done =
             || self.memory.read_obj::<u32>(GuestAddress(slot_gpa(slot))).map(|st| st == SLOT_DONE).unwrap_or(false);
-        if !self.doorbell.wait_until(COMMAND_TIMEOUT, done) {
-            return Err(AgentError::Timeout(COMMAND_TIMEOUT));
+        if !self.doorbell.wait_until(timeout, done) {
+            return Err(AgentError::Timeout(timeout));
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         s = read_struct(&self.memory, slot_gpa(slot))?;
         self.memory
             .write_obj(SLOT_FREE, GuestAddress(slot_gpa(slot)))
             .map_err(|e| AgentError::Memory(e.to_string()))?;
+        if s.seq != seq || s.op != op {
+            return Err(AgentError::WrongSequence { slot, expected: seq, got: s.seq, op: s.op });
+        }
         match s.status {
-            STATUS_OK => Ok(Completion { result: s.result, slot, memory: self.memory.clone() }),
+            STATUS_OK => Ok(s.result),
             STATUS_OUT_OF_WINDOW => Err(AgentError::OutOfWindow),
             STATUS_BAD_ARGS => Err(AgentError::BadArgs),
             STATUS_UNKNOWN_OP => Err(AgentError::UnknownOp(op)),
             other => Err(AgentError::Status(other)),
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_struct<T: Copy>(memory: &GuestMemoryMmap, gpa: u64, value: &T) -> Result<(), AgentError> {

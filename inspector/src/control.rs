@@ -7,7 +7,8 @@
 //! - `watch GPA LEN`            `ok id=N`
 //! - `check ID`                 `ok changed=N gpas=GPA,...`
 //! - `grants`                   `ok ID:GPA:LEN ...`
-//! - `status`                   `ok source=attached|gone grants=N window=LEN`
+//! - `status`                   `ok source=attached|gone grants=N memslots=N window=LEN`
+//!   (memslots: every KVM memslot of the agent VM, its RAM included)
 //! - `vcpus`                    `ok INDEX:rip=..:cr3=.. ...`
 //! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
@@ -90,9 +91,10 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             .collect::<Vec<_>>()
             .join(" ")),
         "status" => Ok(format!(
-            "source={} grants={} window={:#x}",
+            "source={} grants={} memslots={} window={:#x}",
             if inspector.source_gone() { "gone" } else { "attached" },
             inspector.grants().len(),
+            inspector.memslots(),
             inspector.window_len()
         )),
         "vcpus" => Ok(inspector

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use guest_images::agent::{self as abi, E820_MIRROR, MAX_PATTERN, MAX_WATCHES};
@@ -29,6 +29,13 @@ pub const DEFAULT_MEMORY: u64 = 128 << 20;
 const PAGE: u64 = 4096;
 /// Longest read served in one request.
 pub const MAX_READ: u64 = 1 << 20;
+/// Longest range hashed in one request (the agent hashes it in one command: ~2 s).
+pub const MAX_HASH_LEN: u64 = 1 << 30;
+/// A scan runs as agent commands of at most this many bytes each; between two, a
+/// revoke can take its grant away and the scan stops with an error.
+pub const SCAN_STEP: u64 = 256 << 20;
+/// Longest a latency measurement may spin in the agent.
+pub const MAX_LATENCY_MS: u64 = 10_000;
 
 /// How the daemon runs.
 #[derive(Clone)]
@@ -81,6 +88,27 @@ pub enum InspectError {
     Agent(#[from] AgentError),
     #[error("source: {0}")]
     Source(#[from] ImportError),
+    #[error("the agent's reply is not credible: {0}")]
+    BadReply(String),
+}
+
+/// Fails unless every byte of `[gpa, gpa + len)` lies in a live grant.
+fn covered(grants: &GrantMap, gpa: u64, len: u64) -> Result<(), InspectError> {
+    let end = gpa.checked_add(len).filter(|_| len > 0).ok_or_else(|| InspectError::BadRequest("empty range".into()))?;
+    let mut spans: Vec<(u64, u64)> =
+        grants.values().map(|g| (g.mapped.grant.gpa, g.mapped.grant.gpa + g.mapped.grant.len)).collect();
+    spans.sort_unstable();
+    let mut reached = gpa;
+    for (lo, hi) in spans {
+        if lo > reached {
+            break;
+        }
+        reached = reached.max(hi);
+        if reached >= end {
+            return Ok(());
+        }
+    }
+    Err(InspectError::NotGranted { gpa, len })
 }
 
 struct LiveGrant {
@@ -88,15 +116,21 @@ struct LiveGrant {
     slot: u32,
 }
 
+/// Live grants by id. Requests hold a read guard from their `check_granted` until the
+/// agent is done, so a revoke (which takes the write guard to remove a memslot) never
+/// pulls memory from under a running command.
+type GrantMap = BTreeMap<u64, LiveGrant>;
+
 /// A running inspector.
 pub struct Inspector {
     link: AgentLink,
     vm: Arc<Vm>,
-    grants: Mutex<BTreeMap<u64, LiveGrant>>,
+    grants: RwLock<GrantMap>,
     importer: OnceLock<Arc<Importer>>,
     source_gone: AtomicBool,
     window_len: u64,
-    next_watch: Mutex<usize>,
+    /// The range of each watch, by id.
+    watches: Mutex<Vec<Range>>,
 }
 
 fn say(line: std::fmt::Arguments) {
@@ -114,35 +148,28 @@ impl Inspector {
 
     /// Live grants as (id, gpa, len).
     pub fn grants(&self) -> Vec<(u64, u64, u64)> {
-        self.lock_grants().values().map(|g| (g.mapped.grant.id, g.mapped.grant.gpa, g.mapped.grant.len)).collect()
+        self.read_grants().values().map(|g| (g.mapped.grant.id, g.mapped.grant.gpa, g.mapped.grant.len)).collect()
     }
 
-    fn lock_grants(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, LiveGrant>> {
-        self.grants.lock().unwrap_or_else(|p| p.into_inner())
+    /// Memslots of the agent VM that exist in KVM now (its RAM and the mirror window).
+    pub fn memslots(&self) -> u32 {
+        self.vm.memslot_count()
     }
 
-    /// Fails unless every byte of the range is covered by a live grant.
-    fn check_granted(&self, gpa: u64, len: u64) -> Result<(), InspectError> {
-        let not_granted = InspectError::NotGranted { gpa, len };
-        let end =
-            gpa.checked_add(len).filter(|_| len > 0).ok_or_else(|| InspectError::BadRequest("empty range".into()))?;
-        let mut spans: Vec<(u64, u64)> = self
-            .lock_grants()
-            .values()
-            .map(|g| (g.mapped.grant.gpa, g.mapped.grant.gpa + g.mapped.grant.len))
-            .collect();
-        spans.sort_unstable();
-        let mut covered = gpa;
-        for (lo, hi) in spans {
-            if lo > covered {
-                break;
-            }
-            covered = covered.max(hi);
-            if covered >= end {
-                return Ok(());
-            }
-        }
-        Err(not_granted)
+    fn read_grants(&self) -> RwLockReadGuard<'_, GrantMap> {
+        self.grants.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_grants(&self) -> RwLockWriteGuard<'_, GrantMap> {
+        self.grants.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks that every byte of the range is covered by a live grant; the guard it
+    /// returns keeps it so until dropped.
+    fn check_granted(&self, gpa: u64, len: u64) -> Result<RwLockReadGuard<'_, GrantMap>, InspectError> {
+        let grants = self.read_grants();
+        covered(&grants, gpa, len)?;
+        Ok(grants)
     }
 
     /// The bytes of a granted range, read by the agent.
@@ -150,30 +177,62 @@ impl Inspector {
         if len > MAX_READ {
             return Err(InspectError::BadRequest(format!("reads are limited to {MAX_READ} bytes")));
         }
-        self.check_granted(gpa, len)?;
+        let _granted = self.check_granted(gpa, len)?;
         let done = self.link.call(abi::OP_READ, [gpa, len, 0, 0], &[])?;
-        Ok(done.data(0, len as usize)?)
+        Ok(done.data(0, len)?)
     }
 
     /// xxh64 and SHA-256 of a granted range, computed by the agent.
     pub fn hash(&self, gpa: u64, len: u64) -> Result<(u64, [u8; 32]), InspectError> {
-        self.check_granted(gpa, len)?;
+        if len > MAX_HASH_LEN {
+            return Err(InspectError::BadRequest(format!("hashes cover at most {} MiB", MAX_HASH_LEN >> 20)));
+        }
+        let _granted = self.check_granted(gpa, len)?;
         let done = self.link.call(abi::OP_HASH, [gpa, len, 0, 0], &[])?;
         let digest = done.data(0, 32)?.try_into().expect("32 bytes");
         Ok((done.result[0], digest))
     }
 
-    /// Every GPA in the range where `pattern` occurs: (total, the first ones stored).
+    /// Every GPA in the range where `pattern` occurs: (total, the first ones stored, at
+    /// most [`abi::MAX_SCAN_HITS`]). Runs in steps of [`SCAN_STEP`] bytes.
     pub fn scan(&self, gpa: u64, len: u64, pattern: &[u8]) -> Result<(u64, Vec<u64>), InspectError> {
         if pattern.is_empty() || pattern.len() > MAX_PATTERN {
             return Err(InspectError::BadRequest(format!("patterns are 1 to {MAX_PATTERN} bytes")));
         }
-        self.check_granted(gpa, len)?;
+        covered(&self.read_grants(), gpa, len)?;
+        let end = gpa + len;
+        let (mut total, mut hits) = (0u64, Vec::new());
+        let mut step_start = gpa;
+        while step_start < end {
+            // Each step reads pattern.len() - 1 bytes past its share, so no match that
+            // straddles two shares is lost.
+            let starts_end = (step_start + SCAN_STEP).min(end);
+            let step_len = (starts_end + pattern.len() as u64 - 1).min(end) - step_start;
+            let (step_total, step_hits) = self.scan_step(step_start, step_len, pattern)?;
+            total += step_total;
+            let room = abi::MAX_SCAN_HITS - hits.len();
+            hits.extend(step_hits.into_iter().take(room));
+            step_start = starts_end;
+        }
+        Ok((total, hits))
+    }
+
+    /// One scan command over `[gpa, gpa + len)`. A match that starts at or after the step's
+    /// share of the range (`len - pattern.len() + 1` bytes) would not fit: no match is
+    /// counted by two steps.
+    fn scan_step(&self, gpa: u64, len: u64, pattern: &[u8]) -> Result<(u64, Vec<u64>), InspectError> {
+        let _granted = self.check_granted(gpa, len)?;
         let done = self.link.call(abi::OP_SCAN, [gpa, len, pattern.len() as u64, 0], pattern)?;
-        let stored = done.result[1] as usize;
-        let raw = done.data(4096, stored * 8)?;
-        let hits = raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-        Ok((done.result[0], hits))
+        let possible = len.saturating_sub(pattern.len() as u64 - 1);
+        let claimed = done.result[0];
+        if claimed > possible {
+            return Err(InspectError::BadReply(format!("{claimed} matches claimed in {len} bytes")));
+        }
+        let hits = done.u64s(4096, done.result[1].min(claimed), abi::MAX_SCAN_HITS as u64)?;
+        if let Some(bad) = hits.iter().find(|&&hit| hit < gpa || hit >= gpa + possible) {
+            return Err(InspectError::BadReply(format!("match at {bad:#x} lies outside {gpa:#x}+{len:#x}")));
+        }
+        Ok((claimed, hits))
     }
 
     /// Starts an integrity watch over a granted, page-aligned range; returns its id.
@@ -184,30 +243,35 @@ impl Inspector {
                 abi::MAX_WATCH_LEN >> 20
             )));
         }
-        self.check_granted(gpa, len)?;
-        let id = {
-            let mut next = self.next_watch.lock().unwrap_or_else(|p| p.into_inner());
-            if *next >= MAX_WATCHES {
-                return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches")));
-            }
-            *next += 1;
-            *next - 1
-        };
+        let _granted = self.check_granted(gpa, len)?;
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if watches.len() >= MAX_WATCHES {
+            return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches")));
+        }
+        let id = watches.len();
         self.link.call(abi::OP_WATCH_SET, [id as u64, gpa, len, 0], &[])?;
+        watches.push(Range { gpa, len });
         Ok(id)
     }
 
-    /// Pages of watch `id` that changed since the last check (or since it was set).
+    /// Pages of watch `id` that changed since the last check (or since it was set). Fails,
+    /// without asking the agent, once any of the watched range is no longer granted.
     pub fn check(&self, id: usize) -> Result<Vec<u64>, InspectError> {
+        let range = self.watches.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied();
+        let range = range.ok_or_else(|| InspectError::BadRequest(format!("no watch {id}")))?;
+        let _granted = self.check_granted(range.gpa, range.len)?;
         let done = self.link.call(abi::OP_WATCH_CHECK, [id as u64, 0, 0, 0], &[])?;
-        let stored = (done.result[0] as usize).min(abi::DATA_SLOT_SIZE as usize / 8);
-        let raw = done.data(0, stored * 8)?;
-        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        let pages = done.u64s(0, done.result[0], range.len / PAGE)?;
+        let outside = |&&page: &&u64| page < range.gpa || page >= range.gpa + range.len || !page.is_multiple_of(PAGE);
+        if let Some(bad) = pages.iter().find(outside) {
+            return Err(InspectError::BadReply(format!("changed page {bad:#x} is not in watch {id}")));
+        }
+        Ok(pages)
     }
 
     /// Has the agent try to write `byte` into the window at `gpa`; returns what it reads back.
     pub fn write_probe(&self, gpa: u64, byte: u8) -> Result<u8, InspectError> {
-        self.check_granted(gpa, 1)?;
+        let _granted = self.check_granted(gpa, 1)?;
         let done = self.link.call(abi::OP_WRITE_PROBE, [gpa, u64::from(byte), 0, 0], &[])?;
         Ok(done.result[0] as u8)
     }
@@ -218,12 +282,14 @@ impl Inspector {
         if count == 0 || count > abi::MAX_LATENCY_SAMPLES {
             return Err(InspectError::BadRequest(format!("1 to {} samples", abi::MAX_LATENCY_SAMPLES)));
         }
-        self.check_granted(gpa, 16)?;
+        if timeout_ms > MAX_LATENCY_MS {
+            return Err(InspectError::BadRequest(format!("at most {MAX_LATENCY_MS} ms")));
+        }
+        let _granted = self.check_granted(gpa, 16)?;
         // The agent's deadline in TSC cycles, assuming at most 10 GHz so it is never too short.
         let timeout_cycles = timeout_ms.saturating_mul(10_000_000);
         let done = self.link.call(abi::OP_LATENCY, [gpa, count, timeout_cycles, 0], &[])?;
-        let raw = done.data(0, done.result[0] as usize * 8)?;
-        Ok(raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        Ok(done.u64s(0, done.result[0], count)?)
     }
 
     /// The source's vCPU registers (for page-table walks).
@@ -243,7 +309,7 @@ impl Inspector {
     fn on_event(&self, importer: &Importer, event: SourceEvent) {
         match event {
             SourceEvent::Revoke { grant_id } => {
-                let removed = self.lock_grants().remove(&grant_id);
+                let removed = self.write_grants().remove(&grant_id);
                 if let Some(live) = removed {
                     let g = live.mapped.grant;
                     // The slot goes before the mapping, and both before the acknowledgement.
@@ -266,7 +332,7 @@ impl Inspector {
                 self.source_gone.store(true, Ordering::SeqCst);
                 say(format_args!(
                     "source gone; still serving {} grants with their last contents",
-                    self.lock_grants().len()
+                    self.read_grants().len()
                 ));
             }
         }
@@ -305,6 +371,8 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         mirror_socket: None,
         mirror_allow_uids: Vec::new(),
         mirror_policy: None,
+        mirror_regrant: false,
+        run_as: None,
         api_socket: None,
         host_tsc: true,
         doorbell: Some(doorbell.clone()),
@@ -335,11 +403,11 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let inspector = Arc::new(Inspector {
         link,
         vm,
-        grants: Mutex::new(grants),
+        grants: RwLock::new(grants),
         importer: OnceLock::new(),
         source_gone: AtomicBool::new(false),
         window_len,
-        next_watch: Mutex::new(0),
+        watches: Mutex::new(Vec::new()),
     });
     let weak: Weak<Inspector> = Arc::downgrade(&inspector);
     let importer = importer.start_events(move |importer, event| {

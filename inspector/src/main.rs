@@ -38,6 +38,14 @@ const REQUESTS: &[&str] =
     &["read", "hash", "scan", "watch", "check", "grants", "status", "vcpus", "write-probe", "latency"];
 
 fn main() -> ExitCode {
+    if let Err(e) = vmm::signals::block_stop_signals().map_err(|e| e.to_string()).and_then(|()| {
+        // Grants and the agent's memory live in this process: no same-uid process may
+        // read or write it through /proc/PID/mem or re-open its fds.
+        vmm::jail::forbid_tracing().map_err(|e| error_chain(&e))
+    }) {
+        eprintln!("inspector: error: {e}");
+        return ExitCode::from(1);
+    }
     vmm::logger::init();
     vmm::raise_fd_limit();
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -103,28 +103,75 @@ fn a_hole_punched_by_the_source_reads_as_zeros_then_new_writes_show() {
     assert_eq!(inspector.read(page + 8, 8), b"AFTER!!!", "new source writes show again");
 }
 
-#[test]
-fn a_revoked_grant_is_unmapped_before_the_source_hears_back() {
-    let dir = TempDir::new("revoke");
-    let source = Source::start(&dir, &[]);
-    let mut inspector = Inspector::start(&dir, &source, &["--all"]);
+/// `status` reports `memslots=N`: every KVM memslot of the agent VM.
+fn memslots(inspector: &Inspector) -> u64 {
+    let status = inspector.ask("status");
+    let field = status.split_whitespace().find_map(|w| w.strip_prefix("memslots="));
+    field.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no memslots= in {status}"))
+}
+
+/// The id of the source's grant that starts at `gpa` (`grants` lists `id:gpa:len:uid:state`).
+fn grant_at(source: &Source, gpa: u64) -> String {
     let grants = source.api("grants");
-    let id = grants
+    grants
         .split_whitespace()
         .find_map(|g| {
             let parts: Vec<&str> = g.split(':').collect();
-            (parts.len() == 4
-                && u64::from_str_radix(parts[1].trim_start_matches("0x"), 16).ok() == Some(workload::HEADER_GPA))
-            .then(|| parts[0].to_string())
+            (parts.len() == 5 && u64::from_str_radix(parts[1].trim_start_matches("0x"), 16).ok() == Some(gpa))
+                .then(|| parts[0].to_string())
         })
-        .unwrap_or_else(|| panic!("a grant starting at the workload header in {grants}"));
-    assert_eq!(source.api(&format!("revoke {id}")), "ok");
+        .unwrap_or_else(|| panic!("a grant starting at {gpa:#x} in {grants}"))
+}
+
+#[test]
+fn a_revoked_grant_is_unmapped_before_the_source_hears_back() {
+    let dir = TempDir::new("revoke");
+    let mut source = Source::start(&dir, &[]);
+    let mut inspector = Inspector::start(&dir, &source, &["--all"]);
+    let id = grant_at(&source, workload::HEADER_GPA);
+    let slots_before = memslots(&inspector);
+    let reply = source.api(&format!("revoke {id}"));
+    assert_eq!(reply, format!("ok revoked={id} unacknowledged="), "the inspector acknowledged in time");
     // The API returned only after the inspector acknowledged, which it does after removing the slot.
     inspector.proc.expect_line(&format!("grant {id} ("), LIMIT);
+    assert_eq!(memslots(&inspector), slots_before - 1, "the revoked grant's memslot is gone from KVM");
     let reply = inspector.ask(&format!("read {:#x} 16", workload::HEADER_GPA));
     assert!(reply.starts_with("error") && reply.contains("not granted"), "{reply}");
     assert!(!source.api("grants").split_whitespace().any(|g| g.starts_with(&format!("{id}:"))));
     assert!(inspector.ask("read 0x0 16").starts_with("ok"), "other grants keep working");
+    // The source runs on over its re-homed memory.
+    source.poke(workload::HEADER_GPA + 0x800, b"REHOMED!");
+    // By default the source does not grant a revoked range to the same uid again.
+    let out = integration_tests::run_with_timeout(
+        Command::new(binary("inspector")).args(["--source-socket", source.mirror.to_str().unwrap()]).args([
+            "--range",
+            &format!("{:#x}:4K", workload::HEADER_GPA),
+            "--serial",
+            "null",
+        ]),
+        LIMIT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PolicyDenied") && stderr.contains("revoked from uid"), "{stderr}");
+}
+
+#[test]
+fn with_regrant_allowed_a_re_attach_sees_the_memory_the_source_kept_across_the_re_home() {
+    let dir = TempDir::new("regrant");
+    let mut source = Source::start(&dir, &["--mirror-allow-regrant"]);
+    let inspector = Inspector::start(&dir, &source, &["--all"]);
+    source.poke(workload::HEADER_GPA + 0x800, b"BEFORE!!");
+    let id = grant_at(&source, workload::HEADER_GPA);
+    assert!(source.api(&format!("revoke {id}")).starts_with("ok revoked="));
+    source.poke(workload::HEADER_GPA + 0x808, b"AFTER!!!");
+    let fresh_dir = TempDir::new("regrant-fresh");
+    let fresh = Inspector::start(&fresh_dir, &source, &["--range", "0x1000000:4K"]);
+    assert_eq!(&fresh.read(workload::HEADER_GPA, 16), &workload::HEADER_MAGIC, "copied across the re-home");
+    assert_eq!(fresh.read(workload::HEADER_GPA + 0x800, 16), b"BEFORE!!AFTER!!!");
+    let first = fresh.heartbeat();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(fresh.heartbeat() > first, "the workload writes the re-homed memory");
+    drop(inspector);
 }
 
 #[test]

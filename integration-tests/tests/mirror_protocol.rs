@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use integration_tests::{unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::{ImportError, Importer};
-use mirror_driver::protocol::{ErrorCode, Message, Range, MAX_PAYLOAD};
+use mirror_driver::protocol::{ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
 use mirror_driver::wire;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -67,11 +67,11 @@ fn a_granted_fd_cannot_be_made_writable() {
     let dir = TempDir::new("readonly");
     let (_vm, mirror, _api) = start_source(&dir, &[]);
     let stream = UnixStream::connect(&mirror).unwrap();
-    wire::send(&stream, &Message::Hello { version: 1 }, &[]).unwrap();
-    assert!(matches!(wire::recv(&stream).unwrap().0, Message::HelloAck { .. }));
+    wire::send(&stream, 1, &Message::Hello { version: PROTOCOL_VERSION }, &[]).unwrap();
+    assert!(matches!(wire::recv(&stream).unwrap().message, Message::HelloAck { .. }));
     let request = Message::GrantRequest { access: 1, ranges: vec![Range { gpa: 0x1000000, len: 0x1000 }] };
-    wire::send(&stream, &request, &[]).unwrap();
-    let (reply, fds) = wire::recv(&stream).unwrap();
+    wire::send(&stream, 1, &request, &[]).unwrap();
+    let wire::Frame { message: reply, fds, .. } = wire::recv(&stream).unwrap();
     assert!(matches!(reply, Message::GrantReply { more: false, .. }), "{reply:?}");
     let fd = fds[0].as_raw_fd();
     // SAFETY: fcntl queries and mapping attempts on an fd this test owns.
@@ -99,14 +99,15 @@ fn raw_frame(len: u32, kind: u16, payload: &[u8]) -> Vec<u8> {
     let mut frame = len.to_le_bytes().to_vec();
     frame.extend_from_slice(&kind.to_le_bytes());
     frame.extend_from_slice(&0u16.to_le_bytes());
+    frame.extend_from_slice(&1u32.to_le_bytes());
     frame.extend_from_slice(payload);
     frame
 }
 
 fn expect_error(stream: &UnixStream, want: ErrorCode) {
     match wire::recv(stream) {
-        Ok((Message::Error { code, .. }, _)) => assert_eq!(code, want),
-        other => panic!("expected an {want:?} error reply, got {:?}", other.map(|(m, _)| m)),
+        Ok(wire::Frame { message: Message::Error { code, .. }, .. }) => assert_eq!(code, want),
+        other => panic!("expected an {want:?} error reply, got {:?}", other.map(|f| f.message)),
     }
 }
 
@@ -117,13 +118,13 @@ fn malformed_oversized_and_unknown_messages_never_crash_or_hang_the_source() {
 
     // Before Hello, anything else is refused.
     let s = UnixStream::connect(&mirror).unwrap();
-    wire::send(&s, &Message::GetMemoryMap, &[]).unwrap();
+    wire::send(&s, 1, &Message::GetMemoryMap, &[]).unwrap();
     expect_error(&s, ErrorCode::NotNow);
     // An unknown protocol version.
-    wire::send(&s, &Message::Hello { version: 99 }, &[]).unwrap();
+    wire::send(&s, 1, &Message::Hello { version: 99 }, &[]).unwrap();
     expect_error(&s, ErrorCode::BadVersion);
-    wire::send(&s, &Message::Hello { version: 1 }, &[]).unwrap();
-    assert!(matches!(wire::recv(&s).unwrap().0, Message::HelloAck { .. }));
+    wire::send(&s, 1, &Message::Hello { version: PROTOCOL_VERSION }, &[]).unwrap();
+    assert!(matches!(wire::recv(&s).unwrap().message, Message::HelloAck { .. }));
     // An unknown message kind: an error reply, and the session goes on.
     (&s).write_all(&raw_frame(3, 999, b"abc")).unwrap();
     expect_error(&s, ErrorCode::UnknownMessage);
@@ -132,8 +133,8 @@ fn malformed_oversized_and_unknown_messages_never_crash_or_hang_the_source() {
     bad.extend_from_slice(&5u32.to_le_bytes());
     (&s).write_all(&raw_frame(bad.len() as u32, 5, &bad)).unwrap();
     expect_error(&s, ErrorCode::Malformed);
-    wire::send(&s, &Message::GetMemoryMap, &[]).unwrap();
-    assert!(matches!(wire::recv(&s).unwrap().0, Message::MemoryMap { .. }), "still in step after bad messages");
+    wire::send(&s, 1, &Message::GetMemoryMap, &[]).unwrap();
+    assert!(matches!(wire::recv(&s).unwrap().message, Message::MemoryMap { .. }), "still in step after bad messages");
     // An oversized frame: refused, and the connection closed (its framing cannot be trusted).
     (&s).write_all(&raw_frame(MAX_PAYLOAD as u32 + 1, 5, &[])).unwrap();
     expect_error(&s, ErrorCode::TooLarge);

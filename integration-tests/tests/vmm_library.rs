@@ -35,6 +35,8 @@ fn stopping_a_running_vm_joins_every_vcpu_thread() {
         mirror_socket: None,
         mirror_allow_uids: Vec::new(),
         mirror_policy: None,
+        mirror_regrant: false,
+        run_as: None,
         api_socket: None,
         host_tsc: false,
         doorbell: None,

@@ -6,12 +6,14 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::protocol::{ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, PROTOCOL_VERSION};
-use crate::wire::{self, WireError};
+use crate::memfd::GRANT_SEALS;
+use crate::protocol::{ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION};
+use crate::wire::{self, Frame, WireError};
 
 const PAGE: u64 = 4096;
 /// How long a request waits for its reply.
@@ -34,6 +36,12 @@ pub enum ImportError {
     Unexpected(String),
     #[error("grant {grant} refused: its fd lacks F_SEAL_SHRINK, so a shrink of the source's memory would SIGBUS us")]
     Unsealed { grant: u64 },
+    #[error("grant {grant} refused: its fd lacks F_SEAL_FUTURE_WRITE, so its holder could re-open it writable")]
+    WritableSeals { grant: u64 },
+    #[error("grant {grant} refused: {offset:#x}+{len:#x} is not page-aligned or lies beyond its {size:#x}-byte file")]
+    OutOfFile { grant: u64, offset: u64, len: u64, size: u64 },
+    #[error("grant {grant} ({gpa:#x}+{len:#x}) refused: it is not within the ranges asked for")]
+    NotAsked { grant: u64, gpa: u64, len: u64 },
     #[error("grant {grant} refused: its fd is open for writing; grants must be read-only")]
     Writable { grant: u64 },
     #[error("grant {grant} refused: its reply carried no fd at index {index}")]
@@ -85,7 +93,8 @@ impl Drop for MappedGrant {
     }
 }
 
-/// Checks a received fd and maps `grant` from it.
+/// Checks a received fd (read-only, sealed against shrink and future writes, large
+/// enough for the grant) and maps `grant` from it.
 pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
     let raw = fd.as_raw_fd();
     // SAFETY: fcntl queries on an fd we own.
@@ -93,9 +102,13 @@ pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> 
     if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
         return Err(ImportError::Unsealed { grant: grant.id });
     }
+    if seals & GRANT_SEALS != GRANT_SEALS {
+        return Err(ImportError::WritableSeals { grant: grant.id });
+    }
     if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDONLY {
         return Err(ImportError::Writable { grant: grant.id });
     }
+    check_extent(&grant, &fd)?;
     let aligned = grant.offset & !(PAGE - 1);
     let lead = grant.offset - aligned;
     let map_len = (lead + grant.len).div_ceil(PAGE) * PAGE;
@@ -116,6 +129,25 @@ pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> 
     Ok(MappedGrant { grant, map_base: base, map_len: map_len as usize, host_addr: base as u64 + lead, _fd: fd })
 }
 
+/// Fails unless the grant is page-aligned, non-empty and lies inside the fd's file
+/// (a mapping beyond the end would SIGBUS on first touch).
+fn check_extent(grant: &Grant, fd: &OwnedFd) -> Result<(), ImportError> {
+    // SAFETY: stat is plain data; fstat fills it for an fd we own.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let size = if unsafe { libc::fstat(fd.as_raw_fd(), &mut stat) } == 0 { stat.st_size as u64 } else { 0 };
+    let fits = grant.len > 0
+        && grant.offset.is_multiple_of(PAGE)
+        && grant.len.is_multiple_of(PAGE)
+        && grant.offset.checked_add(grant.len).is_some_and(|end| end <= size)
+        && usize::try_from(grant.len).is_ok();
+    if fits {
+        Ok(())
+    } else {
+        Err(ImportError::OutOfFile { grant: grant.id, offset: grant.offset, len: grant.len, size })
+    }
+}
+
 /// A source event an inspector reacts to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceEvent {
@@ -132,15 +164,29 @@ pub enum SourceEvent {
     Gone,
 }
 
-/// A message and the fds that came with it.
-type Received = (Message, Vec<OwnedFd>);
+impl SourceEvent {
+    /// The event a frame with the event id carries, if it is one.
+    fn from_message(message: &Message) -> Option<Self> {
+        Some(match *message {
+            Message::Revoke { grant_id } => SourceEvent::Revoke { grant_id },
+            Message::Discard { gpa, len } => SourceEvent::Discard { gpa, len },
+            Message::Paused => SourceEvent::Paused,
+            Message::Resumed => SourceEvent::Resumed,
+            Message::SourceExiting => SourceEvent::Gone,
+            _ => return None,
+        })
+    }
+}
 
 /// A session with a source.
 pub struct Importer {
     stream: UnixStream,
     pub ram_size: u64,
     pub vcpus: u32,
-    replies: Option<Mutex<Receiver<Received>>>,
+    replies: Option<Mutex<Receiver<Frame>>>,
+    /// Events that arrived before [`Importer::start_events`].
+    early_events: Mutex<Vec<SourceEvent>>,
+    next_id: AtomicU32,
     /// Serializes request/reply pairs.
     request_lock: Mutex<()>,
     /// Serializes frames on the socket: the event thread acknowledges revokes while
@@ -158,10 +204,12 @@ impl Importer {
             ram_size: 0,
             vcpus: 0,
             replies: None,
+            early_events: Mutex::new(Vec::new()),
+            next_id: AtomicU32::new(1),
             request_lock: Mutex::new(()),
             write_lock: Mutex::new(()),
         };
-        match importer.request(&Message::Hello { version: PROTOCOL_VERSION })?.0 {
+        match importer.request(&Message::Hello { version: PROTOCOL_VERSION })?.message {
             Message::HelloAck { ram_size, vcpus, .. } => {
                 importer.ram_size = ram_size;
                 importer.vcpus = vcpus;
@@ -171,62 +219,113 @@ impl Importer {
         }
     }
 
-    /// Sends one frame, never interleaved with another thread's.
-    fn send(&self, message: &Message) -> Result<(), WireError> {
-        let _serialized = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        wire::send(&self.stream, message, &[])
+    /// A fresh correlation id (never the event id).
+    fn new_id(&self) -> u32 {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != EVENT_ID {
+                return id;
+            }
+        }
     }
 
-    fn next_reply(&self) -> Result<Received, ImportError> {
-        match &self.replies {
-            Some(rx) => rx.lock().unwrap_or_else(|p| p.into_inner()).recv_timeout(REPLY_TIMEOUT).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => ImportError::Timeout,
-                mpsc::RecvTimeoutError::Disconnected => ImportError::SourceGone,
-            }),
-            None => Ok(wire::recv(&self.stream)?),
+    /// Sends one frame, never interleaved with another thread's.
+    fn send(&self, id: u32, message: &Message) -> Result<(), WireError> {
+        let _serialized = lock(&self.write_lock);
+        wire::send(&self.stream, id, message, &[])
+    }
+
+    /// The next frame that answers request `id`. Late replies to earlier requests are
+    /// dropped; an error the source sends unprompted (as it closes) answers any request.
+    fn next_reply(&self, id: u32) -> Result<Frame, ImportError> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let frame = match &self.replies {
+                Some(rx) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    lock(rx).recv_timeout(left).map_err(|e| match e {
+                        mpsc::RecvTimeoutError::Timeout => ImportError::Timeout,
+                        mpsc::RecvTimeoutError::Disconnected => ImportError::SourceGone,
+                    })?
+                }
+                None => wire::recv(&self.stream)?,
+            };
+            if frame.id == id || (frame.id == EVENT_ID && matches!(frame.message, Message::Error { .. })) {
+                return Ok(frame);
+            }
+            if frame.id == EVENT_ID {
+                if let Some(event) = SourceEvent::from_message(&frame.message) {
+                    lock(&self.early_events).push(event);
+                    continue;
+                }
+            }
+            log::debug!("mirror: dropping a stale reply (id {}) while waiting for {id}", frame.id);
+            if Instant::now() >= deadline {
+                return Err(ImportError::Timeout);
+            }
         }
     }
 
     /// Sends a request and returns its reply; an Error reply becomes `Refused`.
-    pub fn request(&self, message: &Message) -> Result<Received, ImportError> {
-        let _serialized = self.request_lock.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(send_error) = self.send(message) {
+    pub fn request(&self, message: &Message) -> Result<Frame, ImportError> {
+        let _serialized = lock(&self.request_lock);
+        let id = self.new_id();
+        if let Err(send_error) = self.send(id, message) {
             // A source that refuses us replies and closes before our request lands: its
             // reason is still in our receive buffer and says more than EPIPE does.
-            return match self.next_reply() {
-                Ok((Message::Error { code, text }, _)) => Err(ImportError::Refused { code, text }),
+            return match self.next_reply(id) {
+                Ok(Frame { message: Message::Error { code, text }, .. }) => Err(ImportError::Refused { code, text }),
                 _ => Err(send_error.into()),
             };
         }
-        let (reply, fds) = self.next_reply()?;
-        if let Message::Error { code, text } = reply {
+        let frame = self.next_reply(id)?;
+        if let Message::Error { code, text } = frame.message {
             return Err(ImportError::Refused { code, text });
         }
-        Ok((reply, fds))
+        Ok(frame)
     }
 
     /// The source's RAM ranges.
     pub fn memory_map(&self) -> Result<Vec<Range>, ImportError> {
-        match self.request(&Message::GetMemoryMap)?.0 {
+        match self.request(&Message::GetMemoryMap)?.message {
             Message::MemoryMap { regions } => Ok(regions),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Asks for read-only grants of `ranges` and maps every piece.
+    /// Asks for read-only grants of `ranges` and maps every piece. On any failure every
+    /// piece mapped so far is unmapped and released, so nothing is left half-mapped.
     pub fn grant(&self, ranges: &[Range]) -> Result<Vec<MappedGrant>, ImportError> {
-        let _serialized = self.request_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.send(&Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: ranges.to_vec() })?;
         let mut mapped = Vec::new();
+        let outcome = self.grant_into(ranges, &mut mapped);
+        if outcome.is_err() {
+            let ids: Vec<u64> = mapped.iter().map(|m| m.grant.id).collect();
+            drop(mapped);
+            for id in ids {
+                let _ = self.release(id);
+            }
+            return outcome.map(|()| Vec::new());
+        }
+        Ok(mapped)
+    }
+
+    fn grant_into(&self, ranges: &[Range], mapped: &mut Vec<MappedGrant>) -> Result<(), ImportError> {
+        let _serialized = lock(&self.request_lock);
+        let id = self.new_id();
+        self.send(id, &Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: ranges.to_vec() })?;
         loop {
-            let (reply, fds) = self.next_reply()?;
-            let (more, grants) = match reply {
+            let Frame { message, fds, .. } = self.next_reply(id)?;
+            let (more, grants) = match message {
                 Message::GrantReply { more, grants } => (more, grants),
                 Message::Error { code, text } => return Err(ImportError::Refused { code, text }),
                 other => return Err(unexpected(other)),
             };
             let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
             for g in grants {
+                if !ranges.iter().any(|r| g.gpa >= r.gpa && g.gpa.saturating_add(g.len) <= r.gpa.saturating_add(r.len))
+                {
+                    return Err(ImportError::NotAsked { grant: g.id, gpa: g.gpa, len: g.len });
+                }
                 let fd = fds
                     .get_mut(g.fd_index as usize)
                     .and_then(Option::take)
@@ -234,14 +333,14 @@ impl Importer {
                 mapped.push(map_grant(g, fd)?);
             }
             if !more {
-                return Ok(mapped);
+                return Ok(());
             }
         }
     }
 
     /// Gives a grant back.
     pub fn release(&self, grant_id: u64) -> Result<(), ImportError> {
-        match self.request(&Message::Release { grant_id })?.0 {
+        match self.request(&Message::Release { grant_id })?.message {
             Message::Released { .. } => Ok(()),
             other => Err(unexpected(other)),
         }
@@ -249,7 +348,7 @@ impl Importer {
 
     /// Registers of the source's vCPUs.
     pub fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, ImportError> {
-        match self.request(&Message::GetVcpuState)?.0 {
+        match self.request(&Message::GetVcpuState)?.message {
             Message::VcpuState { vcpus } => Ok(vcpus),
             other => Err(unexpected(other)),
         }
@@ -257,45 +356,60 @@ impl Importer {
 
     /// Acknowledges a revoke once its mapping is gone.
     pub fn ack_revoke(&self, grant_id: u64) -> Result<(), ImportError> {
-        Ok(self.send(&Message::RevokeAck { grant_id })?)
+        Ok(self.send(EVENT_ID, &Message::RevokeAck { grant_id })?)
     }
 
-    /// Starts the reader thread: events go to `handler` (on that thread), replies to requests.
+    /// Starts the reader thread: events go to `handler` (on that thread, starting with any
+    /// that arrived earlier), replies to requests.
     pub fn start_events<F>(self, mut handler: F) -> Result<Arc<Importer>, ImportError>
     where
         F: FnMut(&Importer, SourceEvent) + Send + 'static,
     {
-        let (tx, rx): (Sender<Received>, _) = mpsc::channel();
+        let (tx, rx): (Sender<Frame>, _) = mpsc::channel();
         let reader = self.stream.try_clone().map_err(|e| ImportError::Wire(WireError::Io(e)))?;
+        let early = std::mem::take(&mut *lock(&self.early_events));
         let importer = Arc::new(Importer { replies: Some(Mutex::new(rx)), ..self });
         let weak = Arc::downgrade(&importer);
         std::thread::Builder::new()
             .name("mirror-events".into())
-            .spawn(move || loop {
-                let event = match wire::recv(&reader) {
-                    Ok((Message::Revoke { grant_id }, _)) => SourceEvent::Revoke { grant_id },
-                    Ok((Message::Discard { gpa, len }, _)) => SourceEvent::Discard { gpa, len },
-                    Ok((Message::Paused, _)) => SourceEvent::Paused,
-                    Ok((Message::Resumed, _)) => SourceEvent::Resumed,
-                    Ok((Message::SourceExiting, _)) | Err(_) => SourceEvent::Gone,
-                    Ok(reply) => {
-                        if tx.send(reply).is_err() {
-                            return;
-                        }
-                        continue;
+            .spawn(move || {
+                let mut deliver = |event: SourceEvent| {
+                    if let Some(importer) = weak.upgrade() {
+                        handler(&importer, event);
                     }
                 };
-                let gone = event == SourceEvent::Gone;
-                if let Some(importer) = weak.upgrade() {
-                    handler(&importer, event);
-                }
-                if gone {
-                    return;
+                early.into_iter().for_each(&mut deliver);
+                loop {
+                    let frame = match wire::recv(&reader) {
+                        Ok(frame) => frame,
+                        Err(_) => {
+                            deliver(SourceEvent::Gone);
+                            return;
+                        }
+                    };
+                    match (frame.id, SourceEvent::from_message(&frame.message)) {
+                        (EVENT_ID, Some(event)) => {
+                            let gone = event == SourceEvent::Gone;
+                            deliver(event);
+                            if gone {
+                                return;
+                            }
+                        }
+                        _ => {
+                            if tx.send(frame).is_err() {
+                                return;
+                            }
+                        }
+                    }
                 }
             })
             .map_err(|e| ImportError::Wire(WireError::Io(e)))?;
         Ok(importer)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn unexpected(message: Message) -> ImportError {

@@ -7,5 +7,6 @@
 
 pub mod exporter;
 pub mod importer;
+pub mod memfd;
 pub mod protocol;
 pub mod wire;

@@ -3,8 +3,13 @@
 //! Every message is one frame on a Unix stream socket:
 //!
 //! ```text
-//! u32 payload_len (little-endian, <= MAX_PAYLOAD) | u16 kind | u16 reserved (0) | payload
+//! u32 payload_len (little-endian, <= MAX_PAYLOAD) | u16 kind | u16 reserved (0) | u32 id | payload
 //! ```
+//!
+//! `id` correlates a reply with its request: the inspector numbers its requests
+//! (never 0) and the source echoes the number on every reply frame, so a late
+//! reply, or frames left over from a failed batch, can never be taken for the
+//! answer to a later request. Events the source pushes carry id 0.
 //!
 //! Payloads are fixed little-endian fields and counted arrays, each count
 //! bounded. File descriptors for grants travel beside a `GrantReply` frame as
@@ -12,11 +17,13 @@
 //! message kind gets an `Error` reply, never a crash.
 
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Frame header size.
-pub const HEADER_LEN: usize = 8;
+pub const HEADER_LEN: usize = 12;
+/// Correlation id of frames that answer no request (events).
+pub const EVENT_ID: u32 = 0;
 /// Most ranges in one grant request, regions in a memory map, grants in a reply.
 pub const MAX_RANGES: usize = 1024;
 /// Most vCPUs in a state reply.
@@ -204,8 +211,19 @@ impl DecodeError {
     }
 }
 
-/// Parses a frame header: the payload length and kind.
-pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u16), DecodeError> {
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Payload length in bytes (at most [`MAX_PAYLOAD`]).
+    pub len: usize,
+    /// Message kind.
+    pub kind: u16,
+    /// Correlation id ([`EVENT_ID`] for events).
+    pub id: u32,
+}
+
+/// Parses a frame header: the payload length, kind and correlation id.
+pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<FrameHeader, DecodeError> {
     let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
     let kind = u16::from_le_bytes([header[4], header[5]]);
     if u16::from_le_bytes([header[6], header[7]]) != 0 {
@@ -214,7 +232,8 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<(usize, u16), DecodeEr
     if len > MAX_PAYLOAD {
         return Err(DecodeError::TooLarge(len));
     }
-    Ok((len, kind))
+    let id = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    Ok(FrameHeader { len, kind, id })
 }
 
 struct Writer(Vec<u8>);
@@ -284,8 +303,8 @@ fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
 const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 5;
 
 impl Message {
-    /// Encodes the message as one frame (header and payload).
-    pub fn encode(&self) -> Vec<u8> {
+    /// Encodes the message as one frame (header and payload) with correlation id `id`.
+    pub fn encode(&self, id: u32) -> Vec<u8> {
         let mut w = Writer(vec![0; HEADER_LEN]);
         let kind = match self {
             Message::Hello { version } => {
@@ -371,6 +390,7 @@ impl Message {
         let payload_len = (w.0.len() - HEADER_LEN) as u32;
         w.0[0..4].copy_from_slice(&payload_len.to_le_bytes());
         w.0[4..6].copy_from_slice(&kind.to_le_bytes());
+        w.0[8..12].copy_from_slice(&id.to_le_bytes());
         w.0
     }
 
@@ -456,10 +476,11 @@ mod tests {
     use super::*;
 
     fn round_trip(m: Message) {
-        let frame = m.encode();
-        let (len, kind) = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
-        assert_eq!(len, frame.len() - HEADER_LEN);
-        assert_eq!(Message::decode(kind, &frame[HEADER_LEN..]).unwrap(), m);
+        let frame = m.encode(0xabcd_0123);
+        let header = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(header.len, frame.len() - HEADER_LEN);
+        assert_eq!(header.id, 0xabcd_0123, "the correlation id survives the trip");
+        assert_eq!(Message::decode(header.kind, &frame[HEADER_LEN..]).unwrap(), m);
     }
 
     fn samples() -> Vec<Message> {
@@ -515,7 +536,7 @@ mod tests {
         assert_eq!(Message::decode(999, &[]), Err(DecodeError::UnknownKind(999)));
         assert_eq!(DecodeError::UnknownKind(999).code(), ErrorCode::UnknownMessage);
         assert!(matches!(Message::decode(kind::PAUSED, &[0]), Err(DecodeError::Malformed { .. })));
-        let mut header = Message::Paused.encode();
+        let mut header = Message::Paused.encode(EVENT_ID);
         header[6] = 1;
         assert_eq!(decode_header(header[..HEADER_LEN].try_into().unwrap()), Err(DecodeError::BadHeader));
     }
@@ -523,7 +544,7 @@ mod tests {
     #[test]
     fn every_truncation_of_every_message_is_an_error_not_a_panic() {
         for m in samples() {
-            let frame = m.encode();
+            let frame = m.encode(1);
             let kind = u16::from_le_bytes([frame[4], frame[5]]);
             let payload = &frame[HEADER_LEN..];
             for cut in 0..payload.len() {
@@ -543,7 +564,7 @@ mod tests {
             x ^= x << 17;
             x
         };
-        let seeds: Vec<Vec<u8>> = samples().iter().map(|m| m.encode()).collect();
+        let seeds: Vec<Vec<u8>> = samples().iter().map(|m| m.encode(7)).collect();
         for round in 0..50_000 {
             let mut frame = seeds[round % seeds.len()].clone();
             for _ in 0..(next() % 6) {
@@ -560,12 +581,13 @@ mod tests {
             if frame.len() < HEADER_LEN {
                 continue;
             }
-            if let Ok((_, kind)) = decode_header(frame[..HEADER_LEN].try_into().unwrap()) {
-                if let Ok(message) = Message::decode(kind, &frame[HEADER_LEN..]) {
+            if let Ok(header) = decode_header(frame[..HEADER_LEN].try_into().unwrap()) {
+                if let Ok(message) = Message::decode(header.kind, &frame[HEADER_LEN..]) {
                     // Whatever decodes re-encodes to the same message.
-                    let again = message.encode();
-                    let (_, again_kind) = decode_header(again[..HEADER_LEN].try_into().unwrap()).unwrap();
-                    assert_eq!(Message::decode(again_kind, &again[HEADER_LEN..]).unwrap(), message);
+                    let again = message.encode(header.id);
+                    let again_header = decode_header(again[..HEADER_LEN].try_into().unwrap()).unwrap();
+                    assert_eq!(again_header.id, header.id);
+                    assert_eq!(Message::decode(again_header.kind, &again[HEADER_LEN..]).unwrap(), message);
                 }
             }
             let kind = (next() % 40) as u16;
@@ -584,7 +606,7 @@ mod tests {
     #[test]
     fn long_error_text_is_truncated_on_a_char_boundary() {
         let text = "é".repeat(MAX_ERROR_TEXT);
-        let frame = Message::Error { code: ErrorCode::Internal, text }.encode();
+        let frame = Message::Error { code: ErrorCode::Internal, text }.encode(1);
         match Message::decode(kind::ERROR, &frame[HEADER_LEN..]).unwrap() {
             Message::Error { text, .. } => assert!(text.len() <= MAX_ERROR_TEXT && text.chars().all(|c| c == 'é')),
             other => panic!("{other:?}"),

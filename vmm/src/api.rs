@@ -2,15 +2,19 @@
 //! one reply line each (`ok ...` or `error ...`). Lines are bounded.
 //!
 //! - `discard GPA LEN`  punch a hole in guest RAM (balloon-style) and tell inspectors
-//! - `revoke GRANT`     revoke a mirror grant; returns once the inspector unmapped it
-//! - `grants`           list mirror grants: `id:gpa:len:uid` ...
+//! - `revoke GRANT`     revoke a mirror grant: its chunk is re-homed so no holder sees
+//!   later writes; `ok revoked=ID,... unacknowledged=CONN,...`
+//! - `grants`           every grant whose fd may still see live memory:
+//!   `id:gpa:len:uid:active|released|disconnected` ...
 //! - `inspectors`       number of attached inspectors
-//! - `pause` / `resume` hold or release every vCPU (inspectors get Paused/Resumed)
+//! - `pause` / `resume` hold or release every vCPU; each success sends inspectors exactly
+//!   one Paused/Resumed, a failed pause leaves nothing paused
 //! - `vcpus`            RIP and CR3 of every vCPU
 //! - `memory`           guest RAM chunks as `gpa:len:host_addr` (for copying tools and benchmarks)
 //! - `stop`             stop the VM (the vmm exits 0)
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use mirror_driver::exporter::Exporter;
@@ -29,6 +33,8 @@ pub struct ApiContext {
     pub exporter: Option<Arc<Exporter>>,
     /// (gpa, len, host address) of every RAM chunk.
     pub memory: Arc<Vec<(u64, u64, u64)>>,
+    /// Whether this API holds the VM paused (one hold at most).
+    pub paused: Arc<AtomicBool>,
 }
 
 /// Binds `path` (mode 0600) and serves it on a thread.
@@ -52,24 +58,34 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
         }
         "revoke" => {
             let id = number(words.next(), "GRANT")?;
-            exporter(context)?.revoke(id).map_err(|e| e.to_string())?;
-            Ok(String::new())
+            let outcome = exporter(context)?.revoke(id).map_err(|e| crate::error_chain(&e))?;
+            let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            Ok(format!("revoked={} unacknowledged={}", list(&outcome.revoked), list(&outcome.unacknowledged)))
         }
         "grants" => Ok(exporter(context)?
             .grants()
             .iter()
-            .map(|(g, uid)| format!("{}:{:#x}:{:#x}:{uid}", g.id, g.gpa, g.len))
+            .map(|r| format!("{}:{:#x}:{:#x}:{}:{}", r.grant.id, r.grant.gpa, r.grant.len, r.uid, r.state.name()))
             .collect::<Vec<_>>()
             .join(" ")),
         "inspectors" => Ok(exporter(context)?.connection_count().to_string()),
         "pause" => {
-            context.lifecycle.pause()?;
+            if context.paused.swap(true, Ordering::SeqCst) {
+                return Err("already paused".into());
+            }
+            if let Err(e) = context.lifecycle.pause() {
+                context.paused.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
             if let Some(e) = &context.exporter {
                 e.broadcast(&Message::Paused);
             }
             Ok(String::new())
         }
         "resume" => {
+            if !context.paused.swap(false, Ordering::SeqCst) {
+                return Err("not paused".into());
+            }
             context.lifecycle.resume();
             if let Some(e) = &context.exporter {
                 e.broadcast(&Message::Resumed);

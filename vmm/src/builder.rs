@@ -185,8 +185,12 @@ impl Vmm {
         let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone())?;
         if let Some(path) = &self.config.api_socket {
             let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size, r.host_addr)).collect());
-            let context =
-                crate::api::ApiContext { lifecycle: self.lifecycle.clone(), exporter: exporter.clone(), memory };
+            let context = crate::api::ApiContext {
+                lifecycle: self.lifecycle.clone(),
+                exporter: exporter.clone(),
+                memory,
+                paused: Default::default(),
+            };
             crate::api::start(path, context).map_err(BuildError::Api)?;
         }
         Ok(exporter)

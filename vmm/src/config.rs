@@ -26,6 +26,10 @@ pub struct VmConfig {
     pub mirror_allow_uids: Vec<u32>,
     /// Ranges the mirror may grant (`None`: all of RAM).
     pub mirror_policy: Option<Vec<mirror_driver::protocol::Range>>,
+    /// Whether a uid may be granted again a range the source revoked from it.
+    pub mirror_regrant: bool,
+    /// Drop to this (uid, gid) once /dev/kvm and the images are open (the jailer pattern).
+    pub run_as: Option<(u32, u32)>,
     /// Unix socket path for the control API.
     pub api_socket: Option<PathBuf>,
     /// Guest TSC = host TSC (offset 0), so timestamps compare across VMs.
@@ -72,6 +76,8 @@ Options:
   --mirror-allow-uid UID   allow this uid to attach to the mirror socket (repeatable;
                            default: the vmm's own uid)
   --mirror-policy GPA:LEN  only grant within these ranges (repeatable; default: all RAM)
+  --mirror-allow-regrant   let a uid be granted again a range revoked from it (default: refused)
+  --run-as UID:GID         drop to this uid and gid once /dev/kvm and the images are open
   --api-socket PATH        control socket: discard, revoke, grants, pause, resume, vcpus,
                            memory, stop
   --host-tsc               guest TSC reads the host TSC (offset 0): timestamps compare across VMs
@@ -140,6 +146,12 @@ pub fn parse_range(text: &str) -> Option<mirror_driver::protocol::Range> {
     (len > 0 && gpa.checked_add(len).is_some()).then_some(mirror_driver::protocol::Range { gpa, len })
 }
 
+/// Parses `UID:GID` (numeric).
+pub fn parse_run_as(text: &str) -> Option<(u32, u32)> {
+    let (uid, gid) = text.split_once(':')?;
+    Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
 /// Parses the `vmm` command line (without the program name).
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
     let mut kernel = None;
@@ -154,6 +166,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     let mut mirror_policy: Option<Vec<mirror_driver::protocol::Range>> = None;
     let mut api_socket = None;
     let mut host_tsc = false;
+    let mut mirror_regrant = false;
+    let mut run_as = None;
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -186,6 +200,12 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             }
             "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
             "--host-tsc" => host_tsc = true,
+            "--mirror-allow-regrant" => mirror_regrant = true,
+            "--run-as" => {
+                let v = value()?;
+                run_as =
+                    Some(parse_run_as(&v).ok_or_else(|| bad("--run-as", &v, "expected UID:GID, e.g. 65534:65534"))?);
+            }
             _ => return Err(ConfigError::UnknownArgument(arg)),
         }
     }
@@ -199,6 +219,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         mirror_socket,
         mirror_allow_uids,
         mirror_policy,
+        mirror_regrant,
+        run_as,
         api_socket,
         host_tsc,
         doorbell: None,
@@ -241,5 +263,14 @@ mod tests {
         assert!(err.contains("between 1 and"), "{err}");
         assert!(parse_args(args(&["--kernel", "k", "--memory", "1M"])).is_err());
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
+        let err = parse_args(args(&["--kernel", "k", "--run-as", "nobody"])).unwrap_err().to_string();
+        assert!(err.contains("--run-as") && err.contains("UID:GID"), "{err}");
+    }
+
+    #[test]
+    fn run_as_takes_numeric_ids() {
+        assert_eq!(run(&["--kernel", "k", "--run-as", "65534:65533"]).run_as, Some((65534, 65533)));
+        assert_eq!(run(&["--kernel", "k"]).run_as, None);
+        assert_eq!(parse_run_as("1:x"), None);
     }
 }

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod jail;
 pub mod line_server;
 pub mod logger;
 pub mod memory;

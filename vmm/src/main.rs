@@ -9,6 +9,16 @@ use vmm::{error_chain, VmExit, Vmm};
 const ERROR_EXIT_CODE: u8 = 1;
 
 fn main() -> ExitCode {
+    if let Err(e) = vmm::signals::block_stop_signals() {
+        eprintln!("vmm: error: cannot block SIGINT/SIGTERM: {e}");
+        return ExitCode::from(ERROR_EXIT_CODE);
+    }
+    // Guest RAM lives in this process: no same-uid process may write it through
+    // /proc/PID/mem or re-open its read-write RAM fds through /proc/PID/fd.
+    if let Err(e) = vmm::jail::forbid_tracing() {
+        eprintln!("vmm: error: {}", error_chain(&e));
+        return ExitCode::from(ERROR_EXIT_CODE);
+    }
     vmm::logger::init();
     vmm::raise_fd_limit();
     let config = match parse_args(std::env::args().skip(1)) {
@@ -33,6 +43,12 @@ fn main() -> ExitCode {
             return ExitCode::from(ERROR_EXIT_CODE);
         }
     };
+    if let Some((uid, gid)) = config.run_as {
+        if let Err(e) = vmm::jail::drop_privileges(uid, gid) {
+            eprintln!("vmm: error: {}", error_chain(&e));
+            return ExitCode::from(ERROR_EXIT_CODE);
+        }
+    }
     match vmm.run(true, Vec::new()) {
         Ok(exit) => {
             match &exit {

@@ -5,10 +5,15 @@
 //! each, so that a grant's file descriptors expose no more than the chunks the
 //! grant overlaps (an fd always exposes its whole file). Every chunk keeps its
 //! fd, file offset and guest address reachable through [`GuestRam::regions`].
+//!
+//! The mirror device seals a chunk against future writes before it grants it
+//! (see `mirror_driver::memfd`), and may re-home a chunk into a fresh memfd on
+//! revocation; [`GuestRam::chunk_file`] is the file the chunk was born with.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
+
+use mirror_driver::memfd::create_ram_memfd;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
@@ -30,18 +35,12 @@ pub enum MemoryError {
     Unaligned(u64),
     #[error("guest memory size {size} bytes is outside [{MIN_MEMORY}, {MAX_MEMORY}]")]
     BadSize { size: u64 },
-    #[error("memfd_create for guest RAM failed")]
-    MemfdCreate(#[source] std::io::Error),
-    #[error("cannot size a guest RAM memfd to {size} bytes")]
-    Truncate {
+    #[error("cannot create a sealed, owner-read-only {size}-byte guest RAM memfd")]
+    Memfd {
         size: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot seal a guest RAM memfd")]
-    Seal(#[source] std::io::Error),
-    #[error("cannot make a guest RAM memfd owner-read-only")]
-    Chmod(#[source] std::io::Error),
     #[error("cannot map guest RAM chunk at {gpa:#x}")]
     Map {
         gpa: u64,
@@ -99,16 +98,15 @@ impl GuestRam {
             let mut gpa = start;
             while gpa < start + len {
                 let chunk_len = chunk_size.min(start + len - gpa);
-                let file = Arc::new(create_sealed_memfd(chunk_len)?);
+                let file = Arc::new(
+                    create_ram_memfd(chunk_len).map_err(|source| MemoryError::Memfd { size: chunk_len, source })?,
+                );
                 let region = GuestRegionMmap::from_range(
                     GuestAddress(gpa),
                     chunk_len as usize,
                     Some(FileOffset::from_arc(file.clone(), 0)),
                 )
                 .map_err(|source| MemoryError::Map { gpa, source })?;
-                // The mapping above is read-write; from now on the inode itself refuses writable
-                // re-opens (through /proc/PID/fd) to everyone without CAP_DAC_OVERRIDE.
-                make_owner_read_only(&file)?;
                 regions.push(RamRegion {
                     guest_addr: gpa,
                     size: chunk_len,
@@ -186,35 +184,6 @@ pub fn split_around_mmio_gap(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
-fn make_owner_read_only(file: &File) -> Result<(), MemoryError> {
-    // SAFETY: fchmod on an fd we own.
-    if unsafe { libc::fchmod(file.as_raw_fd(), 0o400) } < 0 {
-        return Err(MemoryError::Chmod(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Creates the RAM memfd and seals it against shrink, grow and further sealing.
-///
-/// F_SEAL_SHRINK matters most: a mapper of a shrunk file would take SIGBUS, and
-/// the inspector maps this file. F_SEAL_WRITE is not set: the guest writes.
-fn create_sealed_memfd(size: u64) -> Result<File, MemoryError> {
-    // SAFETY: the name is a valid NUL-terminated string; the flags are valid.
-    let fd = unsafe { libc::memfd_create(c"specula-guest-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(MemoryError::MemfdCreate(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on a memfd we own, with valid seal bits.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(MemoryError::Seal(std::io::Error::last_os_error()));
-    }
-    Ok(file)
-}
-
 /// Parses a memory size such as `512M`, `2G`, `65536K` or a byte count.
 pub fn parse_size(text: &str) -> Option<u64> {
     let text = text.trim();
@@ -263,10 +232,10 @@ mod tests {
     fn memfds_are_sealed_and_owner_read_only() {
         let ram = GuestRam::new(4 << 20).unwrap();
         let file = ram.chunk_file(0);
-        // SAFETY: F_GET_SEALS on an fd we own.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        let seals = mirror_driver::memfd::seals(&**file).unwrap();
+        let wanted = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         assert_eq!(seals & wanted, wanted);
+        assert_eq!(seals & libc::F_SEAL_SEAL, 0, "the mirror device must still be able to seal future writes");
         assert!(file.set_len(4096).is_err(), "shrink must be refused");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(file.metadata().unwrap().permissions().mode() & 0o777, 0o400);

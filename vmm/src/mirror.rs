@@ -1,16 +1,17 @@
-//! The source side of the mirror device, for this VMM: exports the RAM chunks
-//! and answers vCPU-state requests from the vCPU threads' snapshots.
+//! The source side of the mirror device, for this VMM: exports the RAM chunks,
+//! answers vCPU-state requests from the vCPU threads' snapshots, and pauses the
+//! vCPUs when the exporter re-homes a chunk.
 
 use std::sync::Arc;
 
-use mirror_driver::exporter::{ExportPolicy, ExportRegion, Exporter, SourceVm};
+use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm};
 use mirror_driver::protocol::VcpuRegs;
 
 use crate::config::VmConfig;
 use crate::memory::GuestRam;
 use crate::vstate::vcpu::Lifecycle;
 
-/// Serves vCPU state from the VM's lifecycle.
+/// Serves vCPU state and pauses from the VM's lifecycle.
 struct LifecycleSource(Arc<Lifecycle>);
 
 impl SourceVm for LifecycleSource {
@@ -34,6 +35,25 @@ impl SourceVm for LifecycleSource {
             })
             .collect())
     }
+
+    fn pause(&self) -> Result<(), String> {
+        self.0.pause()
+    }
+
+    fn resume(&self) {
+        self.0.resume()
+    }
+}
+
+/// The uids allowed to attach to the mirror socket (and to use the API socket):
+/// those configured, or the vmm's own uid.
+pub fn allowed_uids(config: &VmConfig) -> Vec<u32> {
+    if config.mirror_allow_uids.is_empty() {
+        // SAFETY: getuid cannot fail.
+        vec![unsafe { libc::getuid() }]
+    } else {
+        config.mirror_allow_uids.clone()
+    }
 }
 
 /// Starts the exporter on `config.mirror_socket`, if one was asked for.
@@ -46,16 +66,19 @@ pub fn start_exporter(
     let regions = ram
         .regions()
         .iter()
-        .map(|r| ExportRegion { gpa: r.guest_addr, len: r.size, file: ram.chunk_file(r.chunk).clone() })
+        .map(|r| ExportRegion {
+            gpa: r.guest_addr,
+            len: r.size,
+            file: ram.chunk_file(r.chunk).clone(),
+            host_addr: r.host_addr,
+        })
         .collect();
-    let allowed_uids = if config.mirror_allow_uids.is_empty() {
-        // SAFETY: getuid cannot fail.
-        vec![unsafe { libc::getuid() }]
-    } else {
-        config.mirror_allow_uids.clone()
+    let policy = ExportPolicy {
+        allowed_uids: allowed_uids(config),
+        ranges: config.mirror_policy.clone(),
+        regrant_after_revoke: config.mirror_regrant,
     };
-    let policy = ExportPolicy { allowed_uids, ranges: config.mirror_policy.clone() };
-    let exporter =
-        Exporter::start(path, regions, u32::from(config.cpus), policy, Arc::new(LifecycleSource(lifecycle)))?;
+    let source = Arc::new(LifecycleSource(lifecycle));
+    let exporter = Exporter::start(path, regions, u32::from(config.cpus), policy, ExportLimits::default(), source)?;
     Ok(Some(Arc::new(exporter)))
 }

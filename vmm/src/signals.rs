@@ -15,22 +15,38 @@ pub struct StopSignals {
     lifecycle: Arc<Lifecycle>,
 }
 
+fn stop_signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+    }
+    set
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread; threads spawned later inherit the
+/// mask. Call it first thing in `main`, before any thread starts, so that a stop signal
+/// is never delivered to (and kills the process through) a thread that does not expect it.
+pub fn block_stop_signals() -> io::Result<()> {
+    let set = stop_signal_set();
+    // SAFETY: `set` is a valid sigset_t.
+    if unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl StopSignals {
     /// Blocks SIGINT and SIGTERM in the calling thread (threads spawned later inherit
     /// the mask) and opens a signalfd for them.
     pub fn new(lifecycle: Arc<Lifecycle>) -> io::Result<Self> {
-        // SAFETY: sigset_t is plain data; sigemptyset initializes it.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-        let fd = unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
-        };
+        block_stop_signals()?;
+        let set = stop_signal_set();
+        // SAFETY: `set` is a valid sigset_t.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -116,8 +116,11 @@ struct Requests {
     wanted: u64,
     /// Per vCPU: the generation it last published, and what it published.
     published: Vec<(u64, Option<VcpuSnapshot>)>,
-    /// vCPUs currently held by a pause.
-    paused_count: usize,
+    /// Pause holds taken and not yet released; vCPUs run only when it is 0.
+    pause_holds: u32,
+    /// vCPUs that run no guest code until a resume or a stop: held by a pause, parked
+    /// by the guest, or ended. A pause is complete when every vCPU is counted here.
+    quiescent: usize,
 }
 
 /// How long a snapshot or pause waits for every vCPU.
@@ -146,7 +149,7 @@ impl Lifecycle {
             exit: Mutex::new(None),
             parked: Condvar::new(),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), paused_count: 0 }),
+            requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), pause_holds: 0, quiescent: 0 }),
             served: Condvar::new(),
             threads: Mutex::new(Vec::new()),
         })
@@ -189,27 +192,56 @@ impl Lifecycle {
         Ok(req.published.iter().filter_map(|(_, s)| *s).collect())
     }
 
-    /// Holds every vCPU outside KVM_RUN until [`Lifecycle::resume`].
+    /// Holds every vCPU outside KVM_RUN until [`Lifecycle::resume`]; holds nest (the API
+    /// and the mirror device may both hold the VM). Returns once every vCPU is paused,
+    /// parked or ended; on a timeout the hold is released again and nothing stays paused.
     pub fn pause(&self) -> Result<(), String> {
-        self.paused.store(true, Ordering::SeqCst);
+        {
+            let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            req.pause_holds += 1;
+            self.paused.store(true, Ordering::SeqCst);
+        }
+        self.parked.notify_all();
         self.kick_all();
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).len();
         let req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let (_req, timeout) = self
+        let (req, timeout) = self
             .served
-            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| !self.stopping() && r.paused_count < threads)
+            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| !self.stopping() && r.quiescent < threads)
             .unwrap_or_else(|p| p.into_inner());
         if timeout.timed_out() {
-            Err("not every vCPU paused".into())
+            let still_running = threads - req.quiescent;
+            drop(req);
+            self.resume();
+            Err(format!("{still_running} vCPU(s) did not pause within {REQUEST_TIMEOUT:?}"))
         } else {
             Ok(())
         }
     }
 
-    /// Lets paused vCPUs run again.
+    /// Releases one pause hold; the vCPUs run again when none is left.
     pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-        let _guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        req.pause_holds = req.pause_holds.saturating_sub(1);
+        if req.pause_holds == 0 {
+            self.paused.store(false, Ordering::SeqCst);
+        }
+        self.served.notify_all();
+    }
+
+    /// Whether a pause hold is in place.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Counts the calling vCPU thread in or out of the quiescent set.
+    fn set_quiescent(&self, quiescent: bool) {
+        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if quiescent {
+            req.quiescent += 1;
+        } else {
+            req.quiescent -= 1;
+        }
         self.served.notify_all();
     }
 
@@ -221,7 +253,7 @@ impl Lifecycle {
             return;
         }
         let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        req.paused_count += 1;
+        req.quiescent += 1;
         self.served.notify_all();
         while self.paused.load(Ordering::SeqCst) && !self.stopping() {
             req = self.served.wait_timeout(req, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
@@ -231,7 +263,7 @@ impl Lifecycle {
                 req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             }
         }
-        req.paused_count -= 1;
+        req.quiescent -= 1;
     }
 
     /// Publishes a snapshot if one newer than this vCPU's last is wanted; true if it did.
@@ -293,6 +325,13 @@ impl Lifecycle {
 
     /// Blocks the calling vCPU thread until the VM stops, still answering snapshot requests.
     fn park(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
+        // A parked vCPU runs no guest code until the VM stops: it counts as paused.
+        self.set_quiescent(true);
+        self.park_until_stop(vcpu, index, last_published);
+        self.set_quiescent(false);
+    }
+
+    fn park_until_stop(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
         let mut guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
         while !self.stopping() {
             if self.wanted.load(Ordering::SeqCst) > *last_published {
@@ -406,6 +445,8 @@ impl Vcpu {
                 break;
             }
         }
+        // An ended vCPU never runs guest code again: pauses need not wait for it.
+        lifecycle.set_quiescent(true);
         KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
 

@@ -66,6 +66,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     next_slot: std::sync::atomic::AtomicU32,
+    /// Memslots that exist now (added and not removed).
+    live_slots: std::sync::atomic::AtomicU32,
 }
 
 impl Vm {
@@ -85,7 +87,12 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        Ok(Self { kvm, fd, next_slot: std::sync::atomic::AtomicU32::new(0) })
+        Ok(Self {
+            kvm,
+            fd,
+            next_slot: std::sync::atomic::AtomicU32::new(0),
+            live_slots: std::sync::atomic::AtomicU32::new(0),
+        })
     }
 
     /// Fails unless KVM supports `cap` (for features only some users need, such as read-only slots).
@@ -131,12 +138,20 @@ impl Vm {
     pub unsafe fn add_memslot(&self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<u32, VmError> {
         let slot = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.set_memslot(slot, gpa, size, host_addr, read_only)?;
+        self.live_slots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(slot)
     }
 
     /// Removes a memslot (KVM deletes a slot when it is set to size 0).
     pub fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<(), VmError> {
-        self.set_memslot(slot, gpa, 0, 0, false)
+        self.set_memslot(slot, gpa, 0, 0, false)?;
+        self.live_slots.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Memslots that exist in KVM now, as added and removed through this VM.
+    pub fn memslot_count(&self) -> u32 {
+        self.live_slots.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn set_memslot(&self, slot: u32, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<(), VmError> {
