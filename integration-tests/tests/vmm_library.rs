@@ -10,6 +10,9 @@ use vmm::boot::BootSource;
 use vmm::devices::serial::SerialOutput;
 use vmm::{VmConfig, VmExit, Vmm};
 
+/// The tests count this process's vCPU threads: one VM at a time.
+static ONE_VM_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn vcpu_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
@@ -20,6 +23,7 @@ fn vcpu_threads() -> usize {
 
 #[test]
 fn stopping_a_running_vm_joins_every_vcpu_thread() {
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     require_kvm();
     let config = VmConfig {
         kvm_path: "/dev/kvm".into(),
@@ -56,4 +60,67 @@ fn stopping_a_running_vm_joins_every_vcpu_thread() {
     let exit = runner.join().unwrap().expect("run");
     assert_eq!(exit, VmExit::Stopped("test"));
     assert_eq!(vcpu_threads(), 0, "no vCPU thread outlives the VM");
+}
+
+/// An inspector-agent VM whose boot vCPU sleeps on the doorbell and whose second vCPU
+/// is parked: a pause must count both as paused, not time out.
+#[test]
+fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
+    use guest_images::agent::{RingHeader, AGENT_BOOTING, AGENT_READY, E820_MIRROR, RING_GPA, RING_MAGIC, RING_SLOTS};
+    let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    require_kvm();
+    let window_base = 1u64 << 32;
+    let doorbell = std::sync::Arc::new(vmm::devices::doorbell::Doorbell::new());
+    let config = VmConfig {
+        kvm_path: "/dev/kvm".into(),
+        boot: BootSource {
+            kernel: guest("inspector-agent"),
+            initramfs: None,
+            cmdline: String::new(),
+            extra_memmap: vec![(window_base, 1 << 20, E820_MIRROR)],
+        },
+        memory: 128 << 20,
+        cpus: 2,
+        serial: SerialOutput::Null,
+        mirror_socket: None,
+        mirror_allow_uids: Vec::new(),
+        mirror_policy: None,
+        mirror_regrant: false,
+        run_as: None,
+        api_socket: None,
+        host_tsc: false,
+        doorbell: Some(doorbell),
+    };
+    let vmm = Vmm::build(&config).expect("build");
+    let memory = vmm.ram().memory().clone();
+    let header = RingHeader {
+        magic: RING_MAGIC,
+        window_base,
+        window_len: 1 << 20,
+        agent_state: AGENT_BOOTING,
+        slots: RING_SLOTS as u32,
+        completed: 0,
+    };
+    // SAFETY: RingHeader is a repr(C) plain-data ABI struct.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((&header as *const RingHeader).cast::<u8>(), std::mem::size_of::<RingHeader>())
+    };
+    memory.write_slice(bytes, GuestAddress(RING_GPA)).unwrap();
+    let lifecycle = vmm.lifecycle();
+    let runner = std::thread::spawn(move || vmm.run(false, Vec::new()));
+    let state = GuestAddress(RING_GPA + std::mem::offset_of!(RingHeader, agent_state) as u64);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while memory.read_obj::<u32>(state).unwrap() != AGENT_READY {
+        assert!(Instant::now() < deadline, "the agent did not become ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(50)); // let it reach its doorbell wait
+    lifecycle.pause().expect("every vCPU counts as paused");
+    assert!(lifecycle.is_paused());
+    lifecycle.resume();
+    assert!(!lifecycle.is_paused());
+    lifecycle.pause().expect("and again after a resume");
+    lifecycle.resume();
+    lifecycle.request_exit(VmExit::Stopped("test"));
+    assert_eq!(runner.join().unwrap().expect("run"), VmExit::Stopped("test"));
 }

@@ -44,6 +44,10 @@ fn main() -> ExitCode {
         }
     };
     if let Some((uid, gid)) = config.run_as {
+        if let Err(e) = vmm.ram().chown_chunks(uid, gid) {
+            eprintln!("vmm: error: cannot give guest RAM to uid {uid}: {e}");
+            return ExitCode::from(ERROR_EXIT_CODE);
+        }
         if let Err(e) = vmm::jail::drop_privileges(uid, gid) {
             eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(ERROR_EXIT_CODE);

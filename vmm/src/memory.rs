@@ -133,6 +133,19 @@ impl GuestRam {
         &self.chunk_files[index]
     }
 
+    /// Gives every chunk's memfd to `uid`/`gid`, for a VMM that is about to drop to them:
+    /// the mirror device re-opens chunks through /proc/self/fd, which needs the owner.
+    pub fn chown_chunks(&self, uid: u32, gid: u32) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        for file in &self.chunk_files {
+            // SAFETY: fchown on an fd we own.
+            if unsafe { libc::fchown(file.as_raw_fd(), uid, gid) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes per chunk (the last chunk of each side of the MMIO gap may be shorter).
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size

@@ -34,14 +34,19 @@ impl Doorbell {
         self.changed.notify_all();
     }
 
-    /// Guest side, on the vCPU thread: waits for a ring, giving up every `tick` to let
-    /// `stopping` end the wait.
-    pub fn guest_wait(&self, tick: Duration, stopping: impl Fn() -> bool) {
+    /// Guest side, on the vCPU thread: waits for a ring, looking every `tick` whether
+    /// `interrupted` (a stop or a pause of the VM) ends the wait. Returns true when it
+    /// took a ring; false when interrupted, leaving a ring that comes later pending.
+    pub fn guest_wait(&self, tick: Duration, interrupted: impl Fn() -> bool) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while !state.rung && !stopping() {
+        while !state.rung {
+            if interrupted() {
+                return false;
+            }
             state = self.changed.wait_timeout(state, tick).unwrap_or_else(|p| p.into_inner()).0;
         }
         state.rung = false;
+        true
     }
 
     /// Guest side: records a completion and wakes host waiters.
@@ -74,13 +79,15 @@ impl Doorbell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     #[test]
     fn a_ring_before_the_wait_is_not_lost() {
         let bell = Doorbell::new();
         bell.ring();
-        bell.guest_wait(Duration::from_millis(10), || false);
+        assert!(bell.guest_wait(Duration::from_millis(10), || true), "the earlier ring is taken, not the stop");
+        assert!(!bell.guest_wait(Duration::from_millis(10), || true), "and taken only once");
     }
 
     #[test]
@@ -89,7 +96,7 @@ mod tests {
         let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (b, f) = (bell.clone(), flag.clone());
         let guest = std::thread::spawn(move || {
-            b.guest_wait(Duration::from_millis(10), || false);
+            assert!(b.guest_wait(Duration::from_millis(10), || false));
             f.store(true, std::sync::atomic::Ordering::SeqCst);
             b.guest_done();
         });
@@ -99,8 +106,16 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_ends_the_guest_wait() {
-        let bell = Doorbell::new();
-        bell.guest_wait(Duration::from_millis(1), || true);
+    fn an_interruption_ends_the_guest_wait_and_a_later_ring_stays_pending() {
+        let bell = Arc::new(Doorbell::new());
+        let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, i) = (bell.clone(), interrupted.clone());
+        let guest = std::thread::spawn(move || b.guest_wait(Duration::from_millis(1), || i.load(Ordering::SeqCst)));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!guest.is_finished(), "the guest waits while nothing happens");
+        interrupted.store(true, Ordering::SeqCst);
+        assert!(!guest.join().unwrap(), "the wait ended by the interruption, not by a ring");
+        bell.ring();
+        assert!(bell.guest_wait(Duration::from_millis(1), || true), "the ring after the interruption is kept");
     }
 }

@@ -461,7 +461,9 @@ impl Vcpu {
                 PioAction::Park => lifecycle.park(&self.fd, index, last_published),
                 PioAction::DoorbellWait => {
                     if let Some(bell) = bus.doorbell() {
-                        bell.guest_wait(Duration::from_millis(100), || lifecycle.stopping());
+                        // A pause must not wait for the next ring: the wait gives way to it
+                        // and the ring stays pending until the vCPU runs again.
+                        bell.guest_wait(Duration::from_millis(10), || lifecycle.stopping() || lifecycle.is_paused());
                     }
                 }
             },
