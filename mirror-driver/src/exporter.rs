@@ -232,8 +232,8 @@ struct Shared {
     revoked: Mutex<Vec<(u32, Range)>>,
     /// Serializes what hands out fds, re-homes chunks or punches holes.
     ops: Mutex<()>,
-    /// The last vCPU snapshot and when it was taken.
-    vcpu_cache: Mutex<Option<(Instant, Vec<VcpuRegs>)>>,
+    /// The last vCPU snapshot, shared by requests within the snapshot interval.
+    vcpu_cache: SnapshotCache,
     next_grant: AtomicU64,
     next_connection: AtomicU64,
     stopping: AtomicBool,
@@ -279,13 +279,13 @@ impl Exporter {
             ram_size,
             vcpus,
             policy,
-            limits,
             source,
             connections: Mutex::new(Vec::new()),
             grants: Mutex::new(BTreeMap::new()),
             revoked: Mutex::new(Vec::new()),
             ops: Mutex::new(()),
-            vcpu_cache: Mutex::new(None),
+            vcpu_cache: SnapshotCache::new(limits.vcpu_state_interval),
+            limits,
             next_grant: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
@@ -484,15 +484,7 @@ impl Shared {
 
     /// The last vCPU snapshot if it is recent enough, else a new one.
     fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, String> {
-        let mut cache = lock(&self.vcpu_cache);
-        if let Some((taken, regs)) = cache.as_ref() {
-            if taken.elapsed() < self.limits.vcpu_state_interval {
-                return Ok(regs.clone());
-            }
-        }
-        let regs = self.source.vcpu_state()?;
-        *cache = Some((Instant::now(), regs.clone()));
-        Ok(regs)
+        self.vcpu_cache.get(|| self.source.vcpu_state())
     }
 
     /// Marks a connection's active grants as possibly still held by a gone peer.
@@ -502,6 +494,33 @@ impl Shared {
             record.state = GrantState::Disconnected;
         }
         forget_duplicate_exposures(&mut grants);
+    }
+}
+
+/// vCPU snapshots kick every vCPU out of the guest: however many peers ask, at most one
+/// is taken per interval, and the others share it.
+struct SnapshotCache {
+    interval: Duration,
+    last: Mutex<Option<(Instant, Vec<VcpuRegs>)>>,
+}
+
+impl SnapshotCache {
+    fn new(interval: Duration) -> Self {
+        Self { interval, last: Mutex::new(None) }
+    }
+
+    /// The last snapshot if younger than the interval, else `take()`'s. Concurrent callers
+    /// wait for one `take` rather than each kicking the vCPUs.
+    fn get(&self, take: impl FnOnce() -> Result<Vec<VcpuRegs>, String>) -> Result<Vec<VcpuRegs>, String> {
+        let mut last = lock(&self.last);
+        if let Some((taken, regs)) = last.as_ref() {
+            if taken.elapsed() < self.interval {
+                return Ok(regs.clone());
+            }
+        }
+        let regs = take()?;
+        *last = Some((Instant::now(), regs.clone()));
+        Ok(regs)
     }
 }
 
@@ -1004,6 +1023,26 @@ mod tests {
         let left: Vec<u64> = grants.keys().copied().collect();
         // One record for uid 7 on chunk 0, uid 8's own, and the active grant covering chunk 1.
         assert_eq!(left, vec![1, 4, 5]);
+    }
+
+    #[test]
+    fn vcpu_snapshots_are_taken_at_most_once_per_interval() {
+        let cache = SnapshotCache::new(Duration::from_millis(200));
+        let taken = std::sync::atomic::AtomicU32::new(0);
+        let take = || {
+            let n = taken.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![VcpuRegs { index: n, ..Default::default() }])
+        };
+        let started = Instant::now();
+        for _ in 0..1000 {
+            assert_eq!(cache.get(take).unwrap()[0].index, 0, "later requests share the first snapshot");
+        }
+        if started.elapsed() < Duration::from_millis(200) {
+            assert_eq!(taken.load(Ordering::SeqCst), 1, "1000 requests, one kick");
+        }
+        std::thread::sleep(Duration::from_millis(210));
+        assert_eq!(cache.get(take).unwrap()[0].index, 1, "a stale snapshot is retaken");
+        assert!(cache.get(|| Err("x".into())).is_ok(), "and then shared again");
     }
 
     #[test]
