@@ -1,5 +1,9 @@
 //! The inspector's control socket: one request per line, one reply line each
-//! (`ok ...` or `error ...`). Requests (addresses are source GPAs):
+//! (`ok ...` or `error ...`), served by [`line_server`] with its limits: the
+//! socket is mode 0600 from the start; only peers with the inspector's own uid
+//! are served; at most [`line_server::MAX_CLIENTS`] at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] to send each request; requests are at most
+//! [`MAX_LINE`] bytes. Requests (addresses are source GPAs):
 //!
 //! - `read GPA LEN`             `ok HEX`
 //! - `hash GPA LEN`             `ok xxh64=HEX sha256=HEX`
@@ -17,7 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
-use vmm::line_server::{self, parse_number as number};
+use vmm::line_server::{self, parse_number as number, Limits};
 
 use crate::daemon::Inspector;
 
@@ -26,9 +30,12 @@ const MAX_LINE: u64 = 1024;
 /// Scan hits listed in a reply.
 const MAX_LISTED_HITS: usize = 1000;
 
-/// Binds `path` (mode 0600) and answers requests on a thread per client.
+/// Binds `path` (mode 0600) and answers requests from our own uid, on a thread per client.
 pub fn serve(path: &Path, inspector: Arc<Inspector>) -> std::io::Result<()> {
-    line_server::serve(path, "control", MAX_LINE, Arc::new(move |line: &str| execute(line, &inspector)))
+    // SAFETY: getuid cannot fail.
+    let own_uid = unsafe { libc::getuid() };
+    let handler = Arc::new(move |line: &str| execute(line, &inspector));
+    line_server::serve(path, "control", &[own_uid], Limits::new(MAX_LINE), handler)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -122,10 +129,17 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
 }
 
 /// Client side: sends one request line to a control socket and returns the reply line.
+///
+/// A server that refuses us (uid, too many clients) replies and closes without
+/// reading, so sending may fail while its reply is there to read: the reply wins.
 pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(path)?;
-    writeln!(stream, "{line}")?;
+    let sent = writeln!(stream, "{line}");
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    let read = BufReader::new(stream).read_line(&mut reply);
+    if reply.is_empty() {
+        sent?;
+        read?;
+    }
     Ok(reply.trim_end().to_string())
 }

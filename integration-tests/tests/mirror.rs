@@ -2,6 +2,7 @@
 //! running `source-workload`, an `inspector` whose agent guest reads the
 //! source's RAM through read-only memslots, and the source's API socket.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -216,7 +217,12 @@ fn a_peer_whose_uid_is_not_allowed_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("PeerRefused") && stderr.contains("is not allowed to attach"), "{stderr}");
-    assert_eq!(source.api("inspectors"), "ok 0");
+    // The API socket serves the same allow list: ask it as uid 4242 that no grant was made.
+    integration_tests::require_root();
+    std::fs::set_permissions(&source.api, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = integration_tests::line_request_as(4242, &source.api, &["grants"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "no grants");
 }
 
 #[test]

@@ -1,5 +1,10 @@
 //! The source VMM's control socket (`--api-socket`): one command per line,
-//! one reply line each (`ok ...` or `error ...`). Lines are bounded.
+//! one reply line each (`ok ...` or `error ...`), served by [`line_server`]
+//! with its limits: the socket is mode 0600 from the start; only peers whose
+//! uid is in the mirror allow list (`--mirror-allow-uid`, default the vmm's own
+//! uid) are served; at most [`line_server::MAX_CLIENTS`] at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] to send each command; commands are at most
+//! [`MAX_LINE`] bytes.
 //!
 //! - `discard GPA LEN`  punch a hole in guest RAM (balloon-style) and tell inspectors
 //! - `revoke GRANT`     revoke a mirror grant; returns once the inspector unmapped it
@@ -16,7 +21,7 @@ use std::sync::Arc;
 use mirror_driver::exporter::Exporter;
 use mirror_driver::protocol::Message;
 
-use crate::line_server::{self, parse_number as number};
+use crate::line_server::{self, parse_number as number, Limits};
 use crate::vstate::vcpu::{Lifecycle, VmExit};
 
 /// Longest accepted command line.
@@ -31,9 +36,10 @@ pub struct ApiContext {
     pub memory: Arc<Vec<(u64, u64, u64)>>,
 }
 
-/// Binds `path` (mode 0600) and serves it on a thread.
-pub fn start(path: &Path, context: ApiContext) -> std::io::Result<()> {
-    line_server::serve(path, "api", MAX_LINE, Arc::new(move |line: &str| execute(line, &context)))
+/// Binds `path` (mode 0600) and serves the peers whose uid is in `allowed_uids`, on a thread each.
+pub fn start(path: &Path, allowed_uids: &[u32], context: ApiContext) -> std::io::Result<()> {
+    let handler = Arc::new(move |line: &str| execute(line, &context));
+    line_server::serve(path, "api", allowed_uids, Limits::new(MAX_LINE), handler)
 }
 
 fn exporter(context: &ApiContext) -> Result<&Exporter, String> {

@@ -187,7 +187,7 @@ impl Vmm {
             let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size, r.host_addr)).collect());
             let context =
                 crate::api::ApiContext { lifecycle: self.lifecycle.clone(), exporter: exporter.clone(), memory };
-            crate::api::start(path, context).map_err(BuildError::Api)?;
+            crate::api::start(path, &crate::mirror::allowed_uids(&self.config), context).map_err(BuildError::Api)?;
         }
         Ok(exporter)
     }

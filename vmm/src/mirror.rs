@@ -48,14 +48,18 @@ pub fn start_exporter(
         .iter()
         .map(|r| ExportRegion { gpa: r.guest_addr, len: r.size, file: ram.chunk_file(r.chunk).clone() })
         .collect();
-    let allowed_uids = if config.mirror_allow_uids.is_empty() {
+    let policy = ExportPolicy { allowed_uids: allowed_uids(config), ranges: config.mirror_policy.clone() };
+    let exporter =
+        Exporter::start(path, regions, u32::from(config.cpus), policy, Arc::new(LifecycleSource(lifecycle)))?;
+    Ok(Some(Arc::new(exporter)))
+}
+
+/// The uids allowed on the mirror and API sockets: `--mirror-allow-uid`, or else the vmm's own.
+pub fn allowed_uids(config: &VmConfig) -> Vec<u32> {
+    if config.mirror_allow_uids.is_empty() {
         // SAFETY: getuid cannot fail.
         vec![unsafe { libc::getuid() }]
     } else {
         config.mirror_allow_uids.clone()
-    };
-    let policy = ExportPolicy { allowed_uids, ranges: config.mirror_policy.clone() };
-    let exporter =
-        Exporter::start(path, regions, u32::from(config.cpus), policy, Arc::new(LifecycleSource(lifecycle)))?;
-    Ok(Some(Arc::new(exporter)))
+    }
 }
