@@ -42,15 +42,20 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Decodes a hex string.
+/// Decodes a hex string: ASCII hex digits only, an even number of them.
 pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    if let Some(bad) = text.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("bad hex digit '{bad}'"));
+    }
     if !text.len().is_multiple_of(2) {
         return Err("hex needs an even number of digits".into());
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("bad hex '{}'", &text[i..i + 2])))
-        .collect()
+    Ok(text.as_bytes().chunks_exact(2).map(|pair| nibble(pair[0]) << 4 | nibble(pair[1])).collect())
+}
+
+/// The value of an ASCII hex digit (checked by the caller).
+fn nibble(digit: u8) -> u8 {
+    char::from(digit).to_digit(16).map_or(0, |value| value as u8)
 }
 
 fn gpa_list(gpas: &[u64]) -> String {
@@ -142,4 +147,27 @@ pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
         read?;
     }
     Ok(reply.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhex_decodes_hex_digits() {
+        assert_eq!(unhex("00ffA57e"), Ok(vec![0x00, 0xff, 0xa5, 0x7e]));
+        assert_eq!(unhex(""), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn unhex_rejects_anything_but_ascii_hex_digits_without_panicking() {
+        // Multibyte characters used to be sliced through the middle (a panic).
+        assert_eq!(unhex("a\u{e9}0"), Err("bad hex digit '\u{e9}'".into()));
+        assert_eq!(unhex("\u{e9}0"), Err("bad hex digit '\u{e9}'".into()));
+        assert_eq!(unhex("0\u{1f600}0"), Err("bad hex digit '\u{1f600}'".into()));
+        // from_str_radix would take a sign.
+        assert_eq!(unhex("+f"), Err("bad hex digit '+'".into()));
+        assert_eq!(unhex("0g"), Err("bad hex digit 'g'".into()));
+        assert_eq!(unhex("abc"), Err("hex needs an even number of digits".into()));
+    }
 }
