@@ -2,12 +2,14 @@
 //! it serves only the uids of the mirror allow list (`--mirror-allow-uid`, by
 //! default the vmm's own uid), checked on each connection with SO_PEERCRED.
 //! Clients of another uid are real processes (`inspector`'s client mode) started
-//! as that uid, so the tests need root.
+//! as that uid, so those tests need root. Its `memory` command tells guest RAM
+//! ranges only, never where the vmm mapped them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
+use integration_tests::bench::{mappings, RAM_MEMFD};
 use integration_tests::{line_request_as, require_root, unix_request, SourceVm, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -53,4 +55,25 @@ fn the_api_serves_the_uids_of_the_mirror_allow_list() {
     let out = line_request_as(OTHER_UID, &source.api, &["vcpus"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("0:rip="));
+}
+
+#[test]
+fn the_memory_command_tells_guest_ranges_but_no_host_addresses() {
+    let dir = TempDir::new("api-memory");
+    let source = start(&dir, &[]);
+    let reply = unix_request(&source.api, "memory");
+    let chunks = reply.strip_prefix("ok ").unwrap_or_else(|| panic!("{reply}"));
+    let mut total = 0;
+    for chunk in chunks.split_whitespace() {
+        let fields: Vec<&str> = chunk.split(':').collect();
+        assert_eq!(fields.len(), 2, "gpa:len only: {chunk}");
+        total += u64::from_str_radix(fields[1].trim_start_matches("0x"), 16).unwrap();
+    }
+    assert_eq!(total, 256 << 20, "the chunks add up to the guest RAM: {reply}");
+    let ram = mappings(&source.vm.child.id().to_string());
+    let ram: Vec<_> = ram.iter().filter(|m| m.path.starts_with(RAM_MEMFD)).collect();
+    assert!(!ram.is_empty(), "the vmm maps its RAM memfds");
+    for m in ram {
+        assert!(!reply.contains(&format!("{:#x}", m.start)), "{reply} tells where RAM is mapped ({:#x})", m.start);
+    }
 }

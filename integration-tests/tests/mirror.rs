@@ -279,3 +279,30 @@ fn a_source_that_exits_says_so_and_the_inspector_keeps_serving() {
     assert!(inspector.ask("status").starts_with("ok source=gone"));
     assert_eq!(&inspector.read(workload::HEADER_GPA, 16), &workload::HEADER_MAGIC);
 }
+
+#[test]
+fn a_copying_tool_finds_the_source_ram_in_its_mappings() {
+    use std::os::unix::fs::FileExt;
+    // What the benchmark's process_vm_readv and /proc/PID/mem baselines rely on.
+    let dir = TempDir::new("hvas");
+    let source = Source::start(&dir, &[]);
+    let importer = mirror_driver::importer::Importer::connect(&source.mirror).unwrap();
+    let (gpa, len) = (0x0010_0000, 64 << 20);
+    let grants = importer.grant(&[mirror_driver::protocol::Range { gpa, len }]).unwrap();
+    assert!(grants.len() > 1, "the range spans several chunks");
+    let pid = source.vm.child.id() as libc::pid_t;
+    let pieces = integration_tests::bench::source_hvas(pid, &grants);
+    assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), len);
+    assert_eq!(source.api("pause"), "ok");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut copied = Vec::new();
+    for (hva, piece) in pieces {
+        let mut buf = vec![0u8; piece as usize];
+        mem.read_exact_at(&mut buf, hva).unwrap();
+        copied.extend_from_slice(&buf);
+    }
+    let granted: Vec<u8> = grants.iter().flat_map(|g| g.bytes().iter().copied()).collect();
+    assert!(copied == granted, "the copy from the source's mappings equals the granted pages");
+    assert!(copied.iter().any(|&b| b != 0), "and is not all zeros");
+    assert_eq!(source.api("resume"), "ok");
+}

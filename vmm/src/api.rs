@@ -12,7 +12,8 @@
 //! - `inspectors`       number of attached inspectors
 //! - `pause` / `resume` hold or release every vCPU (inspectors get Paused/Resumed)
 //! - `vcpus`            RIP and CR3 of every vCPU
-//! - `memory`           guest RAM chunks as `gpa:len:host_addr` (for copying tools and benchmarks)
+//! - `memory`           guest RAM chunks as `gpa:len` (no host addresses: they would help an
+//!   attacker of the vmm process defeat ASLR)
 //! - `stop`             stop the VM (the vmm exits 0)
 
 use std::path::Path;
@@ -32,8 +33,8 @@ const MAX_LINE: u64 = 256;
 pub struct ApiContext {
     pub lifecycle: Arc<Lifecycle>,
     pub exporter: Option<Arc<Exporter>>,
-    /// (gpa, len, host address) of every RAM chunk.
-    pub memory: Arc<Vec<(u64, u64, u64)>>,
+    /// (gpa, len) of every RAM chunk.
+    pub memory: Arc<Vec<(u64, u64)>>,
 }
 
 /// Binds `path` (mode 0600) and serves the peers whose uid is in `allowed_uids`, on a thread each.
@@ -89,12 +90,9 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
             .map(|s| format!("{}:rip={:#x}:cr3={:#x}", s.index, s.regs.rip, s.sregs.cr3))
             .collect::<Vec<_>>()
             .join(" ")),
-        "memory" => Ok(context
-            .memory
-            .iter()
-            .map(|(gpa, len, hva)| format!("{gpa:#x}:{len:#x}:{hva:#x}"))
-            .collect::<Vec<_>>()
-            .join(" ")),
+        "memory" => {
+            Ok(context.memory.iter().map(|(gpa, len)| format!("{gpa:#x}:{len:#x}")).collect::<Vec<_>>().join(" "))
+        }
         "stop" => {
             context.lifecycle.request_exit(VmExit::Stopped("api stop"));
             Ok(String::new())
