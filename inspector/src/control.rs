@@ -1,9 +1,9 @@
 //! The inspector's control socket: one request per line, one reply line each
 //! (`ok ...` or `error ...`), served by [`line_server`] with its limits: the
 //! socket is mode 0600 from the start; only peers with the inspector's own uid
-//! are served; at most [`line_server::MAX_CLIENTS`] at once; a client has
-//! [`line_server::IDLE_TIMEOUT`] to send each request; requests are at most
-//! [`MAX_LINE`] bytes. Requests (addresses are source GPAs):
+//! are served; at most [`line_server::MAX_CLIENTS`] (16) at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] (30 s) to send each request; requests are at most
+//! 1024 bytes (`MAX_LINE`). Requests (addresses are source GPAs):
 //!
 //! - `read GPA LEN`             `ok HEX`
 //! - `hash GPA LEN`             `ok xxh64=HEX sha256=HEX`

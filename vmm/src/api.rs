@@ -2,9 +2,9 @@
 //! one reply line each (`ok ...` or `error ...`), served by [`line_server`]
 //! with its limits: the socket is mode 0600 from the start; only peers whose
 //! uid is in the mirror allow list (`--mirror-allow-uid`, default the vmm's own
-//! uid) are served; at most [`line_server::MAX_CLIENTS`] at once; a client has
-//! [`line_server::IDLE_TIMEOUT`] to send each command; commands are at most
-//! [`MAX_LINE`] bytes.
+//! uid) are served; at most [`line_server::MAX_CLIENTS`] (16) at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] (30 s) to send each command; commands are at most
+//! 256 bytes (`MAX_LINE`).
 //!
 //! - `discard GPA LEN`  punch a hole in guest RAM (balloon-style) and tell inspectors
 //! - `revoke GRANT`     revoke a mirror grant; returns once the inspector unmapped it
