@@ -1,5 +1,9 @@
 //! The inspector's control socket: one request per line, one reply line each
-//! (`ok ...` or `error ...`). Requests (addresses are source GPAs):
+//! (`ok ...` or `error ...`), served by [`line_server`] with its limits: the
+//! socket is mode 0600 from the start; only peers with the inspector's own uid
+//! are served; at most [`line_server::MAX_CLIENTS`] (16) at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] (30 s) to send each request; requests are at most
+//! 1024 bytes (`MAX_LINE`). Requests (addresses are source GPAs):
 //!
 //! - `read GPA LEN`             `ok HEX`
 //! - `hash GPA LEN`             `ok xxh64=HEX sha256=HEX`
@@ -18,7 +22,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
-use vmm::line_server::{self, parse_number as number};
+use vmm::line_server::{self, parse_number as number, Limits};
 
 use crate::daemon::Inspector;
 
@@ -27,24 +31,32 @@ const MAX_LINE: u64 = 1024;
 /// Scan hits listed in a reply.
 const MAX_LISTED_HITS: usize = 1000;
 
-/// Binds `path` (mode 0600) and answers requests on a thread per client.
+/// Binds `path` (mode 0600) and answers requests from our own uid, on a thread per client.
 pub fn serve(path: &Path, inspector: Arc<Inspector>) -> std::io::Result<()> {
-    line_server::serve(path, "control", MAX_LINE, Arc::new(move |line: &str| execute(line, &inspector)))
+    // SAFETY: getuid cannot fail.
+    let own_uid = unsafe { libc::getuid() };
+    let handler = Arc::new(move |line: &str| execute(line, &inspector));
+    line_server::serve(path, "control", &[own_uid], Limits::new(MAX_LINE), handler)
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Decodes a hex string.
+/// Decodes a hex string: ASCII hex digits only, an even number of them.
 pub fn unhex(text: &str) -> Result<Vec<u8>, String> {
+    if let Some(bad) = text.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("bad hex digit '{bad}'"));
+    }
     if !text.len().is_multiple_of(2) {
         return Err("hex needs an even number of digits".into());
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).map_err(|_| format!("bad hex '{}'", &text[i..i + 2])))
-        .collect()
+    Ok(text.as_bytes().chunks_exact(2).map(|pair| nibble(pair[0]) << 4 | nibble(pair[1])).collect())
+}
+
+/// The value of an ASCII hex digit (checked by the caller).
+fn nibble(digit: u8) -> u8 {
+    char::from(digit).to_digit(16).map_or(0, |value| value as u8)
 }
 
 fn gpa_list(gpas: &[u64]) -> String {
@@ -124,10 +136,40 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
 }
 
 /// Client side: sends one request line to a control socket and returns the reply line.
+///
+/// A server that refuses us (uid, too many clients) replies and closes without
+/// reading, so sending may fail while its reply is there to read: the reply wins.
 pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(path)?;
-    writeln!(stream, "{line}")?;
+    let sent = writeln!(stream, "{line}");
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    let read = BufReader::new(stream).read_line(&mut reply);
+    if reply.is_empty() {
+        sent?;
+        read?;
+    }
     Ok(reply.trim_end().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhex_decodes_hex_digits() {
+        assert_eq!(unhex("00ffA57e"), Ok(vec![0x00, 0xff, 0xa5, 0x7e]));
+        assert_eq!(unhex(""), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn unhex_rejects_anything_but_ascii_hex_digits_without_panicking() {
+        // Multibyte characters used to be sliced through the middle (a panic).
+        assert_eq!(unhex("a\u{e9}0"), Err("bad hex digit '\u{e9}'".into()));
+        assert_eq!(unhex("\u{e9}0"), Err("bad hex digit '\u{e9}'".into()));
+        assert_eq!(unhex("0\u{1f600}0"), Err("bad hex digit '\u{1f600}'".into()));
+        // from_str_radix would take a sign.
+        assert_eq!(unhex("+f"), Err("bad hex digit '+'".into()));
+        assert_eq!(unhex("0g"), Err("bad hex digit 'g'".into()));
+        assert_eq!(unhex("abc"), Err("hex needs an even number of digits".into()));
+    }
 }

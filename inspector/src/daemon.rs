@@ -308,7 +308,7 @@ impl Inspector {
 
     fn on_event(&self, importer: &Importer, event: SourceEvent) {
         match event {
-            SourceEvent::Revoke { grant_id } => {
+            SourceEvent::Revoke { grant_id, nonce } => {
                 let removed = self.write_grants().remove(&grant_id);
                 if let Some(live) = removed {
                     let g = live.mapped.grant;
@@ -319,7 +319,7 @@ impl Inspector {
                     drop(live);
                     say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
                 }
-                if let Err(e) = importer.ack_revoke(grant_id) {
+                if let Err(e) = importer.ack_revoke(grant_id, nonce) {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }

@@ -10,12 +10,12 @@
 //!   cargo build --release --workspace && cargo bench -p integration-tests --bench mirror
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_images::workload::{HEADER_GPA, NEEDLE, STAMP_GPA};
-use integration_tests::bench::{bar_chart_svg, ms, summarize, workspace_root, write_section};
+use integration_tests::bench::{bar_chart_svg, ms, source_hvas, summarize, workspace_root, write_section};
 use integration_tests::{binary, require_kvm, unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::Importer;
 use mirror_driver::protocol::Range;
@@ -28,15 +28,14 @@ const ATTACH_RUNS: usize = 5;
 struct Source {
     vm: Running,
     mirror: PathBuf,
-    api: PathBuf,
     _dir: TempDir,
 }
 
 fn start_source(memory: &str, cpus: &str) -> Source {
     let dir = TempDir::new("bench-source");
-    let SourceVm { mut vm, mirror, api } = SourceVm::spawn(&dir, &["--memory", memory, "--cpus", cpus, "--host-tsc"]);
+    let SourceVm { mut vm, mirror, .. } = SourceVm::spawn(&dir, &["--memory", memory, "--cpus", cpus, "--host-tsc"]);
     vm.expect_line("workload: ready", LIMIT);
-    Source { vm, mirror, api, _dir: dir }
+    Source { vm, mirror, _dir: dir }
 }
 
 struct Inspector {
@@ -112,23 +111,6 @@ fn memchr_count(hay: &[u8]) -> u64 {
 
 fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
-}
-
-/// Host virtual addresses of the source's RAM chunks covering `[gpa, gpa + len)`.
-fn source_hvas(api: &Path, gpa: u64, len: u64) -> Vec<(u64, u64)> {
-    let reply = unix_request(api, "memory");
-    let mut out = Vec::new();
-    for chunk in reply.trim_start_matches("ok ").split_whitespace() {
-        let f: Vec<u64> =
-            chunk.split(':').map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16).unwrap()).collect();
-        let (cg, cl, hva) = (f[0], f[1], f[2]);
-        let lo = gpa.max(cg);
-        let hi = (gpa + len).min(cg + cl);
-        if lo < hi {
-            out.push((hva + (lo - cg), hi - lo));
-        }
-    }
-    out
 }
 
 fn copy_scan(pieces: &[(u64, u64)], mut read: impl FnMut(u64, &mut [u8])) -> (u64, Duration) {
@@ -225,7 +207,8 @@ fn main() {
     let host_warm = summarize(&(0..5).map(|_| host_scan().1).collect::<Vec<_>>()).median;
 
     let pid = source.vm.child.id() as libc::pid_t;
-    let pieces = source_hvas(&source.api, FILL_GPA, GIB);
+    let pieces = source_hvas(pid, &grants);
+    assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), GIB, "the source's mappings cover the scanned range");
     let vm_readv = |hva: u64, buf: &mut [u8]| {
         let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         let remote = libc::iovec { iov_base: hva as *mut libc::c_void, iov_len: buf.len() };

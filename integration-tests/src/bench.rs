@@ -1,7 +1,10 @@
-//! Small helpers for Specula's benchmarks: sample statistics and writing a
-//! named section of BENCHMARKS.md (other sections are kept).
+//! Small helpers for Specula's benchmarks: sample statistics, writing a named
+//! section of BENCHMARKS.md (other sections are kept), and finding a source's
+//! guest RAM in its address space (for the copying baselines).
 
 use std::path::PathBuf;
+
+use mirror_driver::importer::MappedGrant;
 use std::time::Duration;
 
 /// Median, p90, p99 of a set of durations.
@@ -75,6 +78,68 @@ pub fn bar_chart_svg(title: &str, unit: &str, bars: &[(String, f64)]) -> String 
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Name of the source's guest RAM memfds in /proc/PID/maps.
+pub const RAM_MEMFD: &str = "/memfd:specula-guest-ram";
+
+/// One line of /proc/PID/maps.
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    /// Device and inode of the mapped file.
+    pub file: (String, u64),
+    /// The mapped file's path, as the kernel shows it (may be empty).
+    pub path: String,
+}
+
+/// The mappings of process `pid` (a number, or `self`).
+pub fn mappings(pid: &str) -> Vec<Mapping> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let hex = |x: &str| u64::from_str_radix(x, 16).unwrap();
+    maps.lines()
+        .map(|line| {
+            let f: Vec<&str> = line.splitn(6, ' ').collect();
+            let (start, end) = f[0].split_once('-').unwrap();
+            Mapping {
+                start: hex(start),
+                end: hex(end),
+                offset: hex(f[2]),
+                file: (f[3].to_string(), f[4].parse().unwrap()),
+                path: f.get(5).unwrap_or(&"").trim().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Host virtual addresses in the source process `pid` of the RAM that `grants` cover, in order.
+///
+/// The API no longer tells host addresses, so they are found the way any copying
+/// tool would: each RAM chunk is a memfd the source maps (`memfd:specula-guest-ram`
+/// in its /proc/PID/maps), and each grant mapped here is a re-open of one of those
+/// memfds, at file offset `grant.offset`. Our own mapping's (device, inode) names
+/// the chunk; the source's mapping of that file at that offset gives the address.
+pub fn source_hvas(pid: libc::pid_t, grants: &[MappedGrant]) -> Vec<(u64, u64)> {
+    let ours = mappings("self");
+    let theirs: Vec<Mapping> =
+        mappings(&pid.to_string()).into_iter().filter(|m| m.path.starts_with(RAM_MEMFD)).collect();
+    let mut out = Vec::new();
+    for g in grants {
+        let here = ours.iter().find(|m| (m.start..m.end).contains(&g.host_addr())).expect("our grant mapping");
+        let (mut offset, end) = (g.grant.offset, g.grant.offset + g.grant.len);
+        while offset < end {
+            let there = theirs
+                .iter()
+                .find(|m| m.file == here.file && (m.offset..m.offset + (m.end - m.start)).contains(&offset))
+                .unwrap_or_else(|| panic!("no source mapping of grant {} at file offset {offset:#x}", g.grant.id));
+            let piece = (end - offset).min(there.offset + (there.end - there.start) - offset);
+            out.push((there.start + (offset - there.offset), piece));
+            offset += piece;
+        }
+    }
+    out
 }
 
 #[cfg(test)]

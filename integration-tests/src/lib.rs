@@ -184,10 +184,36 @@ pub fn unix_request(path: &Path, line: &str) -> String {
     let mut stream = std::os::unix::net::UnixStream::connect(path)
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", path.display()));
     stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    writeln!(stream, "{line}").expect("send request");
+    // A server that refuses the peer replies and closes without reading, so sending can
+    // fail (EPIPE) while the refusal waits to be read.
+    let sent = writeln!(stream, "{line}");
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).expect("read reply");
+    let read = BufReader::new(stream).read_line(&mut reply);
+    if reply.is_empty() {
+        sent.expect("send request");
+        read.expect("read reply");
+    }
     reply.trim_end().to_string()
+}
+
+/// Sends one request to a line-protocol socket from another process running as
+/// `uid` (gid `uid` too, no supplementary groups): the `inspector` binary's client
+/// mode, `inspector WORD --control-socket PATH ARGS...`. It prints the text after
+/// `ok` and exits 0, or prints the error on stderr and exits 1. The socket file
+/// must let that uid connect; switching uid needs root.
+pub fn line_request_as(uid: u32, path: &Path, words: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let (word, args) = words.split_first().expect("a request word");
+    let mut cmd = Command::new(binary("inspector"));
+    cmd.arg(word).arg("--control-socket").arg(path).args(args).uid(uid).gid(uid);
+    run_with_timeout(&mut cmd, Duration::from_secs(60))
+}
+
+/// Fails unless the test runs as root (it starts processes as other uids).
+pub fn require_root() {
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(uid, 0, "this test needs root: it runs clients as other uids");
 }
 
 /// Waits until `path` exists (a socket a child process creates).

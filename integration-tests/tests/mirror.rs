@@ -2,6 +2,7 @@
 //! running `source-workload`, an `inspector` whose agent guest reads the
 //! source's RAM through read-only memslots, and the source's API socket.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -263,7 +264,12 @@ fn a_peer_whose_uid_is_not_allowed_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("PeerRefused") && stderr.contains("is not allowed to attach"), "{stderr}");
-    assert_eq!(source.api("inspectors"), "ok 0");
+    // The API socket serves the same allow list: ask it as uid 4242 that no grant was made.
+    integration_tests::require_root();
+    std::fs::set_permissions(&source.api, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = integration_tests::line_request_as(4242, &source.api, &["grants"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "no grants");
 }
 
 #[test]
@@ -345,4 +351,31 @@ fn a_source_that_exits_says_so_and_the_inspector_keeps_serving() {
     inspector.proc.expect_line("source gone", LIMIT);
     assert!(inspector.ask("status").starts_with("ok source=gone"));
     assert_eq!(&inspector.read(workload::HEADER_GPA, 16), &workload::HEADER_MAGIC);
+}
+
+#[test]
+fn a_copying_tool_finds_the_source_ram_in_its_mappings() {
+    use std::os::unix::fs::FileExt;
+    // What the benchmark's process_vm_readv and /proc/PID/mem baselines rely on.
+    let dir = TempDir::new("hvas");
+    let source = Source::start(&dir, &[]);
+    let importer = mirror_driver::importer::Importer::connect(&source.mirror).unwrap();
+    let (gpa, len) = (0x0010_0000, 64 << 20);
+    let grants = importer.grant(&[mirror_driver::protocol::Range { gpa, len }]).unwrap();
+    assert!(grants.len() > 1, "the range spans several chunks");
+    let pid = source.vm.child.id() as libc::pid_t;
+    let pieces = integration_tests::bench::source_hvas(pid, &grants);
+    assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), len);
+    assert_eq!(source.api("pause"), "ok");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut copied = Vec::new();
+    for (hva, piece) in pieces {
+        let mut buf = vec![0u8; piece as usize];
+        mem.read_exact_at(&mut buf, hva).unwrap();
+        copied.extend_from_slice(&buf);
+    }
+    let granted: Vec<u8> = grants.iter().flat_map(|g| g.bytes().iter().copied()).collect();
+    assert!(copied == granted, "the copy from the source's mappings equals the granted pages");
+    assert!(copied.iter().any(|&b| b != 0), "and is not all zeros");
+    assert_eq!(source.api("resume"), "ok");
 }

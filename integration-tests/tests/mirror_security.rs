@@ -192,7 +192,10 @@ fn an_acknowledgement_sent_before_the_revoke_does_not_count() {
     let source = Source::start(&dir, &[]);
     let mut holder = Peer::connect(&source);
     let kept = holder.map_page(POKE_GPA);
-    holder.send(&Message::RevokeAck { grant_id: kept.grant.id });
+    // Without the revoke's nonce an acknowledgement cannot match, whatever its timing.
+    for nonce in 0..64 {
+        holder.send(&Message::RevokeAck { grant_id: kept.grant.id, nonce });
+    }
     let reply = source.api(&format!("revoke {}", kept.grant.id));
     assert!(
         reply.starts_with("ok revoked=") && !reply.ends_with("unacknowledged="),

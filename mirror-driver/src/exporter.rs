@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -187,8 +187,8 @@ struct Connection {
     id: u64,
     uid: u32,
     writer: Mutex<UnixStream>,
-    /// Revokes sent to this peer and not yet acknowledged.
-    pending_revokes: Mutex<HashSet<u64>>,
+    /// Revokes sent to this peer and not yet acknowledged, as (grant id, nonce).
+    pending_revokes: Mutex<HashSet<(u64, u64)>>,
     acked: Condvar,
     alive: AtomicBool,
 }
@@ -343,9 +343,12 @@ impl Exporter {
             if ids.is_empty() {
                 continue;
             }
-            lock(&conn.pending_revokes).extend(ids.iter().copied());
-            if ids.iter().all(|&grant_id| conn.send(EVENT_ID, &Message::Revoke { grant_id }, &[])) {
-                waiting.push((conn.clone(), ids));
+            let revokes: Vec<(u64, u64)> = ids.iter().map(|&id| (id, random_nonce())).collect();
+            lock(&conn.pending_revokes).extend(revokes.iter().copied());
+            let sent =
+                revokes.iter().all(|&(grant_id, nonce)| conn.send(EVENT_ID, &Message::Revoke { grant_id, nonce }, &[]));
+            if sent {
+                waiting.push((conn.clone(), revokes));
             }
         }
         let deadline = Instant::now() + self.shared.limits.revoke_ack_timeout;
@@ -524,6 +527,19 @@ impl SnapshotCache {
     }
 }
 
+/// A nonce a peer cannot guess (getrandom), so it cannot acknowledge ahead of time.
+fn random_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom fills at most `bytes.len()` bytes of a live buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        // The kernel's CSPRNG does not fail for 8 bytes once booted; never hand out 0s.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        return now.as_nanos() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    }
+    u64::from_le_bytes(bytes)
+}
+
 /// A uid that holds (or may hold) several fds of one chunk sees the same memory through
 /// each: keep one record per (uid, chunk) among the released and disconnected ones, so
 /// a peer that loops on grant and release cannot grow the table.
@@ -597,44 +613,13 @@ fn data_segments(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(segments)
 }
 
-/// Creates the listening socket with `mode` set on the socket before it is bound, so the
-/// path never exists with a wider mode.
+/// Creates the listening socket with `mode` from the moment it exists (less the umask,
+/// which is then lifted to exactly `mode`: never wider).
 fn bind_private(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    let _ = std::fs::remove_file(path);
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new socket we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: fchmod on our own socket: Linux creates the path with this mode (less the umask).
-    if unsafe { libc::fchmod(fd, mode) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_encoded_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
-    }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: addr is a valid sockaddr_un of `len` bytes.
-    if unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_un).cast(), len) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // The umask may have narrowed the mode; widen it to exactly `mode` (never wider).
+    let listener = crate::socket::bind_private(path, mode)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    // SAFETY: listen on the bound socket.
-    if unsafe { libc::listen(fd, 16) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixListener::from(owned))
+    Ok(listener)
 }
 
 fn merge_regions(regions: &[ExportRegion]) -> Vec<Range> {
@@ -667,24 +652,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 
 /// The uid of the process at the other end of `stream`.
 pub fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
-    // SAFETY: ucred is plain data.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(cred.uid)
-    }
+    crate::socket::peer_cred(stream).map(|cred| cred.uid)
 }
 
 const PAGE: u64 = 4096;
@@ -861,9 +829,10 @@ fn handle(conn: &Connection, shared: &Shared, id: u32, message: Message) {
             };
             conn.send(id, &reply, &[]);
         }
-        Message::RevokeAck { grant_id } => {
-            // Only an acknowledgement of a revoke we sent counts; others are dropped.
-            if lock(&conn.pending_revokes).remove(&grant_id) {
+        Message::RevokeAck { grant_id, nonce } => {
+            // Only an acknowledgement of a revoke we sent, with its nonce, counts; others
+            // are dropped.
+            if lock(&conn.pending_revokes).remove(&(grant_id, nonce)) {
                 conn.acked.notify_all();
             }
         }

@@ -153,6 +153,8 @@ fn check_extent(grant: &Grant, fd: &OwnedFd) -> Result<(), ImportError> {
 pub enum SourceEvent {
     Revoke {
         grant_id: u64,
+        /// To echo in the acknowledgement.
+        nonce: u64,
     },
     Discard {
         gpa: u64,
@@ -168,7 +170,7 @@ impl SourceEvent {
     /// The event a frame with the event id carries, if it is one.
     fn from_message(message: &Message) -> Option<Self> {
         Some(match *message {
-            Message::Revoke { grant_id } => SourceEvent::Revoke { grant_id },
+            Message::Revoke { grant_id, nonce } => SourceEvent::Revoke { grant_id, nonce },
             Message::Discard { gpa, len } => SourceEvent::Discard { gpa, len },
             Message::Paused => SourceEvent::Paused,
             Message::Resumed => SourceEvent::Resumed,
@@ -355,8 +357,8 @@ impl Importer {
     }
 
     /// Acknowledges a revoke once its mapping is gone.
-    pub fn ack_revoke(&self, grant_id: u64) -> Result<(), ImportError> {
-        Ok(self.send(EVENT_ID, &Message::RevokeAck { grant_id })?)
+    pub fn ack_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), ImportError> {
+        Ok(self.send(EVENT_ID, &Message::RevokeAck { grant_id, nonce })?)
     }
 
     /// Starts the reader thread: events go to `handler` (on that thread, starting with any

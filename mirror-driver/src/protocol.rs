@@ -143,12 +143,16 @@ pub enum Message {
         vcpus: Vec<VcpuRegs>,
     },
     /// Source -> inspector events.
+    /// `nonce` is random: only an acknowledgement that echoes it counts, so a peer cannot
+    /// acknowledge a revoke before it was sent.
     Revoke {
         grant_id: u64,
+        nonce: u64,
     },
     /// Inspector -> source: the revoked grant's mapping is gone.
     RevokeAck {
         grant_id: u64,
+        nonce: u64,
     },
     Discard {
         gpa: u64,
@@ -363,12 +367,14 @@ impl Message {
                 }
                 kind::VCPU_STATE
             }
-            Message::Revoke { grant_id } => {
+            Message::Revoke { grant_id, nonce } => {
                 w.u64(*grant_id);
+                w.u64(*nonce);
                 kind::REVOKE
             }
-            Message::RevokeAck { grant_id } => {
+            Message::RevokeAck { grant_id, nonce } => {
                 w.u64(*grant_id);
+                w.u64(*nonce);
                 kind::REVOKE_ACK
             }
             Message::Discard { gpa, len } => {
@@ -440,8 +446,8 @@ impl Message {
                 }
                 Message::VcpuState { vcpus }
             }
-            kind::REVOKE => Message::Revoke { grant_id: r.u64()? },
-            kind::REVOKE_ACK => Message::RevokeAck { grant_id: r.u64()? },
+            kind::REVOKE => Message::Revoke { grant_id: r.u64()?, nonce: r.u64()? },
+            kind::REVOKE_ACK => Message::RevokeAck { grant_id: r.u64()?, nonce: r.u64()? },
             kind::DISCARD => Message::Discard { gpa: r.u64()?, len: r.u64()? },
             kind::PAUSED => Message::Paused,
             kind::RESUMED => Message::Resumed,
@@ -500,8 +506,8 @@ mod tests {
             Message::VcpuState {
                 vcpus: vec![VcpuRegs { index: 1, rip: 0x1000, cr3: 0x9000, gprs: [3; 16], ..Default::default() }],
             },
-            Message::Revoke { grant_id: 9 },
-            Message::RevokeAck { grant_id: 9 },
+            Message::Revoke { grant_id: 9, nonce: 0x1234_5678_9abc },
+            Message::RevokeAck { grant_id: 9, nonce: 0x1234_5678_9abc },
             Message::Discard { gpa: 0x4000, len: 0x1000 },
             Message::Paused,
             Message::Resumed,

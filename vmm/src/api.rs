@@ -1,5 +1,10 @@
 //! The source VMM's control socket (`--api-socket`): one command per line,
-//! one reply line each (`ok ...` or `error ...`). Lines are bounded.
+//! one reply line each (`ok ...` or `error ...`), served by [`line_server`]
+//! with its limits: the socket is mode 0600 from the start; only peers whose
+//! uid is in the mirror allow list (`--mirror-allow-uid`, default the vmm's own
+//! uid) are served; at most [`line_server::MAX_CLIENTS`] (16) at once; a client has
+//! [`line_server::IDLE_TIMEOUT`] (30 s) to send each command; commands are at most
+//! 256 bytes (`MAX_LINE`).
 //!
 //! - `discard GPA LEN`  punch a hole in guest RAM (balloon-style) and tell inspectors
 //! - `revoke GRANT`     revoke a mirror grant: its chunk is re-homed so no holder sees
@@ -10,7 +15,8 @@
 //! - `pause` / `resume` hold or release every vCPU; each success sends inspectors exactly
 //!   one Paused/Resumed, a failed pause leaves nothing paused
 //! - `vcpus`            RIP and CR3 of every vCPU
-//! - `memory`           guest RAM chunks as `gpa:len:host_addr` (for copying tools and benchmarks)
+//! - `memory`           guest RAM chunks as `gpa:len` (no host addresses: they would help an
+//!   attacker of the vmm process defeat ASLR)
 //! - `stop`             stop the VM (the vmm exits 0)
 
 use std::path::Path;
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use mirror_driver::exporter::Exporter;
 use mirror_driver::protocol::Message;
 
-use crate::line_server::{self, parse_number as number};
+use crate::line_server::{self, parse_number as number, Limits};
 use crate::vstate::vcpu::{Lifecycle, VmExit};
 
 /// Longest accepted command line.
@@ -31,15 +37,16 @@ const MAX_LINE: u64 = 256;
 pub struct ApiContext {
     pub lifecycle: Arc<Lifecycle>,
     pub exporter: Option<Arc<Exporter>>,
-    /// (gpa, len, host address) of every RAM chunk.
-    pub memory: Arc<Vec<(u64, u64, u64)>>,
+    /// (gpa, len) of every RAM chunk.
+    pub memory: Arc<Vec<(u64, u64)>>,
     /// Whether this API holds the VM paused (one hold at most).
     pub paused: Arc<AtomicBool>,
 }
 
-/// Binds `path` (mode 0600) and serves it on a thread.
-pub fn start(path: &Path, context: ApiContext) -> std::io::Result<()> {
-    line_server::serve(path, "api", MAX_LINE, Arc::new(move |line: &str| execute(line, &context)))
+/// Binds `path` (mode 0600) and serves the peers whose uid is in `allowed_uids`, on a thread each.
+pub fn start(path: &Path, allowed_uids: &[u32], context: ApiContext) -> std::io::Result<()> {
+    let handler = Arc::new(move |line: &str| execute(line, &context));
+    line_server::serve(path, "api", allowed_uids, Limits::new(MAX_LINE), handler)
 }
 
 fn exporter(context: &ApiContext) -> Result<&Exporter, String> {
@@ -99,12 +106,9 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
             .map(|s| format!("{}:rip={:#x}:cr3={:#x}", s.index, s.regs.rip, s.sregs.cr3))
             .collect::<Vec<_>>()
             .join(" ")),
-        "memory" => Ok(context
-            .memory
-            .iter()
-            .map(|(gpa, len, hva)| format!("{gpa:#x}:{len:#x}:{hva:#x}"))
-            .collect::<Vec<_>>()
-            .join(" ")),
+        "memory" => {
+            Ok(context.memory.iter().map(|(gpa, len)| format!("{gpa:#x}:{len:#x}")).collect::<Vec<_>>().join(" "))
+        }
         "stop" => {
             context.lifecycle.request_exit(VmExit::Stopped("api stop"));
             Ok(String::new())

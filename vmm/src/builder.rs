@@ -184,14 +184,14 @@ impl Vmm {
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
         let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone())?;
         if let Some(path) = &self.config.api_socket {
-            let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size, r.host_addr)).collect());
+            let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect());
             let context = crate::api::ApiContext {
                 lifecycle: self.lifecycle.clone(),
                 exporter: exporter.clone(),
                 memory,
                 paused: Default::default(),
             };
-            crate::api::start(path, context).map_err(BuildError::Api)?;
+            crate::api::start(path, &crate::mirror::allowed_uids(&self.config), context).map_err(BuildError::Api)?;
         }
         Ok(exporter)
     }

@@ -22,7 +22,7 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Unix socket path on which to serve the mirror device (see the `mirror-driver` crate).
     pub mirror_socket: Option<PathBuf>,
-    /// Peer uids allowed to attach to the mirror socket (empty: only the vmm's own uid).
+    /// Peer uids allowed on the mirror and API sockets (empty: only the vmm's own uid).
     pub mirror_allow_uids: Vec<u32>,
     /// Ranges the mirror may grant (`None`: all of RAM).
     pub mirror_policy: Option<Vec<mirror_driver::protocol::Range>>,
@@ -73,8 +73,8 @@ Options:
   --cpus N                 number of vCPUs, or boot=N (default 1)
   --serial MODE            COM1: tty (stdout/stdin, default), file=PATH, or null
   --mirror-socket PATH     serve the mirror device on this Unix socket
-  --mirror-allow-uid UID   allow this uid to attach to the mirror socket (repeatable;
-                           default: the vmm's own uid)
+  --mirror-allow-uid UID   allow this uid to attach to the mirror socket and to use the
+                           API socket (repeatable; default: the vmm's own uid)
   --mirror-policy GPA:LEN  only grant within these ranges (repeatable; default: all RAM)
   --mirror-allow-regrant   let a uid be granted again a range revoked from it (default: refused)
   --run-as UID:GID         drop to this uid and gid once /dev/kvm and the images are open
