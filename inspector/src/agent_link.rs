@@ -252,3 +252,121 @@ fn read_struct<T: Copy>(memory: &GuestMemoryMmap, gpa: u64) -> Result<T, AgentEr
     // SAFETY: T is a repr(C) plain-data ABI struct valid for any bit pattern, read unaligned.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const WINDOW: u64 = 1 << 32;
+
+    fn ring() -> (AgentLink, GuestMemoryMmap, Arc<Doorbell>) {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (WATCH_GPA) as usize)]).unwrap();
+        let doorbell = Arc::new(Doorbell::new());
+        let link = AgentLink::new(memory.clone(), doorbell.clone(), WINDOW, 1 << 20).unwrap();
+        (link, memory, doorbell)
+    }
+
+    /// A hostile or slow agent: answers each submitted slot with `answer(slot copy)` after
+    /// `delay(slot copy)`, writing back whatever `answer` returns.
+    fn fake_agent(
+        memory: GuestMemoryMmap,
+        doorbell: Arc<Doorbell>,
+        stop: Arc<AtomicBool>,
+        delay: impl Fn(&Slot) -> Duration + Send + 'static,
+        answer: impl Fn(Slot) -> Slot + Send + Sync + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let answer = Arc::new(answer);
+        std::thread::spawn(move || {
+            let mut seen = [0u64; RING_SLOTS];
+            while !stop.load(Ordering::SeqCst) {
+                for (i, last) in seen.iter_mut().enumerate() {
+                    let s: Slot = read_struct(&memory, slot_gpa(i)).unwrap();
+                    if s.state != SLOT_SUBMITTED || s.seq == *last {
+                        continue;
+                    }
+                    *last = s.seq;
+                    let (memory, doorbell, answer, wait) =
+                        (memory.clone(), doorbell.clone(), answer.clone(), delay(&s));
+                    std::thread::spawn(move || {
+                        std::thread::sleep(wait);
+                        let mut reply = answer(s);
+                        reply.state = SLOT_DONE;
+                        write_struct(&memory, slot_gpa(i), &reply).unwrap();
+                        doorbell.guest_done();
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    }
+
+    fn echo(mut s: Slot) -> Slot {
+        s.status = STATUS_OK;
+        s.result = [s.args[0], 0, 0, 0];
+        s
+    }
+
+    #[test]
+    fn a_late_completion_is_never_taken_for_a_later_command() {
+        let (link, memory, doorbell) = ring();
+        let stop = Arc::new(AtomicBool::new(false));
+        // The agent sits on command 1 for 300 ms, answering it only after it timed out.
+        let slow = |s: &Slot| if s.args[0] == 1 { Duration::from_millis(300) } else { Duration::ZERO };
+        let agent = fake_agent(memory, doorbell, stop.clone(), slow, echo);
+        assert!(matches!(
+            link.call_within(OP_READ, [1, 0, 0, 0], &[], Duration::from_millis(50)),
+            Err(AgentError::Timeout(_))
+        ));
+        // Keep commands flowing while the late answer lands.
+        let started = std::time::Instant::now();
+        let mut n = 2u64;
+        while started.elapsed() < Duration::from_millis(600) {
+            let done = link.call(OP_READ, [n, 0, 0, 0], &[]).unwrap();
+            assert_eq!(done.result[0], n, "command {n} got its own answer");
+            n += 1;
+        }
+        assert_eq!(lock(&link.free).len(), RING_SLOTS, "the late slot came back once the agent finished");
+        stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn a_completion_with_another_sequence_number_is_refused() {
+        let (link, memory, doorbell) = ring();
+        let stop = Arc::new(AtomicBool::new(false));
+        let forge = |s: Slot| Slot { seq: s.seq + 1, ..echo(s) };
+        let agent = fake_agent(memory, doorbell, stop.clone(), |_| Duration::ZERO, forge);
+        let err = link.call(OP_READ, [5, 0, 0, 0], &[]).err().expect("a forged sequence is an error");
+        assert!(matches!(err, AgentError::WrongSequence { .. }), "{err}");
+        stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn counts_and_lengths_from_the_agent_are_clamped_to_the_data_area() {
+        let (link, memory, doorbell) = ring();
+        let stop = Arc::new(AtomicBool::new(false));
+        let huge = |s: Slot| Slot { result: [u64::MAX, u64::MAX / 8, 0, 0], ..echo(s) };
+        let agent = fake_agent(memory, doorbell, stop.clone(), |_| Duration::ZERO, huge);
+        let done = link.call(OP_SCAN, [0; 4], &[]).unwrap();
+        assert_eq!(done.u64s(4096, done.result[1], 10).unwrap().len(), 10, "clamped to the caller's maximum");
+        let all = done.u64s(4096, done.result[1], u64::MAX).unwrap();
+        assert_eq!(all.len() as u64, (DATA_SLOT_SIZE - 4096) / 8, "clamped to the data area");
+        assert!(matches!(done.data(0, done.result[0]), Err(AgentError::OutOfSlot { .. })));
+        assert!(matches!(done.data(DATA_SLOT_SIZE - 4, 8), Err(AgentError::OutOfSlot { .. })));
+        drop(done);
+        stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap();
+    }
+
+    #[test]
+    fn an_agent_that_never_answers_runs_out_of_slots_instead_of_hanging() {
+        let (link, _memory, _doorbell) = ring();
+        for _ in 0..RING_SLOTS {
+            let outcome = link.call_within(OP_READ, [0; 4], &[], Duration::from_millis(1));
+            assert!(matches!(outcome, Err(AgentError::Timeout(_))));
+        }
+        assert!(matches!(link.call(OP_READ, [0; 4], &[]), Err(AgentError::NoFreeSlot)));
+    }
+}

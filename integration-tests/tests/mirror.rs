@@ -246,6 +246,39 @@ fn the_agent_scans_and_reads_the_task_list() {
     let reply = inspector.ask(&format!("scan 0x1000000 0x200000 {pattern}"));
     // Task names repeat every 8 slots; 64 tasks hold "postgres" 8 times.
     assert!(reply.starts_with("ok hits=8 "), "{reply}");
+    // Walk the workload's task list through the agent, as an OS view would: from the
+    // header's head pointer along `next`, bounded by the table size.
+    let header = inspector.read(workload::HEADER_GPA, std::mem::size_of::<workload::Header>() as u64);
+    let field = |offset: usize| u64::from_le_bytes(header[offset..offset + 8].try_into().unwrap());
+    let mut at = field(std::mem::offset_of!(workload::Header, task_list_head));
+    let mut walked = Vec::new();
+    while at != 0 {
+        assert!(walked.len() < workload::TASK_COUNT, "the task list does not end");
+        let record = inspector.read(at, workload::TASK_RECORD_SIZE as u64);
+        let u32_at = |o: usize| u32::from_le_bytes(record[o..o + 4].try_into().unwrap());
+        assert_eq!(u32_at(std::mem::offset_of!(workload::TaskRecord, magic)), workload::TASK_MAGIC, "at {at:#x}");
+        let slot = ((at - workload::TASK_TABLE_GPA) / workload::TASK_RECORD_SIZE as u64) as usize;
+        let name_at = std::mem::offset_of!(workload::TaskRecord, name);
+        walked.push((
+            slot,
+            u32_at(std::mem::offset_of!(workload::TaskRecord, pid)),
+            record[name_at..name_at + 16].to_vec(),
+        ));
+        let next_at = std::mem::offset_of!(workload::TaskRecord, next);
+        at = u64::from_le_bytes(record[next_at..next_at + 8].try_into().unwrap());
+    }
+    assert_eq!(walked.len(), workload::TASK_COUNT, "every task is on the list");
+    for (slot, pid, name) in &walked {
+        assert_eq!(
+            (*pid, name.as_slice()),
+            (workload::task_pid(*slot), &workload::task_name(*slot)[..]),
+            "slot {slot}"
+        );
+    }
+    let mut slots: Vec<usize> = walked.iter().map(|(slot, ..)| *slot).collect();
+    assert_ne!(slots, (0..workload::TASK_COUNT).collect::<Vec<_>>(), "the list order is not the table order");
+    slots.sort_unstable();
+    assert_eq!(slots, (0..workload::TASK_COUNT).collect::<Vec<_>>(), "each slot once");
     let reply = inspector.ask("read 0x0 16");
     assert!(reply.contains("not granted"), "only the asked range is mapped: {reply}");
     let vcpus = inspector.ask("vcpus");
@@ -378,4 +411,18 @@ fn a_copying_tool_finds_the_source_ram_in_its_mappings() {
     assert!(copied == granted, "the copy from the source's mappings equals the granted pages");
     assert!(copied.iter().any(|&b| b != 0), "and is not all zeros");
     assert_eq!(source.api("resume"), "ok");
+}
+
+#[test]
+fn a_watch_over_a_revoked_range_reports_the_revocation_not_false_changes() {
+    let dir = TempDir::new("watch-revoked");
+    let source = Source::start(&dir, &[]);
+    let inspector = Inspector::start(&dir, &source, &["--all"]);
+    let watch = inspector.ask(&format!("watch {:#x} {:#x}", workload::TEXT_GPA, workload::TEXT_LEN));
+    let id = watch.strip_prefix("ok id=").unwrap_or_else(|| panic!("{watch}"));
+    assert_eq!(inspector.ask(&format!("check {id}")), "ok changed=0 gpas=");
+    let grant = grant_at(&source, workload::HEADER_GPA); // the chunk holding the text
+    assert!(source.api(&format!("revoke {grant}")).starts_with("ok revoked="));
+    let reply = inspector.ask(&format!("check {id}"));
+    assert!(reply.starts_with("error") && reply.contains("not granted"), "{reply}");
 }
