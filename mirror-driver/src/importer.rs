@@ -417,3 +417,68 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn unexpected(message: Message) -> ImportError {
     ImportError::Unexpected(format!("{message:?}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A source that answers each request first with a stale reply (another id), then
+    /// with the right one.
+    fn double_talking_source(path: &Path) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            while let Ok(frame) = wire::recv(&stream) {
+                let reply = match frame.message {
+                    Message::Hello { .. } => {
+                        Message::HelloAck { version: PROTOCOL_VERSION, ram_size: 1 << 20, vcpus: 1 }
+                    }
+                    Message::GetMemoryMap => Message::MemoryMap { regions: vec![Range { gpa: 0, len: 1 << 20 }] },
+                    _ => Message::Error { code: ErrorCode::UnknownMessage, text: "no".into() },
+                };
+                let stale = Message::MemoryMap { regions: vec![Range { gpa: 0xbad000, len: 4096 }] };
+                wire::send(&stream, frame.id.wrapping_add(1000), &stale, &[]).unwrap();
+                wire::send(&stream, frame.id, &reply, &[]).unwrap();
+            }
+        })
+    }
+
+    #[test]
+    fn replies_to_other_requests_are_never_taken_for_this_one() {
+        let dir = std::env::temp_dir().join(format!("specula-importer-ids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let source = double_talking_source(&path);
+        let importer = Importer::connect(&path).expect("the HelloAck with the right id is found");
+        for _ in 0..3 {
+            assert_eq!(importer.memory_map().unwrap(), vec![Range { gpa: 0, len: 1 << 20 }]);
+        }
+        drop(importer);
+        source.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn grant_fd(size: u64, grant_seals: bool) -> OwnedFd {
+        let file = crate::memfd::create_ram_memfd(size).unwrap();
+        if grant_seals {
+            crate::memfd::seal_future_writes(&file).unwrap();
+        }
+        std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap().into()
+    }
+
+    #[test]
+    fn received_fds_are_checked_before_they_are_mapped() {
+        let grant = |offset, len| Grant { id: 1, gpa: 0, len, fd_index: 0, offset };
+        assert!(map_grant(grant(0, 8192), grant_fd(8192, true)).is_ok());
+        let beyond = map_grant(grant(4096, 8192), grant_fd(8192, true));
+        assert!(matches!(beyond, Err(ImportError::OutOfFile { size: 8192, .. })), "a grant past the file's end");
+        let unaligned = map_grant(grant(100, 4096), grant_fd(8192, true));
+        assert!(matches!(unaligned, Err(ImportError::OutOfFile { .. })));
+        let empty = map_grant(grant(0, 0), grant_fd(8192, true));
+        assert!(matches!(empty, Err(ImportError::OutOfFile { .. })));
+        let unsealed = map_grant(grant(0, 4096), grant_fd(8192, false));
+        assert!(matches!(unsealed, Err(ImportError::WritableSeals { .. })), "a grant its holder could make writable");
+    }
+}
