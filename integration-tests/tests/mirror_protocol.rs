@@ -63,6 +63,17 @@ fn grants_beyond_ram_or_policy_or_asking_for_write_are_refused_with_error_replie
 }
 
 #[test]
+fn a_policy_narrower_than_a_chunk_grants_nothing_of_that_chunk() {
+    // An fd exposes its whole chunk, so a 4 KiB policy inside a 2 MiB chunk cannot be honoured.
+    let dir = TempDir::new("policy-chunk");
+    let (_vm, mirror, _api) = start_source(&dir, &["--mirror-policy", "0x1000000:4K"]);
+    let importer = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(importer.grant(&[Range { gpa: 0x1000000, len: 0x1000 }]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
+    assert!(text.contains("does not cover whole"), "{text}");
+}
+
+#[test]
 fn a_granted_fd_cannot_be_made_writable() {
     let dir = TempDir::new("readonly");
     let (_vm, mirror, _api) = start_source(&dir, &[]);

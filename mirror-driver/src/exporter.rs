@@ -871,6 +871,18 @@ fn check_grant_request(conn: &Connection, shared: &Shared, access: u32, ranges: 
                 let text = format!("range {:#x}+{:#x} is outside the source's grant policy", r.gpa, r.len);
                 return Err(error(ErrorCode::PolicyDenied, text));
             }
+            // An fd exposes its whole chunk: every chunk the range touches must be allowed.
+            let chunks = shared.chunks.iter().filter(|c| c.gpa < end && r.gpa < c.gpa + c.len);
+            for c in chunks {
+                if !allowed.iter().any(|a| c.gpa >= a.gpa && c.gpa + c.len <= a.gpa + a.len) {
+                    let text = format!(
+                        "range {:#x}+{:#x} lies in RAM chunk {:#x}+{:#x}, which the grant policy does not cover whole \
+                         (an fd exposes its whole chunk)",
+                        r.gpa, r.len, c.gpa, c.len
+                    );
+                    return Err(error(ErrorCode::PolicyDenied, text));
+                }
+            }
         }
         if let Some((_, gone)) =
             revoked.iter().find(|(uid, g)| *uid == conn.uid && r.gpa < g.gpa + g.len && g.gpa < end)
