@@ -6,14 +6,14 @@
 #      agent VM, and keeps an integrity watch on the workload's kernel text;
 #   3. the demo asks the agent to read, hash and scan the source's memory;
 #   4. the workload modifies its kernel text: the watch reports it as it happens;
-#   5. the source discards a page, then exits; the inspector keeps serving.
+#   5. the source discards a page and revokes a grant (the inspector unmaps it;
+#      a holder that ignored it would keep only a dead snapshot);
+#   6. the source exits; the inspector keeps serving the rest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh
 vmm=target/debug/vmm
 inspector=target/debug/inspector
-for bin in "$vmm" "$inspector"; do
-    [ -x "$bin" ] || { echo "demo.sh: $bin is missing: run scripts/build.sh first" >&2; exit 1; }
-done
 run="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -56,9 +56,14 @@ echo "text-modify 4096" >&3
 wait_for "$run/inspector.log" "integrity watch 0:"
 sleep 0.3
 
-say "the source VMM discards (hole-punches) a page; the inspector reads zeros there"
+say "the source VMM discards a page; the inspector reads zeros there"
 echo "source api: discard 0x1100000 4096 -> $(api 'discard 0x1100000 4096')"
 ask read 0x1100000 16
+
+say "the source revokes the grant holding 0x1800000: the chunk is re-homed, old fds see a dead snapshot"
+grant=$(api grants | tr ' ' '\n' | awk -F: '$2 == "0x1800000" { print $1 }')
+echo "source api: revoke $grant -> $(api "revoke $grant")"
+ask read 0x1800000 16 || true
 
 say "the source exits; the inspector keeps serving the last contents"
 echo "exit 0" >&3

@@ -8,8 +8,14 @@ packages=(qemu-system-x86 busybox-static cpio gzip)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 command -v cargo >/dev/null || { echo "install-deps.sh: cargo is missing (install a stable Rust toolchain)" >&2; exit 1; }
 command -v gcc >/dev/null || { echo "install-deps.sh: gcc is missing" >&2; exit 1; }
 echo "install-deps.sh: ${packages[*]} installed"
