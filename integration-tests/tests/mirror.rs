@@ -426,3 +426,20 @@ fn a_watch_over_a_revoked_range_reports_the_revocation_not_false_changes() {
     let reply = inspector.ask(&format!("check {id}"));
     assert!(reply.starts_with("error") && reply.contains("not granted"), "{reply}");
 }
+
+#[test]
+fn sigterm_stops_the_inspector_cleanly_whichever_thread_it_lands_on() {
+    let dir = TempDir::new("sigterm");
+    let source = Source::start(&dir, &[]);
+    for _ in 0..3 {
+        let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", "0x1010000:0x40000"]);
+        inspector.proc.signal(libc::SIGTERM);
+        let status = inspector.proc.wait(LIMIT);
+        assert_eq!(status.code(), Some(0), "the inspector ended by the signal instead of stopping: {status:?}");
+    }
+    let deadline = Instant::now() + LIMIT;
+    while source.api("inspectors") != "ok 0" {
+        assert!(Instant::now() < deadline, "an inspector's connection outlived it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

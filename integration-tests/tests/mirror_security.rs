@@ -295,3 +295,35 @@ fn fds_the_peer_sends_are_not_kept_by_the_source() {
     }
     assert!(count() <= before + 2, "the source kept fds a peer pushed at it: {before} -> {}", count());
 }
+
+#[test]
+fn grants_one_uid_may_hold_are_bounded() {
+    let dir = TempDir::new("per-uid-grants");
+    let source = Source::start(&dir, &[]);
+    let mut peer = Peer::connect(&source);
+    // 32 ranges over all 64 chunks: 2048 pieces, the most one request may ask for.
+    let request =
+        || Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: vec![Range { gpa: 0, len: 128 << 20 }; 32] };
+    let mut granted = 0;
+    loop {
+        let id = peer.send(&request());
+        let mut frame = wire::recv(&peer.stream).expect("reply");
+        assert_eq!(frame.id, id);
+        if let Message::Error { code, text } = &frame.message {
+            assert_eq!(*code, ErrorCode::TooLarge, "{text}");
+            assert!(text.contains("must revoke some"), "{text}");
+            break;
+        }
+        while let Message::GrantReply { more, grants } = frame.message {
+            granted += grants.len();
+            drop(frame.fds); // close them at once: the source must still count them
+            if !more {
+                break;
+            }
+            frame = wire::recv(&peer.stream).expect("next frame");
+        }
+        assert!(granted <= 8192, "{granted} grants handed to one uid");
+    }
+    assert_eq!(granted, 8192);
+    assert!(source.api("vcpus").starts_with("ok 0:rip="));
+}
