@@ -11,9 +11,10 @@
 //! - `watch GPA LEN`            `ok id=N`
 //! - `check ID`                 `ok changed=N gpas=GPA,...`
 //! - `grants`                   `ok ID:GPA:LEN ...`
-//! - `status`                   `ok source=attached|gone grants=N memslots=N window=LEN`
+//! - `status`                   `ok source=attached|gone kind=specula|qemu grants=N memslots=N window=LEN`
 //!   (memslots: every KVM memslot of the agent VM, its RAM included)
-//! - `vcpus`                    `ok INDEX:rip=..:cr3=.. ...`
+//! - `vcpus`                    `ok INDEX:rip=..:cr3=..:gs_base=.. ...`
+//! - `pause` / `resume`         stop or continue the source's vCPUs (QEMU sources: `stop`/`cont`)
 //! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
@@ -103,8 +104,9 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             .collect::<Vec<_>>()
             .join(" ")),
         "status" => Ok(format!(
-            "source={} grants={} memslots={} window={:#x}",
+            "source={} kind={} grants={} memslots={} window={:#x}",
             if inspector.source_gone() { "gone" } else { "attached" },
+            inspector.source_kind(),
             inspector.grants().len(),
             inspector.memslots(),
             inspector.window_len()
@@ -113,9 +115,11 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             .vcpus()
             .map_err(e)?
             .iter()
-            .map(|v| format!("{}:rip={:#x}:cr3={:#x}", v.index, v.rip, v.cr3))
+            .map(|v| format!("{}:rip={:#x}:cr3={:#x}:gs_base={:#x}", v.index, v.rip, v.cr3, v.gs_base))
             .collect::<Vec<_>>()
             .join(" ")),
+        "pause" => inspector.set_paused(true).map(|()| String::new()).map_err(e),
+        "resume" => inspector.set_paused(false).map(|()| String::new()).map_err(e),
         "write-probe" => {
             let gpa = number(words.next(), "GPA")?;
             let byte = number(words.next(), "BYTE")?;

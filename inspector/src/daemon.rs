@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use guest_images::agent::{self as abi, E820_MIRROR, MAX_PATTERN, MAX_WATCHES};
 use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
 use mirror_driver::protocol::{Range, VcpuRegs};
+use mirror_driver::qemu::{QemuError, QemuSource};
 use vmm::boot::BootSource;
 use vmm::devices::doorbell::Doorbell;
 use vmm::devices::serial::SerialOutput;
@@ -37,10 +38,28 @@ pub const SCAN_STEP: u64 = 256 << 20;
 /// Longest a latency measurement may spin in the agent.
 pub const MAX_LATENCY_MS: u64 = 10_000;
 
+/// What the inspector attaches to.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// A Specula `vmm`'s mirror socket.
+    Mirror(PathBuf),
+    /// An unmodified QEMU, through its QMP socket (its pid: the socket's peer unless given).
+    Qemu { qmp: PathBuf, pid: Option<u32> },
+}
+
+impl std::fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceSpec::Mirror(path) => write!(f, "{}", path.display()),
+            SourceSpec::Qemu { qmp, .. } => write!(f, "QEMU at {}", qmp.display()),
+        }
+    }
+}
+
 /// How the daemon runs.
 #[derive(Clone)]
 pub struct DaemonConfig {
-    pub source_socket: PathBuf,
+    pub source: SourceSpec,
     /// Ranges to ask for; `None` asks for all of the source's RAM.
     pub ranges: Option<Vec<Range>>,
     pub control_socket: Option<PathBuf>,
@@ -57,6 +76,8 @@ pub struct DaemonConfig {
 pub enum DaemonError {
     #[error("attaching to the source")]
     Import(#[from] ImportError),
+    #[error("attaching to QEMU")]
+    Qemu(#[from] QemuError),
     #[error("the source's RAM ends at {0:#x}, beyond the {MAX_WINDOW_END:#x} the mirror window can map")]
     SourceTooLarge(u64),
     #[error("range {gpa:#x}+{len:#x} is not 4 KiB-aligned; memslots map whole pages")]
@@ -88,6 +109,8 @@ pub enum InspectError {
     Agent(#[from] AgentError),
     #[error("source: {0}")]
     Source(#[from] ImportError),
+    #[error("QEMU: {0}")]
+    Qemu(#[from] QemuError),
     #[error("the agent's reply is not credible: {0}")]
     BadReply(String),
 }
@@ -127,6 +150,7 @@ pub struct Inspector {
     vm: Arc<Vm>,
     grants: RwLock<GrantMap>,
     importer: OnceLock<Arc<Importer>>,
+    qemu: Option<QemuSource>,
     source_gone: AtomicBool,
     window_len: u64,
     /// The range of each watch, by id.
@@ -297,8 +321,38 @@ impl Inspector {
         if self.source_gone() {
             return Err(InspectError::BadRequest("the source is gone".into()));
         }
+        if let Some(qemu) = &self.qemu {
+            return Ok(qemu.vcpu_state()?);
+        }
         let importer = self.importer.get().ok_or_else(|| InspectError::BadRequest("not attached yet".into()))?;
         Ok(importer.vcpu_state()?)
+    }
+
+    /// Pauses (`true`) or resumes the source's vCPUs, where the source lets the inspector.
+    pub fn set_paused(&self, paused: bool) -> Result<(), InspectError> {
+        if self.source_gone() {
+            return Err(InspectError::BadRequest("the source is gone".into()));
+        }
+        let Some(qemu) = &self.qemu else {
+            return Err(InspectError::BadRequest(
+                "a Specula source is paused through its vmm's API socket (pause, resume)".into(),
+            ));
+        };
+        if paused {
+            qemu.pause()?;
+        } else {
+            qemu.resume()?;
+        }
+        Ok(())
+    }
+
+    /// What the inspector is attached to: `specula` or `qemu`.
+    pub fn source_kind(&self) -> &'static str {
+        if self.qemu.is_some() {
+            "qemu"
+        } else {
+            "specula"
+        }
     }
 
     /// Size of the mirror window (the source's highest RAM address).
@@ -306,7 +360,8 @@ impl Inspector {
         self.window_len
     }
 
-    fn on_event(&self, importer: &Importer, event: SourceEvent) {
+    /// Handles a source event; `importer` acknowledges revokes (mirror sources only).
+    fn on_event(&self, importer: Option<&Importer>, event: SourceEvent) {
         match event {
             SourceEvent::Revoke { grant_id, nonce } => {
                 let removed = self.write_grants().remove(&grant_id);
@@ -319,7 +374,7 @@ impl Inspector {
                     drop(live);
                     say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
                 }
-                if let Err(e) = importer.ack_revoke(grant_id, nonce) {
+                if let Err(e) = importer.map_or(Ok(()), |i| i.ack_revoke(grant_id, nonce)) {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }
@@ -342,19 +397,8 @@ impl Inspector {
 /// Attaches, builds and runs the agent VM until it stops; returns how it ended.
 pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let started = Instant::now();
-    let importer = Importer::connect(&config.source_socket)?;
-    let map = importer.memory_map()?;
-    let window_len = map.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
-    if WINDOW_BASE + window_len > MAX_WINDOW_END {
-        return Err(DaemonError::SourceTooLarge(window_len));
-    }
-    let ranges = config.ranges.clone().unwrap_or(map);
-    for r in &ranges {
-        if !r.gpa.is_multiple_of(PAGE) || !r.len.is_multiple_of(PAGE) {
-            return Err(DaemonError::Unaligned { gpa: r.gpa, len: r.len });
-        }
-    }
-    let mapped = importer.grant(&ranges)?;
+    let attached = attach(config)?;
+    let window_len = attached.window_len;
 
     let doorbell = Arc::new(Doorbell::new());
     let vm_config = VmConfig {
@@ -383,7 +427,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     vm.require(kvm_ioctls::Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM")?;
     let mut grants = BTreeMap::new();
     let mut bytes = 0;
-    for m in mapped {
+    for m in attached.mapped {
         let g = m.grant;
         // SAFETY: the mapping lives in `grants` until the slot is removed (revoke) or the VM ends.
         let slot = unsafe { vm.add_memslot(WINDOW_BASE + g.gpa, g.len, m.host_addr(), true) }
@@ -395,7 +439,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let link = AgentLink::new(vmm.ram().memory().clone(), doorbell, WINDOW_BASE, window_len)?;
     say(format_args!(
         "attached to {}: {count} grants, {} MiB mirrored read-only at window {WINDOW_BASE:#x}; memslots ready after {:.1} ms",
-        config.source_socket.display(),
+        config.source,
         bytes >> 20,
         started.elapsed().as_secs_f64() * 1e3
     ));
@@ -405,17 +449,12 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         vm,
         grants: RwLock::new(grants),
         importer: OnceLock::new(),
+        qemu: attached.qemu,
         source_gone: AtomicBool::new(false),
         window_len,
         watches: Mutex::new(Vec::new()),
     });
-    let weak: Weak<Inspector> = Arc::downgrade(&inspector);
-    let importer = importer.start_events(move |importer, event| {
-        if let Some(inspector) = weak.upgrade() {
-            inspector.on_event(importer, event);
-        }
-    })?;
-    let _ = inspector.importer.set(importer);
+    start_events(&inspector, attached.importer)?;
 
     if let Some(path) = &config.control_socket {
         crate::control::serve(path, inspector.clone()).map_err(DaemonError::Control)?;
@@ -423,6 +462,75 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     start_watches(&inspector, config);
     let exit = vmm.run(true, Vec::new())?;
     Ok(exit)
+}
+
+/// A source attached and its RAM mapped, before the agent VM exists.
+struct Attached {
+    mapped: Vec<MappedGrant>,
+    window_len: u64,
+    importer: Option<Importer>,
+    qemu: Option<QemuSource>,
+}
+
+/// Attaches to the configured source and maps the ranges asked for (all of RAM by default).
+fn attach(config: &DaemonConfig) -> Result<Attached, DaemonError> {
+    let (map, importer, qemu) = match &config.source {
+        SourceSpec::Mirror(path) => {
+            let importer = Importer::connect(path)?;
+            (importer.memory_map()?, Some(importer), None)
+        }
+        SourceSpec::Qemu { qmp, pid } => {
+            let qemu = QemuSource::attach(qmp, *pid)?;
+            (qemu.memory_map(), None, Some(qemu))
+        }
+    };
+    let window_len = map.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+    if WINDOW_BASE + window_len > MAX_WINDOW_END {
+        return Err(DaemonError::SourceTooLarge(window_len));
+    }
+    let ranges = config.ranges.clone().unwrap_or(map);
+    for r in &ranges {
+        if !r.gpa.is_multiple_of(PAGE) || !r.len.is_multiple_of(PAGE) {
+            return Err(DaemonError::Unaligned { gpa: r.gpa, len: r.len });
+        }
+    }
+    let mapped = match (&importer, &qemu) {
+        (Some(importer), _) => importer.grant(&ranges)?,
+        (None, Some(qemu)) => qemu.map(&ranges)?,
+        (None, None) => unreachable!("one source or the other"),
+    };
+    Ok(Attached { mapped, window_len, importer, qemu })
+}
+
+/// Routes the source's events to the inspector: the mirror's through the importer's
+/// reader thread, QEMU's from its QMP event channel.
+fn start_events(inspector: &Arc<Inspector>, importer: Option<Importer>) -> Result<(), DaemonError> {
+    let weak: Weak<Inspector> = Arc::downgrade(inspector);
+    if let Some(importer) = importer {
+        let importer = importer.start_events(move |importer, event| {
+            if let Some(inspector) = weak.upgrade() {
+                inspector.on_event(Some(importer), event);
+            }
+        })?;
+        let _ = inspector.importer.set(importer);
+    } else if let Some(events) = inspector.qemu.as_ref().and_then(QemuSource::take_events) {
+        std::thread::Builder::new()
+            .name("qemu-events".into())
+            .spawn(move || {
+                for event in events {
+                    let gone = event == SourceEvent::Gone;
+                    match weak.upgrade() {
+                        Some(inspector) => inspector.on_event(None, event),
+                        None => return,
+                    }
+                    if gone {
+                        return;
+                    }
+                }
+            })
+            .map_err(DaemonError::Control)?;
+    }
+    Ok(())
 }
 
 /// Waits for the agent, sets the configured watches, and reports changes as they happen.

@@ -1,9 +1,11 @@
 //! `inspector`: the daemon, or a client of a running daemon's control socket.
 //!
 //! ```text
-//! inspector --source-socket PATH (--range GPA:LEN ... | --all) [--control-socket PATH]
-//!           [--watch GPA:LEN ...] [--watch-interval-ms N] [--memory SIZE] [--serial MODE]
-//! inspector read|hash|scan|watch|check|grants|status|vcpus|write-probe --control-socket PATH ARGS...
+//! inspector (--source-socket PATH | --qemu-qmp PATH [--qemu-pid PID]) (--range GPA:LEN ... | --all)
+//!           [--control-socket PATH] [--watch GPA:LEN ...] [--watch-interval-ms N] [--memory SIZE]
+//!           [--serial MODE]
+//! inspector read|hash|scan|watch|check|grants|status|vcpus|pause|resume|write-probe|latency
+//!           --control-socket PATH ARGS...
 //! ```
 
 use std::path::PathBuf;
@@ -19,8 +21,11 @@ use vmm::{error_chain, VmExit};
 const USAGE: &str = "\
 Usage:
   inspector --source-socket PATH (--range GPA:LEN ... | --all) [options]
-      Attach to a source vmm's mirror socket, map the ranges read-only into an
-      agent VM, and serve analysis requests.
+  inspector --qemu-qmp PATH [--qemu-pid PID] (--range GPA:LEN ... | --all) [options]
+      Attach to a source vmm's mirror socket, or to an unmodified QEMU through its
+      QMP socket (its RAM must be a shared memfd backend: -object
+      memory-backend-memfd,id=ram0,size=SIZE,share=on -machine memory-backend=ram0),
+      map the ranges read-only into an agent VM, and serve analysis requests.
       --control-socket PATH     serve requests on this Unix socket
       --watch GPA:LEN           keep an integrity watch on a range (repeatable);
                                 changes are reported on stdout as they happen
@@ -30,12 +35,25 @@ Usage:
   inspector REQUEST --control-socket PATH [ARGS...]
       Send one request to a running inspector and print the reply. Requests:
       read GPA LEN | hash GPA LEN | scan GPA LEN HEXPATTERN | watch GPA LEN |
-      check ID | grants | status | vcpus | write-probe GPA BYTE | latency GPA COUNT MS
+      check ID | grants | status | vcpus | pause | resume | write-probe GPA BYTE |
+      latency GPA COUNT MS   (pause and resume: QEMU sources)
 Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply.
 ";
 
-const REQUESTS: &[&str] =
-    &["read", "hash", "scan", "watch", "check", "grants", "status", "vcpus", "write-probe", "latency"];
+const REQUESTS: &[&str] = &[
+    "read",
+    "hash",
+    "scan",
+    "watch",
+    "check",
+    "grants",
+    "status",
+    "vcpus",
+    "pause",
+    "resume",
+    "write-probe",
+    "latency",
+];
 
 fn main() -> ExitCode {
     if let Err(e) = vmm::signals::block_stop_signals().map_err(|e| e.to_string()).and_then(|()| {
@@ -91,6 +109,8 @@ fn client(request: &str, args: &[String]) -> Result<ExitCode, String> {
 
 fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
     let mut source_socket = None;
+    let mut qemu_qmp = None;
+    let mut qemu_pid = None;
     let mut ranges: Vec<mirror_driver::protocol::Range> = Vec::new();
     let mut all = false;
     let mut control_socket = None;
@@ -103,6 +123,11 @@ fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
         let mut value = || it.next().cloned().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--source-socket" => source_socket = Some(PathBuf::from(value()?)),
+            "--qemu-qmp" => qemu_qmp = Some(PathBuf::from(value()?)),
+            "--qemu-pid" => {
+                let v = value()?;
+                qemu_pid = Some(v.parse().map_err(|_| format!("invalid --qemu-pid '{v}'"))?);
+            }
             "--range" => {
                 let v = value()?;
                 ranges.push(parse_range(&v).ok_or_else(|| format!("invalid --range '{v}': expected GPA:LEN"))?);
@@ -123,12 +148,17 @@ fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
-    let source_socket = source_socket.ok_or("missing --source-socket PATH (see --help)")?;
+    let source = match (source_socket, qemu_qmp) {
+        (Some(path), None) => daemon::SourceSpec::Mirror(path),
+        (None, Some(qmp)) => daemon::SourceSpec::Qemu { qmp, pid: qemu_pid },
+        (Some(_), Some(_)) => return Err("give --source-socket or --qemu-qmp, not both".into()),
+        (None, None) => return Err("missing --source-socket PATH or --qemu-qmp PATH (see --help)".into()),
+    };
     if all != ranges.is_empty() {
         return Err("give either --all or one or more --range GPA:LEN".into());
     }
     let config = DaemonConfig {
-        source_socket,
+        source,
         ranges: (!all).then_some(ranges),
         control_socket,
         memory,

@@ -93,6 +93,18 @@ impl Drop for MappedGrant {
     }
 }
 
+/// Maps a range of another VMM's RAM file (QEMU's memfd) opened read-only: the fd must
+/// be O_RDONLY and large enough; seals are the other VMM's business.
+pub fn map_foreign(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
+    // SAFETY: F_GETFL on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(ImportError::Writable { grant: grant.id });
+    }
+    check_extent(&grant, &fd)?;
+    map_checked(grant, fd)
+}
+
 /// Checks a received fd (read-only, sealed against shrink and future writes, large
 /// enough for the grant) and maps `grant` from it.
 pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
@@ -109,10 +121,16 @@ pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> 
         return Err(ImportError::Writable { grant: grant.id });
     }
     check_extent(&grant, &fd)?;
+    map_checked(grant, fd)
+}
+
+/// Maps a grant whose fd passed its checks, PROT_READ and MAP_SHARED.
+fn map_checked(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
+    let raw = fd.as_raw_fd();
     let aligned = grant.offset & !(PAGE - 1);
     let lead = grant.offset - aligned;
     let map_len = (lead + grant.len).div_ceil(PAGE) * PAGE;
-    // SAFETY: a fresh PROT_READ shared mapping of a sealed file; the kernel picks the address.
+    // SAFETY: a fresh PROT_READ shared mapping of a checked file; the kernel picks the address.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),

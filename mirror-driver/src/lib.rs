@@ -10,5 +10,6 @@ pub mod exporter;
 pub mod importer;
 pub mod memfd;
 pub mod protocol;
+pub mod qemu;
 pub mod socket;
 pub mod wire;

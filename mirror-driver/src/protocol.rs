@@ -65,6 +65,10 @@ pub struct VcpuRegs {
     pub cr3: u64,
     pub cr4: u64,
     pub efer: u64,
+    /// FS and GS segment bases, and the KERNEL_GS_BASE MSR (0 where the source cannot tell).
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -304,7 +308,7 @@ fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
     (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect()
 }
 
-const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 5;
+const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 8;
 
 impl Message {
     /// Encodes the message as one frame (header and payload) with correlation id `id`.
@@ -361,7 +365,7 @@ impl Message {
                     for g in v.gprs {
                         w.u64(g);
                     }
-                    for c in [v.cr0, v.cr2, v.cr3, v.cr4, v.efer] {
+                    for c in [v.cr0, v.cr2, v.cr3, v.cr4, v.efer, v.fs_base, v.gs_base, v.kernel_gs_base] {
                         w.u64(c);
                     }
                 }
@@ -442,6 +446,9 @@ impl Message {
                     v.cr3 = r.u64()?;
                     v.cr4 = r.u64()?;
                     v.efer = r.u64()?;
+                    v.fs_base = r.u64()?;
+                    v.gs_base = r.u64()?;
+                    v.kernel_gs_base = r.u64()?;
                     vcpus.push(v);
                 }
                 Message::VcpuState { vcpus }
@@ -504,7 +511,15 @@ mod tests {
             Message::Released { grant_id: 7 },
             Message::GetVcpuState,
             Message::VcpuState {
-                vcpus: vec![VcpuRegs { index: 1, rip: 0x1000, cr3: 0x9000, gprs: [3; 16], ..Default::default() }],
+                vcpus: vec![VcpuRegs {
+                    index: 1,
+                    rip: 0x1000,
+                    cr3: 0x9000,
+                    gprs: [3; 16],
+                    gs_base: 0xffff_8880_0000_0000,
+                    kernel_gs_base: 7,
+                    ..Default::default()
+                }],
             },
             Message::Revoke { grant_id: 9, nonce: 0x1234_5678_9abc },
             Message::RevokeAck { grant_id: 9, nonce: 0x1234_5678_9abc },

@@ -32,6 +32,9 @@ impl SourceVm for LifecycleSource {
                 cr3: s.sregs.cr3,
                 cr4: s.sregs.cr4,
                 efer: s.sregs.efer,
+                fs_base: s.sregs.fs.base,
+                gs_base: s.sregs.gs.base,
+                kernel_gs_base: s.kernel_gs_base,
             })
             .collect())
     }

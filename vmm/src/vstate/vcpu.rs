@@ -108,6 +108,8 @@ pub struct VcpuSnapshot {
     pub index: u8,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// The KERNEL_GS_BASE MSR (what SWAPGS swaps in), 0 if KVM would not tell.
+    pub kernel_gs_base: u64,
 }
 
 /// Requests the vCPU threads serve between two KVM_RUNs.
@@ -279,7 +281,9 @@ impl Lifecycle {
 
     fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
         let snapshot = match (vcpu.get_regs(), vcpu.get_sregs()) {
-            (Ok(regs), Ok(sregs)) => Some(VcpuSnapshot { index, regs, sregs }),
+            (Ok(regs), Ok(sregs)) => {
+                Some(VcpuSnapshot { index, regs, sregs, kernel_gs_base: msr::kernel_gs_base(vcpu).unwrap_or(0) })
+            }
             _ => None,
         };
         let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());

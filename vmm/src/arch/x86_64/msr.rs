@@ -50,6 +50,16 @@ fn boot_msr_entries() -> Vec<kvm_msr_entry> {
 }
 
 /// Sets the boot MSRs; every one must be accepted.
+/// The KERNEL_GS_BASE MSR of a vCPU.
+pub fn kernel_gs_base(vcpu: &VcpuFd) -> Option<u64> {
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry { index: MSR_KERNEL_GS_BASE, ..Default::default() }]).ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
     let entries = boot_msr_entries();
     let msrs = Msrs::from_entries(&entries).map_err(MsrError::Build)?;
