@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use guest_images::agent::{self as abi, E820_MIRROR, MAX_PATTERN, MAX_WATCHES};
-use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
+use mirror_driver::importer::{MappedGrant, SourceEvent};
 use mirror_driver::protocol::{Range, VcpuRegs};
-use mirror_driver::qemu::{QemuError, QemuSource};
 use vmm::boot::BootSource;
 use vmm::devices::doorbell::Doorbell;
 use vmm::devices::serial::SerialOutput;
@@ -19,6 +19,8 @@ use vmm::vstate::vm::Vm;
 use vmm::{VmConfig, VmExit, Vmm};
 
 use crate::agent_link::{AgentError, AgentLink};
+pub use crate::source::SourceSpec;
+use crate::source::{Source, SourceError};
 
 /// Where source GPA 0 appears in the agent's physical address space (above its RAM
 /// and the MMIO gap); source GPA `g` is at `WINDOW_BASE + g`.
@@ -37,24 +39,6 @@ pub const MAX_HASH_LEN: u64 = 1 << 30;
 pub const SCAN_STEP: u64 = 256 << 20;
 /// Longest a latency measurement may spin in the agent.
 pub const MAX_LATENCY_MS: u64 = 10_000;
-
-/// What the inspector attaches to.
-#[derive(Clone, Debug)]
-pub enum SourceSpec {
-    /// A Specula `vmm`'s mirror socket.
-    Mirror(PathBuf),
-    /// An unmodified QEMU, through its QMP socket (its pid: the socket's peer unless given).
-    Qemu { qmp: PathBuf, pid: Option<u32> },
-}
-
-impl std::fmt::Display for SourceSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SourceSpec::Mirror(path) => write!(f, "{}", path.display()),
-            SourceSpec::Qemu { qmp, .. } => write!(f, "QEMU at {}", qmp.display()),
-        }
-    }
-}
 
 /// How the daemon runs.
 #[derive(Clone)]
@@ -75,9 +59,7 @@ pub struct DaemonConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("attaching to the source")]
-    Import(#[from] ImportError),
-    #[error("attaching to QEMU")]
-    Qemu(#[from] QemuError),
+    Source(#[from] SourceError),
     #[error("the source's RAM ends at {0:#x}, beyond the {MAX_WINDOW_END:#x} the mirror window can map")]
     SourceTooLarge(u64),
     #[error("range {gpa:#x}+{len:#x} is not 4 KiB-aligned; memslots map whole pages")]
@@ -107,10 +89,8 @@ pub enum InspectError {
     BadRequest(String),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
-    #[error("source: {0}")]
-    Source(#[from] ImportError),
-    #[error("QEMU: {0}")]
-    Qemu(#[from] QemuError),
+    #[error("{0}")]
+    Source(#[from] SourceError),
     #[error("the agent's reply is not credible: {0}")]
     BadReply(String),
 }
@@ -149,8 +129,7 @@ pub struct Inspector {
     link: AgentLink,
     vm: Arc<Vm>,
     grants: RwLock<GrantMap>,
-    importer: OnceLock<Arc<Importer>>,
-    qemu: Option<QemuSource>,
+    source: Box<dyn Source>,
     source_gone: AtomicBool,
     window_len: u64,
     /// The range of each watch, by id.
@@ -321,11 +300,7 @@ impl Inspector {
         if self.source_gone() {
             return Err(InspectError::BadRequest("the source is gone".into()));
         }
-        if let Some(qemu) = &self.qemu {
-            return Ok(qemu.vcpu_state()?);
-        }
-        let importer = self.importer.get().ok_or_else(|| InspectError::BadRequest("not attached yet".into()))?;
-        Ok(importer.vcpu_state()?)
+        Ok(self.source.vcpu_state()?)
     }
 
     /// Pauses (`true`) or resumes the source's vCPUs, where the source lets the inspector.
@@ -333,26 +308,12 @@ impl Inspector {
         if self.source_gone() {
             return Err(InspectError::BadRequest("the source is gone".into()));
         }
-        let Some(qemu) = &self.qemu else {
-            return Err(InspectError::BadRequest(
-                "a Specula source is paused through its vmm's API socket (pause, resume)".into(),
-            ));
-        };
-        if paused {
-            qemu.pause()?;
-        } else {
-            qemu.resume()?;
-        }
-        Ok(())
+        Ok(self.source.set_paused(paused)?)
     }
 
     /// What the inspector is attached to: `specula` or `qemu`.
     pub fn source_kind(&self) -> &'static str {
-        if self.qemu.is_some() {
-            "qemu"
-        } else {
-            "specula"
-        }
+        self.source.kind()
     }
 
     /// Size of the mirror window (the source's highest RAM address).
@@ -360,8 +321,8 @@ impl Inspector {
         self.window_len
     }
 
-    /// Handles a source event; `importer` acknowledges revokes (mirror sources only).
-    fn on_event(&self, importer: Option<&Importer>, event: SourceEvent) {
+    /// Handles a source event.
+    fn on_event(&self, event: SourceEvent) {
         match event {
             SourceEvent::Revoke { grant_id, nonce } => {
                 let removed = self.write_grants().remove(&grant_id);
@@ -374,7 +335,7 @@ impl Inspector {
                     drop(live);
                     say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
                 }
-                if let Err(e) = importer.map_or(Ok(()), |i| i.ack_revoke(grant_id, nonce)) {
+                if let Err(e) = self.source.acknowledge_revoke(grant_id, nonce) {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }
@@ -397,7 +358,7 @@ impl Inspector {
 /// Attaches, builds and runs the agent VM until it stops; returns how it ended.
 pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let started = Instant::now();
-    let attached = attach(config)?;
+    let attached = crate::source::attach(&config.source, config.ranges.as_deref(), check_plan)?;
     let window_len = attached.window_len;
 
     let doorbell = Arc::new(Doorbell::new());
@@ -448,13 +409,12 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         link,
         vm,
         grants: RwLock::new(grants),
-        importer: OnceLock::new(),
-        qemu: attached.qemu,
+        source: attached.source,
         source_gone: AtomicBool::new(false),
         window_len,
         watches: Mutex::new(Vec::new()),
     });
-    start_events(&inspector, attached.importer)?;
+    start_events(&inspector, attached.events).map_err(DaemonError::Control)?;
 
     if let Some(path) = &config.control_socket {
         crate::control::serve(path, inspector.clone()).map_err(DaemonError::Control)?;
@@ -464,72 +424,33 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     Ok(exit)
 }
 
-/// A source attached and its RAM mapped, before the agent VM exists.
-struct Attached {
-    mapped: Vec<MappedGrant>,
-    window_len: u64,
-    importer: Option<Importer>,
-    qemu: Option<QemuSource>,
-}
-
-/// Attaches to the configured source and maps the ranges asked for (all of RAM by default).
-fn attach(config: &DaemonConfig) -> Result<Attached, DaemonError> {
-    let (map, importer, qemu) = match &config.source {
-        SourceSpec::Mirror(path) => {
-            let importer = Importer::connect(path)?;
-            (importer.memory_map()?, Some(importer), None)
-        }
-        SourceSpec::Qemu { qmp, pid } => {
-            let qemu = QemuSource::attach(qmp, *pid)?;
-            (qemu.memory_map(), None, Some(qemu))
-        }
-    };
-    let window_len = map.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+/// Refuses a source the mirror window cannot hold, and ranges memslots cannot map.
+fn check_plan(window_len: u64, ranges: &[Range]) -> Result<(), DaemonError> {
     if WINDOW_BASE + window_len > MAX_WINDOW_END {
         return Err(DaemonError::SourceTooLarge(window_len));
     }
-    let ranges = config.ranges.clone().unwrap_or(map);
-    for r in &ranges {
-        if !r.gpa.is_multiple_of(PAGE) || !r.len.is_multiple_of(PAGE) {
-            return Err(DaemonError::Unaligned { gpa: r.gpa, len: r.len });
-        }
+    match ranges.iter().find(|r| !r.gpa.is_multiple_of(PAGE) || !r.len.is_multiple_of(PAGE)) {
+        Some(r) => Err(DaemonError::Unaligned { gpa: r.gpa, len: r.len }),
+        None => Ok(()),
     }
-    let mapped = match (&importer, &qemu) {
-        (Some(importer), _) => importer.grant(&ranges)?,
-        (None, Some(qemu)) => qemu.map(&ranges)?,
-        (None, None) => unreachable!("one source or the other"),
-    };
-    Ok(Attached { mapped, window_len, importer, qemu })
 }
 
-/// Routes the source's events to the inspector: the mirror's through the importer's
-/// reader thread, QEMU's from its QMP event channel.
-fn start_events(inspector: &Arc<Inspector>, importer: Option<Importer>) -> Result<(), DaemonError> {
+/// Hands the source's events to the inspector on a thread of their own, until the
+/// source is gone or the inspector is.
+fn start_events(inspector: &Arc<Inspector>, events: Receiver<SourceEvent>) -> std::io::Result<()> {
     let weak: Weak<Inspector> = Arc::downgrade(inspector);
-    if let Some(importer) = importer {
-        let importer = importer.start_events(move |importer, event| {
-            if let Some(inspector) = weak.upgrade() {
-                inspector.on_event(Some(importer), event);
+    std::thread::Builder::new().name("source-events".into()).spawn(move || {
+        for event in events {
+            let gone = event == SourceEvent::Gone;
+            match weak.upgrade() {
+                Some(inspector) => inspector.on_event(event),
+                None => return,
             }
-        })?;
-        let _ = inspector.importer.set(importer);
-    } else if let Some(events) = inspector.qemu.as_ref().and_then(QemuSource::take_events) {
-        std::thread::Builder::new()
-            .name("qemu-events".into())
-            .spawn(move || {
-                for event in events {
-                    let gone = event == SourceEvent::Gone;
-                    match weak.upgrade() {
-                        Some(inspector) => inspector.on_event(None, event),
-                        None => return,
-                    }
-                    if gone {
-                        return;
-                    }
-                }
-            })
-            .map_err(DaemonError::Control)?;
-    }
+            if gone {
+                return;
+            }
+        }
+    })?;
     Ok(())
 }
 

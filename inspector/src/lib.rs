@@ -1,7 +1,9 @@
-//! Specula's inspector: attaches to a source VMM through the mirror device,
+//! Specula's inspector: attaches to a source VMM through the mirror device (or to
+//! an unmodified QEMU through QMP),
 //! maps granted source RAM as read-only memslots of an isolated agent VM, and
 //! serves analysis (read, hash, scan, integrity watch) run by the agent in ring 3.
 
 pub mod agent_link;
 pub mod control;
 pub mod daemon;
+pub mod source;

@@ -1,0 +1,148 @@
+//! One source interface: a Specula `vmm` behind the mirror device, or an unmodified
+//! QEMU behind QMP. Attaching maps the RAM asked for read-only and yields the
+//! source's events on a channel; the rest of the inspector does not care which
+//! kind it has.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+
+use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
+use mirror_driver::protocol::{Range, VcpuRegs};
+use mirror_driver::qemu::{QemuError, QemuSource};
+
+/// What the inspector attaches to.
+#[derive(Clone, Debug)]
+pub enum SourceSpec {
+    /// A Specula `vmm`'s mirror socket.
+    Mirror(PathBuf),
+    /// An unmodified QEMU, through its QMP socket (its pid: the socket's peer unless given).
+    Qemu { qmp: PathBuf, pid: Option<u32> },
+}
+
+impl std::fmt::Display for SourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceSpec::Mirror(path) => write!(f, "{}", path.display()),
+            SourceSpec::Qemu { qmp, .. } => write!(f, "QEMU at {}", qmp.display()),
+        }
+    }
+}
+
+/// Failures of a source operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source: {0}")]
+    Mirror(#[from] ImportError),
+    #[error("QEMU: {0}")]
+    Qemu(#[from] QemuError),
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// What the inspector asks of a source once attached.
+pub trait Source: Send + Sync {
+    /// `specula` or `qemu`.
+    fn kind(&self) -> &'static str;
+    /// Registers of every vCPU.
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceError>;
+    /// Stops (`true`) or resumes the source's vCPUs, where the source lets an inspector.
+    fn set_paused(&self, paused: bool) -> Result<(), SourceError>;
+    /// Tells the source a revoked grant is unmapped (mirror sources revoke; others never do).
+    fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError>;
+}
+
+/// A source attached, its RAM mapped, its events on their way.
+pub struct Attached {
+    pub source: Box<dyn Source>,
+    pub mapped: Vec<MappedGrant>,
+    /// The source's highest RAM address (the mirror window's length).
+    pub window_len: u64,
+    pub events: Receiver<SourceEvent>,
+}
+
+/// Attaches to `spec` and maps `ranges` (all of the source's RAM when `None`);
+/// `check` vets the memory map and the ranges before anything is mapped.
+pub fn attach<E>(
+    spec: &SourceSpec,
+    ranges: Option<&[Range]>,
+    check: impl Fn(u64, &[Range]) -> Result<(), E>,
+) -> Result<Attached, E>
+where
+    E: From<SourceError>,
+{
+    match spec {
+        SourceSpec::Mirror(path) => {
+            let importer = Importer::connect(path).map_err(SourceError::from)?;
+            let map = importer.memory_map().map_err(SourceError::from)?;
+            let (window_len, ranges) = plan(&map, ranges);
+            check(window_len, &ranges)?;
+            let mapped = importer.grant(&ranges).map_err(SourceError::from)?;
+            let (tx, events) = mpsc::channel();
+            let importer = importer
+                .start_events(move |_, event| {
+                    let _ = tx.send(event);
+                })
+                .map_err(SourceError::from)?;
+            Ok(Attached { source: Box::new(MirrorSource(importer)), mapped, window_len, events })
+        }
+        SourceSpec::Qemu { qmp, pid } => {
+            let qemu = QemuSource::attach(qmp, *pid).map_err(SourceError::from)?;
+            let (window_len, ranges) = plan(&qemu.memory_map(), ranges);
+            check(window_len, &ranges)?;
+            let mapped = qemu.map(&ranges).map_err(SourceError::from)?;
+            let events = qemu.take_events().expect("a fresh QEMU source has its event channel");
+            Ok(Attached { source: Box::new(qemu), mapped, window_len, events })
+        }
+    }
+}
+
+/// The window length a memory map needs, and the ranges to map.
+fn plan(map: &[Range], ranges: Option<&[Range]>) -> (u64, Vec<Range>) {
+    let window_len = map.iter().map(|r| r.gpa + r.len).max().unwrap_or(0);
+    (window_len, ranges.map(<[Range]>::to_vec).unwrap_or_else(|| map.to_vec()))
+}
+
+/// A Specula `vmm` source.
+struct MirrorSource(Arc<Importer>);
+
+impl Source for MirrorSource {
+    fn kind(&self) -> &'static str {
+        "specula"
+    }
+
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceError> {
+        Ok(self.0.vcpu_state()?)
+    }
+
+    fn set_paused(&self, _paused: bool) -> Result<(), SourceError> {
+        Err(SourceError::Unsupported("a Specula source is paused through its vmm's API socket (pause, resume)"))
+    }
+
+    fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError> {
+        Ok(self.0.ack_revoke(grant_id, nonce)?)
+    }
+}
+
+impl Source for QemuSource {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceError> {
+        Ok(QemuSource::vcpu_state(self)?)
+    }
+
+    fn set_paused(&self, paused: bool) -> Result<(), SourceError> {
+        if paused {
+            self.pause()?;
+        } else {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
+    fn acknowledge_revoke(&self, _grant_id: u64, _nonce: u64) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
