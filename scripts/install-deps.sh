@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set-up step 1: the Debian packages Specula's build, tests and benchmarks use.
 #   qemu-system-x86  the live Linux guest for introspection tests, and the benchmark baseline
-#   busybox-static, cpio, gzip  the Linux guest's initramfs (guest-images/linux/build.sh)
+#   busybox-static, cpio, gzip  the Linux guest's initramfs images (guest-images/linux/build.sh)
+#   libc6-dev        glibc's static libc.a, for the introspection guest's specula-marker (gcc -static)
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

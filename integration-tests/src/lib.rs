@@ -3,8 +3,12 @@
 //!
 //! Tests that need something absent (/dev/kvm, a binary, the Linux image) fail
 //! with a message naming it; nothing is skipped silently.
+//!
+//! [`linux_guest`] is the live Linux guest (QEMU, TCG, memfd RAM) with known
+//! processes, a kernel module and its own ground truth, for introspection tests.
 
 pub mod bench;
+pub mod linux_guest;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
