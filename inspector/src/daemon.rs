@@ -89,10 +89,17 @@ pub enum InspectError {
     BadRequest(String),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
-    #[error("{0}")]
-    Source(#[from] SourceError),
+    /// The whole chain in one message: these errors end up as one reply line.
+    #[error("{}", vmm::error_chain(.0))]
+    Source(SourceError),
     #[error("the agent's reply is not credible: {0}")]
     BadReply(String),
+}
+
+impl From<SourceError> for InspectError {
+    fn from(e: SourceError) -> Self {
+        InspectError::Source(e)
+    }
 }
 
 /// Fails unless every byte of `[gpa, gpa + len)` lies in a live grant.

@@ -32,9 +32,9 @@ impl std::fmt::Display for SourceSpec {
 /// Failures of a source operation.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("source: {0}")]
+    #[error("mirror device")]
     Mirror(#[from] ImportError),
-    #[error("QEMU: {0}")]
+    #[error("QEMU")]
     Qemu(#[from] QemuError),
     #[error("{0}")]
     Unsupported(&'static str),

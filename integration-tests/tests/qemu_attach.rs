@@ -260,3 +260,13 @@ fn pause_resume_and_exit_of_qemu_become_inspector_events() {
     assert_eq!(inspector.ask("read 0xf0000 16"), before, "the last contents stay readable");
     assert!(inspector.ask("pause").starts_with("error"), "nothing to pause any more");
 }
+
+#[test]
+fn a_qmp_socket_another_client_holds_is_reported_not_waited_on_forever() {
+    let dir = TempDir::new("qemu-busy");
+    let args = Qemu::memfd_ram("128M", "pc");
+    let qemu = Qemu::start(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let _first = Inspector::attach(&dir, &qemu.qmp);
+    let stderr = attach_error(&qemu.qmp, None);
+    assert!(stderr.contains("did not greet us") && stderr.contains("second `-qmp"), "{stderr}");
+}

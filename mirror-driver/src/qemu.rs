@@ -32,6 +32,8 @@ use crate::protocol::{Grant, Range, VcpuRegs, MAX_VCPUS};
 
 /// Longest QMP line accepted (an `info mtree` reply of a big machine fits many times).
 pub const MAX_QMP_LINE: u64 = 16 << 20;
+/// How long QEMU may take to greet a new QMP client.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most flat-view lines and RAM ranges considered.
@@ -51,6 +53,8 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("QEMU's QMP socket {0} did not greet us: QEMU serves one client per QMP socket, and another holds it (add a second `-qmp unix:PATH,server=on,wait=off` for the inspector)")]
+    Busy(PathBuf),
     #[error("QMP I/O failed")]
     Io(#[source] std::io::Error),
     #[error("QMP: {0}")]
@@ -109,7 +113,15 @@ impl Qmp {
             UnixStream::connect(path).map_err(|source| QemuError::Connect { path: path.to_path_buf(), source })?;
         let peer_pid = crate::socket::peer_cred(&stream).map_err(QemuError::Io)?.pid as u32;
         let mut reader = BufReader::new(stream.try_clone().map_err(QemuError::Io)?);
-        let greeting = read_message(&mut reader)?;
+        // QEMU serves one QMP client per socket: a busy socket accepts and then says nothing.
+        stream.set_read_timeout(Some(GREETING_TIMEOUT)).map_err(QemuError::Io)?;
+        let greeting = read_message(&mut reader).map_err(|e| match e {
+            QemuError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                QemuError::Busy(path.to_path_buf())
+            }
+            other => other,
+        })?;
+        stream.set_read_timeout(None).map_err(QemuError::Io)?;
         if greeting.get("QMP").is_none() {
             return Err(QemuError::Protocol(format!("no QMP greeting: {}", clip(&greeting.to_string()))));
         }
@@ -172,6 +184,14 @@ impl Qmp {
     }
 }
 
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        // The reader thread holds a clone of the socket: shut it down so QEMU sees the
+        // client leave (it serves one at a time) and the thread ends.
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -183,7 +203,10 @@ fn clip(text: &str) -> String {
 /// Reads one QMP message (one JSON object per line), at most [`MAX_QMP_LINE`] bytes.
 fn read_message(reader: &mut impl BufRead) -> Result<Value, QemuError> {
     let mut line = Vec::new();
-    let n = reader.take(MAX_QMP_LINE + 1).read_until(b'\n', &mut line).map_err(QemuError::Io)?;
+    let n = reader.take(MAX_QMP_LINE + 1).read_until(b'\n', &mut line).map_err(|e| match e.kind() {
+        std::io::ErrorKind::ConnectionReset => QemuError::Gone,
+        _ => QemuError::Io(e),
+    })?;
     if n == 0 {
         return Err(QemuError::Gone);
     }
