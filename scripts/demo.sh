@@ -9,9 +9,15 @@
 #   5. the source discards a page and revokes a grant (the inspector unmaps it;
 #      a holder that ignored it would keep only a dead snapshot);
 #   6. the source exits; the inspector keeps serving the rest.
+#
+# `scripts/demo.sh qemu` is the second mode: the source is a real Linux guest under an
+# unmodified QEMU (TCG, memfd RAM), and the inspector attaches to it through QMP.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/setup.sh
+if [ "${1:-}" = "qemu" ]; then
+    exec scripts/demo-qemu.sh
+fi
 vmm=target/debug/vmm
 inspector=target/debug/inspector
 run="$(mktemp -d)"
