@@ -8,8 +8,10 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Guest source files under `guests/`, each one image.
-const GUESTS: &[&str] = &["hello", "source-workload", "inspector-agent"];
+/// Guest source files under `guests/`, each one image built by rustc alone.
+const GUESTS: &[&str] = &["hello", "source-workload"];
+/// Guests that link crates: each a cargo package under its own directory.
+const PACKAGES: &[(&str, &str)] = &[("inspector-agent", "agent")];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
@@ -29,7 +31,64 @@ fn main() {
         build_guest(&rustc, &source, &linker_script, &built);
         std::fs::copy(&built, out_dir.join(format!("{guest}.elf"))).expect("copy guest image");
     }
+    for (guest, dir) in PACKAGES {
+        let package = manifest_dir.join(dir);
+        println!("cargo:rerun-if-changed={}", package.display());
+        let built = build_package(&package, guest, &linker_script, &scratch);
+        std::fs::copy(&built, out_dir.join(format!("{guest}.elf"))).expect("copy guest image");
+    }
     println!("cargo:rustc-env=SPECULA_GUEST_IMAGES_DIR={}", out_dir.display());
+}
+
+/// The freestanding static-ELF flags every guest links with.
+fn guest_flags(linker_script: &Path) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "-C",
+        "relocation-model=static",
+        "-C",
+        "target-cpu=x86-64",
+        "-C",
+        "link-arg=-nostartfiles",
+        "-C",
+        "link-arg=-nostdlib",
+        "-C",
+        "link-arg=-static",
+        "-C",
+        "link-arg=-no-pie",
+        "-C",
+        "link-arg=-Wl,--build-id=none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.push("-C".into());
+    flags.push(format!("link-arg=-Wl,-T,{}", linker_script.display()));
+    flags
+}
+
+/// Builds the cargo package at `package` (its own workspace and Cargo.lock) for the
+/// host target with the guest flags, in its own target directory; returns the binary.
+fn build_package(package: &Path, bin: &str, linker_script: &Path, scratch: &Path) -> PathBuf {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target = env::var("TARGET").expect("TARGET");
+    let target_dir = scratch.join("packages");
+    // With an explicit --target, RUSTFLAGS reach only the guest's own crates, never the
+    // build scripts or proc macros of its dependencies, which run on the host.
+    let rustflags = guest_flags(linker_script).join("\x1f");
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "--locked", "--bin", bin, "--target", &target])
+        .arg("--manifest-path")
+        .arg(package.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} to build guest {bin}: {e}"));
+    assert!(status.success(), "building guest {bin} ({}) failed ({status})", package.display());
+    target_dir.join(&target).join("release").join(bin)
 }
 
 /// `target/guest-images`, found from OUT_DIR (target/PROFILE/build/PKG-HASH/out).
@@ -48,11 +107,7 @@ fn build_guest(rustc: &str, source: &Path, linker_script: &Path, output: &Path) 
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .args(["--edition", "2021", "--crate-type", "bin"])
         .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "debuginfo=1"])
-        .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
-        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib", "-C", "link-arg=-static"])
-        .args(["-C", "link-arg=-no-pie", "-C", "link-arg=-Wl,--build-id=none"])
-        .arg("-C")
-        .arg(format!("link-arg=-Wl,-T,{}", linker_script.display()))
+        .args(guest_flags(linker_script))
         .arg("-o")
         .arg(output)
         .arg(source)
