@@ -83,6 +83,11 @@ fn build_package(package: &Path, bin: &str, linker_script: &Path, scratch: &Path
         .arg(&target_dir)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
         .env_remove("RUSTFLAGS")
+        // Under `cargo clippy` the outer build runs a rustc wrapper; the guest builds with
+        // plain rustc, as the rustc-only guests do.
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("CLIPPY_ARGS")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .status()
