@@ -90,7 +90,7 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
         "watch" => {
             let gpa = number(words.next(), "GPA")?;
             let len = number(words.next(), "LEN")?;
-            Ok(format!("id={}", inspector.watch(gpa, len).map_err(e)?))
+            Ok(format!("id={}", inspector.watch(gpa, len, false).map_err(e)?))
         }
         "check" => {
             let id = number(words.next(), "ID")? as usize;

@@ -2,7 +2,7 @@
 //! every grant in the agent VM's mirror window as a read-only memslot, boot the
 //! agent, react to source events, and answer analysis requests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -19,6 +19,7 @@ use vmm::vstate::vm::Vm;
 use vmm::{VmConfig, VmExit, Vmm};
 
 use crate::agent_link::{AgentError, AgentLink};
+use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
 
@@ -47,6 +48,8 @@ pub struct DaemonConfig {
     /// Ranges to ask for; `None` asks for all of the source's RAM.
     pub ranges: Option<Vec<Range>>,
     pub control_socket: Option<PathBuf>,
+    /// The HTTP API socket, and who may use it.
+    pub api: Option<(PathBuf, crate::api::ApiAccess)>,
     pub memory: u64,
     pub serial: SerialOutput,
     /// Ranges to keep under an integrity watch, reported on stdout as they change.
@@ -87,6 +90,8 @@ pub enum InspectError {
     NotGranted { gpa: u64, len: u64 },
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("agent: {0}")]
     Agent(#[from] AgentError),
     /// The whole chain in one message: these errors end up as one reply line.
@@ -139,8 +144,26 @@ pub struct Inspector {
     source: Box<dyn Source>,
     source_gone: AtomicBool,
     window_len: u64,
-    /// The range of each watch, by id.
-    watches: Mutex<Vec<Range>>,
+    /// Each watch, by id (its agent slot).
+    watches: Mutex<Vec<WatchState>>,
+    events: EventBus,
+}
+
+/// Changes a polled watch kept: the pages, and the event that told them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub seq: u64,
+    pub pages: Vec<u64>,
+}
+
+/// Findings kept per watch (the oldest go first).
+pub const MAX_FINDINGS: usize = 256;
+
+struct WatchState {
+    range: Range,
+    polled: bool,
+    deleted: bool,
+    findings: VecDeque<Finding>,
 }
 
 fn say(line: std::fmt::Arguments) {
@@ -180,6 +203,11 @@ impl Inspector {
         let grants = self.read_grants();
         covered(&grants, gpa, len)?;
         Ok(grants)
+    }
+
+    /// Fails unless every byte of the range is granted now.
+    pub fn check_range(&self, gpa: u64, len: u64) -> Result<(), InspectError> {
+        covered(&self.read_grants(), gpa, len)
     }
 
     /// The bytes of a granted range, read by the agent.
@@ -245,8 +273,10 @@ impl Inspector {
         Ok((claimed, hits))
     }
 
-    /// Starts an integrity watch over a granted, page-aligned range; returns its id.
-    pub fn watch(&self, gpa: u64, len: u64) -> Result<usize, InspectError> {
+    /// Starts an integrity watch over a granted, page-aligned range; returns its id. A
+    /// `polled` watch is checked by the inspector every watch interval, its changes kept
+    /// as findings and published as events; the others are checked on request.
+    pub fn watch(&self, gpa: u64, len: u64, polled: bool) -> Result<usize, InspectError> {
         if !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 || len > abi::MAX_WATCH_LEN {
             return Err(InspectError::BadRequest(format!(
                 "watched ranges are whole pages, at most {} MiB",
@@ -254,21 +284,62 @@ impl Inspector {
             )));
         }
         let _granted = self.check_granted(gpa, len)?;
-        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
-        if watches.len() >= MAX_WATCHES {
-            return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches")));
-        }
-        let id = watches.len();
+        let mut watches = self.lock_watches();
+        // A deleted watch's agent slot is reused.
+        let id = match watches.iter().position(|w| w.deleted) {
+            Some(free) => free,
+            None if watches.len() < MAX_WATCHES => watches.len(),
+            None => return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches"))),
+        };
         self.link.call(abi::OP_WATCH_SET, [id as u64, gpa, len, 0], &[])?;
-        watches.push(Range { gpa, len });
+        let state = WatchState { range: Range { gpa, len }, polled, deleted: false, findings: VecDeque::new() };
+        if id == watches.len() {
+            watches.push(state);
+        } else {
+            watches[id] = state;
+        }
         Ok(id)
+    }
+
+    fn lock_watches(&self) -> std::sync::MutexGuard<'_, Vec<WatchState>> {
+        self.watches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops watch `id`; its agent slot may be reused.
+    pub fn delete_watch(&self, id: usize) -> Result<(), InspectError> {
+        match self.lock_watches().get_mut(id) {
+            Some(w) if !w.deleted => {
+                w.deleted = true;
+                Ok(())
+            }
+            _ => Err(InspectError::NotFound(format!("no watch {id}"))),
+        }
+    }
+
+    /// Every live watch: (id, range, polled, findings kept).
+    pub fn watches(&self) -> Vec<(usize, Range, bool, usize)> {
+        let watches = self.lock_watches();
+        watches
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.deleted)
+            .map(|(id, w)| (id, w.range, w.polled, w.findings.len()))
+            .collect()
+    }
+
+    /// The findings kept for a polled watch, oldest first.
+    pub fn findings(&self, id: usize) -> Result<Vec<Finding>, InspectError> {
+        match self.lock_watches().get(id) {
+            Some(w) if !w.deleted => Ok(w.findings.iter().cloned().collect()),
+            _ => Err(InspectError::NotFound(format!("no watch {id}"))),
+        }
     }
 
     /// Pages of watch `id` that changed since the last check (or since it was set). Fails,
     /// without asking the agent, once any of the watched range is no longer granted.
     pub fn check(&self, id: usize) -> Result<Vec<u64>, InspectError> {
-        let range = self.watches.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied();
-        let range = range.ok_or_else(|| InspectError::BadRequest(format!("no watch {id}")))?;
+        let range = self.lock_watches().get(id).filter(|w| !w.deleted).map(|w| w.range);
+        let range = range.ok_or_else(|| InspectError::NotFound(format!("no watch {id}")))?;
         let _granted = self.check_granted(range.gpa, range.len)?;
         let done = self.link.call(abi::OP_WATCH_CHECK, [id as u64, 0, 0, 0], &[])?;
         let pages = done.u64s(0, done.result[0], range.len / PAGE)?;
@@ -277,6 +348,56 @@ impl Inspector {
             return Err(InspectError::BadReply(format!("changed page {bad:#x} is not in watch {id}")));
         }
         Ok(pages)
+    }
+
+    /// Checks every polled watch once: records and publishes what changed; a watch whose
+    /// check fails (its range revoked) stops being polled, with one `watch.failed` event.
+    fn poll_watches(&self) {
+        let polled: Vec<(usize, Range)> = self
+            .lock_watches()
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.polled && !w.deleted)
+            .map(|(id, w)| (id, w.range))
+            .collect();
+        for (id, range) in polled {
+            match self.check(id) {
+                Ok(pages) if !pages.is_empty() => {
+                    let list: Vec<String> = pages.iter().take(8).map(|p| format!("{p:#x}")).collect();
+                    say(format_args!(
+                        "integrity watch {id}: {} page(s) of {:#x}+{:#x} changed: {}",
+                        pages.len(),
+                        range.gpa,
+                        range.len,
+                        list.join(" ")
+                    ));
+                    let seq = self.events.publish(
+                        "watch.changed",
+                        serde_json::json!({ "watch": id, "gpa": range.gpa, "len": range.len, "pages": pages }),
+                    );
+                    let mut watches = self.lock_watches();
+                    if let Some(w) = watches.get_mut(id) {
+                        if w.findings.len() == MAX_FINDINGS {
+                            w.findings.pop_front();
+                        }
+                        w.findings.push_back(Finding { seq, pages });
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    say(format_args!("integrity watch {id}: {e}"));
+                    self.events.publish("watch.failed", serde_json::json!({ "watch": id, "error": e.to_string() }));
+                    if let Some(w) = self.lock_watches().get_mut(id) {
+                        w.polled = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The inspector's event stream.
+    pub fn events(&self) -> &EventBus {
+        &self.events
     }
 
     /// Has the agent try to write `byte` into the window at `gpa`; returns what it reads back.
@@ -341,18 +462,28 @@ impl Inspector {
                     }
                     drop(live);
                     say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
+                    self.events
+                        .publish("grant.revoked", serde_json::json!({ "grant": grant_id, "gpa": g.gpa, "len": g.len }));
                 }
                 if let Err(e) = self.source.acknowledge_revoke(grant_id, nonce) {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }
             SourceEvent::Discard { gpa, len } => {
-                say(format_args!("source discarded {gpa:#x}+{len:#x}; those pages now read as zeros"))
+                say(format_args!("source discarded {gpa:#x}+{len:#x}; those pages now read as zeros"));
+                self.events.publish("source.discarded", serde_json::json!({ "gpa": gpa, "len": len }));
             }
-            SourceEvent::Paused => say(format_args!("source paused")),
-            SourceEvent::Resumed => say(format_args!("source resumed")),
+            SourceEvent::Paused => {
+                say(format_args!("source paused"));
+                self.events.publish("source.paused", serde_json::json!({}));
+            }
+            SourceEvent::Resumed => {
+                say(format_args!("source resumed"));
+                self.events.publish("source.resumed", serde_json::json!({}));
+            }
             SourceEvent::Gone => {
                 self.source_gone.store(true, Ordering::SeqCst);
+                self.events.publish("source.gone", serde_json::json!({}));
                 say(format_args!(
                     "source gone; still serving {} grants with their last contents",
                     self.read_grants().len()
@@ -420,11 +551,15 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         source_gone: AtomicBool::new(false),
         window_len,
         watches: Mutex::new(Vec::new()),
+        events: EventBus::new(),
     });
     start_events(&inspector, attached.events).map_err(DaemonError::Control)?;
 
     if let Some(path) = &config.control_socket {
         crate::control::serve(path, inspector.clone()).map_err(DaemonError::Control)?;
+    }
+    if let Some((path, access)) = &config.api {
+        crate::api::serve(path, inspector.clone(), access.clone()).map_err(DaemonError::Control)?;
     }
     start_watches(&inspector, config);
     let exit = vmm.run(true, Vec::new())?;
@@ -463,43 +598,28 @@ fn start_events(inspector: &Arc<Inspector>, events: Receiver<SourceEvent>) -> st
 
 /// Waits for the agent, sets the configured watches, and reports changes as they happen.
 fn start_watches(inspector: &Arc<Inspector>, config: &DaemonConfig) {
-    let inspector = inspector.clone();
+    let weak = Arc::downgrade(inspector);
     let watches = config.watches.clone();
     let interval = config.watch_interval;
     let _ = std::thread::Builder::new().name("integrity-watch".into()).spawn(move || {
+        let Some(inspector) = weak.upgrade() else { return };
         if !inspector.link.wait_ready(Duration::from_secs(60)) {
             say(format_args!("the agent did not become ready"));
             return;
         }
         say(format_args!("agent ready"));
-        let mut ids = Vec::new();
         for w in &watches {
-            match inspector.watch(w.gpa, w.len) {
-                Ok(id) => {
-                    say(format_args!("integrity watch {id} on {:#x}+{:#x}: baseline taken", w.gpa, w.len));
-                    ids.push((id, *w));
-                }
+            match inspector.watch(w.gpa, w.len, true) {
+                Ok(id) => say(format_args!("integrity watch {id} on {:#x}+{:#x}: baseline taken", w.gpa, w.len)),
                 Err(e) => say(format_args!("cannot watch {:#x}+{:#x}: {e}", w.gpa, w.len)),
             }
         }
-        while !ids.is_empty() {
+        drop(inspector);
+        // Polls every watch made polled, from the command line or through the API.
+        loop {
             std::thread::sleep(interval);
-            for (id, w) in &ids {
-                match inspector.check(*id) {
-                    Ok(pages) if !pages.is_empty() => {
-                        let list: Vec<String> = pages.iter().take(8).map(|p| format!("{p:#x}")).collect();
-                        say(format_args!(
-                            "integrity watch {id}: {} page(s) of {:#x}+{:#x} changed: {}",
-                            pages.len(),
-                            w.gpa,
-                            w.len,
-                            list.join(" ")
-                        ));
-                    }
-                    Ok(_) => {}
-                    Err(e) => say(format_args!("integrity watch {id}: {e}")),
-                }
-            }
+            let Some(inspector) = weak.upgrade() else { return };
+            inspector.poll_watches();
         }
     });
 }

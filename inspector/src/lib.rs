@@ -4,6 +4,8 @@
 //! serves analysis (read, hash, scan, integrity watch) run by the agent in ring 3.
 
 pub mod agent_link;
+pub mod api;
 pub mod control;
 pub mod daemon;
+pub mod events;
 pub mod source;

@@ -26,7 +26,11 @@ Usage:
       QMP socket (its RAM must be a shared memfd backend: -object
       memory-backend-memfd,id=ram0,size=SIZE,share=on -machine memory-backend=ram0),
       map the ranges read-only into an agent VM, and serve analysis requests.
-      --control-socket PATH     serve requests on this Unix socket
+      --control-socket PATH     serve line requests on this Unix socket
+      --api-socket PATH         serve the HTTP/JSON API (/v1, OpenAPI at /v1/openapi.json)
+      --api-read-uid UID        may use the API's views (repeatable)
+      --api-control-uid UID     may also pause/resume and manage watches (repeatable;
+                                default: the inspector's own uid)
       --watch GPA:LEN           keep an integrity watch on a range (repeatable);
                                 changes are reported on stdout as they happen
       --watch-interval-ms N     how often watches are checked (default 250)
@@ -110,6 +114,9 @@ fn client(request: &str, args: &[String]) -> Result<ExitCode, String> {
 fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
     let mut source_socket = None;
     let mut qemu_qmp = None;
+    let mut api_socket = None;
+    let mut api_read_uids = Vec::new();
+    let mut api_control_uids = Vec::new();
     let mut qemu_pid = None;
     let mut ranges: Vec<mirror_driver::protocol::Range> = Vec::new();
     let mut all = false;
@@ -124,6 +131,16 @@ fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
         match arg.as_str() {
             "--source-socket" => source_socket = Some(PathBuf::from(value()?)),
             "--qemu-qmp" => qemu_qmp = Some(PathBuf::from(value()?)),
+            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
+            "--api-read-uid" | "--api-control-uid" => {
+                let v = value()?;
+                let uid: u32 = v.parse().map_err(|_| format!("invalid {arg} '{v}': expected a numeric uid"))?;
+                if arg == "--api-read-uid" {
+                    api_read_uids.push(uid)
+                } else {
+                    api_control_uids.push(uid)
+                }
+            }
             "--qemu-pid" => {
                 let v = value()?;
                 qemu_pid = Some(v.parse().map_err(|_| format!("invalid --qemu-pid '{v}'"))?);
@@ -161,6 +178,12 @@ fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
         source,
         ranges: (!all).then_some(ranges),
         control_socket,
+        api: api_socket.map(|path| {
+            // SAFETY: getuid cannot fail.
+            let own = unsafe { libc::getuid() };
+            let control_uids = if api_control_uids.is_empty() { vec![own] } else { api_control_uids };
+            (path, inspector::api::ApiAccess { read_uids: api_read_uids, control_uids })
+        }),
         memory,
         serial,
         watches,

@@ -1,0 +1,660 @@
+//! The introspection daemon's API: HTTP/1.1 over a Unix socket, versioned under
+//! `/v1`, JSON bodies (binary `application/octet-stream` for bulk memory, streamed),
+//! errors as JSON with a stable code, a request id on every reply, an event stream
+//! (Server-Sent Events) with sequence numbers and a replay backlog, and the OpenAPI
+//! document served at `/v1/openapi.json` (kept identical to `docs/openapi.json`).
+//!
+//! Access: the socket is created mode 0600 (0666 when other uids are allowed) and
+//! every connection's SO_PEERCRED uid is checked: read clients (`--api-read-uid`) may
+//! use the views, control clients (`--api-control-uid`, default the inspector's own
+//! uid) may also pause and resume the source and create or delete watches.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::connect_info::{self, ConnectInfo};
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+use crate::daemon::{InspectError, Inspector, MAX_READ};
+use crate::events::{self, Event};
+
+/// Bytes per agent read while streaming physical memory.
+const STREAM_CHUNK: u64 = MAX_READ;
+/// Longest JSON (hex) read.
+pub const MAX_JSON_READ: u64 = 64 << 10;
+/// Most scan hits per page of a scan reply.
+pub const MAX_SCAN_PAGE: usize = 100_000;
+
+/// Who may use the API.
+#[derive(Debug, Clone)]
+pub struct ApiAccess {
+    /// uids that may use the read-only views.
+    pub read_uids: Vec<u32>,
+    /// uids that may also control (pause, resume, watches).
+    pub control_uids: Vec<u32>,
+}
+
+impl ApiAccess {
+    fn may_read(&self, uid: u32) -> bool {
+        self.read_uids.contains(&uid) || self.control_uids.contains(&uid)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    inspector: Arc<Inspector>,
+    access: Arc<ApiAccess>,
+}
+
+/// The peer of a connection.
+#[derive(Clone, Debug)]
+struct Peer {
+    uid: Option<u32>,
+}
+
+impl connect_info::Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Peer { uid: stream.io().peer_cred().ok().map(|c| c.uid()) }
+    }
+}
+
+tokio::task_local! {
+    static REQUEST_ID: u64;
+}
+
+/// An API error: HTTP status, stable code, message; the body also names the request.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+/// The JSON body of every error reply.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorBody {
+    /// Stable: `bad_request`, `forbidden`, `not_found`, `not_granted`, `source_gone`,
+    /// `unsupported`, `agent_error`, `source_error`, `internal`.
+    pub code: String,
+    pub message: String,
+    pub request_id: u64,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<InspectError> for ApiError {
+    fn from(e: InspectError) -> Self {
+        let message = e.to_string();
+        match e {
+            InspectError::NotGranted { .. } => Self::new(StatusCode::CONFLICT, "not_granted", message),
+            InspectError::BadRequest(_) if message.contains("source is gone") => {
+                Self::new(StatusCode::GONE, "source_gone", message)
+            }
+            InspectError::BadRequest(_) => Self::bad_request(message),
+            InspectError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            InspectError::Agent(_) | InspectError::BadReply(_) => {
+                Self::new(StatusCode::BAD_GATEWAY, "agent_error", message)
+            }
+            InspectError::Source(ref source) if message.contains("paused through its vmm") => {
+                let _ = source;
+                Self::new(StatusCode::NOT_IMPLEMENTED, "unsupported", message)
+            }
+            InspectError::Source(_) => Self::new(StatusCode::BAD_GATEWAY, "source_error", message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let request_id = REQUEST_ID.try_with(|id| *id).unwrap_or(0);
+        let body = ErrorBody { code: self.code.into(), message: self.message, request_id };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs `f` on a blocking thread (agent calls wait on the doorbell).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, InspectError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let id = REQUEST_ID.try_with(|id| *id).unwrap_or(0);
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("request {id}: {e}"))),
+    }
+}
+
+/// Numbers in queries and bodies: decimal, or hex with `0x`.
+fn number(text: &str, what: &str) -> Result<u64, ApiError> {
+    vmm::line_server::parse_number(Some(text), what).map_err(ApiError::bad_request)
+}
+
+// ---- schemas ----
+
+/// Where the inspector stands.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+pub struct Status {
+    /// `attached` or `gone` (the source exited; the last contents stay readable).
+    pub source: String,
+    /// `specula` or `qemu`.
+    pub kind: String,
+    pub grants: usize,
+    /// KVM memslots of the agent VM.
+    pub memslots: u32,
+    /// Length of the mirror window (the source's highest RAM address).
+    pub window_len: u64,
+    /// The newest event's sequence number.
+    pub last_event: u64,
+}
+
+/// A granted range of source RAM, mapped read-only into the agent.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+pub struct GrantInfo {
+    pub id: u64,
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// A vCPU's registers (0 where the source cannot tell).
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+pub struct Vcpu {
+    pub index: u32,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
+}
+
+/// A guest-physical range (numbers, or strings in decimal or `0x` hex).
+#[derive(Deserialize, ToSchema, IntoParams, Debug)]
+pub struct RangeQuery {
+    /// Guest-physical address.
+    pub gpa: String,
+    /// Length in bytes.
+    pub len: String,
+}
+
+impl RangeQuery {
+    fn parse(&self) -> Result<(u64, u64), ApiError> {
+        Ok((number(&self.gpa, "gpa")?, number(&self.len, "len")?))
+    }
+}
+
+/// Bytes as hex (small reads).
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct HexBytes {
+    pub gpa: u64,
+    pub hex: String,
+}
+
+/// Digests of a range.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct Digests {
+    pub xxh64: String,
+    pub sha256: String,
+}
+
+/// A scan request: every GPA in the range where `pattern` (hex) occurs.
+#[derive(Deserialize, ToSchema, Debug)]
+pub struct ScanRequest {
+    pub gpa: String,
+    pub len: String,
+    /// The pattern, hex (1 to 256 bytes).
+    pub pattern: String,
+    /// First hit to return (paging).
+    #[serde(default)]
+    pub offset: usize,
+    /// Most hits to return (default 1000, at most 100000).
+    pub limit: Option<usize>,
+}
+
+/// Scan hits, paged.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ScanResult {
+    /// Every match in the range.
+    pub total: u64,
+    /// Hits `offset..offset + hits.len()` of those the agent recorded.
+    pub hits: Vec<u64>,
+    /// Offset of the next page, if there is one.
+    pub next_offset: Option<usize>,
+}
+
+/// A watch to create.
+#[derive(Deserialize, ToSchema, Debug)]
+pub struct WatchRequest {
+    pub gpa: String,
+    pub len: String,
+}
+
+/// An integrity watch.
+#[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
+pub struct WatchInfo {
+    pub id: usize,
+    pub gpa: u64,
+    pub len: u64,
+    /// `hash`: each interval the agent re-hashes every page (sources without dirty logging).
+    pub mode: String,
+    /// Whether the inspector polls it (findings and events) or only checks it on request.
+    pub polled: bool,
+    pub findings: usize,
+}
+
+/// Pages a watch saw change, and the event that reported them.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct FindingInfo {
+    pub seq: u64,
+    pub pages: Vec<u64>,
+}
+
+/// Event stream filters.
+#[derive(Deserialize, IntoParams, Debug)]
+pub struct EventQuery {
+    /// Replay events after this sequence number (also read from `Last-Event-ID`).
+    pub since: Option<u64>,
+    /// Comma-separated kinds or kind prefixes (`watch`, `source.gone`, ...).
+    pub kinds: Option<String>,
+}
+
+// ---- handlers ----
+
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = Status)))]
+async fn status(State(s): State<AppState>) -> ApiResult<Status> {
+    let i = &s.inspector;
+    Ok(Json(Status {
+        source: if i.source_gone() { "gone" } else { "attached" }.into(),
+        kind: i.source_kind().into(),
+        grants: i.grants().len(),
+        memslots: i.memslots(),
+        window_len: i.window_len(),
+        last_event: i.events().last_seq(),
+    }))
+}
+
+#[utoipa::path(get, path = "/v1/grants", responses((status = 200, body = [GrantInfo])))]
+async fn grants(State(s): State<AppState>) -> ApiResult<Vec<GrantInfo>> {
+    Ok(Json(s.inspector.grants().into_iter().map(|(id, gpa, len)| GrantInfo { id, gpa, len }).collect()))
+}
+
+#[utoipa::path(get, path = "/v1/vcpus", responses((status = 200, body = [Vcpu]), (status = 410, body = ErrorBody)))]
+async fn vcpus(State(s): State<AppState>) -> ApiResult<Vec<Vcpu>> {
+    let inspector = s.inspector.clone();
+    let regs = blocking(move || inspector.vcpus()).await?;
+    Ok(Json(
+        regs.into_iter()
+            .map(|v| Vcpu {
+                index: v.index,
+                rip: v.rip,
+                rsp: v.gprs[6],
+                rflags: v.rflags,
+                cr0: v.cr0,
+                cr3: v.cr3,
+                cr4: v.cr4,
+                efer: v.efer,
+                fs_base: v.fs_base,
+                gs_base: v.gs_base,
+                kernel_gs_base: v.kernel_gs_base,
+            })
+            .collect(),
+    ))
+}
+
+/// Guest-physical memory as a binary stream of exactly `len` bytes, read by the agent.
+#[utoipa::path(get, path = "/v1/memory/physical", params(RangeQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 409, body = ErrorBody)))]
+async fn read_physical(State(s): State<AppState>, Query(q): Query<RangeQuery>) -> Result<Response, ApiError> {
+    let (gpa, len) = q.parse()?;
+    let inspector = s.inspector.clone();
+    blocking(move || inspector.check_range(gpa, len)).await?;
+    let request_id = REQUEST_ID.try_with(|id| *id).unwrap_or(0);
+    let chunks = stream::unfold(0u64, move |done| {
+        let inspector = s.inspector.clone();
+        async move {
+            if done >= len {
+                return None;
+            }
+            let n = (len - done).min(STREAM_CHUNK);
+            let read = tokio::task::spawn_blocking(move || inspector.read(gpa + done, n)).await;
+            let item = match read {
+                Ok(Ok(bytes)) => Ok(axum::body::Bytes::from(bytes)),
+                // The status line is gone: a broken stream is the only way left to fail.
+                Ok(Err(e)) => Err(std::io::Error::other(format!("request {request_id}: {e}"))),
+                Err(e) => Err(std::io::Error::other(format!("request {request_id}: {e}"))),
+            };
+            Some((item, done + n))
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (header::CONTENT_LENGTH, len.into()),
+        ],
+        Body::from_stream(chunks),
+    )
+        .into_response())
+}
+
+/// A small read as hex (at most 64 KiB).
+#[utoipa::path(get, path = "/v1/memory/physical/hex", params(RangeQuery), responses((status = 200, body = HexBytes)))]
+async fn read_physical_hex(State(s): State<AppState>, Query(q): Query<RangeQuery>) -> ApiResult<HexBytes> {
+    let (gpa, len) = q.parse()?;
+    if len > MAX_JSON_READ {
+        return Err(ApiError::bad_request(format!(
+            "JSON reads are at most {MAX_JSON_READ} bytes: use /v1/memory/physical for bulk data"
+        )));
+    }
+    let inspector = s.inspector.clone();
+    let bytes = blocking(move || inspector.read(gpa, len)).await?;
+    Ok(Json(HexBytes { gpa, hex: bytes.iter().map(|b| format!("{b:02x}")).collect() }))
+}
+
+#[utoipa::path(post, path = "/v1/hash", request_body = RangeQuery, responses((status = 200, body = Digests)))]
+async fn hash(State(s): State<AppState>, Json(q): Json<RangeQuery>) -> ApiResult<Digests> {
+    let (gpa, len) = q.parse()?;
+    let inspector = s.inspector.clone();
+    let (xxh, sha) = blocking(move || inspector.hash(gpa, len)).await?;
+    Ok(Json(Digests { xxh64: format!("{xxh:016x}"), sha256: sha.iter().map(|b| format!("{b:02x}")).collect() }))
+}
+
+#[utoipa::path(post, path = "/v1/scan", request_body = ScanRequest, responses((status = 200, body = ScanResult)))]
+async fn scan(State(s): State<AppState>, Json(q): Json<ScanRequest>) -> ApiResult<ScanResult> {
+    let (gpa, len) = (number(&q.gpa, "gpa")?, number(&q.len, "len")?);
+    let pattern = crate::control::unhex(&q.pattern).map_err(ApiError::bad_request)?;
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > MAX_SCAN_PAGE {
+        return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_SCAN_PAGE}")));
+    }
+    let inspector = s.inspector.clone();
+    let (total, hits) = blocking(move || inspector.scan(gpa, len, &pattern)).await?;
+    let page: Vec<u64> = hits.iter().skip(q.offset).take(limit).copied().collect();
+    let next = q.offset + page.len();
+    Ok(Json(ScanResult { total, hits: page, next_offset: (next < hits.len()).then_some(next) }))
+}
+
+#[utoipa::path(get, path = "/v1/watches", responses((status = 200, body = [WatchInfo])))]
+async fn list_watches(State(s): State<AppState>) -> ApiResult<Vec<WatchInfo>> {
+    Ok(Json(
+        s.inspector
+            .watches()
+            .into_iter()
+            .map(|(id, r, polled, findings)| WatchInfo {
+                id,
+                gpa: r.gpa,
+                len: r.len,
+                mode: "hash".into(),
+                polled,
+                findings,
+            })
+            .collect(),
+    ))
+}
+
+/// Creates a polled watch (control clients).
+#[utoipa::path(post, path = "/v1/watches", request_body = WatchRequest, responses((status = 200, body = WatchInfo), (status = 403, body = ErrorBody)))]
+async fn create_watch(State(s): State<AppState>, Json(q): Json<WatchRequest>) -> ApiResult<WatchInfo> {
+    let (gpa, len) = (number(&q.gpa, "gpa")?, number(&q.len, "len")?);
+    let inspector = s.inspector.clone();
+    let id = blocking(move || inspector.watch(gpa, len, true)).await?;
+    Ok(Json(WatchInfo { id, gpa, len, mode: "hash".into(), polled: true, findings: 0 }))
+}
+
+/// Deletes a watch (control clients).
+#[utoipa::path(delete, path = "/v1/watches/{id}", params(("id" = usize, Path)), responses((status = 204), (status = 404, body = ErrorBody)))]
+async fn delete_watch(State(s): State<AppState>, UrlPath(id): UrlPath<usize>) -> Result<StatusCode, ApiError> {
+    s.inspector.delete_watch(id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/watches/{id}/findings", params(("id" = usize, Path)), responses((status = 200, body = [FindingInfo])))]
+async fn findings(State(s): State<AppState>, UrlPath(id): UrlPath<usize>) -> ApiResult<Vec<FindingInfo>> {
+    Ok(Json(s.inspector.findings(id)?.into_iter().map(|f| FindingInfo { seq: f.seq, pages: f.pages }).collect()))
+}
+
+/// Pauses the source's vCPUs (control clients; QEMU sources).
+#[utoipa::path(post, path = "/v1/source/pause", responses((status = 204), (status = 501, body = ErrorBody)))]
+async fn pause(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
+    let inspector = s.inspector.clone();
+    blocking(move || inspector.set_paused(true)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Resumes the source's vCPUs (control clients; QEMU sources).
+#[utoipa::path(post, path = "/v1/source/resume", responses((status = 204), (status = 501, body = ErrorBody)))]
+async fn resume(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
+    let inspector = s.inspector.clone();
+    blocking(move || inspector.set_paused(false)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Server-Sent Events: each `data:` is an [`Event`] as JSON, its `id:` the sequence.
+#[utoipa::path(get, path = "/v1/events", params(EventQuery), responses((status = 200, content_type = "text/event-stream", body = Event)))]
+async fn event_stream(
+    State(s): State<AppState>,
+    Query(q): Query<EventQuery>,
+    headers: axum::http::HeaderMap,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let last_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let since = q.since.or(last_id).unwrap_or(s.inspector.events().last_seq());
+    let kinds: Vec<String> =
+        q.kinds.as_deref().unwrap_or("").split(',').filter(|k| !k.is_empty()).map(str::to_string).collect();
+    let wanted = move |e: &Event| {
+        e.kind == "events.missed"
+            || kinds.is_empty()
+            || kinds.iter().any(|k| e.kind == *k || e.kind.starts_with(&format!("{k}.")))
+    };
+    let (replay, receiver) = s.inspector.events().subscribe(since);
+    let live =
+        stream::unfold((receiver, replay.last().map_or(since, |e| e.seq.max(since))), |(mut rx, last)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) if e.seq > last => {
+                        let seq = e.seq;
+                        return Some((e, (rx, seq)));
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        return Some((events::missed(last + 1, last + n), (rx, last + n)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+    let all = stream::iter(replay).chain(live).filter(move |e| std::future::ready(wanted(e))).map(|e| {
+        let mut event = SseEvent::default().event(e.kind.clone()).data(serde_json::to_string(&e).unwrap_or_default());
+        if e.seq > 0 {
+            event = event.id(e.seq.to_string());
+        }
+        Ok(event)
+    });
+    Sse::new(all).keep_alive(KeepAlive::default())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Specula introspection API",
+        version = "1",
+        description = "The inspector daemon's API over a Unix socket."
+    ),
+    paths(
+        status,
+        grants,
+        vcpus,
+        read_physical,
+        read_physical_hex,
+        hash,
+        scan,
+        list_watches,
+        create_watch,
+        delete_watch,
+        findings,
+        pause,
+        resume,
+        event_stream
+    ),
+    components(schemas(
+        Status,
+        GrantInfo,
+        Vcpu,
+        HexBytes,
+        Digests,
+        ScanRequest,
+        ScanResult,
+        WatchRequest,
+        WatchInfo,
+        FindingInfo,
+        ErrorBody,
+        Event,
+        RangeQuery
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, as served.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serializes")
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+// ---- middleware ----
+
+static NEXT_REQUEST: AtomicU64 = AtomicU64::new(1);
+
+/// Gives every request an id (in `x-request-id` and in error bodies) and checks the
+/// peer: unknown uids are refused, control endpoints need a control uid.
+async fn gate(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = NEXT_REQUEST.fetch_add(1, Ordering::Relaxed);
+    REQUEST_ID
+        .scope(id, async move {
+            let control = is_control(request.method(), request.uri().path());
+            let allowed = match peer.uid {
+                Some(uid) if control => s.access.control_uids.contains(&uid),
+                Some(uid) => s.access.may_read(uid),
+                None => false,
+            };
+            let mut response = if allowed {
+                next.run(request).await
+            } else {
+                let what = if control { "control this inspector" } else { "use this API" };
+                let uid = peer.uid.map_or("unknown".to_string(), |u| u.to_string());
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", format!("uid {uid} may not {what}")).into_response()
+            };
+            response.headers_mut().insert("x-request-id", HeaderValue::from(id));
+            response
+        })
+        .await
+}
+
+fn is_control(method: &axum::http::Method, path: &str) -> bool {
+    use axum::http::Method;
+    (path.starts_with("/v1/watches") && (method == Method::POST || method == Method::DELETE))
+        || path.starts_with("/v1/source/")
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/grants", get(grants))
+        .route("/v1/vcpus", get(vcpus))
+        .route("/v1/memory/physical", get(read_physical))
+        .route("/v1/memory/physical/hex", get(read_physical_hex))
+        .route("/v1/hash", post(hash))
+        .route("/v1/scan", post(scan))
+        .route("/v1/watches", get(list_watches).post(create_watch))
+        .route("/v1/watches/{id}", delete(delete_watch))
+        .route("/v1/watches/{id}/findings", get(findings))
+        .route("/v1/source/pause", post(pause))
+        .route("/v1/source/resume", post(resume))
+        .route("/v1/events", get(event_stream))
+        .route("/v1/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
+        .layer(middleware::from_fn_with_state(state.clone(), gate))
+        .with_state(state)
+}
+
+/// Binds `path` and serves the API on a runtime of its own thread.
+pub fn serve(path: &Path, inspector: Arc<Inspector>, access: ApiAccess) -> std::io::Result<()> {
+    // SAFETY: getuid cannot fail.
+    let own = unsafe { libc::getuid() };
+    let others = access.read_uids.iter().chain(&access.control_uids).any(|&u| u != own);
+    let std_listener = mirror_driver::socket::bind_private(path, if others { 0o666 } else { 0o600 })?;
+    if others {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    }
+    std_listener.set_nonblocking(true)?;
+    let state = AppState { inspector, access: Arc::new(access) };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        runtime.block_on(async move {
+            let listener = match UnixListener::from_std(std_listener) {
+                Ok(l) => l,
+                Err(e) => return log::error!("api: {e}"),
+            };
+            let app = router(state).into_make_service_with_connect_info::<Peer>();
+            if let Err(e) = axum::serve(listener, app).await {
+                log::error!("api: {e}");
+            }
+        })
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_openapi_document_is_the_one_served() {
+        let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")).expect(
+            "docs/openapi.json (regenerate: cargo run -p inspector --bin specula -- openapi > docs/openapi.json)",
+        );
+        assert_eq!(committed.trim_end(), openapi_json().trim_end(), "docs/openapi.json is stale: regenerate it");
+    }
+
+    #[test]
+    fn control_endpoints_are_told_apart() {
+        use axum::http::Method;
+        assert!(is_control(&Method::POST, "/v1/watches"));
+        assert!(is_control(&Method::DELETE, "/v1/watches/3"));
+        assert!(is_control(&Method::POST, "/v1/source/pause"));
+        assert!(!is_control(&Method::GET, "/v1/watches"));
+        assert!(!is_control(&Method::POST, "/v1/scan"));
+        assert!(!is_control(&Method::GET, "/v1/watches/3/findings"));
+    }
+}

@@ -1,0 +1,354 @@
+//! `specula`: the client of the inspector's HTTP API (human-readable tables by default,
+//! `--json` for the raw replies), and `specula openapi` prints the API document.
+//!
+//! ```text
+//! specula --socket /run/vm1.api status
+//! specula --socket /run/vm1.api read 0x1000000 4096 -o page.bin
+//! specula --socket /run/vm1.api scan 0x0 0x20000000 "Linux version"
+//! specula --socket /run/vm1.api events --kinds watch,source
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "specula", version, about = "Client of a Specula inspector's API")]
+struct Cli {
+    /// The inspector's API socket (`inspector --api-socket PATH`).
+    #[arg(long, short, env = "SPECULA_SOCKET", global = true, default_value = "specula.sock")]
+    socket: PathBuf,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Source and inspector status.
+    Status,
+    /// Granted ranges of source RAM.
+    Grants,
+    /// The source's vCPU registers.
+    Vcpus,
+    /// Guest-physical memory, streamed (to a file with -o, else to stdout as a hex dump).
+    Read {
+        gpa: String,
+        len: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// xxh64 and SHA-256 of a range.
+    Hash { gpa: String, len: String },
+    /// Every GPA where PATTERN occurs (text, or hex with --hex).
+    Scan {
+        gpa: String,
+        len: String,
+        pattern: String,
+        #[arg(long)]
+        hex: bool,
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Integrity watches.
+    #[command(subcommand)]
+    Watch(WatchCmd),
+    /// Pause the source's vCPUs.
+    Pause,
+    /// Resume them.
+    Resume,
+    /// Follow the event stream.
+    Events {
+        #[arg(long)]
+        since: Option<u64>,
+        /// Comma-separated kinds or prefixes (watch, source, grant.revoked, ...).
+        #[arg(long)]
+        kinds: Option<String>,
+    },
+    /// Print the OpenAPI document (no socket needed).
+    Openapi,
+}
+
+#[derive(Subcommand)]
+enum WatchCmd {
+    /// Watch a range (page-aligned).
+    Add { gpa: String, len: String },
+    /// List watches.
+    List,
+    /// Stop a watch.
+    Rm { id: usize },
+    /// What a watch saw change.
+    Findings { id: usize },
+}
+
+/// An API reply: status and body.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+async fn call(socket: &PathBuf, method: Method, path: &str, body: Option<Value>) -> Result<Reply, String> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let builder = Request::builder().method(method).uri(path).header("host", "specula");
+    let request = match body {
+        Some(v) => builder
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(v.to_string())).boxed())
+            .map_err(|e| e.to_string())?,
+        None => builder.body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed()).map_err(|e| e.to_string())?,
+    };
+    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status, body })
+}
+
+/// The JSON of a successful reply, or the API's error message.
+fn json_of(reply: Reply) -> Result<Value, String> {
+    let value: Value = if reply.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&reply.body).map_err(|e| e.to_string())?
+    };
+    if reply.status.is_success() {
+        Ok(value)
+    } else {
+        Err(format!(
+            "{} ({}): {} [request {}]",
+            value["code"].as_str().unwrap_or("error"),
+            reply.status.as_u16(),
+            value["message"].as_str().unwrap_or(""),
+            value["request_id"]
+        ))
+    }
+}
+
+fn hex(v: &Value) -> String {
+    v.as_u64().map_or_else(|| v.to_string(), |n| format!("{n:#x}"))
+}
+
+fn table(rows: &[Vec<String>]) {
+    let widths: Vec<usize> =
+        (0..rows.first().map_or(0, Vec::len)).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let s = &cli.socket;
+    let show = |value: &Value, human: &dyn Fn(&Value)| {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        } else {
+            human(value);
+        }
+    };
+    match &cli.command {
+        Cmd::Openapi => println!("{}", inspector::api::openapi_json()),
+        Cmd::Status => {
+            let v = json_of(call(s, Method::GET, "/v1/status", None).await?)?;
+            show(&v, &|v| {
+                table(&[
+                    vec!["source".into(), v["source"].as_str().unwrap_or("").into()],
+                    vec!["kind".into(), v["kind"].as_str().unwrap_or("").into()],
+                    vec!["grants".into(), v["grants"].to_string()],
+                    vec!["memslots".into(), v["memslots"].to_string()],
+                    vec!["window".into(), hex(&v["window_len"])],
+                    vec!["last event".into(), v["last_event"].to_string()],
+                ])
+            });
+        }
+        Cmd::Grants => {
+            let v = json_of(call(s, Method::GET, "/v1/grants", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![vec!["ID".into(), "GPA".into(), "LEN".into()]];
+                for g in v.as_array().into_iter().flatten() {
+                    rows.push(vec![g["id"].to_string(), hex(&g["gpa"]), hex(&g["len"])]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Vcpus => {
+            let v = json_of(call(s, Method::GET, "/v1/vcpus", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![["CPU", "RIP", "RSP", "CR3", "CR4", "EFER", "GS_BASE"].map(String::from).to_vec()];
+                for c in v.as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        c["index"].to_string(),
+                        hex(&c["rip"]),
+                        hex(&c["rsp"]),
+                        hex(&c["cr3"]),
+                        hex(&c["cr4"]),
+                        hex(&c["efer"]),
+                        hex(&c["gs_base"]),
+                    ]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Read { gpa, len, output } => {
+            let reply = call(s, Method::GET, &format!("/v1/memory/physical?gpa={gpa}&len={len}"), None).await?;
+            if !reply.status.is_success() {
+                return json_of(reply).map(|_| ());
+            }
+            match output {
+                Some(path) => std::fs::write(path, &reply.body).map_err(|e| format!("{}: {e}", path.display()))?,
+                None => {
+                    let base = vmm::line_server::parse_number(Some(gpa), "GPA")?;
+                    let mut out = std::io::stdout().lock();
+                    for (i, line) in reply.body.chunks(16).enumerate() {
+                        let bytes: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                        let text: String =
+                            line.iter().map(|&b| if (32..127).contains(&b) { b as char } else { '.' }).collect();
+                        let _ = writeln!(out, "{:016x}  {:<47}  {text}", base + i as u64 * 16, bytes.join(" "));
+                    }
+                }
+            }
+        }
+        Cmd::Hash { gpa, len } => {
+            let v = json_of(call(s, Method::POST, "/v1/hash", Some(json!({"gpa": gpa, "len": len}))).await?)?;
+            show(&v, &|v| {
+                println!("xxh64  {}\nsha256 {}", v["xxh64"].as_str().unwrap_or(""), v["sha256"].as_str().unwrap_or(""))
+            });
+        }
+        Cmd::Scan { gpa, len, pattern, hex: is_hex, offset, limit } => {
+            let pattern = if *is_hex { pattern.clone() } else { pattern.bytes().map(|b| format!("{b:02x}")).collect() };
+            let body = json!({"gpa": gpa, "len": len, "pattern": pattern, "offset": offset, "limit": limit});
+            let v = json_of(call(s, Method::POST, "/v1/scan", Some(body)).await?)?;
+            show(&v, &|v| {
+                println!("{} match(es)", v["total"]);
+                for h in v["hits"].as_array().into_iter().flatten() {
+                    println!("{}", hex(h));
+                }
+                if let Some(next) = v["next_offset"].as_u64() {
+                    println!("more: --offset {next}");
+                }
+            });
+        }
+        Cmd::Watch(WatchCmd::Add { gpa, len }) => {
+            let v = json_of(call(s, Method::POST, "/v1/watches", Some(json!({"gpa": gpa, "len": len}))).await?)?;
+            show(&v, &|v| println!("watch {} on {}+{}", v["id"], hex(&v["gpa"]), hex(&v["len"])));
+        }
+        Cmd::Watch(WatchCmd::List) => {
+            let v = json_of(call(s, Method::GET, "/v1/watches", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![["ID", "GPA", "LEN", "MODE", "POLLED", "FINDINGS"].map(String::from).to_vec()];
+                for w in v.as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        w["id"].to_string(),
+                        hex(&w["gpa"]),
+                        hex(&w["len"]),
+                        w["mode"].as_str().unwrap_or("").into(),
+                        w["polled"].to_string(),
+                        w["findings"].to_string(),
+                    ]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Watch(WatchCmd::Rm { id }) => {
+            json_of(call(s, Method::DELETE, &format!("/v1/watches/{id}"), None).await?)?;
+        }
+        Cmd::Watch(WatchCmd::Findings { id }) => {
+            let v = json_of(call(s, Method::GET, &format!("/v1/watches/{id}/findings"), None).await?)?;
+            show(&v, &|v| {
+                for f in v.as_array().into_iter().flatten() {
+                    let pages: Vec<String> = f["pages"].as_array().into_iter().flatten().map(hex).collect();
+                    println!("event {}: {}", f["seq"], pages.join(" "));
+                }
+            });
+        }
+        Cmd::Pause => {
+            json_of(call(s, Method::POST, "/v1/source/pause", None).await?)?;
+        }
+        Cmd::Resume => {
+            json_of(call(s, Method::POST, "/v1/source/resume", None).await?)?;
+        }
+        Cmd::Events { since, kinds } => follow_events(s, *since, kinds.as_deref(), cli.json).await?,
+    }
+    Ok(())
+}
+
+/// Prints each event as it comes (one JSON object per line with --json).
+async fn follow_events(socket: &PathBuf, since: Option<u64>, kinds: Option<&str>, raw: bool) -> Result<(), String> {
+    let mut path = String::from("/v1/events?");
+    if let Some(since) = since {
+        path.push_str(&format!("since={since}&"));
+    }
+    if let Some(kinds) = kinds {
+        path.push_str(&format!("kinds={kinds}"));
+    }
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .uri(path)
+        .header("host", "specula")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let mut response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        return json_of(Reply { status: StatusCode::FORBIDDEN, body }).map(|_| ());
+    }
+    let mut pending = String::new();
+    while let Some(frame) = response.body_mut().frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.push_str(&String::from_utf8_lossy(data));
+        while let Some(end) = pending.find("\n\n") {
+            let block: String = pending.drain(..end + 2).collect();
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else { continue };
+            let event: Value = serde_json::from_str(data.trim()).map_err(|e| e.to_string())?;
+            if raw {
+                println!("{event}");
+            } else {
+                println!("#{} {} {}", event["seq"], event["kind"].as_str().unwrap_or(""), event["detail"]);
+            }
+            let _ = std::io::stdout().flush();
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // SAFETY: restoring the default SIGPIPE action, as command-line tools do, so that
+    // `specula ... | head` ends quietly instead of failing on a closed pipe.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("specula: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("specula: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

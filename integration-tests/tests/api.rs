@@ -1,0 +1,202 @@
+//! The inspector's HTTP API and the `specula` client, end to end: a real source `vmm`,
+//! a real inspector serving `--api-socket`, requests over the Unix socket.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use guest_images::workload;
+use integration_tests::{binary, run_with_timeout, unix_request, Running, SourceVm, TempDir};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    source: Running,
+    source_api: PathBuf,
+    inspector: Running,
+    api: PathBuf,
+    _dir: TempDir,
+}
+
+fn setup(extra: &[&str]) -> Setup {
+    let dir = TempDir::new("api");
+    let SourceVm { vm: mut source, mirror, api: source_api } = SourceVm::spawn(&dir, &["--memory", "256M"]);
+    source.expect_line("workload: ready", LIMIT);
+    let api = dir.join("inspector-api.sock");
+    let mut cmd = Command::new(binary("inspector"));
+    cmd.args(["--source-socket", mirror.to_str().unwrap(), "--all", "--serial", "null"]);
+    cmd.args(["--api-socket", api.to_str().unwrap()]).args(extra);
+    let mut inspector = Running::spawn(&mut cmd);
+    inspector.expect_line("inspector: agent ready", LIMIT);
+    Setup { source, source_api, inspector, api, _dir: dir }
+}
+
+/// One HTTP/1.1 request over the Unix socket: (status, headers, body).
+fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String, Vec<u8>) {
+    let mut stream = UnixStream::connect(socket).unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, head, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 4 + size..];
+    }
+}
+
+fn json(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let (status, _, body) = http(socket, method, path, body);
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn the_served_openapi_document_is_the_committed_one() {
+    let s = setup(&[]);
+    let (status, _, body) = http(&s.api, "GET", "/v1/openapi.json", None);
+    assert_eq!(status, 200);
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json")).unwrap();
+    assert_eq!(String::from_utf8(body).unwrap().trim_end(), committed.trim_end());
+}
+
+#[test]
+fn views_bulk_reads_errors_and_request_ids() {
+    let s = setup(&[]);
+    let (status, st) = json(&s.api, "GET", "/v1/status", None);
+    assert_eq!(
+        (status, st["source"].as_str(), st["kind"].as_str(), st["grants"].as_u64()),
+        (200, Some("attached"), Some("specula"), Some(128))
+    );
+    // A binary read of 8 MiB is streamed whole and equals what small hex reads give.
+    let (status, head, bytes) =
+        http(&s.api, "GET", &format!("/v1/memory/physical?gpa={:#x}&len={}", workload::HEADER_GPA, 8 << 20), None);
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("application/octet-stream"), "{head}");
+    assert_eq!(bytes.len(), 8 << 20);
+    assert_eq!(&bytes[..16], &workload::HEADER_MAGIC);
+    let text_at = (workload::TEXT_GPA - workload::HEADER_GPA) as usize;
+    let (_, hex) =
+        json(&s.api, "GET", &format!("/v1/memory/physical/hex?gpa={:#x}&len=4096", workload::TEXT_GPA), None);
+    let hex = hex["hex"].as_str().unwrap();
+    let small: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    assert_eq!(&bytes[text_at..text_at + 4096], &small[..]);
+    // Errors: JSON with a stable code and the request's id, which every reply carries.
+    let (status, head, body) = http(&s.api, "GET", "/v1/memory/physical?gpa=0x20000000&len=4096", None);
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((status, err["code"].as_str()), (409, Some("not_granted")), "{err}");
+    let id = head.lines().find_map(|l| l.strip_prefix("x-request-id: ")).expect("x-request-id");
+    assert_eq!(err["request_id"].to_string(), id);
+    let (status, err) = json(&s.api, "POST", "/v1/hash", Some(r#"{"gpa": "zz", "len": "1"}"#));
+    assert_eq!((status, err["code"].as_str()), (400, Some("bad_request")), "{err}");
+    let (status, err) = json(&s.api, "GET", "/v1/nothing", None);
+    assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
+    // Scan paging: 8 hits of "postgres", three per page.
+    let pattern: String = b"postgres".iter().map(|b| format!("{b:02x}")).collect();
+    let mut hits = Vec::new();
+    let mut offset = 0;
+    loop {
+        let body = format!(
+            r#"{{"gpa": "0x1000000", "len": "0x100000", "pattern": "{pattern}", "offset": {offset}, "limit": 3}}"#
+        );
+        let (status, page) = json(&s.api, "POST", "/v1/scan", Some(&body));
+        assert_eq!((status, page["total"].as_u64()), (200, Some(8)), "{page}");
+        hits.extend(page["hits"].as_array().unwrap().iter().map(|h| h.as_u64().unwrap()));
+        match page["next_offset"].as_u64() {
+            Some(next) => offset = next as usize,
+            None => break,
+        }
+    }
+    assert_eq!(hits.len(), 8);
+    assert!(hits.windows(2).all(|w| w[0] < w[1]), "pages follow each other: {hits:x?}");
+}
+
+#[test]
+fn the_event_stream_reports_watch_changes_and_revokes_and_replays_after_a_reconnect() {
+    let mut s = setup(&["--watch-interval-ms", "50"]);
+    let body = format!(r#"{{"gpa": "{:#x}", "len": "{:#x}"}}"#, workload::TEXT_GPA, workload::TEXT_LEN);
+    let (status, watch) = json(&s.api, "POST", "/v1/watches", Some(&body));
+    assert_eq!(status, 200, "{watch}");
+    let id = watch["id"].as_u64().unwrap();
+    // A subscriber through the CLI, following only watch events.
+    let mut follower = Running::spawn(Command::new(binary("specula")).args([
+        "--socket",
+        s.api.to_str().unwrap(),
+        "--json",
+        "events",
+        "--kinds",
+        "watch",
+    ]));
+    std::thread::sleep(Duration::from_millis(300));
+    s.source.send("text-modify 4096\n");
+    s.source.expect_line("ack text-modify", LIMIT);
+    let line = follower.expect_line("watch.changed", LIMIT);
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["detail"]["watch"].as_u64(), Some(id));
+    assert!(event["detail"]["pages"].as_array().unwrap().contains(&Value::from(workload::TEXT_GPA + 4096)), "{event}");
+    let seq = event["seq"].as_u64().unwrap();
+    let (_, found) = json(&s.api, "GET", &format!("/v1/watches/{id}/findings"), None);
+    assert_eq!(found[0]["seq"].as_u64(), Some(seq));
+    // A revoke on the source becomes an event too; a client that reconnects with the last
+    // sequence it saw gets it from the backlog.
+    let grants = unix_request(&s.source_api, "grants");
+    let grant = grants.split_whitespace().nth(5).unwrap().split(':').next().unwrap().to_string();
+    assert!(unix_request(&s.source_api, &format!("revoke {grant}")).starts_with("ok revoked="));
+    let mut stream = UnixStream::connect(&s.api).unwrap();
+    write!(stream, "GET /v1/events?since={seq} HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = String::new();
+    while !seen.contains("grant.revoked") {
+        assert!(Instant::now() < deadline, "no grant.revoked event after {seq}: {seen}");
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        seen.push_str(&line);
+    }
+    assert!(!seen.contains(&format!("\"seq\":{seq},")), "events up to {seq} are not replayed");
+}
+
+#[test]
+fn read_clients_see_views_control_clients_also_control_and_others_nothing() {
+    let s = setup(&["--api-read-uid", "65534"]);
+    let specula = |uid: u32, args: &[&str]| {
+        let mut cmd = Command::new(binary("specula"));
+        cmd.args(["--socket", s.api.to_str().unwrap()]).args(args).uid(uid).gid(uid);
+        let out = run_with_timeout(&mut cmd, LIMIT);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, out) = specula(65534, &["status"]);
+    assert!(ok && out.contains("attached"), "a read client reads: {out}");
+    let (ok, out) = specula(65534, &["watch", "add", "0x1010000", "0x1000"]);
+    assert!(!ok && out.contains("forbidden") && out.contains("uid 65534 may not control"), "{out}");
+    let (ok, out) = specula(65533, &["status"]);
+    assert!(!ok && out.contains("uid 65533 may not use this API"), "{out}");
+    let (ok, out) = specula(0, &["watch", "add", "0x1010000", "0x1000"]);
+    assert!(ok, "the inspector's own uid controls: {out}");
+    drop(s.inspector);
+}
