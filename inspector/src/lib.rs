@@ -8,4 +8,5 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod launch;
 pub mod source;

@@ -78,6 +78,60 @@ enum Cmd {
     },
     /// Print the OpenAPI document (no socket needed).
     Openapi,
+    /// Start a source and an inspector attached to it, and supervise both (Ctrl-C stops both).
+    Launch(LaunchArgs),
+}
+
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// A TOML file with the same keys as these flags (flags are then ignored).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `specula` (a vmm guest image) or `qemu` (a Linux kernel under QEMU).
+    #[arg(long, default_value = "specula")]
+    source: String,
+    /// Guest image or Linux kernel.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs (QEMU sources).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Kernel command line (QEMU sources).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Run directory for the sockets and logs.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Integrity watch, GPA:LEN (repeatable).
+    #[arg(long)]
+    watch: Vec<String>,
+    /// QEMU accelerator.
+    #[arg(long, default_value = "tcg")]
+    accel: String,
+}
+
+impl LaunchArgs {
+    fn config(&self) -> Result<inspector::launch::LaunchConfig, String> {
+        if let Some(path) = &self.config {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            return inspector::launch::LaunchConfig::from_toml(&text);
+        }
+        Ok(inspector::launch::LaunchConfig {
+            source: self.source.clone(),
+            kernel: self.kernel.clone().ok_or("--kernel PATH is needed (or --config FILE)")?,
+            initrd: self.initrd.clone(),
+            memory: self.memory.clone(),
+            cpus: self.cpus,
+            cmdline: self.cmdline.clone(),
+            dir: self.dir.clone().ok_or("--dir PATH is needed (or --config FILE)")?,
+            watch: self.watch.clone(),
+            accel: self.accel.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -163,6 +217,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     match &cli.command {
         Cmd::Openapi => println!("{}", inspector::api::openapi_json()),
+        Cmd::Launch(_) => unreachable!("launch runs without the async client"),
         Cmd::Status => {
             let v = json_of(call(s, Method::GET, "/v1/status", None).await?)?;
             show(&v, &|v| {
@@ -337,6 +392,15 @@ fn main() -> ExitCode {
     // `specula ... | head` ends quietly instead of failing on a closed pipe.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    if let Cmd::Launch(args) = &cli.command {
+        return match args.config().and_then(|config| inspector::launch::launch(&config)) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("specula: error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

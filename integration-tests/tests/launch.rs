@@ -1,0 +1,95 @@
+//! `specula launch`: a paired source and inspector from one command, supervised:
+//! Ctrl-C stops both cleanly, and a crash of the inspector is reported and stops the source.
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{binary, guest, run_with_timeout, Running, TempDir};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn launch(dir: &TempDir) -> (Running, String) {
+    let run = dir.join("run");
+    let mut launcher = Running::spawn(Command::new(binary("specula")).args([
+        "launch",
+        "--kernel",
+        guest("source-workload").to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--dir",
+        run.to_str().unwrap(),
+    ]));
+    launcher.expect_line("running", LIMIT);
+    launcher.expect_line("API at", LIMIT);
+    (launcher, run.join("api.sock").display().to_string())
+}
+
+fn pid_of(launcher: &Running, what: &str) -> libc::pid_t {
+    let line = launcher.seen.iter().find(|l| l.contains("running")).expect("the running line");
+    let after = line.split(&format!("{what} pid ")).nth(1).expect(what);
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn ctrl_c_stops_the_source_and_the_inspector() {
+    let dir = TempDir::new("launch-int");
+    let (mut launcher, api) = launch(&dir);
+    let out = run_with_timeout(Command::new(binary("specula")).args(["--socket", &api, "status"]), LIMIT);
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains("attached") && status.contains("specula"), "{status}");
+    let (source, inspector) = (pid_of(&launcher, "source"), pid_of(&launcher, "inspector"));
+    launcher.signal(libc::SIGINT);
+    launcher.expect_line("stopping both", LIMIT);
+    let report = launcher.expect_line("inspector stopped", LIMIT);
+    assert!(report.contains("source stopped"), "{report}");
+    assert_eq!(launcher.wait(LIMIT).code(), Some(0));
+    assert!(!alive(source) && !alive(inspector), "no child outlives the launcher");
+}
+
+#[test]
+fn a_crashed_inspector_is_reported_and_the_source_stopped() {
+    let dir = TempDir::new("launch-crash");
+    let (mut launcher, _) = launch(&dir);
+    let (source, inspector) = (pid_of(&launcher, "source"), pid_of(&launcher, "inspector"));
+    // SAFETY: kill(2) on the launcher's inspector.
+    unsafe { libc::kill(inspector, libc::SIGKILL) };
+    let line = launcher.expect_line("the inspector exited unexpectedly", LIMIT);
+    assert!(line.contains("signal: 9"), "{line}");
+    assert_eq!(launcher.wait(LIMIT).code(), Some(1));
+    assert!(!alive(source), "the source was stopped");
+}
+
+#[test]
+fn a_linux_guest_under_qemu_launches_from_a_toml_file() {
+    let dir = TempDir::new("launch-qemu");
+    let linux = integration_tests::linux_guest::linux_image("vmlinuz");
+    let initrd = integration_tests::linux_guest::linux_image("introspect.cpio.gz");
+    let file = dir.join("launch.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "source = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory = \"256M\"\ndir = \"{}\"\n",
+            linux.display(),
+            initrd.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    let mut launcher =
+        Running::spawn(Command::new(binary("specula")).args(["launch", "--config", file.to_str().unwrap()]));
+    launcher.expect_line("qemu source pid", LIMIT);
+    let api = dir.join("run").join("api.sock");
+    let out = run_with_timeout(
+        Command::new(binary("specula")).args(["--socket", api.to_str().unwrap(), "--json", "status"]),
+        LIMIT,
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((status["kind"].as_str(), status["window_len"].as_u64()), (Some("qemu"), Some(256 << 20)), "{status}");
+    launcher.signal(libc::SIGTERM);
+    assert_eq!(launcher.wait(LIMIT).code(), Some(0));
+}
