@@ -519,6 +519,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         api_socket: None,
         host_tsc: true,
         doorbell: Some(doorbell.clone()),
+        log_level: None,
     };
     let vmm = Vmm::build(&vm_config)?;
     let vm = vmm.vm();

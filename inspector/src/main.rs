@@ -2,8 +2,7 @@
 //!
 //! ```text
 //! inspector (--source-socket PATH | --qemu-qmp PATH [--qemu-pid PID]) (--range GPA:LEN ... | --all)
-//!           [--control-socket PATH] [--watch GPA:LEN ...] [--watch-interval-ms N] [--memory SIZE]
-//!           [--serial MODE]
+//!           [--control-socket PATH] [--api-socket PATH] [--watch GPA:LEN ...] [options]
 //! inspector read|hash|scan|watch|check|grants|status|vcpus|pause|resume|write-probe|latency
 //!           --control-socket PATH ARGS...
 //! ```
@@ -12,52 +11,146 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
 use inspector::control;
 use inspector::daemon::{self, DaemonConfig};
+use mirror_driver::protocol::Range;
 use vmm::config::{parse_memory, parse_range, parse_serial};
 use vmm::devices::serial::SerialOutput;
 use vmm::{error_chain, VmExit};
 
-const USAGE: &str = "\
-Usage:
-  inspector --source-socket PATH (--range GPA:LEN ... | --all) [options]
-  inspector --qemu-qmp PATH [--qemu-pid PID] (--range GPA:LEN ... | --all) [options]
-      Attach to a source vmm's mirror socket, or to an unmodified QEMU through its
-      QMP socket (its RAM must be a shared memfd backend: -object
-      memory-backend-memfd,id=ram0,size=SIZE,share=on -machine memory-backend=ram0),
-      map the ranges read-only into an agent VM, and serve analysis requests.
-      --control-socket PATH     serve line requests on this Unix socket
-      --api-socket PATH         serve the HTTP/JSON API (/v1, OpenAPI at /v1/openapi.json)
-      --api-read-uid UID        may use the API's views (repeatable)
-      --api-control-uid UID     may also pause/resume and manage watches (repeatable;
-                                default: the inspector's own uid)
-      --watch GPA:LEN           keep an integrity watch on a range (repeatable);
-                                changes are reported on stdout as they happen
-      --watch-interval-ms N     how often watches are checked (default 250)
-      --memory SIZE             agent VM RAM (default 128M)
-      --serial tty|null|file=P  where the agent's console goes (default tty)
-  inspector REQUEST --control-socket PATH [ARGS...]
-      Send one request to a running inspector and print the reply. Requests:
-      read GPA LEN | hash GPA LEN | scan GPA LEN HEXPATTERN | watch GPA LEN |
-      check ID | grants | status | vcpus | pause | resume | write-probe GPA BYTE |
-      latency GPA COUNT MS   (pause and resume: QEMU sources)
-Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply.
-";
+#[derive(Parser)]
+#[command(
+    name = "inspector",
+    version,
+    args_conflicts_with_subcommands = true,
+    about = "Attach to a source (a Specula vmm's mirror socket, or an unmodified QEMU through its QMP \
+             socket: its RAM must be a shared memfd backend, -object memory-backend-memfd,id=ram0,size=SIZE,share=on \
+             -machine memory-backend=ram0), map its RAM read-only into an agent VM, and serve analysis requests.",
+    after_help = "Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply."
+)]
+struct Cli {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(subcommand)]
+    request: Option<Request>,
+}
 
-const REQUESTS: &[&str] = &[
-    "read",
-    "hash",
-    "scan",
-    "watch",
-    "check",
-    "grants",
-    "status",
-    "vcpus",
-    "pause",
-    "resume",
-    "write-probe",
-    "latency",
-];
+#[derive(Args)]
+#[command(args_override_self = true)]
+struct DaemonArgs {
+    /// A Specula vmm's mirror socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "qemu_qmp")]
+    source_socket: Option<PathBuf>,
+    /// An unmodified QEMU's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    qemu_qmp: Option<PathBuf>,
+    /// QEMU's pid (default: the QMP socket's peer).
+    #[arg(long, value_name = "PID", requires = "qemu_qmp")]
+    qemu_pid: Option<u32>,
+    /// A range to map (repeatable).
+    #[arg(long = "range", value_name = "GPA:LEN", value_parser = range_arg, conflicts_with = "all")]
+    ranges: Vec<Range>,
+    /// Map all of the source's RAM.
+    #[arg(long)]
+    all: bool,
+    /// Serve line requests on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Serve the HTTP/JSON API (/v1, OpenAPI at /v1/openapi.json) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// May use the API's views (repeatable).
+    #[arg(long = "api-read-uid", value_name = "UID")]
+    api_read_uids: Vec<u32>,
+    /// May also pause/resume and manage watches (repeatable; default: the inspector's own uid).
+    #[arg(long = "api-control-uid", value_name = "UID")]
+    api_control_uids: Vec<u32>,
+    /// Keep an integrity watch on a range (repeatable); changes are reported as they happen.
+    #[arg(long = "watch", value_name = "GPA:LEN", value_parser = range_arg)]
+    watches: Vec<Range>,
+    /// How often watches are checked.
+    #[arg(long, value_name = "N", default_value_t = 250)]
+    watch_interval_ms: u64,
+    /// Agent VM RAM.
+    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
+    memory: u64,
+    /// Where the agent's console goes: tty, null or file=PATH.
+    #[arg(long, value_name = "MODE", default_value = "tty", value_parser = parse_serial)]
+    serial: SerialOutput,
+    /// Log level: error, warn, info, debug or trace (default: SPECULA_LOG, else warn).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn range_arg(text: &str) -> Result<Range, String> {
+    parse_range(text).ok_or_else(|| format!("invalid range '{text}': expected GPA:LEN, e.g. 0x1000000:2M"))
+}
+
+/// One request to a running inspector's control socket; the reply is printed.
+#[derive(Subcommand)]
+#[command(rename_all = "kebab-case")]
+enum Request {
+    /// read GPA LEN: the bytes, hex
+    Read(Words),
+    /// hash GPA LEN: xxh64 and SHA-256
+    Hash(Words),
+    /// scan GPA LEN HEXPATTERN: where the pattern occurs
+    Scan(Words),
+    /// watch GPA LEN: start an integrity watch
+    Watch(Words),
+    /// check ID: pages a watch saw change
+    Check(Words),
+    /// grants: the mapped grants
+    Grants(Words),
+    /// status: source and inspector state
+    Status(Words),
+    /// vcpus: the source's vCPU registers
+    Vcpus(Words),
+    /// pause: stop the source's vCPUs (QEMU sources)
+    Pause(Words),
+    /// resume: let them run again
+    Resume(Words),
+    /// write-probe GPA BYTE: the agent tries to write the window
+    WriteProbe(Words),
+    /// latency GPA COUNT MS: coherence latency samples
+    Latency(Words),
+}
+
+#[derive(Args)]
+struct Words {
+    /// The running inspector's control socket.
+    #[arg(long, value_name = "PATH")]
+    control_socket: PathBuf,
+    /// The request's arguments (GPA LEN, ...).
+    #[arg(allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+impl Request {
+    fn line(&self) -> (&PathBuf, String) {
+        let (name, words) = match self {
+            Request::Read(w) => ("read", w),
+            Request::Hash(w) => ("hash", w),
+            Request::Scan(w) => ("scan", w),
+            Request::Watch(w) => ("watch", w),
+            Request::Check(w) => ("check", w),
+            Request::Grants(w) => ("grants", w),
+            Request::Status(w) => ("status", w),
+            Request::Vcpus(w) => ("vcpus", w),
+            Request::Pause(w) => ("pause", w),
+            Request::Resume(w) => ("resume", w),
+            Request::WriteProbe(w) => ("write-probe", w),
+            Request::Latency(w) => ("latency", w),
+        };
+        let mut line = name.to_string();
+        for word in &words.args {
+            line.push(' ');
+            line.push_str(word);
+        }
+        (&words.control_socket, line)
+    }
+}
 
 fn main() -> ExitCode {
     if let Err(e) = vmm::signals::block_stop_signals().map_err(|e| e.to_string()).and_then(|()| {
@@ -68,16 +161,24 @@ fn main() -> ExitCode {
         eprintln!("inspector: error: {e}");
         return ExitCode::from(1);
     }
-    vmm::logger::init();
-    vmm::raise_fd_limit();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("-h" | "--help") => {
-            print!("{USAGE}");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or("");
+            eprintln!("inspector: error: {}", line.strip_prefix("error: ").unwrap_or(line));
+            return ExitCode::from(1);
+        }
+        Err(e) => {
+            let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Some(request) if REQUESTS.contains(&request) => client(request, &args[1..]),
-        _ => daemon_main(&args),
+    };
+    vmm::logger::init();
+    vmm::raise_fd_limit();
+    let result = match &cli.request {
+        Some(request) => client(request),
+        None => daemon_main(cli.daemon),
     };
     match result {
         Ok(code) => code,
@@ -88,19 +189,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn client(request: &str, args: &[String]) -> Result<ExitCode, String> {
-    let mut socket = None;
-    let mut words = vec![request.to_string()];
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        if arg == "--control-socket" {
-            socket = Some(PathBuf::from(it.next().ok_or("--control-socket needs a value")?));
-        } else {
-            words.push(arg.clone());
-        }
-    }
-    let socket = socket.ok_or("missing --control-socket PATH")?;
-    let reply = control::request(&socket, &words.join(" "))
+fn client(request: &Request) -> Result<ExitCode, String> {
+    let (socket, line) = request.line();
+    let reply = control::request(socket, &line)
         .map_err(|e| format!("cannot reach the inspector at {}: {e}", socket.display()))?;
     match reply.strip_prefix("ok") {
         Some(rest) => {
@@ -111,83 +202,32 @@ fn client(request: &str, args: &[String]) -> Result<ExitCode, String> {
     }
 }
 
-fn daemon_main(args: &[String]) -> Result<ExitCode, String> {
-    let mut source_socket = None;
-    let mut qemu_qmp = None;
-    let mut api_socket = None;
-    let mut api_read_uids = Vec::new();
-    let mut api_control_uids = Vec::new();
-    let mut qemu_pid = None;
-    let mut ranges: Vec<mirror_driver::protocol::Range> = Vec::new();
-    let mut all = false;
-    let mut control_socket = None;
-    let mut watches = Vec::new();
-    let mut watch_interval = Duration::from_millis(250);
-    let mut memory = daemon::DEFAULT_MEMORY;
-    let mut serial = SerialOutput::Tty;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--source-socket" => source_socket = Some(PathBuf::from(value()?)),
-            "--qemu-qmp" => qemu_qmp = Some(PathBuf::from(value()?)),
-            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
-            "--api-read-uid" | "--api-control-uid" => {
-                let v = value()?;
-                let uid: u32 = v.parse().map_err(|_| format!("invalid {arg} '{v}': expected a numeric uid"))?;
-                if arg == "--api-read-uid" {
-                    api_read_uids.push(uid)
-                } else {
-                    api_control_uids.push(uid)
-                }
-            }
-            "--qemu-pid" => {
-                let v = value()?;
-                qemu_pid = Some(v.parse().map_err(|_| format!("invalid --qemu-pid '{v}'"))?);
-            }
-            "--range" => {
-                let v = value()?;
-                ranges.push(parse_range(&v).ok_or_else(|| format!("invalid --range '{v}': expected GPA:LEN"))?);
-            }
-            "--all" => all = true,
-            "--control-socket" => control_socket = Some(PathBuf::from(value()?)),
-            "--watch" => {
-                let v = value()?;
-                watches.push(parse_range(&v).ok_or_else(|| format!("invalid --watch '{v}': expected GPA:LEN"))?);
-            }
-            "--watch-interval-ms" => {
-                let v = value()?;
-                let ms: u64 = v.parse().map_err(|_| format!("invalid --watch-interval-ms '{v}'"))?;
-                watch_interval = Duration::from_millis(ms.max(1));
-            }
-            "--memory" => memory = parse_memory(&value()?).map_err(|e| e.to_string())?,
-            "--serial" => serial = parse_serial(&value()?).map_err(|e| e.to_string())?,
-            other => return Err(format!("unknown argument '{other}' (see --help)")),
-        }
+fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
+    if let Some(level) = &args.log_level {
+        vmm::logger::set_level(level)?;
     }
-    let source = match (source_socket, qemu_qmp) {
+    let source = match (args.source_socket, args.qemu_qmp) {
         (Some(path), None) => daemon::SourceSpec::Mirror(path),
-        (None, Some(qmp)) => daemon::SourceSpec::Qemu { qmp, pid: qemu_pid },
-        (Some(_), Some(_)) => return Err("give --source-socket or --qemu-qmp, not both".into()),
-        (None, None) => return Err("missing --source-socket PATH or --qemu-qmp PATH (see --help)".into()),
+        (None, Some(qmp)) => daemon::SourceSpec::Qemu { qmp, pid: args.qemu_pid },
+        _ => return Err("missing --source-socket PATH or --qemu-qmp PATH (see --help)".into()),
     };
-    if all != ranges.is_empty() {
+    if args.all != args.ranges.is_empty() {
         return Err("give either --all or one or more --range GPA:LEN".into());
     }
     let config = DaemonConfig {
         source,
-        ranges: (!all).then_some(ranges),
-        control_socket,
-        api: api_socket.map(|path| {
+        ranges: (!args.all).then_some(args.ranges),
+        control_socket: args.control_socket,
+        api: args.api_socket.map(|path| {
             // SAFETY: getuid cannot fail.
             let own = unsafe { libc::getuid() };
-            let control_uids = if api_control_uids.is_empty() { vec![own] } else { api_control_uids };
-            (path, inspector::api::ApiAccess { read_uids: api_read_uids, control_uids })
+            let control_uids = if args.api_control_uids.is_empty() { vec![own] } else { args.api_control_uids };
+            (path, inspector::api::ApiAccess { read_uids: args.api_read_uids, control_uids })
         }),
-        memory,
-        serial,
-        watches,
-        watch_interval,
+        memory: args.memory,
+        serial: args.serial,
+        watches: args.watches,
+        watch_interval: Duration::from_millis(args.watch_interval_ms.max(1)),
         kvm_path: PathBuf::from("/dev/kvm"),
     };
     match daemon::run(&config) {

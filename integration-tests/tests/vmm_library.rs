@@ -44,6 +44,7 @@ fn stopping_a_running_vm_joins_every_vcpu_thread() {
         api_socket: None,
         host_tsc: false,
         doorbell: None,
+        log_level: None,
     };
     let vmm = Vmm::build(&config).expect("build");
     let memory = vmm.ram().memory().clone();
@@ -90,6 +91,7 @@ fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
         api_socket: None,
         host_tsc: false,
         doorbell: Some(doorbell),
+        log_level: None,
     };
     let vmm = Vmm::build(&config).expect("build");
     let memory = vmm.ram().memory().clone();

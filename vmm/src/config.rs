@@ -36,13 +36,16 @@ pub struct VmConfig {
     pub host_tsc: bool,
     /// A doorbell device for a guest agent (library users only).
     pub doorbell: Option<std::sync::Arc<crate::devices::doorbell::Doorbell>>,
+    /// `--log-level`, for the binary to apply.
+    pub log_level: Option<String>,
 }
 
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
     Run(Box<VmConfig>),
-    Help,
+    /// `--help`: the text to print.
+    Help(String),
     Version,
 }
 
@@ -57,38 +60,76 @@ pub enum ConfigError {
     MissingValue(String),
     #[error("invalid value '{value}' for {flag}: {reason}")]
     BadValue { flag: String, value: String, reason: String },
+    /// Anything else the command-line parser refused, in its words.
+    #[error("{0}")]
+    Cli(String),
 }
 
-/// `vmm --help` text.
-pub const USAGE: &str = "\
-Usage: vmm --kernel PATH [options]
-
-Boots a guest on /dev/kvm: an ELF (PVH or 64-bit entry) or a bzImage.
-
-Options:
-  --kernel PATH            kernel or guest image (ELF vmlinux, bzImage, target/guest-images/*.elf)
-  --initramfs PATH         initramfs to load at the top of low RAM
-  --cmdline STRING         kernel command line
-  --memory SIZE            guest RAM, e.g. 512M, 2G or size=512M (default 512M)
-  --cpus N                 number of vCPUs, or boot=N (default 1)
-  --serial MODE            COM1: tty (stdout/stdin, default), file=PATH, or null
-  --mirror-socket PATH     serve the mirror device on this Unix socket
-  --mirror-allow-uid UID   allow this uid to attach to the mirror socket and to use the
-                           API socket (repeatable; default: the vmm's own uid)
-  --mirror-policy GPA:LEN  only grant within these ranges (repeatable; default: all RAM)
-  --mirror-allow-regrant   let a uid be granted again a range revoked from it (default: refused)
-  --run-as UID:GID         drop to this uid and gid once /dev/kvm and the images are open
-  --api-socket PATH        control socket: discard, revoke, grants, pause, resume, vcpus,
-                           memory, stop
-  --host-tsc               guest TSC reads the host TSC (offset 0): timestamps compare across VMs
-  --kvm-device PATH        KVM device node (default /dev/kvm)
-  -h, --help               print this help
-  -V, --version            print the version
-
+/// Text after the options in `vmm --help`.
+const AFTER_HELP: &str = "\
 Exit status: the byte the guest writes to the debug-exit port (0x501); 0 after an
 i8042 reset, SIGINT or SIGTERM; 1 for a configuration or start-up error; 3 if the
-guest crashes (triple fault, emulation failure).
-";
+guest crashes (triple fault, emulation failure).";
+
+/// The `vmm` command line.
+#[derive(clap::Parser, Debug)]
+#[command(name = "vmm", version, args_override_self = true, about = "Boots a guest on /dev/kvm: an ELF (PVH or 64-bit entry) or a bzImage.", after_help = AFTER_HELP)]
+struct Args {
+    /// Kernel or guest image (ELF vmlinux, bzImage, target/guest-images/*.elf).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs to load at the top of low RAM.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = "")]
+    cmdline: String,
+    /// Guest RAM, e.g. 512M, 2G or size=512M.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    memory: u64,
+    /// Number of vCPUs, or boot=N.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
+    cpus: u8,
+    /// COM1: tty (stdout/stdin), file=PATH, or null.
+    #[arg(long, value_name = "MODE", default_value = "tty", value_parser = parse_serial)]
+    serial: SerialOutput,
+    /// Serve the mirror device on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    mirror_socket: Option<PathBuf>,
+    /// Allow this uid to attach to the mirror socket and to use the API socket (repeatable;
+    /// default: the vmm's own uid).
+    #[arg(long = "mirror-allow-uid", value_name = "UID")]
+    mirror_allow_uids: Vec<u32>,
+    /// Only grant within these ranges (repeatable; default: all RAM).
+    #[arg(long = "mirror-policy", value_name = "GPA:LEN", value_parser = parse_policy)]
+    mirror_policy: Vec<mirror_driver::protocol::Range>,
+    /// Let a uid be granted again a range revoked from it (default: refused).
+    #[arg(long = "mirror-allow-regrant")]
+    mirror_regrant: bool,
+    /// Drop to this uid and gid once /dev/kvm and the images are open.
+    #[arg(long, value_name = "UID:GID", value_parser = parse_run_as_arg)]
+    run_as: Option<(u32, u32)>,
+    /// Control socket: discard, revoke, grants, pause, resume, vcpus, memory, stop.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Guest TSC reads the host TSC (offset 0): timestamps compare across VMs.
+    #[arg(long)]
+    host_tsc: bool,
+    /// KVM device node.
+    #[arg(long = "kvm-device", value_name = "PATH", default_value = "/dev/kvm")]
+    kvm_path: PathBuf,
+    /// Log level: error, warn, info, debug or trace (default: SPECULA_LOG, else warn).
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn parse_policy(value: &str) -> Result<mirror_driver::protocol::Range, ConfigError> {
+    parse_range(value).ok_or_else(|| bad("--mirror-policy", value, "expected GPA:LEN, e.g. 0x1000000:64M"))
+}
+
+fn parse_run_as_arg(value: &str) -> Result<(u32, u32), ConfigError> {
+    parse_run_as(value).ok_or_else(|| bad("--run-as", value, "expected UID:GID, e.g. 65534:65534"))
+}
 
 fn bad(flag: &str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::BadValue { flag: flag.into(), value: value.into(), reason: reason.into() }
@@ -152,78 +193,63 @@ pub fn parse_run_as(text: &str) -> Option<(u32, u32)> {
     Some((uid.parse().ok()?, gid.parse().ok()?))
 }
 
+/// clap's message in one line, without its `error: ` prefix and usage hints.
+fn first_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let line = text.lines().next().unwrap_or("");
+    line.strip_prefix("error: ").unwrap_or(line).to_string()
+}
+
 /// Parses the `vmm` command line (without the program name).
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
-    let mut kernel = None;
-    let mut initramfs = None;
-    let mut cmdline = String::new();
-    let mut memory = DEFAULT_MEMORY;
-    let mut cpus = 1;
-    let mut serial = SerialOutput::Tty;
-    let mut kvm_path = PathBuf::from("/dev/kvm");
-    let mut mirror_socket = None;
-    let mut mirror_allow_uids = Vec::new();
-    let mut mirror_policy: Option<Vec<mirror_driver::protocol::Range>> = None;
-    let mut api_socket = None;
-    let mut host_tsc = false;
-    let mut mirror_regrant = false;
-    let mut run_as = None;
-
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value =
-            || inline.clone().or_else(|| args.next()).ok_or_else(|| ConfigError::MissingValue(flag.clone()));
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(Command::Help),
-            "-V" | "--version" => return Ok(Command::Version),
-            "--kernel" => kernel = Some(PathBuf::from(value()?)),
-            "--initramfs" => initramfs = Some(PathBuf::from(value()?)),
-            "--cmdline" => cmdline = value()?,
-            "--memory" => memory = parse_memory(&value()?)?,
-            "--cpus" => cpus = parse_cpus(&value()?)?,
-            "--serial" => serial = parse_serial(&value()?)?,
-            "--kvm-device" => kvm_path = PathBuf::from(value()?),
-            "--mirror-socket" => mirror_socket = Some(PathBuf::from(value()?)),
-            "--mirror-allow-uid" => {
-                let v = value()?;
-                mirror_allow_uids.push(v.parse().map_err(|_| bad("--mirror-allow-uid", &v, "expected a numeric uid"))?);
-            }
-            "--mirror-policy" => {
-                let v = value()?;
-                let range = parse_range(&v)
-                    .ok_or_else(|| bad("--mirror-policy", &v, "expected GPA:LEN, e.g. 0x1000000:64M"))?;
-                mirror_policy.get_or_insert_with(Vec::new).push(range);
-            }
-            "--api-socket" => api_socket = Some(PathBuf::from(value()?)),
-            "--host-tsc" => host_tsc = true,
-            "--mirror-allow-regrant" => mirror_regrant = true,
-            "--run-as" => {
-                let v = value()?;
-                run_as =
-                    Some(parse_run_as(&v).ok_or_else(|| bad("--run-as", &v, "expected UID:GID, e.g. 65534:65534"))?);
-            }
-            _ => return Err(ConfigError::UnknownArgument(arg)),
+    use clap::error::ErrorKind;
+    use clap::Parser;
+    let args = match Args::try_parse_from(std::iter::once("vmm".to_string()).chain(args)) {
+        Ok(args) => args,
+        Err(e) => {
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    Ok(Command::Help(e.render().to_string()))
+                }
+                ErrorKind::DisplayVersion => Ok(Command::Version),
+                ErrorKind::MissingRequiredArgument if e.to_string().contains("--kernel") => {
+                    Err(ConfigError::MissingKernel)
+                }
+                ErrorKind::UnknownArgument => {
+                    let arg = e.get(clap::error::ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
+                    Err(ConfigError::UnknownArgument(arg))
+                }
+                ErrorKind::InvalidValue if e.to_string().contains("a value is required") => {
+                    let arg = e.get(clap::error::ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
+                    Err(ConfigError::MissingValue(arg.split_whitespace().next().unwrap_or("").to_string()))
+                }
+                // A value our own parsers refused: their message names the flag and the value.
+                ErrorKind::ValueValidation => {
+                    let inner = std::error::Error::source(&e).map(|s| s.to_string());
+                    Err(ConfigError::Cli(inner.unwrap_or_else(|| first_line(&e))))
+                }
+                _ => Err(ConfigError::Cli(first_line(&e))),
+            };
         }
+    };
+    if let Some(level) = &args.log_level {
+        crate::logger::parse_level(level).map_err(|e| bad("--log-level", level, e))?;
     }
-    let kernel = kernel.ok_or(ConfigError::MissingKernel)?;
     Ok(Command::Run(Box::new(VmConfig {
-        kvm_path,
-        boot: BootSource { kernel, initramfs, cmdline, extra_memmap: Vec::new() },
-        memory,
-        cpus,
-        serial,
-        mirror_socket,
-        mirror_allow_uids,
-        mirror_policy,
-        mirror_regrant,
-        run_as,
-        api_socket,
-        host_tsc,
+        kvm_path: args.kvm_path,
+        boot: BootSource { kernel: args.kernel, initramfs: args.initramfs, cmdline: args.cmdline, extra_memmap: Vec::new() },
+        memory: args.memory,
+        cpus: args.cpus,
+        serial: args.serial,
+        mirror_socket: args.mirror_socket,
+        mirror_allow_uids: args.mirror_allow_uids,
+        mirror_policy: (!args.mirror_policy.is_empty()).then_some(args.mirror_policy),
+        mirror_regrant: args.mirror_regrant,
+        run_as: args.run_as,
+        api_socket: args.api_socket,
+        host_tsc: args.host_tsc,
         doorbell: None,
+        log_level: args.log_level,
     })))
 }
 
@@ -249,6 +275,7 @@ mod tests {
         assert_eq!(cfg.cpus, 4);
         assert_eq!(cfg.serial, SerialOutput::File("/tmp/x".into()));
         let cfg = run(&["--kernel=k", "--memory=64M", "--cpus=2", "--cmdline", "a b=c"]);
+        assert_eq!(run(&["--kernel", "k", "--memory", "64M", "--memory", "1G"]).memory, 1 << 30, "the last one wins");
         assert_eq!((cfg.memory, cfg.cpus, cfg.boot.cmdline.as_str()), (64 << 20, 2, "a b=c"));
     }
 
@@ -257,6 +284,8 @@ mod tests {
         assert_eq!(parse_args(args(&[])).unwrap_err(), ConfigError::MissingKernel);
         assert_eq!(parse_args(args(&["--bogus"])).unwrap_err(), ConfigError::UnknownArgument("--bogus".into()));
         assert_eq!(parse_args(args(&["--kernel"])).unwrap_err(), ConfigError::MissingValue("--kernel".into()));
+        let err = parse_args(args(&["--kernel", "k", "--log-level", "loud"])).unwrap_err().to_string();
+        assert!(err.contains("--log-level") && err.contains("not a log level"), "{err}");
         let err = parse_args(args(&["--kernel", "k", "--memory", "lots"])).unwrap_err().to_string();
         assert!(err.contains("--memory") && err.contains("lots"), "{err}");
         let err = parse_args(args(&["--kernel", "k", "--cpus", "0"])).unwrap_err().to_string();

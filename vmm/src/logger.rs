@@ -1,32 +1,53 @@
-//! A stderr logger for the binaries; `SPECULA_LOG=debug|info|warn|error` sets the level.
+//! Logging for the binaries, on `tracing`: records go to stderr; the level comes from
+//! `--log-level`, else `SPECULA_LOG` (`error|warn|info|debug|trace|off`), else `warn`.
+//! `log` records from the rust-vmm crates and our own modules are bridged in.
 
-use log::{LevelFilter, Log, Metadata, Record};
+use std::sync::OnceLock;
 
-struct StderrLogger;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::reload;
 
-impl Log for StderrLogger {
-    fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-    fn log(&self, record: &Record) {
-        if self.enabled(record.metadata()) {
-            eprintln!("[{} {}] {}", record.level(), record.target(), record.args());
-        }
-    }
-    fn flush(&self) {}
+type Handle = reload::Handle<LevelFilter, tracing_subscriber::Registry>;
+
+static HANDLE: OnceLock<Handle> = OnceLock::new();
+
+/// Parses a level name.
+pub fn parse_level(level: &str) -> Result<LevelFilter, String> {
+    level.parse().map_err(|_| format!("'{level}' is not a log level (error, warn, info, debug, trace, off)"))
 }
 
-/// Installs the logger (once; later calls are no-ops).
+/// Installs the subscriber (once; later calls are no-ops).
 pub fn init() {
-    static LOGGER: StderrLogger = StderrLogger;
-    let level = match std::env::var("SPECULA_LOG").as_deref() {
-        Ok("debug") => LevelFilter::Debug,
-        Ok("info") => LevelFilter::Info,
-        Ok("error") => LevelFilter::Error,
-        Ok("off") => LevelFilter::Off,
-        _ => LevelFilter::Warn,
-    };
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
+    let level = std::env::var("SPECULA_LOG").ok().and_then(|l| parse_level(&l).ok()).unwrap_or(LevelFilter::WARN);
+    let (filter, handle) = reload::Layer::new(level);
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true).without_time())
+        .try_init();
+    if installed.is_ok() {
+        let _ = HANDLE.set(handle);
+        tracing::debug!("logging at {level}");
+    }
+}
+
+/// Changes the level (after [`init`]).
+pub fn set_level(level: &str) -> Result<(), String> {
+    let level = parse_level(level)?;
+    if let Some(handle) = HANDLE.get() {
+        handle.modify(|filter| *filter = level).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_parse_by_name() {
+        assert_eq!(parse_level("debug"), Ok(LevelFilter::DEBUG));
+        assert_eq!(parse_level("off"), Ok(LevelFilter::OFF));
+        assert!(parse_level("loud").unwrap_err().contains("not a log level"));
     }
 }

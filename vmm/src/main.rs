@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use vmm::config::{parse_args, Command, USAGE};
+use vmm::config::{parse_args, Command};
 use vmm::{error_chain, VmExit, Vmm};
 
 /// Exit status for configuration and start-up errors.
@@ -23,8 +23,8 @@ fn main() -> ExitCode {
     vmm::raise_fd_limit();
     let config = match parse_args(std::env::args().skip(1)) {
         Ok(Command::Run(config)) => config,
-        Ok(Command::Help) => {
-            print!("{USAGE}");
+        Ok(Command::Help(text)) => {
+            print!("{text}");
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {
@@ -36,6 +36,12 @@ fn main() -> ExitCode {
             return ExitCode::from(ERROR_EXIT_CODE);
         }
     };
+    if let Some(level) = &config.log_level {
+        if let Err(e) = vmm::logger::set_level(level) {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(ERROR_EXIT_CODE);
+        }
+    }
     let vmm = match Vmm::build(&config) {
         Ok(vmm) => vmm,
         Err(e) => {
