@@ -237,7 +237,12 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     }
     Ok(Command::Run(Box::new(VmConfig {
         kvm_path: args.kvm_path,
-        boot: BootSource { kernel: args.kernel, initramfs: args.initramfs, cmdline: args.cmdline, extra_memmap: Vec::new() },
+        boot: BootSource {
+            kernel: args.kernel,
+            initramfs: args.initramfs,
+            cmdline: args.cmdline,
+            extra_memmap: Vec::new(),
+        },
         memory: args.memory,
         cpus: args.cpus,
         serial: args.serial,
