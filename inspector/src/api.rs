@@ -30,6 +30,9 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::daemon::{InspectError, Inspector, MAX_READ};
 use crate::events::{self, Event};
+use crate::source::SourceError;
+use mirror_driver::importer::ImportError;
+use mirror_driver::protocol::ErrorCode;
 
 /// Bytes per agent read while streaming physical memory.
 const STREAM_CHUNK: u64 = MAX_READ;
@@ -86,8 +89,8 @@ pub struct ApiError {
 /// The JSON body of every error reply.
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct ErrorBody {
-    /// Stable: `bad_request`, `forbidden`, `not_found`, `not_granted`, `source_gone`,
-    /// `unsupported`, `agent_error`, `source_error`, `internal`.
+    /// Stable: `bad_request`, `forbidden`, `policy_denied`, `not_found`, `not_granted`,
+    /// `source_gone`, `unsupported`, `agent_error`, `source_error`, `internal`.
     pub code: String,
     pub message: String,
     pub request_id: u64,
@@ -116,10 +119,12 @@ impl From<InspectError> for ApiError {
             InspectError::Agent(_) | InspectError::BadReply(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, "agent_error", message)
             }
-            InspectError::Source(ref source) if message.contains("paused through its vmm") => {
-                let _ = source;
+            InspectError::Source(SourceError::Unsupported(_)) => {
                 Self::new(StatusCode::NOT_IMPLEMENTED, "unsupported", message)
             }
+            InspectError::Source(SourceError::Mirror(ImportError::Refused {
+                code: ErrorCode::PolicyDenied, ..
+            })) => Self::new(StatusCode::FORBIDDEN, "policy_denied", message),
             InspectError::Source(_) => Self::new(StatusCode::BAD_GATEWAY, "source_error", message),
         }
     }
@@ -437,7 +442,7 @@ async fn findings(State(s): State<AppState>, UrlPath(id): UrlPath<usize>) -> Api
     Ok(Json(s.inspector.findings(id)?.into_iter().map(|f| FindingInfo { seq: f.seq, pages: f.pages }).collect()))
 }
 
-/// Pauses the source's vCPUs (control clients; QEMU sources).
+/// Pauses the source's vCPUs (control clients; QEMU sources, and Specula sources that allow it).
 #[utoipa::path(post, path = "/v1/source/pause", responses((status = 204), (status = 501, body = ErrorBody)))]
 async fn pause(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
     let inspector = s.inspector.clone();
@@ -445,7 +450,7 @@ async fn pause(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Resumes the source's vCPUs (control clients; QEMU sources).
+/// Resumes the source's vCPUs (control clients).
 #[utoipa::path(post, path = "/v1/source/resume", responses((status = 204), (status = 501, body = ErrorBody)))]
 async fn resume(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
     let inspector = s.inspector.clone();

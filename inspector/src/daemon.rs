@@ -515,6 +515,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         mirror_allow_uids: Vec::new(),
         mirror_policy: None,
         mirror_regrant: false,
+        mirror_allow_pause: false,
         run_as: None,
         api_socket: None,
         host_tsc: true,

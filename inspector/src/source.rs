@@ -115,8 +115,8 @@ impl Source for MirrorSource {
         Ok(self.0.vcpu_state()?)
     }
 
-    fn set_paused(&self, _paused: bool) -> Result<(), SourceError> {
-        Err(SourceError::Unsupported("a Specula source is paused through its vmm's API socket (pause, resume)"))
+    fn set_paused(&self, paused: bool) -> Result<(), SourceError> {
+        Ok(self.0.set_paused(paused)?)
     }
 
     fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError> {

@@ -443,3 +443,41 @@ fn sigterm_stops_the_inspector_cleanly_whichever_thread_it_lands_on() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn an_inspector_pauses_a_source_that_allows_it_and_its_pause_ends_when_it_leaves() {
+    let dir = TempDir::new("mirror-pause");
+    let source = Source::start(&dir, &["--mirror-allow-pause"]);
+    let mut inspector = Inspector::start(&dir, &source, &["--all"]);
+    assert_eq!(inspector.ask("pause"), "ok");
+    inspector.proc.expect_line("inspector: source paused", LIMIT);
+    let frozen = inspector.heartbeat();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(inspector.heartbeat(), frozen, "no vCPU runs while the inspector holds a pause");
+    assert_eq!(inspector.ask("resume"), "ok");
+    inspector.proc.expect_line("inspector: source resumed", LIMIT);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(inspector.heartbeat() > frozen);
+    // A pause whose holder dies does not outlive it.
+    assert_eq!(inspector.ask("pause"), "ok");
+    let observer_dir = TempDir::new("mirror-pause-observer");
+    let mut observer = Inspector::start(&observer_dir, &source, &["--range", "0x1000000:2M"]);
+    let held = observer.heartbeat();
+    inspector.proc.signal(libc::SIGKILL);
+    inspector.proc.wait(LIMIT);
+    observer.proc.expect_line("inspector: source resumed", LIMIT);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(observer.heartbeat() > held, "the source runs again");
+}
+
+#[test]
+fn a_source_that_does_not_allow_pauses_refuses_them() {
+    let dir = TempDir::new("mirror-nopause");
+    let source = Source::start(&dir, &[]);
+    let inspector = Inspector::start(&dir, &source, &["--all"]);
+    let reply = inspector.ask("pause");
+    assert!(reply.starts_with("error") && reply.contains("--mirror-allow-pause"), "{reply}");
+    let first = inspector.heartbeat();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(inspector.heartbeat() > first);
+}

@@ -104,6 +104,9 @@ pub struct ExportPolicy {
     pub ranges: Option<Vec<Range>>,
     /// Whether a uid may be granted again a range revoked from it.
     pub regrant_after_revoke: bool,
+    /// Whether inspectors may pause the source (each holds at most one pause, released
+    /// when it resumes or disconnects).
+    pub allow_pause: bool,
 }
 
 /// Failures of the exporter.
@@ -191,6 +194,8 @@ struct Connection {
     pending_revokes: Mutex<HashSet<(u64, u64)>>,
     acked: Condvar,
     alive: AtomicBool,
+    /// Whether this peer holds a pause of the source.
+    pause_held: AtomicBool,
 }
 
 impl Connection {
@@ -396,12 +401,7 @@ impl Exporter {
     /// Sends an event to every inspector at once; a peer that cannot take it within the
     /// send timeout is dropped, so the whole broadcast takes at most about that long.
     pub fn broadcast(&self, event: &Message) {
-        let connections = self.shared.live_connections();
-        std::thread::scope(|scope| {
-            for conn in &connections {
-                scope.spawn(move || conn.send(EVENT_ID, event, &[]));
-            }
-        });
+        broadcast(&self.shared, event);
     }
 
     /// Tells every inspector the source is exiting and stops accepting.
@@ -525,6 +525,16 @@ impl SnapshotCache {
         *last = Some((Instant::now(), regs.clone()));
         Ok(regs)
     }
+}
+
+/// Sends `event` to every live peer at once (see [`Exporter::broadcast`]).
+fn broadcast(shared: &Shared, event: &Message) {
+    let connections = shared.live_connections();
+    std::thread::scope(|scope| {
+        for conn in &connections {
+            scope.spawn(move || conn.send(EVENT_ID, event, &[]));
+        }
+    });
 }
 
 /// A nonce a peer cannot guess (getrandom), so it cannot acknowledge ahead of time.
@@ -730,6 +740,7 @@ fn admit(stream: &UnixStream, shared: &Shared) -> Option<Arc<Connection>> {
         pending_revokes: Mutex::new(HashSet::new()),
         acked: Condvar::new(),
         alive: AtomicBool::new(true),
+        pause_held: AtomicBool::new(false),
     });
     conns.push(conn.clone());
     Some(conn)
@@ -776,6 +787,11 @@ fn serve(stream: UnixStream, conn: Arc<Connection>, shared: Arc<Shared>) {
     }
     conn.disconnect();
     shared.disconnected(&conn);
+    if conn.pause_held.swap(false, Ordering::SeqCst) {
+        // A peer that paused the source and left does not leave it paused.
+        shared.source.resume();
+        broadcast(&shared, &Message::Resumed);
+    }
 }
 
 /// Answers the first message; true once the session is open.
@@ -828,6 +844,33 @@ fn handle(conn: &Connection, shared: &Shared, id: u32, message: Message) {
                 Err(e) => error(ErrorCode::Internal, format!("cannot read vCPU state: {e}")),
             };
             conn.send(id, &reply, &[]);
+        }
+        Message::PauseRequest | Message::ResumeRequest if !shared.policy.allow_pause => {
+            let text = "this source does not let inspectors pause it (vmm --mirror-allow-pause)";
+            conn.send(id, &error(ErrorCode::PolicyDenied, text), &[]);
+        }
+        Message::PauseRequest => {
+            if conn.pause_held.swap(true, Ordering::SeqCst) {
+                conn.send(id, &Message::Paused, &[]);
+            } else {
+                match shared.source.pause() {
+                    Ok(()) => {
+                        conn.send(id, &Message::Paused, &[]);
+                        broadcast(shared, &Message::Paused);
+                    }
+                    Err(e) => {
+                        conn.pause_held.store(false, Ordering::SeqCst);
+                        conn.send(id, &error(ErrorCode::Internal, format!("cannot pause: {e}")), &[]);
+                    }
+                }
+            }
+        }
+        Message::ResumeRequest => {
+            if conn.pause_held.swap(false, Ordering::SeqCst) {
+                shared.source.resume();
+                broadcast(shared, &Message::Resumed);
+            }
+            conn.send(id, &Message::Resumed, &[]);
         }
         Message::RevokeAck { grant_id, nonce } => {
             // Only an acknowledgement of a revoke we sent, with its nonce, counts; others

@@ -374,6 +374,15 @@ impl Importer {
         }
     }
 
+    /// Pauses (`true`) or resumes the source, where it allows inspectors to.
+    pub fn set_paused(&self, paused: bool) -> Result<(), ImportError> {
+        let request = if paused { Message::PauseRequest } else { Message::ResumeRequest };
+        match self.request(&request)?.message {
+            Message::Paused | Message::Resumed => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Acknowledges a revoke once its mapping is gone.
     pub fn ack_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), ImportError> {
         Ok(self.send(EVENT_ID, &Message::RevokeAck { grant_id, nonce })?)

@@ -143,6 +143,11 @@ pub enum Message {
         grant_id: u64,
     },
     GetVcpuState,
+    /// Inspector -> source: hold the source's vCPUs (if the source allows it); the reply
+    /// is `Paused` with the request's id, and every inspector gets the `Paused` event.
+    PauseRequest,
+    /// Inspector -> source: release this inspector's hold.
+    ResumeRequest,
     VcpuState {
         vcpus: Vec<VcpuRegs>,
     },
@@ -181,6 +186,8 @@ mod kind {
     pub const RELEASE: u16 = 7;
     pub const RELEASED: u16 = 8;
     pub const GET_VCPU_STATE: u16 = 9;
+    pub const PAUSE_REQUEST: u16 = 11;
+    pub const RESUME_REQUEST: u16 = 12;
     pub const VCPU_STATE: u16 = 10;
     pub const REVOKE: u16 = 20;
     pub const REVOKE_ACK: u16 = 21;
@@ -356,6 +363,8 @@ impl Message {
                 kind::RELEASED
             }
             Message::GetVcpuState => kind::GET_VCPU_STATE,
+            Message::PauseRequest => kind::PAUSE_REQUEST,
+            Message::ResumeRequest => kind::RESUME_REQUEST,
             Message::VcpuState { vcpus } => {
                 w.u32(vcpus.len() as u32);
                 for v in vcpus {
@@ -433,6 +442,8 @@ impl Message {
             kind::RELEASE => Message::Release { grant_id: r.u64()? },
             kind::RELEASED => Message::Released { grant_id: r.u64()? },
             kind::GET_VCPU_STATE => Message::GetVcpuState,
+            kind::PAUSE_REQUEST => Message::PauseRequest,
+            kind::RESUME_REQUEST => Message::ResumeRequest,
             kind::VCPU_STATE => {
                 let n = r.count(MAX_VCPUS, VCPU_REGS_LEN)?;
                 let mut vcpus = Vec::with_capacity(n);
@@ -510,6 +521,8 @@ mod tests {
             Message::Release { grant_id: 7 },
             Message::Released { grant_id: 7 },
             Message::GetVcpuState,
+            Message::PauseRequest,
+            Message::ResumeRequest,
             Message::VcpuState {
                 vcpus: vec![VcpuRegs {
                     index: 1,

@@ -28,6 +28,8 @@ pub struct VmConfig {
     pub mirror_policy: Option<Vec<mirror_driver::protocol::Range>>,
     /// Whether a uid may be granted again a range the source revoked from it.
     pub mirror_regrant: bool,
+    /// Whether inspectors may pause the source through the mirror device.
+    pub mirror_allow_pause: bool,
     /// Drop to this (uid, gid) once /dev/kvm and the images are open (the jailer pattern).
     pub run_as: Option<(u32, u32)>,
     /// Unix socket path for the control API.
@@ -106,6 +108,10 @@ struct Args {
     /// Let a uid be granted again a range revoked from it (default: refused).
     #[arg(long = "mirror-allow-regrant")]
     mirror_regrant: bool,
+    /// Let inspectors pause and resume the source (each holds at most one pause, released
+    /// when it resumes or hangs up).
+    #[arg(long = "mirror-allow-pause")]
+    mirror_allow_pause: bool,
     /// Drop to this uid and gid once /dev/kvm and the images are open.
     #[arg(long, value_name = "UID:GID", value_parser = parse_run_as_arg)]
     run_as: Option<(u32, u32)>,
@@ -250,6 +256,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         mirror_allow_uids: args.mirror_allow_uids,
         mirror_policy: (!args.mirror_policy.is_empty()).then_some(args.mirror_policy),
         mirror_regrant: args.mirror_regrant,
+        mirror_allow_pause: args.mirror_allow_pause,
         run_as: args.run_as,
         api_socket: args.api_socket,
         host_tsc: args.host_tsc,

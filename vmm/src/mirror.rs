@@ -80,6 +80,7 @@ pub fn start_exporter(
         allowed_uids: allowed_uids(config),
         ranges: config.mirror_policy.clone(),
         regrant_after_revoke: config.mirror_regrant,
+        allow_pause: config.mirror_allow_pause,
     };
     let source = Arc::new(LifecycleSource(lifecycle));
     let exporter = Exporter::start(path, regions, u32::from(config.cpus), policy, ExportLimits::default(), source)?;
