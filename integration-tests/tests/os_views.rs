@@ -211,3 +211,33 @@ fn a_process_started_later_appears_and_disappears() {
     let gone = processes();
     assert!(gone.iter().all(|p| p.pid != pid), "pid {pid} still listed after kill and wait");
 }
+
+#[test]
+fn memory_areas_match_proc_maps() {
+    let guest = LinuxGuest::shared();
+    let truth = guest.ground_truth();
+    let found = processes();
+    for marker in &truth.markers {
+        let p = found.iter().find(|p| p.pid as u32 == marker.pid).unwrap();
+        let vmas = linux().vmas(p).unwrap_or_else(|e| panic!("VMAs of pid {}: {e}", p.pid));
+        // /proc/PID/maps: "start-end perms offset dev inode [path]"; [vsyscall] is not a VMA.
+        let maps = guest.console(&format!("cat /proc/{}/maps", marker.pid), CONSOLE);
+        let want: Vec<(u64, u64, String, Option<String>)> = maps
+            .lines()
+            .filter(|l| !l.ends_with("[vsyscall]"))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (s, e) = f[0].split_once('-').unwrap();
+                let path = f.get(5).filter(|p| p.starts_with('/')).map(|p| p.rsplit('/').next().unwrap().to_string());
+                (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap(), f[1].to_string(), path)
+            })
+            .collect();
+        let got: Vec<(u64, u64, String, Option<String>)> =
+            vmas.iter().map(|v| (v.start, v.end, v.perms(), v.file_name.clone())).collect();
+        assert_eq!(got, want, "pid {}: VMAs vs /proc/PID/maps:\n{maps}", marker.pid);
+        assert!(vmas.iter().any(|v| v.start <= marker.vaddr && marker.vaddr < v.end && v.perms().starts_with("rw")));
+    }
+    // Kernel threads have none.
+    let kthreadd = found.iter().find(|p| p.pid == 2).unwrap();
+    assert!(linux().vmas(kthreadd).unwrap().is_empty());
+}

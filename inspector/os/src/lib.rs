@@ -11,6 +11,7 @@
 //! | every kernel symbol | kallsyms, decoded from the tables VMCOREINFO points at (Linux ≥ 6.0) ([`kallsyms`]) |
 //! | every struct layout | the kernel's BTF, between `__start_BTF` and `__stop_BTF` ([`btf`]) |
 //! | processes | `init_task.tasks`, then each task's `cred`, `real_parent`, `mm` (page-table root, `arg_start..arg_end` read through the process's own page tables) ([`Linux::processes`]) |
+//! | memory areas (VMAs) | the maple tree `mm->mm_mt` (≥ 6.1) or the `mm->mmap` list (older), whichever BTF has ([`Linux::vmas`]) |
 //! | modules | the `modules` list; `core_layout` (≤ 6.3) or `mem[MOD_TEXT]` (≥ 6.4), whichever BTF has ([`Linux::modules`]) |
 //! | CPUs | `__num_online_cpus` and `nr_cpu_ids` ([`Linux::kernel_info`]) |
 //!
@@ -42,7 +43,7 @@ use core::ops::Range;
 pub use btf::Btf;
 pub use error::Error;
 pub use kallsyms::Kallsyms;
-pub use linux::{KernelInfo, Linux, Module, Process};
+pub use linux::{KernelInfo, Linux, Module, Process, Vma};
 pub use paging::{AddressSpace, PagingMode, Translation, VirtMem};
 pub use vmcoreinfo::VmcoreInfo;
 

@@ -34,6 +34,22 @@ pub const MAX_CMDLINE_BYTES: u64 = 4096;
 pub const MAX_CMDLINE_TOTAL: u64 = 8 << 20;
 /// `PF_KTHREAD` in `task_struct.flags` (unchanged since Linux 2.6; not in BTF, it is a #define).
 pub const PF_KTHREAD: u64 = 0x0020_0000;
+/// Most VMAs listed for one process (the kernel's default `vm.max_map_count` is 65530).
+pub const MAX_VMAS: usize = 1 << 16;
+/// Most maple-tree nodes visited for one process.
+pub const MAX_MAPLE_NODES: usize = 1 << 16;
+/// Deepest maple tree walked (the kernel's MAPLE_HEIGHT_MAX is 31).
+pub const MAX_MAPLE_DEPTH: usize = 31;
+/// `vm_flags` bits (include/linux/mm.h #defines, unchanged since Linux 2.x).
+pub const VM_READ: u64 = 1;
+pub const VM_WRITE: u64 = 2;
+pub const VM_EXEC: u64 = 4;
+pub const VM_SHARED: u64 = 8;
+/// Maple-tree node pointers ("enodes", lib/maple_tree.c #defines): the node is
+/// the pointer with its low 8 bits cleared, its type is bits 3..6.
+const MAPLE_NODE_MASK: u64 = 0xff;
+const MAPLE_NODE_TYPE_SHIFT: u64 = 3;
+const MAPLE_NODE_TYPE_MASK: u64 = 0xf;
 /// Longest kernel string read (`comm`, module names are arrays shorter than this).
 const MAX_STRING: u64 = 256;
 /// Lowest kernel address (the canonical upper half).
@@ -62,6 +78,82 @@ enum ModuleMem {
     Layout { core_base: F, core_size: F, init_size: F },
     /// Linux ≥ 6.4: `mem[MOD_MEM_NUM_TYPES]` of `struct module_memory`.
     Mem { mem: u64, stride: u64, count: u64, text: u64, base: F, size: F },
+}
+
+/// One maple node struct: where its pivots and slots are and how many.
+#[derive(Clone, Copy, Debug)]
+struct MapleNode {
+    size: u64,
+    pivot: u64,
+    pivots: u64,
+    slot: u64,
+    slots: u64,
+}
+
+impl MapleNode {
+    fn new(btf: &Btf, name: &str) -> Result<MapleNode, Error> {
+        let id = btf.struct_id(name)?;
+        let pivot = btf.member_of(id, "pivot")?;
+        let slot = btf.member_of(id, "slot")?;
+        let pivots = btf.array(btf.resolve(pivot.type_id)?)?.1;
+        let slots = btf.array(btf.resolve(slot.type_id)?)?.1;
+        let size = btf.size_of(id)?;
+        if size > 1024 || pivots > 64 || slots > 64 || pivots >= slots {
+            return Err(Error::BtfLookup(alloc::format!("{name}: {pivots} pivots, {slots} slots, {size} bytes")));
+        }
+        Ok(MapleNode { size, pivot: pivot.offset, pivots: pivots.into(), slot: slot.offset, slots: slots.into() })
+    }
+}
+
+#[derive(Clone, Debug)]
+enum VmaSource {
+    /// Linux ≥ 6.1: `mm->mm_mt`, a maple tree of VMA pointers.
+    Maple { root: F, range: MapleNode, arange: MapleNode, leaf: u64, range_type: u64, arange_type: u64 },
+    /// Older: `mm->mmap`, a list through `vm_next`.
+    List { mmap: F, next: F },
+}
+
+#[derive(Clone, Debug)]
+struct VmaLayout {
+    source: VmaSource,
+    start: F,
+    end: F,
+    flags: F,
+    pgoff: F,
+    file: F,
+    mm: F,
+    file_dentry: F,
+    dentry_name: F,
+}
+
+impl VmaLayout {
+    fn new(btf: &Btf) -> Result<VmaLayout, Error> {
+        let v = |p: &str| F::new(btf, "vm_area_struct", p);
+        let source = if btf.has_member("mm_struct", "mm_mt") {
+            let ty = |n: &str| btf.enum_value(n).map(|v| v as u64);
+            VmaSource::Maple {
+                root: F::new(btf, "mm_struct", "mm_mt.ma_root")?,
+                range: MapleNode::new(btf, "maple_range_64")?,
+                arange: MapleNode::new(btf, "maple_arange_64")?,
+                leaf: ty("maple_leaf_64")?,
+                range_type: ty("maple_range_64")?,
+                arange_type: ty("maple_arange_64")?,
+            }
+        } else {
+            VmaSource::List { mmap: F::new(btf, "mm_struct", "mmap")?, next: v("vm_next")? }
+        };
+        Ok(VmaLayout {
+            source,
+            start: v("vm_start")?,
+            end: v("vm_end")?,
+            flags: v("vm_flags")?,
+            pgoff: v("vm_pgoff")?,
+            file: v("vm_file")?,
+            mm: v("vm_mm")?,
+            file_dentry: F::new(btf, "file", "f_path.dentry")?,
+            dentry_name: F::new(btf, "dentry", "d_name.name")?,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -221,6 +313,32 @@ impl Process {
     }
 }
 
+/// A memory area of a process (`struct vm_area_struct`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// Kernel address of the `vm_area_struct`.
+    pub vma: u64,
+    pub start: u64,
+    pub end: u64,
+    pub flags: u64,
+    /// Offset in the file, in pages.
+    pub pgoff: u64,
+    /// Kernel address of the mapped `struct file` (0 for anonymous memory).
+    pub file: u64,
+    /// The mapped file's name (its dentry's, without directories).
+    pub file_name: Option<String>,
+}
+
+impl Vma {
+    /// `rwxp`/`rwxs` as in /proc/PID/maps.
+    pub fn perms(&self) -> String {
+        let bit = |b: u64, c: char| if self.flags & b != 0 { c } else { '-' };
+        [bit(VM_READ, 'r'), bit(VM_WRITE, 'w'), bit(VM_EXEC, 'x'), if self.flags & VM_SHARED != 0 { 's' } else { 'p' }]
+            .iter()
+            .collect()
+    }
+}
+
 /// A loaded kernel module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Module {
@@ -245,6 +363,7 @@ pub struct Linux<'a, M: PhysMem + ?Sized> {
     kallsyms: Kallsyms,
     btf: Btf,
     layout: Layout,
+    vma_layout: Result<VmaLayout, Error>,
 }
 
 impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
@@ -265,7 +384,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let kallsyms = Self::read_kallsyms(&kernel, &vmcoreinfo)?;
         let btf = Self::read_btf(&kernel, &kallsyms)?;
         let layout = Layout::new(&btf)?;
-        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout })
+        let vma_layout = VmaLayout::new(&btf);
+        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout })
     }
 
     fn check_candidate(mem: &'a M, info: &VmcoreInfo) -> Result<AddressSpace<'a, M>, Error> {
@@ -507,6 +627,145 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// Reads `buf.len()` bytes at virtual `va` in process `p`.
     pub fn read_process(&self, p: &Process, va: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.process_space(p)?.read_virt(va, buf)
+    }
+
+    /// The memory areas of process `p`, sorted by address (empty for kernel
+    /// threads). From the maple tree `mm->mm_mt` (Linux ≥ 6.1) or the
+    /// `mm->mmap` list (older), whichever BTF shows. At most [`MAX_VMAS`].
+    pub fn vmas(&self, p: &Process) -> Result<Vec<Vma>, Error> {
+        let vl = self.vma_layout.as_ref().map_err(Clone::clone)?;
+        if p.mm == 0 {
+            return Ok(Vec::new());
+        }
+        let mut ptrs = Vec::new();
+        match &vl.source {
+            VmaSource::List { mmap, next } => {
+                let mut seen = BTreeSet::new();
+                let mut vma = self.pointer(p.mm, *mmap, "mm->mmap")?;
+                while vma != 0 {
+                    if !seen.insert(vma) {
+                        return Err(Error::ListCycle { list: "vma", at: vma });
+                    }
+                    if seen.len() > MAX_VMAS {
+                        return Err(Error::ListTooLong { list: "vma", max: MAX_VMAS as u64 });
+                    }
+                    ptrs.push(vma);
+                    vma = self.pointer(vma, *next, "vm_next")?;
+                }
+            }
+            VmaSource::Maple { root, .. } => {
+                let root = self.field(p.mm, *root)?;
+                self.maple_entries(vl, root, &mut ptrs)?;
+            }
+        }
+        let mut out = Vec::with_capacity(ptrs.len());
+        for vma in ptrs {
+            if vma < KERNEL_MIN {
+                return Err(Error::Corrupt(alloc::format!("VMA pointer {vma:#x} is not a kernel address")));
+            }
+            let owner = self.field(vma, vl.mm)?;
+            if owner != p.mm {
+                return Err(Error::Corrupt(alloc::format!("VMA {vma:#x} belongs to mm {owner:#x}, not {:#x}", p.mm)));
+            }
+            let file = self.pointer(vma, vl.file, "vm_file")?;
+            let file_name = if file == 0 {
+                None
+            } else {
+                let dentry = self.pointer(file, vl.file_dentry, "f_path.dentry")?;
+                let name = if dentry == 0 { 0 } else { self.pointer(dentry, vl.dentry_name, "d_name.name")? };
+                if name == 0 {
+                    None
+                } else {
+                    Some(self.read_string(name, MAX_STRING)?)
+                }
+            };
+            let v = Vma {
+                vma,
+                start: self.field(vma, vl.start)?,
+                end: self.field(vma, vl.end)?,
+                flags: self.field(vma, vl.flags)?,
+                pgoff: self.field(vma, vl.pgoff)?,
+                file,
+                file_name,
+            };
+            if v.start >= v.end {
+                return Err(Error::Corrupt(alloc::format!("VMA {vma:#x} spans {:#x}..{:#x}", v.start, v.end)));
+            }
+            out.push(v);
+        }
+        out.sort_by_key(|v| v.start);
+        Ok(out)
+    }
+
+    /// Collects the entries (VMA pointers) of the maple tree whose root is `root`.
+    fn maple_entries(&self, vl: &VmaLayout, root: u64, out: &mut Vec<u64>) -> Result<(), Error> {
+        let VmaSource::Maple { range, arange, leaf, range_type, arange_type, .. } = &vl.source else {
+            return Ok(());
+        };
+        let is_node = |e: u64| e & 3 == 2 && e > 4096;
+        if root == 0 {
+            return Ok(());
+        }
+        if !is_node(root) {
+            out.push(root); // a tree of one entry keeps it in the root
+            return Ok(());
+        }
+        let mut seen = BTreeSet::new();
+        // (encoded node, the largest index it covers, depth)
+        let mut stack = alloc::vec![(root, u64::MAX, 0usize)];
+        let mut buf = [0u8; 1024];
+        while let Some((enode, max, depth)) = stack.pop() {
+            if depth > MAX_MAPLE_DEPTH {
+                return Err(Error::Corrupt(alloc::format!("maple tree deeper than {MAX_MAPLE_DEPTH}")));
+            }
+            let node = enode & !MAPLE_NODE_MASK;
+            if node < KERNEL_MIN {
+                return Err(Error::Corrupt(alloc::format!("maple node {node:#x} is not a kernel address")));
+            }
+            if !seen.insert(node) {
+                return Err(Error::ListCycle { list: "maple node", at: node });
+            }
+            if seen.len() > MAX_MAPLE_NODES {
+                return Err(Error::ListTooLong { list: "maple node", max: MAX_MAPLE_NODES as u64 });
+            }
+            let ty = (enode >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK;
+            let shape = if ty == *arange_type {
+                arange
+            } else if ty == *range_type || ty == *leaf {
+                range
+            } else {
+                return Err(Error::Corrupt(alloc::format!("maple node {node:#x} has type {ty}")));
+            };
+            let raw = &mut buf[..shape.size as usize];
+            self.kernel.read_virt(node, raw)?;
+            let word = |off: u64| {
+                let o = off as usize;
+                raw.get(o..o + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            };
+            for i in 0..shape.slots {
+                let slot = word(shape.slot + 8 * i);
+                let piv = if i < shape.pivots { Some(word(shape.pivot + 8 * i)) } else { None };
+                if i > 0 && piv == Some(0) {
+                    break; // the rest of the node is unused
+                }
+                if slot != 0 {
+                    if ty == *leaf {
+                        if out.len() == MAX_VMAS {
+                            return Err(Error::ListTooLong { list: "vma", max: MAX_VMAS as u64 });
+                        }
+                        out.push(slot);
+                    } else if is_node(slot) {
+                        stack.push((slot, piv.unwrap_or(max), depth + 1));
+                    } else {
+                        return Err(Error::Corrupt(alloc::format!("maple node {node:#x} slot {i} holds {slot:#x}")));
+                    }
+                }
+                if piv.is_some_and(|p| p >= max) {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every module on the `modules` list, in list order.
