@@ -212,29 +212,43 @@ fn a_process_started_later_appears_and_disappears() {
     assert!(gone.iter().all(|p| p.pid != pid), "pid {pid} still listed after kill and wait");
 }
 
+type MapLine = (u64, u64, String, Option<String>);
+
+/// `/proc/PID/maps` lines as (start, end, perms, file base name); `[vsyscall]` is not a VMA.
+fn parse_maps(maps: &str) -> Vec<MapLine> {
+    maps.lines()
+        .filter(|l| !l.is_empty() && !l.ends_with("[vsyscall]"))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (s, e) = f[0].split_once('-').unwrap();
+            let path = f.get(5).filter(|p| p.starts_with('/')).map(|p| p.rsplit('/').next().unwrap().to_string());
+            (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap(), f[1].to_string(), path)
+        })
+        .collect()
+}
+
 #[test]
 fn memory_areas_match_proc_maps() {
     let guest = LinuxGuest::shared();
     let truth = guest.ground_truth();
     let found = processes();
+    // Every user process of the workload (ps and cat are gone; pid 1 is the console shell's parent).
+    let pids: Vec<i32> = found
+        .iter()
+        .filter(|p| !p.kernel_thread && truth.process_by_pid(p.pid as u32).is_some())
+        .map(|p| p.pid)
+        .collect();
+    assert!(pids.len() >= 5, "init, two markers, two sleeps: {pids:?}");
+    for &pid in &pids {
+        let p = found.iter().find(|p| p.pid == pid).unwrap();
+        let vmas = linux().vmas(p).unwrap_or_else(|e| panic!("VMAs of pid {pid}: {e}"));
+        let maps = guest.console(&format!("cat /proc/{pid}/maps"), CONSOLE);
+        let got: Vec<MapLine> = vmas.iter().map(|v| (v.start, v.end, v.perms(), v.file_name.clone())).collect();
+        assert_eq!(got, parse_maps(&maps), "pid {pid} ({}): VMAs vs /proc/PID/maps:\n{maps}", p.comm);
+    }
     for marker in &truth.markers {
         let p = found.iter().find(|p| p.pid as u32 == marker.pid).unwrap();
-        let vmas = linux().vmas(p).unwrap_or_else(|e| panic!("VMAs of pid {}: {e}", p.pid));
-        // /proc/PID/maps: "start-end perms offset dev inode [path]"; [vsyscall] is not a VMA.
-        let maps = guest.console(&format!("cat /proc/{}/maps", marker.pid), CONSOLE);
-        let want: Vec<(u64, u64, String, Option<String>)> = maps
-            .lines()
-            .filter(|l| !l.ends_with("[vsyscall]"))
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let (s, e) = f[0].split_once('-').unwrap();
-                let path = f.get(5).filter(|p| p.starts_with('/')).map(|p| p.rsplit('/').next().unwrap().to_string());
-                (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap(), f[1].to_string(), path)
-            })
-            .collect();
-        let got: Vec<(u64, u64, String, Option<String>)> =
-            vmas.iter().map(|v| (v.start, v.end, v.perms(), v.file_name.clone())).collect();
-        assert_eq!(got, want, "pid {}: VMAs vs /proc/PID/maps:\n{maps}", marker.pid);
+        let vmas = linux().vmas(p).unwrap();
         assert!(vmas.iter().any(|v| v.start <= marker.vaddr && marker.vaddr < v.end && v.perms().starts_with("rw")));
     }
     // Kernel threads have none.

@@ -46,7 +46,8 @@ pub const VM_WRITE: u64 = 2;
 pub const VM_EXEC: u64 = 4;
 pub const VM_SHARED: u64 = 8;
 /// Maple-tree node pointers ("enodes", lib/maple_tree.c #defines): the node is
-/// the pointer with its low 8 bits cleared, its type is bits 3..6.
+/// the pointer with its low 8 bits cleared, its type is bits 3..6 (the type
+/// numbers themselves come from BTF's `enum maple_type`).
 const MAPLE_NODE_MASK: u64 = 0xff;
 const MAPLE_NODE_TYPE_SHIFT: u64 = 3;
 const MAPLE_NODE_TYPE_MASK: u64 = 0xf;
@@ -702,11 +703,11 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let VmaSource::Maple { range, arange, leaf, range_type, arange_type, .. } = &vl.source else {
             return Ok(());
         };
-        let is_node = |e: u64| e & 3 == 2 && e > 4096;
         if root == 0 {
             return Ok(());
         }
-        if !is_node(root) {
+        // The root is a node when tagged as an internal entry (xa_is_node).
+        if !(root & 3 == 2 && root > 4096) {
             out.push(root); // a tree of one entry keeps it in the root
             return Ok(());
         }
@@ -754,10 +755,9 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                             return Err(Error::ListTooLong { list: "vma", max: MAX_VMAS as u64 });
                         }
                         out.push(slot);
-                    } else if is_node(slot) {
-                        stack.push((slot, piv.unwrap_or(max), depth + 1));
                     } else {
-                        return Err(Error::Corrupt(alloc::format!("maple node {node:#x} slot {i} holds {slot:#x}")));
+                        // Child enodes are `node | type << 3 | 4` (no root tag).
+                        stack.push((slot, piv.unwrap_or(max), depth + 1));
                     }
                 }
                 if piv.is_some_and(|p| p >= max) {
@@ -858,6 +858,8 @@ mod tests {
     const MODULE: u64 = 0x2b000;
     const UTS: u64 = 0x2c000;
     const CPUS: u64 = 0x2d000;
+    const MAPLE: u64 = 0x2e000;
+    const VMAS: u64 = 0x2f000;
     /// User virtual address of the command line.
     const ARGS_VA: u64 = 0x40_0000;
 
@@ -882,7 +884,41 @@ mod tests {
         let const_cred_ptr = b.raw("", 10, 0, false, cred_ptr, &[]);
         let anon =
             b.strukt("", 24, &[("pgd", void_ptr, 0, 0), ("arg_start", ulong, 64, 0), ("arg_end", ulong, 128, 0)]);
-        let mm = b.strukt("mm_struct", 24, &[("", anon, 0, 0)]);
+        let tree = b.strukt("maple_tree", 16, &[("ma_flags", uint, 0, 0), ("ma_root", void_ptr, 64, 0)]);
+        let mm = b.strukt("mm_struct", 40, &[("", anon, 0, 0), ("mm_mt", tree, 192, 0)]);
+        let (d, l, r, a) = (b.s("maple_dense"), b.s("maple_leaf_64"), b.s("maple_range_64"), b.s("maple_arange_64"));
+        b.raw("maple_type", 6, 4, false, 4, &[d, 0, l, 1, r, 2, a, 3]);
+        let piv15 = b.raw("", 3, 0, false, 0, &[ulong, int, 15]);
+        let piv9 = b.raw("", 3, 0, false, 0, &[ulong, int, 9]);
+        let slot16 = b.raw("", 3, 0, false, 0, &[void_ptr, int, 16]);
+        let slot10 = b.raw("", 3, 0, false, 0, &[void_ptr, int, 10]);
+        b.strukt(
+            "maple_range_64",
+            256,
+            &[("parent", void_ptr, 0, 0), ("pivot", piv15, 64, 0), ("slot", slot16, 1024, 0)],
+        );
+        b.strukt(
+            "maple_arange_64",
+            256,
+            &[("parent", void_ptr, 0, 0), ("pivot", piv9, 64, 0), ("slot", slot10, 640, 0)],
+        );
+        let qstr = b.strukt("qstr", 16, &[("hash_len", ulong, 0, 0), ("name", void_ptr, 64, 0)]);
+        b.strukt("dentry", 16, &[("d_name", qstr, 0, 0)]);
+        let path = b.strukt("path", 16, &[("mnt", void_ptr, 0, 0), ("dentry", void_ptr, 64, 0)]);
+        let file = b.strukt("file", 16, &[("f_path", path, 0, 0)]);
+        let file_ptr = b.ptr(file);
+        b.strukt(
+            "vm_area_struct",
+            48,
+            &[
+                ("vm_start", ulong, 0, 0),
+                ("vm_end", ulong, 64, 0),
+                ("vm_mm", void_ptr, 128, 0),
+                ("vm_flags", ulong, 192, 0),
+                ("vm_pgoff", ulong, 256, 0),
+                ("vm_file", file_ptr, 320, 0),
+            ],
+        );
         let mm_ptr = b.ptr(mm);
         let task = b.next_id;
         let task_ptr = task + 1;
@@ -1014,6 +1050,7 @@ mod tests {
             g.w64(MM, Self::va(USER_PGD));
             g.w64(MM + 8, ARGS_VA);
             g.w64(MM + 16, ARGS_VA + 11);
+            g.maple();
             // Modules: the list head -> one module "dummy".
             g.link(&[MODULES, MODULE]);
             g.wb(MODULE + 24, b"dummy\0");
@@ -1021,6 +1058,40 @@ mod tests {
             g.w32(MODULE + 88, 0x3000);
             g.w32(MODULE + 104, 0x1000);
             g
+        }
+
+        /// A two-level maple tree: an arange_64 root over two leaves, holding
+        /// VMA1 (0x400000..0x401000 r-xp, file "sleep") and VMA2 (0x7ff000..0x800000 rw-p).
+        fn maple(&mut self) {
+            let (leaf_a, leaf_b) = (MAPLE + 0x100, MAPLE + 0x200);
+            let enode = |off: u64, ty: u64| Self::va(off) | ty << 3 | 4;
+            self.w64(MM + 32, enode(MAPLE, 3) | 2); // the root, tagged
+                                                    // arange_64 root: pivots at 8, slots at 80.
+            self.w64(MAPLE + 8, 0x7f_efff);
+            self.w64(MAPLE + 16, u64::MAX);
+            self.w64(MAPLE + 80, enode(leaf_a, 1));
+            self.w64(MAPLE + 88, enode(leaf_b, 1));
+            // leaf A: gap, VMA1, gap up to its max.
+            for (i, p) in [0x3f_ffff, 0x40_0fff, 0x7f_efff].iter().enumerate() {
+                self.w64(leaf_a + 8 + 8 * i as u64, *p);
+            }
+            self.w64(leaf_a + 128 + 8, Self::va(VMAS));
+            // leaf B: VMA2, gap to the end.
+            self.w64(leaf_b + 8, 0x7f_ffff);
+            self.w64(leaf_b + 16, u64::MAX);
+            self.w64(leaf_b + 128, Self::va(VMAS + 0x40));
+            for (vma, start, end, flags, file) in
+                [(VMAS, 0x40_0000, 0x40_1000, 5, VMAS + 0x100), (VMAS + 0x40, 0x7f_f000, 0x80_0000, 3, 0)]
+            {
+                self.w64(vma, start);
+                self.w64(vma + 8, end);
+                self.w64(vma + 16, Self::va(MM));
+                self.w64(vma + 24, flags);
+                self.w64(vma + 40, if file == 0 { 0 } else { Self::va(file) });
+            }
+            self.w64(VMAS + 0x108, Self::va(VMAS + 0x200)); // file -> dentry
+            self.w64(VMAS + 0x208, Self::va(VMAS + 0x300)); // dentry -> name
+            self.wb(VMAS + 0x300, b"sleep\0");
         }
 
         /// Circular list through the nodes at these offsets (each list_head at offset 0).
@@ -1068,6 +1139,44 @@ mod tests {
         assert_eq!(mods.len(), 1);
         assert_eq!((mods[0].name.as_str(), mods[0].base, mods[0].size), ("dummy", 0xffff_ffff_c000_0000, 0x4000));
         assert_eq!(mods[0].state_name.as_deref(), Some("MODULE_STATE_LIVE"));
+    }
+
+    #[test]
+    fn memory_areas_come_from_the_maple_tree() {
+        let mut g = Guest::new();
+        let linux = Linux::discover(&g.mem).unwrap();
+        let a = linux.processes().unwrap().remove(0);
+        let vmas = linux.vmas(&a).unwrap();
+        let got: Vec<_> = vmas.iter().map(|v| (v.start, v.end, v.perms(), v.file_name.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                (0x40_0000, 0x40_1000, String::from("r-xp"), Some(String::from("sleep"))),
+                (0x7f_f000, 0x80_0000, String::from("rw-p"), None)
+            ]
+        );
+        // The root's second child pointing back at the root: a cycle.
+        g.w64(MAPLE + 88, Guest::va(MAPLE) | 3 << 3 | 4);
+        let linux = Linux::discover(&g.mem).unwrap();
+        let a = linux.processes().unwrap().remove(0);
+        assert!(matches!(linux.vmas(&a), Err(Error::ListCycle { list: "maple node", .. })));
+        // A node of an unknown type, and a VMA of another mm.
+        let mut g = Guest::new();
+        g.w64(MAPLE + 80, Guest::va(MAPLE + 0x100) | 9 << 3 | 4);
+        let linux = Linux::discover(&g.mem).unwrap();
+        let a = linux.processes().unwrap().remove(0);
+        assert!(linux.vmas(&a).unwrap_err().to_string().contains("type 9"));
+        let mut g = Guest::new();
+        g.w64(VMAS + 16, Guest::va(0x1234));
+        let linux = Linux::discover(&g.mem).unwrap();
+        let a = linux.processes().unwrap().remove(0);
+        assert!(linux.vmas(&a).unwrap_err().to_string().contains("belongs to mm"));
+        // A tree of one entry kept in the root.
+        let mut g = Guest::new();
+        g.w64(MM + 32, Guest::va(VMAS));
+        let linux = Linux::discover(&g.mem).unwrap();
+        let a = linux.processes().unwrap().remove(0);
+        assert_eq!(linux.vmas(&a).unwrap().len(), 1);
     }
 
     #[test]
