@@ -120,6 +120,7 @@ fn kernel_view_matches_uname() {
     assert_eq!(info.release, guest.ground_truth().kernel_release);
     assert_eq!(info.uts_release.as_deref(), Some(info.release.as_str()));
     assert_eq!(info.paging_mode, PagingMode::Level4);
+    assert_eq!(info.conflicting_vmcoreinfo, 0, "the kernel's two VMCOREINFO copies agree");
     assert_eq!((info.online_cpus, info.nr_cpu_ids), (Some(1), Some(1)), "the guest has one vCPU");
     // The KASLR slide moves _stext from its link-time address.
     let stext = linux().kallsyms().address("_stext").unwrap();

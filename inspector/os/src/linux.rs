@@ -5,7 +5,12 @@
 //! `swapper_pg_dir` translates its own virtual address to itself (so a copy
 //! of the text planted elsewhere with made-up numbers is not believed), decodes
 //! kallsyms (checked against VMCOREINFO's `_stext` and `swapper_pg_dir`), reads
-//! and parses BTF, and computes every offset it needs from BTF once.
+//! and parses BTF, and computes every offset it needs from BTF once. Other
+//! copies that validate but differ are counted
+//! ([`KernelInfo::conflicting_vmcoreinfo`]): a guest process could fabricate
+//! a self-consistent kernel (text, page tables, kallsyms, BTF) in its own
+//! pages, and nothing in RAM alone tells it from the real one if it lies at a
+//! lower physical address; the count makes that visible.
 //!
 //! Walks: the task list from `init_task.tasks` (at most [`MAX_TASKS`]), the
 //! module list from `modules` (at most [`MAX_MODULES`]); a node seen twice is
@@ -263,8 +268,14 @@ pub struct KernelInfo {
     pub online_cpus: Option<u32>,
     /// `nr_cpu_ids` (possible CPU ids), if kallsyms has it.
     pub nr_cpu_ids: Option<u32>,
-    /// Where VMCOREINFO was found (guest-physical).
+    /// Where VMCOREINFO was found (guest-physical): the first valid copy in
+    /// physical order.
     pub vmcoreinfo_at: u64,
+    /// Other valid VMCOREINFO copies whose text differs from the one used. The
+    /// kernel keeps two identical copies; a different one that also passes
+    /// validation was made by someone else (a guest process can fabricate a
+    /// self-consistent kernel in its own pages), so the views are suspect.
+    pub conflicting_vmcoreinfo: u32,
     pub symbols: usize,
     pub btf_types: usize,
 }
@@ -365,19 +376,25 @@ pub struct Linux<'a, M: PhysMem + ?Sized> {
     btf: Btf,
     layout: Layout,
     vma_layout: Result<VmaLayout, Error>,
+    conflicting: u32,
 }
 
 impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// Finds the kernel in `mem`: VMCOREINFO, page tables, kallsyms, BTF, layouts.
     pub fn discover(mem: &'a M) -> Result<Self, Error> {
         let (candidates, hits, mut last) = vmcoreinfo::scan(mem);
-        let mut chosen = None;
+        let mut chosen: Option<(VmcoreInfo, AddressSpace<'a, M>)> = None;
+        let mut conflicting = 0u32;
         for info in candidates {
             match Self::check_candidate(mem, &info) {
-                Ok(kernel) => {
-                    chosen = Some((info, kernel));
-                    break;
-                }
+                Ok(kernel) => match &chosen {
+                    None => chosen = Some((info, kernel)),
+                    Some((first, _)) => {
+                        if first.lines().ne(info.lines()) {
+                            conflicting += 1;
+                        }
+                    }
+                },
                 Err(e) => last = Some(alloc::format!("text at {:#x}: {e}", info.found_at)),
             }
         }
@@ -386,7 +403,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let btf = Self::read_btf(&kernel, &kallsyms)?;
         let layout = Layout::new(&btf)?;
         let vma_layout = VmaLayout::new(&btf);
-        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout })
+        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout, conflicting })
     }
 
     fn check_candidate(mem: &'a M, info: &VmcoreInfo) -> Result<AddressSpace<'a, M>, Error> {
@@ -481,7 +498,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let uts_release = self
             .kallsyms
             .address("init_uts_ns")
-            .and_then(|a| Ok(a + self.btf.member("uts_namespace", "name.release")?.offset))
+            .and_then(|a| Ok(a.wrapping_add(self.btf.member("uts_namespace", "name.release")?.offset)))
             .and_then(|a| self.read_string(a, 65))
             .ok();
         Ok(KernelInfo {
@@ -494,6 +511,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             online_cpus: read_sym("__num_online_cpus"),
             nr_cpu_ids: read_sym("nr_cpu_ids"),
             vmcoreinfo_at: v.found_at,
+            conflicting_vmcoreinfo: self.conflicting,
             symbols: self.kallsyms.len(),
             btf_types: self.btf.len(),
         })
@@ -515,9 +533,18 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     pub fn read_string(&self, va: u64, max: u64) -> Result<String, Error> {
         let max = max.min(MAX_STRING) as usize;
         let mut buf = alloc::vec![0u8; max];
-        self.kernel.read_virt(va, &mut buf)?;
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(max);
-        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+        // Page by page, stopping at the terminator: the next page may be unmapped.
+        let mut done = 0;
+        while done < max {
+            let at = va.wrapping_add(done as u64);
+            let n = ((0x1000 - (at & 0xfff)) as usize).min(max - done);
+            self.kernel.read_virt(at, &mut buf[done..done + n])?;
+            if let Some(i) = buf[done..done + n].iter().position(|&b| b == 0) {
+                return Ok(String::from_utf8_lossy(&buf[..done + i]).into_owned());
+            }
+            done += n;
+        }
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
     /// Calls `f` with each node of the circular list at `head` (not the head itself).
@@ -553,8 +580,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let init = self.kallsyms.address("init_task")?;
         let mut out = Vec::new();
         let mut budget = MAX_CMDLINE_TOTAL;
-        self.walk_list(init + l.tasks.off, "task", MAX_TASKS, |node| {
-            let task = node - l.tasks.off;
+        self.walk_list(init.wrapping_add(l.tasks.off), "task", MAX_TASKS, |node| {
+            let task = node.wrapping_sub(l.tasks.off);
             let parent = self.pointer(task, l.real_parent, "real_parent")?;
             let cred = self.pointer(task, l.cred, "cred")?;
             let mm = self.pointer(task, l.mm, "mm")?;
@@ -567,7 +594,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 uid: if cred == 0 { 0 } else { self.field(cred, l.uid)? as u32 },
                 euid: if cred == 0 { 0 } else { self.field(cred, l.euid)? as u32 },
                 gid: if cred == 0 { 0 } else { self.field(cred, l.gid)? as u32 },
-                comm: self.read_string(task + l.comm.off, l.comm.size)?,
+                comm: self.read_string(task.wrapping_add(l.comm.off), l.comm.size)?,
                 state: self.field(task, l.state)?,
                 start_time: self.field(task, l.start_time)?,
                 flags,
@@ -776,7 +803,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let mut head = None;
         for s in self.kallsyms.lookup_all("modules") {
             let next = self.kernel.read_u64(s.address);
-            let back = next.and_then(|n| self.kernel.read_u64(n + 8));
+            let back = next.and_then(|n| self.kernel.read_u64(n.wrapping_add(8)));
             if back.is_ok_and(|b| b == s.address) {
                 head = Some(s.address);
                 break;
@@ -785,7 +812,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let head = head.ok_or_else(|| Error::Corrupt("no `modules` symbol is a list head".into()))?;
         let mut out = Vec::new();
         self.walk_list(head, "module", MAX_MODULES, |node| {
-            let module = node - l.mod_list.off;
+            let module = node.wrapping_sub(l.mod_list.off);
             let state = self.field(module, l.mod_state)?;
             let state = match l.mod_state.size {
                 4 => i64::from(state as u32 as i32),
@@ -797,7 +824,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                     self.field(module, *core_size)?.saturating_add(self.field(module, *init_size)?),
                 ),
                 ModuleMem::Mem { mem, stride, count, text, base, size } => {
-                    let at = |i: u64| module + mem + i * stride;
+                    let at = |i: u64| module.wrapping_add(*mem).wrapping_add(i.wrapping_mul(*stride));
                     let mut total = 0u64;
                     for i in 0..*count {
                         total = total.saturating_add(self.field(at(i), *size)?);
@@ -807,7 +834,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             };
             out.push(Module {
                 module,
-                name: self.read_string(module + l.mod_name.off, l.mod_name.size)?,
+                name: self.read_string(module.wrapping_add(l.mod_name.off), l.mod_name.size)?,
                 state,
                 state_name: self.btf.enum_name(l.mod_state_type, state).ok().flatten().map(String::from),
                 base,
@@ -1177,6 +1204,22 @@ mod tests {
         let linux = Linux::discover(&g.mem).unwrap();
         let a = linux.processes().unwrap().remove(0);
         assert_eq!(linux.vmas(&a).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_second_valid_vmcoreinfo_that_differs_is_counted() {
+        let mut g = Guest::new();
+        assert_eq!(Linux::discover(&g.mem).unwrap().kernel_info().unwrap().conflicting_vmcoreinfo, 0);
+        // An identical copy (the kernel keeps two) is no conflict.
+        let mut text = alloc::vec![0u8; 0x1000];
+        g.mem.read(Guest::pa(VMCOREINFO), &mut text).unwrap();
+        g.wb(0x30000, &text);
+        assert_eq!(Linux::discover(&g.mem).unwrap().kernel_info().unwrap().conflicting_vmcoreinfo, 0);
+        // One with another release, later in RAM: counted, and the first one is used.
+        let forged = String::from_utf8_lossy(&text).replace("6.1.0-synthetic", "6.6.6-forged");
+        g.wb(0x31000, forged.as_bytes());
+        let info = Linux::discover(&g.mem).unwrap().kernel_info().unwrap();
+        assert_eq!((info.conflicting_vmcoreinfo, info.release.as_str()), (1, "6.1.0-synthetic"));
     }
 
     #[test]
