@@ -256,3 +256,36 @@ fn memory_areas_match_proc_maps() {
     let kthreadd = found.iter().find(|p| p.pid == 2).unwrap();
     assert!(linux().vmas(kthreadd).unwrap().is_empty());
 }
+
+#[test]
+fn the_real_btf_and_kallsyms_survive_damage() {
+    let linux = linux();
+    let k = linux.kallsyms();
+    let (start, stop) = (k.address("__start_BTF").unwrap(), k.address("__stop_BTF").unwrap());
+    let mut blob = vec![0u8; (stop - start) as usize];
+    specula_os::VirtMem::read_virt(linux.kernel(), start, &mut blob).unwrap();
+    assert_eq!(specula_os::Btf::parse(blob.clone()).unwrap().len(), linux.btf().len());
+    // Cut short anywhere: an error, never a panic.
+    for i in 1..12 {
+        let cut = blob.len() * i / 12;
+        assert!(specula_os::Btf::parse(blob[..cut].to_vec()).is_err(), "BTF cut at {cut} parsed");
+    }
+    // Bytes flipped in the type section: whatever parses answers lookups without panicking.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..12 {
+        let mut bad = blob.clone();
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let at = 24 + (x as usize % (bad.len() / 2));
+            bad[at] ^= (x >> 32) as u8 | 1;
+        }
+        if let Ok(btf) = specula_os::Btf::parse(bad) {
+            for (st, path) in [("task_struct", "tasks"), ("mm_struct", "mm_mt.ma_root"), ("module", "core_layout.size")]
+            {
+                let _ = btf.member(st, path);
+            }
+        }
+    }
+}

@@ -15,6 +15,22 @@
 //! | modules | the `modules` list; `core_layout` (≤ 6.3) or `mem[MOD_TEXT]` (≥ 6.4), whichever BTF has ([`Linux::modules`]) |
 //! | CPUs | `__num_online_cpus` and `nr_cpu_ids` ([`Linux::kernel_info`]) |
 //!
+//! ```no_run
+//! use specula_os::{Linux, SliceMem};
+//! # let ram: &[u8] = &[];
+//! // Guest RAM mapped here, at guest-physical 0 (implement `PhysMem` for other layouts).
+//! let mem = SliceMem::new(vec![(0, ram)]);
+//! let linux = Linux::discover(&mem)?;
+//! println!("Linux {}", linux.kernel_info()?.release);
+//! for p in linux.processes()? {
+//!     println!("{} {} uid={} {:?}", p.pid, p.comm, p.uid, p.args());
+//! }
+//! for m in linux.modules()? {
+//!     println!("{} {:#x} {}", m.name, m.base, m.size);
+//! }
+//! # Ok::<(), specula_os::Error>(())
+//! ```
+//!
 //! Guest memory is untrusted data: every read is checked, every walk is
 //! bounded (page walks by their 4 or 5 levels, lists by a visited set and a
 //! cap, type chains by a depth), every allocation is capped by a documented
