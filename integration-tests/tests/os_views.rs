@@ -289,3 +289,32 @@ fn the_real_btf_and_kallsyms_survive_damage() {
         }
     }
 }
+
+/// A private guest with another shape: q35, RAM in two NUMA-node memfds (two
+/// guest-physical segments), two vCPUs, no KASLR.
+#[test]
+fn a_numa_guest_without_kaslr() {
+    use integration_tests::linux_guest::{LinuxGuestConfig, Machine};
+    let guest = LinuxGuest::start(LinuxGuestConfig {
+        memory_backends: 2,
+        machine: Machine::Q35,
+        cpus: 2,
+        extra_cmdline: "nokaslr".into(),
+        ..Default::default()
+    });
+    let maps = guest.map_ram();
+    let half = maps[0].len() as u64;
+    let mem = specula_os::SliceMem::new(vec![(0, maps[0].as_slice()), (half, maps[1].as_slice())]);
+    let linux = Linux::discover(&mem).unwrap_or_else(|e| panic!("discovery failed: {e}"));
+    let info = linux.kernel_info().unwrap();
+    assert_eq!(info.release, guest.ground_truth().kernel_release);
+    assert_eq!(info.kaslr_offset, 0, "nokaslr");
+    assert_eq!((info.online_cpus, info.nr_cpu_ids), (Some(2), Some(2)));
+    let procs = linux.processes().unwrap();
+    for marker in &guest.ground_truth().markers {
+        let p = procs.iter().find(|p| p.pid as u32 == marker.pid).unwrap();
+        let mut text = vec![0u8; marker.text.len()];
+        linux.read_process(p, marker.vaddr, &mut text).unwrap();
+        assert_eq!(String::from_utf8_lossy(&text), marker.text);
+    }
+}
