@@ -290,6 +290,26 @@ fn the_real_btf_and_kallsyms_survive_damage() {
     }
 }
 
+#[test]
+fn a_zombie_is_an_exited_process_not_a_kernel_thread() {
+    let guest = LinuxGuest::shared();
+    // `sleep 0` exits at once and its parent, which exec'd `sleep 30`, never reaps it.
+    let parent: i32 = guest.console("sh -c 'sleep 0 & exec sleep 30' & echo $!", CONSOLE).trim().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let zombie = loop {
+        if let Some(z) = processes().into_iter().find(|p| p.ppid == parent && p.exit_state != 0) {
+            break z;
+        }
+        assert!(Instant::now() < deadline, "no zombie child of pid {parent}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stat = guest.console(&format!("cat /proc/{}/stat", zombie.pid), CONSOLE);
+    assert!(stat.contains(") Z "), "pid {} is a zombie: {stat}", zombie.pid);
+    assert!(!zombie.kernel_thread && zombie.mm == 0 && zombie.pgd.is_none(), "{zombie:#x?}");
+    assert_eq!(zombie.comm, "sleep");
+    guest.console(&format!("kill {parent}; wait {parent}"), CONSOLE);
+}
+
 /// A private guest with another shape: q35, RAM in two NUMA-node memfds (two
 /// guest-physical segments), two vCPUs, no KASLR.
 #[test]

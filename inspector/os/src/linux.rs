@@ -174,6 +174,7 @@ struct Layout {
     state_name: &'static str,
     start_time: F,
     flags: F,
+    exit_state: F,
     mm: F,
     uid: F,
     euid: F,
@@ -234,6 +235,7 @@ impl Layout {
             state_name,
             start_time: t("start_time")?,
             flags: t("flags")?,
+            exit_state: t("exit_state")?,
             mm: t("mm")?,
             uid: F::new(btf, "cred", "uid.val")?,
             euid: F::new(btf, "cred", "euid.val")?,
@@ -298,8 +300,11 @@ pub struct Process {
     /// `start_time`: ns of monotonic time at fork.
     pub start_time: u64,
     pub flags: u64,
-    /// `mm` is NULL or `PF_KTHREAD` is set.
+    /// `PF_KTHREAD` is set, or `mm` is NULL in a task that has not exited
+    /// (an exited process, a zombie, has no mm either but is no kernel thread).
     pub kernel_thread: bool,
+    /// `exit_state`: 0 while alive, EXIT_ZOMBIE (0x20) or EXIT_DEAD (0x10) after exit.
+    pub exit_state: u64,
     /// Kernel address of its `mm_struct` (0 for kernel threads).
     pub mm: u64,
     /// Physical address of its page-table root (`mm->pgd`), if it has an mm.
@@ -586,6 +591,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             let cred = self.pointer(task, l.cred, "cred")?;
             let mm = self.pointer(task, l.mm, "mm")?;
             let flags = self.field(task, l.flags)?;
+            let exit_state = self.field(task, l.exit_state)?;
             let mut p = Process {
                 task,
                 pid: self.field(task, l.pid)? as i32,
@@ -598,7 +604,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 state: self.field(task, l.state)?,
                 start_time: self.field(task, l.start_time)?,
                 flags,
-                kernel_thread: mm == 0 || flags & PF_KTHREAD != 0,
+                kernel_thread: flags & PF_KTHREAD != 0 || (mm == 0 && exit_state == 0),
+                exit_state,
                 mm,
                 pgd: None,
                 arg_start: 0,
@@ -951,7 +958,7 @@ mod tests {
         let task_ptr = task + 1;
         b.strukt(
             "task_struct",
-            88,
+            96,
             &[
                 ("tasks", lh, 0, 0),
                 ("pid", int, 128, 0),
@@ -963,6 +970,7 @@ mod tests {
                 ("start_time", ulong, 512, 0),
                 ("flags", uint, 576, 0),
                 ("mm", mm_ptr, 640, 0),
+                ("exit_state", int, 704, 0),
             ],
         );
         b.ptr(task);
@@ -1166,6 +1174,12 @@ mod tests {
         assert_eq!(mods.len(), 1);
         assert_eq!((mods[0].name.as_str(), mods[0].base, mods[0].size), ("dummy", 0xffff_ffff_c000_0000, 0x4000));
         assert_eq!(mods[0].state_name.as_deref(), Some("MODULE_STATE_LIVE"));
+        // A zombie: no mm any more, exit_state EXIT_ZOMBIE; still not a kernel thread.
+        let mut g = g;
+        g.w64(TASK_A + 80, 0);
+        g.w32(TASK_A + 88, 0x20);
+        let a = Linux::discover(&g.mem).unwrap().processes().unwrap().remove(0);
+        assert!(!a.kernel_thread && a.exit_state == 0x20 && a.pgd.is_none() && a.cmdline.is_empty());
     }
 
     #[test]
