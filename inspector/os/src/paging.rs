@@ -1,0 +1,292 @@
+//! x86-64 address translation over a [`PhysMem`]: 4-level and 5-level paging
+//! (CR4.LA57), 4 KiB, 2 MiB and 1 GiB pages.
+//!
+//! A walk reads at most one entry per level (4 or 5 reads), so it always ends,
+//! whatever the tables contain: tables that point at themselves or at each
+//! other only produce odd translations, never a loop. Entry bits outside the
+//! physical-address field are masked: NX (63), protection keys and ignored bits
+//! (52..62), PAT (bit 12 in large-page entries) and the flag bits (0..11).
+//! A table or page outside RAM fails on the read, as [`Error::PhysRead`].
+
+use crate::{Error, PhysMem};
+
+/// Bits 12..51 of a table or 4 KiB page entry.
+pub const ADDR_MASK_4K: u64 = 0x000f_ffff_ffff_f000;
+/// Bits 21..51 of a 2 MiB page entry (bit 12 there is PAT).
+pub const ADDR_MASK_2M: u64 = 0x000f_ffff_ffe0_0000;
+/// Bits 30..51 of a 1 GiB page entry (bit 12 there is PAT).
+pub const ADDR_MASK_1G: u64 = 0x000f_ffff_c000_0000;
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const PAGE_SIZE_BIT: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+
+/// 4-level (48-bit) or 5-level (57-bit, CR4.LA57) paging.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PagingMode {
+    Level4,
+    Level5,
+}
+
+impl PagingMode {
+    fn levels(self) -> u8 {
+        match self {
+            PagingMode::Level4 => 4,
+            PagingMode::Level5 => 5,
+        }
+    }
+
+    /// Whether `va` is canonical (bits above the top implemented bit are copies of it).
+    pub fn is_canonical(self, va: u64) -> bool {
+        let bits = match self {
+            PagingMode::Level4 => 48,
+            PagingMode::Level5 => 57,
+        };
+        let shifted = (va as i64) >> (bits - 1);
+        shifted == 0 || shifted == -1
+    }
+}
+
+/// A successful translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The physical address `va` maps to.
+    pub pa: u64,
+    /// Size of the page holding it (4 KiB, 2 MiB or 1 GiB).
+    pub page_size: u64,
+    /// Writable at every level.
+    pub writable: bool,
+    /// User-accessible at every level.
+    pub user: bool,
+    /// No-execute at some level.
+    pub nx: bool,
+}
+
+/// Translates `va` through the page tables rooted at `root` (CR3's
+/// physical address; its low 12 bits, PCID or flags, are ignored).
+pub fn translate<M: PhysMem + ?Sized>(mem: &M, root: u64, mode: PagingMode, va: u64) -> Result<Translation, Error> {
+    if !mode.is_canonical(va) {
+        return Err(Error::NonCanonical { va });
+    }
+    let mut table = root & ADDR_MASK_4K;
+    let (mut writable, mut user, mut nx) = (true, true, false);
+    let mut level = mode.levels();
+    loop {
+        let shift = 12 + 9 * u32::from(level - 1);
+        let index = (va >> shift) & 0x1ff;
+        let mut raw = [0u8; 8];
+        mem.read(table + index * 8, &mut raw)?;
+        let entry = u64::from_le_bytes(raw);
+        if entry & PRESENT == 0 {
+            return Err(Error::NotMapped { va, level });
+        }
+        writable &= entry & WRITABLE != 0;
+        user &= entry & USER != 0;
+        nx |= entry & NX != 0;
+        let large = entry & PAGE_SIZE_BIT != 0;
+        if large && level >= 4 {
+            return Err(Error::BadPageTableEntry { va, level, entry });
+        }
+        if level == 1 || large {
+            let (mask, page_size) = match level {
+                1 => (ADDR_MASK_4K, 1u64 << 12),
+                2 => (ADDR_MASK_2M, 1 << 21),
+                _ => (ADDR_MASK_1G, 1 << 30),
+            };
+            let pa = (entry & mask) | (va & (page_size - 1));
+            return Ok(Translation { pa, page_size, writable, user, nx });
+        }
+        table = entry & ADDR_MASK_4K;
+        level -= 1;
+    }
+}
+
+/// Guest-virtual memory: reads by virtual address, spanning pages.
+pub trait VirtMem {
+    /// Reads `buf.len()` bytes at `va`; fails at the first unmapped byte.
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error>;
+
+    /// A little-endian `u64` at `va`.
+    fn read_u64(&self, va: u64) -> Result<u64, Error> {
+        let mut b = [0u8; 8];
+        self.read_virt(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// A little-endian `u32` at `va`.
+    fn read_u32(&self, va: u64) -> Result<u32, Error> {
+        let mut b = [0u8; 4];
+        self.read_virt(va, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// An unsigned little-endian integer of `size` bytes (1, 2, 4 or 8) at `va`.
+    fn read_uint(&self, va: u64, size: u64) -> Result<u64, Error> {
+        if !matches!(size, 1 | 2 | 4 | 8) {
+            return Err(Error::Corrupt(alloc::format!("integer of {size} bytes at {va:#x}")));
+        }
+        let mut b = [0u8; 8];
+        self.read_virt(va, &mut b[..size as usize])?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+/// One address space: a page-table root over physical memory. The kernel's
+/// (rooted at `swapper_pg_dir`) or a process's (rooted at its `mm->pgd`).
+#[derive(Clone, Copy)]
+pub struct AddressSpace<'a, M: PhysMem + ?Sized> {
+    mem: &'a M,
+    root: u64,
+    mode: PagingMode,
+}
+
+impl<'a, M: PhysMem + ?Sized> AddressSpace<'a, M> {
+    /// An address space rooted at the physical address `root`.
+    pub fn new(mem: &'a M, root: u64, mode: PagingMode) -> Self {
+        Self { mem, root, mode }
+    }
+
+    /// The page-table root's physical address.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// Translates one address.
+    pub fn translate(&self, va: u64) -> Result<Translation, Error> {
+        translate(self.mem, self.root, self.mode, va)
+    }
+}
+
+impl<M: PhysMem + ?Sized> VirtMem for AddressSpace<'_, M> {
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = va.wrapping_add(done as u64);
+            let t = self.translate(at)?;
+            let in_page = (t.page_size - (t.pa & (t.page_size - 1))) as usize;
+            let n = in_page.min(buf.len() - done);
+            self.mem.read(t.pa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testmem::TestMem;
+
+    const P: u64 = 1; // present
+    const RW: u64 = 2;
+    const US: u64 = 4;
+    const PS: u64 = 1 << 7;
+
+    fn idx(va: u64, level: u32) -> u64 {
+        (va >> (12 + 9 * (level - 1))) & 0x1ff
+    }
+
+    /// Maps `va` → 4 KiB page `pa` with tables at `tables[0..levels]` (root first).
+    fn map4k(mem: &mut TestMem, tables: &[u64], va: u64, pa: u64, leaf_flags: u64) {
+        let levels = tables.len() as u32;
+        for (i, &t) in tables.iter().enumerate() {
+            let level = levels - i as u32;
+            let entry = if level == 1 { pa | leaf_flags } else { tables[i + 1] | P | RW | US };
+            mem.write_u64(t + idx(va, level) * 8, entry);
+        }
+    }
+
+    #[test]
+    fn four_level_4k_pages_and_spanning_reads() {
+        let mut mem = TestMem::new(0, 64 << 12);
+        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
+        let va = 0x7f12_3456_7000;
+        map4k(&mut mem, &tables, va, 0x10000, P | RW | US);
+        map4k(&mut mem, &tables, va + 0x1000, 0x20000, P | US | NX);
+        let t = translate(&mem, 0x1000, PagingMode::Level4, va + 0x123).unwrap();
+        assert_eq!((t.pa, t.page_size, t.writable, t.user, t.nx), (0x10123, 4096, true, true, false));
+        let t = translate(&mem, 0x1000 | 0x7, PagingMode::Level4, va + 0x1008).unwrap(); // CR3 low bits ignored
+        assert_eq!((t.pa, t.writable, t.nx), (0x20008, false, true));
+        mem.write(0x10ffe, b"ab");
+        mem.write(0x20000, b"cd");
+        let space = AddressSpace::new(&mem, 0x1000, PagingMode::Level4);
+        let mut buf = [0u8; 4];
+        space.read_virt(va + 0xffe, &mut buf).unwrap();
+        assert_eq!(&buf, b"abcd");
+        // The next page is not present: the read fails at level 1.
+        assert_eq!(space.read_virt(va + 0x1ffe, &mut buf), Err(Error::NotMapped { va: va + 0x2000, level: 1 }));
+        assert_eq!(translate(&mem, 0x1000, PagingMode::Level4, 0x1000), Err(Error::NotMapped { va: 0x1000, level: 4 }));
+        assert_eq!(
+            translate(&mem, 0x1000, PagingMode::Level4, 0x8000_0000_0000),
+            Err(Error::NonCanonical { va: 0x8000_0000_0000 })
+        );
+    }
+
+    #[test]
+    fn five_level_paging() {
+        let mut mem = TestMem::new(0, 64 << 12);
+        let va = 0xff11_2233_4455_6000; // canonical only with 57 bits
+        assert!(!PagingMode::Level4.is_canonical(va) && PagingMode::Level5.is_canonical(va));
+        map4k(&mut mem, &[0x1000, 0x2000, 0x3000, 0x4000, 0x5000], va, 0x30000, P);
+        let t = translate(&mem, 0x1000, PagingMode::Level5, va + 5).unwrap();
+        assert_eq!(t.pa, 0x30005);
+        assert_eq!(translate(&mem, 0x1000, PagingMode::Level4, va), Err(Error::NonCanonical { va }));
+    }
+
+    #[test]
+    fn large_pages_mask_pat_and_high_bits() {
+        let mut mem = TestMem::new(0, 16 << 12);
+        let va2m = 0xffff_ffff_8120_0000u64;
+        let va1g = 0xffff_8880_4000_0000u64;
+        mem.write_u64(0x1000 + idx(va2m, 4) * 8, 0x2000 | P);
+        mem.write_u64(0x2000 + idx(va2m, 3) * 8, 0x3000 | P);
+        // 2 MiB page at 0x4000_0000 with PAT (bit 12), NX and protection-key bits set.
+        mem.write_u64(0x3000 + idx(va2m, 2) * 8, 0x4000_0000 | (1 << 12) | NX | (0xf << 59) | PS | P | RW);
+        let t = translate(&mem, 0x1000, PagingMode::Level4, va2m + 0x1_2345).unwrap();
+        assert_eq!((t.pa, t.page_size, t.nx, t.writable), (0x4001_2345, 2 << 20, true, false));
+        // 1 GiB page at 0x1_8000_0000 with PAT set.
+        mem.write_u64(0x1000 + idx(va1g, 4) * 8, 0x5000 | P | RW);
+        mem.write_u64(0x5000 + idx(va1g, 3) * 8, 0x1_8000_0000 | (1 << 12) | PS | P | RW);
+        let t = translate(&mem, 0x1000, PagingMode::Level4, va1g + 0x3fff_ffff).unwrap();
+        assert_eq!((t.pa, t.page_size), (0x1_bfff_ffff, 1 << 30));
+        // PS in a PML4 entry is reserved.
+        mem.write_u64(0x1000 + 8, 0x6000 | PS | P);
+        assert!(matches!(
+            translate(&mem, 0x1000, PagingMode::Level4, 1 << 39),
+            Err(Error::BadPageTableEntry { level: 4, .. })
+        ));
+        // A page outside RAM: the read fails, the translation does not.
+        let space = AddressSpace::new(&mem, 0x1000, PagingMode::Level4);
+        assert!(matches!(space.read_u64(va2m), Err(Error::PhysRead { .. })));
+    }
+
+    #[test]
+    fn self_referencing_and_hostile_tables_end() {
+        let mut mem = TestMem::new(0, 4 << 12);
+        // Every entry of the root points at the root itself.
+        for i in 0..512 {
+            mem.write_u64(0x1000 + i * 8, 0x1000 | P | RW);
+        }
+        // Four levels of "table" all at 0x1000: the leaf maps page 0x1000.
+        let t = translate(&mem, 0x1000, PagingMode::Level4, 0x1234).unwrap();
+        assert_eq!(t.pa, 0x1234);
+        let t = translate(&mem, 0x1000, PagingMode::Level5, 0xff00_0000_0000_0000).unwrap();
+        assert_eq!(t.pa, 0x1000);
+        // Entries pointing far outside RAM.
+        for i in 0..512 {
+            mem.write_u64(0x2000 + i * 8, 0x000f_ffff_ffff_f000 | P);
+        }
+        assert!(matches!(translate(&mem, 0x2000, PagingMode::Level4, 0), Err(Error::PhysRead { .. })));
+        // A root outside RAM.
+        assert!(matches!(translate(&mem, u64::MAX, PagingMode::Level5, 0), Err(Error::PhysRead { .. })));
+        // A read as long as the address space wraps is refused at the first unmapped page.
+        let space = AddressSpace::new(&mem, 0x1000, PagingMode::Level4);
+        let mut big = alloc::vec![0u8; 3 << 12];
+        space.read_virt(0x7fff_ffff_f000, &mut big).unwrap_err();
+    }
+}
