@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 #[path = "rt/mod.rs"]
 mod rt;
 #[path = "../src/agent.rs"]
@@ -18,12 +20,27 @@ mod agent;
 mod sha256;
 #[path = "../src/xxh64.rs"]
 mod xxh64;
+mod os_views;
 
 use core::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use agent::*;
+
+/// The heap, in agent RAM at [`HEAP_GPA`]; the OS views allocate.
+#[global_allocator]
+static ALLOCATOR: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// The prebuilt `alloc` was compiled for unwinding and names this symbol; with
+/// `panic=abort` no unwind ever starts, so reaching it is a bug: stop.
+#[no_mangle]
+extern "C" fn _Unwind_Resume() -> ! {
+    rt::exit(102)
+}
+
+/// The OS views' state (one vCPU runs the agent).
+static mut OS: os_views::OsState = os_views::OsState::new();
 
 const PAGE: u64 = 4096;
 
@@ -78,6 +95,9 @@ fn main(info: &rt::BootInfo) -> u8 {
         return 2;
     }
     let window = Window { base: h.window_base, len: h.window_len };
+    // SAFETY: HEAP_GPA..+HEAP_SIZE is agent RAM (checked against ram_end above) that
+    // nothing else uses; the heap is initialized once, before any allocation.
+    unsafe { ALLOCATOR.lock().init(HEAP_GPA as *mut u8, HEAP_SIZE as usize) };
     // SAFETY: the header is agent RAM.
     unsafe { write_volatile(&mut (*header()).agent_state, AGENT_READY) };
     println!("agent: ready, mirror window {:#x}+{:#x}, {} command slots", window.base, window.len, RING_SLOTS);
@@ -209,6 +229,11 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
                 }
             }
             [n, 0, 0, 0]
+        }
+        OP_OS_DISCOVER..=OP_OS_READ_VIRTUAL => {
+            // SAFETY: one vCPU runs the agent, and `OS` is only touched here.
+            let os = unsafe { &mut *core::ptr::addr_of_mut!(OS) };
+            return os_views::execute(os, window.base, window.len, s.op, s.args, data(i));
         }
         _ => return Err(STATUS_UNKNOWN_OP),
     };

@@ -18,8 +18,11 @@ pub const MAX_WATCHES: usize = 16;
 pub const WATCH_SLOT_SIZE: u64 = 1 << 20;
 /// Longest range one watch covers (one baseline u64 per page).
 pub const MAX_WATCH_LEN: u64 = (WATCH_SLOT_SIZE / 8) * 4096;
+/// The agent's heap (the OS views allocate): after the watch baselines.
+pub const HEAP_GPA: u64 = WATCH_GPA + (MAX_WATCHES as u64) * WATCH_SLOT_SIZE;
+pub const HEAP_SIZE: u64 = 96 << 20;
 /// RAM the agent needs.
-pub const MIN_RAM: u64 = WATCH_GPA + (MAX_WATCHES as u64) * WATCH_SLOT_SIZE;
+pub const MIN_RAM: u64 = HEAP_GPA + HEAP_SIZE;
 /// Most scan hits stored (the count is exact beyond it).
 pub const MAX_SCAN_HITS: usize = (DATA_SLOT_SIZE as usize - 4096) / 8;
 /// Longest scan pattern.
@@ -65,11 +68,33 @@ pub const OP_LATENCY: u32 = 7;
 /// Most latency samples per command.
 pub const MAX_LATENCY_SAMPLES: u64 = DATA_SLOT_SIZE / 8;
 
+/// OS views (Linux, found in the source's RAM with no symbols: see the `specula-os`
+/// crate). Every OS command's data area starts with the granted ranges, `u32 count`
+/// then `count` (gpa u64, len u64) pairs, which bound what the agent may read; the
+/// reply (a `specula_os::wire` encoding) replaces them, `result[0]` = its length.
+/// `OP_OS_DISCOVER` (re)finds the kernel; the others use what it found.
+pub const OP_OS_DISCOVER: u32 = 8;
+pub const OP_OS_KERNEL: u32 = 9;
+pub const OP_OS_PROCESSES: u32 = 10;
+pub const OP_OS_MODULES: u32 = 11;
+/// `args = [pid]`.
+pub const OP_OS_VMAS: u32 = 12;
+/// `args = [pid, va, len]`: the bytes of a process's virtual memory (pid 0: the kernel's).
+pub const OP_OS_READ_VIRTUAL: u32 = 13;
+/// Most granted ranges an OS command carries.
+pub const MAX_OS_RANGES: usize = 4096;
+
 /// Statuses.
 pub const STATUS_OK: u32 = 0;
 pub const STATUS_OUT_OF_WINDOW: u32 = 1;
 pub const STATUS_BAD_ARGS: u32 = 2;
 pub const STATUS_UNKNOWN_OP: u32 = 3;
+/// The OS views have not found a kernel yet: send `OP_OS_DISCOVER` first.
+pub const STATUS_NOT_DISCOVERED: u32 = 4;
+/// An OS view failed; the data area holds `u32 len` and the error text.
+pub const STATUS_OS_ERROR: u32 = 5;
+/// The reply does not fit in the data area.
+pub const STATUS_TOO_BIG: u32 = 6;
 
 /// The ring header at [`RING_GPA`], followed by [`RING_SLOTS`] slots.
 #[repr(C)]

@@ -38,6 +38,12 @@ pub enum AgentError {
     OutOfSlot { offset: u64, len: u64 },
     #[error("every command slot is held by a command the agent never completed")]
     NoFreeSlot,
+    #[error("the agent has not found the source's kernel yet")]
+    NotDiscovered,
+    #[error("the agent's reply does not fit its data area")]
+    TooBig,
+    #[error("{0}")]
+    Os(String),
 }
 
 /// A completed command. Its slot (and data area) stays reserved until it is dropped.
@@ -231,10 +237,25 @@ impl AgentLink {
             STATUS_OUT_OF_WINDOW => Err(AgentError::OutOfWindow),
             STATUS_BAD_ARGS => Err(AgentError::BadArgs),
             STATUS_UNKNOWN_OP => Err(AgentError::UnknownOp(op)),
+            STATUS_NOT_DISCOVERED => Err(AgentError::NotDiscovered),
+            STATUS_TOO_BIG => Err(AgentError::TooBig),
+            STATUS_OS_ERROR => Err(AgentError::Os(self.error_text(slot))),
             other => Err(AgentError::Status(other)),
         }
     }
+
+    /// The error text an OS command left in its data area (`u32 len` + text), bounded.
+    fn error_text(&self, slot: usize) -> String {
+        let at = GuestAddress(data_gpa(slot));
+        let len = self.memory.read_obj::<u32>(at).unwrap_or(0).min(MAX_ERROR_TEXT);
+        let mut text = vec![0u8; len as usize];
+        let _ = self.memory.read_slice(&mut text, GuestAddress(data_gpa(slot) + 4));
+        String::from_utf8_lossy(&text).into_owned()
+    }
 }
+
+/// Longest error text taken from the agent.
+const MAX_ERROR_TEXT: u32 = 1024;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())

@@ -90,7 +90,8 @@ pub struct ApiError {
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct ErrorBody {
     /// Stable: `bad_request`, `forbidden`, `policy_denied`, `not_found`, `not_granted`,
-    /// `source_gone`, `unsupported`, `agent_error`, `source_error`, `internal`.
+    /// `source_gone`, `unsupported`, `os_error` (an OS view failed: no kernel found, a
+    /// corrupt structure), `agent_error`, `source_error`, `internal`.
     pub code: String,
     pub message: String,
     pub request_id: u64,
@@ -116,6 +117,7 @@ impl From<InspectError> for ApiError {
             }
             InspectError::BadRequest(_) => Self::bad_request(message),
             InspectError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", message),
+            InspectError::Os(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "os_error", message),
             InspectError::Agent(_) | InspectError::BadReply(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, "agent_error", message)
             }
@@ -277,6 +279,94 @@ pub struct WatchInfo {
 pub struct FindingInfo {
     pub seq: u64,
     pub pages: Vec<u64>,
+}
+
+/// The source's Linux kernel, found in its RAM with no symbols.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct KernelView {
+    pub release: String,
+    pub kaslr_offset: u64,
+    pub phys_base: i64,
+    /// `4-level` or `5-level`.
+    pub paging: String,
+    pub kernel_pgd: u64,
+    pub online_cpus: Option<u32>,
+    pub symbols: usize,
+    pub btf_types: usize,
+    /// Other valid VMCOREINFO copies that differ from the one used (a forged kernel shows here).
+    pub conflicting_vmcoreinfo: u32,
+}
+
+impl From<specula_os::KernelInfo> for KernelView {
+    fn from(k: specula_os::KernelInfo) -> Self {
+        KernelView {
+            release: k.release,
+            kaslr_offset: k.kaslr_offset,
+            phys_base: k.phys_base,
+            paging: match k.paging_mode {
+                specula_os::PagingMode::Level4 => "4-level".into(),
+                specula_os::PagingMode::Level5 => "5-level".into(),
+            },
+            kernel_pgd: k.kernel_pgd,
+            online_cpus: k.online_cpus,
+            symbols: k.symbols,
+            btf_types: k.btf_types,
+            conflicting_vmcoreinfo: k.conflicting_vmcoreinfo,
+        }
+    }
+}
+
+/// A process of the source.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ProcessView {
+    pub pid: i32,
+    pub tgid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub comm: String,
+    /// Arguments, read from the process's own memory.
+    pub args: Vec<String>,
+    pub state: u64,
+    /// Nanoseconds of monotonic time at fork.
+    pub start_time: u64,
+    pub kernel_thread: bool,
+    pub exited: bool,
+    /// Physical address of its page-table root.
+    pub pgd: Option<u64>,
+    /// Kernel address of its task_struct.
+    pub task: u64,
+    pub cmdline_error: Option<String>,
+}
+
+/// A memory area of a process.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct VmaView {
+    pub start: u64,
+    pub end: u64,
+    /// `rwxp` as in /proc/PID/maps.
+    pub perms: String,
+    pub pgoff: u64,
+    pub file: Option<String>,
+}
+
+/// A loaded kernel module.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ModuleView {
+    pub name: String,
+    pub base: u64,
+    pub size: u64,
+    pub state: Option<String>,
+}
+
+/// A virtual range of a process.
+#[derive(Deserialize, IntoParams, Debug)]
+pub struct VirtualQuery {
+    /// Virtual address.
+    pub va: String,
+    /// Length (at most 1 MiB).
+    pub len: String,
 }
 
 /// Event stream filters.
@@ -501,6 +591,83 @@ async fn event_stream(
     Sse::new(all).keep_alive(KeepAlive::default())
 }
 
+#[utoipa::path(get, path = "/v1/os/kernel", responses((status = 200, body = KernelView), (status = 422, body = ErrorBody)))]
+async fn os_kernel(State(s): State<AppState>) -> ApiResult<KernelView> {
+    let inspector = s.inspector.clone();
+    Ok(Json(blocking(move || inspector.os_kernel()).await?.into()))
+}
+
+/// Finds the source's kernel again (after it rebooted, say).
+#[utoipa::path(post, path = "/v1/os/discover", responses((status = 200, body = KernelView), (status = 422, body = ErrorBody)))]
+async fn os_discover(State(s): State<AppState>) -> ApiResult<KernelView> {
+    let inspector = s.inspector.clone();
+    Ok(Json(blocking(move || inspector.os_discover()).await?.into()))
+}
+
+#[utoipa::path(get, path = "/v1/os/processes", responses((status = 200, body = [ProcessView]), (status = 422, body = ErrorBody)))]
+async fn os_processes(State(s): State<AppState>) -> ApiResult<Vec<ProcessView>> {
+    let inspector = s.inspector.clone();
+    let ps = blocking(move || inspector.os_processes()).await?;
+    Ok(Json(
+        ps.into_iter()
+            .map(|d| {
+                let p = d.process;
+                ProcessView {
+                    args: p.args(),
+                    pid: p.pid,
+                    tgid: p.tgid,
+                    ppid: p.ppid,
+                    uid: p.uid,
+                    euid: p.euid,
+                    gid: p.gid,
+                    comm: p.comm,
+                    state: p.state,
+                    start_time: p.start_time,
+                    kernel_thread: p.kernel_thread,
+                    exited: p.exit_state != 0,
+                    pgd: p.pgd,
+                    task: p.task,
+                    cmdline_error: d.cmdline_error,
+                }
+            })
+            .collect(),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/os/processes/{pid}/maps", params(("pid" = u32, Path)), responses((status = 200, body = [VmaView])))]
+async fn os_maps(State(s): State<AppState>, UrlPath(pid): UrlPath<u32>) -> ApiResult<Vec<VmaView>> {
+    let inspector = s.inspector.clone();
+    let vmas = blocking(move || inspector.os_vmas(pid)).await?;
+    Ok(Json(
+        vmas.into_iter()
+            .map(|v| VmaView { perms: v.perms(), start: v.start, end: v.end, pgoff: v.pgoff, file: v.file_name })
+            .collect(),
+    ))
+}
+
+/// A process's virtual memory (pid 0: the kernel's), as bytes.
+#[utoipa::path(get, path = "/v1/os/processes/{pid}/memory", params(("pid" = u32, Path), VirtualQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
+async fn os_memory(
+    State(s): State<AppState>,
+    UrlPath(pid): UrlPath<u32>,
+    Query(q): Query<VirtualQuery>,
+) -> Result<Response, ApiError> {
+    let (va, len) = (number(&q.va, "va")?, number(&q.len, "len")?);
+    let inspector = s.inspector.clone();
+    let bytes = blocking(move || inspector.os_read_virtual(pid, va, len)).await?;
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], bytes).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/os/modules", responses((status = 200, body = [ModuleView])))]
+async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
+    let inspector = s.inspector.clone();
+    let ms = blocking(move || inspector.os_modules()).await?;
+    Ok(Json(
+        ms.into_iter().map(|m| ModuleView { name: m.name, base: m.base, size: m.size, state: m.state_name }).collect(),
+    ))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -522,7 +689,13 @@ async fn event_stream(
         findings,
         pause,
         resume,
-        event_stream
+        event_stream,
+        os_kernel,
+        os_discover,
+        os_processes,
+        os_maps,
+        os_memory,
+        os_modules
     ),
     components(schemas(
         Status,
@@ -537,7 +710,11 @@ async fn event_stream(
         FindingInfo,
         ErrorBody,
         Event,
-        RangeQuery
+        RangeQuery,
+        KernelView,
+        ProcessView,
+        VmaView,
+        ModuleView
     ))
 )]
 pub struct ApiDoc;
@@ -606,6 +783,12 @@ fn router(state: AppState) -> Router {
         .route("/v1/source/pause", post(pause))
         .route("/v1/source/resume", post(resume))
         .route("/v1/events", get(event_stream))
+        .route("/v1/os/kernel", get(os_kernel))
+        .route("/v1/os/discover", post(os_discover))
+        .route("/v1/os/processes", get(os_processes))
+        .route("/v1/os/processes/{pid}/maps", get(os_maps))
+        .route("/v1/os/processes/{pid}/memory", get(os_memory))
+        .route("/v1/os/modules", get(os_modules))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
         .layer(middleware::from_fn_with_state(state.clone(), gate))

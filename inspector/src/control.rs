@@ -16,6 +16,10 @@
 //! - `vcpus`                    `ok INDEX:rip=..:cr3=..:gs_base=.. ...`
 //! - `pause` / `resume`         stop or continue the source's vCPUs (QEMU sources: `stop`/`cont`)
 //! - `write-probe GPA BYTE`     `ok read-back=BYTE` (the agent tries to write the window)
+//! - `kernel`                   `ok release=.. kaslr=.. ...` (Linux sources: found in RAM, no symbols)
+//! - `ps`                       `ok PID:PPID:UID:COMM ...`
+//! - `lsmod`                    `ok NAME:BASE:SIZE ...`
+//! - `vread PID VA LEN`         `ok HEX` (a process's virtual memory; PID 0: the kernel's)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
 use std::io::{BufRead, BufReader, Write};
@@ -133,6 +137,40 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             let samples = inspector.latency(gpa, count, ms).map_err(e)?;
             let list: Vec<String> = samples.iter().map(u64::to_string).collect();
             Ok(format!("samples={} cycles={}", samples.len(), list.join(",")))
+        }
+        "kernel" => {
+            let k = inspector.os_kernel().map_err(e)?;
+            Ok(format!(
+                "release={} kaslr={:#x} phys_base={:#x} pgd={:#x} cpus={} symbols={} btf_types={}",
+                k.release,
+                k.kaslr_offset,
+                k.phys_base,
+                k.kernel_pgd,
+                k.online_cpus.map_or("?".into(), |c| c.to_string()),
+                k.symbols,
+                k.btf_types
+            ))
+        }
+        "ps" => Ok(inspector
+            .os_processes()
+            .map_err(e)?
+            .iter()
+            .map(|d| format!("{}:{}:{}:{}", d.process.pid, d.process.ppid, d.process.uid, d.process.comm))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "lsmod" => Ok(inspector
+            .os_modules()
+            .map_err(e)?
+            .iter()
+            .map(|m| format!("{}:{:#x}:{}", m.name, m.base, m.size))
+            .collect::<Vec<_>>()
+            .join(" ")),
+        "vread" => {
+            let pid = number(words.next(), "PID")?;
+            let va = number(words.next(), "VA")?;
+            let len = number(words.next(), "LEN")?;
+            let pid = u32::try_from(pid).map_err(|_| "PID out of range".to_string())?;
+            Ok(hex(&inspector.os_read_virtual(pid, va, len).map_err(e)?))
         }
         "" => Err("empty request".into()),
         other => Err(format!("unknown request '{other}'")),

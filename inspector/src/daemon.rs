@@ -22,14 +22,16 @@ use crate::agent_link::{AgentError, AgentLink};
 use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
+use specula_os::wire;
+use specula_os::{KernelInfo, Module, Vma};
 
 /// Where source GPA 0 appears in the agent's physical address space (above its RAM
 /// and the MMIO gap); source GPA `g` is at `WINDOW_BASE + g`.
 pub const WINDOW_BASE: u64 = 1 << 32;
 /// The agent's page tables map at most 512 GiB.
 pub const MAX_WINDOW_END: u64 = 512 << 30;
-/// Default agent RAM.
-pub const DEFAULT_MEMORY: u64 = 128 << 20;
+/// Default agent RAM (room for the OS views' heap).
+pub const DEFAULT_MEMORY: u64 = 192 << 20;
 const PAGE: u64 = 4096;
 /// Longest read served in one request.
 pub const MAX_READ: u64 = 1 << 20;
@@ -99,6 +101,16 @@ pub enum InspectError {
     Source(SourceError),
     #[error("the agent's reply is not credible: {0}")]
     BadReply(String),
+    /// An OS view failed in the agent (the kernel was not found, a structure is corrupt...).
+    #[error("OS view: {0}")]
+    Os(String),
+}
+
+impl From<specula_os::Error> for InspectError {
+    /// A reply that does not decode.
+    fn from(e: specula_os::Error) -> Self {
+        InspectError::BadReply(e.to_string())
+    }
 }
 
 impl From<SourceError> for InspectError {
@@ -393,6 +405,68 @@ impl Inspector {
                 }
             }
         }
+    }
+
+    /// Runs an OS command: the granted ranges go first in its data area (the agent reads
+    /// nothing else), the grants stay locked until it is done; a source whose kernel the
+    /// agent has not found yet is discovered first. Returns the reply bytes.
+    fn os_call(&self, op: u32, args: [u64; 4]) -> Result<Vec<u8>, InspectError> {
+        let grants = self.read_grants();
+        let mut input = Vec::with_capacity(4 + grants.len() * 16);
+        input.extend_from_slice(&(grants.len() as u32).to_le_bytes());
+        for g in grants.values() {
+            input.extend_from_slice(&g.mapped.grant.gpa.to_le_bytes());
+            input.extend_from_slice(&g.mapped.grant.len.to_le_bytes());
+        }
+        let run = |op| -> Result<Vec<u8>, AgentError> {
+            let done = self.link.call(op, args, &input)?;
+            done.data(0, done.result[0])
+        };
+        let reply = match run(op) {
+            Err(AgentError::NotDiscovered) => run(abi::OP_OS_DISCOVER).and_then(|_| run(op)),
+            other => other,
+        };
+        reply.map_err(|e| match e {
+            AgentError::Os(text) => InspectError::Os(text),
+            other => InspectError::Agent(other),
+        })
+    }
+
+    /// Finds the source's Linux kernel again (after a reboot, say) and describes it.
+    pub fn os_discover(&self) -> Result<KernelInfo, InspectError> {
+        Ok(wire::decode_kernel(&self.os_call(abi::OP_OS_DISCOVER, [0; 4])?)?)
+    }
+
+    /// The source's kernel: release, KASLR offset, paging, CPUs.
+    pub fn os_kernel(&self) -> Result<KernelInfo, InspectError> {
+        Ok(wire::decode_kernel(&self.os_call(abi::OP_OS_KERNEL, [0; 4])?)?)
+    }
+
+    /// The source's processes, from its task list.
+    pub fn os_processes(&self) -> Result<Vec<wire::DecodedProcess>, InspectError> {
+        Ok(wire::decode_processes(&self.os_call(abi::OP_OS_PROCESSES, [0; 4])?)?)
+    }
+
+    /// The source's loaded modules.
+    pub fn os_modules(&self) -> Result<Vec<Module>, InspectError> {
+        Ok(wire::decode_modules(&self.os_call(abi::OP_OS_MODULES, [0; 4])?)?)
+    }
+
+    /// The memory areas of process `pid`.
+    pub fn os_vmas(&self, pid: u32) -> Result<Vec<Vma>, InspectError> {
+        Ok(wire::decode_vmas(&self.os_call(abi::OP_OS_VMAS, [u64::from(pid), 0, 0, 0])?)?)
+    }
+
+    /// `len` bytes of process `pid`'s virtual memory at `va` (pid 0: the kernel's).
+    pub fn os_read_virtual(&self, pid: u32, va: u64, len: u64) -> Result<Vec<u8>, InspectError> {
+        if len == 0 || len > MAX_READ {
+            return Err(InspectError::BadRequest(format!("virtual reads are 1 to {MAX_READ} bytes")));
+        }
+        let bytes = self.os_call(abi::OP_OS_READ_VIRTUAL, [u64::from(pid), va, len, 0])?;
+        if bytes.len() as u64 != len {
+            return Err(InspectError::BadReply(format!("{} bytes for a {len}-byte read", bytes.len())));
+        }
+        Ok(bytes)
     }
 
     /// The inspector's event stream.

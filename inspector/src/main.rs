@@ -73,7 +73,7 @@ struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 250)]
     watch_interval_ms: u64,
     /// Agent VM RAM.
-    #[arg(long, value_name = "SIZE", default_value = "128M", value_parser = parse_memory)]
+    #[arg(long, value_name = "SIZE", default_value = "192M", value_parser = parse_memory)]
     memory: u64,
     /// Where the agent's console goes: tty, null or file=PATH.
     #[arg(long, value_name = "MODE", default_value = "tty", value_parser = parse_serial)]
@@ -115,6 +115,14 @@ enum Request {
     WriteProbe(Words),
     /// latency GPA COUNT MS: coherence latency samples
     Latency(Words),
+    /// kernel: the source's Linux kernel, found in its RAM
+    Kernel(Words),
+    /// ps: the source's processes
+    Ps(Words),
+    /// lsmod: the source's kernel modules
+    Lsmod(Words),
+    /// vread PID VA LEN: a process's virtual memory
+    Vread(Words),
 }
 
 #[derive(Args)]
@@ -142,6 +150,10 @@ impl Request {
             Request::Resume(w) => ("resume", w),
             Request::WriteProbe(w) => ("write-probe", w),
             Request::Latency(w) => ("latency", w),
+            Request::Kernel(w) => ("kernel", w),
+            Request::Ps(w) => ("ps", w),
+            Request::Lsmod(w) => ("lsmod", w),
+            Request::Vread(w) => ("vread", w),
         };
         let mut line = name.to_string();
         for word in &words.args {

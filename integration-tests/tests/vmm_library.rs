@@ -81,7 +81,7 @@ fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
             cmdline: String::new(),
             extra_memmap: vec![(window_base, 1 << 20, E820_MIRROR)],
         },
-        memory: 128 << 20,
+        memory: guest_images::agent::MIN_RAM.next_multiple_of(2 << 20),
         cpus: 2,
         serial: SerialOutput::Null,
         mirror_socket: None,

@@ -38,6 +38,8 @@ pub enum Error {
     /// A kernel structure with contents that make no sense (a string without
     /// its terminator, a pointer outside the kernel, ...).
     Corrupt(String),
+    /// A reply from the agent that does not decode.
+    BadReply(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -69,6 +71,7 @@ impl fmt::Display for Error {
             Error::Btf(why) => write!(f, "BTF: {why}"),
             Error::BtfLookup(why) => write!(f, "BTF lookup: {why}"),
             Error::Corrupt(why) => write!(f, "corrupt kernel data: {why}"),
+            Error::BadReply(why) => write!(f, "the agent's reply does not decode: {why}"),
         }
     }
 }

@@ -52,6 +52,7 @@ pub mod paging;
 #[cfg(test)]
 pub(crate) mod testmem;
 pub mod vmcoreinfo;
+pub mod wire;
 
 use alloc::vec::Vec;
 use core::ops::Range;

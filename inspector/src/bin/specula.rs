@@ -64,6 +64,16 @@ enum Cmd {
     /// Integrity watches.
     #[command(subcommand)]
     Watch(WatchCmd),
+    /// The source's Linux kernel (found in its RAM, no symbols).
+    Kernel,
+    /// The source's processes.
+    Ps,
+    /// The source's kernel modules.
+    Lsmod,
+    /// A process's memory areas.
+    Maps { pid: u32 },
+    /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
+    Vread { pid: u32, va: String, len: String },
     /// Pause the source's vCPUs.
     Pause,
     /// Resume them.
@@ -330,6 +340,93 @@ async fn run(cli: Cli) -> Result<(), String> {
                     println!("event {}: {}", f["seq"], pages.join(" "));
                 }
             });
+        }
+        Cmd::Kernel => {
+            let v = json_of(call(s, Method::GET, "/v1/os/kernel", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = Vec::new();
+                for key in [
+                    "release",
+                    "kaslr_offset",
+                    "phys_base",
+                    "paging",
+                    "kernel_pgd",
+                    "online_cpus",
+                    "symbols",
+                    "btf_types",
+                ] {
+                    let value = &v[key];
+                    let text = if key.contains("offset") || key.contains("pgd") {
+                        hex(value)
+                    } else {
+                        value.as_str().map_or(value.to_string(), String::from)
+                    };
+                    rows.push(vec![key.replace('_', " "), text]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Ps => {
+            let v = json_of(call(s, Method::GET, "/v1/os/processes", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![["PID", "PPID", "UID", "COMM", "ARGS"].map(String::from).to_vec()];
+                for p in v.as_array().into_iter().flatten() {
+                    let args: Vec<&str> =
+                        p["args"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    let comm = p["comm"].as_str().unwrap_or("");
+                    let comm = if p["kernel_thread"] == true { format!("[{comm}]") } else { comm.to_string() };
+                    rows.push(vec![
+                        p["pid"].to_string(),
+                        p["ppid"].to_string(),
+                        p["uid"].to_string(),
+                        comm,
+                        args.join(" "),
+                    ]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Lsmod => {
+            let v = json_of(call(s, Method::GET, "/v1/os/modules", None).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![["MODULE", "BASE", "SIZE", "STATE"].map(String::from).to_vec()];
+                for m in v.as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        m["name"].as_str().unwrap_or("").into(),
+                        hex(&m["base"]),
+                        m["size"].to_string(),
+                        m["state"].as_str().unwrap_or("").into(),
+                    ]);
+                }
+                table(&rows)
+            });
+        }
+        Cmd::Maps { pid } => {
+            let v = json_of(call(s, Method::GET, &format!("/v1/os/processes/{pid}/maps"), None).await?)?;
+            show(&v, &|v| {
+                for m in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:x}-{:x} {} {:08x} {}",
+                        m["start"].as_u64().unwrap_or(0),
+                        m["end"].as_u64().unwrap_or(0),
+                        m["perms"].as_str().unwrap_or(""),
+                        m["pgoff"].as_u64().unwrap_or(0) * 4096,
+                        m["file"].as_str().unwrap_or("")
+                    );
+                }
+            });
+        }
+        Cmd::Vread { pid, va, len } => {
+            let reply = call(s, Method::GET, &format!("/v1/os/processes/{pid}/memory?va={va}&len={len}"), None).await?;
+            if !reply.status.is_success() {
+                return json_of(reply).map(|_| ());
+            }
+            let base = vmm::line_server::parse_number(Some(va), "VA")?;
+            for (i, line) in reply.body.chunks(16).enumerate() {
+                let bytes: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+                let text: String = line.iter().map(|&b| if (32..127).contains(&b) { b as char } else { '.' }).collect();
+                println!("{:016x}  {:<47}  {text}", base + i as u64 * 16, bytes.join(" "));
+            }
         }
         Cmd::Pause => {
             json_of(call(s, Method::POST, "/v1/source/pause", None).await?)?;

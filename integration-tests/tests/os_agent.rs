@@ -1,0 +1,136 @@
+//! OS views computed inside the agent and served by the inspector, against a live
+//! Linux guest under QEMU (the `linux_guest` fixture) with no symbol files anywhere:
+//! the process list matches the guest's own `ps`, the module list its
+//! `/proc/modules`, a marker is read at the virtual address the process printed, a
+//! process started after attach appears and one that exits disappears.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use integration_tests::linux_guest::LinuxGuest;
+use integration_tests::{binary, run_with_timeout, unix_request, Running, TempDir};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
+static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+struct Inspector {
+    _proc: Running,
+    control: PathBuf,
+    api: PathBuf,
+    _dir: TempDir,
+}
+
+impl Inspector {
+    fn attach(guest: &LinuxGuest) -> Self {
+        let dir = TempDir::new("os-agent");
+        let (control, api) = (dir.join("control.sock"), dir.join("api.sock"));
+        let mut proc = Running::spawn(Command::new(binary("inspector")).args([
+            "--qemu-qmp",
+            guest.qmp_socket().to_str().unwrap(),
+            "--all",
+            "--serial",
+            "null",
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ]));
+        proc.expect_line("inspector: agent ready", LIMIT);
+        Self { _proc: proc, control, api, _dir: dir }
+    }
+
+    fn ask(&self, line: &str) -> String {
+        let reply = unix_request(&self.control, line);
+        reply.strip_prefix("ok ").or(reply.strip_prefix("ok")).unwrap_or_else(|| panic!("{line}: {reply}")).to_string()
+    }
+
+    /// (pid, ppid, uid, comm) of every process, as the agent sees them.
+    fn ps(&self) -> Vec<(u32, u32, u32, String)> {
+        self.ask("ps")
+            .split_whitespace()
+            .map(|p| {
+                let f: Vec<&str> = p.splitn(4, ':').collect();
+                (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].to_string())
+            })
+            .collect()
+    }
+
+    fn api_json(&self, args: &[&str]) -> Value {
+        let out = run_with_timeout(
+            Command::new(binary("specula")).args(["--socket", self.api.to_str().unwrap(), "--json"]).args(args),
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+fn uid_of(user: &str) -> u32 {
+    match user {
+        "root" => 0,
+        "specula" => 1000,
+        other => other.parse().unwrap_or_else(|_| panic!("unknown user {other}")),
+    }
+}
+
+#[test]
+fn the_agent_computes_the_guests_processes_modules_and_memory_with_no_symbols() {
+    let _one = ONE_INSPECTOR.lock().unwrap_or_else(|p| p.into_inner());
+    let guest = LinuxGuest::shared();
+    let truth = guest.ground_truth();
+    let inspector = Inspector::attach(guest);
+    let kernel = inspector.ask("kernel");
+    assert!(kernel.starts_with(&format!("release={} ", truth.kernel_release)), "{kernel}");
+    let ps = inspector.ps();
+    for p in &truth.processes {
+        if p.comm == "ps" || p.comm == "cat" {
+            continue; // they listed the processes, then exited
+        }
+        let seen = ps
+            .iter()
+            .find(|(pid, ..)| *pid == p.pid)
+            .unwrap_or_else(|| panic!("pid {} ({}) is missing: {ps:?}", p.pid, p.comm));
+        assert_eq!((seen.1, seen.2), (p.ppid, uid_of(&p.user)), "{p:?} vs {seen:?}");
+        // ps appends a workqueue's name to kernel workers' comm: compare the prefix.
+        assert!(p.comm.starts_with(&seen.3) || seen.3.starts_with(&p.comm), "{p:?} vs {seen:?}");
+    }
+    // The JSON view carries the command line, read from each process's own memory.
+    let processes = inspector.api_json(&["ps"]);
+    let marker = truth.marker("specula-workerA").expect("a marker").clone();
+    let json = processes.as_array().unwrap().iter().find(|p| p["pid"] == marker.pid).expect("the marker process");
+    let args: Vec<String> = json["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    let truth_args = &truth.process_by_pid(marker.pid).unwrap().args;
+    assert_eq!(args.join(" "), *truth_args, "the command line as the guest's ps shows it");
+    // Modules: /proc/modules' dummy, with its size and address.
+    let lsmod = inspector.ask("lsmod");
+    let dummy = truth.module("dummy").expect("dummy in /proc/modules");
+    let want = format!("dummy:{:#x}:{}", dummy.address.unwrap(), dummy.size);
+    assert!(lsmod.split_whitespace().any(|m| m == want), "{want} in {lsmod}");
+    // The marker, at the virtual address the process printed, through its page tables.
+    let hex = inspector.ask(&format!("vread {} {:#x} {}", marker.pid, marker.vaddr, marker.text.len()));
+    let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+    assert_eq!(bytes, marker.text.as_bytes());
+}
+
+#[test]
+fn a_process_started_after_attach_appears_and_one_that_exits_disappears() {
+    let _one = ONE_INSPECTOR.lock().unwrap_or_else(|p| p.into_inner());
+    let guest = LinuxGuest::shared();
+    let inspector = Inspector::attach(guest);
+    let started = guest.console("sleep 4444 & echo started $!", LIMIT);
+    let pid: u32 = started.split_whitespace().last().unwrap().trim().parse().unwrap_or_else(|_| panic!("{started}"));
+    let deadline = Instant::now() + LIMIT;
+    while !inspector.ps().iter().any(|p| p.0 == pid && p.3 == "sleep") {
+        assert!(Instant::now() < deadline, "pid {pid} never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    guest.console(&format!("kill {pid}; wait {pid} 2>/dev/null; echo gone"), LIMIT);
+    while inspector.ps().iter().any(|p| p.0 == pid) {
+        assert!(Instant::now() < deadline, "pid {pid} never went away");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
