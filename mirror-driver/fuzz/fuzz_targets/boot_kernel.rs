@@ -8,10 +8,10 @@
 //! Checks: every input loads or fails with a `BootError`, never panics or hangs
 //! (libFuzzer's -timeout), and never writes outside guest memory (vm-memory
 //! bounds every access; a stray write would fault). An accepted image also left
-//! what its boot protocol promises in guest RAM: the command line at
-//! CMDLINE_START, the PVH start info (magic) or the zero page (boot flag, HdrS),
-//! and the protocol matches the image (bzImages boot Linux64; the SMP-entry
-//! note only comes with PVH).
+//! what its boot protocol promises in guest RAM: the command line (less the
+//! surrounding whitespace linux-loader trims) at CMDLINE_START, the PVH start
+//! info (magic) or the zero page (boot flag, HdrS); and the protocol matches the
+//! image (bzImages boot Linux64; the SMP-entry note only comes with PVH).
 //!
 //! Input: a 16-byte prefix, then `cmdline_len` bytes of command line, then the image.
 //!   [0] flags: bit0 initramfs, bit1 initramfs size in 256-byte units, bit2 RSDP,
@@ -125,6 +125,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(entry.protocol, BootProtocol::Pvh, "the SMP-entry note only counts with PVH");
     }
     let mem = ram.memory();
+    // linux-loader's Cmdline::insert_str trims surrounding (Unicode) whitespace.
+    let cmdline = cmdline.trim();
     let mut stored = vec![0u8; cmdline.len() + 1];
     mem.read_slice(&mut stored, GuestAddress(CMDLINE_START)).unwrap();
     assert_eq!(&stored[..cmdline.len()], cmdline.as_bytes(), "command line in guest RAM");
