@@ -1,8 +1,10 @@
-//! Fuzzes the mirror protocol decoder: any bytes, read as a frame header and a
-//! payload, must decode or fail cleanly; what decodes must re-encode to a frame
-//! that decodes to the same message.
+//! Fuzzes the mirror protocol decoder (`mirror_driver::protocol::{decode_header,
+//! Message::decode}`): any bytes, read as a frame header and a payload, must
+//! decode or fail with a `DecodeError`, never panic; whatever decodes must
+//! re-encode to a frame that decodes to the same message (round trip).
 //!
-//!   cd mirror-driver/fuzz && cargo +nightly fuzz run decode
+//! Input: 8 header bytes, then the payload (cut to the header's length).
+//!   scripts/fuzz.sh run decode
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +20,8 @@ fuzz_target!(|data: &[u8]| {
     let payload = &payload[..len.min(payload.len())];
     if let Ok(message) = Message::decode(kind, payload) {
         let frame = message.encode();
-        let (_, again_kind) = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        let (again_len, again_kind) = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(again_len, frame.len() - HEADER_LEN, "encoded header length matches the payload");
         assert_eq!(Message::decode(again_kind, &frame[HEADER_LEN..]).unwrap(), message);
     }
 });
