@@ -14,8 +14,8 @@
 # Corpora: mirror-driver/fuzz/seeds/TARGET (committed, read-only seeds) and
 # mirror-driver/fuzz/corpus/TARGET (grown, ignored by git). Crashes land in
 # mirror-driver/fuzz/artifacts/TARGET/, logs in mirror-driver/fuzz/logs/.
-# Environment: SPECULA_FUZZ_SKIP_KNOWN=1 makes targets skip the inputs that hit
-# the known, reported bugs (see docs/fuzzing.md), so a long run looks for others.
+# The crashes the long run found (docs/fuzzing.md) are fixed; their inputs stay in
+# mirror-driver/fuzz/known-bugs/ as regression seeds (`repro` replays them).
 # One fuzzing process at a time (single worker): the figures are per core.
 set -euo pipefail
 
@@ -23,7 +23,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 FUZZ="$ROOT/mirror-driver/fuzz"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 BIN="$FUZZ/target/$TRIPLE/release"
-TARGETS=(decode wire_recv line_request control_unhex cli_args boot_kernel agent_reply)
+TARGETS=(decode wire_recv line_request control_unhex cli_args boot_kernel agent_reply os_parsers)
 
 # Instrumentation for libFuzzer on stable rustc: edge coverage (level 4 = edges),
 # inline 8-bit counters + PC table (libFuzzer's coverage feedback, cov/ft), and

@@ -15,15 +15,8 @@
 //! like `scan` (daemon.rs:173-174) and `latency` (daemon.rs:225), lengths taken
 //! from the agent's result words unbounded.
 //!
-//! KNOWN BUG (reported, not fixed here): `scan` computes `result[1] as usize * 8`
-//! and `latency` `result[0] as usize * 8` from the agent's reply with no bound,
-//! so a hostile agent makes the inspector panic on the multiplication overflow
-//! (overflow checks on) or allocate up to 2^64 bytes (abort, "memory allocation
-//! failed"). This target reports it by default; with SPECULA_FUZZ_SKIP_KNOWN=1
-//! it bounds those two lengths to the data slot, so a long run looks for
-//! anything else. (The daemon's methods need a whole Inspector and thus KVM,
-//! so the target repeats their length expressions here.)
-//!
+//! The daemon's counts from the agent are clamped (`Completion::u64s`): the target reads
+//! them as the daemon does and checks every read stays inside the slot's data area.
 //! Input: [0] op selector, [1] 0xff: full-size reads (else at most 64 KiB),
 //! [2..4] unused, [4..36] host args, [36..] agent reply: 88 bytes of Slot (its
 //! state word is ignored: DONE is forced), then data-area bytes (written at
@@ -46,14 +39,10 @@ struct Fixture {
     link: AgentLink,
     memory: GuestMemoryMmap,
     /// The reply the fake agent gives next: (slot bytes, data bytes).
-    reply: Arc<Mutex<(Vec<u8>, Vec<u8>)>>,
+    reply: Arc<Mutex<(Vec<u8>, Vec<u8>, bool)>>,
     answered: Arc<AtomicBool>,
 }
 
-fn skip_known() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("SPECULA_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
-}
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -62,7 +51,7 @@ fn fixture() -> &'static Fixture {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let doorbell = Arc::new(Doorbell::new());
         let link = AgentLink::new(memory.clone(), doorbell.clone(), 1 << 32, 1 << 30).unwrap();
-        let reply = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let reply = Arc::new(Mutex::new((Vec::new(), Vec::new(), false)));
         let answered = Arc::new(AtomicBool::new(false));
         let (agent_memory, agent_reply, agent_answered) = (memory.clone(), reply.clone(), answered.clone());
         std::thread::spawn(move || loop {
@@ -73,7 +62,14 @@ fn fixture() -> &'static Fixture {
                     continue;
                 }
                 let reply = agent_reply.lock().unwrap();
-                let (slot_bytes, data) = &*reply;
+                let (slot_bytes, data, forge) = &*reply;
+                let mut slot_bytes = slot_bytes.clone();
+                if !forge {
+                    // An honest agent echoes the command's op and sequence number.
+                    let mut submitted = [0u8; 12];
+                    agent_memory.read_slice(&mut submitted, GuestAddress(slot_gpa(slot) + 4)).unwrap();
+                    slot_bytes[4..16].copy_from_slice(&submitted);
+                }
                 agent_memory.write_slice(data, GuestAddress(data_gpa(slot))).unwrap();
                 agent_memory.write_slice(data, GuestAddress(data_gpa(slot) + 4096)).unwrap();
                 // Everything but the state word first, then DONE, as the agent publishes.
@@ -103,7 +99,9 @@ fuzz_target!(|data: &[u8]| {
     let agent_data = &data[36 + SLOT_BYTES..];
     let status = u32::from_le_bytes(slot_bytes[48..52].try_into().unwrap());
     let result = [u64_at(slot_bytes, 56), u64_at(slot_bytes, 64), u64_at(slot_bytes, 72), u64_at(slot_bytes, 80)];
-    *f.reply.lock().unwrap() = (slot_bytes.to_vec(), agent_data.to_vec());
+    // One input in eight plays an agent that forges the op or sequence number.
+    let forge = data[2] % 8 == 7;
+    *f.reply.lock().unwrap() = (slot_bytes.to_vec(), agent_data.to_vec(), forge);
     f.answered.store(false, Ordering::SeqCst);
 
     // The host's input goes to the data area first (a scan pattern); the agent overwrites it.
@@ -115,10 +113,16 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(state, SLOT_FREE, "slot {slot} is free again after the call");
     }
     let done = match (status, outcome) {
+        (_, Err(AgentError::WrongSequence { .. })) if forge => return,
         (STATUS_OK, Ok(done)) => done,
         (STATUS_OUT_OF_WINDOW, Err(AgentError::OutOfWindow)) | (STATUS_BAD_ARGS, Err(AgentError::BadArgs)) => return,
         (STATUS_UNKNOWN_OP, Err(AgentError::UnknownOp(o))) if o == op => return,
-        (s, Err(AgentError::Status(t))) if s == t && s > STATUS_UNKNOWN_OP => return,
+        (STATUS_NOT_DISCOVERED, Err(AgentError::NotDiscovered)) | (STATUS_TOO_BIG, Err(AgentError::TooBig)) => return,
+        (STATUS_OS_ERROR, Err(AgentError::Os(text))) => {
+            assert!(text.len() <= 4096, "the agent's error text is bounded");
+            return;
+        }
+        (s, Err(AgentError::Status(t))) if s == t && s > STATUS_TOO_BIG => return,
         (s, Err(e)) => panic!("status {s} came back as {e:?}"),
         (s, Ok(_)) => panic!("status {s} came back as a completion"),
     };
@@ -132,20 +136,17 @@ fuzz_target!(|data: &[u8]| {
     let bounded = |n: u64| bounded(n).min(cap);
     let shown = agent_data.len().min(4096);
     let read_len = (args[1] as usize).min(1 << 20).min(cap);
-    let bytes = done.data(0, read_len).expect("a read within the data slot");
+    let bytes = done.data(0, read_len as u64).expect("a read within the data slot");
     assert_eq!(&bytes[..read_len.min(shown)], &agent_data[..read_len.min(shown)]);
     assert_eq!(done.data(0, 32).unwrap().len(), 32);
-    assert_eq!(done.data(0, bounded(result[0])).unwrap().len(), bounded(result[0]));
-    match op {
-        OP_SCAN => {
-            let stored = result[1] as usize;
-            let len = if skip_known() { bounded(result[1]) } else { stored * 8 };
-            let _ = done.data(4096, len);
-        }
-        OP_LATENCY => {
-            let len = if skip_known() { bounded(result[0]) } else { result[0] as usize * 8 };
-            let _ = done.data(0, len);
-        }
-        _ => {}
-    }
+    assert_eq!(done.data(0, bounded(result[0]) as u64).unwrap().len(), bounded(result[0]));
+    // Whatever the agent claims, a read past the data area is an error, never a panic or
+    // an allocation of what it claims.
+    assert!(done.data(result[0], result[1]).is_ok() == result[0].checked_add(result[1]).is_some_and(|e| e <= DATA_SLOT_SIZE));
+    // The daemon's clamped list reads (scan hits, latency samples, changed pages).
+    let max = (cap / 8) as u64;
+    let hits = done.u64s(4096, result[1], max).expect("clamped to the data area");
+    assert!(hits.len() as u64 <= max.min((DATA_SLOT_SIZE - 4096) / 8));
+    let samples = done.u64s(0, result[0], max).expect("clamped to the data area");
+    assert!(samples.len() as u64 <= max);
 });

@@ -3,7 +3,8 @@
 //! decode or fail with a `DecodeError`, never panic; whatever decodes must
 //! re-encode to a frame that decodes to the same message (round trip).
 //!
-//! Input: 8 header bytes, then the payload (cut to the header's length).
+//! Input: 12 header bytes (length, kind, reserved, correlation id), then the payload
+//! (cut to the header's length).
 //!   scripts/fuzz.sh run decode
 #![no_main]
 
@@ -16,12 +17,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let header: [u8; HEADER_LEN] = data[..HEADER_LEN].try_into().unwrap();
     let payload = &data[HEADER_LEN..];
-    let Ok((len, kind)) = decode_header(&header) else { return };
-    let payload = &payload[..len.min(payload.len())];
-    if let Ok(message) = Message::decode(kind, payload) {
-        let frame = message.encode();
-        let (again_len, again_kind) = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
-        assert_eq!(again_len, frame.len() - HEADER_LEN, "encoded header length matches the payload");
-        assert_eq!(Message::decode(again_kind, &frame[HEADER_LEN..]).unwrap(), message);
+    let Ok(h) = decode_header(&header) else { return };
+    let payload = &payload[..h.len.min(payload.len())];
+    if let Ok(message) = Message::decode(h.kind, payload) {
+        let frame = message.encode(h.id);
+        let again = decode_header(frame[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(again.len, frame.len() - HEADER_LEN, "encoded header length matches the payload");
+        assert_eq!(again.id, h.id, "the correlation id survives the round trip");
+        assert_eq!(Message::decode(again.kind, &frame[HEADER_LEN..]).unwrap(), message);
     }
 });

@@ -61,21 +61,23 @@ fuzz_target!(|data: &[u8]| {
         let header: [u8; HEADER_LEN] = stream[..HEADER_LEN].try_into().unwrap();
         match decode_header(&header) {
             Err(_) => Some(Err(())),
-            Ok((len, kind)) if stream.len() - HEADER_LEN >= len => {
-                Some(Message::decode(kind, &stream[HEADER_LEN..HEADER_LEN + len]).map_err(|_| ()))
+            Ok(h) if stream.len() - HEADER_LEN >= h.len => {
+                Some(Message::decode(h.kind, &stream[HEADER_LEN..HEADER_LEN + h.len]).map_err(|_| ()))
             }
             Ok(_) => None, // short payload: the peer closed mid-frame
         }
     };
     match (&got, &expected) {
-        (Ok((message, fds)), Some(Ok(direct))) => {
-            assert_eq!(message, direct, "recv and Message::decode disagree");
+        (Ok(frame), Some(Ok(direct))) => {
+            assert_eq!(&frame.message, direct, "recv and Message::decode disagree");
+            let id = u32::from_le_bytes(stream[8..12].try_into().unwrap());
+            assert_eq!(frame.id, id, "the correlation id comes through");
             if nfds <= MAX_FDS_PER_FRAME {
-                assert_eq!(fds.len(), nfds, "fds sent beside the frame are handed over");
+                assert_eq!(frame.fds.len(), nfds, "fds sent beside the frame are handed over");
             }
         }
-        (Ok((message, _)), _) => panic!("recv accepted {message:?}, direct decoding did not"),
-        (Err(WireError::Closed), None) | (Err(WireError::Io(_)), _) => {}
+        (Ok(frame), _) => panic!("recv accepted {:?}, direct decoding did not", frame.message),
+        (Err(WireError::Closed), None) | (Err(WireError::Io(_) | WireError::Idle), _) => {}
         (Err(WireError::BadHeader(_) | WireError::BadMessage { .. }), Some(Err(()))) => {}
         (Err(e), _) => panic!("recv failed with {e:?}; direct decoding says {expected:?}"),
     }
