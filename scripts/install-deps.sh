@@ -3,9 +3,10 @@
 #   qemu-system-x86  the live Linux guest for introspection tests, and the benchmark baseline
 #   busybox-static, cpio, gzip  the Linux guest's initramfs images (guest-images/linux/build.sh)
 #   libc6-dev        glibc's static libc.a, for the introspection guest's specula-marker (gcc -static)
+#   curl             the README's API examples, which a test runs
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
