@@ -220,6 +220,7 @@ pub fn launch(config: &LaunchConfig) -> Result<u8, String> {
         return Err(e);
     }
     println!("specula: {} source pid {} and inspector pid {} running", config.source, source.id(), inspector.id());
+    follow_events(&api);
     println!(
         "specula: API at {} (specula --socket {} status); logs in {}",
         api.display(),
@@ -251,6 +252,32 @@ pub fn launch(config: &LaunchConfig) -> Result<u8, String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Prints the inspector's events (integrity changes, revokes, the source's state) as
+/// they happen, from its API's event stream, on a thread of its own.
+fn follow_events(api: &Path) {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(api) else { return };
+    if write!(stream, "GET /v1/events HTTP/1.1\r\nhost: specula\r\n\r\n").is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("launch-events".into()).spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            let Some(data) = line.strip_prefix("data:") else { continue };
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "specula: event #{} {} {}",
+                event["seq"],
+                event["kind"].as_str().unwrap_or(""),
+                event["detail"]
+            );
+            let _ = out.flush();
+        }
+    });
 }
 
 fn describe(status: Option<ExitStatus>) -> String {

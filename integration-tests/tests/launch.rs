@@ -93,3 +93,66 @@ fn a_linux_guest_under_qemu_launches_from_a_toml_file() {
     launcher.signal(libc::SIGTERM);
     assert_eq!(launcher.wait(LIMIT).code(), Some(0));
 }
+
+/// Runs `cmd` on a new pseudo-terminal as its controlling terminal; returns the child
+/// and the terminal's master side.
+fn spawn_on_pty(cmd: &mut Command) -> (std::process::Child, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::process::CommandExt;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two fds we then own.
+    let rc =
+        unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: the fds come from openpty and are ours.
+    let (master, slave) = unsafe { (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(slave)) };
+    cmd.stdin(slave.try_clone().unwrap()).stdout(slave.try_clone().unwrap()).stderr(slave);
+    // SAFETY: setsid and TIOCSCTTY in the child before exec make the pty its controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    (cmd.spawn().expect("spawn on the pty"), master)
+}
+
+#[test]
+fn on_a_terminal_launch_shows_findings_as_they_happen_and_ctrl_c_stops_both() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("launch-pty");
+    let run = dir.join("run");
+    let watch = format!("{:#x}:{:#x}", guest_images::workload::TEXT_GPA, guest_images::workload::TEXT_LEN);
+    let (mut child, mut master) = spawn_on_pty(Command::new(binary("specula")).args([
+        "launch",
+        "--kernel",
+        guest("source-workload").to_str().unwrap(),
+        "--dir",
+        run.to_str().unwrap(),
+        "--watch",
+        &watch,
+    ]));
+    let mut seen = String::new();
+    fn wait_for(needle: &str, master: &mut std::fs::File, seen: &mut String) {
+        let deadline = std::time::Instant::now() + LIMIT;
+        let mut buf = [0u8; 4096];
+        while !seen.contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "no {needle:?} on the terminal: {seen}");
+            let n = master.read(&mut buf).unwrap_or(0);
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    wait_for("API at", &mut master, &mut seen);
+    std::thread::sleep(Duration::from_millis(500)); // the watch takes its baseline
+                                                    // The source discards a page of the watched text: the agent sees it change.
+    let page = guest_images::workload::TEXT_GPA + 0x3000;
+    let reply = integration_tests::unix_request(&run.join("source-api.sock"), &format!("discard {page:#x} 4096"));
+    assert_eq!(reply, "ok");
+    wait_for("watch.changed", &mut master, &mut seen);
+    assert!(seen.contains(&page.to_string()), "the changed page is shown: {seen}");
+    master.write_all(b"\x03").unwrap(); // Ctrl-C
+    wait_for("stopping both", &mut master, &mut seen);
+    let status = integration_tests::wait_deadline(&mut child, LIMIT).expect("the launcher exits");
+    assert!(status.success(), "{status:?}: {seen}");
+}
