@@ -333,3 +333,72 @@ fn the_readmes_curl_examples_work() {
     let served = std::fs::read_to_string(dir.join("openapi.json")).unwrap();
     assert!(served.contains("\"/v1/scan\""));
 }
+
+#[test]
+fn the_remaining_endpoints_answer_as_documented() {
+    let s = setup(&[]);
+    let (status, grants) = json(&s.api, "GET", "/v1/grants", None);
+    assert_eq!((status, grants.as_array().map(Vec::len)), (200, Some(128)));
+    assert_eq!((grants[0]["gpa"].as_u64(), grants[0]["len"].as_u64()), (Some(0), Some(2 << 20)));
+    let (status, vcpus) = json(&s.api, "GET", "/v1/vcpus", None);
+    assert_eq!((status, vcpus.as_array().map(Vec::len)), (200, Some(1)), "{vcpus}");
+    assert!(vcpus[0]["cr3"].as_u64().unwrap() != 0 && vcpus[0]["rsp"].as_u64().unwrap() != 0, "{vcpus}");
+    let body = format!(r#"{{"gpa": "{:#x}", "len": "{:#x}"}}"#, workload::TEXT_GPA, workload::TEXT_LEN);
+    let (status, digests) = json(&s.api, "POST", "/v1/hash", Some(&body));
+    let mut text = vec![0u8; workload::TEXT_LEN];
+    workload::fill_text(&mut text);
+    let expected = String::from_utf8(guest_images::sha256::hex(&guest_images::sha256::digest(&text)).to_vec()).unwrap();
+    assert_eq!((status, digests["sha256"].as_str()), (200, Some(expected.as_str())));
+    let (_, watch) = json(&s.api, "POST", "/v1/watches", Some(&body));
+    let id = watch["id"].as_u64().unwrap();
+    assert_eq!(http(&s.api, "DELETE", &format!("/v1/watches/{id}"), None).0, 204);
+    let (status, err) = json(&s.api, "DELETE", &format!("/v1/watches/{id}"), None);
+    assert_eq!((status, err["code"].as_str()), (404, Some("not_found")));
+    let (_, list) = json(&s.api, "GET", "/v1/watches", None);
+    assert_eq!(list.as_array().map(Vec::len), Some(0));
+    // This source does not let inspectors pause it.
+    let (status, err) = json(&s.api, "POST", "/v1/source/pause", None);
+    assert_eq!((status, err["code"].as_str()), (403, Some("policy_denied")), "{err}");
+}
+
+#[test]
+fn a_source_that_allows_it_is_paused_and_resumed_through_the_api() {
+    let dir = TempDir::new("api-pause");
+    let SourceVm { vm: mut source, mirror, .. } = SourceVm::spawn(&dir, &["--memory", "256M", "--mirror-allow-pause"]);
+    source.expect_line("workload: ready", LIMIT);
+    let api = dir.join("inspector-api.sock");
+    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
+        "--source-socket",
+        mirror.to_str().unwrap(),
+        "--all",
+        "--serial",
+        "null",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]));
+    inspector.expect_line("inspector: agent ready", LIMIT);
+    let heartbeat = || {
+        let (_, v) =
+            json(&api, "GET", &format!("/v1/memory/physical/hex?gpa={:#x}&len=8", workload::HEADER_GPA + 24), None);
+        u64::from_str_radix(
+            &v["hex"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .collect::<Vec<_>>()
+                .chunks(2)
+                .rev()
+                .map(|c| c.iter().collect::<String>())
+                .collect::<String>(),
+            16,
+        )
+        .unwrap()
+    };
+    assert_eq!(http(&api, "POST", "/v1/source/pause", None).0, 204);
+    let frozen = heartbeat();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(heartbeat(), frozen);
+    assert_eq!(http(&api, "POST", "/v1/source/resume", None).0, 204);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(heartbeat() > frozen);
+}

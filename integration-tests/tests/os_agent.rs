@@ -134,3 +134,41 @@ fn a_process_started_after_attach_appears_and_one_that_exits_disappears() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn the_os_endpoints_serve_the_kernel_maps_memory_and_modules() {
+    let _one = ONE_INSPECTOR.lock().unwrap_or_else(|p| p.into_inner());
+    let guest = LinuxGuest::shared();
+    let truth = guest.ground_truth();
+    let inspector = Inspector::attach(guest);
+    let kernel = inspector.api_json(&["kernel"]);
+    assert_eq!(kernel["release"].as_str(), Some(truth.kernel_release.as_str()), "{kernel}");
+    assert_eq!(kernel["paging"].as_str(), Some("4-level"));
+    let marker = truth.marker("specula-workerB").expect("a marker").clone();
+    let maps = inspector.api_json(&["maps", &marker.pid.to_string()]);
+    let covering = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["start"].as_u64().unwrap() <= marker.vaddr && marker.vaddr < m["end"].as_u64().unwrap());
+    let covering = covering.unwrap_or_else(|| panic!("a VMA holds {:#x}: {maps}", marker.vaddr));
+    assert!(covering["perms"].as_str().unwrap().starts_with("rw"), "{covering}");
+    let out = run_with_timeout(
+        Command::new(binary("specula")).args([
+            "--socket",
+            inspector.api.to_str().unwrap(),
+            "vread",
+            &marker.pid.to_string(),
+            &format!("{:#x}", marker.vaddr),
+            &marker.text.len().to_string(),
+        ]),
+        LIMIT,
+    );
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(dump.contains(&marker.text[..16]), "the hex dump shows the marker: {dump}");
+    let modules = inspector.api_json(&["lsmod"]);
+    assert!(
+        modules.as_array().unwrap().iter().any(|m| m["name"] == "dummy" && m["state"] == "MODULE_STATE_LIVE"),
+        "{modules}"
+    );
+}
