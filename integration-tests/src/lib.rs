@@ -255,3 +255,34 @@ impl SourceVm {
         Self { vm, mirror, api }
     }
 }
+
+/// A source `vmm` running `source-workload`, ready (its `workload: ready` line seen),
+/// with its API and the workload's `poke` command at hand.
+pub struct Workload {
+    pub vm: Running,
+    pub mirror: PathBuf,
+    pub api: PathBuf,
+    pokes: u32,
+}
+
+impl Workload {
+    /// Starts it with the sockets in `dir` and `args` (memory, vCPUs, policy...).
+    pub fn start(dir: &TempDir, args: &[&str]) -> Self {
+        let SourceVm { mut vm, mirror, api } = SourceVm::spawn(dir, args);
+        vm.expect_line("workload: ready", Duration::from_secs(60));
+        Self { vm, mirror, api, pokes: 0 }
+    }
+
+    /// One request on the source's API socket.
+    pub fn api(&self, line: &str) -> String {
+        unix_request(&self.api, line)
+    }
+
+    /// Has the source guest write `bytes` at `gpa`, and waits until it says it did.
+    pub fn poke(&mut self, gpa: u64, bytes: &[u8]) {
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        self.vm.send(&format!("poke {gpa:#x} {hex}\n"));
+        self.pokes += 1;
+        self.vm.expect_line(&format!("ack poke seq={}", self.pokes), Duration::from_secs(60));
+    }
+}

@@ -726,6 +726,43 @@ fn memmem(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     (!hit.is_null()).then(|| hit as usize - haystack.as_ptr() as usize)
 }
 
+/// An `inspector` attached to a guest's QEMU through QMP (`--qemu-qmp`, all of RAM),
+/// serving its control socket and its API. QEMU serves one QMP client at a time: tests
+/// that share a guest attach in turn.
+pub struct GuestInspector {
+    pub proc: crate::Running,
+    pub control: PathBuf,
+    pub api: PathBuf,
+    _dir: TempDir,
+}
+
+impl GuestInspector {
+    pub fn attach(guest: &LinuxGuest) -> Self {
+        let dir = TempDir::new("guest-inspector");
+        let (control, api) = (dir.join("control.sock"), dir.join("api.sock"));
+        let mut proc = crate::Running::spawn(Command::new(crate::binary("inspector")).args([
+            "--qemu-qmp",
+            guest.qmp_socket().to_str().unwrap(),
+            "--all",
+            "--serial",
+            "null",
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--api-socket",
+            api.to_str().unwrap(),
+        ]));
+        proc.expect_line("inspector: agent ready", Duration::from_secs(120));
+        Self { proc, control, api, _dir: dir }
+    }
+
+    /// One control request; the reply after `ok` (a failed request panics).
+    pub fn ask(&self, line: &str) -> String {
+        let reply = crate::unix_request(&self.control, line);
+        assert!(reply.starts_with("ok"), "{line}: {reply}");
+        reply.trim_start_matches("ok").trim_start().to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

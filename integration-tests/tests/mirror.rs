@@ -8,38 +8,18 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_images::workload;
-use integration_tests::{binary, unix_request, Running, SourceVm, TempDir};
+use integration_tests::{binary, unix_request, Running, TempDir, Workload};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const POKE_GPA: u64 = 0x0180_0000;
 
-struct Source {
-    vm: Running,
-    mirror: PathBuf,
-    api: PathBuf,
-    pokes: u32,
-}
+type Source = Workload;
 
-impl Source {
-    fn start(dir: &TempDir, extra: &[&str]) -> Self {
-        let mut args = vec!["--memory", "256M", "--cpus", "2"];
-        args.extend_from_slice(extra);
-        let SourceVm { mut vm, mirror, api } = SourceVm::spawn(dir, &args);
-        vm.expect_line("workload: ready", LIMIT);
-        Self { vm, mirror, api, pokes: 0 }
-    }
-
-    fn api(&self, line: &str) -> String {
-        unix_request(&self.api, line)
-    }
-
-    /// Has the source guest write `bytes` at `gpa`, and waits until it says it did.
-    fn poke(&mut self, gpa: u64, bytes: &[u8]) {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.vm.send(&format!("poke {gpa:#x} {hex}\n"));
-        self.pokes += 1;
-        self.vm.expect_line(&format!("ack poke seq={}", self.pokes), LIMIT);
-    }
+/// The source of these tests: `source-workload` on 256 MiB and 2 vCPUs.
+fn start_source(dir: &TempDir, extra: &[&str]) -> Source {
+    let mut args = vec!["--memory", "256M", "--cpus", "2"];
+    args.extend_from_slice(extra);
+    Workload::start(dir, &args)
 }
 
 struct Inspector {
@@ -76,7 +56,7 @@ impl Inspector {
 #[test]
 fn the_agent_sees_source_writes_across_many_updates_without_stale_reads() {
     let dir = TempDir::new("coherence");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     assert_eq!(&inspector.read(workload::HEADER_GPA, 16), &workload::HEADER_MAGIC);
     for i in 0..200u64 {
@@ -93,7 +73,7 @@ fn the_agent_sees_source_writes_across_many_updates_without_stale_reads() {
 #[test]
 fn a_hole_punched_by_the_source_reads_as_zeros_then_new_writes_show() {
     let dir = TempDir::new("punch");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     let page = workload::POOL_GPA;
     source.poke(page + 8, b"BEFORE!!");
@@ -127,7 +107,7 @@ fn grant_at(source: &Source, gpa: u64) -> String {
 #[test]
 fn a_revoked_grant_is_unmapped_before_the_source_hears_back() {
     let dir = TempDir::new("revoke");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     let id = grant_at(&source, workload::HEADER_GPA);
     let slots_before = memslots(&inspector);
@@ -159,7 +139,7 @@ fn a_revoked_grant_is_unmapped_before_the_source_hears_back() {
 #[test]
 fn with_regrant_allowed_a_re_attach_sees_the_memory_the_source_kept_across_the_re_home() {
     let dir = TempDir::new("regrant");
-    let mut source = Source::start(&dir, &["--mirror-allow-regrant"]);
+    let mut source = start_source(&dir, &["--mirror-allow-regrant"]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     source.poke(workload::HEADER_GPA + 0x800, b"BEFORE!!");
     let id = grant_at(&source, workload::HEADER_GPA);
@@ -178,7 +158,7 @@ fn with_regrant_allowed_a_re_attach_sees_the_memory_the_source_kept_across_the_r
 #[test]
 fn the_inspector_outlives_a_killed_source_and_keeps_the_last_contents() {
     let dir = TempDir::new("sigkill");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     source.vm.signal(libc::SIGKILL);
     source.vm.wait(LIMIT);
@@ -204,7 +184,7 @@ impl Alive for Inspector {
 #[test]
 fn a_write_by_the_agent_into_the_window_changes_nothing_in_the_source() {
     let dir = TempDir::new("isolation");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     source.poke(POKE_GPA, b"SOURCE");
     let reply = inspector.ask(&format!("write-probe {POKE_GPA:#x} 0x41"));
@@ -217,7 +197,7 @@ fn a_write_by_the_agent_into_the_window_changes_nothing_in_the_source() {
 #[test]
 fn the_integrity_watch_reports_when_the_workload_modifies_its_kernel_text() {
     let dir = TempDir::new("watch");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let watch = format!("{:#x}:{:#x}", workload::TEXT_GPA, workload::TEXT_LEN);
     let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", &watch, "--watch-interval-ms", "50"]);
     inspector.proc.expect_line("baseline taken", LIMIT);
@@ -240,7 +220,7 @@ fn the_integrity_watch_reports_when_the_workload_modifies_its_kernel_text() {
 #[test]
 fn the_agent_scans_and_reads_the_task_list() {
     let dir = TempDir::new("scan");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--range", "0x1000000:2M"]);
     let pattern: String = b"postgres".iter().map(|b| format!("{b:02x}")).collect();
     let reply = inspector.ask(&format!("scan 0x1000000 0x200000 {pattern}"));
@@ -289,7 +269,7 @@ fn the_agent_scans_and_reads_the_task_list() {
 #[test]
 fn a_peer_whose_uid_is_not_allowed_is_refused() {
     let dir = TempDir::new("uid");
-    let source = Source::start(&dir, &["--mirror-allow-uid", "4242"]);
+    let source = start_source(&dir, &["--mirror-allow-uid", "4242"]);
     let out = integration_tests::run_with_timeout(
         Command::new(binary("inspector")).args(["--source-socket", source.mirror.to_str().unwrap(), "--all"]),
         LIMIT,
@@ -308,7 +288,7 @@ fn a_peer_whose_uid_is_not_allowed_is_refused() {
 #[test]
 fn several_inspectors_attach_at_once() {
     let dir = TempDir::new("several");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let (dir_a, dir_b) = (TempDir::new("several-a"), TempDir::new("several-b"));
     let a = Inspector::start(&dir_a, &source, &["--all"]);
     let b = Inspector::start(&dir_b, &source, &["--range", "0x1000000:2M"]);
@@ -332,7 +312,7 @@ fn stalled_peers(source: &Source, count: usize) -> Vec<std::os::unix::net::UnixS
 #[test]
 fn the_source_keeps_running_while_inspectors_are_stalled_with_full_buffers() {
     let dir = TempDir::new("stall");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     // Freeze the real inspector, and add raw peers that never read: the source must not care.
     inspector.proc.signal(libc::SIGSTOP);
@@ -359,7 +339,7 @@ fn the_source_keeps_running_while_inspectors_are_stalled_with_full_buffers() {
 #[test]
 fn pausing_the_source_freezes_its_memory_and_tells_the_inspector() {
     let dir = TempDir::new("pause");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     assert_eq!(source.api("pause"), "ok");
     inspector.proc.expect_line("inspector: source paused", LIMIT);
@@ -377,7 +357,7 @@ fn pausing_the_source_freezes_its_memory_and_tells_the_inspector() {
 #[test]
 fn a_source_that_exits_says_so_and_the_inspector_keeps_serving() {
     let dir = TempDir::new("exit");
-    let mut source = Source::start(&dir, &[]);
+    let mut source = start_source(&dir, &[]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     source.vm.send("exit 0\n");
     assert_eq!(source.vm.wait(LIMIT).code(), Some(0), "the workload exits with the status it was given");
@@ -391,7 +371,7 @@ fn a_copying_tool_finds_the_source_ram_in_its_mappings() {
     use std::os::unix::fs::FileExt;
     // What the benchmark's process_vm_readv and /proc/PID/mem baselines rely on.
     let dir = TempDir::new("hvas");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let importer = mirror_driver::importer::Importer::connect(&source.mirror).unwrap();
     let (gpa, len) = (0x0010_0000, 64 << 20);
     let grants = importer.grant(&[mirror_driver::protocol::Range { gpa, len }]).unwrap();
@@ -416,7 +396,7 @@ fn a_copying_tool_finds_the_source_ram_in_its_mappings() {
 #[test]
 fn a_watch_over_a_revoked_range_reports_the_revocation_not_false_changes() {
     let dir = TempDir::new("watch-revoked");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     let watch = inspector.ask(&format!("watch {:#x} {:#x}", workload::TEXT_GPA, workload::TEXT_LEN));
     let id = watch.strip_prefix("ok id=").unwrap_or_else(|| panic!("{watch}"));
@@ -430,7 +410,7 @@ fn a_watch_over_a_revoked_range_reports_the_revocation_not_false_changes() {
 #[test]
 fn sigterm_stops_the_inspector_cleanly_whichever_thread_it_lands_on() {
     let dir = TempDir::new("sigterm");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     for _ in 0..3 {
         let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", "0x1010000:0x40000"]);
         inspector.proc.signal(libc::SIGTERM);
@@ -447,7 +427,7 @@ fn sigterm_stops_the_inspector_cleanly_whichever_thread_it_lands_on() {
 #[test]
 fn an_inspector_pauses_a_source_that_allows_it_and_its_pause_ends_when_it_leaves() {
     let dir = TempDir::new("mirror-pause");
-    let source = Source::start(&dir, &["--mirror-allow-pause"]);
+    let source = start_source(&dir, &["--mirror-allow-pause"]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     assert_eq!(inspector.ask("pause"), "ok");
     inspector.proc.expect_line("inspector: source paused", LIMIT);
@@ -473,7 +453,7 @@ fn an_inspector_pauses_a_source_that_allows_it_and_its_pause_ends_when_it_leaves
 #[test]
 fn a_source_that_does_not_allow_pauses_refuses_them() {
     let dir = TempDir::new("mirror-nopause");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let inspector = Inspector::start(&dir, &source, &["--all"]);
     let reply = inspector.ask("pause");
     assert!(reply.starts_with("error") && reply.contains("--mirror-allow-pause"), "{reply}");

@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{binary, run_with_timeout, unix_request, Running, SourceVm, TempDir};
+use integration_tests::{binary, run_with_timeout, TempDir, Workload};
 use mirror_driver::importer::{map_grant, MappedGrant};
 use mirror_driver::protocol::{ErrorCode, Message, Range, ACCESS_READ_ONLY, PROTOCOL_VERSION};
 use mirror_driver::wire::{self, Frame};
@@ -20,33 +20,13 @@ const POKE_GPA: u64 = 0x0180_0000;
 const SOURCE_UID: u32 = 65534;
 const OTHER_UID: u32 = 65533;
 
-struct Source {
-    vm: Running,
-    mirror: std::path::PathBuf,
-    api: std::path::PathBuf,
-    pokes: u32,
-}
+type Source = Workload;
 
-impl Source {
-    /// A source on 128 MiB; `extra` adds flags.
-    fn start(dir: &TempDir, extra: &[&str]) -> Self {
-        let mut args = vec!["--memory", "128M"];
-        args.extend_from_slice(extra);
-        let SourceVm { mut vm, mirror, api } = SourceVm::spawn(dir, &args);
-        vm.expect_line("workload: ready", LIMIT);
-        Self { vm, mirror, api, pokes: 0 }
-    }
-
-    fn api(&self, line: &str) -> String {
-        unix_request(&self.api, line)
-    }
-
-    fn poke(&mut self, gpa: u64, bytes: &[u8]) {
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        self.vm.send(&format!("poke {gpa:#x} {hex}\n"));
-        self.pokes += 1;
-        self.vm.expect_line(&format!("ack poke seq={}", self.pokes), LIMIT);
-    }
+/// The source of these tests: `source-workload` on 128 MiB.
+fn start_source(dir: &TempDir, extra: &[&str]) -> Source {
+    let mut args = vec!["--memory", "128M"];
+    args.extend_from_slice(extra);
+    Workload::start(dir, &args)
 }
 
 /// A raw mirror session: frames in, frames out, nothing done on its behalf.
@@ -129,7 +109,7 @@ fn holders_of_the_source_uid_or_another_cannot_write_source_ram_by_any_path() {
     chown_to(&dir, SOURCE_UID);
     let (source_uid, other_uid) = (SOURCE_UID.to_string(), OTHER_UID.to_string());
     let run_as = format!("{SOURCE_UID}:{SOURCE_UID}");
-    let mut source = Source::start(
+    let mut source = start_source(
         &dir,
         &[
             "--run-as",
@@ -167,7 +147,7 @@ fn holders_of_the_source_uid_or_another_cannot_write_source_ram_by_any_path() {
 #[test]
 fn a_holder_that_ignores_a_revoke_sees_no_byte_the_source_writes_afterwards() {
     let dir = TempDir::new("ignore-revoke");
-    let mut source = Source::start(&dir, &["--mirror-allow-regrant"]);
+    let mut source = start_source(&dir, &["--mirror-allow-regrant"]);
     let mut holder = Peer::connect(&source);
     let kept = holder.map_page(POKE_GPA);
     source.poke(POKE_GPA, b"BEFORE!!");
@@ -189,7 +169,7 @@ fn a_holder_that_ignores_a_revoke_sees_no_byte_the_source_writes_afterwards() {
 #[test]
 fn an_acknowledgement_sent_before_the_revoke_does_not_count() {
     let dir = TempDir::new("preack");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let mut holder = Peer::connect(&source);
     let kept = holder.map_page(POKE_GPA);
     // Without the revoke's nonce an acknowledgement cannot match, whatever its timing.
@@ -206,7 +186,7 @@ fn an_acknowledgement_sent_before_the_revoke_does_not_count() {
 #[test]
 fn released_and_disconnected_grants_stay_listed_until_revoked() {
     let dir = TempDir::new("truthful-grants");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let mut holder = Peer::connect(&source);
     let first = holder.map_page(POKE_GPA);
     let second = holder.map_page(POKE_GPA + 0x20_0000);
@@ -231,7 +211,7 @@ fn released_and_disconnected_grants_stay_listed_until_revoked() {
 #[test]
 fn a_peer_that_never_says_hello_is_closed() {
     let dir = TempDir::new("hello-timeout");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let silent = UnixStream::connect(&source.mirror).unwrap();
     silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     match wire::recv(&silent) {
@@ -248,7 +228,7 @@ fn a_peer_that_never_says_hello_is_closed() {
 fn one_uid_cannot_take_every_connection() {
     let dir = TempDir::new("per-uid");
     let other = OTHER_UID.to_string();
-    let source = Source::start(&dir, &["--mirror-allow-uid", "0", "--mirror-allow-uid", &other]);
+    let source = start_source(&dir, &["--mirror-allow-uid", "0", "--mirror-allow-uid", &other]);
     let held: Vec<Peer> = (0..16).map(|_| Peer::connect(&source)).collect();
     let extra = UnixStream::connect(&source.mirror).unwrap();
     extra.set_read_timeout(Some(LIMIT)).unwrap();
@@ -267,7 +247,7 @@ fn one_uid_cannot_take_every_connection() {
 #[test]
 fn one_request_cannot_open_thousands_of_fds() {
     let dir = TempDir::new("pieces");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let mut peer = Peer::connect(&source);
     // 100 ranges over all 64 chunks of RAM: 6400 pieces, one fd each.
     let ranges = vec![Range { gpa: 0, len: 128 << 20 }; 100];
@@ -283,7 +263,7 @@ fn one_request_cannot_open_thousands_of_fds() {
 #[test]
 fn fds_the_peer_sends_are_not_kept_by_the_source() {
     let dir = TempDir::new("peer-fds");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let peer = Peer::connect(&source);
     let pid = source.vm.child.id();
     let count = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
@@ -299,7 +279,7 @@ fn fds_the_peer_sends_are_not_kept_by_the_source() {
 #[test]
 fn grants_one_uid_may_hold_are_bounded() {
     let dir = TempDir::new("per-uid-grants");
-    let source = Source::start(&dir, &[]);
+    let source = start_source(&dir, &[]);
     let mut peer = Peer::connect(&source);
     // 32 ranges over all 64 chunks: 2048 pieces, the most one request may ask for.
     let request =

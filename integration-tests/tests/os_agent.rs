@@ -4,12 +4,11 @@
 //! `/proc/modules`, a marker is read at the virtual address the process printed, a
 //! process started after attach appears and one that exits disappears.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::linux_guest::LinuxGuest;
-use integration_tests::{binary, run_with_timeout, unix_request, Running, TempDir};
+use integration_tests::linux_guest::{GuestInspector, LinuxGuest};
+use integration_tests::{binary, run_with_timeout};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -17,37 +16,15 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
 static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-struct Inspector {
-    _proc: Running,
-    control: PathBuf,
-    api: PathBuf,
-    _dir: TempDir,
+type Inspector = GuestInspector;
+
+/// What these tests ask of an inspector beyond its control requests.
+trait Requests {
+    fn ps(&self) -> Vec<(u32, u32, u32, String)>;
+    fn api_json(&self, args: &[&str]) -> Value;
 }
 
-impl Inspector {
-    fn attach(guest: &LinuxGuest) -> Self {
-        let dir = TempDir::new("os-agent");
-        let (control, api) = (dir.join("control.sock"), dir.join("api.sock"));
-        let mut proc = Running::spawn(Command::new(binary("inspector")).args([
-            "--qemu-qmp",
-            guest.qmp_socket().to_str().unwrap(),
-            "--all",
-            "--serial",
-            "null",
-            "--control-socket",
-            control.to_str().unwrap(),
-            "--api-socket",
-            api.to_str().unwrap(),
-        ]));
-        proc.expect_line("inspector: agent ready", LIMIT);
-        Self { _proc: proc, control, api, _dir: dir }
-    }
-
-    fn ask(&self, line: &str) -> String {
-        let reply = unix_request(&self.control, line);
-        reply.strip_prefix("ok ").or(reply.strip_prefix("ok")).unwrap_or_else(|| panic!("{line}: {reply}")).to_string()
-    }
-
+impl Requests for Inspector {
     /// (pid, ppid, uid, comm) of every process, as the agent sees them.
     fn ps(&self) -> Vec<(u32, u32, u32, String)> {
         self.ask("ps")

@@ -4,13 +4,10 @@
 //! inspector serving its last contents; q35 with RAM above 4 GiB; and the inspector
 //! never holds QEMU's RAM writable.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use integration_tests::linux_guest::{LinuxGuest, LinuxGuestConfig, Machine};
-use integration_tests::{binary, unix_request, Running, TempDir};
+use integration_tests::linux_guest::{GuestInspector, LinuxGuest, LinuxGuestConfig, Machine};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const CONSOLE: Duration = Duration::from_secs(60);
@@ -18,35 +15,16 @@ const CONSOLE: Duration = Duration::from_secs(60);
 /// QEMU serves one QMP client at a time: tests on the shared guest attach in turn.
 static SHARED_GUEST_QMP: Mutex<()> = Mutex::new(());
 
-struct Inspector {
-    proc: Running,
-    control: PathBuf,
-    _dir: TempDir,
+type Inspector = GuestInspector;
+
+/// What these tests ask of an inspector beyond its control requests.
+trait Requests {
+    fn read(&self, gpa: u64, len: u64) -> Vec<u8>;
+    fn scan(&self, text: &[u8]) -> Vec<u64>;
+    fn fingerprint(&self) -> Vec<String>;
 }
 
-impl Inspector {
-    fn attach(guest: &LinuxGuest) -> Self {
-        let dir = TempDir::new("qemu-linux-inspector");
-        let control = dir.join("control.sock");
-        let mut proc = Running::spawn(Command::new(binary("inspector")).args([
-            "--qemu-qmp",
-            guest.qmp_socket().to_str().unwrap(),
-            "--all",
-            "--serial",
-            "null",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ]));
-        proc.expect_line("inspector: agent ready", LIMIT);
-        Self { proc, control, _dir: dir }
-    }
-
-    fn ask(&self, line: &str) -> String {
-        let reply = unix_request(&self.control, line);
-        assert!(reply.starts_with("ok"), "{line}: {reply}");
-        reply.trim_start_matches("ok").trim_start().to_string()
-    }
-
+impl Requests for Inspector {
     fn read(&self, gpa: u64, len: u64) -> Vec<u8> {
         let hex = self.ask(&format!("read {gpa:#x} {len}"));
         (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
