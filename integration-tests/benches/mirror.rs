@@ -159,7 +159,7 @@ fn main() {
     let inspector = start_inspector(&source, &["--range", "0x1000000:2M", "--range", "0x4000000:1G"]);
     let count = 2000;
     let control = inspector.control.clone();
-    let waiter = std::thread::spawn(move || unix_request(&control, &format!("latency {STAMP_GPA:#x} {count} 20000")));
+    let waiter = std::thread::spawn(move || unix_request(&control, &format!("latency {STAMP_GPA:#x} {count} 10000")));
     std::thread::sleep(Duration::from_millis(300));
     let mut source = source;
     source.vm.send(&format!("stamp {}\n", count + 100));
