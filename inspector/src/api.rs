@@ -28,14 +28,15 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
-use crate::daemon::{InspectError, Inspector, MAX_READ};
+use crate::daemon::{InspectError, Inspector};
 use crate::events::{self, Event};
 use crate::source::SourceError;
 use mirror_driver::importer::ImportError;
 use mirror_driver::protocol::ErrorCode;
 
-/// Bytes per agent read while streaming physical memory.
-const STREAM_CHUNK: u64 = MAX_READ;
+/// Bytes per piece while streaming physical memory (copied from the inspector's own
+/// read-only mappings of the grants).
+const STREAM_CHUNK: u64 = crate::daemon::MAX_MAPPED_READ;
 /// Longest JSON (hex) read.
 pub const MAX_JSON_READ: u64 = 64 << 10;
 /// Most scan hits per page of a scan reply.
@@ -421,7 +422,7 @@ async fn vcpus(State(s): State<AppState>) -> ApiResult<Vec<Vcpu>> {
     ))
 }
 
-/// Guest-physical memory as a binary stream of exactly `len` bytes, read by the agent.
+/// Guest-physical memory as a binary stream of exactly `len` bytes.
 #[utoipa::path(get, path = "/v1/memory/physical", params(RangeQuery),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 409, body = ErrorBody)))]
 async fn read_physical(State(s): State<AppState>, Query(q): Query<RangeQuery>) -> Result<Response, ApiError> {
@@ -436,7 +437,7 @@ async fn read_physical(State(s): State<AppState>, Query(q): Query<RangeQuery>) -
                 return None;
             }
             let n = (len - done).min(STREAM_CHUNK);
-            let read = tokio::task::spawn_blocking(move || inspector.read(gpa + done, n)).await;
+            let read = tokio::task::spawn_blocking(move || inspector.read_mapped(gpa + done, n)).await;
             let item = match read {
                 Ok(Ok(bytes)) => Ok(axum::body::Bytes::from(bytes)),
                 // The status line is gone: a broken stream is the only way left to fail.

@@ -35,6 +35,9 @@ pub const DEFAULT_MEMORY: u64 = 192 << 20;
 const PAGE: u64 = 4096;
 /// Longest read served in one request.
 pub const MAX_READ: u64 = 1 << 20;
+/// Longest copy from the inspector's own mappings in one call (API bulk streams go in
+/// pieces of this size).
+pub const MAX_MAPPED_READ: u64 = 8 << 20;
 /// Longest range hashed in one request (the agent hashes it in one command: ~2 s).
 pub const MAX_HASH_LEN: u64 = 1 << 30;
 /// A scan runs as agent commands of at most this many bytes each; between two, a
@@ -230,6 +233,36 @@ impl Inspector {
         let _granted = self.check_granted(gpa, len)?;
         let done = self.link.call(abi::OP_READ, [gpa, len, 0, 0], &[])?;
         Ok(done.data(0, len)?)
+    }
+
+    /// Copies a granted range straight from this process's read-only mappings of the
+    /// grants (bulk transfer: no agent round trip, no copy through its data slot). The
+    /// grant table stays locked while copying, so a revoke cannot unmap under it.
+    pub fn read_mapped(&self, gpa: u64, len: u64) -> Result<Vec<u8>, InspectError> {
+        if len > MAX_MAPPED_READ {
+            return Err(InspectError::BadRequest(format!("mapped reads are limited to {MAX_MAPPED_READ} bytes")));
+        }
+        let grants = self.check_granted(gpa, len)?;
+        let mut out = vec![0u8; len as usize];
+        let end = gpa + len;
+        for g in grants.values() {
+            let (lo, hi) = (gpa.max(g.mapped.grant.gpa), end.min(g.mapped.grant.gpa + g.mapped.grant.len));
+            if lo >= hi {
+                continue;
+            }
+            let src = g.mapped.host_addr() + (lo - g.mapped.grant.gpa);
+            // SAFETY: lo..hi lies inside this grant, whose PROT_READ mapping lives while the
+            // grant table is locked; the source may change the bytes under us (a snapshot of
+            // racing bytes is what a reader of a running VM gets), and `out` is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src as *const u8,
+                    out.as_mut_ptr().add((lo - gpa) as usize),
+                    (hi - lo) as usize,
+                )
+            };
+        }
+        Ok(out)
     }
 
     /// xxh64 and SHA-256 of a granted range, computed by the agent.

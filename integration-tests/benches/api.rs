@@ -138,7 +138,7 @@ fn main() {
         "\nThe OS views are recomputed from guest memory on every request (no cache): a process listing walks \
          the task list, each process's cred and mm, and reads every command line through that process's page tables.\n\n\
          | 1 GiB of source RAM | time (ms) | GB/s |\n|---|---|---|\n\
-         | streamed through `GET /v1/memory/physical` (agent reads of 1 MiB, HTTP body) | {} | {:.2} |\n\
+         | streamed through `GET /v1/memory/physical` (8 MiB copies from the inspector's read-only mappings, HTTP body) | {} | {:.2} |\n\
          | scanned by the agent (`POST /v1/scan`, median of 5) | {} | {:.2} |\n",
         ms(read),
         gbps(read),
