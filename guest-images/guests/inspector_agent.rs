@@ -22,7 +22,6 @@ mod sha256;
 mod xxh64;
 mod os_views;
 
-use core::arch::x86_64::{__m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
@@ -245,47 +244,25 @@ fn baseline(id: usize) -> &'static mut [u64] {
     unsafe { core::slice::from_raw_parts_mut((WATCH_GPA + id as u64 * WATCH_SLOT_SIZE) as *mut u64, (WATCH_SLOT_SIZE / 8) as usize) }
 }
 
-/// Finds every occurrence of `pattern` in `hay` (SSE2 on the first byte, then a compare).
+/// Finds every occurrence of `pattern` in `hay`, overlapping ones included, with the
+/// `memchr` crate's memmem.
 /// Stores the GPAs (`base + offset`) of as many hits as fit in `out`; returns (total, stored).
 fn scan(hay: &[u8], pattern: &[u8], base: u64, out: &mut [u8]) -> (u64, u64) {
     let max_stored = (out.len() / 8).min(MAX_SCAN_HITS) as u64;
     let (mut total, mut stored) = (0u64, 0u64);
-    let mut record = |offset: usize| {
+    // Every start position counts, overlapping ones too ("aa" occurs twice in "aaa"),
+    // so each search resumes one byte past the last match.
+    let finder = memchr::memmem::Finder::new(pattern);
+    let mut from = 0usize;
+    while let Some(found) = hay.get(from..).and_then(|rest| finder.find(rest)) {
+        let offset = from + found;
+        from = offset + 1;
         if stored < max_stored {
             let at = stored as usize * 8;
             out[at..at + 8].copy_from_slice(&(base + offset as u64).to_le_bytes());
             stored += 1;
         }
         total += 1;
-    };
-    if hay.len() < pattern.len() {
-        return (0, 0);
-    }
-    let last_start = hay.len() - pattern.len();
-    let first = pattern[0];
-    let mut at = 0usize;
-    // SAFETY: SSE2 is part of the x86_64 baseline and enabled by the CPL0 stub (CR4.OSFXSR).
-    let needle: __m128i = unsafe { _mm_set1_epi8(first as i8) };
-    while at + 16 <= last_start + 1 {
-        // SAFETY: at + 16 <= hay.len() because last_start + 1 <= hay.len().
-        let mut mask = unsafe {
-            let chunk = _mm_loadu_si128(hay.as_ptr().add(at) as *const __m128i);
-            _mm_movemask_epi8(_mm_cmpeq_epi8(chunk, needle)) as u32
-        };
-        while mask != 0 {
-            let offset = at + mask.trailing_zeros() as usize;
-            if hay[offset..offset + pattern.len()] == *pattern {
-                record(offset);
-            }
-            mask &= mask - 1;
-        }
-        at += 16;
-    }
-    while at <= last_start {
-        if hay[at] == first && hay[at..at + pattern.len()] == *pattern {
-            record(at);
-        }
-        at += 1;
     }
     (total, stored)
 }

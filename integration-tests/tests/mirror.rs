@@ -461,3 +461,14 @@ fn a_source_that_does_not_allow_pauses_refuses_them() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(inspector.heartbeat() > first);
 }
+
+#[test]
+fn a_scan_counts_overlapping_matches() {
+    let dir = TempDir::new("scan-overlap");
+    let mut source = start_source(&dir, &[]);
+    let inspector = Inspector::start(&dir, &source, &["--all"]);
+    source.poke(POKE_GPA, b"\x01zzzz\x02");
+    let reply = inspector.ask(&format!("scan {POKE_GPA:#x} 16 7a7a"));
+    let want = format!("ok hits=3 gpas={:#x},{:#x},{:#x}", POKE_GPA + 1, POKE_GPA + 2, POKE_GPA + 3);
+    assert_eq!(reply, want, "\"zz\" starts at three places in \"zzzz\"");
+}
