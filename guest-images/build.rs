@@ -34,6 +34,8 @@ fn main() {
     for (guest, dir) in PACKAGES {
         let package = manifest_dir.join(dir);
         println!("cargo:rerun-if-changed={}", package.display());
+        // Its path dependencies outside guest-images (the OS-awareness library).
+        println!("cargo:rerun-if-changed={}", manifest_dir.join("../inspector/os").display());
         let built = build_package(&package, guest, &linker_script, &scratch);
         std::fs::copy(&built, out_dir.join(format!("{guest}.elf"))).expect("copy guest image");
     }

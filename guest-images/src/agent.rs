@@ -81,6 +81,8 @@ pub const OP_OS_MODULES: u32 = 11;
 pub const OP_OS_VMAS: u32 = 12;
 /// `args = [pid, va, len]`: the bytes of a process's virtual memory (pid 0: the kernel's).
 pub const OP_OS_READ_VIRTUAL: u32 = 13;
+/// The system call table check (`specula_os::Linux::syscall_table_check`).
+pub const OP_OS_SYSCALLS: u32 = 14;
 /// Most granted ranges an OS command carries.
 pub const MAX_OS_RANGES: usize = 4096;
 

@@ -361,6 +361,25 @@ pub struct ModuleView {
     pub state: Option<String>,
 }
 
+/// The system call table check.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct SyscallCheckView {
+    /// Entries checked.
+    pub entries: u32,
+    /// Kernel virtual address of `sys_call_table`.
+    pub table: u64,
+    /// Entries that do not point into the core kernel's text, with the module they point into.
+    pub redirected: Vec<RedirectedSyscall>,
+}
+
+/// A redirected system call.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct RedirectedSyscall {
+    pub nr: u32,
+    pub target: u64,
+    pub module: Option<String>,
+}
+
 /// A virtual range of a process.
 #[derive(Deserialize, IntoParams, Debug)]
 pub struct VirtualQuery {
@@ -660,6 +679,22 @@ async fn os_memory(
     Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], bytes).into_response())
 }
 
+/// Rootkit check: system call table entries that point outside the kernel's text.
+#[utoipa::path(get, path = "/v1/os/checks/syscalls", responses((status = 200, body = SyscallCheckView), (status = 422, body = ErrorBody)))]
+async fn os_check_syscalls(State(s): State<AppState>) -> ApiResult<SyscallCheckView> {
+    let inspector = s.inspector.clone();
+    let c = blocking(move || inspector.os_syscall_check()).await?;
+    Ok(Json(SyscallCheckView {
+        entries: c.entries,
+        table: c.table,
+        redirected: c
+            .redirected
+            .into_iter()
+            .map(|r| RedirectedSyscall { nr: r.nr, target: r.target, module: r.module })
+            .collect(),
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/os/modules", responses((status = 200, body = [ModuleView])))]
 async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
     let inspector = s.inspector.clone();
@@ -696,7 +731,8 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         os_processes,
         os_maps,
         os_memory,
-        os_modules
+        os_modules,
+        os_check_syscalls
     ),
     components(schemas(
         Status,
@@ -715,7 +751,9 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         KernelView,
         ProcessView,
         VmaView,
-        ModuleView
+        ModuleView,
+        SyscallCheckView,
+        RedirectedSyscall
     ))
 )]
 pub struct ApiDoc;
@@ -790,6 +828,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/os/processes/{pid}/maps", get(os_maps))
         .route("/v1/os/processes/{pid}/memory", get(os_memory))
         .route("/v1/os/modules", get(os_modules))
+        .route("/v1/os/checks/syscalls", get(os_check_syscalls))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
         .layer(middleware::from_fn_with_state(state.clone(), gate))

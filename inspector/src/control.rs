@@ -19,6 +19,7 @@
 //! - `kernel`                   `ok release=.. kaslr=.. ...` (Linux sources: found in RAM, no symbols)
 //! - `ps`                       `ok PID:PPID:UID:COMM ...`
 //! - `lsmod`                    `ok NAME:BASE:SIZE ...`
+//! - `check-syscalls`           `ok entries=N table=VA table_pa=PA redirected=NR:TARGET:MODULE,...`
 //! - `vread PID VA LEN`         `ok HEX` (a process's virtual memory; PID 0: the kernel's)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
@@ -165,6 +166,21 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             .map(|m| format!("{}:{:#x}:{}", m.name, m.base, m.size))
             .collect::<Vec<_>>()
             .join(" ")),
+        "check-syscalls" => {
+            let c = inspector.os_syscall_check().map_err(e)?;
+            let list: Vec<String> = c
+                .redirected
+                .iter()
+                .map(|r| format!("{}:{:#x}:{}", r.nr, r.target, r.module.as_deref().unwrap_or("?")))
+                .collect();
+            Ok(format!(
+                "entries={} table={:#x} table_pa={:#x} redirected={}",
+                c.entries,
+                c.table,
+                c.table_pa,
+                list.join(",")
+            ))
+        }
         "vread" => {
             let pid = number(words.next(), "PID")?;
             let va = number(words.next(), "VA")?;

@@ -23,7 +23,7 @@ use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
 use specula_os::wire;
-use specula_os::{KernelInfo, Module, Vma};
+use specula_os::{KernelInfo, Module, SyscallCheck, Vma};
 
 /// Where source GPA 0 appears in the agent's physical address space (above its RAM
 /// and the MMIO gap); source GPA `g` is at `WINDOW_BASE + g`.
@@ -483,6 +483,11 @@ impl Inspector {
     /// The source's loaded modules.
     pub fn os_modules(&self) -> Result<Vec<Module>, InspectError> {
         Ok(wire::decode_modules(&self.os_call(abi::OP_OS_MODULES, [0; 4])?)?)
+    }
+
+    /// The system call table check: entries that do not point into the kernel's text.
+    pub fn os_syscall_check(&self) -> Result<SyscallCheck, InspectError> {
+        Ok(wire::decode_syscalls(&self.os_call(abi::OP_OS_SYSCALLS, [0; 4])?)?)
     }
 
     /// The memory areas of process `pid`.

@@ -123,6 +123,8 @@ enum Request {
     Lsmod(Words),
     /// vread PID VA LEN: a process's virtual memory
     Vread(Words),
+    /// check-syscalls: system call table entries outside the kernel's text
+    CheckSyscalls(Words),
 }
 
 #[derive(Args)]
@@ -154,6 +156,7 @@ impl Request {
             Request::Ps(w) => ("ps", w),
             Request::Lsmod(w) => ("lsmod", w),
             Request::Vread(w) => ("vread", w),
+            Request::CheckSyscalls(w) => ("check-syscalls", w),
         };
         let mut line = name.to_string();
         for word in &words.args {

@@ -149,3 +149,31 @@ fn the_os_endpoints_serve_the_kernel_maps_memory_and_modules() {
         "{modules}"
     );
 }
+
+#[test]
+fn a_redirected_system_call_is_reported_with_its_module_and_a_clean_table_is_clean() {
+    use std::os::unix::fs::FileExt;
+    // A private guest: its system call table is changed while the check runs.
+    let guest = LinuxGuest::start(integration_tests::linux_guest::LinuxGuestConfig::default());
+    let dummy = guest.ground_truth().module("dummy").expect("dummy is loaded").address.unwrap();
+    let inspector = Inspector::attach(&guest);
+    let clean = inspector.ask("check-syscalls");
+    let field =
+        |reply: &str, key: &str| reply.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("").to_string();
+    let entries: u32 = field(&clean, "entries=").parse().unwrap();
+    assert!(entries > 300, "the table's entries are found: {clean}");
+    assert_eq!(field(&clean, "redirected="), "", "no false positive on an untouched guest: {clean}");
+    // What a rootkit does: point kexec_load (246, rarely called) at its own code, here the
+    // dummy module's. The test writes the guest's RAM itself, as the rootkit would.
+    let table_pa = u64::from_str_radix(field(&clean, "table_pa=").trim_start_matches("0x"), 16).unwrap();
+    let ram = std::fs::OpenOptions::new().read(true).write(true).open(&guest.ram_memfds()[0]).unwrap();
+    let slot = table_pa + 246 * 8;
+    let mut original = [0u8; 8];
+    ram.read_exact_at(&mut original, slot).unwrap();
+    ram.write_all_at(&dummy.to_le_bytes(), slot).unwrap();
+    let hooked = inspector.ask("check-syscalls");
+    ram.write_all_at(&original, slot).unwrap();
+    assert_eq!(field(&hooked, "redirected="), format!("246:{dummy:#x}:dummy"), "{hooked}");
+    let json = inspector.api_json(&["checks"]);
+    assert_eq!(json["redirected"].as_array().map(Vec::len), Some(0), "restored: {json}");
+}

@@ -60,7 +60,7 @@ use core::ops::Range;
 pub use btf::Btf;
 pub use error::Error;
 pub use kallsyms::Kallsyms;
-pub use linux::{KernelInfo, Linux, Module, Process, Vma};
+pub use linux::{KernelInfo, Linux, Module, Process, SyscallCheck, SyscallEntry, Vma};
 pub use paging::{AddressSpace, PagingMode, Translation, VirtMem};
 pub use vmcoreinfo::VmcoreInfo;
 

@@ -356,6 +356,30 @@ impl Vma {
     }
 }
 
+/// Most system call table entries checked.
+pub const MAX_SYSCALLS: u64 = 1024;
+
+/// A system call table entry that does not point into the core kernel's text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyscallEntry {
+    pub nr: u32,
+    pub target: u64,
+    /// The module whose memory it points into, if any.
+    pub module: Option<String>,
+}
+
+/// What [`Linux::syscall_table_check`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyscallCheck {
+    /// Kernel virtual and physical address of `sys_call_table`.
+    pub table: u64,
+    pub table_pa: u64,
+    pub entries: u32,
+    pub text_start: u64,
+    pub text_end: u64,
+    pub redirected: Vec<SyscallEntry>,
+}
+
 /// A loaded kernel module.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Module {
@@ -855,6 +879,36 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// Which task state member this kernel has (`__state` or `state`).
     pub fn task_state_member(&self) -> &'static str {
         self.layout.state_name
+    }
+
+    /// Checks the system call table: every entry must point into the core kernel's text
+    /// (`_stext.._etext`); an entry that points elsewhere (into a module, or anywhere) is
+    /// how a rootkit redirects a system call. Entries are counted up to the next symbol
+    /// after `sys_call_table` (at most [`MAX_SYSCALLS`]).
+    pub fn syscall_table_check(&self) -> Result<SyscallCheck, Error> {
+        let syms = &self.kallsyms;
+        let table = syms.address("sys_call_table")?;
+        let (text_start, text_end) = (syms.address("_stext")?, syms.address("_etext")?);
+        let next = syms.iter().map(|s| s.address).filter(|&a| a > table).min().unwrap_or(table + 8 * MAX_SYSCALLS);
+        let mut entries = ((next - table) / 8).min(MAX_SYSCALLS);
+        let table_pa = self.kernel.translate(table)?.pa;
+        let targets: Vec<u64> =
+            (0..entries).map(|nr| self.kernel.read_u64(table + nr * 8)).collect::<Result<_, _>>()?;
+        // Alignment padding before the next symbol reads as zero entries at the end.
+        while entries > 0 && targets[entries as usize - 1] == 0 {
+            entries -= 1;
+        }
+        let modules = self.modules().unwrap_or_default();
+        let mut redirected = Vec::new();
+        for nr in 0..entries {
+            let target = targets[nr as usize];
+            if (text_start..text_end).contains(&target) {
+                continue;
+            }
+            let module = modules.iter().find(|m| target >= m.base && target - m.base < m.size).map(|m| m.name.clone());
+            redirected.push(SyscallEntry { nr: nr as u32, target, module });
+        }
+        Ok(SyscallCheck { table, table_pa, entries: entries as u32, text_start, text_end, redirected })
     }
 
     /// Whether modules use `mem[]` (Linux ≥ 6.4) rather than `core_layout`.

@@ -6,7 +6,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::{Error, KernelInfo, Module, PagingMode, Process, Vma};
+use crate::{Error, KernelInfo, Module, PagingMode, Process, SyscallCheck, SyscallEntry, Vma};
 
 /// Most records in one reply.
 pub const MAX_RECORDS: usize = 65_536;
@@ -17,6 +17,7 @@ const MAGIC_KERNEL: u32 = 0x4b52_4e4c; // "LNRK"
 const MAGIC_PROCESSES: u32 = 0x5052_4f43; // "CORP"
 const MAGIC_MODULES: u32 = 0x4d4f_4453; // "SDOM"
 const MAGIC_VMAS: u32 = 0x564d_4153; // "SAMV"
+const MAGIC_SYSCALLS: u32 = 0x5359_5343; // "CSYS"
 
 /// Writes fields; reports whether they fit in the reply area.
 pub struct Writer<'a> {
@@ -322,6 +323,37 @@ pub fn decode_vmas(data: &[u8]) -> Result<Vec<Vma>, Error> {
     }
     r.finish()?;
     Ok(out)
+}
+
+/// Encodes a system call table check.
+pub fn encode_syscalls(c: &SyscallCheck, w: &mut Writer) {
+    w.u32(MAGIC_SYSCALLS);
+    w.u32(c.redirected.len() as u32);
+    for x in [c.table, c.table_pa, u64::from(c.entries), c.text_start, c.text_end] {
+        w.u64(x);
+    }
+    for e in &c.redirected {
+        w.u32(e.nr);
+        w.u64(e.target);
+        w.opt_str(e.module.as_deref());
+    }
+}
+
+/// Decodes a system call table check.
+pub fn decode_syscalls(data: &[u8]) -> Result<SyscallCheck, Error> {
+    let mut r = Reader { data, at: 0 };
+    let n = r.count(MAGIC_SYSCALLS)?;
+    let (table, table_pa, entries, text_start, text_end) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let entries = u32::try_from(entries).map_err(|_| Error::BadReply("entry count"))?;
+    if n > entries as usize {
+        return Err(Error::BadReply("more redirected entries than entries"));
+    }
+    let mut redirected = Vec::with_capacity(n);
+    for _ in 0..n {
+        redirected.push(SyscallEntry { nr: r.u32()?, target: r.u64()?, module: r.opt_string()? });
+    }
+    r.finish()?;
+    Ok(SyscallCheck { table, table_pa, entries, text_start, text_end, redirected })
 }
 
 #[cfg(test)]

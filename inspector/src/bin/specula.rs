@@ -72,6 +72,8 @@ enum Cmd {
     Lsmod,
     /// A process's memory areas.
     Maps { pid: u32 },
+    /// Rootkit checks: system call table entries outside the kernel's text.
+    Checks,
     /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
     Vread { pid: u32, va: String, len: String },
     /// Pause the source's vCPUs.
@@ -399,6 +401,21 @@ async fn run(cli: Cli) -> Result<(), String> {
                     ]);
                 }
                 table(&rows)
+            });
+        }
+        Cmd::Checks => {
+            let v = json_of(call(s, Method::GET, "/v1/os/checks/syscalls", None).await?)?;
+            show(&v, &|v| {
+                let redirected = v["redirected"].as_array().cloned().unwrap_or_default();
+                println!("system call table: {} entries, {} redirected", v["entries"], redirected.len());
+                for r in &redirected {
+                    println!(
+                        "  syscall {} -> {} ({})",
+                        r["nr"],
+                        hex(&r["target"]),
+                        r["module"].as_str().unwrap_or("no module")
+                    );
+                }
             });
         }
         Cmd::Maps { pid } => {

@@ -12,7 +12,7 @@ use specula_os::{fuzz, wire};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else { return };
-    match which % 9 {
+    match which % 10 {
         0 => fuzz::fuzz_btf(rest),
         1 => fuzz::fuzz_vmcoreinfo(rest),
         2 => fuzz::fuzz_kallsyms(rest),
@@ -21,6 +21,7 @@ fuzz_target!(|data: &[u8]| {
         5 => drop(wire::decode_processes(rest)),
         6 => drop(wire::decode_modules(rest)),
         7 => drop(wire::decode_vmas(rest)),
+        8 => drop(wire::decode_syscalls(rest)),
         _ => drop(wire::decode_kernel(rest)),
     }
 });
