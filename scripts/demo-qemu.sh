@@ -5,26 +5,16 @@
 #   1. QEMU (TCG) boots Debian's cloud kernel with memfd RAM and an initramfs whose
 #      init starts marker processes and prints its own ground truth;
 #   2. an inspector attaches with --qemu-qmp and maps all guest RAM read-only;
-#   3. the agent finds the kernel's banner and a marker process's secret, at the
+#   3. the agent computes OS views (kernel, processes, modules, a syscall-table check)
+#      from guest RAM alone, and finds the kernel's banner and a marker process's secret, at the
 #      physical address the guest itself reports (its pagemap);
 #   4. the inspector stops and resumes QEMU (stop/cont) and sees the events;
 #   5. QEMU is killed; the inspector keeps serving the last contents.
 # Needs scripts/setup.sh (scripts/demo.sh runs it first).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-inspector=target/debug/inspector
 linux=target/guest-images/linux
-run="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$run"
-}
-trap cleanup EXIT
-say() { printf '\n== %s\n' "$*"; }
-ask() { echo "\$ inspector $*"; "$inspector" "$@" --control-socket "$run/control.sock" | cut -c1-150; }
-wait_for() { for _ in $(seq 1500); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.02; done; echo "demo-qemu.sh: timed out waiting for '$2'" >&2; exit 1; }
+source scripts/demo-lib.sh
 hex() { printf '%s' "$1" | od -An -tx1 | tr -d ' \n'; }
 # Text up to the first NUL, unprintable bytes shown as '.'.
 ascii() { python3 -c 'import sys; b = bytes.fromhex(sys.argv[1]).split(b"\0")[0]; print("".join(chr(c) if 32 <= c < 127 else "." for c in b))' "$1"; }
@@ -55,6 +45,12 @@ wait_for "$run/inspector.log" "agent ready"
 ask status
 ask grants
 ask vcpus
+
+say "OS views computed in the agent from guest RAM alone (VMCOREINFO, kallsyms, BTF; no symbol files)"
+ask kernel
+echo "\$ inspector ps"; "$inspector" ps --control-socket "$run/control.sock" | tr ' ' '\n' | grep -v ':2:0:' | sed 's/^/    /'
+ask lsmod
+ask check-syscalls
 
 say "the agent finds the kernel's banner in guest RAM"
 hits=$("$inspector" scan 0x100000 0x1ff00000 "$(hex 'Linux version ')" --control-socket "$run/control.sock" | sed 's/.*gpas=//; s/,/ /g')

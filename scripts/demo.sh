@@ -19,22 +19,11 @@ if [ "${1:-}" = "qemu" ]; then
     exec scripts/demo-qemu.sh
 fi
 vmm=target/debug/vmm
-inspector=target/debug/inspector
-run="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$run"
-}
-trap cleanup EXIT
+source scripts/demo-lib.sh
 mkfifo "$run/com1"
 exec 3<>"$run/com1"
 
-say() { printf '\n== %s\n' "$*"; }
-ask() { echo "\$ inspector $*"; "$inspector" "$@" --control-socket "$run/control.sock" | cut -c1-150; }
 api() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall((sys.argv[2]+"\n").encode()); print(s.makefile().readline().strip())' "$run/api.sock" "$1"; }
-wait_for() { for _ in $(seq 500); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.02; done; echo "demo.sh: timed out waiting for '$2'" >&2; exit 1; }
 
 say "source: vmm + source-workload, 2 vCPUs, 256 MiB, mirror device on $run/mirror.sock"
 "$vmm" --kernel target/guest-images/source-workload.elf --memory 256M --cpus 2 \

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use guest_images::agent::{self as abi, E820_MIRROR, MAX_PATTERN, MAX_WATCHES};
 use mirror_driver::importer::{MappedGrant, SourceEvent};
 use mirror_driver::protocol::{Range, VcpuRegs};
-use vmm::boot::BootSource;
 use vmm::devices::doorbell::Doorbell;
 use vmm::devices::serial::SerialOutput;
 use vmm::vstate::vm::Vm;
@@ -612,28 +611,13 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let window_len = attached.window_len;
 
     let doorbell = Arc::new(Doorbell::new());
-    let vm_config = VmConfig {
-        kvm_path: config.kvm_path.clone(),
-        boot: BootSource {
-            kernel: guest_images::image_path("inspector-agent"),
-            initramfs: None,
-            cmdline: String::new(),
-            extra_memmap: vec![(WINDOW_BASE, window_len, E820_MIRROR)],
-        },
-        memory: config.memory,
-        cpus: 1,
-        serial: config.serial.clone(),
-        mirror_socket: None,
-        mirror_allow_uids: Vec::new(),
-        mirror_policy: None,
-        mirror_regrant: false,
-        mirror_allow_pause: false,
-        run_as: None,
-        api_socket: None,
-        host_tsc: true,
-        doorbell: Some(doorbell.clone()),
-        log_level: None,
-    };
+    let mut vm_config = VmConfig::with_kernel(guest_images::image_path("inspector-agent"));
+    vm_config.kvm_path = config.kvm_path.clone();
+    vm_config.boot.extra_memmap = vec![(WINDOW_BASE, window_len, E820_MIRROR)];
+    vm_config.memory = config.memory;
+    vm_config.serial = config.serial.clone();
+    vm_config.host_tsc = true;
+    vm_config.doorbell = Some(doorbell.clone());
     let vmm = Vmm::build(&vm_config)?;
     let vm = vmm.vm();
     // The mirror's isolation rests on read-only memslots: without them, refuse to run.

@@ -132,8 +132,7 @@ struct Words {
     /// The running inspector's control socket.
     #[arg(long, value_name = "PATH")]
     control_socket: PathBuf,
-    /// The request's arguments (GPA LEN, ...).
-    #[arg(allow_hyphen_values = true)]
+    /// The request's arguments (GPA LEN, ...), before or after --control-socket.
     args: Vec<String>,
 }
 

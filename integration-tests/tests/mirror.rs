@@ -472,3 +472,22 @@ fn a_scan_counts_overlapping_matches() {
     let want = format!("ok hits=3 gpas={:#x},{:#x},{:#x}", POKE_GPA + 1, POKE_GPA + 2, POKE_GPA + 3);
     assert_eq!(reply, want, "\"zz\" starts at three places in \"zzzz\"");
 }
+
+#[test]
+fn the_inspector_binary_is_a_client_of_its_control_socket() {
+    let dir = TempDir::new("client");
+    let source = start_source(&dir, &[]);
+    let inspector = Inspector::start(&dir, &source, &["--all"]);
+    let control = inspector.control.to_str().unwrap();
+    let client = |args: &[&str]| {
+        let out = integration_tests::run_with_timeout(Command::new(binary("inspector")).args(args), LIMIT);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (code, status) = client(&["status", "--control-socket", control]);
+    assert_eq!(code, Some(0), "{status}");
+    assert!(status.starts_with("source=attached"), "{status}");
+    let (code, read) = client(&["read", &format!("{:#x}", workload::HEADER_GPA), "16", "--control-socket", control]);
+    assert_eq!((code, read.as_str()), (Some(0), "53504543554c412d574f524b4c4f4144"), "arguments before the socket");
+    let (code, read) = client(&["read", "--control-socket", control, &format!("{:#x}", workload::HEADER_GPA), "16"]);
+    assert_eq!((code, read.as_str()), (Some(0), "53504543554c412d574f524b4c4f4144"), "and after it");
+}

@@ -6,8 +6,6 @@ use std::time::{Duration, Instant};
 use guest_images::workload;
 use integration_tests::{guest, require_kvm};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::boot::BootSource;
-use vmm::devices::serial::SerialOutput;
 use vmm::{VmConfig, VmExit, Vmm};
 
 /// The tests count this process's vCPU threads: one VM at a time.
@@ -25,28 +23,7 @@ fn vcpu_threads() -> usize {
 fn stopping_a_running_vm_joins_every_vcpu_thread() {
     let _one = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     require_kvm();
-    let config = VmConfig {
-        kvm_path: "/dev/kvm".into(),
-        boot: BootSource {
-            kernel: guest("source-workload"),
-            initramfs: None,
-            cmdline: String::new(),
-            extra_memmap: Vec::new(),
-        },
-        memory: 64 << 20,
-        cpus: 3,
-        serial: SerialOutput::Null,
-        mirror_socket: None,
-        mirror_allow_uids: Vec::new(),
-        mirror_policy: None,
-        mirror_regrant: false,
-        mirror_allow_pause: false,
-        run_as: None,
-        api_socket: None,
-        host_tsc: false,
-        doorbell: None,
-        log_level: None,
-    };
+    let config = VmConfig { memory: 64 << 20, cpus: 3, ..VmConfig::with_kernel(guest("source-workload")) };
     let vmm = Vmm::build(&config).expect("build");
     let memory = vmm.ram().memory().clone();
     let lifecycle = vmm.lifecycle();
@@ -73,28 +50,11 @@ fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
     require_kvm();
     let window_base = 1u64 << 32;
     let doorbell = std::sync::Arc::new(vmm::devices::doorbell::Doorbell::new());
-    let config = VmConfig {
-        kvm_path: "/dev/kvm".into(),
-        boot: BootSource {
-            kernel: guest("inspector-agent"),
-            initramfs: None,
-            cmdline: String::new(),
-            extra_memmap: vec![(window_base, 1 << 20, E820_MIRROR)],
-        },
-        memory: guest_images::agent::MIN_RAM.next_multiple_of(2 << 20),
-        cpus: 2,
-        serial: SerialOutput::Null,
-        mirror_socket: None,
-        mirror_allow_uids: Vec::new(),
-        mirror_policy: None,
-        mirror_regrant: false,
-        mirror_allow_pause: false,
-        run_as: None,
-        api_socket: None,
-        host_tsc: false,
-        doorbell: Some(doorbell),
-        log_level: None,
-    };
+    let mut config = VmConfig::with_kernel(guest("inspector-agent"));
+    config.boot.extra_memmap = vec![(window_base, 1 << 20, E820_MIRROR)];
+    config.memory = guest_images::agent::MIN_RAM.next_multiple_of(2 << 20);
+    config.cpus = 2;
+    config.doorbell = Some(doorbell);
     let vmm = Vmm::build(&config).expect("build");
     let memory = vmm.ram().memory().clone();
     let header = RingHeader {

@@ -42,6 +42,30 @@ pub struct VmConfig {
     pub log_level: Option<String>,
 }
 
+impl VmConfig {
+    /// A VM that boots `kernel` with the defaults of the command line: 512 MiB, one vCPU,
+    /// no serial console, no mirror or API socket (library users set what they need).
+    pub fn with_kernel(kernel: PathBuf) -> Self {
+        VmConfig {
+            kvm_path: PathBuf::from("/dev/kvm"),
+            boot: BootSource { kernel, initramfs: None, cmdline: String::new(), extra_memmap: Vec::new() },
+            memory: DEFAULT_MEMORY,
+            cpus: 1,
+            serial: SerialOutput::Null,
+            mirror_socket: None,
+            mirror_allow_uids: Vec::new(),
+            mirror_policy: None,
+            mirror_regrant: false,
+            mirror_allow_pause: false,
+            run_as: None,
+            api_socket: None,
+            host_tsc: false,
+            doorbell: None,
+            log_level: None,
+        }
+    }
+}
+
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
