@@ -13,13 +13,13 @@
 //!   cargo build --release --workspace && cargo bench -p integration-tests --bench qemu
 
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration_tests::bench::{mappings, ms, summarize, write_section};
-use integration_tests::{binary, require_kvm, unix_request, wait_for_path, Running, TempDir};
+use integration_tests::linux_guest::StoppedQemu;
+use integration_tests::{binary, require_kvm, unix_request, Running, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const GIB: u64 = 1 << 30;
@@ -29,43 +29,22 @@ const NEEDLES: u64 = 64;
 const XP_SAMPLE: u64 = 16 << 20;
 
 struct Qemu {
-    child: Child,
-    qmp: PathBuf,
+    process: StoppedQemu,
     _dir: TempDir,
 }
 
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Qemu {
+    type Target = StoppedQemu;
+    fn deref(&self) -> &StoppedQemu {
+        &self.process
     }
 }
 
 fn start_qemu(size: &str) -> Qemu {
     let dir = TempDir::new("bench-qemu");
-    let qmp = dir.join("qmp.sock");
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-S", "-nodefaults", "-nographic", "-display", "none", "-m", size])
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=m0,size={size},share=on"),
-            "-machine",
-            "pc,memory-backend=m0",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: prctl in the child before exec: QEMU dies with the bench.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().expect("qemu-system-x86_64 (scripts/install-deps.sh installs it)");
-    wait_for_path(&qmp, LIMIT);
-    Qemu { child, qmp, _dir: dir }
+    let args = StoppedQemu::memfd_ram(size, "pc");
+    let process = StoppedQemu::start(&dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    Qemu { process, _dir: dir }
 }
 
 struct Inspector {

@@ -763,6 +763,56 @@ impl GuestInspector {
     }
 }
 
+/// A QEMU process with a QMP socket and no guest code running (`-S`), killed on drop
+/// (and with the test process: `PR_SET_PDEATHSIG`), for tests and benchmarks of layouts,
+/// refusals and control. `args` gives the machine and memory.
+pub struct StoppedQemu {
+    pub child: Child,
+    pub qmp: PathBuf,
+}
+
+impl StoppedQemu {
+    pub fn start(dir: &TempDir, args: &[&str]) -> Self {
+        let qmp = dir.join("qmp.sock");
+        let mut cmd = Command::new(find_qemu());
+        cmd.args(["-accel", "tcg", "-S", "-nodefaults", "-nographic", "-display", "none"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: prctl in the child before exec: QEMU dies with the process that started it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {QEMU}: {e}"));
+        crate::wait_for_path(&qmp, Duration::from_secs(60));
+        Self { child, qmp }
+    }
+
+    /// `-m SIZE` in one memfd backend shared with other processes, on `machine`.
+    pub fn memfd_ram(size: &str, machine: &str) -> Vec<String> {
+        vec![
+            "-m".into(),
+            size.into(),
+            "-object".into(),
+            format!("memory-backend-memfd,id=m0,size={size},share=on"),
+            "-machine".into(),
+            format!("{machine},memory-backend=m0"),
+        ]
+    }
+}
+
+impl Drop for StoppedQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,62 +5,15 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{binary, run_with_timeout, unix_request, wait_for_path, Running, TempDir};
+use integration_tests::linux_guest::StoppedQemu;
+use integration_tests::{binary, run_with_timeout, unix_request, Running, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A QEMU process with a QMP socket, killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: PathBuf,
-}
-
-impl Qemu {
-    /// Starts `qemu-system-x86_64 -S` (stopped: no guest code runs) with `args`.
-    fn start(dir: &TempDir, args: &[&str]) -> Self {
-        let qmp = dir.join("qmp.sock");
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-S", "-nodefaults", "-nographic", "-display", "none"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        // SAFETY: prctl in the child before exec: QEMU dies with the test process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot start qemu-system-x86_64 ({e}): install it with scripts/install-deps.sh (Debian package qemu-system-x86)")
-        });
-        wait_for_path(&qmp, LIMIT);
-        Self { child, qmp }
-    }
-
-    fn memfd_ram(size: &str, machine: &str) -> Vec<String> {
-        vec![
-            "-m".into(),
-            size.into(),
-            "-object".into(),
-            format!("memory-backend-memfd,id=m0,size={size},share=on"),
-            "-machine".into(),
-            format!("{machine},memory-backend=m0"),
-        ]
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Qemu = StoppedQemu;
 
 struct Inspector {
     proc: Running,

@@ -164,20 +164,28 @@ struct Reply {
     body: Bytes,
 }
 
-async fn call(socket: &PathBuf, method: Method, path: &str, body: Option<Value>) -> Result<Reply, String> {
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// An HTTP/1.1 connection to the API socket.
+async fn connect(socket: &PathBuf) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    let (mut sender, connection) =
+    let (sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
+    Ok(sender)
+}
+
+async fn call(socket: &PathBuf, method: Method, path: &str, body: Option<Value>) -> Result<Reply, String> {
+    let mut sender = connect(socket).await?;
     let builder = Request::builder().method(method).uri(path).header("host", "specula");
     let request = match body {
         Some(v) => builder
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(v.to_string())).boxed())
             .map_err(|e| e.to_string())?,
-        None => builder.body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed()).map_err(|e| e.to_string())?,
+        None => builder.body(Empty::<Bytes>::new().boxed()).map_err(|e| e.to_string())?,
     };
     let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let status = response.status();
@@ -465,16 +473,11 @@ async fn follow_events(socket: &PathBuf, since: Option<u64>, kinds: Option<&str>
     if let Some(kinds) = kinds {
         path.push_str(&format!("kinds={kinds}"));
     }
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
+    let mut sender = connect(socket).await?;
     let request = Request::builder()
         .uri(path)
         .header("host", "specula")
-        .body(Empty::<Bytes>::new())
+        .body(Empty::<Bytes>::new().boxed())
         .map_err(|e| e.to_string())?;
     let mut response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     if !response.status().is_success() {
