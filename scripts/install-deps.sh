@@ -4,9 +4,10 @@
 #   busybox-static, cpio, gzip  the Linux guest's initramfs images (guest-images/linux/build.sh)
 #   libc6-dev        glibc's static libc.a, for the introspection guest's specula-marker (gcc -static)
 #   curl             the README's API examples, which a test runs
+#   python3          the Python client (clients/python) and its live test suite
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
