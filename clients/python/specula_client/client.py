@@ -14,6 +14,8 @@ JsonValue = Any
 
 #: Bytes read per ``recv`` while streaming physical memory.
 STREAM_CHUNK = 1 << 20
+#: The largest JSON reply accepted; the API's largest (a full process or VMA list) is far smaller.
+MAX_JSON_REPLY = 64 << 20
 #: The longest single SSE line accepted; the inspector's events are far smaller.
 MAX_EVENT_LINE = 1 << 20
 
@@ -121,9 +123,11 @@ class Client:
     def _json(self, method: str, path: str, **kwargs: Any) -> JsonValue:
         response = self._request(method, path, **kwargs)
         try:
-            raw = response.read()
+            raw = response.read(MAX_JSON_REPLY + 1)
         finally:
             response.close()
+        if len(raw) > MAX_JSON_REPLY:
+            raise ValueError(f"{method} {path}: reply over {MAX_JSON_REPLY} bytes")
         return json.loads(raw) if raw else None
 
     # -- source and grants -----------------------------------------------------
@@ -286,7 +290,7 @@ class Client:
         """``length`` bytes (at most 1 MiB) of a process's virtual memory at ``va``."""
         response = self._request("GET", f"/os/processes/{int(pid)}/memory", query={"va": _addr(va), "len": length})
         try:
-            return response.read()
+            return response.read(length)
         finally:
             response.close()
 
