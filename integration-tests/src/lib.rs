@@ -256,6 +256,17 @@ impl SourceVm {
     }
 }
 
+/// An inspector attached to every chunk of the source at `mirror`, serving its HTTP API
+/// at `api`, with `extra` flags; returns once its agent is ready.
+pub fn spawn_api_inspector(mirror: &Path, api: &Path, extra: &[&str]) -> Running {
+    let mut cmd = Command::new(binary("inspector"));
+    cmd.args(["--source-socket", mirror.to_str().unwrap(), "--all", "--serial", "null"]);
+    cmd.args(["--api-socket", api.to_str().unwrap()]).args(extra);
+    let mut inspector = Running::spawn(&mut cmd);
+    inspector.expect_line("inspector: agent ready", Duration::from_secs(60));
+    inspector
+}
+
 /// A source `vmm` running `source-workload`, ready (its `workload: ready` line seen),
 /// with its API and the workload's `poke` command at hand.
 pub struct Workload {

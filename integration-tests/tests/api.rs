@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest_images::workload;
-use integration_tests::{binary, run_with_timeout, unix_request, Running, SourceVm, TempDir};
+use integration_tests::{binary, run_with_timeout, spawn_api_inspector, unix_request, Running, SourceVm, TempDir};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -27,11 +27,7 @@ fn setup(extra: &[&str]) -> Setup {
     let SourceVm { vm: mut source, mirror, api: source_api } = SourceVm::spawn(&dir, &["--memory", "256M"]);
     source.expect_line("workload: ready", LIMIT);
     let api = dir.join("inspector-api.sock");
-    let mut cmd = Command::new(binary("inspector"));
-    cmd.args(["--source-socket", mirror.to_str().unwrap(), "--all", "--serial", "null"]);
-    cmd.args(["--api-socket", api.to_str().unwrap()]).args(extra);
-    let mut inspector = Running::spawn(&mut cmd);
-    inspector.expect_line("inspector: agent ready", LIMIT);
+    let inspector = spawn_api_inspector(&mirror, &api, extra);
     Setup { source, source_api, inspector, api, _dir: dir }
 }
 
@@ -367,16 +363,7 @@ fn a_source_that_allows_it_is_paused_and_resumed_through_the_api() {
     let SourceVm { vm: mut source, mirror, .. } = SourceVm::spawn(&dir, &["--memory", "256M", "--mirror-allow-pause"]);
     source.expect_line("workload: ready", LIMIT);
     let api = dir.join("inspector-api.sock");
-    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
-        "--source-socket",
-        mirror.to_str().unwrap(),
-        "--all",
-        "--serial",
-        "null",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]));
-    inspector.expect_line("inspector: agent ready", LIMIT);
+    let _inspector = spawn_api_inspector(&mirror, &api, &[]);
     let heartbeat = || {
         let (_, v) =
             json(&api, "GET", &format!("/v1/memory/physical/hex?gpa={:#x}&len=8", workload::HEADER_GPA + 24), None);

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use guest_images::workload;
-use integration_tests::{binary, run_with_timeout, Running, SourceVm, TempDir};
+use integration_tests::{binary, run_with_timeout, spawn_api_inspector, SourceVm, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -27,18 +27,7 @@ fn the_python_clients_suite_passes_against_a_live_inspector() {
     let SourceVm { vm: mut source, mirror, .. } = SourceVm::spawn(&dir, &["--memory", "256M"]);
     source.expect_line("workload: ready", LIMIT);
     let api = dir.join("inspector-api.sock");
-    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
-        "--source-socket",
-        mirror.to_str().unwrap(),
-        "--all",
-        "--serial",
-        "null",
-        "--watch-interval-ms",
-        "50",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]));
-    inspector.expect_line("inspector: agent ready", LIMIT);
+    let _inspector = spawn_api_inspector(&mirror, &api, &["--watch-interval-ms", "50"]);
 
     // A watch over the text, then a guest write to its second page: the suite finds it
     // as a finding and as an event in the backlog.
