@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Set-up step 2: builds the workspace (the vmm and inspector binaries, and the
 # guests under target/guest-images/) and the Linux guest images from Debian packages
-# (again when guest-images/linux/build.sh or specula-marker.c changed).
+# (again when their sources under guest-images/linux/ changed): Debian 12's 6.1
+# cloud kernel in target/guest-images/linux, Debian 13's 6.12 in
+# target/guest-images/linux-trixie.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --workspace --all-targets
-linux=target/guest-images/linux
-if [ ! -f $linux/vmlinuz ] || [ ! -f $linux/initramfs.cpio.gz ] || [ ! -f $linux/introspect.cpio.gz ] \
-    || [ guest-images/linux/build.sh -nt $linux/introspect.cpio.gz ] \
-    || [ guest-images/linux/specula-marker.c -nt $linux/introspect.cpio.gz ]; then
-    guest-images/linux/build.sh
-fi
+# build_linux DIR [SUITE]: builds the Linux guest into DIR unless it is up to date.
+build_linux() {
+    local dir="$1" suite="${2:-}" stale=""
+    for f in vmlinuz initramfs.cpio.gz introspect.cpio.gz; do [ -f "$dir/$f" ] || stale=1; done
+    for src in guest-images/linux/build.sh guest-images/linux/specula-marker.c guest-images/linux/rootkit/*; do
+        [ -n "$stale" ] || [ ! "$src" -nt "$dir/introspect.cpio.gz" ] || stale=1
+    done
+    if [ -n "$stale" ]; then
+        guest-images/linux/build.sh "$PWD/$dir" $suite
+    fi
+}
+build_linux target/guest-images/linux
+build_linux target/guest-images/linux-trixie trixie

@@ -107,6 +107,7 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
             OP_OS_PROCESSES => wire::encode_processes(&linux.processes()?, &mut w),
             OP_OS_MODULES => wire::encode_modules(&linux.modules()?, &mut w),
             OP_OS_SYSCALLS => wire::encode_syscalls(&linux.syscall_table_check()?, &mut w),
+            OP_OS_CHECKS => wire::encode_checks(&linux.rootkit_checks(args[0]), &mut w),
             OP_OS_VMAS => {
                 let ps = linux.processes()?;
                 let p = ps.iter().find(|p| p.pid as u64 == args[0]).ok_or(Error::Corrupt(alloc::format!("no process {}", args[0])))?;

@@ -2,10 +2,17 @@
 # Builds a Linux guest from Debian packages: the cloud kernel (bzImage) and two
 # busybox-static initramfs images.
 #
-#   guest-images/linux/build.sh [OUT_DIR]     (default: target/guest-images/linux)
+#   guest-images/linux/build.sh [OUT_DIR [SUITE]]
 #
-# Needs apt-get (to download the packages), dpkg-deb, cpio, gzip and gcc (with
-# glibc's static libc.a, from libc6-dev). Writes into OUT_DIR:
+# OUT_DIR defaults to target/guest-images/linux. SUITE is the Debian suite the
+# kernel comes from: by default the one apt is configured for (bookworm: Linux
+# 6.1); another suite (trixie: Linux 6.12) is fetched through a private apt
+# configuration under the build directory, leaving the system's untouched.
+#
+# Needs apt-get (to download the packages), dpkg-deb, cpio, gzip, xz and gcc
+# (with glibc's static libc.a, from libc6-dev); for the default suite also make
+# and the kernel's linux-headers package (the test rootkit is built against it).
+# Writes into OUT_DIR:
 #   vmlinuz, kernel-version  the kernel and its release (uname -r)
 #   initramfs.cpio.gz        /init reports that it reached userspace, then runs a shell
 #                            (the vmm's linux_boot test)
@@ -14,27 +21,44 @@
 #                            from specula-marker.c, and sleeps), loads dummy.ko from the
 #                            same kernel package, prints its ground truth between
 #                            "=== specula ground truth begin/end ===" lines and runs a
-#                            shell on ttyS0
+#                            shell on ttyS0. With the default suite it also holds
+#                            /lib/specula_rootkit.ko (rootkit/specula_rootkit.c), which
+#                            the rootkit tests load.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 out="${1:-$root/target/guest-images/linux}"
+suite="${2:-}"
 mkdir -p "$out"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"  # apt-get download drops privileges to _apt
 
-for tool in apt-get dpkg-deb cpio gzip gcc; do
+for tool in apt-get dpkg-deb cpio gzip xz gcc; do
     command -v "$tool" >/dev/null || { echo "build.sh: missing $tool (scripts/install-deps.sh installs it)" >&2; exit 1; }
 done
 
+# apt for the kernel: the system's, or a private one for another suite.
+kernel_apt=()
+if [ -n "$suite" ]; then
+    apt="$work/apt"
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
+    chmod -R 755 "$apt"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+        > "$apt/sources.list"
+    kernel_apt=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache")
+    apt-get "${kernel_apt[@]}" update -qq \
+        || { echo "build.sh: cannot fetch the package lists of Debian $suite" >&2; exit 1; }
+fi
 # The metapackage names the current versioned kernel package.
-kernel_pkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
-[ -n "$kernel_pkg" ] || { echo "build.sh: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 1; }
+kernel_pkg="$(apt-cache "${kernel_apt[@]}" depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+[ -n "$kernel_pkg" ] || { echo "build.sh: cannot resolve linux-image-cloud-amd64 ${suite:+in $suite }(run apt-get update)" >&2; exit 1; }
 
 cd "$work"
-apt-get download "$kernel_pkg" busybox-static >/dev/null
+apt-get "${kernel_apt[@]}" download "$kernel_pkg" >/dev/null
+apt-get download busybox-static >/dev/null
 dpkg-deb -x "$kernel_pkg"_*.deb kernel
 dpkg-deb -x busybox-static_*.deb busybox
 cp kernel/boot/vmlinuz-* "$out/vmlinuz"
@@ -58,7 +82,21 @@ chmod +x initramfs/init
 # fixture (integration-tests/src/linux_guest.rs) parses it, so keep the two in step.
 version="$(cat "$out/kernel-version")"
 dummy="lib/modules/$version/kernel/drivers/net/dummy.ko"
-[ -f "kernel/$dummy" ] || { echo "build.sh: $kernel_pkg has no $dummy" >&2; exit 1; }
+modules_root=kernel
+[ -d kernel/usr/lib/modules ] && modules_root=kernel/usr  # Debian 13 ships /usr/lib/modules
+if [ -f "$modules_root/$dummy.xz" ]; then  # and compresses modules
+    xz -d "$modules_root/$dummy.xz"
+fi
+[ -f "$modules_root/$dummy" ] || { echo "build.sh: $kernel_pkg has no $dummy" >&2; exit 1; }
+if [ -z "$suite" ]; then
+    headers="/usr/src/linux-headers-$version"
+    [ -f "$headers/Makefile" ] || { echo "build.sh: $headers is missing: install linux-headers-$version (scripts/install-deps.sh installs linux-headers-cloud-amd64, which must match $kernel_pkg)" >&2; exit 1; }
+    command -v make >/dev/null || { echo "build.sh: missing make (scripts/install-deps.sh installs it)" >&2; exit 1; }
+    mkdir rootkit
+    cp "$here/rootkit/specula_rootkit.c" "$here/rootkit/Kbuild" rootkit/
+    make -s -C "$headers" M="$work/rootkit" modules >rootkit/build.log 2>&1 \
+        || { cat rootkit/build.log >&2; echo "build.sh: building the test rootkit against $headers failed" >&2; exit 1; }
+fi
 gcc -static -O2 -Wall -Wextra -o specula-marker "$here/specula-marker.c" \
     || { echo "build.sh: gcc -static failed (needs libc6-dev's libc.a)" >&2; exit 1; }
 mkdir -p introspect/{bin,dev,etc,proc,sys,tmp,root} "introspect/$(dirname "$dummy")"
@@ -70,7 +108,11 @@ for applet in sh ash mount echo cat uname ps insmod rmmod lsmod sleep usleep gre
     ln -sf busybox "introspect/bin/$applet"
 done
 cp specula-marker introspect/bin/specula-marker
-cp "kernel/$dummy" "introspect/$dummy"
+cp "$modules_root/$dummy" "introspect/$dummy"
+if [ -z "$suite" ]; then
+    mkdir -p introspect/lib
+    cp rootkit/specula_rootkit.ko introspect/lib/
+fi
 cat > introspect/init <<'INIT'
 #!/bin/sh
 export PATH=/bin HOME=/root

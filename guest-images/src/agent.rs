@@ -83,6 +83,9 @@ pub const OP_OS_VMAS: u32 = 12;
 pub const OP_OS_READ_VIRTUAL: u32 = 13;
 /// The system call table check (`specula_os::Linux::syscall_table_check`).
 pub const OP_OS_SYSCALLS: u32 = 14;
+/// `args = [which]`: the rootkit checks (`specula_os::Linux::rootkit_checks`), `which`
+/// a mask of `specula_os::checks::select` bits.
+pub const OP_OS_CHECKS: u32 = 15;
 /// Most granted ranges an OS command carries.
 pub const MAX_OS_RANGES: usize = 4096;
 

@@ -380,6 +380,49 @@ pub struct RedirectedSyscall {
     pub module: Option<String>,
 }
 
+/// Which rootkit checks to run.
+#[derive(Deserialize, IntoParams, Debug)]
+pub struct ChecksQuery {
+    /// Comma-separated checks: `processes`, `modules`, `syscalls`, `interrupts`,
+    /// `kernel_text` (default: all).
+    pub only: Option<String>,
+}
+
+/// The rootkit checks' report.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct CheckReportView {
+    /// True when every check ran and none found anything.
+    pub clean: bool,
+    pub checks: Vec<CheckRunView>,
+    pub findings: Vec<FindingView>,
+}
+
+/// One check: what it looked at, or why it could not run on this kernel.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct CheckRunView {
+    /// `processes`, `modules`, `syscalls`, `interrupts` or `kernel_text`.
+    pub check: String,
+    /// Tasks in the pid table, listed modules, table entries, present gates or text pages.
+    pub examined: u64,
+    pub error: Option<String>,
+}
+
+/// Evidence of tampering.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct FindingView {
+    /// `hidden_process`, `unhashed_process`, `hidden_module`, `syscall_redirected`,
+    /// `interrupt_hooked` or `kernel_text_modified`.
+    pub kind: String,
+    /// The pid, system call number or vector (absent where none).
+    pub id: Option<i64>,
+    /// The process's comm, the module's name, the system call's name, or the symbol of a text page.
+    pub name: Option<String>,
+    /// Kernel address: the task_struct, the struct module, the handler, the text page.
+    pub address: u64,
+    /// The module a handler points into; where a hidden module was found.
+    pub detail: Option<String>,
+}
+
 /// A virtual range of a process.
 #[derive(Deserialize, IntoParams, Debug)]
 pub struct VirtualQuery {
@@ -695,6 +738,44 @@ async fn os_check_syscalls(State(s): State<AppState>) -> ApiResult<SyscallCheckV
     }))
 }
 
+/// Rootkit checks: the pid table against the task list, module kobjects and the module
+/// tree against the module list, the system call table and the IDT against kernel text,
+/// kernel text against its hashes at discovery.
+#[utoipa::path(get, path = "/v1/os/checks", params(ChecksQuery),
+    responses((status = 200, body = CheckReportView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn os_checks(State(s): State<AppState>, Query(q): Query<ChecksQuery>) -> ApiResult<CheckReportView> {
+    use specula_os::checks::select;
+    let mut which = 0u64;
+    for name in q.only.as_deref().unwrap_or("").split(',').filter(|n| !n.is_empty()) {
+        let bit = select::NAMES.iter().position(|n| *n == name).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown check {name:?}; checks are {}", select::NAMES.join(", ")))
+        })?;
+        which |= 1 << bit;
+    }
+    let which = if which == 0 { select::ALL } else { which };
+    let inspector = s.inspector.clone();
+    let report = blocking(move || inspector.os_checks(which)).await?;
+    Ok(Json(CheckReportView {
+        clean: report.findings.is_empty() && report.runs.iter().all(|r| r.error.is_none()),
+        checks: report
+            .runs
+            .into_iter()
+            .map(|r| CheckRunView { check: r.check, examined: r.examined, error: r.error })
+            .collect(),
+        findings: report
+            .findings
+            .into_iter()
+            .map(|f| FindingView {
+                kind: f.kind.name().into(),
+                id: (f.id >= 0).then_some(f.id),
+                name: f.name,
+                address: f.address,
+                detail: f.detail,
+            })
+            .collect(),
+    }))
+}
+
 #[utoipa::path(get, path = "/v1/os/modules", responses((status = 200, body = [ModuleView])))]
 async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
     let inspector = s.inspector.clone();
@@ -732,7 +813,8 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         os_maps,
         os_memory,
         os_modules,
-        os_check_syscalls
+        os_check_syscalls,
+        os_checks
     ),
     components(schemas(
         Status,
@@ -753,6 +835,9 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         VmaView,
         ModuleView,
         SyscallCheckView,
+        CheckReportView,
+        CheckRunView,
+        FindingView,
         RedirectedSyscall
     ))
 )]
@@ -829,6 +914,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/os/processes/{pid}/memory", get(os_memory))
         .route("/v1/os/modules", get(os_modules))
         .route("/v1/os/checks/syscalls", get(os_check_syscalls))
+        .route("/v1/os/checks", get(os_checks))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
         .layer(middleware::from_fn_with_state(state.clone(), gate))

@@ -20,6 +20,8 @@
 //! - `ps`                       `ok PID:PPID:UID:COMM ...`
 //! - `lsmod`                    `ok NAME:BASE:SIZE ...`
 //! - `check-syscalls`           `ok entries=N table=VA table_pa=PA redirected=NR:TARGET:MODULE,...`
+//! - `checks [CHECK...]`        `ok CHECK=N ... findings=KIND:ID:NAME:ADDR:DETAIL,...` (a check that
+//!   could not run shows `CHECK=error(TEXT)`)
 //! - `vread PID VA LEN`         `ok HEX` (a process's virtual memory; PID 0: the kernel's)
 //! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
 
@@ -180,6 +182,41 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
                 c.table_pa,
                 list.join(",")
             ))
+        }
+        "checks" => {
+            let mut which = 0u64;
+            for word in words.by_ref() {
+                let bit = specula_os::checks::select::NAMES.iter().position(|n| *n == word).ok_or_else(|| {
+                    format!("unknown check {word:?} (checks are {})", specula_os::checks::select::NAMES.join(", "))
+                })?;
+                which |= 1 << bit;
+            }
+            let report =
+                inspector.os_checks(if which == 0 { specula_os::checks::select::ALL } else { which }).map_err(e)?;
+            let mut line: Vec<String> = report
+                .runs
+                .iter()
+                .map(|r| match &r.error {
+                    None => format!("{}={}", r.check, r.examined),
+                    Some(why) => format!("{}=error({})", r.check, why.replace(' ', "_")),
+                })
+                .collect();
+            let findings: Vec<String> = report
+                .findings
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}:{}:{}:{:#x}:{}",
+                        f.kind.name(),
+                        f.id,
+                        f.name.as_deref().unwrap_or("?").replace([' ', ',', ':'], "_"),
+                        f.address,
+                        f.detail.as_deref().unwrap_or("").replace([' ', ',', ':'], "_")
+                    )
+                })
+                .collect();
+            line.push(format!("findings={}", findings.join(",")));
+            Ok(line.join(" "))
         }
         "vread" => {
             let pid = number(words.next(), "PID")?;

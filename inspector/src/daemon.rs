@@ -22,7 +22,7 @@ use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
 use specula_os::wire;
-use specula_os::{KernelInfo, Module, SyscallCheck, Vma};
+use specula_os::{CheckReport, KernelInfo, Module, SyscallCheck, Vma};
 
 /// Where source GPA 0 appears in the agent's physical address space (above its RAM
 /// and the MMIO gap); source GPA `g` is at `WINDOW_BASE + g`.
@@ -487,6 +487,23 @@ impl Inspector {
     /// The system call table check: entries that do not point into the kernel's text.
     pub fn os_syscall_check(&self) -> Result<SyscallCheck, InspectError> {
         Ok(wire::decode_syscalls(&self.os_call(abi::OP_OS_SYSCALLS, [0; 4])?)?)
+    }
+
+    /// The rootkit checks `which` selects (bits of `specula_os::checks::select`).
+    pub fn os_checks(&self, which: u64) -> Result<CheckReport, InspectError> {
+        if which == 0 || which & !specula_os::checks::select::ALL != 0 {
+            return Err(InspectError::BadRequest(format!("no such set of checks: {which:#x}")));
+        }
+        let report = wire::decode_checks(&self.os_call(abi::OP_OS_CHECKS, [which, 0, 0, 0])?)?;
+        let ran: u64 = report
+            .runs
+            .iter()
+            .filter_map(|r| specula_os::checks::select::NAMES.iter().position(|n| *n == r.check))
+            .fold(0, |m, bit| m | 1 << bit);
+        if ran != which || report.runs.len() != which.count_ones() as usize {
+            return Err(InspectError::BadReply(format!("the agent ran checks {ran:#x}, not {which:#x}")));
+        }
+        Ok(report)
     }
 
     /// The memory areas of process `pid`.

@@ -125,6 +125,8 @@ enum Request {
     Vread(Words),
     /// check-syscalls: system call table entries outside the kernel's text
     CheckSyscalls(Words),
+    /// checks [processes|modules|syscalls|interrupts|kernel_text ...]: rootkit checks (all by default)
+    Checks(Words),
 }
 
 #[derive(Args)]
@@ -156,6 +158,7 @@ impl Request {
             Request::Lsmod(w) => ("lsmod", w),
             Request::Vread(w) => ("vread", w),
             Request::CheckSyscalls(w) => ("check-syscalls", w),
+            Request::Checks(w) => ("checks", w),
         };
         let mut line = name.to_string();
         for word in &words.args {

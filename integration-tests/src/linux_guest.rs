@@ -91,7 +91,14 @@ pub struct LinuxGuestConfig {
     /// How long to wait for the ground truth and the console (default 120 s;
     /// ~2.5 s on an idle machine, more when tests boot several guests at once).
     pub boot_timeout: Duration,
+    /// Which Linux guest image: [`DEBIAN_12`] (default) or [`DEBIAN_13`].
+    pub image: &'static str,
 }
+
+/// Debian 12's cloud kernel (Linux 6.1), with the test rootkit: `target/guest-images/linux`.
+pub const DEBIAN_12: &str = "linux";
+/// Debian 13's cloud kernel (Linux 6.12): `target/guest-images/linux-trixie`.
+pub const DEBIAN_13: &str = "linux-trixie";
 
 impl Default for LinuxGuestConfig {
     fn default() -> Self {
@@ -102,6 +109,7 @@ impl Default for LinuxGuestConfig {
             cpus: 1,
             extra_cmdline: String::new(),
             boot_timeout: Duration::from_secs(120),
+            image: DEBIAN_12,
         }
     }
 }
@@ -343,8 +351,8 @@ impl LinuxGuest {
             config.memory_backends
         );
         let qemu = find_qemu();
-        let kernel = linux_image("vmlinuz");
-        let initrd = linux_image("introspect.cpio.gz");
+        let kernel = image_file(config.image, "vmlinuz");
+        let initrd = image_file(config.image, "introspect.cpio.gz");
         remove_stale_dirs();
         let dir = TempDir::new("linux-guest");
         let qmp = dir.join("qmp.sock");
@@ -596,12 +604,17 @@ fn find_qemu() -> PathBuf {
     })
 }
 
-/// `target/guest-images/linux/NAME`, which must exist.
+/// `target/guest-images/linux/NAME` (Debian 12's guest), which must exist.
 pub fn linux_image(name: &str) -> PathBuf {
-    let path = target_profile_dir().parent().expect("target dir").join("guest-images/linux").join(name);
+    image_file(DEBIAN_12, name)
+}
+
+/// `target/guest-images/IMAGE/NAME`, which must exist.
+pub fn image_file(image: &str, name: &str) -> PathBuf {
+    let path = target_profile_dir().parent().expect("target dir").join("guest-images").join(image).join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the Linux guest with guest-images/linux/build.sh (scripts/build.sh runs it when missing)",
+        "{} is missing: build the Linux guests with scripts/build.sh (it runs guest-images/linux/build.sh)",
         path.display()
     );
     path

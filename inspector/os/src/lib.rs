@@ -1,5 +1,5 @@
 //! Linux OS awareness from a guest's RAM alone: no symbol files, no
-//! per-version tables. `no_std` + `alloc`, no dependencies, so the same code
+//! per-version tables. `no_std` + `alloc`, one no_std dependency (xxhash-rust), so the same code
 //! can run in a freestanding agent over mirrored guest RAM.
 //!
 //! What is found where:
@@ -14,6 +14,7 @@
 //! | memory areas (VMAs) | the maple tree `mm->mm_mt` (≥ 6.1) or the `mm->mmap` list (older), whichever BTF has ([`Linux::vmas`]) |
 //! | modules | the `modules` list; `core_layout` (≤ 6.3) or `mem[MOD_TEXT]` (≥ 6.4), whichever BTF has ([`Linux::modules`]) |
 //! | CPUs | `__num_online_cpus` and `nr_cpu_ids` ([`Linux::kernel_info`]) |
+//! | rootkit checks | the pid table against the task list, module kobjects and `mod_tree` against the module list, `sys_call_table` and `idt_table` against kernel text, kernel text against its hashes at discovery ([`checks`]) |
 //!
 //! ```no_run
 //! use specula_os::{Linux, SliceMem};
@@ -44,6 +45,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod btf;
+pub mod checks;
 mod error;
 pub mod fuzz;
 pub mod kallsyms;
@@ -58,6 +60,7 @@ use alloc::vec::Vec;
 use core::ops::Range;
 
 pub use btf::Btf;
+pub use checks::{CheckReport, CheckRun, Finding, FindingKind};
 pub use error::Error;
 pub use kallsyms::Kallsyms;
 pub use linux::{KernelInfo, Linux, Module, Process, SyscallCheck, SyscallEntry, Vma};

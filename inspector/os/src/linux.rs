@@ -63,13 +63,13 @@ const KERNEL_MIN: u64 = 0xffff_8000_0000_0000;
 
 /// A member's byte offset and size.
 #[derive(Clone, Copy, Debug)]
-struct F {
-    off: u64,
-    size: u64,
+pub(crate) struct F {
+    pub(crate) off: u64,
+    pub(crate) size: u64,
 }
 
 impl F {
-    fn new(btf: &Btf, st: &str, path: &str) -> Result<F, Error> {
+    pub(crate) fn new(btf: &Btf, st: &str, path: &str) -> Result<F, Error> {
         let f = btf.member(st, path)?;
         if f.bitfield_size != 0 {
             return Err(Error::BtfLookup(alloc::format!("{st}.{path} is a bit-field")));
@@ -163,13 +163,13 @@ impl VmaLayout {
 }
 
 #[derive(Clone, Debug)]
-struct Layout {
-    tasks: F,
-    pid: F,
-    tgid: F,
+pub(crate) struct Layout {
+    pub(crate) tasks: F,
+    pub(crate) pid: F,
+    pub(crate) tgid: F,
     real_parent: F,
     cred: F,
-    comm: F,
+    pub(crate) comm: F,
     state: F,
     state_name: &'static str,
     start_time: F,
@@ -182,8 +182,8 @@ struct Layout {
     pgd: F,
     arg_start: F,
     arg_end: F,
-    mod_list: F,
-    mod_name: F,
+    pub(crate) mod_list: F,
+    pub(crate) mod_name: F,
     mod_state: F,
     mod_state_type: u32,
     mod_mem: ModuleMem,
@@ -400,12 +400,14 @@ pub struct Module {
 pub struct Linux<'a, M: PhysMem + ?Sized> {
     mem: &'a M,
     vmcoreinfo: VmcoreInfo,
-    kernel: AddressSpace<'a, M>,
-    kallsyms: Kallsyms,
-    btf: Btf,
-    layout: Layout,
+    pub(crate) kernel: AddressSpace<'a, M>,
+    pub(crate) kallsyms: Kallsyms,
+    pub(crate) btf: Btf,
+    pub(crate) layout: Layout,
     vma_layout: Result<VmaLayout, Error>,
     conflicting: u32,
+    /// Hashes of the core kernel text's pages at discovery ([`Linux::text_check`]).
+    pub(crate) text_baseline: Result<crate::checks::TextBaseline, Error>,
 }
 
 impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
@@ -432,7 +434,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let btf = Self::read_btf(&kernel, &kallsyms)?;
         let layout = Layout::new(&btf)?;
         let vma_layout = VmaLayout::new(&btf);
-        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout, conflicting })
+        let text_baseline = crate::checks::TextBaseline::take(&kernel, &kallsyms);
+        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout, conflicting, text_baseline })
     }
 
     fn check_candidate(mem: &'a M, info: &VmcoreInfo) -> Result<AddressSpace<'a, M>, Error> {
@@ -546,11 +549,11 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         })
     }
 
-    fn field(&self, base: u64, f: F) -> Result<u64, Error> {
+    pub(crate) fn field(&self, base: u64, f: F) -> Result<u64, Error> {
         self.kernel.read_uint(base.wrapping_add(f.off), f.size)
     }
 
-    fn pointer(&self, base: u64, f: F, what: &str) -> Result<u64, Error> {
+    pub(crate) fn pointer(&self, base: u64, f: F, what: &str) -> Result<u64, Error> {
         let p = self.field(base, f)?;
         if p != 0 && p < KERNEL_MIN {
             return Err(Error::Corrupt(alloc::format!("{what} {p:#x} (at {base:#x}) is not a kernel address")));
@@ -577,7 +580,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     }
 
     /// Calls `f` with each node of the circular list at `head` (not the head itself).
-    fn walk_list(
+    pub(crate) fn walk_list(
         &self,
         head: u64,
         list: &'static str,
@@ -826,54 +829,60 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         Ok(())
     }
 
-    /// Every module on the `modules` list, in list order.
-    pub fn modules(&self) -> Result<Vec<Module>, Error> {
-        let l = &self.layout;
-        // Several local symbols may be called `modules`; the list head is the one
-        // whose first node points back at it.
-        let mut head = None;
+    /// The `modules` list head. Several local symbols may be called `modules`;
+    /// the list head is the one whose first node points back at it.
+    pub(crate) fn modules_head(&self) -> Result<u64, Error> {
         for s in self.kallsyms.lookup_all("modules") {
             let next = self.kernel.read_u64(s.address);
             let back = next.and_then(|n| self.kernel.read_u64(n.wrapping_add(8)));
             if back.is_ok_and(|b| b == s.address) {
-                head = Some(s.address);
-                break;
+                return Ok(s.address);
             }
         }
-        let head = head.ok_or_else(|| Error::Corrupt("no `modules` symbol is a list head".into()))?;
+        Err(Error::Corrupt("no `modules` symbol is a list head".into()))
+    }
+
+    /// Every module on the `modules` list, in list order.
+    pub fn modules(&self) -> Result<Vec<Module>, Error> {
+        let head = self.modules_head()?;
         let mut out = Vec::new();
         self.walk_list(head, "module", MAX_MODULES, |node| {
-            let module = node.wrapping_sub(l.mod_list.off);
-            let state = self.field(module, l.mod_state)?;
-            let state = match l.mod_state.size {
-                4 => i64::from(state as u32 as i32),
-                _ => state as i64,
-            };
-            let (base, size) = match &l.mod_mem {
-                ModuleMem::Layout { core_base, core_size, init_size } => (
-                    self.field(module, *core_base)?,
-                    self.field(module, *core_size)?.saturating_add(self.field(module, *init_size)?),
-                ),
-                ModuleMem::Mem { mem, stride, count, text, base, size } => {
-                    let at = |i: u64| module.wrapping_add(*mem).wrapping_add(i.wrapping_mul(*stride));
-                    let mut total = 0u64;
-                    for i in 0..*count {
-                        total = total.saturating_add(self.field(at(i), *size)?);
-                    }
-                    (self.field(at(*text), *base)?, total)
-                }
-            };
-            out.push(Module {
-                module,
-                name: self.read_string(module.wrapping_add(l.mod_name.off), l.mod_name.size)?,
-                state,
-                state_name: self.btf.enum_name(l.mod_state_type, state).ok().flatten().map(String::from),
-                base,
-                size,
-            });
+            out.push(self.module_at(node.wrapping_sub(self.layout.mod_list.off))?);
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// The module whose `struct module` is at kernel address `module`.
+    pub(crate) fn module_at(&self, module: u64) -> Result<Module, Error> {
+        let l = &self.layout;
+        let state = self.field(module, l.mod_state)?;
+        let state = match l.mod_state.size {
+            4 => i64::from(state as u32 as i32),
+            _ => state as i64,
+        };
+        let (base, size) = match &l.mod_mem {
+            ModuleMem::Layout { core_base, core_size, init_size } => (
+                self.field(module, *core_base)?,
+                self.field(module, *core_size)?.saturating_add(self.field(module, *init_size)?),
+            ),
+            ModuleMem::Mem { mem, stride, count, text, base, size } => {
+                let at = |i: u64| module.wrapping_add(*mem).wrapping_add(i.wrapping_mul(*stride));
+                let mut total = 0u64;
+                for i in 0..*count {
+                    total = total.saturating_add(self.field(at(i), *size)?);
+                }
+                (self.field(at(*text), *base)?, total)
+            }
+        };
+        Ok(Module {
+            module,
+            name: self.read_string(module.wrapping_add(l.mod_name.off), l.mod_name.size)?,
+            state,
+            state_name: self.btf.enum_name(l.mod_state_type, state).ok().flatten().map(String::from),
+            base,
+            size,
+        })
     }
 
     /// Which task state member this kernel has (`__state` or `state`).

@@ -6,6 +6,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::checks::{CheckReport, CheckRun, Finding, FindingKind};
 use crate::{Error, KernelInfo, Module, PagingMode, Process, SyscallCheck, SyscallEntry, Vma};
 
 /// Most records in one reply.
@@ -18,6 +19,7 @@ const MAGIC_PROCESSES: u32 = 0x5052_4f43; // "CORP"
 const MAGIC_MODULES: u32 = 0x4d4f_4453; // "SDOM"
 const MAGIC_VMAS: u32 = 0x564d_4153; // "SAMV"
 const MAGIC_SYSCALLS: u32 = 0x5359_5343; // "CSYS"
+const MAGIC_CHECKS: u32 = 0x434b_5452; // "RTKC"
 
 /// Writes fields; reports whether they fit in the reply area.
 pub struct Writer<'a> {
@@ -356,6 +358,58 @@ pub fn decode_syscalls(data: &[u8]) -> Result<SyscallCheck, Error> {
     Ok(SyscallCheck { table, table_pa, entries, text_start, text_end, redirected })
 }
 
+/// Encodes a rootkit check report.
+pub fn encode_checks(c: &CheckReport, w: &mut Writer) {
+    w.u32(MAGIC_CHECKS);
+    w.u32(c.runs.len() as u32);
+    for r in &c.runs {
+        w.bytes(r.check.as_bytes());
+        w.u64(r.examined);
+        w.opt_str(r.error.as_deref());
+    }
+    w.u32(c.findings.len() as u32);
+    for f in &c.findings {
+        w.u8(f.kind as u8);
+        w.u64(f.id as u64);
+        w.opt_str(f.name.as_deref());
+        w.u64(f.address);
+        w.opt_str(f.detail.as_deref());
+    }
+}
+
+/// Decodes a rootkit check report.
+pub fn decode_checks(data: &[u8]) -> Result<CheckReport, Error> {
+    let mut r = Reader { data, at: 0 };
+    let n = r.count(MAGIC_CHECKS)?;
+    if n > crate::checks::select::NAMES.len() {
+        return Err(Error::BadReply("more check runs than checks"));
+    }
+    let mut runs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let check = r.string()?;
+        if !crate::checks::select::NAMES.contains(&check.as_str()) {
+            return Err(Error::BadReply("unknown check name"));
+        }
+        runs.push(CheckRun { check, examined: r.u64()?, error: r.opt_string()? });
+    }
+    let n = r.u32()? as usize;
+    if n > runs.len() * crate::checks::MAX_FINDINGS {
+        return Err(Error::BadReply("more findings than the checks report"));
+    }
+    let mut findings = Vec::with_capacity(n);
+    for _ in 0..n {
+        findings.push(Finding {
+            kind: FindingKind::from_u8(r.u8()?).ok_or(Error::BadReply("unknown finding kind"))?,
+            id: r.u64()? as i64,
+            name: r.opt_string()?,
+            address: r.u64()?,
+            detail: r.opt_string()?,
+        });
+    }
+    r.finish()?;
+    Ok(CheckReport { runs, findings })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +438,41 @@ mod tests {
         let mut w = Writer::new(&mut small);
         encode_modules(&ms, &mut w);
         assert_eq!(w.finish(), None, "a reply that does not fit says so");
+    }
+
+    #[test]
+    fn check_reports_round_trip_and_hostile_ones_are_errors() {
+        let report = CheckReport {
+            runs: vec![
+                CheckRun { check: "processes".into(), examined: 80, error: None },
+                CheckRun { check: "interrupts".into(), examined: 0, error: Some("no idt_table".into()) },
+            ],
+            findings: vec![Finding {
+                kind: FindingKind::HiddenProcess,
+                id: 77,
+                name: Some("evil".into()),
+                address: 0xffff_8880_0000_1000,
+                detail: None,
+            }],
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut w = Writer::new(&mut buf);
+        encode_checks(&report, &mut w);
+        let n = w.finish().unwrap();
+        assert_eq!(decode_checks(&buf[..n]).unwrap(), report);
+        for cut in 0..n {
+            assert!(decode_checks(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad_kind = buf[..n].to_vec();
+        let kind_at = n - (1 + 8 + 1 + 4 + 4 + 8 + 1);
+        assert_eq!(bad_kind[kind_at], 1);
+        bad_kind[kind_at] = 99;
+        assert_eq!(decode_checks(&bad_kind), Err(Error::BadReply("unknown finding kind")));
+        // More findings than two runs can hold.
+        let mut many = MAGIC_CHECKS.to_le_bytes().to_vec();
+        many.extend_from_slice(&0u32.to_le_bytes());
+        many.extend_from_slice(&1u32.to_le_bytes());
+        assert!(decode_checks(&many).is_err());
     }
 
     #[test]

@@ -72,8 +72,13 @@ enum Cmd {
     Lsmod,
     /// A process's memory areas.
     Maps { pid: u32 },
-    /// Rootkit checks: system call table entries outside the kernel's text.
-    Checks,
+    /// Rootkit checks: hidden processes and modules, redirected system calls and
+    /// interrupts, kernel text changed since attach (exit status 3 when any is found).
+    Checks {
+        /// Only these checks (processes, modules, syscalls, interrupts, kernel_text).
+        #[arg(value_delimiter = ',')]
+        only: Vec<String>,
+    },
     /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
     Vread { pid: u32, va: String, len: String },
     /// Pause the source's vCPUs.
@@ -226,7 +231,8 @@ fn table(rows: &[Vec<String>]) {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// Runs one command; returns the exit status (3: rootkit checks found something).
+async fn run(cli: Cli) -> Result<u8, String> {
     let s = &cli.socket;
     let show = |value: &Value, human: &dyn Fn(&Value)| {
         if cli.json {
@@ -282,7 +288,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Read { gpa, len, output } => {
             let reply = call(s, Method::GET, &format!("/v1/memory/physical?gpa={gpa}&len={len}"), None).await?;
             if !reply.status.is_success() {
-                return json_of(reply).map(|_| ());
+                return json_of(reply).map(|_| 0);
             }
             match output {
                 Some(path) => std::fs::write(path, &reply.body).map_err(|e| format!("{}: {e}", path.display()))?,
@@ -411,20 +417,35 @@ async fn run(cli: Cli) -> Result<(), String> {
                 table(&rows)
             });
         }
-        Cmd::Checks => {
-            let v = json_of(call(s, Method::GET, "/v1/os/checks/syscalls", None).await?)?;
+        Cmd::Checks { only } => {
+            let query = if only.is_empty() { String::new() } else { format!("?only={}", only.join(",")) };
+            let v = json_of(call(s, Method::GET, &format!("/v1/os/checks{query}"), None).await?)?;
             show(&v, &|v| {
-                let redirected = v["redirected"].as_array().cloned().unwrap_or_default();
-                println!("system call table: {} entries, {} redirected", v["entries"], redirected.len());
-                for r in &redirected {
-                    println!(
-                        "  syscall {} -> {} ({})",
-                        r["nr"],
-                        hex(&r["target"]),
-                        r["module"].as_str().unwrap_or("no module")
-                    );
+                for c in v["checks"].as_array().into_iter().flatten() {
+                    match c["error"].as_str() {
+                        Some(why) => println!("{:<12} could not run: {why}", c["check"].as_str().unwrap_or("")),
+                        None => println!("{:<12} {} examined", c["check"].as_str().unwrap_or(""), c["examined"]),
+                    }
+                }
+                let mut rows = vec![["FINDING", "ID", "NAME", "ADDRESS", "DETAIL"].map(String::from).to_vec()];
+                for f in v["findings"].as_array().into_iter().flatten() {
+                    rows.push(vec![
+                        f["kind"].as_str().unwrap_or("").into(),
+                        f["id"].as_i64().map_or(String::new(), |i| i.to_string()),
+                        f["name"].as_str().unwrap_or("").into(),
+                        hex(&f["address"]),
+                        f["detail"].as_str().unwrap_or("").into(),
+                    ]);
+                }
+                if rows.len() > 1 {
+                    table(&rows);
+                } else {
+                    println!("no findings");
                 }
             });
+            if v["clean"] != true {
+                return Ok(3);
+            }
         }
         Cmd::Maps { pid } => {
             let v = json_of(call(s, Method::GET, &format!("/v1/os/processes/{pid}/maps"), None).await?)?;
@@ -444,7 +465,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         Cmd::Vread { pid, va, len } => {
             let reply = call(s, Method::GET, &format!("/v1/os/processes/{pid}/memory?va={va}&len={len}"), None).await?;
             if !reply.status.is_success() {
-                return json_of(reply).map(|_| ());
+                return json_of(reply).map(|_| 0);
             }
             let base = vmm::line_server::parse_number(Some(va), "VA")?;
             for (i, line) in reply.body.chunks(16).enumerate() {
@@ -461,7 +482,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Events { since, kinds } => follow_events(s, *since, kinds.as_deref(), cli.json).await?,
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Prints each event as it comes (one JSON object per line with --json).
@@ -526,7 +547,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("specula: error: {e}");
             ExitCode::from(1)

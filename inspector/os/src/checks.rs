@@ -1,0 +1,601 @@
+//! The checks a rootkit hunter runs, each comparing two views the kernel keeps
+//! of the same thing, or a view against what it must be:
+//!
+//! | check | compares |
+//! |---|---|
+//! | hidden processes | the pid table (`init_pid_ns.idr`, an xarray of `struct pid`) against the task list: a thread-group leader with a pid but not on `init_task.tasks` was unlinked to hide it; a listed task with no pid was unhashed |
+//! | hidden modules | the sysfs kobjects of `module_kset` and the module address tree `mod_tree` against the `modules` list |
+//! | system calls | `sys_call_table` entries against the core kernel text (`_stext.._etext`) |
+//! | interrupts | present `idt_table` gates against the core kernel text (reserved vectors may keep their boot-time stub in `early_idt_handler_array`) |
+//! | kernel text | every page of `_stext.._etext` against its hash at discovery |
+//!
+//! Each check is independent: one that cannot run on this kernel (a symbol or
+//! type it needs is missing) says why in [`CheckRun::error`] and the others
+//! still run. Every walk is bounded like the views' walks. The kernel changes
+//! while it is read; the process check walks the task list before and after the
+//! pid table so that a process forked or reaped meanwhile is not reported.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::kallsyms::Kallsyms;
+use crate::linux::{Module, F};
+use crate::paging::{AddressSpace, VirtMem};
+use crate::{Error, Linux, PhysMem};
+
+/// Most xarray nodes visited in the pid table (pid_max is at most 2^22, 64 per leaf node).
+pub const MAX_PID_NODES: usize = 1 << 17;
+/// Most kobjects walked in `module_kset` (built-in modules with parameters have one too).
+pub const MAX_MODULE_KOBJECTS: usize = 1 << 14;
+/// Most nodes visited in the module address tree.
+pub const MAX_MOD_TREE_NODES: usize = 1 << 16;
+/// Deepest red-black tree walked (a valid tree of 2^16 nodes is at most 32 deep).
+pub const MAX_RB_DEPTH: usize = 64;
+/// Largest core kernel text hashed (Debian's 6.x text is about 12 MiB).
+pub const MAX_TEXT_BYTES: u64 = 64 << 20;
+/// Most findings of one kind reported (the rest are counted in [`CheckRun::examined`]).
+pub const MAX_FINDINGS: usize = 256;
+/// Deepest xarray walked (64-bit indices, 6 bits per level).
+const MAX_XA_DEPTH: usize = 11;
+const IDT_ENTRIES: u64 = 256;
+const PAGE: u64 = 4096;
+const KERNEL_MIN: u64 = 0xffff_8000_0000_0000;
+
+/// What kind of tampering a [`Finding`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum FindingKind {
+    /// In the pid table but not on the task list.
+    HiddenProcess = 1,
+    /// On the task list but not in the pid table.
+    UnhashedProcess = 2,
+    /// Has a sysfs kobject or a module-tree node but is not on the module list.
+    HiddenModule = 3,
+    /// A system call table entry outside the core kernel text.
+    SyscallRedirected = 4,
+    /// An interrupt gate outside the core kernel text.
+    InterruptHooked = 5,
+    /// A kernel text page whose bytes changed since discovery.
+    KernelTextModified = 6,
+}
+
+impl FindingKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::HiddenProcess,
+            2 => Self::UnhashedProcess,
+            3 => Self::HiddenModule,
+            4 => Self::SyscallRedirected,
+            5 => Self::InterruptHooked,
+            6 => Self::KernelTextModified,
+            _ => return None,
+        })
+    }
+
+    /// The API's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::HiddenProcess => "hidden_process",
+            Self::UnhashedProcess => "unhashed_process",
+            Self::HiddenModule => "hidden_module",
+            Self::SyscallRedirected => "syscall_redirected",
+            Self::InterruptHooked => "interrupt_hooked",
+            Self::KernelTextModified => "kernel_text_modified",
+        }
+    }
+}
+
+/// One piece of evidence of tampering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// The process's pid, the system call's number, the interrupt vector; -1 where none.
+    pub id: i64,
+    /// The process's `comm`, the module's name, the system call's name, the text page's symbol.
+    pub name: Option<String>,
+    /// The `task_struct`, the `struct module`, the handler, the text page (kernel addresses).
+    pub address: u64,
+    /// The module a redirected handler points into, where one does; where a hidden
+    /// module was found (`sysfs kobject`, `module tree`).
+    pub detail: Option<String>,
+}
+
+/// Which check ran, over how many things, and why it could not run if it could not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckRun {
+    /// `processes`, `modules`, `syscalls`, `interrupts` or `kernel_text`.
+    pub check: String,
+    /// Tasks, modules, table entries, gates or pages looked at.
+    pub examined: u64,
+    pub error: Option<String>,
+}
+
+/// Every check's run and every finding, in check order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub runs: Vec<CheckRun>,
+    pub findings: Vec<Finding>,
+}
+
+/// Which checks [`Linux::rootkit_checks`] runs (bits of its argument).
+pub mod select {
+    pub const PROCESSES: u64 = 1;
+    pub const MODULES: u64 = 2;
+    pub const SYSCALLS: u64 = 4;
+    pub const INTERRUPTS: u64 = 8;
+    pub const KERNEL_TEXT: u64 = 16;
+    pub const ALL: u64 = 31;
+    /// The API's names, in bit order.
+    pub const NAMES: [&str; 5] = ["processes", "modules", "syscalls", "interrupts", "kernel_text"];
+}
+
+/// Per-page hashes of the core kernel text, taken at discovery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextBaseline {
+    start: u64,
+    hashes: Vec<u64>,
+}
+
+impl TextBaseline {
+    /// Hashes `_stext.._etext` page by page.
+    pub(crate) fn take<M: PhysMem + ?Sized>(kernel: &AddressSpace<'_, M>, k: &Kallsyms) -> Result<Self, Error> {
+        let (start, end) = text_range(k)?;
+        let mut hashes = Vec::with_capacity(((end - start) / PAGE) as usize);
+        let mut buf = alloc::vec![0u8; PAGE as usize];
+        let mut va = start;
+        while va < end {
+            kernel.read_virt(va, &mut buf)?;
+            hashes.push(xxhash_rust::xxh3::xxh3_64(&buf));
+            va += PAGE;
+        }
+        Ok(TextBaseline { start, hashes })
+    }
+}
+
+/// The core kernel text, page-aligned.
+fn text_range(k: &Kallsyms) -> Result<(u64, u64), Error> {
+    let start = k.address("_stext")? & !(PAGE - 1);
+    let end = k.address("_etext")?.checked_add(PAGE - 1).ok_or(Error::Corrupt("_etext wraps".into()))? & !(PAGE - 1);
+    if end <= start || end - start > MAX_TEXT_BYTES {
+        return Err(Error::TooLarge { what: "kernel text bytes", value: end.wrapping_sub(start), max: MAX_TEXT_BYTES });
+    }
+    Ok((start, end))
+}
+
+/// Pid-table layout, from BTF.
+struct PidLayout {
+    idr_head: u64,
+    node_shift: u64,
+    node_slots: u64,
+    slot_count: u64,
+    pid_tasks: u64,
+    pid_nr: u64,
+    task_pid_link: u64,
+}
+
+impl PidLayout {
+    fn new<M: PhysMem + ?Sized>(linux: &Linux<'_, M>) -> Result<Self, Error> {
+        let btf = &linux.btf;
+        let ns = linux.kallsyms.address("init_pid_ns")?;
+        let idr_head = ns
+            .wrapping_add(btf.member("pid_namespace", "idr")?.offset)
+            .wrapping_add(btf.member("idr", "idr_rt")?.offset)
+            .wrapping_add(btf.member("xarray", "xa_head")?.offset);
+        let slots = btf.member("xa_node", "slots")?;
+        let slot_count = btf.array(btf.resolve(slots.type_id)?)?.1;
+        if !(2..=256).contains(&slot_count) {
+            return Err(Error::BtfLookup(alloc::format!("xa_node.slots has {slot_count} entries")));
+        }
+        let pid_type = btf.enum_value("PIDTYPE_PID")?;
+        if pid_type != 0 {
+            return Err(Error::BtfLookup(alloc::format!("PIDTYPE_PID is {pid_type}, not 0")));
+        }
+        Ok(PidLayout {
+            idr_head,
+            node_shift: btf.member("xa_node", "shift")?.offset,
+            node_slots: slots.offset,
+            slot_count: slot_count.into(),
+            pid_tasks: btf.member("pid", "tasks")?.offset,
+            pid_nr: btf.member("pid", "numbers")?.offset + btf.member("upid", "nr")?.offset,
+            task_pid_link: btf.member("task_struct", "pid_links")?.offset,
+        })
+    }
+}
+
+/// A task as the checks name it.
+struct TaskId {
+    pid: i32,
+    tgid: i32,
+    comm: Option<String>,
+}
+
+impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
+    /// Runs the checks `which` selects (bits of [`select`]).
+    pub fn rootkit_checks(&self, which: u64) -> CheckReport {
+        let mut report = CheckReport::default();
+        let mut hidden_modules = Vec::new();
+        for (bit, name) in select::NAMES.iter().enumerate() {
+            // Module names are needed to attribute redirected handlers, so the module
+            // check runs (quietly) whenever those do.
+            let wanted = which & (1 << bit) != 0;
+            let needed_by_others = bit == 1 && which & (select::SYSCALLS | select::INTERRUPTS) != 0;
+            if !(wanted || needed_by_others) {
+                continue;
+            }
+            let mut found = Vec::new();
+            let outcome = match bit {
+                0 => self.check_processes(&mut found),
+                1 => self.check_modules(&mut found).inspect(|_| hidden_modules = found.clone()),
+                2 => self.check_syscalls(&hidden_modules, &mut found),
+                3 => self.check_interrupts(&hidden_modules, &mut found),
+                _ => self.check_text(&mut found),
+            };
+            if !wanted {
+                continue;
+            }
+            let (examined, error) = match outcome {
+                Ok(n) => (n, None),
+                Err(e) => (0, Some(alloc::format!("{e}"))),
+            };
+            found.truncate(MAX_FINDINGS);
+            report.findings.extend(found);
+            report.runs.push(CheckRun { check: String::from(*name), examined, error });
+        }
+        report
+    }
+
+    /// Task addresses on the task list.
+    fn listed_tasks(&self) -> Result<BTreeSet<u64>, Error> {
+        let init = self.kallsyms.address("init_task")?;
+        let off = self.layout.tasks.off;
+        let mut out = BTreeSet::new();
+        self.walk_list(init.wrapping_add(off), "task", crate::linux::MAX_TASKS, |node| {
+            out.insert(node.wrapping_sub(off));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every task the pid table reaches (pid number, task address).
+    fn pid_table_tasks(&self) -> Result<Vec<(i64, u64)>, Error> {
+        let l = PidLayout::new(self)?;
+        let mut pids = Vec::new();
+        let head = self.kernel.read_u64(l.idr_head)?;
+        let mut seen = BTreeSet::new();
+        let mut stack = alloc::vec![(head, 0usize)];
+        while let Some((entry, depth)) = stack.pop() {
+            if entry == 0 || entry & 1 == 1 {
+                continue; // empty, or a value entry (the pid table holds none)
+            }
+            if entry & 3 == 2 {
+                if entry <= 4096 {
+                    continue; // sibling or retry entry
+                }
+                let node = entry - 2;
+                if node < KERNEL_MIN {
+                    return Err(Error::Corrupt(alloc::format!("xarray node {node:#x} is not a kernel address")));
+                }
+                if depth > MAX_XA_DEPTH {
+                    return Err(Error::Corrupt(alloc::format!("pid table deeper than {MAX_XA_DEPTH}")));
+                }
+                if !seen.insert(node) {
+                    return Err(Error::ListCycle { list: "pid table node", at: node });
+                }
+                if seen.len() > MAX_PID_NODES {
+                    return Err(Error::ListTooLong { list: "pid table node", max: MAX_PID_NODES as u64 });
+                }
+                let shift = self.kernel.read_uint(node.wrapping_add(l.node_shift), 1)?;
+                if shift > 64 {
+                    return Err(Error::Corrupt(alloc::format!("xarray node {node:#x} has shift {shift}")));
+                }
+                let mut slots = alloc::vec![0u8; (l.slot_count * 8) as usize];
+                self.kernel.read_virt(node.wrapping_add(l.node_slots), &mut slots)?;
+                for s in slots.chunks_exact(8) {
+                    stack.push((u64::from_le_bytes(s.try_into().expect("8 bytes")), depth + 1));
+                }
+                continue;
+            }
+            // A `struct pid`: its PIDTYPE_PID task, if it still has one.
+            if entry < KERNEL_MIN {
+                return Err(Error::Corrupt(alloc::format!("pid table entry {entry:#x} is not a kernel address")));
+            }
+            let nr = i64::from(self.kernel.read_u32(entry.wrapping_add(l.pid_nr))? as i32);
+            let first = self.kernel.read_u64(entry.wrapping_add(l.pid_tasks))?;
+            if first == 0 {
+                continue;
+            }
+            if first < KERNEL_MIN {
+                return Err(Error::Corrupt(alloc::format!("pid {nr}'s task link {first:#x} is not a kernel address")));
+            }
+            pids.push((nr, first.wrapping_sub(l.task_pid_link)));
+        }
+        Ok(pids)
+    }
+
+    fn task_id(&self, task: u64) -> Result<TaskId, Error> {
+        let l = &self.layout;
+        Ok(TaskId {
+            pid: self.field(task, l.pid)? as i32,
+            tgid: self.field(task, l.tgid)? as i32,
+            comm: self.read_string(task.wrapping_add(l.comm.off), l.comm.size).ok(),
+        })
+    }
+
+    /// Hidden and unhashed processes; returns the number of tasks in the pid table.
+    fn check_processes(&self, out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let before = self.listed_tasks()?;
+        let table = self.pid_table_tasks()?;
+        let after = self.listed_tasks()?;
+        let mut hashed = BTreeSet::new();
+        for &(nr, task) in &table {
+            hashed.insert(task);
+            if before.contains(&task) || after.contains(&task) {
+                continue;
+            }
+            let t = self.task_id(task)?;
+            // Threads are not on the task list (their leader is); a thread whose leader
+            // is hidden shows up through the leader's own pid.
+            if t.pid != t.tgid {
+                continue;
+            }
+            if i64::from(t.pid) != nr {
+                return Err(Error::Corrupt(alloc::format!("pid {nr} links to task {task:#x} with pid {}", t.pid)));
+            }
+            out.push(Finding { kind: FindingKind::HiddenProcess, id: nr, name: t.comm, address: task, detail: None });
+        }
+        for &task in before.intersection(&after) {
+            if hashed.contains(&task) {
+                continue;
+            }
+            let t = self.task_id(task)?;
+            out.push(Finding {
+                kind: FindingKind::UnhashedProcess,
+                id: i64::from(t.pid),
+                name: t.comm,
+                address: task,
+                detail: None,
+            });
+        }
+        Ok(table.len() as u64)
+    }
+
+    /// Modules with a sysfs kobject or a module-tree node that are not on the module
+    /// list; returns how many modules the list has. A kernel without `mod_tree`
+    /// (CONFIG_MODULES_TREE_LOOKUP off) is checked through its kobjects alone.
+    fn check_modules(&self, out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let head = self.modules_head()?;
+        let off = self.layout.mod_list.off;
+        let mut listed = BTreeSet::new();
+        self.walk_list(head, "module", crate::linux::MAX_MODULES, |node| {
+            listed.insert(node.wrapping_sub(off));
+            Ok(())
+        })?;
+        let mut elsewhere: BTreeMap<u64, Vec<&'static str>> = BTreeMap::new();
+        for m in self.module_kobjects()? {
+            elsewhere.entry(m).or_default().push("sysfs kobject");
+        }
+        if self.kallsyms.lookup("mod_tree").is_ok() {
+            for m in self.mod_tree_modules()? {
+                elsewhere.entry(m).or_default().push("module tree");
+            }
+        }
+        for (module, sources) in elsewhere {
+            if listed.contains(&module) {
+                continue;
+            }
+            let m = self.module_at(module)?;
+            out.push(Finding {
+                kind: FindingKind::HiddenModule,
+                id: -1,
+                name: Some(m.name),
+                address: module,
+                detail: Some(sources.join(", ")),
+            });
+        }
+        Ok(listed.len() as u64)
+    }
+
+    /// The `struct module` of every loadable module with a kobject in `module_kset`.
+    fn module_kobjects(&self) -> Result<Vec<u64>, Error> {
+        let btf = &self.btf;
+        let kset = self.kernel.read_u64(self.kallsyms.address("module_kset")?)?;
+        if kset < KERNEL_MIN {
+            return Err(Error::Corrupt(alloc::format!("module_kset {kset:#x} is not a kernel address")));
+        }
+        let head = kset.wrapping_add(btf.member("kset", "list")?.offset);
+        let entry = btf.member("kobject", "entry")?.offset;
+        let kobj = btf.member("module_kobject", "kobj")?.offset;
+        let module = F::new(btf, "module_kobject", "mod")?;
+        let back = btf.member("module", "mkobj")?.offset;
+        let mut out = Vec::new();
+        self.walk_list(head, "module kobject", MAX_MODULE_KOBJECTS, |node| {
+            let mk = node.wrapping_sub(entry).wrapping_sub(kobj);
+            let m = self.pointer(mk, module, "module_kobject.mod")?;
+            // Built-in modules' kobjects have no module; a loadable one's module
+            // embeds the very kobject (anything else is not what it claims to be).
+            if m != 0 && m.wrapping_add(back) == mk {
+                out.push(m);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The `struct module` of every module in the module address tree (`mod_tree`,
+    /// a latched red-black tree of each module's memory areas; copy 0 is walked).
+    fn mod_tree_modules(&self) -> Result<BTreeSet<u64>, Error> {
+        let btf = &self.btf;
+        let root_ty = btf.resolve(self.btf_var_type("mod_tree")?)?;
+        let root = self.kallsyms.address("mod_tree")?.wrapping_add(btf.member_of(root_ty, "root.tree")?.offset);
+        let right = btf.member("rb_node", "rb_right")?.offset;
+        let left = btf.member("rb_node", "rb_left")?.offset;
+        let to_mtn = btf.member("mod_tree_node", "node")?.offset + btf.member("latch_tree_node", "node")?.offset;
+        let module = F::new(btf, "mod_tree_node", "mod")?;
+        let mut out = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = alloc::vec![(self.kernel.read_u64(root)?, 0usize)];
+        while let Some((node, depth)) = stack.pop() {
+            if node == 0 {
+                continue;
+            }
+            if node < KERNEL_MIN {
+                return Err(Error::Corrupt(alloc::format!("module tree node {node:#x} is not a kernel address")));
+            }
+            if depth > MAX_RB_DEPTH {
+                return Err(Error::Corrupt(alloc::format!("module tree deeper than {MAX_RB_DEPTH}")));
+            }
+            if !seen.insert(node) {
+                return Err(Error::ListCycle { list: "module tree", at: node });
+            }
+            if seen.len() > MAX_MOD_TREE_NODES {
+                return Err(Error::ListTooLong { list: "module tree", max: MAX_MOD_TREE_NODES as u64 });
+            }
+            let m = self.pointer(node.wrapping_sub(to_mtn), module, "mod_tree_node.mod")?;
+            if m != 0 {
+                out.insert(m);
+            }
+            stack.push((self.kernel.read_u64(node.wrapping_add(left))?, depth + 1));
+            stack.push((self.kernel.read_u64(node.wrapping_add(right))?, depth + 1));
+        }
+        Ok(out)
+    }
+
+    /// The BTF type of the global variable `name`, or the struct it is known to be.
+    fn btf_var_type(&self, name: &str) -> Result<u32, Error> {
+        // BTF has VAR records only for per-CPU variables; `mod_tree` is a
+        // `struct mod_tree_root` (kernel/module/internal.h since 5.19).
+        match name {
+            "mod_tree" => self.btf.struct_id("mod_tree_root"),
+            _ => Err(Error::BtfLookup(alloc::format!("no type known for {name}"))),
+        }
+    }
+
+    /// The module (listed or hidden) whose memory holds `va`.
+    fn module_holding(&self, listed: &[Module], hidden: &[Finding], va: u64) -> Option<String> {
+        let inside = |m: &Module| va >= m.base && va - m.base < m.size;
+        if let Some(m) = listed.iter().find(|m| inside(m)) {
+            return Some(m.name.clone());
+        }
+        hidden
+            .iter()
+            .filter_map(|f| self.module_at(f.address).ok())
+            .find(inside)
+            .map(|m| alloc::format!("{} (hidden)", m.name))
+    }
+
+    /// System call table entries outside the core kernel text; returns the entries checked.
+    fn check_syscalls(&self, hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let c = self.syscall_table_check()?;
+        let listed = self.modules().unwrap_or_default();
+        let names = self.syscall_names(u64::from(c.entries));
+        for e in &c.redirected {
+            out.push(Finding {
+                kind: FindingKind::SyscallRedirected,
+                id: i64::from(e.nr),
+                name: names.get(e.nr as usize).cloned().flatten(),
+                address: e.target,
+                detail: self.module_holding(&listed, hidden, e.target),
+            });
+        }
+        Ok(c.entries.into())
+    }
+
+    /// System call names by number from the tracing metadata (`syscalls_metadata`,
+    /// CONFIG_FTRACE_SYSCALLS), where the kernel has it; `None` for each unknown one.
+    fn syscall_names(&self, entries: u64) -> Vec<Option<String>> {
+        let mut out = alloc::vec![None; entries as usize];
+        let Ok(name) = F::new(&self.btf, "syscall_metadata", "name") else { return out };
+        let Ok(table) = self.kallsyms.address("syscalls_metadata").and_then(|a| self.kernel.read_u64(a)) else {
+            return out;
+        };
+        if table < KERNEL_MIN {
+            return out;
+        }
+        for (nr, slot) in out.iter_mut().enumerate() {
+            let meta = self.kernel.read_u64(table.wrapping_add(8 * nr as u64)).unwrap_or(0);
+            if meta < KERNEL_MIN {
+                continue;
+            }
+            let Ok(at) = self.pointer(meta, name, "syscall_metadata.name") else { continue };
+            if at != 0 {
+                *slot = self.read_string(at, 64).ok().map(|n| n.strip_prefix("sys_").map(String::from).unwrap_or(n));
+            }
+        }
+        out
+    }
+
+    /// Present interrupt gates outside the core kernel text; returns the gates checked.
+    fn check_interrupts(&self, hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let table = self.kallsyms.address("idt_table")?;
+        let (text_start, text_end) = (self.kallsyms.address("_stext")?, self.kallsyms.address("_etext")?);
+        let mut raw = alloc::vec![0u8; (IDT_ENTRIES * 16) as usize];
+        self.kernel.read_virt(table, &mut raw)?;
+        let listed = self.modules().unwrap_or_default();
+        // Vectors the kernel never installs a handler for (reserved exceptions) keep
+        // the one set up at boot: entry `vector` of `early_idt_handler_array`
+        // (32 stubs of equal size, in init text). Only that exact address is accepted.
+        let early = self.kallsyms.address("early_idt_handler_array").ok().and_then(|base| {
+            let end = self.kallsyms.iter().map(|s| s.address).filter(|&a| a > base).min()?;
+            let stride = (end - base) / 32;
+            (stride > 0).then_some((base, stride))
+        });
+        let mut present = 0;
+        for (vector, gate) in raw.chunks_exact(16).enumerate() {
+            // struct gate_struct: offset_low u16, segment u16, bits u16 (P is bit 15),
+            // offset_middle u16, offset_high u32, reserved u32.
+            let word = |i: usize| u64::from(u16::from_le_bytes([gate[i], gate[i + 1]]));
+            if word(4) & 0x8000 == 0 {
+                continue;
+            }
+            present += 1;
+            let high = u64::from(u32::from_le_bytes(gate[8..12].try_into().expect("4 bytes")));
+            let target = word(0) | word(6) << 16 | high << 32;
+            let boot_stub = early.is_some_and(|(base, stride)| vector < 32 && target == base + vector as u64 * stride);
+            if (text_start..text_end).contains(&target) || boot_stub {
+                continue;
+            }
+            out.push(Finding {
+                kind: FindingKind::InterruptHooked,
+                id: vector as i64,
+                name: None,
+                address: target,
+                detail: self.module_holding(&listed, hidden, target),
+            });
+        }
+        Ok(present)
+    }
+
+    /// Kernel text pages whose hash differs from discovery's; returns the pages checked.
+    fn check_text(&self, out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let base = self.text_baseline.as_ref().map_err(Clone::clone)?;
+        let mut buf = alloc::vec![0u8; PAGE as usize];
+        let mut changed = Vec::new();
+        for (i, &want) in base.hashes.iter().enumerate() {
+            let va = base.start + i as u64 * PAGE;
+            self.kernel.read_virt(va, &mut buf)?;
+            if xxhash_rust::xxh3::xxh3_64(&buf) != want && changed.len() < MAX_FINDINGS {
+                changed.push(va);
+            }
+        }
+        // Name each page by the last text symbol that starts before its end (one pass over kallsyms).
+        let mut names: Vec<(u64, &str)> = alloc::vec![(0, ""); changed.len()];
+        for s in self.kallsyms.iter() {
+            for (j, &va) in changed.iter().enumerate() {
+                if s.address < va + PAGE && s.address >= names[j].0 && s.kind.eq_ignore_ascii_case(&'t') {
+                    names[j] = (s.address, s.name);
+                }
+            }
+        }
+        for (va, (_, name)) in changed.into_iter().zip(names) {
+            out.push(Finding {
+                kind: FindingKind::KernelTextModified,
+                id: -1,
+                name: (!name.is_empty()).then(|| String::from(name)),
+                address: va,
+                detail: None,
+            });
+        }
+        Ok(base.hashes.len() as u64)
+    }
+}
