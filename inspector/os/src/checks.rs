@@ -599,3 +599,115 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         Ok(base.hashes.len() as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linux::tests::{
+        Guest, IMAGE, KV, MODULE, MODULES, MODULE_BASE, MOD_MTN, PIDS, SYSCALLS, TASK_A, TASK_H, XA_NODE,
+    };
+
+    fn run<'r>(report: &'r CheckReport, check: &str) -> &'r CheckRun {
+        report.runs.iter().find(|r| r.check == check).unwrap_or_else(|| panic!("no {check} run: {report:#?}"))
+    }
+
+    #[test]
+    fn an_untouched_synthetic_kernel_is_clean() {
+        let g = Guest::new();
+        let linux = Linux::discover(&g.mem).unwrap();
+        let report = linux.rootkit_checks(select::ALL);
+        assert_eq!(report.findings, [], "{report:#?}");
+        let examined: Vec<(&str, u64, Option<&str>)> =
+            report.runs.iter().map(|r| (r.check.as_str(), r.examined, r.error.as_deref())).collect();
+        assert_eq!(
+            examined,
+            [
+                ("processes", 2, None),
+                ("modules", 1, None),
+                ("syscalls", 4, None),
+                ("interrupts", 0, None),
+                ("kernel_text", 1, None)
+            ]
+        );
+        // Only what was asked runs (modules quietly, to name syscall targets).
+        let only = linux.rootkit_checks(select::SYSCALLS);
+        assert_eq!(only.runs.len(), 1);
+        assert_eq!(only.runs[0].check, "syscalls");
+    }
+
+    #[test]
+    fn hidden_process_module_redirected_syscall_and_patched_text_are_found() {
+        let mut g = Guest::new();
+        // A task in the pid table that is not on the task list.
+        g.task(TASK_H, 3, "evil", crate::linux::tests::INIT_TASK, 0);
+        g.pid_entry(3, TASK_H);
+        // The module off the module list; a syscall pointing into it; a text byte changed
+        // after discovery.
+        g.link(&[MODULES]);
+        g.w64(SYSCALLS + 2 * 8, MODULE_BASE + 0x10);
+        let linux_mem = g.mem.clone();
+        let linux = Linux::discover(&linux_mem).unwrap();
+        let before = linux.rootkit_checks(select::KERNEL_TEXT);
+        assert_eq!(before.findings, []);
+        let mut patched = linux_mem.clone();
+        patched.write(IMAGE + 0x10, &[0x40]);
+        let baseline = linux.text_baseline.clone();
+        let mut after = Linux::discover(&patched).unwrap();
+        after.text_baseline = baseline;
+        let report = after.rootkit_checks(select::ALL);
+        let got: Vec<(FindingKind, i64, Option<&str>, u64, Option<&str>)> =
+            report.findings.iter().map(|f| (f.kind, f.id, f.name.as_deref(), f.address, f.detail.as_deref())).collect();
+        assert_eq!(
+            got,
+            [
+                (FindingKind::HiddenProcess, 3, Some("evil"), KV + TASK_H, None),
+                (FindingKind::HiddenModule, -1, Some("dummy"), KV + MODULE, Some("sysfs kobject, module tree")),
+                (FindingKind::SyscallRedirected, 2, None, MODULE_BASE + 0x10, Some("dummy (hidden)")),
+                (FindingKind::KernelTextModified, -1, Some("_stext"), KV, None),
+            ],
+            "{report:#?}"
+        );
+        assert!(report.runs.iter().all(|r| r.error.is_none()), "{report:#?}");
+    }
+
+    #[test]
+    fn an_unhashed_task_is_found() {
+        let mut g = Guest::new();
+        g.w64(XA_NODE + 8 + 8, 0); // pid 1 gone from the table, TASK_A still listed
+        let linux = Linux::discover(&g.mem).unwrap();
+        let report = linux.rootkit_checks(select::PROCESSES);
+        assert_eq!(report.findings.len(), 1, "{report:#?}");
+        assert_eq!((report.findings[0].kind, report.findings[0].id), (FindingKind::UnhashedProcess, 1));
+    }
+
+    #[test]
+    fn hostile_tables_and_trees_are_bounded_errors() {
+        // The pid table's node holds itself: a cycle, not a hang.
+        let mut g = Guest::new();
+        g.w64(XA_NODE + 8 + 5 * 8, (KV + XA_NODE) | 2);
+        let linux = Linux::discover(&g.mem).unwrap();
+        let r = linux.rootkit_checks(select::PROCESSES);
+        assert!(run(&r, "processes").error.as_deref().is_some_and(|e| e.contains("cycles")), "{r:#?}");
+        // A struct pid pointing at user memory.
+        let mut g = Guest::new();
+        g.w64(PIDS + 0x40, 0x1000);
+        let r = Linux::discover(&g.mem).unwrap().rootkit_checks(select::PROCESSES);
+        assert!(run(&r, "processes").error.as_deref().is_some_and(|e| e.contains("not a kernel address")), "{r:#?}");
+        // The module tree's node is its own left child.
+        let mut g = Guest::new();
+        g.w64(MOD_MTN + 8 + 16, KV + MOD_MTN + 8);
+        let r = Linux::discover(&g.mem).unwrap().rootkit_checks(select::MODULES);
+        assert!(run(&r, "modules").error.as_deref().is_some_and(|e| e.contains("module tree")), "{r:#?}");
+        // The kset list loops without its head; a module kobject claiming another module.
+        let mut g = Guest::new();
+        g.w64(MODULE + 120, KV + MODULE + 120);
+        let r = Linux::discover(&g.mem).unwrap().rootkit_checks(select::MODULES);
+        assert!(run(&r, "modules").error.is_some(), "{r:#?}");
+        let mut g = Guest::new();
+        g.w64(MODULE + 112 + 64, KV + TASK_A);
+        g.link(&[MODULES]);
+        g.w64(MOD_MTN, 0);
+        let r = Linux::discover(&g.mem).unwrap().rootkit_checks(select::MODULES);
+        assert_eq!(r.findings, [], "a kobject whose module does not embed it is not believed: {r:#?}");
+    }
+}

@@ -85,6 +85,7 @@ pub fn fuzz_discover(data: &[u8]) {
         let _ = linux.kernel_info();
         let _ = linux.processes();
         let _ = linux.modules();
+        let _ = linux.rootkit_checks(crate::checks::select::ALL);
     }
 }
 

@@ -927,7 +927,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::btf::build::Builder;
     use crate::kallsyms::tests::build as build_kallsyms;
@@ -936,8 +936,8 @@ mod tests {
     use alloc::string::ToString;
 
     /// Kernel image: virtual KV, physical IMAGE (one 2 MiB page).
-    const KV: u64 = 0xffff_ffff_8100_0000;
-    const IMAGE: u64 = 0x20_0000;
+    pub(crate) const KV: u64 = 0xffff_ffff_8100_0000;
+    pub(crate) const IMAGE: u64 = 0x20_0000;
     const PHYS_BASE: i64 = IMAGE as i64 - (KV - START_KERNEL_MAP) as i64;
     // Offsets in the image.
     const ROOT: u64 = 0;
@@ -946,17 +946,31 @@ mod tests {
     const VMCOREINFO: u64 = 0x8000;
     const KSYMS: u64 = 0x9000;
     const BTF: u64 = 0x10000;
-    const INIT_TASK: u64 = 0x20000;
-    const TASK_A: u64 = 0x21000;
-    const TASK_K: u64 = 0x22000;
+    pub(crate) const INIT_TASK: u64 = 0x20000;
+    pub(crate) const TASK_A: u64 = 0x21000;
+    pub(crate) const TASK_K: u64 = 0x22000;
     const CRED: u64 = 0x28000;
     const MM: u64 = 0x29000;
-    const MODULES: u64 = 0x2a000;
-    const MODULE: u64 = 0x2b000;
+    pub(crate) const MODULES: u64 = 0x2a000;
+    pub(crate) const MODULE: u64 = 0x2b000;
     const UTS: u64 = 0x2c000;
     const CPUS: u64 = 0x2d000;
     const MAPLE: u64 = 0x2e000;
     const VMAS: u64 = 0x2f000;
+    // For the rootkit checks (crate::checks::tests).
+    pub(crate) const PID_NS: u64 = 0x30000;
+    pub(crate) const XA_NODE: u64 = 0x31000;
+    pub(crate) const PIDS: u64 = 0x32000;
+    pub(crate) const KSET: u64 = 0x33000;
+    pub(crate) const KSET_PTR: u64 = 0x33800;
+    pub(crate) const MOD_TREE: u64 = 0x34000;
+    pub(crate) const IDT: u64 = 0x35000;
+    pub(crate) const SYSCALLS: u64 = 0x36000;
+    pub(crate) const TASK_H: u64 = 0x23000;
+    /// Where the module's `mod_tree_node` is (its rb node is 8 bytes in).
+    pub(crate) const MOD_MTN: u64 = MODULE + 0x100;
+    /// The module's text base.
+    pub(crate) const MODULE_BASE: u64 = 0xffff_ffff_c000_0000;
     /// User virtual address of the command line.
     const ARGS_VA: u64 = 0x40_0000;
 
@@ -1017,11 +1031,13 @@ mod tests {
             ],
         );
         let mm_ptr = b.ptr(mm);
+        let hnode = b.strukt("hlist_node", 16, &[("next", void_ptr, 0, 0), ("pprev", void_ptr, 64, 0)]);
+        let hnodes = b.raw("", 3, 0, false, 0, &[hnode, int, 4]);
         let task = b.next_id;
         let task_ptr = task + 1;
         b.strukt(
             "task_struct",
-            96,
+            160,
             &[
                 ("tasks", lh, 0, 0),
                 ("pid", int, 128, 0),
@@ -1034,50 +1050,81 @@ mod tests {
                 ("flags", uint, 576, 0),
                 ("mm", mm_ptr, 640, 0),
                 ("exit_state", int, 704, 0),
+                ("pid_links", hnodes, 768, 0),
             ],
         );
         b.ptr(task);
         let (live, coming) = (b.s("MODULE_STATE_LIVE"), b.s("MODULE_STATE_COMING"));
         let state = b.raw("module_state", 6, 2, false, 4, &[live, 0, coming, 1]);
         let layout = b.strukt("module_layout", 16, &[("base", void_ptr, 0, 0), ("size", uint, 64, 0)]);
+        let kobject = b.strukt("kobject", 64, &[("name", void_ptr, 0, 0), ("entry", lh, 64, 0)]);
+        let mkobj = b.strukt("module_kobject", 72, &[("kobj", kobject, 0, 0), ("mod", void_ptr, 512, 0)]);
         b.strukt(
             "module",
-            112,
+            200,
             &[
                 ("list", lh, 0, 0),
                 ("state", state, 128, 0),
                 ("name", name56, 192, 0),
                 ("core_layout", layout, 640, 0),
                 ("init_layout", layout, 768, 0),
+                ("mkobj", mkobj, 896, 0),
             ],
         );
+        // The pid table and module sources of the rootkit checks.
+        let uchar = b.int("unsigned char", 1);
+        let slots = b.raw("", 3, 0, false, 0, &[void_ptr, int, 64]);
+        b.strukt("xa_node", 520, &[("shift", uchar, 0, 0), ("slots", slots, 64, 0)]);
+        let xarray = b.strukt("xarray", 16, &[("xa_lock", int, 0, 0), ("xa_head", void_ptr, 64, 0)]);
+        let idr = b.strukt("idr", 24, &[("idr_rt", xarray, 0, 0), ("idr_base", uint, 128, 0)]);
+        b.strukt("pid_namespace", 24, &[("idr", idr, 0, 0)]);
+        let (pt_pid, pt_tgid) = (b.s("PIDTYPE_PID"), b.s("PIDTYPE_TGID"));
+        b.raw("pid_type", 6, 2, false, 4, &[pt_pid, 0, pt_tgid, 1]);
+        let hhead = b.strukt("hlist_head", 8, &[("first", void_ptr, 0, 0)]);
+        let hheads = b.raw("", 3, 0, false, 0, &[hhead, int, 4]);
+        let upid = b.strukt("upid", 16, &[("nr", int, 0, 0), ("ns", void_ptr, 64, 0)]);
+        let upids = b.raw("", 3, 0, false, 0, &[upid, int, 1]);
+        b.strukt("pid", 48, &[("tasks", hheads, 0, 0), ("numbers", upids, 256, 0)]);
+        b.strukt("kset", 16, &[("list", lh, 0, 0)]);
+        let rb = b.strukt(
+            "rb_node",
+            24,
+            &[("__rb_parent_color", ulong, 0, 0), ("rb_right", void_ptr, 64, 0), ("rb_left", void_ptr, 128, 0)],
+        );
+        let rb_root = b.strukt("rb_root", 8, &[("rb_node", void_ptr, 0, 0)]);
+        let roots = b.raw("", 3, 0, false, 0, &[rb_root, int, 2]);
+        let latch_root = b.strukt("latch_tree_root", 24, &[("seq", ulong, 0, 0), ("tree", roots, 64, 0)]);
+        b.strukt("mod_tree_root", 40, &[("root", latch_root, 0, 0), ("addr_min", ulong, 192, 0)]);
+        let rbs = b.raw("", 3, 0, false, 0, &[rb, int, 2]);
+        let latch_node = b.strukt("latch_tree_node", 48, &[("node", rbs, 0, 0)]);
+        b.strukt("mod_tree_node", 56, &[("mod", void_ptr, 0, 0), ("node", latch_node, 64, 0)]);
         let uts = b.strukt("new_utsname", 130, &[("sysname", name65, 0, 0), ("release", name65, 520, 0)]);
         b.strukt("uts_namespace", 130, &[("name", uts, 0, 0)]);
         b.blob()
     }
 
-    struct Guest {
-        mem: TestMem,
+    pub(crate) struct Guest {
+        pub(crate) mem: TestMem,
     }
 
     impl Guest {
-        fn pa(off: u64) -> u64 {
+        pub(crate) fn pa(off: u64) -> u64 {
             IMAGE + off
         }
-        fn va(off: u64) -> u64 {
+        pub(crate) fn va(off: u64) -> u64 {
             KV + off
         }
-        fn w64(&mut self, off: u64, v: u64) {
+        pub(crate) fn w64(&mut self, off: u64, v: u64) {
             self.mem.write_u64(Self::pa(off), v);
         }
-        fn w32(&mut self, off: u64, v: u32) {
+        pub(crate) fn w32(&mut self, off: u64, v: u32) {
             self.mem.write_u32(Self::pa(off), v);
         }
-        fn wb(&mut self, off: u64, b: &[u8]) {
+        pub(crate) fn wb(&mut self, off: u64, b: &[u8]) {
             self.mem.write(Self::pa(off), b);
         }
 
-        fn new() -> Guest {
+        pub(crate) fn new() -> Guest {
             let mut g = Guest { mem: TestMem::new(0, 0x40_0000) };
             // Kernel page tables: PML4[511] -> PDPT[510] -> PD[8] = the 2 MiB image page.
             g.w64(ROOT + 511 * 8, Self::pa(0x1000) | 3);
@@ -1121,6 +1168,13 @@ mod tests {
                 ("Dinit_uts_ns", UTS),
                 ("D__num_online_cpus", CPUS),
                 ("Dnr_cpu_ids", CPUS + 4),
+                ("T_etext", 0x1000),
+                ("Dinit_pid_ns", PID_NS),
+                ("Dmodule_kset", KSET_PTR),
+                ("dmod_tree", MOD_TREE),
+                ("Didt_table", IDT),
+                ("Rsys_call_table", SYSCALLS),
+                ("Rafter_sys_call_table", SYSCALLS + 0x20),
             ]
             .iter()
             .map(|(n, o)| (String::from(*n), *o))
@@ -1155,7 +1209,34 @@ mod tests {
             g.w64(MODULE + 80, 0xffff_ffff_c000_0000);
             g.w32(MODULE + 88, 0x3000);
             g.w32(MODULE + 104, 0x1000);
+            g.checks();
             g
+        }
+
+        /// What the rootkit checks read: a pid table of one xa_node holding pids 1
+        /// and 2 (TASK_A, TASK_K), the module's kobject in `module_kset`, its node
+        /// in `mod_tree`, an empty IDT and a 4-entry system call table into text.
+        fn checks(&mut self) {
+            self.w64(PID_NS + 8, Self::va(XA_NODE) | 2);
+            for (i, task) in [(1u64, TASK_A), (2, TASK_K)] {
+                self.pid_entry(i, task);
+            }
+            self.w64(KSET_PTR, Self::va(KSET));
+            self.link(&[KSET, MODULE + 120]);
+            self.w64(MODULE + 112 + 64, Self::va(MODULE));
+            self.w64(MOD_TREE + 8, Self::va(MOD_MTN + 8));
+            self.w64(MOD_MTN, Self::va(MODULE));
+            for nr in 0..4 {
+                self.w64(SYSCALLS + nr * 8, Self::va(0x100));
+            }
+        }
+
+        /// Puts a `struct pid` for `task` (pid `nr`) in slot `nr` of the pid table.
+        pub(crate) fn pid_entry(&mut self, nr: u64, task: u64) {
+            let pid = PIDS + nr * 0x40;
+            self.w64(XA_NODE + 8 + nr * 8, Self::va(pid));
+            self.w64(pid, Self::va(task + 96));
+            self.w32(pid + 32, nr as u32);
         }
 
         /// A two-level maple tree: an arange_64 root over two leaves, holding
@@ -1193,7 +1274,7 @@ mod tests {
         }
 
         /// Circular list through the nodes at these offsets (each list_head at offset 0).
-        fn link(&mut self, nodes: &[u64]) {
+        pub(crate) fn link(&mut self, nodes: &[u64]) {
             for (i, &n) in nodes.iter().enumerate() {
                 let next = nodes[(i + 1) % nodes.len()];
                 let prev = nodes[(i + nodes.len() - 1) % nodes.len()];
@@ -1202,7 +1283,7 @@ mod tests {
             }
         }
 
-        fn task(&mut self, t: u64, pid: u32, comm: &str, parent: u64, mm: u64) {
+        pub(crate) fn task(&mut self, t: u64, pid: u32, comm: &str, parent: u64, mm: u64) {
             self.w32(t + 16, pid);
             self.w32(t + 20, pid);
             self.w64(t + 24, Self::va(parent));

@@ -5,6 +5,7 @@ use core::ops::Range;
 
 use crate::{Error, PhysMem};
 
+#[derive(Clone)]
 pub struct TestMem {
     pub base: u64,
     pub data: Vec<u8>,

@@ -1,6 +1,7 @@
 //! Fuzzes every specula-os parser of guest memory (the agent runs them over a hostile
 //! guest's RAM): BTF, VMCOREINFO text, kallsyms tables, page walks, whole-kernel
-//! discovery over a synthetic physical memory, and the agent-to-host reply decoders.
+//! discovery (with every view and rootkit check) over a synthetic physical memory, and
+//! the agent-to-host reply decoders.
 //! Each must return an error or a result, never panic, hang or allocate without bound.
 //!
 //! Input: byte 0 picks the parser, the rest is its input.
@@ -12,7 +13,7 @@ use specula_os::{fuzz, wire};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else { return };
-    match which % 10 {
+    match which % 11 {
         0 => fuzz::fuzz_btf(rest),
         1 => fuzz::fuzz_vmcoreinfo(rest),
         2 => fuzz::fuzz_kallsyms(rest),
@@ -22,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         6 => drop(wire::decode_modules(rest)),
         7 => drop(wire::decode_vmas(rest)),
         8 => drop(wire::decode_syscalls(rest)),
+        9 => drop(wire::decode_checks(rest)),
         _ => drop(wire::decode_kernel(rest)),
     }
 });
