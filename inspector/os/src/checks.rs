@@ -607,6 +607,9 @@ mod tests {
         Guest, IMAGE, KV, MODULE, MODULES, MODULE_BASE, MOD_MTN, PIDS, SYSCALLS, TASK_A, TASK_H, XA_NODE,
     };
 
+    /// (kind, id, name, address, detail)
+    type FindingRow<'a> = (FindingKind, i64, Option<&'a str>, u64, Option<&'a str>);
+
     fn run<'r>(report: &'r CheckReport, check: &str) -> &'r CheckRun {
         report.runs.iter().find(|r| r.check == check).unwrap_or_else(|| panic!("no {check} run: {report:#?}"))
     }
@@ -655,7 +658,7 @@ mod tests {
         let mut after = Linux::discover(&patched).unwrap();
         after.text_baseline = baseline;
         let report = after.rootkit_checks(select::ALL);
-        let got: Vec<(FindingKind, i64, Option<&str>, u64, Option<&str>)> =
+        let got: Vec<FindingRow> =
             report.findings.iter().map(|f| (f.kind, f.id, f.name.as_deref(), f.address, f.detail.as_deref())).collect();
         assert_eq!(
             got,
