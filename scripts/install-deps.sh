@@ -5,12 +5,13 @@
 #   libc6-dev        glibc's static libc.a, for the introspection guest's specula-marker (gcc -static)
 #   curl             the README's API examples, which a test runs
 #   python3          the Python client (clients/python) and its live test suite
+#   python3-venv     target/python-tools, the pinned Volatility 3 (scripts/python-tools.sh)
 #   linux-headers-cloud-amd64, make  the test rootkit (guest-images/linux/rootkit), a kernel
 #                    module built against the guest kernel's headers
 #   xz-utils         Debian 13's kernel modules are .ko.xz
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 linux-headers-cloud-amd64 make xz-utils)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

@@ -229,7 +229,7 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             }
             [n, 0, 0, 0]
         }
-        OP_OS_DISCOVER..=OP_OS_CHECKS => {
+        OP_OS_DISCOVER..=OP_OS_SYMBOLS => {
             // SAFETY: one vCPU runs the agent, and `OS` is only touched here.
             let os = unsafe { &mut *core::ptr::addr_of_mut!(OS) };
             return os_views::execute(os, window.base, window.len, s.op, s.args, data(i));

@@ -108,6 +108,12 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
             OP_OS_MODULES => wire::encode_modules(&linux.modules()?, &mut w),
             OP_OS_SYSCALLS => wire::encode_syscalls(&linux.syscall_table_check()?, &mut w),
             OP_OS_CHECKS => wire::encode_checks(&linux.rootkit_checks(args[0]), &mut w),
+            OP_OS_SYMBOLS => {
+                // Names average ~25 bytes (at most 512): a page that fits the data area unless
+                // names are unusually long, which ends in STATUS_TOO_BIG.
+                let fit = (data.len() / 256).max(1) as u64;
+                wire::encode_symbols(linux.kallsyms(), args[0] as usize, args[1].min(fit) as usize, &mut w)
+            }
             OP_OS_VMAS => {
                 let ps = linux.processes()?;
                 let p = ps.iter().find(|p| p.pid as u64 == args[0]).ok_or(Error::Corrupt(alloc::format!("no process {}", args[0])))?;

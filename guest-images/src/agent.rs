@@ -86,6 +86,8 @@ pub const OP_OS_SYSCALLS: u32 = 14;
 /// `args = [which]`: the rootkit checks (`specula_os::Linux::rootkit_checks`), `which`
 /// a mask of `specula_os::checks::select` bits.
 pub const OP_OS_CHECKS: u32 = 15;
+/// `args = [start, max]`: kallsyms entries `start..start+max` (as many as fit) and the total.
+pub const OP_OS_SYMBOLS: u32 = 16;
 /// Most granted ranges an OS command carries.
 pub const MAX_OS_RANGES: usize = 4096;
 

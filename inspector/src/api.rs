@@ -380,6 +380,15 @@ pub struct RedirectedSyscall {
     pub module: Option<String>,
 }
 
+/// A kernel symbol, at its running (KASLR-slid) address.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct SymbolView {
+    pub name: String,
+    /// nm-style type: `T`/`t` text, `D`/`d` data, `B`/`b` bss, `R`/`r` read-only data.
+    pub kind: String,
+    pub address: u64,
+}
+
 /// Which rootkit checks to run.
 #[derive(Deserialize, IntoParams, Debug)]
 pub struct ChecksQuery {
@@ -776,6 +785,28 @@ async fn os_checks(State(s): State<AppState>, Query(q): Query<ChecksQuery>) -> A
     }))
 }
 
+/// Every kernel symbol (kallsyms, decoded in the agent from guest memory).
+#[utoipa::path(get, path = "/v1/os/symbols", responses((status = 200, body = [SymbolView]), (status = 422, body = ErrorBody)))]
+async fn os_symbols(State(s): State<AppState>) -> ApiResult<Vec<SymbolView>> {
+    let inspector = s.inspector.clone();
+    let symbols = blocking(move || inspector.os_symbols()).await?;
+    Ok(Json(
+        symbols
+            .into_iter()
+            .map(|s| SymbolView { name: s.name, kind: s.kind.to_string(), address: s.address })
+            .collect(),
+    ))
+}
+
+/// The kernel's BTF type information (`__start_BTF`..`__stop_BTF`), as bytes.
+#[utoipa::path(get, path = "/v1/os/btf",
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 422, body = ErrorBody)))]
+async fn os_btf(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let inspector = s.inspector.clone();
+    let blob = blocking(move || inspector.os_symbols().and_then(|symbols| inspector.os_btf(&symbols))).await?;
+    Ok(([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], blob).into_response())
+}
+
 #[utoipa::path(get, path = "/v1/os/modules", responses((status = 200, body = [ModuleView])))]
 async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
     let inspector = s.inspector.clone();
@@ -814,7 +845,9 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         os_memory,
         os_modules,
         os_check_syscalls,
-        os_checks
+        os_checks,
+        os_symbols,
+        os_btf
     ),
     components(schemas(
         Status,
@@ -838,6 +871,7 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         CheckReportView,
         CheckRunView,
         FindingView,
+        SymbolView,
         RedirectedSyscall
     ))
 )]
@@ -915,6 +949,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/os/modules", get(os_modules))
         .route("/v1/os/checks/syscalls", get(os_check_syscalls))
         .route("/v1/os/checks", get(os_checks))
+        .route("/v1/os/symbols", get(os_symbols))
+        .route("/v1/os/btf", get(os_btf))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
         .layer(middleware::from_fn_with_state(state.clone(), gate))

@@ -506,6 +506,45 @@ impl Inspector {
         Ok(report)
     }
 
+    /// Every kernel symbol (kallsyms, as the agent decoded it), fetched a page at a time.
+    pub fn os_symbols(&self) -> Result<Vec<wire::SymbolRecord>, InspectError> {
+        let mut out: Vec<wire::SymbolRecord> = Vec::new();
+        loop {
+            let reply = self.os_call(abi::OP_OS_SYMBOLS, [out.len() as u64, u64::MAX, 0, 0])?;
+            let (page, total) = wire::decode_symbols(&reply)?;
+            if page.is_empty() && (out.len() as u64) < total {
+                return Err(InspectError::BadReply(format!("an empty page at symbol {} of {total}", out.len())));
+            }
+            out.extend(page);
+            if out.len() as u64 >= total {
+                out.truncate(total as usize);
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The kernel's BTF blob (`__start_BTF`..`__stop_BTF`), read through the agent.
+    pub fn os_btf(&self, symbols: &[wire::SymbolRecord]) -> Result<Vec<u8>, InspectError> {
+        let find = |name: &str| {
+            symbols
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.address)
+                .ok_or_else(|| InspectError::Os(format!("no {name} in kallsyms")))
+        };
+        let (start, stop) = (find("__start_BTF")?, find("__stop_BTF")?);
+        let len = stop
+            .checked_sub(start)
+            .filter(|&l| l > 0 && l <= specula_os::btf::MAX_BTF_BYTES as u64)
+            .ok_or_else(|| InspectError::Os(format!("BTF spans {start:#x}..{stop:#x}")))?;
+        let mut blob = Vec::with_capacity(len as usize);
+        while (blob.len() as u64) < len {
+            let n = (len - blob.len() as u64).min(MAX_READ);
+            blob.extend(self.os_read_virtual(0, start + blob.len() as u64, n)?);
+        }
+        Ok(blob)
+    }
+
     /// The memory areas of process `pid`.
     pub fn os_vmas(&self, pid: u32) -> Result<Vec<Vma>, InspectError> {
         Ok(wire::decode_vmas(&self.os_call(abi::OP_OS_VMAS, [u64::from(pid), 0, 0, 0])?)?)

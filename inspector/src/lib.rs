@@ -8,5 +8,6 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod events;
+pub mod isf;
 pub mod launch;
 pub mod source;

@@ -18,6 +18,8 @@ STREAM_CHUNK = 1 << 20
 MAX_JSON_REPLY = 64 << 20
 #: The longest single SSE line accepted; the inspector's events are far smaller.
 MAX_EVENT_LINE = 1 << 20
+#: The largest BTF blob accepted (specula-os parses at most 64 MiB).
+MAX_BTF_BYTES = 64 << 20
 
 
 class ApiError(Exception):
@@ -302,3 +304,21 @@ class Client:
         """System call table entries pointing outside the core kernel's text, with their module."""
         return self._json("GET", "/os/checks/syscalls")
 
+
+    def os_checks(self, only: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+        """Rootkit checks (all, or ``only`` those named: processes, modules, syscalls,
+        interrupts, kernel_text): ``clean``, each check's run and every finding."""
+        query = {"only": ",".join(only)} if only else None
+        return self._json("GET", "/os/checks", query=query)
+
+    def os_symbols(self) -> List[Dict[str, Any]]:
+        """Every kernel symbol (kallsyms from guest memory): name, kind, running address."""
+        return self._json("GET", "/os/symbols")
+
+    def os_btf(self) -> bytes:
+        """The kernel's BTF type information, as bytes."""
+        response = self._request("GET", "/os/btf")
+        try:
+            return response.read(MAX_BTF_BYTES + 1)[:MAX_BTF_BYTES]
+        finally:
+            response.close()

@@ -455,6 +455,19 @@ impl Btf {
         Ok(self.enumerators(id, r)?.into_iter().find(|(_, v)| *v == value).map(|(n, _)| n))
     }
 
+    /// The enumerators of the ENUM/ENUM64 type `id` (empty for other kinds).
+    pub fn enum_values(&self, id: u32) -> Result<Vec<(&str, i64)>, Error> {
+        self.enumerators(id, self.record(id)?)
+    }
+
+    /// Whether the INT type `id` is signed (`BTF_INT_SIGNED` in its encoding).
+    pub fn int_signed(&self, id: u32) -> Result<bool, Error> {
+        match self.record(id)?.kind {
+            Kind::Int => Ok((self.extra_u32(id, 0)? >> 24) & 1 != 0),
+            _ => Err(lookup_err(format_args!("type {id} is not an integer"))),
+        }
+    }
+
     fn enumerators(&self, id: u32, r: &Record) -> Result<Vec<(&str, i64)>, Error> {
         let vlen = (r.info & 0xffff) as usize;
         let signed = r.info >> 31 != 0;

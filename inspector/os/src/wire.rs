@@ -20,6 +20,7 @@ const MAGIC_MODULES: u32 = 0x4d4f_4453; // "SDOM"
 const MAGIC_VMAS: u32 = 0x564d_4153; // "SAMV"
 const MAGIC_SYSCALLS: u32 = 0x5359_5343; // "CSYS"
 const MAGIC_CHECKS: u32 = 0x434b_5452; // "RTKC"
+const MAGIC_SYMBOLS: u32 = 0x5359_4d53; // "SMYS"
 
 /// Writes fields; reports whether they fit in the reply area.
 pub struct Writer<'a> {
@@ -356,6 +357,53 @@ pub fn decode_syscalls(data: &[u8]) -> Result<SyscallCheck, Error> {
     }
     r.finish()?;
     Ok(SyscallCheck { table, table_pa, entries, text_start, text_end, redirected })
+}
+
+/// One kallsyms entry as the agent hands it over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SymbolRecord {
+    pub name: String,
+    /// nm-style type character (`T`, `d`, ...).
+    pub kind: char,
+    pub address: u64,
+}
+
+/// Encodes the kernel's symbols `start..start+max` (as many as fit), with the total count.
+pub fn encode_symbols(k: &crate::Kallsyms, start: usize, max: usize, w: &mut Writer) {
+    let page: Vec<_> = k.iter().skip(start).take(max.min(MAX_RECORDS)).collect();
+    w.u32(MAGIC_SYMBOLS);
+    w.u32(page.len() as u32);
+    w.u64(k.len() as u64);
+    for s in page {
+        w.u8(s.kind as u8);
+        w.u64(s.address);
+        w.bytes(s.name.as_bytes());
+    }
+}
+
+/// Decodes a page of symbols and the total count.
+pub fn decode_symbols(data: &[u8]) -> Result<(Vec<SymbolRecord>, u64), Error> {
+    let mut r = Reader { data, at: 0 };
+    let n = r.count(MAGIC_SYMBOLS)?;
+    let total = r.u64()?;
+    if total > u64::from(crate::kallsyms::MAX_SYMBOLS) || n as u64 > total {
+        return Err(Error::BadReply("symbol count"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let kind = r.u8()?;
+        if !kind.is_ascii_graphic() {
+            return Err(Error::BadReply("symbol type is not a letter"));
+        }
+        let address = r.u64()?;
+        let name = r.string()?;
+        if name.len() > 512 || name.is_empty() {
+            return Err(Error::BadReply("symbol name length"));
+        }
+        out.push(SymbolRecord { name, kind: kind as char, address });
+    }
+    r.finish()?;
+    Ok((out, total))
 }
 
 /// Encodes a rootkit check report.

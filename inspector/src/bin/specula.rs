@@ -79,6 +79,13 @@ enum Cmd {
         #[arg(value_delimiter = ',')]
         only: Vec<String>,
     },
+    /// Builds a Volatility 3 symbol table (ISF) from the guest's own BTF and kallsyms
+    /// and writes it where Specula's Volatility layer looks (or to --output).
+    Isf {
+        /// Where to write it (default: $XDG_CACHE_HOME/specula/volatility/linux/RELEASE-HASH.json).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
     Vread { pid: u32, va: String, len: String },
     /// Pause the source's vCPUs.
@@ -447,6 +454,10 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 return Ok(3);
             }
         }
+        Cmd::Isf { output } => {
+            let path = write_isf(s, output.clone()).await?;
+            show(&json!({"path": path}), &|_| println!("{}", path.display()));
+        }
         Cmd::Maps { pid } => {
             let v = json_of(call(s, Method::GET, &format!("/v1/os/processes/{pid}/maps"), None).await?)?;
             show(&v, &|v| {
@@ -523,6 +534,73 @@ async fn follow_events(socket: &PathBuf, since: Option<u64>, kinds: Option<&str>
         }
     }
     Ok(())
+}
+
+/// Where `specula isf` writes by default, and where the Volatility layer looks.
+fn isf_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("specula/volatility/linux")
+}
+
+/// Fetches the kernel's symbols, BTF and banner through the API and writes its ISF.
+async fn write_isf(s: &PathBuf, output: Option<PathBuf>) -> Result<PathBuf, String> {
+    use sha2::Digest;
+    let kernel = json_of(call(s, Method::GET, "/v1/os/kernel", None).await?)?;
+    let symbols: Vec<specula_os::wire::SymbolRecord> = json_of(call(s, Method::GET, "/v1/os/symbols", None).await?)?
+        .as_array()
+        .ok_or("the symbol list is not a list")?
+        .iter()
+        .map(|v| -> Result<_, String> {
+            Ok(specula_os::wire::SymbolRecord {
+                name: v["name"].as_str().ok_or("a symbol without a name")?.to_string(),
+                kind: v["kind"].as_str().and_then(|k| k.chars().next()).unwrap_or('?'),
+                address: v["address"].as_u64().ok_or("a symbol without an address")?,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let btf_reply = call(s, Method::GET, "/v1/os/btf", None).await?;
+    if !btf_reply.status.is_success() {
+        return Err(json_of(btf_reply).err().unwrap_or_default());
+    }
+    let btf = specula_os::Btf::parse(btf_reply.body.to_vec()).map_err(|e| format!("the guest's BTF: {e}"))?;
+    let banner_at = symbols.iter().find(|s| s.name == "linux_banner").ok_or("no linux_banner in kallsyms")?.address;
+    let reply = call(s, Method::GET, &format!("/v1/os/processes/0/memory?va={banner_at:#x}&len=512"), None).await?;
+    if !reply.status.is_success() {
+        return Err(json_of(reply).err().unwrap_or_default());
+    }
+    let banner: Vec<u8> = reply.body.iter().copied().take_while(|&b| b != 0).collect();
+    if !banner.starts_with(b"Linux version ") {
+        return Err(format!("linux_banner reads {:?}", String::from_utf8_lossy(&banner)));
+    }
+    let kaslr_offset = kernel["kaslr_offset"].as_u64().ok_or("the kernel view has no kaslr_offset")?;
+    let isf = inspector::isf::generate(&inspector::isf::IsfInput {
+        btf: &btf,
+        symbols: &symbols,
+        kaslr_offset,
+        banner: &banner,
+    })
+    .map_err(|e| e.to_string())?;
+    let path = match output {
+        Some(p) => p,
+        None => {
+            let release = kernel["release"].as_str().unwrap_or("linux").replace('/', "_");
+            let digest = sha2::Sha256::digest(&banner);
+            let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            isf_cache_dir().join(format!("{release}-{hash}.json"))
+        }
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_vec(&isf).map_err(|e| e.to_string())?;
+    // Written whole, then renamed: Volatility never sees half a table.
+    let partial = path.with_extension("json.partial");
+    std::fs::write(&partial, &text).map_err(|e| format!("cannot write {}: {e}", partial.display()))?;
+    std::fs::rename(&partial, &path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
 }
 
 fn main() -> ExitCode {
