@@ -4,7 +4,9 @@
 //! - bulk read throughput (GB/s) of 1 GiB streamed through the API, beside the agent's
 //!   own scan rate over the same memory;
 //! - OS views of a live Linux guest under QEMU: discovery (VMCOREINFO to BTF ready),
-//!   process listing and module listing, request to reply.
+//!   process listing and module listing, request to reply; every rootkit check;
+//! - Volatility 3's `linux.pslist` through the `specula://` layer beside Specula's own
+//!   process view, on the same guest in the same run.
 //!
 //!   cargo build --release --workspace && cargo bench -p integration-tests --bench api
 
@@ -155,6 +157,22 @@ fn main() {
     for (name, c) in &per_check {
         body.push_str(&format!("| `GET /v1/os/checks?only={name}` | {} | {} | {} |\n", ms(c.median), ms(c.p99), c.n));
     }
+    let (isf_first, vol_runs) = volatility_pslist(&linux_api);
+    let vol = summarize(&vol_runs);
+    body.push_str(&format!(
+        "\nThe same process list, three ways, on this guest ({count} processes):\n\n\
+         | tool | median (ms) | runs |\n|---|---|---|\n\
+         | Specula's process view (`GET /v1/os/processes`, computed in the agent) | {} | {} |\n\
+         | Volatility 3 ({}) `linux.pslist` through `specula://` (process start to exit, symbol table cached) | {} | {} |\n\
+         | the same, first run: `specula isf` builds the table from BTF and kallsyms | {} | 1 |\n\
+         | Volatility 3 on a dump file | not measured: `specula dump` is not built yet | |\n",
+        ms(processes.median),
+        processes.n,
+        "2.26.2",
+        ms(vol.median),
+        vol.n,
+        ms(isf_first)
+    ));
     body.push_str(&format!(
         "\nThe OS views are recomputed from guest memory on every request (no cache): a process listing walks \
          the task list, each process's cred and mm, and reads every command line through that process's page tables.\n\n\
@@ -168,4 +186,32 @@ fn main() {
     ));
     let path = write_section("api", &body).unwrap();
     println!("{body}\nwritten to {}", path.display());
+}
+
+/// Runs the pinned Volatility 3's `linux.pslist` through the `specula://` layer: the
+/// first run (which builds the symbol table), then three timed runs.
+fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let vol = root.join("target/python-tools/bin/vol");
+    assert!(vol.is_file(), "{} is missing: run scripts/python-tools.sh", vol.display());
+    let cache = TempDir::new("bench-volatility");
+    let run = || {
+        let started = Instant::now();
+        let out = Command::new(&vol)
+            .env("XDG_CACHE_HOME", &cache.0)
+            .env("SPECULA_BIN", binary("specula"))
+            .args(["--offline", "-q", "-r", "json", "--cache-path"])
+            .arg(cache.join("volatility3"))
+            .arg("-p")
+            .arg(root.join("clients/python/volatility"))
+            .arg("-f")
+            .arg(format!("specula://{}", api.display()))
+            .arg("linux.pslist")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "vol: {}", String::from_utf8_lossy(&out.stderr));
+        started.elapsed()
+    };
+    let first = run();
+    (first, (0..3).map(|_| run()).collect())
 }

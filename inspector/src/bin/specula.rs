@@ -85,6 +85,9 @@ enum Cmd {
         /// Where to write it (default: $XDG_CACHE_HOME/specula/volatility/linux/RELEASE-HASH.json).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Build it again even if the default path already holds this kernel's table.
+        #[arg(long)]
+        force: bool,
     },
     /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
     Vread { pid: u32, va: String, len: String },
@@ -454,8 +457,8 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 return Ok(3);
             }
         }
-        Cmd::Isf { output } => {
-            let path = write_isf(s, output.clone()).await?;
+        Cmd::Isf { output, force } => {
+            let path = write_isf(s, output.clone(), *force).await?;
             show(&json!({"path": path}), &|_| println!("{}", path.display()));
         }
         Cmd::Maps { pid } => {
@@ -546,7 +549,7 @@ fn isf_cache_dir() -> PathBuf {
 }
 
 /// Fetches the kernel's symbols, BTF and banner through the API and writes its ISF.
-async fn write_isf(s: &PathBuf, output: Option<PathBuf>) -> Result<PathBuf, String> {
+async fn write_isf(s: &PathBuf, output: Option<PathBuf>, force: bool) -> Result<PathBuf, String> {
     use sha2::Digest;
     let kernel = json_of(call(s, Method::GET, "/v1/os/kernel", None).await?)?;
     let symbols: Vec<specula_os::wire::SymbolRecord> = json_of(call(s, Method::GET, "/v1/os/symbols", None).await?)?
@@ -561,11 +564,6 @@ async fn write_isf(s: &PathBuf, output: Option<PathBuf>) -> Result<PathBuf, Stri
             })
         })
         .collect::<Result<_, _>>()?;
-    let btf_reply = call(s, Method::GET, "/v1/os/btf", None).await?;
-    if !btf_reply.status.is_success() {
-        return Err(json_of(btf_reply).err().unwrap_or_default());
-    }
-    let btf = specula_os::Btf::parse(btf_reply.body.to_vec()).map_err(|e| format!("the guest's BTF: {e}"))?;
     let banner_at = symbols.iter().find(|s| s.name == "linux_banner").ok_or("no linux_banner in kallsyms")?.address;
     let reply = call(s, Method::GET, &format!("/v1/os/processes/0/memory?va={banner_at:#x}&len=512"), None).await?;
     if !reply.status.is_success() {
@@ -575,6 +573,26 @@ async fn write_isf(s: &PathBuf, output: Option<PathBuf>) -> Result<PathBuf, Stri
     if !banner.starts_with(b"Linux version ") {
         return Err(format!("linux_banner reads {:?}", String::from_utf8_lossy(&banner)));
     }
+    // The default name is unique to the kernel build (its banner): a table already
+    // there describes this kernel and is kept.
+    let path = match output {
+        Some(p) => p,
+        None => {
+            let release = kernel["release"].as_str().unwrap_or("linux").replace('/', "_");
+            let digest = sha2::Sha256::digest(&banner);
+            let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            let path = isf_cache_dir().join(format!("{release}-{hash}.json"));
+            if path.is_file() && !force {
+                return Ok(path);
+            }
+            path
+        }
+    };
+    let btf_reply = call(s, Method::GET, "/v1/os/btf", None).await?;
+    if !btf_reply.status.is_success() {
+        return Err(json_of(btf_reply).err().unwrap_or_default());
+    }
+    let btf = specula_os::Btf::parse(btf_reply.body.to_vec()).map_err(|e| format!("the guest's BTF: {e}"))?;
     let kaslr_offset = kernel["kaslr_offset"].as_u64().ok_or("the kernel view has no kaslr_offset")?;
     let isf = inspector::isf::generate(&inspector::isf::IsfInput {
         btf: &btf,
@@ -583,15 +601,6 @@ async fn write_isf(s: &PathBuf, output: Option<PathBuf>) -> Result<PathBuf, Stri
         banner: &banner,
     })
     .map_err(|e| e.to_string())?;
-    let path = match output {
-        Some(p) => p,
-        None => {
-            let release = kernel["release"].as_str().unwrap_or("linux").replace('/', "_");
-            let digest = sha2::Sha256::digest(&banner);
-            let hash: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            isf_cache_dir().join(format!("{release}-{hash}.json"))
-        }
-    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
