@@ -3,7 +3,8 @@
 //! (clients/python/volatility) and a symbol table `specula isf` builds from the
 //! guest's own BTF and kallsyms: no dwarf2json, no debug package, no symbol file
 //! on the host. `linux.pslist` gives the guest's own process list, `linux.lsmod`
-//! its /proc/modules, `linux.check_syscall` its system call table.
+//! its /proc/modules, `linux.check_syscall` its system call table with every entry
+//! resolved to a handler's symbol.
 //!
 //! Needs qemu-system-x86_64, target/guest-images/linux/ and target/python-tools
 //! (scripts/setup.sh makes all three).
@@ -78,13 +79,15 @@ fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
     want.sort();
     assert_eq!(got, want, "linux.lsmod is /proc/modules: {lsmod:#?}");
 
-    // Every 64-bit entry resolves to its handler through the generated table's symbols.
+    // Every 64-bit entry resolves to a handler through the generated table's symbols.
     let syscalls = vol(&inspector, &cache.0, "linux.check_syscall");
     let table: Vec<&Value> = syscalls.iter().filter(|r| r["Table Name"] == "64bit").collect();
     assert!(table.len() > 300, "every table entry: {syscalls:#?}");
     assert_eq!(table[0]["Handler Symbol"], "__x64_sys_read", "{:#?}", table[0]);
     for row in &table {
         let symbol = row["Handler Symbol"].as_str().unwrap_or("");
-        assert!(symbol.starts_with("__x64_sys_"), "entry {} resolves to {symbol:?}: {row}", row["Index"]);
+        // Aliases share an address (__x64_sys_rt_sigreturn is __do_sys_rt_sigreturn): any
+        // system call handler's name will do, an unresolved entry will not.
+        assert!(symbol.contains("sys_"), "entry {} resolves to {symbol:?}: {row}", row["Index"]);
     }
 }
