@@ -3,10 +3,11 @@
 # virtual environment at target/python-tools (quick when already there):
 #   volatility3  Volatility 3, through Specula's specula:// layer (clients/python/volatility)
 #   pefile       Volatility 3's one required dependency
+#   drgn         opens `specula dump` ELF cores (kallsyms through VMCOREINFO)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 venv=target/python-tools
-requirements=(volatility3==2.26.2 pefile==2024.8.26)
+requirements=(volatility3==2.26.2 pefile==2024.8.26 drgn==0.3.0)
 stamp="$venv/.requirements"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${requirements[*]}" ]; then
     exit 0

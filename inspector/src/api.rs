@@ -296,6 +296,8 @@ pub struct KernelView {
     pub btf_types: usize,
     /// Other valid VMCOREINFO copies that differ from the one used (a forged kernel shows here).
     pub conflicting_vmcoreinfo: u32,
+    /// Guest-physical address of the VMCOREINFO text used.
+    pub vmcoreinfo_at: u64,
 }
 
 impl From<specula_os::KernelInfo> for KernelView {
@@ -313,6 +315,7 @@ impl From<specula_os::KernelInfo> for KernelView {
             symbols: k.symbols,
             btf_types: k.btf_types,
             conflicting_vmcoreinfo: k.conflicting_vmcoreinfo,
+            vmcoreinfo_at: k.vmcoreinfo_at,
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod agent_link;
 pub mod api;
 pub mod control;
 pub mod daemon;
+pub mod dump;
 pub mod events;
 pub mod isf;
 pub mod launch;

@@ -157,21 +157,25 @@ fn main() {
     for (name, c) in &per_check {
         body.push_str(&format!("| `GET /v1/os/checks?only={name}` | {} | {} | {} |\n", ms(c.median), ms(c.p99), c.n));
     }
-    let (isf_first, vol_runs) = volatility_pslist(&linux_api);
+    let (isf_first, vol_runs, dump_time, dump_runs) = volatility_pslist(&linux_api);
     let vol = summarize(&vol_runs);
+    let vol_dump = summarize(&dump_runs);
     body.push_str(&format!(
         "\nThe same process list, three ways, on this guest ({count} processes):\n\n\
          | tool | median (ms) | runs |\n|---|---|---|\n\
          | Specula's process view (`GET /v1/os/processes`, computed in the agent) | {} | {} |\n\
          | Volatility 3 ({}) `linux.pslist` through `specula://` (process start to exit, symbol table cached) | {} | {} |\n\
          | the same, first run: `specula isf` builds the table from BTF and kallsyms | {} | 1 |\n\
-         | Volatility 3 on a dump file | not measured: `specula dump` is not built yet | |\n",
+         | Volatility 3 on a `specula dump` ELF core (the dump itself: {} ms, the guest paused) | {} | {} |\n",
         ms(processes.median),
         processes.n,
         "2.26.2",
         ms(vol.median),
         vol.n,
-        ms(isf_first)
+        ms(isf_first),
+        ms(dump_time),
+        ms(vol_dump.median),
+        vol_dump.n
     ));
     body.push_str(&format!(
         "\nThe OS views are recomputed from guest memory on every request (no cache): a process listing walks \
@@ -189,13 +193,14 @@ fn main() {
 }
 
 /// Runs the pinned Volatility 3's `linux.pslist` through the `specula://` layer: the
-/// first run (which builds the symbol table), then three timed runs.
-fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>) {
+/// first run (which builds the symbol table), then three timed runs; then `specula
+/// dump` and three runs on the dump. Returns (first, live runs, dump, dump runs).
+fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>, Duration, Vec<Duration>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     let vol = root.join("target/python-tools/bin/vol");
     assert!(vol.is_file(), "{} is missing: run scripts/python-tools.sh", vol.display());
     let cache = TempDir::new("bench-volatility");
-    let run = || {
+    let run = |location: &str| {
         let started = Instant::now();
         let out = Command::new(&vol)
             .env("XDG_CACHE_HOME", &cache.0)
@@ -205,13 +210,21 @@ fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>) {
             .arg("-p")
             .arg(root.join("clients/python/volatility"))
             .arg("-f")
-            .arg(format!("specula://{}", api.display()))
+            .arg(location)
             .arg("linux.pslist")
             .output()
             .unwrap();
         assert!(out.status.success(), "vol: {}", String::from_utf8_lossy(&out.stderr));
         started.elapsed()
     };
-    let first = run();
-    (first, (0..3).map(|_| run()).collect())
+    let live = format!("specula://{}", api.display());
+    let first = run(&live);
+    let runs = (0..3).map(|_| run(&live)).collect();
+    let core = cache.join("guest.core");
+    let started = Instant::now();
+    let out = Command::new(binary("specula")).arg("--socket").arg(api).arg("dump").arg(&core).output().unwrap();
+    assert!(out.status.success(), "specula dump: {}", String::from_utf8_lossy(&out.stderr));
+    let dump = started.elapsed();
+    let on_dump = (0..3).map(|_| run(core.to_str().unwrap())).collect();
+    (first, runs, dump, on_dump)
 }

@@ -9,11 +9,15 @@
 //! Needs qemu-system-x86_64, target/guest-images/linux/ and target/python-tools
 //! (scripts/setup.sh makes all three).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::linux_guest::{GuestInspector, LinuxGuest};
+
+/// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
+static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 use integration_tests::{binary, run_with_timeout, TempDir};
 use serde_json::Value;
 
@@ -25,6 +29,11 @@ fn workspace() -> PathBuf {
 
 /// `vol -r json ... PLUGIN` against the inspector's API socket; its rows.
 fn vol(inspector: &GuestInspector, cache: &Path, plugin: &str) -> Vec<Value> {
+    vol_on(&format!("specula://{}", inspector.api.display()), cache, plugin)
+}
+
+/// `vol -r json ... PLUGIN` on `location` (a `specula://` URL or a file); its rows.
+fn vol_on(location: &str, cache: &Path, plugin: &str) -> Vec<Value> {
     let vol = workspace().join("target/python-tools/bin/vol");
     assert!(vol.is_file(), "{} is missing: run scripts/setup.sh (scripts/python-tools.sh)", vol.display());
     let out = run_with_timeout(
@@ -36,7 +45,7 @@ fn vol(inspector: &GuestInspector, cache: &Path, plugin: &str) -> Vec<Value> {
             .arg("-p")
             .arg(workspace().join("clients/python/volatility"))
             .arg("-f")
-            .arg(format!("specula://{}", inspector.api.display()))
+            .arg(location)
             .arg(plugin),
         LIMIT,
     );
@@ -52,6 +61,7 @@ fn vol(inspector: &GuestInspector, cache: &Path, plugin: &str) -> Vec<Value> {
 
 #[test]
 fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
+    let _one = ONE_INSPECTOR.lock().unwrap_or_else(|p| p.into_inner());
     let guest = LinuxGuest::shared();
     let truth = guest.ground_truth();
     let inspector = GuestInspector::attach(guest);
@@ -90,4 +100,76 @@ fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
         // system call handler's name will do, an unresolved entry will not.
         assert!(symbol.contains("sys_"), "entry {} resolves to {symbol:?}: {row}", row["Index"]);
     }
+}
+
+/// `specula dump` (the guest paused for the copy) writes an ELF core that the same
+/// Volatility reads offline, with the same processes, and that drgn opens, finding
+/// `init_task` and `jiffies` through its kallsyms support (VMCOREINFO names the
+/// tables) and reading `linux_banner` through the kernel's page tables.
+#[test]
+fn a_specula_dump_opens_in_volatility_and_drgn() {
+    let _one = ONE_INSPECTOR.lock().unwrap_or_else(|p| p.into_inner());
+    let guest = LinuxGuest::shared();
+    let inspector = GuestInspector::attach(guest);
+    let cache = TempDir::new("volatility-dump");
+    let core = cache.join("guest.core");
+    let out = run_with_timeout(
+        Command::new(binary("specula"))
+            .args(["--socket", inspector.api.to_str().unwrap(), "--json", "dump"])
+            .arg(&core),
+        LIMIT,
+    );
+    assert!(out.status.success(), "specula dump: {}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["consistency"], "paused", "QEMU pauses for the copy: {summary}");
+    let ram = std::fs::metadata(&core).unwrap().len();
+    assert!(ram > summary["bytes"].as_u64().unwrap() && summary["bytes"].as_u64().unwrap() >= 500 << 20, "{summary}");
+
+    // Volatility on the live guest and on the dump list the same processes (the guest
+    // is idle; the console's own shell is in both).
+    let live: BTreeSet<(u64, String)> = vol(&inspector, &cache.0, "linux.pslist")
+        .iter()
+        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
+        .collect();
+    let dumped: BTreeSet<(u64, String)> = vol_on(core.to_str().unwrap(), &cache.0, "linux.pslist")
+        .iter()
+        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
+        .collect();
+    let user: Vec<&(u64, String)> = live.iter().filter(|(_, c)| c.starts_with("specula-")).collect();
+    assert_eq!(user.len(), 2, "both markers: {live:?}");
+    let stable = |set: &BTreeSet<(u64, String)>| -> BTreeSet<(u64, String)> {
+        set.iter().filter(|(_, c)| !c.starts_with("kworker")).cloned().collect()
+    };
+    assert_eq!(stable(&dumped), stable(&live), "linux.pslist on the dump is the live list");
+
+    // drgn: kallsyms from the core's VMCOREINFO, virtual reads through its page tables.
+    let symbols: Value = {
+        let out = run_with_timeout(
+            Command::new(binary("specula")).args(["--socket", inspector.api.to_str().unwrap(), "--json", "kernel"]),
+            LIMIT,
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let script = r#"
+import sys, drgn
+from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
+prog = drgn.Program()
+prog.set_core_dump(sys.argv[1])
+prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), enable_index=0)
+banner = prog.read(prog.symbol("linux_banner").address, 64)
+print(hex(prog.symbol("init_task").address), hex(prog.symbol("jiffies").address), banner.split(b"\n")[0].decode())
+"#;
+    let python = workspace().join("target/python-tools/bin/python");
+    let out = run_with_timeout(Command::new(&python).arg("-c").arg(script).arg(&core), LIMIT);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "drgn: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let fields: Vec<&str> = stdout.trim().splitn(3, ' ').collect();
+    let release = symbols["release"].as_str().unwrap();
+    assert!(fields[2].starts_with(&format!("Linux version {release} ")), "linux_banner read by drgn: {stdout}");
+    let guest_symbol = |name: &str| {
+        let line = guest.console(&format!("grep ' {name}$' /proc/kallsyms"), Duration::from_secs(30));
+        format!("0x{}", line.split_whitespace().next().unwrap().trim_start_matches('0'))
+    };
+    assert_eq!(fields[0], guest_symbol("init_task"), "init_task: {stdout}");
+    assert_eq!(fields[1], guest_symbol("jiffies"), "jiffies: {stdout}");
 }

@@ -89,6 +89,18 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Writes the source's memory to a file, as an ELF core (with the kernel's VMCOREINFO,
+    /// for Volatility, drgn and crash) or LiME; the source is paused for the copy unless
+    /// --live (or it cannot be paused: the dump then says it is live).
+    Dump {
+        output: PathBuf,
+        /// `elf` or `lime`.
+        #[arg(long, default_value = "elf")]
+        format: String,
+        /// Copy while the source runs (the dump is marked live).
+        #[arg(long)]
+        live: bool,
+    },
     /// A process's virtual memory (pid 0: the kernel's), as a hex dump.
     Vread { pid: u32, va: String, len: String },
     /// Pause the source's vCPUs.
@@ -457,6 +469,19 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 return Ok(3);
             }
         }
+        Cmd::Dump { output, format, live } => {
+            let summary = dump(s, output, format, *live).await?;
+            show(&summary, &|v| {
+                println!(
+                    "{}: {} bytes of guest memory in {} ranges, {} ({})",
+                    output.display(),
+                    v["bytes"],
+                    v["ranges"],
+                    v["format"].as_str().unwrap_or(""),
+                    v["consistency"].as_str().unwrap_or("")
+                )
+            });
+        }
         Cmd::Isf { output, force } => {
             let path = write_isf(s, output.clone(), *force).await?;
             show(&json!({"path": path}), &|_| println!("{}", path.display()));
@@ -537,6 +562,131 @@ async fn follow_events(socket: &PathBuf, since: Option<u64>, kinds: Option<&str>
         }
     }
     Ok(())
+}
+
+/// Bytes fetched per request while dumping.
+const DUMP_CHUNK: u64 = 32 << 20;
+
+/// `specula dump`: pauses the source (unless `live`), streams every granted range into
+/// `output` after the format's headers, resumes the source whatever happened.
+async fn dump(s: &PathBuf, output: &PathBuf, format: &str, live: bool) -> Result<Value, String> {
+    use inspector::dump::{Consistency, Range};
+    if format != "elf" && format != "lime" {
+        return Err(format!("unknown dump format {format:?} (elf or lime)"));
+    }
+    let mut ranges: Vec<Range> = json_of(call(s, Method::GET, "/v1/grants", None).await?)?
+        .as_array()
+        .ok_or("the grant list is not a list")?
+        .iter()
+        .map(|g| Range { gpa: g["gpa"].as_u64().unwrap_or(0), len: g["len"].as_u64().unwrap_or(0) })
+        .filter(|r| r.len > 0)
+        .collect();
+    ranges.sort_by_key(|r| r.gpa);
+    // Adjacent grants are one range of RAM.
+    let mut merged: Vec<Range> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if last.gpa + last.len == r.gpa => last.len += r.len,
+            _ => merged.push(r),
+        }
+    }
+    if merged.is_empty() {
+        return Err("the inspector has no granted memory to dump".into());
+    }
+    let consistency = if live {
+        Consistency::Live
+    } else {
+        let reply = call(s, Method::POST, "/v1/source/pause", None).await?;
+        if reply.status.is_success() {
+            Consistency::Paused
+        } else {
+            eprintln!(
+                "specula: the source cannot be paused ({}): the dump is live",
+                json_of(reply).err().unwrap_or_default()
+            );
+            Consistency::Live
+        }
+    };
+    let written = write_dump(s, output, format, &merged, consistency).await;
+    if consistency == Consistency::Paused {
+        let resumed = call(s, Method::POST, "/v1/source/resume", None).await.and_then(json_of);
+        if let Err(e) = resumed {
+            eprintln!("specula: resuming the source failed: {e}");
+        }
+    }
+    let bytes = written?;
+    Ok(json!({
+        "path": output,
+        "format": format,
+        "ranges": merged.len(),
+        "bytes": bytes,
+        "consistency": if consistency == Consistency::Paused { "paused" } else { "live" },
+    }))
+}
+
+/// Writes the dump file; returns the guest bytes written. The file is written under a
+/// temporary name and renamed when complete: a failed dump leaves nothing that looks whole.
+async fn write_dump(
+    s: &PathBuf,
+    output: &PathBuf,
+    format: &str,
+    ranges: &[inspector::dump::Range],
+    consistency: inspector::dump::Consistency,
+) -> Result<u64, String> {
+    use std::io::IsTerminal;
+    let partial = output.with_extension("partial");
+    let file = std::fs::File::create(&partial).map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    let fail = |e: std::io::Error| format!("writing {}: {e}", partial.display());
+    if format == "elf" {
+        let vmcoreinfo = vmcoreinfo_text(s).await;
+        if vmcoreinfo.is_none() {
+            eprintln!("specula: no Linux kernel found in the source: the core has no VMCOREINFO note");
+        }
+        out.write_all(&inspector::dump::elf_header(ranges, vmcoreinfo.as_deref(), consistency)).map_err(fail)?;
+    }
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    let progress = std::io::stderr().is_terminal();
+    let mut done = 0u64;
+    for r in ranges {
+        if format == "lime" {
+            out.write_all(&inspector::dump::lime_header(*r)).map_err(fail)?;
+        }
+        let mut at = r.gpa;
+        while at < r.gpa + r.len {
+            let n = (r.gpa + r.len - at).min(DUMP_CHUNK);
+            let reply = call(s, Method::GET, &format!("/v1/memory/physical?gpa={at}&len={n}"), None).await?;
+            if !reply.status.is_success() {
+                let _ = std::fs::remove_file(&partial);
+                return Err(json_of(reply).err().unwrap_or_default());
+            }
+            if reply.body.len() as u64 != n {
+                let _ = std::fs::remove_file(&partial);
+                return Err(format!("{} bytes for a {n}-byte read at {at:#x}", reply.body.len()));
+            }
+            out.write_all(&reply.body).map_err(fail)?;
+            at += n;
+            done += n;
+            if progress {
+                eprint!("\rdump: {} / {} MiB ({}%)", done >> 20, total >> 20, done * 100 / total.max(1));
+            }
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    out.flush().map_err(fail)?;
+    drop(out);
+    std::fs::rename(&partial, output).map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    Ok(done)
+}
+
+/// The kernel's VMCOREINFO text, if the inspector found a Linux kernel.
+async fn vmcoreinfo_text(s: &PathBuf) -> Option<Vec<u8>> {
+    let kernel = json_of(call(s, Method::GET, "/v1/os/kernel", None).await.ok()?).ok()?;
+    let at = kernel["vmcoreinfo_at"].as_u64()?;
+    let reply = call(s, Method::GET, &format!("/v1/memory/physical?gpa={at}&len=4096"), None).await.ok()?;
+    reply.status.is_success().then(|| reply.body.iter().copied().take_while(|&b| b != 0).collect())
 }
 
 /// Where `specula isf` writes by default, and where the Volatility layer looks.
