@@ -392,6 +392,42 @@ pub struct SymbolView {
     pub address: u64,
 }
 
+/// A YARA scan request.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct YaraRequest {
+    /// YARA rules source (at most 1 MiB).
+    pub rules: String,
+    /// `physical` (every granted range; default), `process` (needs `pid`) or `kernel`.
+    pub target: Option<String>,
+    pub pid: Option<u32>,
+}
+
+/// A YARA scan's matches.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct YaraReportView {
+    pub scanned_bytes: u64,
+    pub matches: Vec<YaraMatchView>,
+    /// More than 10 000 matches: the rest are not listed.
+    pub truncated: bool,
+}
+
+/// One string of one rule matched at one place.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct YaraMatchView {
+    pub rule: String,
+    pub namespace: String,
+    pub tags: Vec<String>,
+    /// The string's identifier (`$name`).
+    pub string: String,
+    pub length: u64,
+    /// Guest-physical address (physical scans).
+    pub gpa: Option<u64>,
+    /// Process id (process scans; 0 for kernel scans).
+    pub pid: Option<u32>,
+    /// Virtual address (process and kernel scans).
+    pub va: Option<u64>,
+}
+
 /// Which rootkit checks to run.
 #[derive(Deserialize, IntoParams, Debug)]
 pub struct ChecksQuery {
@@ -788,6 +824,45 @@ async fn os_checks(State(s): State<AppState>, Query(q): Query<ChecksQuery>) -> A
     }))
 }
 
+/// Scans guest memory with YARA rules: all granted physical memory, one process's
+/// virtual memory, or the kernel image.
+#[utoipa::path(post, path = "/v1/yara", request_body = YaraRequest,
+    responses((status = 200, body = YaraReportView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn yara_scan(State(s): State<AppState>, Json(req): Json<YaraRequest>) -> ApiResult<YaraReportView> {
+    use crate::yara_scan::YaraTarget;
+    let target = match (req.target.as_deref().unwrap_or("physical"), req.pid) {
+        ("physical", None) => YaraTarget::Physical,
+        ("kernel", None) => YaraTarget::Kernel,
+        ("process", Some(pid)) => YaraTarget::Process(pid),
+        ("process", None) => return Err(ApiError::bad_request("a process scan needs a pid")),
+        (other, _) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown target {other:?} (physical, process with a pid, or kernel)"
+            )))
+        }
+    };
+    let inspector = s.inspector.clone();
+    let report = blocking(move || inspector.yara_scan(&req.rules, target)).await?;
+    Ok(Json(YaraReportView {
+        scanned_bytes: report.scanned_bytes,
+        truncated: report.truncated,
+        matches: report
+            .matches
+            .into_iter()
+            .map(|m| YaraMatchView {
+                rule: m.rule,
+                namespace: m.namespace,
+                tags: m.tags,
+                string: m.string,
+                length: m.length,
+                gpa: m.gpa,
+                pid: m.pid,
+                va: m.va,
+            })
+            .collect(),
+    }))
+}
+
 /// Every kernel symbol (kallsyms, decoded in the agent from guest memory).
 #[utoipa::path(get, path = "/v1/os/symbols", responses((status = 200, body = [SymbolView]), (status = 422, body = ErrorBody)))]
 async fn os_symbols(State(s): State<AppState>) -> ApiResult<Vec<SymbolView>> {
@@ -850,7 +925,8 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         os_check_syscalls,
         os_checks,
         os_symbols,
-        os_btf
+        os_btf,
+        yara_scan
     ),
     components(schemas(
         Status,
@@ -875,6 +951,9 @@ async fn os_modules(State(s): State<AppState>) -> ApiResult<Vec<ModuleView>> {
         CheckRunView,
         FindingView,
         SymbolView,
+        YaraRequest,
+        YaraReportView,
+        YaraMatchView,
         RedirectedSyscall
     ))
 )]
@@ -954,6 +1033,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/os/checks", get(os_checks))
         .route("/v1/os/symbols", get(os_symbols))
         .route("/v1/os/btf", get(os_btf))
+        .route("/v1/yara", post(yara_scan))
         .route("/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint under /v1") })
         .layer(middleware::from_fn_with_state(state.clone(), gate))

@@ -12,3 +12,4 @@ pub mod events;
 pub mod isf;
 pub mod launch;
 pub mod source;
+pub mod yara_scan;

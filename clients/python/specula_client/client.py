@@ -322,3 +322,13 @@ class Client:
             return response.read(MAX_BTF_BYTES + 1)[:MAX_BTF_BYTES]
         finally:
             response.close()
+
+    def yara_scan(self, rules: str, pid: Optional[int] = None, kernel: bool = False) -> Dict[str, Any]:
+        """Scans guest memory with YARA ``rules`` (source text): all granted physical memory,
+        or process ``pid``'s virtual memory, or the kernel image (``kernel=True``). Returns
+        ``scanned_bytes``, ``matches`` (rule, string, and gpa or pid and va) and ``truncated``."""
+        target = "process" if pid is not None else "kernel" if kernel else "physical"
+        body: Dict[str, Any] = {"rules": rules, "target": target}
+        if pid is not None:
+            body["pid"] = int(pid)
+        return self._json("POST", "/yara", body=body)

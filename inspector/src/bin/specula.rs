@@ -89,6 +89,16 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Scans guest memory with YARA rules (a file): all granted physical memory, or one
+    /// process's virtual memory (--pid), or the kernel image (--kernel). Exit status 3
+    /// when a rule matched.
+    Yara {
+        rules: PathBuf,
+        #[arg(long, conflicts_with = "kernel")]
+        pid: Option<u32>,
+        #[arg(long)]
+        kernel: bool,
+    },
     /// Writes the source's memory to a file, as an ELF core (with the kernel's VMCOREINFO,
     /// for Volatility, drgn and crash) or LiME; the source is paused for the copy unless
     /// --live (or it cannot be paused: the dump then says it is live).
@@ -466,6 +476,39 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 }
             });
             if v["clean"] != true {
+                return Ok(3);
+            }
+        }
+        Cmd::Yara { rules, pid, kernel } => {
+            let text = std::fs::read_to_string(rules).map_err(|e| format!("{}: {e}", rules.display()))?;
+            let target = match (pid, kernel) {
+                (Some(_), _) => "process",
+                (None, true) => "kernel",
+                (None, false) => "physical",
+            };
+            let body = json!({"rules": text, "target": target, "pid": pid});
+            let v = json_of(call(s, Method::POST, "/v1/yara", Some(body)).await?)?;
+            show(&v, &|v| {
+                let mut rows = vec![["RULE", "STRING", "PID", "VA", "GPA", "LENGTH"].map(String::from).to_vec()];
+                for m in v["matches"].as_array().into_iter().flatten() {
+                    let opt = |k: &str| if m[k].is_null() { String::new() } else { hex(&m[k]) };
+                    rows.push(vec![
+                        m["rule"].as_str().unwrap_or("").into(),
+                        m["string"].as_str().unwrap_or("").into(),
+                        m["pid"].as_u64().map_or(String::new(), |p| p.to_string()),
+                        opt("va"),
+                        opt("gpa"),
+                        m["length"].to_string(),
+                    ]);
+                }
+                println!("{} bytes scanned", v["scanned_bytes"]);
+                if rows.len() > 1 {
+                    table(&rows);
+                } else {
+                    println!("no matches");
+                }
+            });
+            if v["matches"].as_array().is_some_and(|m| !m.is_empty()) {
                 return Ok(3);
             }
         }
