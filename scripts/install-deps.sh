@@ -9,9 +9,10 @@
 #   linux-headers-cloud-amd64, make  the test rootkit (guest-images/linux/rootkit), a kernel
 #                    module built against the guest kernel's headers
 #   xz-utils         Debian 13's kernel modules are .ko.xz
+#   yara             the benchmark's baseline for YARA scans (the command-line tool)
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils yara)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

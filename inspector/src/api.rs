@@ -459,9 +459,9 @@ pub struct CheckRunView {
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct FindingView {
     /// `hidden_process`, `unhashed_process`, `hidden_module`, `syscall_redirected`,
-    /// `interrupt_hooked` or `kernel_text_modified`.
+    /// `syscall_dispatch_redirected`, `interrupt_hooked` or `kernel_text_modified`.
     pub kind: String,
-    /// The pid, system call number or vector (absent where none).
+    /// The pid, system call number, vector, or offset in `x64_sys_call` (absent where none).
     pub id: Option<i64>,
     /// The process's comm, the module's name, the system call's name, or the symbol of a text page.
     pub name: Option<String>,

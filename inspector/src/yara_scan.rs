@@ -14,7 +14,7 @@
 //! says when more were left out), [`MAX_VIRTUAL_BYTES`] of virtual memory per
 //! scan, [`SCAN_TIMEOUT_S`] per buffer.
 
-use crate::daemon::{InspectError, Inspector, MAX_READ};
+use crate::daemon::{InspectError, Inspector};
 
 /// Largest rules text accepted.
 pub const MAX_RULES_BYTES: usize = 1 << 20;
@@ -28,6 +28,7 @@ pub const SCAN_TIMEOUT_S: i32 = 60;
 pub const PHYSICAL_CHUNK: u64 = 64 << 20;
 /// ...that overlap by this much.
 pub const CHUNK_OVERLAP: u64 = 64 << 10;
+#[cfg(feature = "yara")]
 const PAGE: u64 = 4096;
 
 /// What to scan.
@@ -65,6 +66,7 @@ pub struct YaraReport {
 }
 
 /// Compiles `rules`; a syntax error is a bad request naming it.
+#[cfg(feature = "yara")]
 pub fn compile(rules: &str) -> Result<yara::Rules, InspectError> {
     if rules.len() > MAX_RULES_BYTES {
         return Err(InspectError::BadRequest(format!("rules are limited to {MAX_RULES_BYTES} bytes")));
@@ -77,6 +79,7 @@ pub fn compile(rules: &str) -> Result<yara::Rules, InspectError> {
 }
 
 /// Where a buffer came from, to place its matches.
+#[cfg(feature = "yara")]
 #[derive(Clone, Copy)]
 enum Origin {
     Physical { gpa: u64 },
@@ -84,6 +87,7 @@ enum Origin {
 }
 
 /// Scans `buf`, adding matches that start before `report_below` (an offset in `buf`).
+#[cfg(feature = "yara")]
 fn scan_buffer(
     rules: &yara::Rules,
     buf: &[u8],
@@ -125,6 +129,15 @@ fn scan_buffer(
     Ok(())
 }
 
+#[cfg(not(feature = "yara"))]
+impl Inspector {
+    /// This build has no libyara (the `yara` feature is off).
+    pub fn yara_scan(&self, _rules: &str, _target: YaraTarget) -> Result<YaraReport, InspectError> {
+        Err(InspectError::BadRequest("this inspector was built without YARA (the `yara` feature)".into()))
+    }
+}
+
+#[cfg(feature = "yara")]
 impl Inspector {
     /// Scans `target` with `rules` (YARA source).
     pub fn yara_scan(&self, rules: &str, target: YaraTarget) -> Result<YaraReport, InspectError> {
@@ -198,7 +211,7 @@ impl Inspector {
             let mut buf = Vec::with_capacity((end - start) as usize);
             let mut at = start;
             while at < end {
-                let n = (end - at).min(MAX_READ);
+                let n = (end - at).min(crate::daemon::MAX_READ);
                 match self.os_read_virtual(pid, at, n) {
                     Ok(bytes) => buf.extend(bytes),
                     // Something in this piece is not mapped: page by page, zeros where not.
@@ -227,7 +240,7 @@ impl Inspector {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "yara"))]
 mod tests {
     use super::*;
 

@@ -2,7 +2,8 @@
 //! no symbol files on the host: an untouched guest is clean on every check; the
 //! test rootkit (guest-images/linux/rootkit/specula_rootkit.c, a kernel module
 //! built against Debian's linux-headers for the guest kernel) hides a process,
-//! hides itself and redirects a system call, and each is reported by name; a
+//! hides itself and redirects a system call (its table entry and its direct call in
+//! `x64_sys_call`), and each is reported by name; a
 //! patched kernel text page is reported with its symbol.
 //!
 //! Needs qemu-system-x86_64 and target/guest-images/linux/ (scripts/build.sh).
@@ -97,9 +98,12 @@ fn the_test_rootkit_is_caught_naming_the_process_the_module_and_the_syscall() {
     assert_eq!(before["clean"], true, "{before:#}");
 
     let table = guest_symbol(&guest, "sys_call_table");
+    // Debian's 6.1 has the BHI backport: system calls go through x64_sys_call's direct calls.
+    let (dispatch, kill) = (guest_symbol(&guest, "x64_sys_call"), guest_symbol(&guest, "__x64_sys_kill"));
     let (status, out) = guest.console_status(
         &format!(
-            "insmod /lib/specula_rootkit.ko hide_pid={victim} sys_call_table={table:#x} syscall_nr={SYSCALL_KILL}"
+            "insmod /lib/specula_rootkit.ko hide_pid={victim} sys_call_table={table:#x} syscall_nr={SYSCALL_KILL} \
+             x64_sys_call={dispatch:#x} handler={kill:#x}"
         ),
         CONSOLE,
     );
@@ -126,6 +130,12 @@ fn the_test_rootkit_is_caught_naming_the_process_the_module_and_the_syscall() {
     assert_eq!(syscall[0]["id"].as_i64(), Some(SYSCALL_KILL), "{report:#}");
     assert_eq!(syscall[0]["name"], "kill", "named from the kernel's syscall metadata: {report:#}");
     assert_eq!(syscall[0]["detail"], "specula_rootkit (hidden)", "{report:#}");
+    let dispatch_hook = findings(&report, "syscall_dispatch_redirected");
+    assert_eq!(dispatch_hook.len(), 1, "the rewritten call in x64_sys_call: {report:#}");
+    assert_eq!(dispatch_hook[0]["detail"], "specula_rootkit (hidden)", "{report:#}");
+    // kill(2) now runs through the hook, and still works.
+    let (status, out) = guest.console_status(&format!("kill -0 {victim} && echo alive"), CONSOLE);
+    assert!(status == 0 && out.contains("alive"), "kill through the hook: {out}");
     assert!(findings(&report, "unhashed_process").is_empty(), "{report:#}");
     assert!(findings(&report, "interrupt_hooked").is_empty(), "{report:#}");
     // The same through the control socket.

