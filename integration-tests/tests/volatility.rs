@@ -102,8 +102,8 @@ fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
     }
 }
 
-/// `specula dump` (the guest paused for the copy) writes an ELF core that the same
-/// Volatility reads offline, with the same processes, and that drgn opens, finding
+/// `specula dump` (the guest paused for the copy) writes an ELF core (and a LiME file)
+/// that the same Volatility reads offline, with the same processes, and that drgn opens, finding
 /// `init_task` and `jiffies` through its kallsyms support (VMCOREINFO names the
 /// tables) and reading `linux_banner` through the kernel's page tables.
 #[test]
@@ -141,6 +141,34 @@ fn a_specula_dump_opens_in_volatility_and_drgn() {
         set.iter().filter(|(_, c)| !c.starts_with("kworker")).cloned().collect()
     };
     assert_eq!(stable(&dumped), stable(&live), "linux.pslist on the dump is the live list");
+
+    // The same memory as LiME: one 32-byte header per range, each range's bytes after it,
+    // and Volatility's LiME layer gives the same list.
+    let lime = cache.join("guest.lime");
+    let out = run_with_timeout(
+        Command::new(binary("specula"))
+            .args(["--socket", inspector.api.to_str().unwrap(), "--json", "dump", "--format", "lime"])
+            .arg(&lime),
+        LIMIT,
+    );
+    assert!(out.status.success(), "specula dump --format lime: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&lime).unwrap();
+    let (mut at, mut ranges) = (0usize, 0u64);
+    while at < bytes.len() {
+        let word = |o: usize| u64::from_le_bytes(bytes[at + o..at + o + 8].try_into().unwrap());
+        assert_eq!(&bytes[at..at + 8], &[0x45, 0x4d, 0x69, 0x4c, 1, 0, 0, 0], "a LiME header at {at}");
+        let (start, end) = (word(8), word(16));
+        assert!(end >= start, "range {start:#x}..={end:#x}");
+        at += 32 + (end - start + 1) as usize;
+        ranges += 1;
+    }
+    assert_eq!((at, ranges), (bytes.len(), summary["ranges"].as_u64().unwrap()), "headers and data tile the file");
+    drop(bytes);
+    let from_lime: BTreeSet<(u64, String)> = vol_on(lime.to_str().unwrap(), &cache.0, "linux.pslist")
+        .iter()
+        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(stable(&from_lime), stable(&live), "linux.pslist on the LiME dump is the live list");
 
     // drgn: kallsyms from the core's VMCOREINFO, virtual reads through its page tables.
     let symbols: Value = {
