@@ -122,6 +122,15 @@ impl From<SourceError> for InspectError {
 }
 
 /// Fails unless every byte of `[gpa, gpa + len)` lies in a live grant.
+/// The address of kernel symbol `name` in `symbols` (from [`Inspector::os_symbols`]).
+pub fn kernel_symbol(symbols: &[wire::SymbolRecord], name: &str) -> Result<u64, InspectError> {
+    symbols
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.address)
+        .ok_or_else(|| InspectError::Os(format!("no {name} in kallsyms")))
+}
+
 fn covered(grants: &GrantMap, gpa: u64, len: u64) -> Result<(), InspectError> {
     let end = gpa.checked_add(len).filter(|_| len > 0).ok_or_else(|| InspectError::BadRequest("empty range".into()))?;
     let mut spans: Vec<(u64, u64)> =
@@ -525,14 +534,7 @@ impl Inspector {
 
     /// The kernel's BTF blob (`__start_BTF`..`__stop_BTF`), read through the agent.
     pub fn os_btf(&self, symbols: &[wire::SymbolRecord]) -> Result<Vec<u8>, InspectError> {
-        let find = |name: &str| {
-            symbols
-                .iter()
-                .find(|s| s.name == name)
-                .map(|s| s.address)
-                .ok_or_else(|| InspectError::Os(format!("no {name} in kallsyms")))
-        };
-        let (start, stop) = (find("__start_BTF")?, find("__stop_BTF")?);
+        let (start, stop) = (kernel_symbol(symbols, "__start_BTF")?, kernel_symbol(symbols, "__stop_BTF")?);
         let len = stop
             .checked_sub(start)
             .filter(|&l| l > 0 && l <= specula_os::btf::MAX_BTF_BYTES as u64)

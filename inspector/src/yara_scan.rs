@@ -14,6 +14,8 @@
 //! says when more were left out), [`MAX_VIRTUAL_BYTES`] of virtual memory per
 //! scan, [`SCAN_TIMEOUT_S`] per buffer.
 
+#[cfg(feature = "yara")]
+use crate::daemon::kernel_symbol;
 use crate::daemon::{InspectError, Inspector};
 
 /// Largest rules text accepted.
@@ -166,14 +168,7 @@ impl Inspector {
             }
             YaraTarget::Kernel => {
                 let symbols = self.os_symbols()?;
-                let find = |name: &str| {
-                    symbols
-                        .iter()
-                        .find(|s| s.name == name)
-                        .map(|s| s.address)
-                        .ok_or_else(|| InspectError::Os(format!("no {name} in kallsyms")))
-                };
-                let (start, end) = (find("_text")?, find("_end")?);
+                let (start, end) = (kernel_symbol(&symbols, "_text")?, kernel_symbol(&symbols, "_end")?);
                 if end <= start {
                     return Err(InspectError::Os(format!("_text {start:#x} is not below _end {end:#x}")));
                 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::bench::{ms, summarize, write_section};
 use integration_tests::linux_guest::LinuxGuest;
-use integration_tests::{binary, require_kvm, Running, SourceVm, TempDir};
+use integration_tests::{binary, require_kvm, volatility, Running, SourceVm, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const GIB: u64 = 1 << 30;
@@ -209,24 +209,10 @@ fn main() {
 /// first run (which builds the symbol table), then three timed runs; then `specula
 /// dump` and three runs on the dump. Returns (first, live runs, dump, dump runs).
 fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>, Duration, Vec<Duration>) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let vol = root.join("target/python-tools/bin/vol");
-    assert!(vol.is_file(), "{} is missing: run scripts/python-tools.sh", vol.display());
     let cache = TempDir::new("bench-volatility");
     let run = |location: &str| {
         let started = Instant::now();
-        let out = Command::new(&vol)
-            .env("XDG_CACHE_HOME", &cache.0)
-            .env("SPECULA_BIN", binary("specula"))
-            .args(["--offline", "-q", "-r", "json", "--cache-path"])
-            .arg(cache.join("volatility3"))
-            .arg("-p")
-            .arg(root.join("clients/python/volatility"))
-            .arg("-f")
-            .arg(location)
-            .arg("linux.pslist")
-            .output()
-            .unwrap();
+        let out = volatility(location, &cache.0).arg("linux.pslist").output().unwrap();
         assert!(out.status.success(), "vol: {}", String::from_utf8_lossy(&out.stderr));
         started.elapsed()
     };

@@ -33,6 +33,35 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("integration-tests is in the workspace").to_path_buf()
+}
+
+/// A program of the pinned Python tools (`target/python-tools/bin/NAME`:
+/// scripts/python-tools.sh installs them); fails with what to run if missing.
+pub fn python_tool(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/python-tools/bin").join(name);
+    assert!(path.is_file(), "{} is missing: run scripts/setup.sh (scripts/python-tools.sh)", path.display());
+    path
+}
+
+/// `vol` (the pinned Volatility 3) reading `location` (a `specula://SOCKET` URL or a
+/// dump file) with Specula's plugin directory, offline, JSON output, its caches and
+/// Specula's symbol tables under `cache`; the plugin to run is for the caller to add.
+pub fn volatility(location: &str, cache: &Path) -> Command {
+    let mut cmd = Command::new(python_tool("vol"));
+    cmd.env("XDG_CACHE_HOME", cache)
+        .env("SPECULA_BIN", binary("specula"))
+        .args(["--offline", "-q", "-r", "json", "--cache-path"])
+        .arg(cache.join("volatility3"))
+        .arg("-p")
+        .arg(workspace_root().join("clients/python/volatility"))
+        .arg("-f")
+        .arg(location);
+    cmd
+}
+
 /// Path of a built guest image.
 pub fn guest(name: &str) -> PathBuf {
     let path = guest_images::image_path(name);

@@ -433,6 +433,13 @@ impl LinuxGuest {
         panic!("Linux guest (QEMU pid {}, {:?}): {why}\nQEMU stderr:\n{stderr}", self.pid(), self.config)
     }
 
+    /// The address of kernel symbol `name`, from the guest's own /proc/kallsyms.
+    pub fn kallsyms_address(&self, name: &str) -> u64 {
+        let line = self.console(&format!("grep ' {name}$' /proc/kallsyms"), Duration::from_secs(30));
+        let addr = line.split_whitespace().next().unwrap_or_else(|| panic!("{name} not in /proc/kallsyms: {line}"));
+        u64::from_str_radix(addr, 16).unwrap_or_else(|e| panic!("{name}: {addr:?}: {e}"))
+    }
+
     /// QEMU's process id (its memfds are under `/proc/PID/fd`).
     pub fn pid(&self) -> u32 {
         self.child.id()

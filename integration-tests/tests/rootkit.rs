@@ -32,13 +32,6 @@ fn specula(inspector: &GuestInspector, args: &[&str]) -> (Value, i32) {
     (json, out.status.code().unwrap_or(-1))
 }
 
-/// The address of a kernel symbol, from the guest's own /proc/kallsyms.
-fn guest_symbol(guest: &LinuxGuest, name: &str) -> u64 {
-    let line = guest.console(&format!("grep ' {name}$' /proc/kallsyms"), CONSOLE);
-    let addr = line.split_whitespace().next().unwrap_or_else(|| panic!("{name} not in /proc/kallsyms: {line}"));
-    u64::from_str_radix(addr, 16).unwrap()
-}
-
 /// The findings of one kind.
 fn findings<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
     report["findings"].as_array().unwrap().iter().filter(|f| f["kind"] == kind).collect()
@@ -70,7 +63,7 @@ fn an_untouched_guest_is_clean_and_a_patched_text_page_is_named() {
     // What an inline hook does: change a byte of kernel text (here kexec_load's
     // handler, which nothing calls), through the guest's RAM as a rootkit would.
     let (kernel, _) = specula(&inspector, &["kernel"]);
-    let va = guest_symbol(&guest, "__x64_sys_kexec_load");
+    let va = guest.kallsyms_address("__x64_sys_kexec_load");
     let start_kernel_map = 0xffff_ffff_8000_0000u64;
     let pa = (va - start_kernel_map).wrapping_add(kernel["phys_base"].as_i64().unwrap() as u64);
     let ram = std::fs::OpenOptions::new().read(true).write(true).open(&guest.ram_memfds()[0]).unwrap();
@@ -97,9 +90,9 @@ fn the_test_rootkit_is_caught_naming_the_process_the_module_and_the_syscall() {
     let (before, _) = specula(&inspector, &["checks"]);
     assert_eq!(before["clean"], true, "{before:#}");
 
-    let table = guest_symbol(&guest, "sys_call_table");
+    let table = guest.kallsyms_address("sys_call_table");
     // Debian's 6.1 has the BHI backport: system calls go through x64_sys_call's direct calls.
-    let (dispatch, kill) = (guest_symbol(&guest, "x64_sys_call"), guest_symbol(&guest, "__x64_sys_kill"));
+    let (dispatch, kill) = (guest.kallsyms_address("x64_sys_call"), guest.kallsyms_address("__x64_sys_kill"));
     let (status, out) = guest.console_status(
         &format!(
             "insmod /lib/specula_rootkit.ko hide_pid={victim} sys_call_table={table:#x} syscall_nr={SYSCALL_KILL} \

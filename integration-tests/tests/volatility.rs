@@ -10,22 +10,18 @@
 //! (scripts/setup.sh makes all three).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use integration_tests::linux_guest::{GuestInspector, LinuxGuest};
-
-/// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
-static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-use integration_tests::{binary, run_with_timeout, TempDir};
+use integration_tests::{binary, python_tool, run_with_timeout, volatility, TempDir};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+/// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
+static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// `vol -r json ... PLUGIN` against the inspector's API socket; its rows.
 fn vol(inspector: &GuestInspector, cache: &Path, plugin: &str) -> Vec<Value> {
@@ -34,21 +30,7 @@ fn vol(inspector: &GuestInspector, cache: &Path, plugin: &str) -> Vec<Value> {
 
 /// `vol -r json ... PLUGIN` on `location` (a `specula://` URL or a file); its rows.
 fn vol_on(location: &str, cache: &Path, plugin: &str) -> Vec<Value> {
-    let vol = workspace().join("target/python-tools/bin/vol");
-    assert!(vol.is_file(), "{} is missing: run scripts/setup.sh (scripts/python-tools.sh)", vol.display());
-    let out = run_with_timeout(
-        Command::new(&vol)
-            .env("XDG_CACHE_HOME", cache)
-            .env("SPECULA_BIN", binary("specula"))
-            .args(["--offline", "-q", "-r", "json", "--cache-path"])
-            .arg(cache.join("volatility3"))
-            .arg("-p")
-            .arg(workspace().join("clients/python/volatility"))
-            .arg("-f")
-            .arg(location)
-            .arg(plugin),
-        LIMIT,
-    );
+    let out = run_with_timeout(volatility(location, cache).arg(plugin), LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "vol {plugin}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
@@ -187,17 +169,14 @@ prog.register_symbol_finder("vmlinux_kallsyms", load_vmlinux_kallsyms(prog), ena
 banner = prog.read(prog.symbol("linux_banner").address, 64)
 print(hex(prog.symbol("init_task").address), hex(prog.symbol("jiffies").address), banner.split(b"\n")[0].decode())
 "#;
-    let python = workspace().join("target/python-tools/bin/python");
+    let python = python_tool("python");
     let out = run_with_timeout(Command::new(&python).arg("-c").arg(script).arg(&core), LIMIT);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "drgn: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let fields: Vec<&str> = stdout.trim().splitn(3, ' ').collect();
     let release = symbols["release"].as_str().unwrap();
     assert!(fields[2].starts_with(&format!("Linux version {release} ")), "linux_banner read by drgn: {stdout}");
-    let guest_symbol = |name: &str| {
-        let line = guest.console(&format!("grep ' {name}$' /proc/kallsyms"), Duration::from_secs(30));
-        format!("0x{}", line.split_whitespace().next().unwrap().trim_start_matches('0'))
-    };
-    assert_eq!(fields[0], guest_symbol("init_task"), "init_task: {stdout}");
-    assert_eq!(fields[1], guest_symbol("jiffies"), "jiffies: {stdout}");
+    let drgn_address = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(drgn_address(fields[0]), guest.kallsyms_address("init_task"), "init_task: {stdout}");
+    assert_eq!(drgn_address(fields[1]), guest.kallsyms_address("jiffies"), "jiffies: {stdout}");
 }

@@ -221,6 +221,12 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     pub fn rootkit_checks(&self, which: u64) -> CheckReport {
         let mut report = CheckReport::default();
         let mut hidden_modules = Vec::new();
+        // The module list names redirected handlers: walked once for both checks.
+        let listed_modules = if which & (select::SYSCALLS | select::INTERRUPTS) != 0 {
+            self.modules().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for (bit, name) in select::NAMES.iter().enumerate() {
             // Module names are needed to attribute redirected handlers, so the module
             // check runs (quietly) whenever those do.
@@ -233,8 +239,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
             let outcome = match bit {
                 0 => self.check_processes(&mut found),
                 1 => self.check_modules(&mut found).inspect(|_| hidden_modules = found.clone()),
-                2 => self.check_syscalls(&hidden_modules, &mut found),
-                3 => self.check_interrupts(&hidden_modules, &mut found),
+                2 => self.check_syscalls(&listed_modules, &hidden_modules, &mut found),
+                3 => self.check_interrupts(&listed_modules, &hidden_modules, &mut found),
                 _ => self.check_text(&mut found),
             };
             if !wanted {
@@ -492,10 +498,9 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
 
     /// System call table entries outside the core kernel text, and calls from the
     /// dispatch function into modules; returns the entries checked.
-    fn check_syscalls(&self, hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
-        let c = self.syscall_table_check()?;
-        let listed = self.modules().unwrap_or_default();
-        self.check_dispatch(&listed, hidden, out)?;
+    fn check_syscalls(&self, listed: &[Module], hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
+        let c = self.syscall_table_check_in(listed)?;
+        self.check_dispatch(listed, hidden, out)?;
         let names = self.syscall_names(u64::from(c.entries));
         for e in &c.redirected {
             out.push(Finding {
@@ -503,7 +508,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 id: i64::from(e.nr),
                 name: names.get(e.nr as usize).cloned().flatten(),
                 address: e.target,
-                detail: self.module_holding(&listed, hidden, e.target),
+                detail: self.module_holding(listed, hidden, e.target),
             });
         }
         Ok(c.entries.into())
@@ -517,7 +522,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// reaches). A kernel without `x64_sys_call` is not an error.
     fn check_dispatch(&self, listed: &[Module], hidden: &[Finding], out: &mut Vec<Finding>) -> Result<(), Error> {
         let Ok(start) = self.kallsyms.address("x64_sys_call") else { return Ok(()) };
-        let end = self.kallsyms.iter().map(|s| s.address).filter(|&a| a > start).min().unwrap_or(start);
+        let end = self.kallsyms.next_address(start).unwrap_or(start);
         let len = (end - start).min(MAX_DISPATCH_BYTES);
         let mut code = alloc::vec![0u8; len as usize];
         self.kernel.read_virt(start, &mut code)?;
@@ -565,17 +570,16 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     }
 
     /// Present interrupt gates outside the core kernel text; returns the gates checked.
-    fn check_interrupts(&self, hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
+    fn check_interrupts(&self, listed: &[Module], hidden: &[Finding], out: &mut Vec<Finding>) -> Result<u64, Error> {
         let table = self.kallsyms.address("idt_table")?;
         let (text_start, text_end) = (self.kallsyms.address("_stext")?, self.kallsyms.address("_etext")?);
         let mut raw = alloc::vec![0u8; (IDT_ENTRIES * 16) as usize];
         self.kernel.read_virt(table, &mut raw)?;
-        let listed = self.modules().unwrap_or_default();
         // Vectors the kernel never installs a handler for (reserved exceptions) keep
         // the one set up at boot: entry `vector` of `early_idt_handler_array`
         // (32 stubs of equal size, in init text). Only that exact address is accepted.
         let early = self.kallsyms.address("early_idt_handler_array").ok().and_then(|base| {
-            let end = self.kallsyms.iter().map(|s| s.address).filter(|&a| a > base).min()?;
+            let end = self.kallsyms.next_address(base)?;
             let stride = (end - base) / 32;
             (stride > 0).then_some((base, stride))
         });
@@ -599,7 +603,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 id: vector as i64,
                 name: None,
                 address: target,
-                detail: self.module_holding(&listed, hidden, target),
+                detail: self.module_holding(listed, hidden, target),
             });
         }
         Ok(present)

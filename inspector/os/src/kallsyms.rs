@@ -248,6 +248,12 @@ impl Kallsyms {
         Ok(self.lookup(name)?.address)
     }
 
+    /// The lowest symbol address above `after`: where the object at `after` ends at the
+    /// latest (tables and functions have no size in kallsyms).
+    pub fn next_address(&self, after: u64) -> Option<u64> {
+        self.iter().map(|s| s.address).filter(|&a| a > after).min()
+    }
+
     /// Every symbol in table (address) order.
     pub fn iter(&self) -> impl Iterator<Item = Symbol<'_>> {
         self.entries.iter().map(|e| self.symbol(e))

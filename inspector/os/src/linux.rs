@@ -895,10 +895,16 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// how a rootkit redirects a system call. Entries are counted up to the next symbol
     /// after `sys_call_table` (at most [`MAX_SYSCALLS`]).
     pub fn syscall_table_check(&self) -> Result<SyscallCheck, Error> {
+        self.syscall_table_check_in(&self.modules().unwrap_or_default())
+    }
+
+    /// [`Linux::syscall_table_check`], naming targets by `modules` (the module list,
+    /// already walked by the caller).
+    pub(crate) fn syscall_table_check_in(&self, modules: &[Module]) -> Result<SyscallCheck, Error> {
         let syms = &self.kallsyms;
         let table = syms.address("sys_call_table")?;
         let (text_start, text_end) = (syms.address("_stext")?, syms.address("_etext")?);
-        let next = syms.iter().map(|s| s.address).filter(|&a| a > table).min().unwrap_or(table + 8 * MAX_SYSCALLS);
+        let next = syms.next_address(table).unwrap_or(table + 8 * MAX_SYSCALLS);
         let mut entries = ((next - table) / 8).min(MAX_SYSCALLS);
         let table_pa = self.kernel.translate(table)?.pa;
         let targets: Vec<u64> =
@@ -907,7 +913,6 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         while entries > 0 && targets[entries as usize - 1] == 0 {
             entries -= 1;
         }
-        let modules = self.modules().unwrap_or_default();
         let mut redirected = Vec::new();
         for nr in 0..entries {
             let target = targets[nr as usize];
