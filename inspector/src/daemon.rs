@@ -424,11 +424,13 @@ impl Inspector {
                         range.len,
                         list.join(" ")
                     ));
+                    // The finding is recorded under the same lock the event is published
+                    // in, so a subscriber that asks for findings on seeing the event finds it.
+                    let mut watches = self.lock_watches();
                     let seq = self.events.publish(
                         "watch.changed",
                         serde_json::json!({ "watch": id, "gpa": range.gpa, "len": range.len, "pages": pages }),
                     );
-                    let mut watches = self.lock_watches();
                     if let Some(w) = watches.get_mut(id) {
                         if w.findings.len() == MAX_FINDINGS {
                             w.findings.pop_front();
