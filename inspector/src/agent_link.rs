@@ -13,6 +13,7 @@ use std::time::Duration;
 use guest_images::agent::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::doorbell::Doorbell;
+use vmm::memory::SharedMemory;
 
 /// How long one command may take (a full 1 GiB SHA-256 takes a few seconds).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -86,7 +87,7 @@ impl Drop for Completion<'_> {
 
 /// The command ring of one agent.
 pub struct AgentLink {
-    memory: GuestMemoryMmap,
+    memory: SharedMemory,
     doorbell: Arc<Doorbell>,
     free: Mutex<Vec<usize>>,
     /// Slots whose command timed out, with its sequence number: reusable only once the
@@ -98,7 +99,7 @@ pub struct AgentLink {
 impl AgentLink {
     /// Writes the ring header (before the agent boots).
     pub fn new(
-        memory: GuestMemoryMmap,
+        memory: SharedMemory,
         doorbell: Arc<Doorbell>,
         window_base: u64,
         window_len: u64,
@@ -281,8 +282,9 @@ mod tests {
 
     const WINDOW: u64 = 1 << 32;
 
-    fn ring() -> (AgentLink, GuestMemoryMmap, Arc<Doorbell>) {
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (WATCH_GPA) as usize)]).unwrap();
+    fn ring() -> (AgentLink, SharedMemory, Arc<Doorbell>) {
+        let size = (WATCH_GPA.next_multiple_of(4096)).max(vmm::memory::MIN_MEMORY);
+        let memory = vmm::memory::GuestRam::new(size).unwrap().shared_memory();
         let doorbell = Arc::new(Doorbell::new());
         let link = AgentLink::new(memory.clone(), doorbell.clone(), WINDOW, 1 << 20).unwrap();
         (link, memory, doorbell)
@@ -291,7 +293,7 @@ mod tests {
     /// A hostile or slow agent: answers each submitted slot with `answer(slot copy)` after
     /// `delay(slot copy)`, writing back whatever `answer` returns.
     fn fake_agent(
-        memory: GuestMemoryMmap,
+        memory: SharedMemory,
         doorbell: Arc<Doorbell>,
         stop: Arc<AtomicBool>,
         delay: impl Fn(&Slot) -> Duration + Send + 'static,

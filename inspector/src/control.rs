@@ -6,6 +6,8 @@
 //! 1024 bytes (`MAX_LINE`). Requests (addresses are source GPAs):
 //!
 //! - `read GPA LEN`             `ok HEX`
+//! - `audit-read GPA LEN`       `ok HEX`: what the agent reads in the window, granted or not
+//!   (revoked ranges read as zeros); audits what a compromised agent could see
 //! - `hash GPA LEN`             `ok xxh64=HEX sha256=HEX`
 //! - `scan GPA LEN HEXPATTERN`  `ok hits=N gpas=GPA,GPA,...` (at most 1000 listed)
 //! - `watch GPA LEN`            `ok id=N`
@@ -80,6 +82,11 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             let gpa = number(words.next(), "GPA")?;
             let len = number(words.next(), "LEN")?;
             Ok(hex(&inspector.read(gpa, len).map_err(e)?))
+        }
+        "audit-read" => {
+            let gpa = number(words.next(), "GPA")?;
+            let len = number(words.next(), "LEN")?;
+            Ok(hex(&inspector.audit_read(gpa, len).map_err(e)?))
         }
         "hash" => {
             let gpa = number(words.next(), "GPA")?;

@@ -21,6 +21,7 @@ use crate::agent_link::{AgentError, AgentLink};
 use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
+use crate::window::{MirrorWindow, WindowError};
 use specula_os::wire;
 use specula_os::{CheckReport, KernelInfo, Module, SyscallCheck, Vma};
 
@@ -75,12 +76,8 @@ pub enum DaemonError {
     Build(#[from] vmm::BuildError),
     #[error("KVM cannot isolate the mirror window")]
     Kvm(#[from] vmm::vstate::vm::VmError),
-    #[error("placing grant {grant} in the mirror window")]
-    Memslot {
-        grant: u64,
-        #[source]
-        source: vmm::vstate::vm::VmError,
-    },
+    #[error("placing the grants in the mirror window")]
+    Window(#[from] WindowError),
     #[error("the agent")]
     Agent(#[from] AgentError),
     #[error("cannot serve the control socket")]
@@ -151,12 +148,11 @@ fn covered(grants: &GrantMap, gpa: u64, len: u64) -> Result<(), InspectError> {
 
 struct LiveGrant {
     mapped: MappedGrant,
-    slot: u32,
 }
 
 /// Live grants by id. Requests hold a read guard from their `check_granted` until the
-/// agent is done, so a revoke (which takes the write guard to remove a memslot) never
-/// pulls memory from under a running command.
+/// agent is done, so a revoke (which takes the write guard to replace the grant's pages
+/// with zeros) never pulls memory from under a running command.
 type GrantMap = BTreeMap<u64, LiveGrant>;
 
 /// A running inspector.
@@ -167,6 +163,8 @@ pub struct Inspector {
     source: Box<dyn Source>,
     source_gone: AtomicBool,
     window_len: u64,
+    /// The memslots the grants sit in (one per run of adjacent grants).
+    window: MirrorWindow,
     /// Each watch, by id (its agent slot).
     watches: Mutex<Vec<WatchState>>,
     events: EventBus,
@@ -239,6 +237,22 @@ impl Inspector {
             return Err(InspectError::BadRequest(format!("reads are limited to {MAX_READ} bytes")));
         }
         let _granted = self.check_granted(gpa, len)?;
+        let done = self.link.call(abi::OP_READ, [gpa, len, 0, 0], &[])?;
+        Ok(done.data(0, len)?)
+    }
+
+    /// The window's bytes as the agent reads them, whether granted now or revoked since:
+    /// an audit of what a compromised agent could see (a revoked grant reads as zeros).
+    /// The range must lie inside one memslot of the window.
+    pub fn audit_read(&self, gpa: u64, len: u64) -> Result<Vec<u8>, InspectError> {
+        if len == 0 || len > MAX_READ {
+            return Err(InspectError::BadRequest(format!("audit reads are 1 to {MAX_READ} bytes")));
+        }
+        if !self.window.contains(gpa, len) {
+            return Err(InspectError::BadRequest(format!("{gpa:#x}+{len:#x} is not inside one memslot of the window")));
+        }
+        // The read guard keeps revokes out while the agent reads.
+        let _grants = self.read_grants();
         let done = self.link.call(abi::OP_READ, [gpa, len, 0, 0], &[])?;
         Ok(done.data(0, len)?)
     }
@@ -627,12 +641,14 @@ impl Inspector {
                 let removed = self.write_grants().remove(&grant_id);
                 if let Some(live) = removed {
                     let g = live.mapped.grant;
-                    // The slot goes before the mapping, and both before the acknowledgement.
-                    if let Err(e) = self.vm.remove_memslot(live.slot, WINDOW_BASE + g.gpa) {
-                        say(format_args!("cannot remove the memslot of revoked grant {grant_id}: {e}"));
-                    }
+                    // Dropping the grant puts zero pages in its place inside the run's memslot
+                    // (KVM's mappings of the old pages are zapped before that returns); all of
+                    // it happens before the acknowledgement.
                     drop(live);
-                    say(format_args!("grant {grant_id} ({:#x}+{:#x}) revoked: memslot removed", g.gpa, g.len));
+                    say(format_args!(
+                        "grant {grant_id} ({:#x}+{:#x}) revoked: its pages now read as zeros",
+                        g.gpa, g.len
+                    ));
                     self.events
                         .publish("grant.revoked", serde_json::json!({ "grant": grant_id, "gpa": g.gpa, "len": g.len }));
                 }
@@ -682,21 +698,16 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
     let vm = vmm.vm();
     // The mirror's isolation rests on read-only memslots: without them, refuse to run.
     vm.require(kvm_ioctls::Cap::ReadonlyMem, "KVM_CAP_READONLY_MEM")?;
-    let mut grants = BTreeMap::new();
-    let mut bytes = 0;
-    for m in attached.mapped {
-        let g = m.grant;
-        // SAFETY: the mapping lives in `grants` until the slot is removed (revoke) or the VM ends.
-        let slot = unsafe { vm.add_memslot(WINDOW_BASE + g.gpa, g.len, m.host_addr(), true) }
-            .map_err(|source| DaemonError::Memslot { grant: g.id, source })?;
-        bytes += g.len;
-        grants.insert(g.id, LiveGrant { mapped: m, slot });
-    }
+    let mut mapped = attached.mapped;
+    let window = MirrorWindow::place(&vm, WINDOW_BASE, &mut mapped)?;
+    let bytes: u64 = mapped.iter().map(|m| m.grant.len).sum();
+    let grants: GrantMap = mapped.into_iter().map(|m| (m.grant.id, LiveGrant { mapped: m })).collect();
     let count = grants.len();
-    let link = AgentLink::new(vmm.ram().memory().clone(), doorbell, WINDOW_BASE, window_len)?;
+    let link = AgentLink::new(vmm.ram().shared_memory(), doorbell, WINDOW_BASE, window_len)?;
     say(format_args!(
-        "attached to {}: {count} grants, {} MiB mirrored read-only at window {WINDOW_BASE:#x}; memslots ready after {:.1} ms",
+        "attached to {}: {count} grants in {} memslots, {} MiB mirrored read-only at window {WINDOW_BASE:#x}; memslots ready after {:.1} ms",
         config.source,
+        window.regions().len(),
         bytes >> 20,
         started.elapsed().as_secs_f64() * 1e3
     ));
@@ -708,6 +719,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         source: attached.source,
         source_gone: AtomicBool::new(false),
         window_len,
+        window,
         watches: Mutex::new(Vec::new()),
         events: EventBus::new(),
     });

@@ -12,4 +12,5 @@ pub mod events;
 pub mod isf;
 pub mod launch;
 pub mod source;
+pub mod window;
 pub mod yara_scan;

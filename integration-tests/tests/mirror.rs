@@ -110,18 +110,39 @@ fn a_revoked_grant_is_unmapped_before_the_source_hears_back() {
     let mut source = start_source(&dir, &[]);
     let mut inspector = Inspector::start(&dir, &source, &["--all"]);
     let id = grant_at(&source, workload::HEADER_GPA);
+    // Every grant of the 256 MiB source (128 chunks) sits in one memslot beside the agent's RAM.
     let slots_before = memslots(&inspector);
+    assert_eq!(slots_before, 2, "one memslot for the agent's RAM, one for the whole window");
+    let audit = |inspector: &Inspector, gpa: u64, len: u64| {
+        let reply = inspector.ask(&format!("audit-read {gpa:#x} {len}"));
+        let hex = reply.strip_prefix("ok ").unwrap_or_else(|| panic!("audit-read failed: {reply}")).to_string();
+        (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect::<Vec<u8>>()
+    };
+    source.poke(workload::HEADER_GPA + 0x800, b"SECRET!!");
+    let chunk_end = workload::HEADER_GPA + (2 << 20);
+    source.poke(chunk_end, b"NEIGHBOR");
+    assert_eq!(&audit(&inspector, workload::HEADER_GPA + 0x800, 8), b"SECRET!!", "audit-read sees the window");
     let reply = source.api(&format!("revoke {id}"));
     assert_eq!(reply, format!("ok revoked={id} unacknowledged="), "the inspector acknowledged in time");
-    // The API returned only after the inspector acknowledged, which it does after removing the slot.
+    // The API returned only after the inspector acknowledged, which it does after the
+    // grant's pages are replaced.
     inspector.proc.expect_line(&format!("grant {id} ("), LIMIT);
-    assert_eq!(memslots(&inspector), slots_before - 1, "the revoked grant's memslot is gone from KVM");
+    assert_eq!(memslots(&inspector), slots_before, "the merged memslot stays; only the grant's pages change");
     let reply = inspector.ask(&format!("read {:#x} 16", workload::HEADER_GPA));
     assert!(reply.starts_with("error") && reply.contains("not granted"), "{reply}");
+    // What the agent itself can read there: nothing of the source, before or after new writes.
+    let revoked = audit(&inspector, workload::HEADER_GPA, 4096);
+    let left = revoked.iter().filter(|&&b| b != 0).count();
+    assert_eq!(left, 0, "the revoked chunk reads as zeros, not {:?}", String::from_utf8_lossy(&revoked[..16]));
+    source.poke(workload::HEADER_GPA + 0x800, b"LATER!!!");
+    let across = audit(&inspector, chunk_end - 4096, 8192);
+    assert_eq!(&across[..4096], &[0u8; 4096][..], "the revoked chunk's last page reads as zeros");
+    assert_eq!(&across[4096..4104], b"NEIGHBOR", "the next grant in the same memslot still reads the source");
     assert!(!source.api("grants").split_whitespace().any(|g| g.starts_with(&format!("{id}:"))));
     assert!(inspector.ask("read 0x0 16").starts_with("ok"), "other grants keep working");
     // The source runs on over its re-homed memory.
     source.poke(workload::HEADER_GPA + 0x800, b"REHOMED!");
+    assert_eq!(audit(&inspector, workload::HEADER_GPA + 0x800, 8), vec![0u8; 8]);
     // By default the source does not grant a revoked range to the same uid again.
     let out = integration_tests::run_with_timeout(
         Command::new(binary("inspector")).args(["--source-socket", source.mirror.to_str().unwrap()]).args([

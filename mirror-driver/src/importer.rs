@@ -65,6 +65,8 @@ pub struct MappedGrant {
     map_len: usize,
     /// Address of the grant's first byte in this process.
     host_addr: u64,
+    /// Moved into a caller's reservation ([`MappedGrant::relocate`]).
+    relocated: bool,
     _fd: OwnedFd,
 }
 
@@ -79,6 +81,42 @@ impl MappedGrant {
         self.host_addr
     }
 
+    /// Bytes this grant's mapping spans (whole pages).
+    pub fn map_len(&self) -> u64 {
+        self.map_len as u64
+    }
+
+    /// Moves the mapping to `addr` (page-aligned), so that grants side by side in
+    /// guest-physical space sit side by side in this process and one memslot covers them.
+    /// From then on, dropping the grant leaves private zero pages where it was instead of
+    /// a hole: the memslot over it keeps a backing that holds nothing of the source, and
+    /// no later mapping of this process can land inside the memslot.
+    ///
+    /// # Safety
+    /// `addr..addr + self.map_len()` must be a mapping the caller owns and hands over to
+    /// this grant for the life of the process (the caller never unmaps it).
+    pub unsafe fn relocate(&mut self, addr: u64) -> Result<(), ImportError> {
+        // SAFETY: moves exactly this grant's mapping over the caller's reservation (the
+        // caller's contract); MREMAP_FIXED replaces what was there atomically.
+        let moved = unsafe {
+            libc::mremap(
+                self.map_base,
+                self.map_len,
+                self.map_len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                addr as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            return Err(ImportError::Map { grant: self.grant.id, source: std::io::Error::last_os_error() });
+        }
+        let lead = self.host_addr - self.map_base as u64;
+        self.map_base = moved;
+        self.host_addr = moved as u64 + lead;
+        self.relocated = true;
+        Ok(())
+    }
+
     /// The granted bytes. They change as the source guest runs.
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: host_addr..+len lies inside the live PROT_READ mapping.
@@ -88,8 +126,34 @@ impl MappedGrant {
 
 impl Drop for MappedGrant {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping this object created.
-        unsafe { libc::munmap(self.map_base, self.map_len) };
+        if !self.relocated {
+            // SAFETY: unmapping exactly the mapping this object created.
+            unsafe { libc::munmap(self.map_base, self.map_len) };
+            return;
+        }
+        // SAFETY: replaces exactly this grant's mapping, inside the reservation it was
+        // handed, with private zero pages; the kernel's MMU notifiers zap every secondary
+        // mapping (KVM's) of the old pages before mmap returns.
+        let zeros = unsafe {
+            libc::mmap(
+                self.map_base,
+                self.map_len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if zeros == libc::MAP_FAILED {
+            // The old mapping may be gone and a hole left inside a memslot, where a later
+            // mapping of this process could land and be read by the agent: stop here.
+            eprintln!(
+                "mirror: cannot put zero pages in place of grant {} ({}); aborting rather than leave a hole",
+                self.grant.id,
+                std::io::Error::last_os_error()
+            );
+            std::process::abort();
+        }
     }
 }
 
@@ -144,7 +208,14 @@ fn map_checked(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
     if base == libc::MAP_FAILED {
         return Err(ImportError::Map { grant: grant.id, source: std::io::Error::last_os_error() });
     }
-    Ok(MappedGrant { grant, map_base: base, map_len: map_len as usize, host_addr: base as u64 + lead, _fd: fd })
+    Ok(MappedGrant {
+        grant,
+        map_base: base,
+        map_len: map_len as usize,
+        host_addr: base as u64 + lead,
+        relocated: false,
+        _fd: fd,
+    })
 }
 
 /// Fails unless the grant is page-aligned, non-empty and lies inside the fd's file
@@ -448,6 +519,7 @@ fn unexpected(message: Message) -> ImportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
     use std::os::unix::net::UnixListener;
 
     /// A source that answers each request first with a stale reply (another id), then
@@ -493,6 +565,38 @@ mod tests {
             crate::memfd::seal_future_writes(&file).unwrap();
         }
         std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap().into()
+    }
+
+    #[test]
+    fn a_relocated_grant_leaves_zero_pages_not_a_hole_when_dropped() {
+        let file = crate::memfd::create_ram_memfd(8192).unwrap();
+        file.write_all_at(b"SOURCE!!", 4096).unwrap();
+        crate::memfd::seal_future_writes(&file).unwrap();
+        let fd: OwnedFd = std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap().into();
+        let mut mapped = map_grant(Grant { id: 7, gpa: 0, len: 8192, fd_index: 0, offset: 0 }, fd).unwrap();
+        // SAFETY: a fresh anonymous reservation of our own, never unmapped by this test
+        // until the grant is gone.
+        let reservation = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(reservation, libc::MAP_FAILED);
+        // SAFETY: the reservation is ours and exactly as long as the grant's mapping.
+        unsafe { mapped.relocate(reservation as u64) }.unwrap();
+        assert_eq!(mapped.host_addr(), reservation as u64);
+        assert_eq!(&mapped.bytes()[4096..4104], b"SOURCE!!");
+        drop(mapped);
+        // SAFETY: the dropped grant left a readable private mapping there.
+        let after = unsafe { std::slice::from_raw_parts(reservation as *const u8, 8192) };
+        assert!(after.iter().all(|&b| b == 0), "the source's bytes are gone, and the range still reads");
+        // SAFETY: the test's own reservation, no longer used.
+        unsafe { libc::munmap(reservation, 8192) };
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! grant overlaps (an fd always exposes its whole file). Every chunk keeps its
 //! fd, file offset and guest address reachable through [`GuestRam::regions`].
 //!
+//! Chunks side by side in guest-physical space are mapped back to back in one
+//! reserved address range, so each contiguous run of RAM (below and above the MMIO
+//! gap) is one KVM memslot: KVM pays an SRCU synchronisation per memslot change and
+//! per dirty-log query, so their number stays two whatever the RAM size.
+//!
 //! The mirror device seals a chunk against future writes before it grants it
 //! (see `mirror_driver::memfd`), and may re-home a chunk into a fresh memfd on
 //! revocation; [`GuestRam::chunk_file`] is the file the chunk was born with.
@@ -41,11 +46,24 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot reserve {len:#x} bytes of address space for guest RAM at {gpa:#x}")]
+    Reserve {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot map guest RAM chunk at {gpa:#x}")]
     Map {
         gpa: u64,
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
+    },
+    #[error("cannot describe guest RAM chunk at {gpa:#x} to vm-memory")]
+    Region {
+        gpa: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
     },
     #[error("cannot assemble guest RAM regions")]
     Collection(#[source] vm_memory::GuestRegionCollectionError),
@@ -66,9 +84,47 @@ pub struct RamRegion {
     pub host_addr: u64,
 }
 
+/// A contiguous run of guest RAM, mapped back to back in this process: one memslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamSlot {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub host_addr: u64,
+}
+
+/// The address ranges guest RAM is mapped in; unmapped when the last holder is gone.
+#[derive(Debug)]
+struct Reservations(Vec<RamSlot>);
+
+impl Drop for Reservations {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            // SAFETY: each range was reserved by `reserve` for guest RAM and nothing else;
+            // the last holder of the mappings is going.
+            unsafe { libc::munmap(slot.host_addr as *mut libc::c_void, slot.size as usize) };
+        }
+    }
+}
+
+/// A clone of guest RAM's vm-memory view that keeps its mappings alive (a plain clone
+/// of [`GuestRam::memory`] must not outlive the [`GuestRam`]).
+#[derive(Clone)]
+pub struct SharedMemory {
+    memory: GuestMemoryMmap,
+    _mappings: Arc<Reservations>,
+}
+
+impl std::ops::Deref for SharedMemory {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
+
 /// Guest RAM of one VM.
 pub struct GuestRam {
     memory: GuestMemoryMmap,
+    mappings: Arc<Reservations>,
     chunk_files: Vec<Arc<File>>,
     regions: Vec<RamRegion>,
     size: u64,
@@ -94,25 +150,37 @@ impl GuestRam {
         let mut mmap_regions = Vec::new();
         let mut regions = Vec::new();
         let mut chunk_files = Vec::new();
+        let mut mappings = Reservations(Vec::new());
         for (start, len) in split_around_mmio_gap(size) {
+            let base = reserve(len).map_err(|source| MemoryError::Reserve { gpa: start, len, source })?;
+            mappings.0.push(RamSlot { guest_addr: start, size: len, host_addr: base });
             let mut gpa = start;
             while gpa < start + len {
                 let chunk_len = chunk_size.min(start + len - gpa);
                 let file = Arc::new(
                     create_ram_memfd(chunk_len).map_err(|source| MemoryError::Memfd { size: chunk_len, source })?,
                 );
-                let region = GuestRegionMmap::from_range(
-                    GuestAddress(gpa),
-                    chunk_len as usize,
-                    Some(FileOffset::from_arc(file.clone(), 0)),
-                )
-                .map_err(|source| MemoryError::Map { gpa, source })?;
+                let host_addr = base + (gpa - start);
+                map_chunk(&file, host_addr, chunk_len).map_err(|source| MemoryError::Map { gpa, source })?;
+                // SAFETY: host_addr..+chunk_len is the chunk's mapping just made, inside a
+                // reservation that `mappings` keeps until every holder of the regions is gone.
+                let mapping = unsafe {
+                    vm_memory::mmap::MmapRegionBuilder::new(chunk_len as usize)
+                        .with_raw_mmap_pointer(host_addr as *mut u8)
+                        .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+                        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_FIXED)
+                        .build()
+                }
+                .map_err(|source| MemoryError::Region { gpa, source })?;
+                let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                    .expect("a chunk below 1 TiB does not wrap the address space");
                 regions.push(RamRegion {
                     guest_addr: gpa,
                     size: chunk_len,
                     chunk: chunk_files.len(),
                     file_offset: 0,
-                    host_addr: region.as_ptr() as u64,
+                    host_addr,
                 });
                 chunk_files.push(file);
                 mmap_regions.push(region);
@@ -120,12 +188,23 @@ impl GuestRam {
             }
         }
         let memory = GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Collection)?;
-        Ok(Self { memory, chunk_files, regions, size, chunk_size })
+        Ok(Self { memory, mappings: Arc::new(mappings), chunk_files, regions, size, chunk_size })
     }
 
-    /// The vm-memory view used by loaders and devices.
+    /// The vm-memory view used by loaders and devices. Hold a [`GuestRam::shared_memory`]
+    /// rather than a clone of it where the view may outlive this `GuestRam`.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// A clone of the vm-memory view that keeps the mappings alive for as long as it lives.
+    pub fn shared_memory(&self) -> SharedMemory {
+        SharedMemory { memory: self.memory.clone(), _mappings: self.mappings.clone() }
+    }
+
+    /// The contiguous runs of RAM (one each side of the MMIO gap), each one memslot.
+    pub fn slots(&self) -> &[RamSlot] {
+        &self.mappings.0
     }
 
     /// The sealed memfd of chunk `index`.
@@ -183,6 +262,46 @@ impl GuestRam {
     }
 }
 
+/// Reserves `len` bytes of address space that nothing can touch until chunks are mapped over it.
+fn reserve(len: u64) -> std::io::Result<u64> {
+    // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(base as u64)
+}
+
+/// Maps all of `file` read-write and shared at `host_addr`, over part of a reservation.
+fn map_chunk(file: &File, host_addr: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: host_addr..+len lies inside a reservation of our own (PROT_NONE until now),
+    // which MAP_FIXED replaces; the file is at least `len` bytes long.
+    let at = unsafe {
+        libc::mmap(
+            host_addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Default chunk size: 2 MiB, growing in powers of two so a VM has at most ~1024 chunks.
 pub fn default_chunk_size(size: u64) -> u64 {
     size.div_ceil(TARGET_CHUNKS).max(MIN_CHUNK).next_power_of_two()
@@ -226,6 +345,10 @@ mod tests {
         assert_eq!(ram.regions()[31].guest_addr + ram.regions()[31].size, 64 << 20);
         let first = ram.memory().iter().next().unwrap();
         assert_eq!((first.start_addr().0, first.len()), (0, MIN_CHUNK), "vm-memory sees the same chunks");
+        // All 32 chunks sit back to back in one mapping: one memslot.
+        assert_eq!(ram.slots().len(), 1);
+        assert!(ram.regions().windows(2).all(|w| w[1].host_addr == w[0].host_addr + w[0].size));
+        assert_eq!(ram.slots()[0], RamSlot { guest_addr: 0, size: 64 << 20, host_addr: ram.regions()[0].host_addr });
     }
 
     #[test]
@@ -239,6 +362,8 @@ mod tests {
         assert!(ram.contains_range(MMIO_GAP_END, 4096));
         assert!(!ram.contains_range(MMIO_GAP_START, 4096));
         assert_eq!(ram.low_ram_end(), MMIO_GAP_START);
+        let slots: Vec<(u64, u64)> = ram.slots().iter().map(|s| (s.guest_addr, s.size)).collect();
+        assert_eq!(slots, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]);
     }
 
     #[test]

@@ -122,11 +122,11 @@ impl Vm {
         self.fd.create_pit2(pit).map_err(VmError::CreatePit)
     }
 
-    /// Registers every RAM region as a writable memslot.
+    /// Registers each contiguous run of RAM as one writable memslot.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
-        for region in ram.regions() {
+        for slot in ram.slots() {
             // SAFETY: GuestRam keeps its mappings for the life of the VMM, which outlives the VM.
-            unsafe { self.add_memslot(region.guest_addr, region.size, region.host_addr, false)? };
+            unsafe { self.add_memslot(slot.guest_addr, slot.size, slot.host_addr, false)? };
         }
         Ok(())
     }
