@@ -195,6 +195,35 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             }
             [changed, 0, 0, 0]
         }
+        OP_WATCH_CHECK_PAGES => {
+            let id = a0 as usize;
+            // SAFETY: one vCPU runs the agent.
+            let (gpa, len) = *unsafe { (*core::ptr::addr_of!(WATCHES)).get(id).ok_or(STATUS_BAD_ARGS)? };
+            let count = a1 as usize;
+            if len == 0 || count > MAX_CHECK_PAGES {
+                return Err(STATUS_BAD_ARGS);
+            }
+            let src = window.slice(gpa, len).ok_or(STATUS_OUT_OF_WINDOW)?;
+            let digests = baseline(id);
+            let io = data(i);
+            let mut changed = 0usize;
+            for n in 0..count {
+                let page = u64::from_le_bytes(io[n * 8..n * 8 + 8].try_into().map_err(|_| STATUS_BAD_ARGS)?);
+                if page < gpa || page >= gpa + len || page % PAGE != 0 {
+                    return Err(STATUS_BAD_ARGS);
+                }
+                let index = ((page - gpa) / PAGE) as usize;
+                let at = index * PAGE as usize;
+                let now = xxh64::xxh64(&src[at..at + PAGE as usize], 0);
+                if now != digests[index] {
+                    digests[index] = now;
+                    // changed <= n: the output never overtakes the input still to read.
+                    io[changed * 8..changed * 8 + 8].copy_from_slice(&page.to_le_bytes());
+                    changed += 1;
+                }
+            }
+            [changed as u64, 0, 0, 0]
+        }
         OP_WRITE_PROBE => {
             let target = window.slice(a0, 1).ok_or(STATUS_OUT_OF_WINDOW)?.as_ptr() as *mut u8;
             // SAFETY: a deliberate write into a read-only memslot: KVM turns it into an MMIO

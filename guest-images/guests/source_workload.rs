@@ -6,9 +6,13 @@
 //! - `poke GPA HEX`       write the bytes HEX at guest-physical address GPA
 //! - `text-modify OFFSET` flip one byte of the kernel text (an integrity watch sees it)
 //! - `text-restore`       rewrite the kernel text to its pristine bytes
+//! - `text-flip OFFSET`   flip one byte of the kernel text and flip it back at once
 //! - `reuse-pages N`      free N pool pages and reuse them with new contents
 //! - `fill GPA LEN SEED`  fill a range (at or above 32 MiB) with data and planted needles
 //! - `stamp N`            publish N (sequence, TSC) pairs at STAMP_GPA, ~20 us apart
+//! - `churn GPA LEN RATE TSC_HZ` from now on write one word of a pseudo-random page of
+//!   the range (at or above 32 MiB) RATE times a second (TSC_HZ: the TSC's frequency);
+//!   RATE 0 stops
 //! - `exit STATUS`        end the VM with STATUS
 #![no_std]
 #![no_main]
@@ -24,6 +28,40 @@ use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use workload::*;
+
+/// Page writes the `churn` command keeps up: (range start, pages, TSC cycles between
+/// writes, next write's TSC, generator state). Pages 0 when off.
+struct Churn {
+    gpa: u64,
+    pages: u64,
+    cycles: u64,
+    next: u64,
+    state: u64,
+}
+
+static mut CHURN: Churn = Churn { gpa: 0, pages: 0, cycles: 0, next: 0, state: 0x9e37_79b9_7f4a_7c15 };
+
+/// Iterations between churn deadline checks (each reads the TSC).
+const CHURN_CHECK_INTERVAL: u64 = 256;
+
+/// Writes every page write that is due (catching up after a pause, at most 1 s worth).
+fn churn_tick() {
+    // SAFETY: the main loop's vCPU is the only user of CHURN.
+    let c = unsafe { &mut *core::ptr::addr_of_mut!(CHURN) };
+    if c.pages == 0 {
+        return;
+    }
+    let now = rt::rdtsc();
+    let mut due = 0;
+    while c.next <= now && due < 1_000_000 {
+        c.state = c.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let page = (c.state >> 33) % c.pages;
+        // SAFETY: the range was checked to be this guest's RAM above its code when set.
+        unsafe { write_volatile((c.gpa + page * 4096 + (c.state & 0x1f8)) as *mut u64, c.state) };
+        c.next += c.cycles;
+        due += 1;
+    }
+}
 
 /// Iterations between looks at COM1 input (each look is a VM exit).
 const INPUT_POLL_INTERVAL: u64 = 1 << 14;
@@ -137,6 +175,9 @@ fn main(info: &rt::BootInfo) -> u8 {
             let t = task((it as usize) % TASK_COUNT);
             write_volatile(&mut (*t).runtime, read_volatile(&(*t).runtime) + 1);
             write_volatile(&mut (*t).state, if it & 1 == 0 { TASK_RUNNING } else { TASK_SLEEPING });
+        }
+        if it % CHURN_CHECK_INTERVAL == 0 {
+            churn_tick();
         }
         if it % INPUT_POLL_INTERVAL == 0 {
             if let Some(status) = input.poll(info) {
@@ -252,6 +293,18 @@ fn run_command(line: &[u8], info: &rt::BootInfo) -> Option<u8> {
             unsafe { write_volatile(byte, !read_volatile(byte)) };
             Ok(())
         })(),
+        "text-flip" => (|| {
+            let offset = words.next().and_then(parse_u64).ok_or("text-flip needs OFFSET")? as usize;
+            let text = text();
+            let byte = text.get_mut(offset).ok_or("text-flip OFFSET is past the text")?;
+            // SAFETY: a byte of this guest's text region, flipped and flipped back at once:
+            // a patch that is gone before anyone looks.
+            unsafe {
+                write_volatile(byte, !read_volatile(byte));
+                write_volatile(byte, !read_volatile(byte));
+            }
+            Ok(())
+        })(),
         "text-restore" => {
             fill_text(text());
             Ok(())
@@ -300,6 +353,23 @@ fn run_command(line: &[u8], info: &rt::BootInfo) -> Option<u8> {
                     core::hint::spin_loop();
                 }
             }
+            Ok(())
+        })(),
+        "churn" => (|| {
+            let gpa = words.next().and_then(parse_u64).ok_or("churn needs GPA")?;
+            let len = words.next().and_then(parse_u64).ok_or("churn needs LEN")?;
+            let rate = words.next().and_then(parse_u64).ok_or("churn needs RATE")?;
+            let hz = words.next().and_then(parse_u64).ok_or("churn needs TSC_HZ")?;
+            let in_ram = info.memmap.iter().any(|e| e.kind == 1 && gpa >= e.addr && gpa.saturating_add(len) <= e.addr + e.size);
+            if rate != 0 && (!in_ram || gpa < FILL_MIN_GPA || gpa % 4096 != 0 || len < 4096) {
+                return Err("churn range must be page-aligned RAM at or above 32 MiB");
+            }
+            // SAFETY: the main loop's vCPU is the only user of CHURN.
+            let c = unsafe { &mut *core::ptr::addr_of_mut!(CHURN) };
+            c.pages = if rate == 0 { 0 } else { len / 4096 };
+            c.gpa = gpa;
+            c.cycles = if rate == 0 { 0 } else { (hz / rate).max(1) };
+            c.next = rt::rdtsc();
             Ok(())
         })(),
         "exit" => {

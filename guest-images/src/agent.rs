@@ -88,6 +88,12 @@ pub const OP_OS_SYSCALLS: u32 = 14;
 pub const OP_OS_CHECKS: u32 = 15;
 /// `args = [start, max]`: kallsyms entries `start..start+max` (as many as fit) and the total.
 pub const OP_OS_SYMBOLS: u32 = 16;
+/// `args = [watch, count]`, `count` page GPAs (u64s) at the data area's start: re-hashes
+/// only those pages of the watch; `result[0]` = how many changed, their GPAs written over
+/// the input. The baseline of each moves to its current contents.
+pub const OP_WATCH_CHECK_PAGES: u32 = 17;
+/// Most pages one [`OP_WATCH_CHECK_PAGES`] command carries.
+pub const MAX_CHECK_PAGES: usize = DATA_SLOT_SIZE as usize / 8;
 /// Most granted ranges an OS command carries.
 pub const MAX_OS_RANGES: usize = 4096;
 

@@ -268,7 +268,10 @@ pub struct WatchInfo {
     pub id: usize,
     pub gpa: u64,
     pub len: u64,
-    /// `hash`: each interval the agent re-hashes every page (sources without dirty logging).
+    /// `dirty-log`: the source's dirty-page feed says which pages were written and only
+    /// those are re-hashed (a write then restore between two checks is still reported);
+    /// `hash`: each interval the agent re-hashes every page (sources without dirty logging,
+    /// and watches checked on request).
     pub mode: String,
     /// Whether the inspector polls it (findings and events) or only checks it on request.
     pub polled: bool,
@@ -279,7 +282,10 @@ pub struct WatchInfo {
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct FindingInfo {
     pub seq: u64,
+    /// Pages written since the previous finding (changed, or restored).
     pub pages: Vec<u64>,
+    /// Of `pages`, those whose contents were written and put back between two checks.
+    pub restored: Vec<u64>,
 }
 
 /// The source's Linux kernel, found in its RAM with no symbols.
@@ -610,11 +616,11 @@ async fn list_watches(State(s): State<AppState>) -> ApiResult<Vec<WatchInfo>> {
         s.inspector
             .watches()
             .into_iter()
-            .map(|(id, r, polled, findings)| WatchInfo {
+            .map(|(id, r, polled, findings, mode)| WatchInfo {
                 id,
                 gpa: r.gpa,
                 len: r.len,
-                mode: "hash".into(),
+                mode: mode.name().into(),
                 polled,
                 findings,
             })
@@ -628,7 +634,8 @@ async fn create_watch(State(s): State<AppState>, Json(q): Json<WatchRequest>) ->
     let (gpa, len) = (number(&q.gpa, "gpa")?, number(&q.len, "len")?);
     let inspector = s.inspector.clone();
     let id = blocking(move || inspector.watch(gpa, len, true)).await?;
-    Ok(Json(WatchInfo { id, gpa, len, mode: "hash".into(), polled: true, findings: 0 }))
+    let mode = s.inspector.polled_watch_mode().name().into();
+    Ok(Json(WatchInfo { id, gpa, len, mode, polled: true, findings: 0 }))
 }
 
 /// Deletes a watch (control clients).
@@ -640,7 +647,13 @@ async fn delete_watch(State(s): State<AppState>, UrlPath(id): UrlPath<usize>) ->
 
 #[utoipa::path(get, path = "/v1/watches/{id}/findings", params(("id" = usize, Path)), responses((status = 200, body = [FindingInfo])))]
 async fn findings(State(s): State<AppState>, UrlPath(id): UrlPath<usize>) -> ApiResult<Vec<FindingInfo>> {
-    Ok(Json(s.inspector.findings(id)?.into_iter().map(|f| FindingInfo { seq: f.seq, pages: f.pages }).collect()))
+    Ok(Json(
+        s.inspector
+            .findings(id)?
+            .into_iter()
+            .map(|f| FindingInfo { seq: f.seq, pages: f.pages, restored: f.restored })
+            .collect(),
+    ))
 }
 
 /// Pauses the source's vCPUs (control clients; QEMU sources, and Specula sources that allow it).

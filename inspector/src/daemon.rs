@@ -2,7 +2,7 @@
 //! every grant in the agent VM's mirror window as a read-only memslot, boot the
 //! agent, react to source events, and answer analysis requests.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -61,6 +61,8 @@ pub struct DaemonConfig {
     pub watches: Vec<Range>,
     pub watch_interval: Duration,
     pub kvm_path: PathBuf,
+    /// Whether to subscribe to the source's dirty-page feed (where it has one).
+    pub dirty_log: bool,
 }
 
 /// Failures of the daemon.
@@ -165,6 +167,8 @@ pub struct Inspector {
     window_len: u64,
     /// The memslots the grants sit in (one per run of adjacent grants).
     window: MirrorWindow,
+    /// The source's dirty-page feed, when it has one: polled watches then use it.
+    dirty_feed: bool,
     /// Each watch, by id (its agent slot).
     watches: Mutex<Vec<WatchState>>,
     events: EventBus,
@@ -174,7 +178,31 @@ pub struct Inspector {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub seq: u64,
+    /// Pages written since the last report: changed, or restored (below).
     pub pages: Vec<u64>,
+    /// Of `pages`, those the source wrote whose contents are back to what was last seen:
+    /// a modify-then-restore between two checks (dirty-log watches only).
+    pub restored: Vec<u64>,
+}
+
+/// How a polled watch learns what changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Every check re-hashes every watched page.
+    Hash,
+    /// The source's dirty-page feed says which pages were written; only those are
+    /// re-hashed, and a page written and restored between two checks is still reported.
+    DirtyLog,
+}
+
+impl WatchMode {
+    /// The API's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            WatchMode::Hash => "hash",
+            WatchMode::DirtyLog => "dirty-log",
+        }
+    }
 }
 
 /// Findings kept per watch (the oldest go first).
@@ -185,6 +213,49 @@ struct WatchState {
     polled: bool,
     deleted: bool,
     findings: VecDeque<Finding>,
+    mode: WatchMode,
+    /// Pages the dirty-log feed reported written since the last poll.
+    written: BTreeSet<u64>,
+    /// Pages that may have been written (a coalesced report, or the first report after the
+    /// watch was set, which may predate it): re-hashed, reported only if changed.
+    maybe_written: BTreeSet<u64>,
+    /// Whether a dirty report arrived since the watch was set.
+    primed: bool,
+}
+
+impl WatchState {
+    fn new(range: Range, polled: bool, mode: WatchMode) -> Self {
+        Self {
+            range,
+            polled,
+            deleted: false,
+            findings: VecDeque::new(),
+            mode,
+            written: BTreeSet::new(),
+            maybe_written: BTreeSet::new(),
+            primed: false,
+        }
+    }
+
+    /// Records the pages of a range the source's VMM wrote itself (not in the dirty log).
+    fn note_host_write(&mut self, range: Range) {
+        let lo = range.gpa.max(self.range.gpa) & !(PAGE - 1);
+        let hi = range.gpa.saturating_add(range.len).min(self.range.gpa + self.range.len);
+        self.written.extend((lo..hi).step_by(PAGE as usize));
+    }
+
+    /// Records the pages of `runs` inside this watch.
+    fn note_written(&mut self, coalesced: bool, runs: &[Range]) {
+        let exact = !coalesced && self.primed;
+        self.primed = true;
+        let (lo_bound, hi_bound) = (self.range.gpa, self.range.gpa + self.range.len);
+        for r in runs {
+            let lo = r.gpa.max(lo_bound) & !(PAGE - 1);
+            let hi = r.gpa.saturating_add(r.len).min(hi_bound);
+            let set = if exact { &mut self.written } else { &mut self.maybe_written };
+            set.extend((lo..hi).step_by(PAGE as usize));
+        }
+    }
 }
 
 fn say(line: std::fmt::Arguments) {
@@ -359,7 +430,8 @@ impl Inspector {
             None => return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches"))),
         };
         self.link.call(abi::OP_WATCH_SET, [id as u64, gpa, len, 0], &[])?;
-        let state = WatchState { range: Range { gpa, len }, polled, deleted: false, findings: VecDeque::new() };
+        let mode = if polled && self.dirty_feed { WatchMode::DirtyLog } else { WatchMode::Hash };
+        let state = WatchState::new(Range { gpa, len }, polled, mode);
         if id == watches.len() {
             watches.push(state);
         } else {
@@ -383,15 +455,64 @@ impl Inspector {
         }
     }
 
-    /// Every live watch: (id, range, polled, findings kept).
-    pub fn watches(&self) -> Vec<(usize, Range, bool, usize)> {
+    /// Every live watch: (id, range, polled, findings kept, mode).
+    pub fn watches(&self) -> Vec<(usize, Range, bool, usize, WatchMode)> {
         let watches = self.lock_watches();
         watches
             .iter()
             .enumerate()
             .filter(|(_, w)| !w.deleted)
-            .map(|(id, w)| (id, w.range, w.polled, w.findings.len()))
+            .map(|(id, w)| (id, w.range, w.polled, w.findings.len(), w.mode))
             .collect()
+    }
+
+    /// The mode a new polled watch runs in.
+    pub fn polled_watch_mode(&self) -> WatchMode {
+        if self.dirty_feed {
+            WatchMode::DirtyLog
+        } else {
+            WatchMode::Hash
+        }
+    }
+
+    /// Re-hashes only `pages` of watch `id` in the agent; returns those that changed.
+    fn check_pages(&self, id: usize, range: Range, pages: &[u64]) -> Result<Vec<u64>, InspectError> {
+        let _granted = self.check_granted(range.gpa, range.len)?;
+        let mut changed = Vec::new();
+        for batch in pages.chunks(abi::MAX_CHECK_PAGES) {
+            let input: Vec<u8> = batch.iter().flat_map(|p| p.to_le_bytes()).collect();
+            let done = self.link.call(abi::OP_WATCH_CHECK_PAGES, [id as u64, batch.len() as u64, 0, 0], &input)?;
+            let claimed = done.result[0];
+            if claimed > batch.len() as u64 {
+                return Err(InspectError::BadReply(format!("{claimed} changed pages of {} checked", batch.len())));
+            }
+            let got = done.u64s(0, claimed, batch.len() as u64)?;
+            if let Some(bad) = got.iter().find(|p| batch.binary_search(p).is_err()) {
+                return Err(InspectError::BadReply(format!("changed page {bad:#x} was not asked about")));
+            }
+            changed.extend(got);
+        }
+        Ok(changed)
+    }
+
+    /// What a dirty-log watch has to report since the last poll: (changed or restored
+    /// pages, the restored ones); nothing is asked of the agent when nothing was written.
+    fn poll_dirty_watch(&self, id: usize, range: Range) -> Result<(Vec<u64>, Vec<u64>), InspectError> {
+        let (written, maybe) = {
+            let mut watches = self.lock_watches();
+            let Some(w) = watches.get_mut(id) else { return Ok((Vec::new(), Vec::new())) };
+            (std::mem::take(&mut w.written), std::mem::take(&mut w.maybe_written))
+        };
+        if written.is_empty() && maybe.is_empty() {
+            // Nothing written; a revoked range fails here as it would when hashed.
+            covered(&self.read_grants(), range.gpa, range.len)?;
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let pages: Vec<u64> = written.union(&maybe).copied().collect();
+        let changed: BTreeSet<u64> = self.check_pages(id, range, &pages)?.into_iter().collect();
+        let restored: Vec<u64> = written.difference(&changed).copied().collect();
+        let reported: Vec<u64> = changed.union(&restored.iter().copied().collect()).copied().collect();
+        Ok((reported, restored))
     }
 
     /// The findings kept for a polled watch, oldest first.
@@ -420,17 +541,25 @@ impl Inspector {
     /// Checks every polled watch once: records and publishes what changed; a watch whose
     /// check fails (its range revoked) stops being polled, with one `watch.failed` event.
     fn poll_watches(&self) {
-        let polled: Vec<(usize, Range)> = self
+        let polled: Vec<(usize, Range, WatchMode)> = self
             .lock_watches()
             .iter()
             .enumerate()
             .filter(|(_, w)| w.polled && !w.deleted)
-            .map(|(id, w)| (id, w.range))
+            .map(|(id, w)| (id, w.range, w.mode))
             .collect();
-        for (id, range) in polled {
-            match self.check(id) {
-                Ok(pages) if !pages.is_empty() => {
-                    let list: Vec<String> = pages.iter().take(8).map(|p| format!("{p:#x}")).collect();
+        for (id, range, mode) in polled {
+            let outcome = match mode {
+                WatchMode::Hash => self.check(id).map(|pages| (pages, Vec::new())),
+                WatchMode::DirtyLog => self.poll_dirty_watch(id, range),
+            };
+            match outcome {
+                Ok((pages, restored)) if !pages.is_empty() => {
+                    let list: Vec<String> = pages
+                        .iter()
+                        .take(8)
+                        .map(|p| if restored.contains(p) { format!("{p:#x}(restored)") } else { format!("{p:#x}") })
+                        .collect();
                     say(format_args!(
                         "integrity watch {id}: {} page(s) of {:#x}+{:#x} changed: {}",
                         pages.len(),
@@ -443,13 +572,16 @@ impl Inspector {
                     let mut watches = self.lock_watches();
                     let seq = self.events.publish(
                         "watch.changed",
-                        serde_json::json!({ "watch": id, "gpa": range.gpa, "len": range.len, "pages": pages }),
+                        serde_json::json!({
+                            "watch": id, "gpa": range.gpa, "len": range.len, "pages": pages,
+                            "restored": restored, "mode": mode.name(),
+                        }),
                     );
                     if let Some(w) = watches.get_mut(id) {
                         if w.findings.len() == MAX_FINDINGS {
                             w.findings.pop_front();
                         }
-                        w.findings.push_back(Finding { seq, pages });
+                        w.findings.push_back(Finding { seq, pages, restored });
                     }
                 }
                 Ok(_) => {}
@@ -656,7 +788,16 @@ impl Inspector {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }
+            SourceEvent::Dirty { coalesced, ranges } => {
+                for w in self.lock_watches().iter_mut().filter(|w| w.mode == WatchMode::DirtyLog && !w.deleted) {
+                    w.note_written(coalesced, &ranges);
+                }
+            }
             SourceEvent::Discard { gpa, len } => {
+                // The source's VMM zeroed these pages itself: KVM's dirty log does not see it.
+                for w in self.lock_watches().iter_mut().filter(|w| w.mode == WatchMode::DirtyLog && !w.deleted) {
+                    w.note_host_write(Range { gpa, len });
+                }
                 say(format_args!("source discarded {gpa:#x}+{len:#x}; those pages now read as zeros"));
                 self.events.publish("source.discarded", serde_json::json!({ "gpa": gpa, "len": len }));
             }
@@ -712,6 +853,23 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         started.elapsed().as_secs_f64() * 1e3
     ));
 
+    let dirty_feed = if config.dirty_log {
+        match attached.source.subscribe_dirty() {
+            Ok(interval) => {
+                say(format_args!(
+                    "dirty-page feed on: the source reports written pages every {} us",
+                    interval.as_micros()
+                ));
+                true
+            }
+            Err(e) => {
+                say(format_args!("no dirty-page feed ({}); watches re-hash", vmm::error_chain(&e)));
+                false
+            }
+        }
+    } else {
+        false
+    };
     let inspector = Arc::new(Inspector {
         link,
         vm,
@@ -720,6 +878,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         source_gone: AtomicBool::new(false),
         window_len,
         window,
+        dirty_feed,
         watches: Mutex::new(Vec::new()),
         events: EventBus::new(),
     });

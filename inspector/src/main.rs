@@ -72,6 +72,10 @@ struct DaemonArgs {
     /// How often watches are checked.
     #[arg(long, value_name = "N", default_value_t = 250)]
     watch_interval_ms: u64,
+    /// Do not subscribe to a Specula source's dirty-page feed: polled watches then re-hash
+    /// every watched page each interval, as they do with QEMU sources.
+    #[arg(long)]
+    no_dirty_log: bool,
     /// Agent VM RAM.
     #[arg(long, value_name = "SIZE", default_value = "192M", value_parser = parse_memory)]
     memory: u64,
@@ -246,6 +250,7 @@ fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
         watches: args.watches,
         watch_interval: Duration::from_millis(args.watch_interval_ms.max(1)),
         kvm_path: PathBuf::from("/dev/kvm"),
+        dirty_log: !args.no_dirty_log,
     };
     match daemon::run(&config) {
         Ok(exit) => {

@@ -50,6 +50,11 @@ pub trait Source: Send + Sync {
     fn set_paused(&self, paused: bool) -> Result<(), SourceError>;
     /// Tells the source a revoked grant is unmapped (mirror sources revoke; others never do).
     fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError>;
+    /// Subscribes to the pages the source writes in our grants ([`SourceEvent::Dirty`]);
+    /// returns the source's collection interval. Sources without a dirty log refuse.
+    fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
+        Err(SourceError::Unsupported("this source keeps no dirty log (QEMU's is not reachable over QMP)"))
+    }
 }
 
 /// A source attached, its RAM mapped, its events on their way.
@@ -121,6 +126,10 @@ impl Source for MirrorSource {
 
     fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError> {
         Ok(self.0.ack_revoke(grant_id, nonce)?)
+    }
+
+    fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
+        Ok(self.0.subscribe_dirty()?)
     }
 }
 

@@ -138,6 +138,7 @@ fn the_event_stream_reports_watch_changes_and_revokes_and_replays_after_a_reconn
     let body = format!(r#"{{"gpa": "{:#x}", "len": "{:#x}"}}"#, workload::TEXT_GPA, workload::TEXT_LEN);
     let (status, watch) = json(&s.api, "POST", "/v1/watches", Some(&body));
     assert_eq!(status, 200, "{watch}");
+    assert_eq!(watch["mode"], "dirty-log", "a Specula source feeds its dirty pages: {watch}");
     let id = watch["id"].as_u64().unwrap();
     // A subscriber through the CLI, following only watch events.
     let mut follower = Running::spawn(Command::new(binary("specula")).args([

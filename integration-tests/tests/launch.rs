@@ -139,6 +139,14 @@ fn on_a_terminal_launch_shows_findings_as_they_happen_and_ctrl_c_stops_both() {
         let mut buf = [0u8; 4096];
         while !seen.contains(needle) {
             assert!(std::time::Instant::now() < deadline, "no {needle:?} on the terminal: {seen}");
+            // Wait at most a second for output, so a silent terminal ends at the deadline
+            // instead of blocking the read forever.
+            use std::os::fd::AsRawFd;
+            let mut pollfd = libc::pollfd { fd: master.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd for an fd we own.
+            if unsafe { libc::poll(&mut pollfd, 1, 1000) } <= 0 {
+                continue;
+            }
             let n = master.read(&mut buf).unwrap_or(0);
             seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }

@@ -238,6 +238,49 @@ fn the_integrity_watch_reports_when_the_workload_modifies_its_kernel_text() {
     assert!(hash.contains(std::str::from_utf8(&expected).unwrap()), "{hash}");
 }
 
+/// Flips a text byte and back at once, then modifies another page as a marker; returns
+/// the first watch report that names the marker page.
+fn flip_then_mark(source: &mut Source, inspector: &mut Inspector) -> String {
+    source.vm.send("text-flip 8192\n");
+    source.vm.expect_line("ack text-flip", LIMIT);
+    std::thread::sleep(Duration::from_millis(300));
+    source.vm.send("text-modify 4096\n");
+    source.vm.expect_line("ack text-modify", LIMIT);
+    let marker = format!("{:#x}", workload::TEXT_GPA + 4096);
+    loop {
+        let report = inspector.proc.expect_line("integrity watch 0:", LIMIT);
+        if report.contains(&marker) {
+            return report;
+        }
+    }
+}
+
+#[test]
+fn a_watched_page_written_and_restored_between_two_checks_is_reported_with_the_dirty_log_feed() {
+    let dir = TempDir::new("watch-dirty");
+    let mut source = start_source(&dir, &[]);
+    let watch = format!("{:#x}:{:#x}", workload::TEXT_GPA, workload::TEXT_LEN);
+    let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", &watch, "--watch-interval-ms", "100"]);
+    inspector.proc.expect_line("baseline taken", LIMIT);
+    // Let the feed's first report (which may predate the watch) go by.
+    std::thread::sleep(Duration::from_millis(300));
+    source.vm.send("text-flip 8192\n");
+    source.vm.expect_line("ack text-flip", LIMIT);
+    let report = inspector.proc.expect_line("integrity watch 0:", LIMIT);
+    let flipped = format!("{:#x}(restored)", workload::TEXT_GPA + 8192);
+    assert!(report.contains(&flipped), "the page patched and unpatched is reported as restored: {report}");
+    assert!(report.contains(" 1 page(s)"), "and nothing else in the text: {report}");
+
+    // Re-hashing alone cannot see it: the same patch goes unnoticed without the feed.
+    let dir = TempDir::new("watch-hash");
+    let mut source = start_source(&dir, &[]);
+    let mut inspector =
+        Inspector::start(&dir, &source, &["--all", "--watch", &watch, "--watch-interval-ms", "100", "--no-dirty-log"]);
+    inspector.proc.expect_line("baseline taken", LIMIT);
+    let report = flip_then_mark(&mut source, &mut inspector);
+    assert!(!report.contains(&format!("{:#x}", workload::TEXT_GPA + 8192)), "{report}");
+}
+
 #[test]
 fn the_agent_scans_and_reads_the_task_list() {
     let dir = TempDir::new("scan");

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::dirty::{self, Backlog};
 use crate::memfd;
 use crate::protocol::{
     ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, MAX_FDS_PER_FRAME, PROTOCOL_VERSION,
@@ -57,6 +58,11 @@ pub struct ExportLimits {
     pub revoke_ack_timeout: Duration,
     /// How long one event or reply write may block before its peer is dropped.
     pub send_timeout: Duration,
+    /// How often the dirty log is collected while an inspector subscribes to it.
+    pub dirty_interval: Duration,
+    /// Unsent bytes a peer's socket may hold before its dirty pages wait (coalesced)
+    /// for it to catch up rather than the feed blocking on it.
+    pub dirty_max_unsent: usize,
 }
 
 impl Default for ExportLimits {
@@ -71,6 +77,8 @@ impl Default for ExportLimits {
             vcpu_state_interval: Duration::from_millis(20),
             revoke_ack_timeout: Duration::from_secs(5),
             send_timeout: Duration::from_secs(1),
+            dirty_interval: Duration::from_millis(20),
+            dirty_max_unsent: 128 << 10,
         }
     }
 }
@@ -93,6 +101,15 @@ pub trait SourceVm: Send + Sync {
     fn pause(&self) -> Result<(), String>;
     /// Releases one hold taken by [`SourceVm::pause`].
     fn resume(&self);
+    /// Starts (`true`) or stops KVM dirty logging of guest RAM.
+    fn set_dirty_logging(&self, _on: bool) -> Result<(), String> {
+        Err("this source keeps no dirty log".into())
+    }
+    /// Pages the guest wrote since the last call (or since logging started), as runs in
+    /// GPA order.
+    fn take_dirty_pages(&self) -> Result<Vec<Range>, String> {
+        Err("this source keeps no dirty log".into())
+    }
 }
 
 /// Who may attach and what they may map.
@@ -196,6 +213,8 @@ struct Connection {
     alive: AtomicBool,
     /// Whether this peer holds a pause of the source.
     pause_held: AtomicBool,
+    /// Written pages not yet sent, while this peer subscribes to the dirty log.
+    dirty: Mutex<Option<Backlog>>,
 }
 
 impl Connection {
@@ -242,6 +261,15 @@ struct Shared {
     next_grant: AtomicU64,
     next_connection: AtomicU64,
     stopping: AtomicBool,
+    /// Whether KVM logs dirty pages now (while any peer subscribes), and whether the
+    /// collector thread runs.
+    dirty_logging: Mutex<DirtyFeedState>,
+}
+
+#[derive(Default)]
+struct DirtyFeedState {
+    logging: bool,
+    collector: bool,
 }
 
 /// The running exporter.
@@ -294,6 +322,7 @@ impl Exporter {
             next_grant: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            dirty_logging: Mutex::new(DirtyFeedState::default()),
         });
         let listener_fd = listener.as_raw_fd();
         let accept_shared = shared.clone();
@@ -537,6 +566,103 @@ fn broadcast(shared: &Shared, event: &Message) {
     });
 }
 
+/// Subscribes `conn` to the dirty-page feed: KVM logging starts with the first
+/// subscriber, and the collector thread with the first subscription ever.
+fn subscribe_dirty(conn: &Connection, shared: &Arc<Shared>) -> Result<(), String> {
+    let mut state = lock(&shared.dirty_logging);
+    if !state.logging {
+        shared.source.set_dirty_logging(true)?;
+        state.logging = true;
+    }
+    lock(&conn.dirty).get_or_insert_with(Backlog::default);
+    if !state.collector {
+        let weak = Arc::downgrade(shared);
+        std::thread::Builder::new()
+            .name("mirror-dirty".into())
+            .spawn(move || collect_dirty(weak))
+            .map_err(|e| format!("cannot start the collector: {e}"))?;
+        state.collector = true;
+    }
+    Ok(())
+}
+
+/// Every dirty interval: takes KVM's dirty log, hands each subscriber the written pages
+/// inside its own active grants, and stops logging when no subscriber is left. A peer
+/// whose socket is backed up keeps a coalesced backlog instead of blocking the others.
+fn collect_dirty(weak: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let interval = shared.limits.dirty_interval;
+        let subscribers: Vec<Arc<Connection>> =
+            shared.live_connections().into_iter().filter(|c| lock(&c.dirty).is_some()).collect();
+        {
+            let mut state = lock(&shared.dirty_logging);
+            if subscribers.is_empty() {
+                if state.logging {
+                    if let Err(e) = shared.source.set_dirty_logging(false) {
+                        log::warn!("mirror: cannot stop dirty logging: {e}");
+                    }
+                    state.logging = false;
+                }
+                drop(state);
+                drop(shared);
+                std::thread::sleep(interval);
+                continue;
+            }
+        }
+        match shared.source.take_dirty_pages() {
+            Ok(written) => {
+                for conn in &subscribers {
+                    feed(&shared, conn, &written);
+                }
+            }
+            Err(e) => log::warn!("mirror: cannot read the dirty log: {e}"),
+        }
+        drop(shared);
+        std::thread::sleep(interval);
+    }
+}
+
+/// Adds the written pages inside `conn`'s active grants to its backlog and sends the
+/// backlog if its socket has room.
+fn feed(shared: &Shared, conn: &Connection, written: &[Range]) {
+    let mut allowed: Vec<Range> = lock(&shared.grants)
+        .values()
+        .filter(|g| g.connection == conn.id && g.state == GrantState::Active)
+        .map(|g| Range { gpa: g.grant.gpa, len: g.grant.len })
+        .collect();
+    allowed.sort_unstable_by_key(|r| r.gpa);
+    let mut slot = lock(&conn.dirty);
+    let Some(backlog) = slot.as_mut() else { return };
+    backlog.add(&dirty::clip(written, &allowed));
+    if backlog.is_empty() || unsent_bytes(conn) > shared.limits.dirty_max_unsent {
+        return;
+    }
+    let (coalesced, frames) = backlog.take();
+    drop(slot);
+    for ranges in frames {
+        if !conn.send(EVENT_ID, &Message::DirtyPages { coalesced, ranges }, &[]) {
+            return;
+        }
+    }
+}
+
+/// Bytes written to `conn`'s socket that its peer has not read yet (SIOCOUTQ).
+fn unsent_bytes(conn: &Connection) -> usize {
+    let writer = lock(&conn.writer);
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int for a socket we own.
+    let ok = unsafe { libc::ioctl(writer.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } == 0;
+    if ok {
+        queued.max(0) as usize
+    } else {
+        usize::MAX
+    }
+}
+
 /// A nonce a peer cannot guess (getrandom), so it cannot acknowledge ahead of time.
 fn random_nonce() -> u64 {
     let mut bytes = [0u8; 8];
@@ -741,6 +867,7 @@ fn admit(stream: &UnixStream, shared: &Shared) -> Option<Arc<Connection>> {
         acked: Condvar::new(),
         alive: AtomicBool::new(true),
         pause_held: AtomicBool::new(false),
+        dirty: Mutex::new(None),
     });
     conns.push(conn.clone());
     Some(conn)
@@ -819,7 +946,7 @@ fn holds_active_grants(shared: &Shared, conn: &Connection) -> bool {
 }
 
 /// Answers one request of an open session.
-fn handle(conn: &Connection, shared: &Shared, id: u32, message: Message) {
+fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
     match message {
         Message::GetMemoryMap => {
             conn.send(id, &Message::MemoryMap { regions: shared.ram_ranges.clone() }, &[]);
@@ -878,6 +1005,15 @@ fn handle(conn: &Connection, shared: &Shared, id: u32, message: Message) {
             if lock(&conn.pending_revokes).remove(&(grant_id, nonce)) {
                 conn.acked.notify_all();
             }
+        }
+        Message::DirtySubscribe => {
+            let reply = match subscribe_dirty(conn, shared) {
+                Ok(()) => Message::DirtySubscribed {
+                    interval_us: u32::try_from(shared.limits.dirty_interval.as_micros()).unwrap_or(u32::MAX),
+                },
+                Err(e) => error(ErrorCode::NotNow, format!("no dirty-page feed: {e}")),
+            };
+            conn.send(id, &reply, &[]);
         }
         Message::Hello { .. } => {
             conn.send(id, &error(ErrorCode::NotNow, "already greeted"), &[]);

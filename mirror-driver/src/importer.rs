@@ -251,6 +251,12 @@ pub enum SourceEvent {
     },
     Paused,
     Resumed,
+    /// Pages the source guest wrote in this inspector's grants (after
+    /// [`Importer::subscribe_dirty`]); `coalesced`: the runs may cover unwritten pages too.
+    Dirty {
+        coalesced: bool,
+        ranges: Vec<Range>,
+    },
     /// The source said it is exiting, or the connection dropped.
     Gone,
 }
@@ -259,6 +265,7 @@ impl SourceEvent {
     /// The event a frame with the event id carries, if it is one.
     fn from_message(message: &Message) -> Option<Self> {
         Some(match *message {
+            Message::DirtyPages { coalesced, ref ranges } => SourceEvent::Dirty { coalesced, ranges: ranges.clone() },
             Message::Revoke { grant_id, nonce } => SourceEvent::Revoke { grant_id, nonce },
             Message::Discard { gpa, len } => SourceEvent::Discard { gpa, len },
             Message::Paused => SourceEvent::Paused,
@@ -450,6 +457,15 @@ impl Importer {
         let request = if paused { Message::PauseRequest } else { Message::ResumeRequest };
         match self.request(&request)?.message {
             Message::Paused | Message::Resumed => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks for the pages the source guest writes in this connection's grants, as
+    /// [`SourceEvent::Dirty`] events; returns how often the source collects them.
+    pub fn subscribe_dirty(&self) -> Result<Duration, ImportError> {
+        match self.request(&Message::DirtySubscribe)?.message {
+            Message::DirtySubscribed { interval_us } => Ok(Duration::from_micros(u64::from(interval_us))),
             other => Err(unexpected(other)),
         }
     }

@@ -6,6 +6,7 @@
 //! kernel keeps both views coherent, and nothing the inspector holds can write.
 //! [`socket`] creates private listening sockets and reads peers' credentials.
 
+pub mod dirty;
 pub mod exporter;
 pub mod importer;
 pub mod memfd;

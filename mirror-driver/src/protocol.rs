@@ -170,6 +170,21 @@ pub enum Message {
     Paused,
     Resumed,
     SourceExiting,
+    /// Inspector -> source: send this connection the pages the source guest writes in its
+    /// grants (KVM's dirty log), until it disconnects. Reply: `DirtySubscribed`, or an
+    /// error where the source keeps no dirty log.
+    DirtySubscribe,
+    /// Source -> inspector: subscribed; the source collects every `interval_us`.
+    DirtySubscribed {
+        interval_us: u32,
+    },
+    /// Source -> inspector event: page runs written since the last report, within this
+    /// connection's grants, in GPA order. `coalesced`: the source merged runs because the
+    /// inspector fell behind, so the runs may cover pages that were not written.
+    DirtyPages {
+        coalesced: bool,
+        ranges: Vec<Range>,
+    },
     Error {
         code: ErrorCode,
         text: String,
@@ -195,6 +210,9 @@ mod kind {
     pub const PAUSED: u16 = 23;
     pub const RESUMED: u16 = 24;
     pub const SOURCE_EXITING: u16 = 25;
+    pub const DIRTY_PAGES: u16 = 26;
+    pub const DIRTY_SUBSCRIBE: u16 = 13;
+    pub const DIRTY_SUBSCRIBED: u16 = 14;
     pub const ERROR: u16 = 30;
 }
 
@@ -398,6 +416,16 @@ impl Message {
             Message::Paused => kind::PAUSED,
             Message::Resumed => kind::RESUMED,
             Message::SourceExiting => kind::SOURCE_EXITING,
+            Message::DirtySubscribe => kind::DIRTY_SUBSCRIBE,
+            Message::DirtySubscribed { interval_us } => {
+                w.u32(*interval_us);
+                kind::DIRTY_SUBSCRIBED
+            }
+            Message::DirtyPages { coalesced, ranges } => {
+                w.u32(u32::from(*coalesced));
+                write_ranges(&mut w, ranges);
+                kind::DIRTY_PAGES
+            }
             Message::Error { code, text } => {
                 w.u32(*code as u32);
                 let text = truncate_utf8(text, MAX_ERROR_TEXT);
@@ -470,6 +498,16 @@ impl Message {
             kind::PAUSED => Message::Paused,
             kind::RESUMED => Message::Resumed,
             kind::SOURCE_EXITING => Message::SourceExiting,
+            kind::DIRTY_SUBSCRIBE => Message::DirtySubscribe,
+            kind::DIRTY_SUBSCRIBED => Message::DirtySubscribed { interval_us: r.u32()? },
+            kind::DIRTY_PAGES => {
+                let coalesced = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed { kind }),
+                };
+                Message::DirtyPages { coalesced, ranges: read_ranges(&mut r)? }
+            }
             kind::ERROR => {
                 let raw = r.u32()?;
                 let code = ErrorCode::from_u32(raw).ok_or(DecodeError::BadErrorCode(raw))?;
@@ -540,6 +578,9 @@ mod tests {
             Message::Paused,
             Message::Resumed,
             Message::SourceExiting,
+            Message::DirtySubscribe,
+            Message::DirtySubscribed { interval_us: 20_000 },
+            Message::DirtyPages { coalesced: true, ranges: vec![Range { gpa: 0x1000, len: 0x3000 }] },
             Message::Error { code: ErrorCode::PolicyDenied, text: "no".into() },
         ]
     }

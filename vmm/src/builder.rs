@@ -54,6 +54,8 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vmm {
     vm: Arc<Vm>,
     ram: GuestRam,
+    /// The memslot of each of `ram.slots()`.
+    ram_slots: Vec<u32>,
     bus: Arc<PioBus>,
     lifecycle: Arc<Lifecycle>,
     vcpus: Vec<Vcpu>,
@@ -68,7 +70,7 @@ impl Vmm {
         let ram = GuestRam::new(config.memory)?;
         let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
-        vm.register_ram(&ram)?;
+        let ram_slots = vm.register_ram(&ram)?;
         let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
         let entry = boot::load(&ram, &config.boot, Some(rsdp))?;
         if let Some(max) = entry.smp_entry_max_cpus {
@@ -101,7 +103,7 @@ impl Vmm {
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
         let vm = Arc::new(vm);
-        Ok(Self { vm, ram, bus, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
+        Ok(Self { vm, ram, ram_slots, bus, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
     }
 
     /// Guest RAM (for the mirror device).
@@ -182,7 +184,8 @@ impl Vmm {
 impl Vmm {
     /// Starts the mirror exporter and the API socket, when configured.
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
-        let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone())?;
+        let dirty_log = crate::mirror::DirtyLog::new(self.vm.clone(), &self.ram, &self.ram_slots);
+        let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone(), dirty_log)?;
         if let Some(path) = &self.config.api_socket {
             let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect());
             let context = crate::api::ApiContext {

@@ -5,16 +5,55 @@
 use std::sync::Arc;
 
 use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm};
-use mirror_driver::protocol::VcpuRegs;
+use mirror_driver::protocol::{Range, VcpuRegs};
 
 use crate::config::VmConfig;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamSlot};
 use crate::vstate::vcpu::Lifecycle;
+use crate::vstate::vm::Vm;
 
-/// Serves vCPU state and pauses from the VM's lifecycle.
-struct LifecycleSource(Arc<Lifecycle>);
+/// KVM's dirty log of the VM's RAM memslots, for the mirror's dirty-page feed.
+pub struct DirtyLog {
+    vm: Arc<Vm>,
+    slots: Vec<(u32, RamSlot)>,
+}
+
+impl DirtyLog {
+    /// The dirty log of `ram`, whose runs `ram.slots()` are the memslots `slots`.
+    pub fn new(vm: Arc<Vm>, ram: &GuestRam, slots: &[u32]) -> Self {
+        Self { vm, slots: slots.iter().copied().zip(ram.slots().iter().copied()).collect() }
+    }
+
+    fn set(&self, on: bool) -> Result<(), String> {
+        for (slot, ram) in &self.slots {
+            self.vm.set_dirty_logging(*slot, ram, on).map_err(|e| crate::error_chain(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last call, as runs in GPA order.
+    fn take(&self) -> Result<Vec<Range>, String> {
+        let mut runs = Vec::new();
+        for (slot, ram) in &self.slots {
+            let bitmap = self.vm.take_dirty_log(*slot, ram.size).map_err(|e| crate::error_chain(&e))?;
+            runs.extend(mirror_driver::dirty::bitmap_runs(ram.guest_addr, &bitmap, ram.size));
+        }
+        Ok(runs)
+    }
+}
+
+/// Serves vCPU state and pauses from the VM's lifecycle, and dirty pages from KVM.
+struct LifecycleSource(Arc<Lifecycle>, DirtyLog);
 
 impl SourceVm for LifecycleSource {
+    fn set_dirty_logging(&self, on: bool) -> Result<(), String> {
+        self.1.set(on)
+    }
+
+    fn take_dirty_pages(&self) -> Result<Vec<Range>, String> {
+        self.1.take()
+    }
+
     fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, String> {
         let snapshots = self.0.snapshot_vcpus()?;
         Ok(snapshots
@@ -64,6 +103,7 @@ pub fn start_exporter(
     config: &VmConfig,
     ram: &GuestRam,
     lifecycle: Arc<Lifecycle>,
+    dirty_log: DirtyLog,
 ) -> Result<Option<Arc<Exporter>>, mirror_driver::exporter::ExportError> {
     let Some(path) = &config.mirror_socket else { return Ok(None) };
     let regions = ram
@@ -82,7 +122,7 @@ pub fn start_exporter(
         regrant_after_revoke: config.mirror_regrant,
         allow_pause: config.mirror_allow_pause,
     };
-    let source = Arc::new(LifecycleSource(lifecycle));
+    let source = Arc::new(LifecycleSource(lifecycle, dirty_log));
     let exporter = Exporter::start(path, regions, u32::from(config.cpus), policy, ExportLimits::default(), source)?;
     Ok(Some(Arc::new(exporter)))
 }

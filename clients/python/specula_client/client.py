@@ -227,7 +227,8 @@ class Client:
         self._json("DELETE", f"/watches/{int(watch_id)}")
 
     def findings(self, watch_id: int) -> List[Dict[str, Any]]:
-        """A watch's findings: the event ``seq`` and changed ``pages`` of each."""
+        """A watch's findings: the event ``seq``, the written ``pages`` and, of those, the
+        ``restored`` ones (written and put back between two checks) of each."""
         return self._json("GET", f"/watches/{int(watch_id)}/findings")
 
     # -- events ----------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamSlot};
 
 /// KVM API version every Linux since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
@@ -48,6 +50,12 @@ pub enum VmError {
         slot: u32,
         gpa: u64,
         size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_GET_DIRTY_LOG for slot {slot} failed")]
+    DirtyLog {
+        slot: u32,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -122,13 +130,27 @@ impl Vm {
         self.fd.create_pit2(pit).map_err(VmError::CreatePit)
     }
 
-    /// Registers each contiguous run of RAM as one writable memslot.
-    pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
-        for slot in ram.slots() {
+    /// Registers each contiguous run of RAM as one writable memslot; returns the slots in
+    /// the order of [`GuestRam::slots`].
+    pub fn register_ram(&self, ram: &GuestRam) -> Result<Vec<u32>, VmError> {
+        ram.slots()
+            .iter()
             // SAFETY: GuestRam keeps its mappings for the life of the VMM, which outlives the VM.
-            unsafe { self.add_memslot(slot.guest_addr, slot.size, slot.host_addr, false)? };
-        }
-        Ok(())
+            .map(|slot| unsafe { self.add_memslot(slot.guest_addr, slot.size, slot.host_addr, false) })
+            .collect()
+    }
+
+    /// Turns KVM's dirty logging of a writable RAM memslot on or off (the slot keeps its
+    /// place and contents; KVM write-protects its pages to see the writes).
+    pub fn set_dirty_logging(&self, slot: u32, ram: &RamSlot, on: bool) -> Result<(), VmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        self.set_memslot_flags(slot, ram.guest_addr, ram.size, ram.host_addr, flags)
+    }
+
+    /// The pages of a dirty-logged memslot written since the last call, one bit per page
+    /// (KVM_GET_DIRTY_LOG: read, cleared and write-protected again in one step).
+    pub fn take_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
+        self.fd.get_dirty_log(slot, size as usize).map_err(|source| VmError::DirtyLog { slot, source })
     }
 
     /// Adds a memslot mapping `size` bytes at host address `host_addr` to `gpa`; returns its slot.
@@ -155,12 +177,16 @@ impl Vm {
     }
 
     fn set_memslot(&self, slot: u32, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<(), VmError> {
+        self.set_memslot_flags(slot, gpa, size, host_addr, if read_only { KVM_MEM_READONLY } else { 0 })
+    }
+
+    fn set_memslot_flags(&self, slot: u32, gpa: u64, size: u64, host_addr: u64, flags: u32) -> Result<(), VmError> {
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: gpa,
             memory_size: size,
             userspace_addr: host_addr,
-            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            flags,
         };
         // SAFETY: the caller keeps `host_addr..host_addr+size` mapped for as long as the
         // slot exists (GuestRam and mirror mappings outlive the VM or remove the slot first).

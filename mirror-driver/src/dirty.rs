@@ -1,0 +1,164 @@
+//! Dirty-page sets for the mirror's dirty-log feed: page runs from KVM's bitmaps,
+//! clipped to what a connection was granted, and a per-connection backlog that stays
+//! bounded however far behind its inspector falls (runs are coalesced, never dropped).
+
+use crate::protocol::{Range, MAX_RANGES};
+
+const PAGE: u64 = 4096;
+/// Most runs a connection's backlog holds before it is coalesced.
+pub const MAX_BACKLOG_RUNS: usize = 4 * MAX_RANGES;
+
+/// The runs of set bits in a KVM dirty bitmap (bit `i` = page `i` of the slot starting at
+/// `base`), in GPA order. Bits past `size` are ignored.
+pub fn bitmap_runs(base: u64, bitmap: &[u64], size: u64) -> Vec<Range> {
+    let pages = size / PAGE;
+    let mut runs: Vec<Range> = Vec::new();
+    for (word_index, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let page = word_index as u64 * 64 + bit;
+            if page >= pages {
+                return runs;
+            }
+            let gpa = base + page * PAGE;
+            match runs.last_mut() {
+                Some(last) if last.gpa + last.len == gpa => last.len += PAGE,
+                _ => runs.push(Range { gpa, len: PAGE }),
+            }
+        }
+    }
+    runs
+}
+
+/// Sorts and merges overlapping or touching runs.
+fn normalize(runs: &mut Vec<Range>) {
+    runs.retain(|r| r.len > 0);
+    runs.sort_unstable_by_key(|r| r.gpa);
+    let mut merged: Vec<Range> = Vec::with_capacity(runs.len());
+    for r in runs.drain(..) {
+        match merged.last_mut() {
+            Some(last) if r.gpa <= last.gpa + last.len => {
+                last.len = last.len.max(r.gpa + r.len - last.gpa);
+            }
+            _ => merged.push(r),
+        }
+    }
+    *runs = merged;
+}
+
+/// The parts of `dirty` that lie inside `allowed` (both in GPA order, `allowed` merged).
+pub fn clip(dirty: &[Range], allowed: &[Range]) -> Vec<Range> {
+    let mut out = Vec::new();
+    let mut a = 0;
+    for d in dirty {
+        let d_end = d.gpa + d.len;
+        while a < allowed.len() && allowed[a].gpa + allowed[a].len <= d.gpa {
+            a += 1;
+        }
+        let mut i = a;
+        while i < allowed.len() && allowed[i].gpa < d_end {
+            let lo = d.gpa.max(allowed[i].gpa);
+            let hi = d_end.min(allowed[i].gpa + allowed[i].len);
+            if lo < hi {
+                out.push(Range { gpa: lo, len: hi - lo });
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// What a connection has not been sent yet.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Backlog {
+    runs: Vec<Range>,
+    coalesced: bool,
+}
+
+impl Backlog {
+    /// Adds written runs; past [`MAX_BACKLOG_RUNS`] runs are widened to ever coarser
+    /// aligned blocks until they fit (a superset: nothing written is lost).
+    pub fn add(&mut self, runs: &[Range]) {
+        self.runs.extend_from_slice(runs);
+        normalize(&mut self.runs);
+        let mut block = 2 << 20;
+        while self.runs.len() > MAX_BACKLOG_RUNS {
+            for r in &mut self.runs {
+                let lo = r.gpa & !(block - 1);
+                let hi = (r.gpa + r.len).next_multiple_of(block);
+                *r = Range { gpa: lo, len: hi - lo };
+            }
+            normalize(&mut self.runs);
+            self.coalesced = true;
+            block <<= 1;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Takes everything, as frames of at most [`MAX_RANGES`] runs each, with whether
+    /// any of it was coalesced.
+    pub fn take(&mut self) -> (bool, Vec<Vec<Range>>) {
+        let coalesced = std::mem::take(&mut self.coalesced);
+        let frames = std::mem::take(&mut self.runs).chunks(MAX_RANGES).map(<[Range]>::to_vec).collect();
+        (coalesced, frames)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(gpa: u64, len: u64) -> Range {
+        Range { gpa, len }
+    }
+
+    #[test]
+    fn bitmaps_become_page_runs_and_bits_past_the_slot_are_ignored() {
+        let bitmap = [0b1110_0001u64, 1 << 63 | 1, u64::MAX];
+        let runs = bitmap_runs(0x10_0000, &bitmap, 128 * PAGE);
+        assert_eq!(
+            runs,
+            vec![
+                r(0x10_0000, PAGE),
+                r(0x10_0000 + 5 * PAGE, 3 * PAGE),
+                r(0x10_0000 + 64 * PAGE, PAGE),
+                r(0x10_0000 + 127 * PAGE, PAGE)
+            ],
+            "the third word is past the 128-page slot"
+        );
+        let runs = bitmap_runs(0, &[1 << 63, 1], 65 * PAGE);
+        assert_eq!(runs, vec![r(63 * PAGE, 2 * PAGE)], "a run across two words");
+    }
+
+    #[test]
+    fn runs_are_clipped_to_the_grants() {
+        let dirty = [r(0, 0x3000), r(0x5000, 0x1000), r(0x8000, 0x4000)];
+        let allowed = [r(0x1000, 0x1000), r(0x9000, 0x1000), r(0xb000, 0x10000)];
+        assert_eq!(clip(&dirty, &allowed), vec![r(0x1000, 0x1000), r(0x9000, 0x1000), r(0xb000, 0x1000)]);
+        assert!(clip(&dirty, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_backlog_past_its_bound_is_coalesced_into_a_superset() {
+        let mut backlog = Backlog::default();
+        // Every other page of 64 MiB: 8192 runs.
+        let scattered: Vec<Range> = (0..8192).map(|i| r(i * 2 * PAGE, PAGE)).collect();
+        backlog.add(&scattered[..10]);
+        backlog.add(&scattered[..10]);
+        assert_eq!(backlog.runs.len(), 10, "the same pages twice are one set");
+        backlog.add(&scattered);
+        assert!(backlog.runs.len() <= MAX_BACKLOG_RUNS);
+        assert!(scattered
+            .iter()
+            .all(|p| backlog.runs.iter().any(|b| b.gpa <= p.gpa && p.gpa + p.len <= b.gpa + b.len)));
+        let (coalesced, frames) = backlog.take();
+        assert!(coalesced);
+        assert!(frames.iter().all(|f| f.len() <= MAX_RANGES));
+        assert!(backlog.is_empty() && !backlog.take().0, "taking empties it and clears the flag");
+    }
+}
