@@ -251,7 +251,7 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
                     // SAFETY: as above.
                     let stamped = unsafe { read_volatile(stamp.add(1)) };
                     let at = n as usize * 8;
-                    out[at..at + 8].copy_from_slice(&now.saturating_sub(stamped).to_le_bytes());
+                    out[at..at + 8].copy_from_slice(&now.wrapping_sub(stamped).to_le_bytes());
                     n += 1;
                     last = seq;
                 }

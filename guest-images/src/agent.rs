@@ -62,8 +62,9 @@ pub const OP_WATCH_CHECK: u32 = 5;
 pub const OP_WRITE_PROBE: u32 = 6;
 
 /// `args = [gpa, count, timeout_cycles]`: spins on the (sequence u64, TSC u64) pair at
-/// `gpa`; for each new sequence number records `rdtsc() - stamped TSC` as a u64 in the
-/// data area. `result[0]` = samples recorded.
+/// `gpa`; for each new sequence number records `rdtsc() - stamped TSC` as an i64 in the
+/// data area (negative where the two vCPUs' TSCs disagree by more than the latency: kept,
+/// not clamped, so the reader can tell). `result[0]` = samples recorded.
 pub const OP_LATENCY: u32 = 7;
 /// Most latency samples per command.
 pub const MAX_LATENCY_SAMPLES: u64 = DATA_SLOT_SIZE / 8;

@@ -25,7 +25,8 @@
 //! - `checks [CHECK...]`        `ok CHECK=N ... findings=KIND:ID:NAME:ADDR:DETAIL,...` (a check that
 //!   could not run shows `CHECK=error(TEXT)`)
 //! - `vread PID VA LEN`         `ok HEX` (a process's virtual memory; PID 0: the kernel's)
-//! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency, see the benchmark)
+//! - `latency GPA COUNT MS`     `ok samples=N cycles=C,C,...` (coherence latency in TSC cycles, signed;
+//!   see the benchmark)
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -145,7 +146,7 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             let count = number(words.next(), "COUNT")?;
             let ms = number(words.next(), "MS")?;
             let samples = inspector.latency(gpa, count, ms).map_err(e)?;
-            let list: Vec<String> = samples.iter().map(u64::to_string).collect();
+            let list: Vec<String> = samples.iter().map(i64::to_string).collect();
             Ok(format!("samples={} cycles={}", samples.len(), list.join(",")))
         }
         "kernel" => {

@@ -63,6 +63,9 @@ pub struct DaemonConfig {
     pub kvm_path: PathBuf,
     /// Whether to subscribe to the source's dirty-page feed (where it has one).
     pub dirty_log: bool,
+    /// Most bytes per second a scan may read, to bound what it costs the source (its
+    /// memory bandwidth and caches); `None`: as fast as the agent goes.
+    pub scan_rate_limit: Option<u64>,
 }
 
 /// Failures of the daemon.
@@ -169,6 +172,8 @@ pub struct Inspector {
     window: MirrorWindow,
     /// The source's dirty-page feed, when it has one: polled watches then use it.
     dirty_feed: bool,
+    /// See [`DaemonConfig::scan_rate_limit`].
+    scan_rate_limit: Option<u64>,
     /// Each watch, by id (its agent slot).
     watches: Mutex<Vec<WatchState>>,
     events: EventBus,
@@ -379,10 +384,18 @@ impl Inspector {
         let end = gpa + len;
         let (mut total, mut hits) = (0u64, Vec::new());
         let mut step_start = gpa;
+        // Under a rate limit, steps of a tenth of a second's budget, each followed by the
+        // agent idling until the average is back under the limit.
+        let step = self.scan_rate_limit.map_or(SCAN_STEP, |rate| (rate / 10).clamp(PAGE, SCAN_STEP));
+        let started = Instant::now();
         while step_start < end {
+            if let Some(rate) = self.scan_rate_limit {
+                let due = Duration::from_secs_f64((step_start - gpa) as f64 / rate as f64);
+                std::thread::sleep(due.saturating_sub(started.elapsed()));
+            }
             // Each step reads pattern.len() - 1 bytes past its share, so no match that
             // straddles two shares is lost.
-            let starts_end = (step_start + SCAN_STEP).min(end);
+            let starts_end = (step_start + step).min(end);
             let step_len = (starts_end + pattern.len() as u64 - 1).min(end) - step_start;
             let (step_total, step_hits) = self.scan_step(step_start, step_len, pattern)?;
             total += step_total;
@@ -726,7 +739,8 @@ impl Inspector {
 
     /// Coherence latency samples in TSC cycles: the agent spins on the (sequence, TSC)
     /// pair the source publishes at `gpa` and records how long each new stamp took to show.
-    pub fn latency(&self, gpa: u64, count: u64, timeout_ms: u64) -> Result<Vec<u64>, InspectError> {
+    /// A sample is negative where the agent's TSC read lags the source's by more than that.
+    pub fn latency(&self, gpa: u64, count: u64, timeout_ms: u64) -> Result<Vec<i64>, InspectError> {
         if count == 0 || count > abi::MAX_LATENCY_SAMPLES {
             return Err(InspectError::BadRequest(format!("1 to {} samples", abi::MAX_LATENCY_SAMPLES)));
         }
@@ -737,7 +751,7 @@ impl Inspector {
         // The agent's deadline in TSC cycles, assuming at most 10 GHz so it is never too short.
         let timeout_cycles = timeout_ms.saturating_mul(10_000_000);
         let done = self.link.call(abi::OP_LATENCY, [gpa, count, timeout_cycles, 0], &[])?;
-        Ok(done.u64s(0, done.result[0], count)?)
+        Ok(done.u64s(0, done.result[0], count)?.into_iter().map(|c| c as i64).collect())
     }
 
     /// The source's vCPU registers (for page-table walks).
@@ -879,6 +893,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         window_len,
         window,
         dirty_feed,
+        scan_rate_limit: config.scan_rate_limit,
         watches: Mutex::new(Vec::new()),
         events: EventBus::new(),
     });

@@ -76,6 +76,10 @@ struct DaemonArgs {
     /// every watched page each interval, as they do with QEMU sources.
     #[arg(long)]
     no_dirty_log: bool,
+    /// Most MB/s (10^6 bytes) a scan reads from the source, to bound its slowdown: the agent
+    /// idles between steps to keep under it. Default: no limit.
+    #[arg(long, value_name = "MBPS", value_parser = clap::value_parser!(u64).range(1..))]
+    scan_rate_limit: Option<u64>,
     /// Agent VM RAM.
     #[arg(long, value_name = "SIZE", default_value = "192M", value_parser = parse_memory)]
     memory: u64,
@@ -251,6 +255,7 @@ fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
         watch_interval: Duration::from_millis(args.watch_interval_ms.max(1)),
         kvm_path: PathBuf::from("/dev/kvm"),
         dirty_log: !args.no_dirty_log,
+        scan_rate_limit: args.scan_rate_limit.map(|mbps| mbps * 1_000_000),
     };
     match daemon::run(&config) {
         Ok(exit) => {

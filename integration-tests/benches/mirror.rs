@@ -1,11 +1,16 @@
 //! Mirror benchmarks, side by side in one run, written to BENCHMARKS.md (with a
 //! plot in docs/benchmarks/mirror-scan.svg):
-//! - attach latency (inspector connect to memslots ready) for 1, 16 and 64 GiB sparse sources;
-//! - coherence latency: a source ring-3 write until the agent's ring-3 code sees it;
+//! - attach latency for 1, 16, 64 and 256 GiB sparse sources, two ways: inspector connect to
+//!   memslots ready (self-reported), and inspector process start to agent ready (wall clock);
+//! - coherence latency: a source ring-3 write until the agent's ring-3 code sees it (negative
+//!   TSC deltas are counted and left out, never clamped);
+//! - integrity-watch cost (CPU time per second of the inspector and of its agent vCPU) for
+//!   1 GiB watched while the source writes 0.1 %, 1 % and 10 % of its pages a second, with the
+//!   dirty-log feed and with re-hashing, and the source's slowdown with dirty logging on;
 //! - scanning 1 GiB for a pattern: the agent (cold and warm) beside memchr::memmem in a host
 //!   process over the same shared pages (the limit), and beside copying the memory out
 //!   with process_vm_readv and with /proc/PID/mem, then scanning the copy;
-//! - the source guest's slowdown while an inspector scans it.
+//! - the source guest's slowdown while an inspector scans it, with and without a scan rate limit.
 //!
 //!   cargo build --release --workspace && cargo bench -p integration-tests --bench mirror
 
@@ -24,6 +29,8 @@ const LIMIT: Duration = Duration::from_secs(300);
 const FILL_GPA: u64 = 0x0400_0000;
 const GIB: u64 = 1 << 30;
 const ATTACH_RUNS: usize = 5;
+/// Seconds each watch-cost row is measured over.
+const WATCH_SECONDS: u64 = 3;
 
 struct Source {
     vm: Running,
@@ -39,24 +46,51 @@ fn start_source(memory: &str, cpus: &str) -> Source {
 }
 
 struct Inspector {
-    _proc: Running,
+    proc: Running,
     control: PathBuf,
     attach_ms: f64,
+    /// Process start to agent ready, measured here.
+    ready: Duration,
     _dir: TempDir,
 }
 
-fn start_inspector(source: &Source, ranges: &[&str]) -> Inspector {
+fn start_inspector(source: &Source, args: &[&str]) -> Inspector {
     let dir = TempDir::new("bench-inspector");
     let control = dir.join("control.sock");
     let mut cmd = Command::new(binary("inspector"));
     cmd.args(["--source-socket", source.mirror.to_str().unwrap(), "--control-socket", control.to_str().unwrap()]);
     cmd.args(["--serial", "null"]);
-    cmd.args(ranges);
+    cmd.args(args);
+    let started = Instant::now();
     let mut proc = Running::spawn(&mut cmd);
     let line = proc.expect_line("memslots ready after", LIMIT);
     let attach_ms: f64 = line.rsplit("after ").next().unwrap().trim_end_matches(" ms").parse().unwrap();
     proc.expect_line("inspector: agent ready", LIMIT);
-    Inspector { _proc: proc, control, attach_ms, _dir: dir }
+    let ready = started.elapsed();
+    Inspector { proc, control, attach_ms, ready, _dir: dir }
+}
+
+/// CPU time (user + system) of a process, or of one of its threads.
+fn cpu_time(stat_path: &str) -> Duration {
+    let stat = std::fs::read_to_string(stat_path).unwrap();
+    // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+/// The agent's vCPU thread of an inspector process.
+fn agent_vcpu_thread(pid: u32) -> String {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        if std::fs::read_to_string(task.join("comm")).unwrap().trim() == "vcpu0" {
+            return task.join("stat").display().to_string();
+        }
+    }
+    panic!("inspector {pid} has no vcpu0 thread");
 }
 
 impl Inspector {
@@ -122,23 +156,38 @@ fn main() {
 
     // Attach latency.
     body.push_str(
-        "### Attach latency: inspector connect to memslots ready (`--all`, sparse sources)\n\n\
-         | source RAM | grants (chunks) | median (ms) | runs |\n|---|---|---|---|\n",
+        "### Attach latency (`--all`, sparse sources)\n\n\
+         Connect to memslots ready: self-reported by the inspector (mirror connect, grants, fds checked and \
+         mapped, memslots added). Process start to agent ready: wall clock here, from spawning the inspector \
+         to its agent guest's ready line (VM build and agent boot included). Each run of adjacent grants is \
+         one memslot; the agent VM's own RAM is one more.\n\n\
+         | source RAM | grants (chunks) | agent VM memslots | connect to memslots ready, median (ms) | \
+         process start to agent ready, median (ms) | runs |\n|---|---|---|---|---|---|\n",
     );
-    for (label, memory) in [("1 GiB", "1G"), ("16 GiB", "16G"), ("64 GiB", "64G")] {
+    let mut attach_bars = Vec::new();
+    for (label, memory) in [("1 GiB", "1G"), ("16 GiB", "16G"), ("64 GiB", "64G"), ("256 GiB", "256G")] {
         let source = start_source(memory, "1");
-        let mut samples = Vec::new();
-        let mut grants = 0;
+        let (mut connect, mut ready) = (Vec::new(), Vec::new());
+        let (mut grants, mut slots) = (String::new(), String::new());
         for _ in 0..ATTACH_RUNS {
             let inspector = start_inspector(&source, &["--all"]);
-            grants =
-                inspector.ask("status").split("grants=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-            samples.push(Duration::from_secs_f64(inspector.attach_ms / 1e3));
+            let status = inspector.ask("status");
+            let field = |name: &str| status.split(name).nth(1).unwrap().split(' ').next().unwrap().to_string();
+            (grants, slots) = (field("grants="), field("memslots="));
+            connect.push(Duration::from_secs_f64(inspector.attach_ms / 1e3));
+            ready.push(inspector.ready);
         }
-        let s = summarize(&samples);
-        body.push_str(&format!("| {label} | {grants} | {} | {} |\n", ms(s.median), s.n));
-        eprintln!("attach {label}: {} ms", ms(s.median));
+        let (c, r) = (summarize(&connect), summarize(&ready));
+        body.push_str(&format!("| {label} | {grants} | {slots} | {} | {} | {} |\n", ms(c.median), ms(r.median), c.n));
+        attach_bars.push((format!("{label}: connect to memslots ready"), c.median.as_secs_f64() * 1e3));
+        attach_bars.push((format!("{label}: process start to agent ready"), r.median.as_secs_f64() * 1e3));
+        eprintln!("attach {label}: {} ms / {} ms", ms(c.median), ms(r.median));
     }
+    let plot = workspace_root().join("docs/benchmarks/mirror-attach.svg");
+    std::fs::create_dir_all(plot.parent().unwrap()).unwrap();
+    std::fs::write(&plot, bar_chart_svg("Attach latency by source size (ms, lower is better)", "ms", &attach_bars))
+        .unwrap();
+    body.push_str("\n![attach latency](docs/benchmarks/mirror-attach.svg)\n");
 
     // Coherence latency.
     let per_ns = tsc_per_ns();
@@ -151,17 +200,22 @@ fn main() {
     let mut source = source;
     source.vm.send(&format!("stamp {}\n", count + 100));
     let reply = waiter.join().unwrap();
-    let cycles: Vec<u64> = reply.split("cycles=").nth(1).unwrap().split(',').map(|c| c.parse().unwrap()).collect();
-    let samples: Vec<Duration> = cycles.iter().map(|c| Duration::from_nanos((*c as f64 / per_ns) as u64)).collect();
+    let cycles: Vec<i64> = reply.split("cycles=").nth(1).unwrap().split(',').map(|c| c.parse().unwrap()).collect();
+    let negative = cycles.iter().filter(|&&c| c < 0).count();
+    let samples: Vec<Duration> =
+        cycles.iter().filter(|&&c| c >= 0).map(|&c| Duration::from_nanos((c as f64 / per_ns) as u64)).collect();
     let s = summarize(&samples);
     body.push_str(&format!(
         "\n### Coherence latency: a source ring-3 write until the agent's ring-3 code sees it\n\n\
          Both guests read the host TSC (`--host-tsc`, KVM_VCPU_TSC_OFFSET = 0); the source publishes a \
-         (sequence, TSC) pair every ~20 us, the agent spins on it. {} samples, TSC {:.3} GHz. The figure moves \
-         between runs with where the two vCPU threads land (a shared physical core or not).\n\n\
+         (sequence, TSC) pair every ~20 us, the agent spins on it. {} samples, TSC {:.3} GHz; {negative} of {} \
+         samples had a negative TSC delta (the two vCPUs' TSC reads disagree by more than the latency) and are \
+         left out, not clamped. The figure moves between runs with where the two vCPU threads land (a shared \
+         physical core or not).\n\n\
          | median (ns) | p90 (ns) | p99 (ns) |\n|---|---|---|\n| {} | {} | {} |\n",
         s.n,
         per_ns,
+        cycles.len(),
         s.median.as_nanos(),
         s.p90.as_nanos(),
         s.p99.as_nanos()
@@ -243,37 +297,121 @@ fn main() {
     std::fs::write(&plot, svg).unwrap();
     body.push_str("\n![scan throughput](docs/benchmarks/mirror-scan.svg)\n");
 
-    // Source slowdown while the agent scans.
+    // Source slowdown while the agent scans, without and with a scan rate limit.
     let rate = |inspector: &Inspector| {
         let (h0, t0) = (inspector.heartbeat(), Instant::now());
         std::thread::sleep(Duration::from_secs(2));
         (inspector.heartbeat() - h0) as f64 / t0.elapsed().as_secs_f64()
     };
     let idle = rate(&inspector);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (control, stop2, scan2) = (inspector.control.clone(), stop.clone(), scan.clone());
-    let scanner = std::thread::spawn(move || {
-        let mut scans = 0;
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            assert!(unix_request(&control, &scan2).starts_with("ok hits=64"));
-            scans += 1;
-        }
-        scans
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    let busy = rate(&inspector);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let scans = scanner.join().unwrap();
-    body.push_str(&format!(
+    let scanning = |inspector: &Inspector| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (control, stop2, scan2) = (inspector.control.clone(), stop.clone(), scan.clone());
+        let scanner = std::thread::spawn(move || {
+            let mut scans = 0;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                assert!(unix_request(&control, &scan2).starts_with("ok hits=64"));
+                scans += 1;
+            }
+            scans
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (h0, t0) = (inspector.heartbeat(), Instant::now());
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = (inspector.heartbeat() - h0) as f64 / t0.elapsed().as_secs_f64();
+        let scanned_gb_s = {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let scans = scanner.join().unwrap();
+            scans as f64 * GIB as f64 / 1e9 / (t0.elapsed().as_secs_f64() + 0.3)
+        };
+        (busy, scanned_gb_s)
+    };
+    let (busy, unlimited_rate) = scanning(&inspector);
+    let mut rows = vec![("no limit".to_string(), busy, unlimited_rate)];
+    for mbps in [2000u64, 500] {
+        let limited = start_inspector(
+            &source,
+            &["--range", "0x1000000:2M", "--range", "0x4000000:1G", "--scan-rate-limit", &mbps.to_string()],
+        );
+        let (busy, scanned) = scanning(&limited);
+        rows.push((format!("`--scan-rate-limit {mbps}` (MB/s)"), busy, scanned));
+    }
+    body.push_str(
         "\n### Source guest slowdown while an inspector scans it\n\n\
          Workload iterations per second (1 source vCPU), read through the mirror over 2 s, with the agent idle \
-         and while it scans 1 GiB back to back ({scans} scans).\n\n\
-         | agent idle (it/s) | agent scanning (it/s) | ratio |\n|---|---|---|\n| {:.0} | {:.0} | {:.3} |\n",
-        idle,
-        busy,
-        busy / idle
-    ));
+         and while it scans 1 GiB back to back; the rate limit has the agent idle between steps.\n\n\
+         | scanning | source (it/s) | vs agent idle | scan rate (GB/s) |\n|---|---|---|---|\n",
+    );
+    body.push_str(&format!("| agent idle | {idle:.0} | 1.000 | - |\n"));
+    for (name, busy, scanned) in &rows {
+        body.push_str(&format!("| {name} | {busy:.0} | {:.3} | {scanned:.2} |\n", busy / idle));
+    }
     drop(inspector);
+
+    // Integrity-watch cost with and without the dirty-log feed, and the source's slowdown
+    // with dirty logging on.
+    let hz = (per_ns * 1e9) as u64;
+    let pages = GIB / 4096;
+    let mut source = source;
+    body.push_str(&format!(
+        "\n### Integrity watch over 1 GiB: cost with the dirty-log feed and with re-hashing\n\n\
+         Two polled 512 MiB watches (250 ms interval) over a 1 GiB range in which the source's workload writes \
+         one word of a random page at the given rate ({pages} pages in all). CPU time per second of wall time, \
+         over {WATCH_SECONDS} s: the inspector process without its agent vCPU, and the agent's vCPU thread. \
+         Source speed is the workload's iterations per second during the same window.\n\n\
+         | pages written per second | mode | inspector CPU (ms/s) | agent vCPU CPU (ms/s) | source (it/s) |\n\
+         |---|---|---|---|---|\n"
+    ));
+    let mut watch_bars = Vec::new();
+    for (label, per_mille) in [("0.1 %", 1u64), ("1 %", 10), ("10 %", 100)] {
+        let writes = pages * per_mille / 1000;
+        for (mode, extra) in [("dirty-log", None), ("hash", Some("--no-dirty-log"))] {
+            let mut args = vec![
+                "--range",
+                "0x1000000:2M",
+                "--range",
+                "0x4000000:1G",
+                "--watch",
+                "0x4000000:512M",
+                "--watch",
+                "0x24000000:512M",
+                "--watch-interval-ms",
+                "250",
+            ];
+            args.extend(extra);
+            let mut watcher = start_inspector(&source, &args);
+            watcher.proc.expect_line("integrity watch 1 on", LIMIT);
+            source.vm.send(&format!("churn {FILL_GPA:#x} {GIB:#x} {writes} {hz}\n"));
+            source.vm.expect_line("ack churn", LIMIT);
+            std::thread::sleep(Duration::from_secs(1));
+            let pid = watcher.proc.child.id();
+            let vcpu = agent_vcpu_thread(pid);
+            let (p0, v0, h0, t0) =
+                (cpu_time(&format!("/proc/{pid}/stat")), cpu_time(&vcpu), watcher.heartbeat(), Instant::now());
+            std::thread::sleep(Duration::from_secs(WATCH_SECONDS));
+            let (p1, v1, h1) = (cpu_time(&format!("/proc/{pid}/stat")), cpu_time(&vcpu), watcher.heartbeat());
+            let wall = t0.elapsed().as_secs_f64();
+            source.vm.send("churn 0 0 0 0\n");
+            source.vm.expect_line("ack churn", LIMIT);
+            let agent = (v1 - v0).as_secs_f64() * 1e3 / wall;
+            let inspector_only = ((p1 - p0).as_secs_f64() - (v1 - v0).as_secs_f64()) * 1e3 / wall;
+            let it_s = (h1 - h0) as f64 / wall;
+            body.push_str(&format!(
+                "| {label} ({writes}/s) | {mode} | {inspector_only:.1} | {agent:.1} | {it_s:.0} |\n"
+            ));
+            watch_bars.push((format!("{label}, {mode}"), inspector_only + agent));
+            eprintln!(
+                "watch {label} {mode}: inspector {inspector_only:.1} ms/s agent {agent:.1} ms/s source {it_s:.0}"
+            );
+        }
+    }
+    let plot = workspace_root().join("docs/benchmarks/mirror-watch.svg");
+    std::fs::write(
+        &plot,
+        bar_chart_svg("Watching 1 GiB: CPU ms per second, inspector + agent (lower is better)", "ms/s", &watch_bars),
+    )
+    .unwrap();
+    body.push_str("\n![watch cost](docs/benchmarks/mirror-watch.svg)\n");
     let path = write_section("mirror", &body).unwrap();
     println!("{body}\nwritten to {}", path.display());
 }
