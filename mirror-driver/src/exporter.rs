@@ -596,23 +596,29 @@ fn collect_dirty(weak: std::sync::Weak<Shared>) {
             return;
         }
         let interval = shared.limits.dirty_interval;
-        let subscribers: Vec<Arc<Connection>> =
-            shared.live_connections().into_iter().filter(|c| lock(&c.dirty).is_some()).collect();
-        {
+        let subscribers: Vec<Arc<Connection>> = {
+            // Under the lock subscriptions take, so logging is never turned off under a
+            // subscriber that arrived in between.
             let mut state = lock(&shared.dirty_logging);
-            if subscribers.is_empty() {
-                if state.logging {
-                    if let Err(e) = shared.source.set_dirty_logging(false) {
-                        log::warn!("mirror: cannot stop dirty logging: {e}");
+            let subscribers: Vec<Arc<Connection>> =
+                shared.live_connections().into_iter().filter(|c| lock(&c.dirty).is_some()).collect();
+            let wanted = !subscribers.is_empty();
+            if state.logging != wanted {
+                match shared.source.set_dirty_logging(wanted) {
+                    Ok(()) => state.logging = wanted,
+                    Err(e) => {
+                        log::warn!("mirror: cannot turn dirty logging {}: {e}", if wanted { "on" } else { "off" })
                     }
-                    state.logging = false;
                 }
+            }
+            if !state.logging {
                 drop(state);
                 drop(shared);
                 std::thread::sleep(interval);
                 continue;
             }
-        }
+            subscribers
+        };
         match shared.source.take_dirty_pages() {
             Ok(written) => {
                 for conn in &subscribers {

@@ -4,9 +4,19 @@
 //! through PVH; other ELF vmlinux images and bzImages boot through the Linux
 //! 64-bit entry with a zero page. Both get the command line, the initramfs and
 //! an e820 map of guest RAM.
+//!
+//! A bzImage's payload is decompressed by the vmm by default ([`decompress`]): the
+//! resulting vmlinux is loaded at its link address and entered at its 64-bit entry,
+//! with the zero page built from the bzImage's setup header. The kernel's own
+//! decompressor is slow where guest kernel code is emulated (PVM: ~50 s for Debian's
+//! 6.1) and may not run at all (Debian's 6.12 zstd decompressor uses BMI2, which KVM's
+//! instruction emulator lacks); [`KernelDecompress::Guest`] still runs it when asked.
+
+pub mod bzimage;
+pub mod decompress;
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -27,7 +37,10 @@ use crate::memory::GuestRam;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 /// "HdrS" at offset 0x202 marks a Linux setup header.
-const BZIMAGE_MAGIC: u32 = 0x5372_6448;
+const BZIMAGE_MAGIC: u32 = bzimage::HDRS_MAGIC;
+/// Bound on a bzImage file read whole, and on its decompressed payload (which must also
+/// fit in guest RAM).
+pub const MAX_DECOMPRESSED_KERNEL: u64 = 512 << 20;
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 /// xloadflags bit: the kernel has a 64-bit entry point at load address + 0x200.
 const XLF_KERNEL_64: u16 = 1;
@@ -50,6 +63,28 @@ pub struct BootSource {
     /// Extra memory-map entries (guest address, length, e820 type) beyond RAM, such as
     /// the inspector's mirror window.
     pub extra_memmap: Vec<(u64, u64, u32)>,
+}
+
+/// Who decompresses a bzImage's payload.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelDecompress {
+    /// The vmm decompresses it and enters the uncompressed kernel (`--kernel-decompress vmm`).
+    #[default]
+    Vmm,
+    /// The kernel's own decompressor runs in the guest (`--kernel-decompress guest`).
+    Guest,
+}
+
+impl std::str::FromStr for KernelDecompress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "vmm" => Ok(KernelDecompress::Vmm),
+            "guest" => Ok(KernelDecompress::Guest),
+            _ => Err("expected vmm or guest".into()),
+        }
+    }
 }
 
 /// Where and how the vCPUs start.
@@ -86,6 +121,22 @@ pub enum BootError {
     KernelTooBig { path: PathBuf, mem_mib: u64 },
     #[error("bzImage {path} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")]
     No64BitEntry { path: PathBuf },
+    #[error("bzImage {path} is {size} bytes, more than the {max}-byte bound")]
+    BzImageTooBig { path: PathBuf, size: u64, max: u64 },
+    #[error("bzImage {path} has an unusable setup header")]
+    SetupHeader {
+        path: PathBuf,
+        #[source]
+        source: bzimage::SetupHeaderError,
+    },
+    #[error("cannot decompress the payload of bzImage {path}")]
+    Decompress {
+        path: PathBuf,
+        #[source]
+        source: decompress::DecompressError,
+    },
+    #[error("the decompressed {codec} payload of bzImage {path} is not a vmlinux: {detail}")]
+    BadVmlinux { path: PathBuf, codec: decompress::Codec, detail: String },
     #[error("cannot open initramfs {path}")]
     OpenInitramfs {
         path: PathBuf,
@@ -106,50 +157,30 @@ pub enum BootError {
     WriteBootData(String),
 }
 
-/// Loads `source` into `ram`; returns the entry point and boot protocol. `rsdp` is the
-/// address of the ACPI RSDP, handed to the kernel through its boot protocol.
+/// Loads `source` into `ram`, decompressing a bzImage in the vmm; returns the entry point
+/// and boot protocol. `rsdp` is the address of the ACPI RSDP, handed to the kernel
+/// through its boot protocol.
 pub fn load(ram: &GuestRam, source: &BootSource, rsdp: Option<u64>) -> Result<KernelEntry, BootError> {
+    load_with(ram, source, rsdp, KernelDecompress::default())
+}
+
+/// [`load`], with the choice of who decompresses a bzImage.
+pub fn load_with(
+    ram: &GuestRam,
+    source: &BootSource,
+    rsdp: Option<u64>,
+    decompress: KernelDecompress,
+) -> Result<KernelEntry, BootError> {
     let path = &source.kernel;
     let mut kernel = File::open(path).map_err(|e| BootError::OpenKernel { path: path.clone(), source: e })?;
-    let format = detect_format(&mut kernel, path)?;
-    let (entry, protocol, kernel_end, header, smp_entry_max_cpus) = match format {
-        KernelFormat::Elf => {
-            let result = Elf::load(ram.memory(), None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-                .map_err(|e| loader_error(e, path, ram))?;
-            let facts = scan_elf_program_headers(&mut kernel, path)?;
-            // linux-loader copies p_filesz; the zero-filled rest (bss) must fit in RAM too.
-            if facts.load_segments.iter().any(|&(paddr, memsz)| !ram.contains_range(paddr, memsz)) {
-                return Err(BootError::KernelTooBig { path: path.clone(), mem_mib: ram.size() >> 20 });
-            }
-            let smp = facts.smp_entry_max_cpus;
-            match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(pvh_entry) => {
-                    (pvh_entry.0, BootProtocol::Pvh, result.kernel_end, None, smp)
-                }
-                _ => (result.kernel_load.0, BootProtocol::Linux64, result.kernel_end, None, None),
-            }
-        }
-        KernelFormat::BzImage => {
-            let result = BzImage::load(ram.memory(), None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-                .map_err(|e| loader_error(e, path, ram))?;
-            let header = result
-                .setup_header
-                .ok_or_else(|| BootError::CorruptKernel { path: path.clone(), detail: "no setup header".into() })?;
-            if header.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(BootError::No64BitEntry { path: path.clone() });
-            }
-            (
-                result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-                BootProtocol::Linux64,
-                result.kernel_end,
-                Some(header),
-                None,
-            )
-        }
+    let loaded = match (detect_format(&mut kernel, path)?, decompress) {
+        (KernelFormat::Elf, _) => load_elf(ram, &mut kernel, path)?,
+        (KernelFormat::BzImage, KernelDecompress::Vmm) => load_bzimage_decompressed(ram, &mut kernel, path)?,
+        (KernelFormat::BzImage, KernelDecompress::Guest) => load_bzimage_compressed(ram, &mut kernel, path)?,
     };
 
     let initramfs = match &source.initramfs {
-        Some(initramfs_path) => Some(load_initramfs(ram, initramfs_path, kernel_end)?),
+        Some(initramfs_path) => Some(load_initramfs(ram, initramfs_path, loaded.kernel_end)?),
         None => None,
     };
     let cmdline = build_cmdline(&source.cmdline)?;
@@ -157,11 +188,143 @@ pub fn load(ram: &GuestRam, source: &BootSource, rsdp: Option<u64>) -> Result<Ke
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cmdline_size = cmdline.as_cstring().map(|c| c.as_bytes_with_nul().len()).unwrap_or(1);
 
-    match protocol {
-        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, rsdp, &source.extra_memmap)?,
-        BootProtocol::Linux64 => write_zero_page(ram, header, initramfs, cmdline_size, rsdp, &source.extra_memmap)?,
+    let extra = &source.extra_memmap;
+    match loaded.protocol {
+        BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, rsdp, extra)?,
+        BootProtocol::Linux64 => write_zero_page(ram, loaded.header, initramfs, cmdline_size, rsdp, extra)?,
     }
-    Ok(KernelEntry { entry, protocol, smp_entry_max_cpus })
+    Ok(KernelEntry { entry: loaded.entry, protocol: loaded.protocol, smp_entry_max_cpus: loaded.smp_entry_max_cpus })
+}
+
+/// A kernel in guest RAM, before the boot data around it is written.
+struct LoadedKernel {
+    entry: u64,
+    protocol: BootProtocol,
+    /// End of the kernel's memory (bss included); the initramfs goes above it.
+    kernel_end: u64,
+    /// The bzImage's setup header, for the zero page.
+    header: Option<setup_header>,
+    smp_entry_max_cpus: Option<u32>,
+}
+
+/// An ELF image: PVH if it has the note, else the Linux 64-bit entry.
+fn load_elf(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKernel, BootError> {
+    let result = Elf::load(ram.memory(), None, kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| loader_error(e, path, ram))?;
+    let facts = scan_elf_program_headers(kernel, path)?;
+    // linux-loader copies p_filesz; the zero-filled rest (bss) must fit in RAM too.
+    check_segments_fit(ram, &facts, path)?;
+    let (entry, protocol, smp_entry_max_cpus) = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(pvh_entry) => (pvh_entry.0, BootProtocol::Pvh, facts.smp_entry_max_cpus),
+        _ => (result.kernel_load.0, BootProtocol::Linux64, None),
+    };
+    Ok(LoadedKernel { entry, protocol, kernel_end: result.kernel_end, header: None, smp_entry_max_cpus })
+}
+
+/// Every PT_LOAD segment, bss included, lies in guest RAM.
+fn check_segments_fit(ram: &GuestRam, facts: &ElfFacts, path: &Path) -> Result<(), BootError> {
+    if facts.load_segments.iter().any(|&(paddr, memsz)| !ram.contains_range(paddr, memsz)) {
+        return Err(BootError::KernelTooBig { path: path.to_path_buf(), mem_mib: ram.size() >> 20 });
+    }
+    Ok(())
+}
+
+/// A bzImage whose compressed kernel is entered: the guest runs its decompressor.
+fn load_bzimage_compressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKernel, BootError> {
+    let result = BzImage::load(ram.memory(), None, kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| loader_error(e, path, ram))?;
+    let header = result
+        .setup_header
+        .ok_or_else(|| BootError::CorruptKernel { path: path.to_path_buf(), detail: "no setup header".into() })?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::No64BitEntry { path: path.to_path_buf() });
+    }
+    Ok(LoadedKernel {
+        entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+        protocol: BootProtocol::Linux64,
+        kernel_end: result.kernel_end,
+        header: Some(header),
+        smp_entry_max_cpus: None,
+    })
+}
+
+/// A bzImage whose payload the vmm decompresses: the vmlinux inside is loaded at its
+/// link address (its PT_LOAD physical addresses; nothing to relocate, no KASLR) and
+/// entered at its 64-bit entry, with the zero page built from the bzImage's setup header.
+fn load_bzimage_decompressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKernel, BootError> {
+    let image = read_bounded_image(kernel, path)?;
+    let bz = bzimage::parse(&image).map_err(|e| BootError::SetupHeader { path: path.to_path_buf(), source: e })?;
+    if bz.header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::No64BitEntry { path: path.to_path_buf() });
+    }
+    let limit = MAX_DECOMPRESSED_KERNEL.min(ram.size()) as usize;
+    let (codec, vmlinux) = decompress::decompress(bz.payload, limit)
+        .map_err(|e| BootError::Decompress { path: path.to_path_buf(), source: e })?;
+    let header = bzimage::header_for_direct_entry(bz.header);
+    drop(image);
+    log::debug!("{}: {codec} payload decompressed to {} bytes", path.display(), vmlinux.len());
+
+    let bad = |detail: &str| BootError::BadVmlinux { path: path.to_path_buf(), codec, detail: detail.to_string() };
+    if !vmlinux.starts_with(ELF_MAGIC) {
+        return Err(bad("no ELF magic"));
+    }
+    let mut reader = Cursor::new(vmlinux.as_slice());
+    let facts = scan_elf_program_headers(&mut reader, path)?;
+    check_segments_fit(ram, &facts, path)?;
+    let entry = elf_entry(&vmlinux).ok_or_else(|| bad("short ELF header"))?;
+    check_link_address(&facts, entry, &header).map_err(bad)?;
+    let result = Elf::load(ram.memory(), None, &mut reader, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| loader_error(e, path, ram))?;
+    Ok(LoadedKernel {
+        entry: result.kernel_load.0,
+        protocol: BootProtocol::Linux64,
+        kernel_end: result.kernel_end,
+        header: Some(header),
+        smp_entry_max_cpus: None,
+    })
+}
+
+/// Reads a whole kernel image of at most [`MAX_DECOMPRESSED_KERNEL`] bytes.
+fn read_bounded_image(kernel: &mut File, path: &Path) -> Result<Vec<u8>, BootError> {
+    let read_err = |e| BootError::ReadKernel { path: path.to_path_buf(), source: e };
+    let size = kernel.metadata().map_err(read_err)?.len();
+    if size > MAX_DECOMPRESSED_KERNEL {
+        return Err(BootError::BzImageTooBig { path: path.to_path_buf(), size, max: MAX_DECOMPRESSED_KERNEL });
+    }
+    let mut image = Vec::with_capacity(size as usize);
+    kernel.rewind().map_err(read_err)?;
+    kernel.take(MAX_DECOMPRESSED_KERNEL).read_to_end(&mut image).map_err(read_err)?;
+    Ok(image)
+}
+
+/// The ELF header's e_entry.
+fn elf_entry(elf: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(elf.get(24..32)?.try_into().ok()?))
+}
+
+/// The vmlinux runs where it was linked: its entry lies in a loaded segment, and every
+/// segment's physical address is at or above 1 MiB and below 4 GiB (a virtual address
+/// there, such as 0xffffffff81000000, means the image is not a loadable vmlinux).
+/// A kernel linked away from the bzImage's preferred address is logged, not refused:
+/// loading it at its own link address needs no relocation either way.
+fn check_link_address(facts: &ElfFacts, entry: u64, header: &setup_header) -> Result<(), &'static str> {
+    if facts.load_segments.is_empty() {
+        return Err("no PT_LOAD segment");
+    }
+    let physical = |paddr: u64| (HIMEM_START..1 << 32).contains(&paddr);
+    if !facts.load_segments.iter().all(|&(paddr, _)| physical(paddr)) {
+        return Err("a PT_LOAD physical address lies outside 1 MiB..4 GiB");
+    }
+    let in_segment = |&(paddr, memsz): &(u64, u64)| entry >= paddr && entry - paddr < memsz;
+    if !facts.load_segments.iter().any(in_segment) {
+        return Err("the entry point lies outside every PT_LOAD segment");
+    }
+    let lowest = facts.load_segments.iter().map(|&(paddr, _)| paddr).min().unwrap_or(0);
+    let preferred = header.pref_address;
+    if lowest != preferred {
+        log::warn!("vmlinux is linked at {lowest:#x}, not the bzImage's preferred {preferred:#x}; loading it there");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,7 +382,7 @@ struct ElfFacts {
 }
 
 /// Reads the program headers: PT_LOAD extents and (bounded) PT_NOTE contents.
-fn scan_elf_program_headers(kernel: &mut File, path: &Path) -> Result<ElfFacts, BootError> {
+fn scan_elf_program_headers<R: Read + Seek>(kernel: &mut R, path: &Path) -> Result<ElfFacts, BootError> {
     let corrupt = |detail: &str| BootError::CorruptKernel { path: path.to_path_buf(), detail: detail.to_string() };
     let mut ehdr = [0u8; 64];
     kernel.rewind().map_err(|_| corrupt("cannot seek to the ELF header"))?;

@@ -72,7 +72,7 @@ impl Vmm {
         vm.setup_irqchip()?;
         let ram_slots = vm.register_ram(&ram)?;
         let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
-        let entry = boot::load(&ram, &config.boot, Some(rsdp))?;
+        let entry = boot::load_with(&ram, &config.boot, Some(rsdp), config.kernel_decompress)?;
         if let Some(max) = entry.smp_entry_max_cpus {
             if u32::from(config.cpus) > max {
                 return Err(BuildError::TooManyCpusForImage {

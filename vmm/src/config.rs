@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
-use crate::boot::BootSource;
+use crate::boot::{BootSource, KernelDecompress};
 use crate::devices::serial::SerialOutput;
 use crate::memory::parse_size;
 
@@ -17,6 +17,8 @@ pub const DEFAULT_MEMORY: u64 = 512 << 20;
 pub struct VmConfig {
     pub kvm_path: PathBuf,
     pub boot: BootSource,
+    /// Who decompresses a bzImage's payload: the vmm (default) or the kernel in the guest.
+    pub kernel_decompress: KernelDecompress,
     pub memory: u64,
     pub cpus: u8,
     pub serial: SerialOutput,
@@ -49,6 +51,7 @@ impl VmConfig {
         VmConfig {
             kvm_path: PathBuf::from("/dev/kvm"),
             boot: BootSource { kernel, initramfs: None, cmdline: String::new(), extra_memmap: Vec::new() },
+            kernel_decompress: KernelDecompress::default(),
             memory: DEFAULT_MEMORY,
             cpus: 1,
             serial: SerialOutput::Null,
@@ -110,6 +113,10 @@ struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
+    /// Who decompresses a bzImage: vmm (decompress it here and enter the uncompressed
+    /// kernel; gzip, xz, zstd, lz4) or guest (run the kernel's own decompressor).
+    #[arg(long, value_name = "WHO", default_value = "vmm", value_parser = parse_kernel_decompress)]
+    kernel_decompress: KernelDecompress,
     /// Guest RAM, e.g. 512M, 2G or size=512M.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
     memory: u64,
@@ -151,6 +158,10 @@ struct Args {
     /// Log level: error, warn, info, debug or trace (default: SPECULA_LOG, else warn).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+}
+
+fn parse_kernel_decompress(value: &str) -> Result<KernelDecompress, ConfigError> {
+    value.parse().map_err(|reason: String| bad("--kernel-decompress", value, reason))
 }
 
 fn parse_policy(value: &str) -> Result<mirror_driver::protocol::Range, ConfigError> {
@@ -273,6 +284,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
             cmdline: args.cmdline,
             extra_memmap: Vec::new(),
         },
+        kernel_decompress: args.kernel_decompress,
         memory: args.memory,
         cpus: args.cpus,
         serial: args.serial,
@@ -330,6 +342,15 @@ mod tests {
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
         let err = parse_args(args(&["--kernel", "k", "--run-as", "nobody"])).unwrap_err().to_string();
         assert!(err.contains("--run-as") && err.contains("UID:GID"), "{err}");
+    }
+
+    #[test]
+    fn kernel_decompress_defaults_to_the_vmm() {
+        assert_eq!(run(&["--kernel", "k"]).kernel_decompress, KernelDecompress::Vmm);
+        assert_eq!(run(&["--kernel", "k", "--kernel-decompress", "guest"]).kernel_decompress, KernelDecompress::Guest);
+        assert_eq!(run(&["--kernel", "k", "--kernel-decompress=vmm"]).kernel_decompress, KernelDecompress::Vmm);
+        let err = parse_args(args(&["--kernel", "k", "--kernel-decompress", "cpu"])).unwrap_err().to_string();
+        assert!(err.contains("--kernel-decompress") && err.contains("vmm or guest"), "{err}");
     }
 
     #[test]

@@ -52,9 +52,10 @@ _start32:
     jnz wait_tables
 
     /*
-     * Bootstrap vCPU: identity-map, with 2 MiB user pages, every GiB that holds
+     * Bootstrap vCPU: identity-map, with user pages, every GiB that holds
      * RAM (e820 type 1) or a Specula mirror window (type SPECULA_E820_MIRROR),
-     * at least 1 GiB and at most 512 GiB. KVM here offers no 1 GiB pages.
+     * at least 1 GiB and at most 512 GiB: 1 GiB pages where the CPU has them,
+     * else 2 MiB pages (PVM's KVM offers no 1 GiB pages).
      * There is no stack yet, so ESP serves as a counter.
      */
     movl $1, %ebp
@@ -90,11 +91,40 @@ _start32:
     movl $512, %ebp
 7:  movl %ebp, boot_mapped_gib
 
-    /* PML4[0] -> PDPT; PDPT[g] -> the g-th page directory, placed after the image. */
+    /* PML4[0] -> PDPT. */
     movl $boot_pdpt, %eax
     orl $0x7, %eax
     movl %eax, boot_pml4
+
+    /*
+     * With 1 GiB pages (CPUID 0x80000001 EDX bit 26), PDPT[g] maps the g-th GiB
+     * itself: a few hundred entries whatever the mirror window's size, where
+     * 2 MiB pages need 512 per GiB, each written by emulated CPL0 code on PVM
+     * (seconds for a 256 GiB window).
+     */
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $0x80000001, %eax
+    jb 18f
+    movl $0x80000001, %eax
+    cpuid
+    btl $26, %edx
+    jnc 18f
     xorl %ecx, %ecx
+1:  movl %ecx, %eax
+    shll $30, %eax
+    orl $0x87, %eax
+    movl %ecx, %edx
+    shrl $2, %edx
+    movl %eax, boot_pdpt(,%ecx,8)
+    movl %edx, boot_pdpt+4(,%ecx,8)
+    incl %ecx
+    cmpl %ebp, %ecx
+    jb 1b
+    jmp 19f
+
+    /* Otherwise PDPT[g] -> the g-th page directory, placed after the image. */
+18: xorl %ecx, %ecx
 1:  movl %ecx, %eax
     shll $12, %eax
     addl $__image_end, %eax
@@ -116,6 +146,7 @@ _start32:
     incl %ecx
     cmpl %ebp, %ecx
     jb 1b
+19:
 
     /*
      * One 64-bit TSS per vCPU: RSP0 = its kernel stack. All TSSes share one
