@@ -30,14 +30,15 @@ use std::time::Duration;
 use guest_images::agent::*;
 use inspector::agent_link::{AgentError, AgentLink};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::doorbell::Doorbell;
+use vmm::memory::{GuestRam, SharedMemory};
 
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
 struct Fixture {
     link: AgentLink,
-    memory: GuestMemoryMmap,
+    memory: SharedMemory,
     /// The reply the fake agent gives next: (slot bytes, data bytes).
     reply: Arc<Mutex<(Vec<u8>, Vec<u8>, bool)>>,
     answered: Arc<AtomicBool>,
@@ -48,7 +49,7 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         // Ring, slots and every data slot (DATA_GPA + 16 MiB) fit in 64 MiB.
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let memory = GuestRam::new(64 << 20).unwrap().shared_memory();
         let doorbell = Arc::new(Doorbell::new());
         let link = AgentLink::new(memory.clone(), doorbell.clone(), 1 << 32, 1 << 30).unwrap();
         let reply = Arc::new(Mutex::new((Vec::new(), Vec::new(), false)));
