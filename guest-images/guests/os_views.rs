@@ -98,8 +98,6 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
         }
     }
     let Some(linux) = state.linux.as_ref() else { return Err(STATUS_NOT_DISCOVERED) };
-    // The guest may have changed its page tables since the last command.
-    linux.kernel().forget_translations();
     let mut reply = Vec::new();
     let outcome: Result<(), Error> = (|| {
         reply.resize(data.len(), 0);

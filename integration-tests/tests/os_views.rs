@@ -66,17 +66,9 @@ fn ram() -> &'static GuestRam {
     })
 }
 
-/// The guest's kernel, found once; each caller gets it alone (its address spaces remember
-/// translations per thread) and with nothing remembered (the guest runs meanwhile).
-fn linux() -> std::sync::MutexGuard<'static, Linux<'static, GuestRam>> {
-    static LINUX: OnceLock<std::sync::Mutex<Linux<'static, GuestRam>>> = OnceLock::new();
-    let guard = LINUX.get_or_init(|| std::sync::Mutex::new(discover())).lock().unwrap_or_else(|p| p.into_inner());
-    guard.kernel().forget_translations();
-    guard
-}
-
-fn discover() -> Linux<'static, GuestRam> {
-    {
+fn linux() -> &'static Linux<'static, GuestRam> {
+    static LINUX: OnceLock<Linux<'static, GuestRam>> = OnceLock::new();
+    LINUX.get_or_init(|| {
         let started = Instant::now();
         let linux = Linux::discover(ram()).unwrap_or_else(|e| panic!("discovery failed: {e}"));
         eprintln!(
@@ -87,7 +79,7 @@ fn discover() -> Linux<'static, GuestRam> {
             linux.vmcoreinfo().found_at
         );
         linux
-    }
+    })
 }
 
 /// The process list; the guest runs while it is walked, so a walk that raced

@@ -8,8 +8,6 @@
 //! (52..62), PAT (bit 12 in large-page entries) and the flag bits (0..11).
 //! A table or page outside RAM fails on the read, as [`Error::PhysRead`].
 
-use core::cell::Cell;
-
 use crate::{Error, PhysMem};
 
 /// Bits 12..51 of a table or 4 KiB page entry.
@@ -134,59 +132,19 @@ pub trait VirtMem {
     }
 }
 
-/// Translations an address space remembers (direct-mapped; any page size).
-const TLB_ENTRIES: usize = 64;
-
-/// A remembered translation: the page at `vbase` of `size` bytes maps to `t`'s page.
-#[derive(Clone, Copy, Default)]
-struct TlbEntry {
-    vbase: u64,
-    /// 0: empty.
-    size: u64,
-    t: Option<Translation>,
-}
-
 /// One address space: a page-table root over physical memory. The kernel's
 /// (rooted at `swapper_pg_dir`) or a process's (rooted at its `mm->pgd`).
-///
-/// It remembers its last translations, as a TLB does: a view that reads many fields
-/// of the same structures walks the tables once per page instead of once per field.
-/// Like a TLB it goes stale when the guest changes its page tables, so whoever keeps
-/// a space across requests calls [`AddressSpace::forget_translations`] at the start
-/// of each. The memory is per space and per thread (`Cell`s: a space is `Send`, not
-/// `Sync`); share one across threads behind a lock.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 pub struct AddressSpace<'a, M: PhysMem + ?Sized> {
     mem: &'a M,
     root: u64,
     mode: PagingMode,
-    tlb: [Cell<TlbEntry>; TLB_ENTRIES],
 }
 
 impl<'a, M: PhysMem + ?Sized> AddressSpace<'a, M> {
     /// An address space rooted at the physical address `root`.
     pub fn new(mem: &'a M, root: u64, mode: PagingMode) -> Self {
-        Self { mem, root, mode, tlb: core::array::from_fn(|_| Cell::new(TlbEntry::default())) }
-    }
-
-    /// Drops every remembered translation (the guest may have changed its tables).
-    pub fn forget_translations(&self) {
-        for entry in &self.tlb {
-            entry.set(TlbEntry::default());
-        }
-    }
-
-    fn slot(va: u64, size: u64) -> usize {
-        ((va / size) as usize) % TLB_ENTRIES
-    }
-
-    /// A remembered translation of `va`, trying each page size.
-    fn remembered(&self, va: u64) -> Option<Translation> {
-        [1u64 << 12, 1 << 21, 1 << 30].into_iter().find_map(|size| {
-            let e = self.tlb[Self::slot(va, size)].get();
-            let t = e.t.filter(|_| e.size == size && e.vbase == va & !(size - 1))?;
-            Some(Translation { pa: (t.pa & !(size - 1)) | (va & (size - 1)), ..t })
-        })
+        Self { mem, root, mode }
     }
 
     /// The page-table root's physical address.
@@ -200,13 +158,7 @@ impl<'a, M: PhysMem + ?Sized> AddressSpace<'a, M> {
 
     /// Translates one address.
     pub fn translate(&self, va: u64) -> Result<Translation, Error> {
-        if let Some(t) = self.remembered(va) {
-            return Ok(t);
-        }
-        let t = translate(self.mem, self.root, self.mode, va)?;
-        let size = t.page_size;
-        self.tlb[Self::slot(va, size)].set(TlbEntry { vbase: va & !(size - 1), size, t: Some(t) });
-        Ok(t)
+        translate(self.mem, self.root, self.mode, va)
     }
 }
 
@@ -273,46 +225,6 @@ mod tests {
             translate(&mem, 0x1000, PagingMode::Level4, 0x8000_0000_0000),
             Err(Error::NonCanonical { va: 0x8000_0000_0000 })
         );
-    }
-
-    /// Physical memory that counts its reads.
-    struct Counting<'m>(&'m TestMem, Cell<u32>);
-
-    impl PhysMem for Counting<'_> {
-        fn read(&self, pa: u64, buf: &mut [u8]) -> Result<(), Error> {
-            self.1.set(self.1.get() + 1);
-            self.0.read(pa, buf)
-        }
-
-        fn ram_ranges(&self) -> alloc::vec::Vec<core::ops::Range<u64>> {
-            self.0.ram_ranges()
-        }
-    }
-
-    #[test]
-    fn remembered_translations_match_fresh_walks_until_forgotten() {
-        let mut mem = TestMem::new(0, 64 << 12);
-        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
-        let va = 0x7f12_3456_7000u64;
-        // Two pages whose TLB slots collide (64 pages apart), and one beside them.
-        for (i, page) in [0u64, 1, 64].into_iter().enumerate() {
-            map4k(&mut mem, &tables, va + page * 0x1000, 0x10000 + i as u64 * 0x1000, P | RW | US);
-        }
-        let counting = Counting(&mem, Cell::new(0));
-        let space = AddressSpace::new(&counting, 0x1000, PagingMode::Level4);
-        for probe in [va + 8, va + 0x1010, va + 0x40_018, va + 0x10, va + 0x40_020, va + 0x1ff8] {
-            assert_eq!(space.translate(probe), translate(&mem, 0x1000, PagingMode::Level4, probe), "{probe:#x}");
-        }
-        let walks = counting.1.get();
-        assert_eq!(walks, 5 * 4, "5 walks of 4 levels: the collision evicted one page, the rest were remembered");
-        space.translate(va + 0x18).unwrap();
-        assert_eq!(counting.1.get(), walks + 4, "page 0 was evicted by page 64");
-        space.translate(va + 0x1020).unwrap();
-        assert_eq!(counting.1.get(), walks + 4, "page 1 is remembered");
-        space.forget_translations();
-        space.translate(va + 0x1020).unwrap();
-        assert_eq!(counting.1.get(), walks + 8, "forgotten: walked again");
-        assert!(space.translate(va + 0x2000).is_err(), "failed walks are not remembered as mappings");
     }
 
     #[test]
