@@ -282,6 +282,65 @@ fn a_watched_page_written_and_restored_between_two_checks_is_reported_with_the_d
 }
 
 #[test]
+fn a_dirty_log_subscriber_that_stops_reading_gets_a_coalesced_backlog_and_blocks_no_one() {
+    use mirror_driver::importer::{Importer, SourceEvent};
+    use mirror_driver::protocol::{Range, MAX_RANGES};
+    let dir = TempDir::new("dirty-stall");
+    let mut source = start_source(&dir, &[]);
+    let watch = format!("{:#x}:{:#x}", workload::TEXT_GPA, workload::TEXT_LEN);
+    let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", &watch, "--watch-interval-ms", "100"]);
+    inspector.proc.expect_line("baseline taken", LIMIT);
+    // A peer that subscribes to the feed and then never reads its socket.
+    let stalled = Importer::connect(&source.mirror).expect("connect");
+    let granted = Range { gpa: 0, len: 256 << 20 };
+    let _mapped = stalled.grant(&[granted]).expect("grant");
+    stalled.subscribe_dirty().expect("the vmm offers the feed");
+    // Scattered writes: ~5000 random pages a second over 192 MiB, far more runs than a
+    // backlog keeps once the stalled socket is full.
+    let fill = workload::FILL_MIN_GPA;
+    source.vm.send(&format!("churn {fill:#x} {:#x} 5000 2000000000\n", (256 << 20) - fill));
+    source.vm.expect_line("ack churn", LIMIT);
+    let first = inspector.heartbeat();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(inspector.heartbeat() > first, "the source runs on while a subscriber stalls");
+    // The well-behaved inspector's feed still works: a patch put back at once is reported.
+    source.vm.send("text-flip 8192\n");
+    source.vm.expect_line("ack text-flip", LIMIT);
+    let flipped = format!("{:#x}(restored)", workload::TEXT_GPA + 8192);
+    loop {
+        let report = inspector.proc.expect_line("integrity watch 0:", LIMIT);
+        if report.contains(&flipped) {
+            break;
+        }
+    }
+    source.vm.send("churn 0 0 0 0\n");
+    source.vm.expect_line("ack churn", LIMIT);
+    // Now the stalled peer reads: bounded frames inside its grant, some of them coalesced.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _reader = stalled
+        .start_events(move |_, event| {
+            if let SourceEvent::Dirty { coalesced, ranges } = event {
+                let _ = tx.send((coalesced, ranges));
+            }
+        })
+        .expect("read events");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut frames, mut coalesced_frames) = (0, 0);
+    while Instant::now() < deadline {
+        let Ok((coalesced, ranges)) = rx.recv_timeout(Duration::from_millis(500)) else { continue };
+        frames += 1;
+        coalesced_frames += usize::from(coalesced);
+        assert!(ranges.len() <= MAX_RANGES, "a frame of {} runs", ranges.len());
+        for r in &ranges {
+            assert!(r.gpa % 4096 == 0 && r.len % 4096 == 0 && r.len > 0, "{r:?}");
+            assert!(r.gpa + r.len <= granted.gpa + granted.len, "{r:?} lies outside the grant");
+        }
+    }
+    assert!(frames > 0, "the backlog arrives once the peer reads");
+    assert!(coalesced_frames > 0, "the backlog outgrew its bound and was coalesced ({frames} frames)");
+}
+
+#[test]
 fn a_scan_rate_limit_keeps_a_scan_at_or_under_its_rate_and_finds_the_same_matches() {
     let dir = TempDir::new("scan-limit");
     let source = start_source(&dir, &[]);
