@@ -242,23 +242,30 @@ impl WatchState {
         }
     }
 
-    /// Records the pages of a range the source's VMM wrote itself (not in the dirty log).
-    fn note_host_write(&mut self, range: Range) {
+    /// The watched pages that `range` touches.
+    fn pages_in(&self, range: Range) -> std::iter::StepBy<std::ops::Range<u64>> {
         let lo = range.gpa.max(self.range.gpa) & !(PAGE - 1);
         let hi = range.gpa.saturating_add(range.len).min(self.range.gpa + self.range.len);
-        self.written.extend((lo..hi).step_by(PAGE as usize));
+        (lo..hi).step_by(PAGE as usize)
+    }
+
+    /// Records the pages of a range the source's VMM wrote itself (not in the dirty log).
+    fn note_host_write(&mut self, range: Range) {
+        let pages = self.pages_in(range);
+        self.written.extend(pages);
     }
 
     /// Records the pages of `runs` inside this watch.
     fn note_written(&mut self, coalesced: bool, runs: &[Range]) {
         let exact = !coalesced && self.primed;
         self.primed = true;
-        let (lo_bound, hi_bound) = (self.range.gpa, self.range.gpa + self.range.len);
-        for r in runs {
-            let lo = r.gpa.max(lo_bound) & !(PAGE - 1);
-            let hi = r.gpa.saturating_add(r.len).min(hi_bound);
-            let set = if exact { &mut self.written } else { &mut self.maybe_written };
-            set.extend((lo..hi).step_by(PAGE as usize));
+        for &r in runs {
+            let pages = self.pages_in(r);
+            if exact {
+                self.written.extend(pages);
+            } else {
+                self.maybe_written.extend(pages);
+            }
         }
     }
 }
@@ -443,7 +450,7 @@ impl Inspector {
             None => return Err(InspectError::BadRequest(format!("at most {MAX_WATCHES} watches"))),
         };
         self.link.call(abi::OP_WATCH_SET, [id as u64, gpa, len, 0], &[])?;
-        let mode = if polled && self.dirty_feed { WatchMode::DirtyLog } else { WatchMode::Hash };
+        let mode = if polled { self.polled_watch_mode() } else { WatchMode::Hash };
         let state = WatchState::new(Range { gpa, len }, polled, mode);
         if id == watches.len() {
             watches.push(state);

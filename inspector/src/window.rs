@@ -9,6 +9,7 @@
 //! stays and reads there give nothing of the source, never stale bytes or another grant's.
 
 use mirror_driver::importer::{ImportError, MappedGrant};
+use vmm::memory::reserve_address_space;
 use vmm::vstate::vm::{Vm, VmError};
 
 /// One memslot of the window: a run of adjacent grants.
@@ -97,7 +98,8 @@ impl MirrorWindow {
     fn place_run(vm: &Vm, window_base: u64, run: &mut [MappedGrant]) -> Result<WindowRegion, WindowError> {
         let gpa = run[0].grant.gpa;
         let len = run.iter().map(MappedGrant::map_len).sum::<u64>();
-        let host_addr = reserve(len).map_err(|source| WindowError::Reserve { gpa, len, source })?;
+        // Never unmapped: a dropped grant leaves zero pages here (see [`MirrorWindow`]).
+        let host_addr = reserve_address_space(len).map_err(|source| WindowError::Reserve { gpa, len, source })?;
         for g in run.iter_mut() {
             let at = host_addr + (g.grant.gpa - gpa);
             // SAFETY: `at..at + map_len` lies inside the reservation just made, which is never
@@ -127,26 +129,6 @@ impl MirrorWindow {
     pub fn contains(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_add(len).is_some_and(|end| self.regions.iter().any(|r| gpa >= r.gpa && end <= r.gpa + r.len))
     }
-}
-
-/// Reserves `len` bytes of address space that nothing can read yet; grants are moved over
-/// it. Never unmapped: see [`MirrorWindow`].
-fn reserve(len: u64) -> std::io::Result<u64> {
-    // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(base as u64)
 }
 
 #[cfg(test)]

@@ -152,7 +152,7 @@ impl GuestRam {
         let mut chunk_files = Vec::new();
         let mut mappings = Reservations(Vec::new());
         for (start, len) in split_around_mmio_gap(size) {
-            let base = reserve(len).map_err(|source| MemoryError::Reserve { gpa: start, len, source })?;
+            let base = reserve_address_space(len).map_err(|source| MemoryError::Reserve { gpa: start, len, source })?;
             mappings.0.push(RamSlot { guest_addr: start, size: len, host_addr: base });
             let mut gpa = start;
             while gpa < start + len {
@@ -262,8 +262,10 @@ impl GuestRam {
     }
 }
 
-/// Reserves `len` bytes of address space that nothing can touch until chunks are mapped over it.
-fn reserve(len: u64) -> std::io::Result<u64> {
+/// Reserves `len` bytes of address space that nothing can touch until something is
+/// mapped over it with `MAP_FIXED` (guest RAM chunks here, grants in the inspector's
+/// mirror window); returns its address.
+pub fn reserve_address_space(len: u64) -> std::io::Result<u64> {
     // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel picks.
     let base = unsafe {
         libc::mmap(
