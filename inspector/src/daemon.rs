@@ -809,7 +809,10 @@ impl Inspector {
                     say(format_args!("cannot acknowledge the revocation of grant {grant_id}: {e}"));
                 }
             }
-            SourceEvent::Dirty { coalesced, ranges } => {
+            SourceEvent::Dirty { coalesced, mut ranges } => {
+                // The source's runs may overlap (a hostile one's all of them): merged, each
+                // watched page is recorded at most once per report.
+                mirror_driver::dirty::normalize(&mut ranges);
                 for w in self.lock_watches().iter_mut().filter(|w| w.mode == WatchMode::DirtyLog && !w.deleted) {
                     w.note_written(coalesced, &ranges);
                 }

@@ -32,9 +32,14 @@ pub fn bitmap_runs(base: u64, bitmap: &[u64], size: u64) -> Vec<Range> {
     runs
 }
 
-/// Sorts and merges overlapping or touching runs.
-fn normalize(runs: &mut Vec<Range>) {
+/// Sorts and merges overlapping or touching runs (empty ones dropped), so no page is
+/// counted twice: a receiver's work on them is bounded by the pages they cover.
+/// Runs past the end of the address space end there.
+pub fn normalize(runs: &mut Vec<Range>) {
     runs.retain(|r| r.len > 0);
+    for r in runs.iter_mut() {
+        r.len = r.len.min(u64::MAX - r.gpa);
+    }
     runs.sort_unstable_by_key(|r| r.gpa);
     let mut merged: Vec<Range> = Vec::with_capacity(runs.len());
     for r in runs.drain(..) {
@@ -141,6 +146,21 @@ mod tests {
         let allowed = [r(0x1000, 0x1000), r(0x9000, 0x1000), r(0xb000, 0x10000)];
         assert_eq!(clip(&dirty, &allowed), vec![r(0x1000, 0x1000), r(0x9000, 0x1000), r(0xb000, 0x1000)]);
         assert!(clip(&dirty, &[]).is_empty());
+    }
+
+    #[test]
+    fn hostile_runs_merge_into_what_they_cover() {
+        // A source's report: the same run a thousand times, runs inside it, and runs that
+        // would wrap the address space.
+        let mut runs = vec![r(0x10_0000, 0x10_0000); 1000];
+        runs.extend([
+            r(0x18_0000, 0x1000),
+            r(0x20_0000, 0),
+            r(u64::MAX - 0xfff, u64::MAX),
+            r(u64::MAX - 0x1fff, 0x1000),
+        ]);
+        normalize(&mut runs);
+        assert_eq!(runs, vec![r(0x10_0000, 0x10_0000), r(u64::MAX - 0x1fff, 0x1fff)]);
     }
 
     #[test]
