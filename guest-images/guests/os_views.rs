@@ -38,6 +38,14 @@ impl PhysMem for WindowMem {
         Ok(())
     }
 
+    fn prefetch(&self, pa: u64) {
+        if pa < self.len {
+            // SAFETY: a prefetch never faults and reads nothing architecturally; the
+            // address is inside the window (an ungranted part is simply not fetched).
+            unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((self.base + pa) as *const i8) };
+        }
+    }
+
     fn ram_ranges(&self) -> Vec<Range<u64>> {
         // SAFETY: as above.
         unsafe { &*self.granted.get() }.iter().map(|&(g, l)| g..g + l).collect()
@@ -98,10 +106,11 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
         }
     }
     let Some(linux) = state.linux.as_ref() else { return Err(STATUS_NOT_DISCOVERED) };
-    let mut reply = Vec::new();
-    let outcome: Result<(), Error> = (|| {
-        reply.resize(data.len(), 0);
-        let mut w = Writer::new(&mut reply);
+    // The reply is encoded straight into the data area (the granted ranges in it were
+    // read above): no staging buffer to clear and copy per command.
+    let room = data.len();
+    let outcome: Result<usize, Error> = (|| {
+        let mut w = Writer::new(&mut *data);
         match op {
             OP_OS_DISCOVER | OP_OS_KERNEL => wire::encode_kernel(&linux.kernel_info()?, &mut w),
             OP_OS_PROCESSES => wire::encode_processes(&linux.processes()?, &mut w),
@@ -111,7 +120,7 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
             OP_OS_SYMBOLS => {
                 // Names average ~25 bytes (at most 512): a page that fits the data area unless
                 // names are unusually long, which ends in STATUS_TOO_BIG.
-                let fit = (data.len() / 256).max(1) as u64;
+                let fit = (room / 256).max(1) as u64;
                 wire::encode_symbols(linux.kallsyms(), args[0] as usize, args[1].min(fit) as usize, &mut w)
             }
             OP_OS_VMAS => {
@@ -121,36 +130,26 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
             }
             OP_OS_READ_VIRTUAL => {
                 let (pid, va, len) = (args[0], args[1], args[2]);
-                if len > data.len() as u64 {
-                    return Err(Error::TooLarge { what: "virtual read", value: len, max: data.len() as u64 });
+                if len > room as u64 {
+                    return Err(Error::TooLarge { what: "virtual read", value: len, max: room as u64 });
                 }
-                let mut bytes = alloc::vec![0u8; len as usize];
+                drop(w);
+                let bytes = &mut data[..len as usize];
                 if pid == 0 {
-                    specula_os::VirtMem::read_virt(linux.kernel(), va, &mut bytes)?;
+                    specula_os::VirtMem::read_virt(linux.kernel(), va, bytes)?;
                 } else {
                     let ps = linux.processes()?;
                     let p = ps.iter().find(|p| p.pid as u64 == pid).ok_or(Error::Corrupt(alloc::format!("no process {pid}")))?;
-                    linux.read_process(p, va, &mut bytes)?;
+                    linux.read_process(p, va, bytes)?;
                 }
-                drop(w);
-                reply = bytes;
-                return Ok(());
+                return Ok(len as usize);
             }
             _ => return Err(Error::Corrupt(alloc::format!("unknown OS op {op}"))),
         }
-        match w.finish() {
-            Some(n) => {
-                reply.truncate(n);
-                Ok(())
-            }
-            None => Err(Error::TooLarge { what: "reply", value: data.len() as u64 + 1, max: data.len() as u64 }),
-        }
+        w.finish().ok_or(Error::TooLarge { what: "reply", value: room as u64 + 1, max: room as u64 })
     })();
     match outcome {
-        Ok(()) => {
-            data[..reply.len()].copy_from_slice(&reply);
-            Ok([reply.len() as u64, 0, 0, 0])
-        }
+        Ok(len) => Ok([len as u64, 0, 0, 0]),
         Err(Error::TooLarge { what: "reply", .. }) => Err(STATUS_TOO_BIG),
         Err(e) => Err(fail(data, &e)),
     }

@@ -293,10 +293,48 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
 }
 
 // rustc lowers copies and fills to these C functions; there is no libc, so the
-// runtime provides them with string instructions (fast in ring 3).
+// runtime provides them. `rep movsb`/`rep stosb` are fast for long runs but pay a
+// start-up cost of tens of cycles; most copies are short (an OS view reads guest
+// structures 8 bytes at a time, tens of thousands of times per request), so up to
+// 16 bytes are moved with two possibly overlapping loads and stores instead.
+// No loops here: LLVM could turn a copy loop back into a call to memcpy.
+
+/// Copies `n` ≤ 16 bytes with two overlapping unaligned accesses of the widest size
+/// that fits (the first and the last `w` bytes).
+///
+/// # Safety
+/// `dst` and `src` are valid for `n` bytes; the ranges may overlap only if every load
+/// happens before every store, which this function ensures.
+#[inline(always)]
+unsafe fn copy_short(dst: *mut u8, src: *const u8, n: usize) {
+    // SAFETY (all blocks below): each access lies within the first or last `w` bytes
+    // of ranges the caller guarantees are `n` ≥ `w` bytes long.
+    unsafe {
+        if n >= 8 {
+            let (a, b) = ((src as *const u64).read_unaligned(), (src.add(n - 8) as *const u64).read_unaligned());
+            (dst as *mut u64).write_unaligned(a);
+            (dst.add(n - 8) as *mut u64).write_unaligned(b);
+        } else if n >= 4 {
+            let (a, b) = ((src as *const u32).read_unaligned(), (src.add(n - 4) as *const u32).read_unaligned());
+            (dst as *mut u32).write_unaligned(a);
+            (dst.add(n - 4) as *mut u32).write_unaligned(b);
+        } else if n >= 2 {
+            let (a, b) = ((src as *const u16).read_unaligned(), (src.add(n - 2) as *const u16).read_unaligned());
+            (dst as *mut u16).write_unaligned(a);
+            (dst.add(n - 2) as *mut u16).write_unaligned(b);
+        } else if n == 1 {
+            *dst = *src;
+        }
+    }
+}
 
 #[no_mangle]
 unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if n <= 16 {
+        // SAFETY: the caller guarantees valid ranges of n bytes.
+        unsafe { copy_short(dst, src, n) };
+        return dst;
+    }
     // SAFETY: the caller guarantees non-overlapping valid ranges of n bytes.
     unsafe {
         asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags));
@@ -306,6 +344,11 @@ unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
 
 #[no_mangle]
 unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if n <= 16 {
+        // SAFETY: valid ranges of n bytes; copy_short loads everything before it stores.
+        unsafe { copy_short(dst, src, n) };
+        return dst;
+    }
     if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
         // SAFETY: forward copy is correct when dst does not start inside src.
         return unsafe { memcpy(dst, src, n) };
@@ -321,6 +364,26 @@ unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 
 
 #[no_mangle]
 unsafe extern "C" fn memset(dst: *mut u8, value: i32, n: usize) -> *mut u8 {
+    if n <= 16 {
+        let splat = u64::from(value as u8) * 0x0101_0101_0101_0101;
+        // SAFETY: as in copy_short, every store lies within the first or last bytes of
+        // the n-byte range the caller guarantees.
+        unsafe {
+            if n >= 8 {
+                (dst as *mut u64).write_unaligned(splat);
+                (dst.add(n - 8) as *mut u64).write_unaligned(splat);
+            } else if n >= 4 {
+                (dst as *mut u32).write_unaligned(splat as u32);
+                (dst.add(n - 4) as *mut u32).write_unaligned(splat as u32);
+            } else if n >= 2 {
+                (dst as *mut u16).write_unaligned(splat as u16);
+                (dst.add(n - 2) as *mut u16).write_unaligned(splat as u16);
+            } else if n == 1 {
+                *dst = value as u8;
+            }
+        }
+        return dst;
+    }
     // SAFETY: the caller guarantees dst is valid for n bytes.
     unsafe {
         asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") value as u8, options(nostack, preserves_flags));

@@ -64,7 +64,7 @@ pub use checks::{CheckReport, CheckRun, Finding, FindingKind};
 pub use error::Error;
 pub use kallsyms::Kallsyms;
 pub use linux::{KernelInfo, Linux, Module, Process, SyscallCheck, SyscallEntry, Vma};
-pub use paging::{AddressSpace, PagingMode, Translation, VirtMem};
+pub use paging::{AddressSpace, CachedSpace, PagingMode, Translation, VirtMem};
 pub use vmcoreinfo::VmcoreInfo;
 
 /// Guest-physical memory.
@@ -75,6 +75,13 @@ pub trait PhysMem {
 
     /// Where RAM is (and so where scans look), in ascending order.
     fn ram_ranges(&self) -> Vec<Range<u64>>;
+
+    /// A hint that the cache line at guest-physical `pa` will be read soon; it never
+    /// fails and changes nothing. Views issue these for many structures before they
+    /// read any, so that the reads' cache and TLB misses overlap instead of queueing
+    /// (a process listing is bound by memory latency, not by instructions). The
+    /// default does nothing; implementations with RAM mapped in place prefetch.
+    fn prefetch(&self, _pa: u64) {}
 }
 
 /// Physical memory made of byte slices, each at a guest-physical address:

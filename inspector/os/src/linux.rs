@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 
 use crate::btf::Btf;
 use crate::kallsyms::{Kallsyms, KallsymsAddrs};
-use crate::paging::{AddressSpace, PagingMode, VirtMem};
+use crate::paging::{prefetch_walks, AddressSpace, CachedSpace, PagingMode, VirtMem};
 use crate::vmcoreinfo::{self, VmcoreInfo};
 use crate::{Error, PhysMem};
 
@@ -550,33 +550,16 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     }
 
     pub(crate) fn field(&self, base: u64, f: F) -> Result<u64, Error> {
-        self.kernel.read_uint(base.wrapping_add(f.off), f.size)
+        field_in(&self.kernel, base, f)
     }
 
     pub(crate) fn pointer(&self, base: u64, f: F, what: &str) -> Result<u64, Error> {
-        let p = self.field(base, f)?;
-        if p != 0 && p < KERNEL_MIN {
-            return Err(Error::Corrupt(alloc::format!("{what} {p:#x} (at {base:#x}) is not a kernel address")));
-        }
-        Ok(p)
+        pointer_in(&self.kernel, base, f, what)
     }
 
     /// A NUL-terminated string of at most `max` bytes (≤ 256) at kernel `va`.
     pub fn read_string(&self, va: u64, max: u64) -> Result<String, Error> {
-        let max = max.min(MAX_STRING) as usize;
-        let mut buf = alloc::vec![0u8; max];
-        // Page by page, stopping at the terminator: the next page may be unmapped.
-        let mut done = 0;
-        while done < max {
-            let at = va.wrapping_add(done as u64);
-            let n = ((0x1000 - (at & 0xfff)) as usize).min(max - done);
-            self.kernel.read_virt(at, &mut buf[done..done + n])?;
-            if let Some(i) = buf[done..done + n].iter().position(|&b| b == 0) {
-                return Ok(String::from_utf8_lossy(&buf[..done + i]).into_owned());
-            }
-            done += n;
-        }
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        read_string_in(&self.kernel, va, max)
     }
 
     /// Calls `f` with each node of the circular list at `head` (not the head itself).
@@ -585,51 +568,67 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         head: u64,
         list: &'static str,
         max: usize,
-        mut f: impl FnMut(u64) -> Result<(), Error>,
+        f: impl FnMut(u64) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        let mut seen = BTreeSet::new();
-        let mut node = self.kernel.read_u64(head)?;
-        while node != head {
-            if node < KERNEL_MIN {
-                return Err(Error::Corrupt(alloc::format!("{list} list link {node:#x} is not a kernel address")));
-            }
-            if !seen.insert(node) {
-                return Err(Error::ListCycle { list, at: node });
-            }
-            if seen.len() > max {
-                return Err(Error::ListTooLong { list, max: max as u64 });
-            }
-            f(node)?;
-            node = self.kernel.read_u64(node)?;
-        }
-        Ok(())
+        walk_list_in(&self.kernel, head, list, max, f)
     }
 
     /// Every process (thread-group leader) on `init_task.tasks`, in list order
     /// (the idle task itself, pid 0, is not listed).
+    ///
+    /// A listing reads about ten structures per task that are rarely in cache, so it
+    /// is bound by memory latency. It therefore runs in passes over all tasks (collect
+    /// the list; read each task's pointers; read the fields; read command lines), and
+    /// each pass asks for the lines the next pass reads ([`VirtMem::prefetch_virt`])
+    /// so that their misses overlap.
     pub fn processes(&self) -> Result<Vec<Process>, Error> {
         let l = &self.layout;
         let init = self.kallsyms.address("init_task")?;
-        let mut out = Vec::new();
-        let mut budget = MAX_CMDLINE_TOTAL;
-        self.walk_list(init.wrapping_add(l.tasks.off), "task", MAX_TASKS, |node| {
+        // Tens of fields per task: one page walk per page, not per field.
+        let k = CachedSpace::new(&self.kernel);
+        let field = |base, f| field_in(&k, base, f);
+        let pointer = |base, f, what| pointer_in(&k, base, f, what);
+        let task_fields =
+            [l.real_parent, l.cred, l.mm, l.flags, l.exit_state, l.pid, l.tgid, l.comm, l.state, l.start_time];
+
+        let mut tasks = Vec::new();
+        walk_list_in(&k, init.wrapping_add(l.tasks.off), "task", MAX_TASKS, |node| {
             let task = node.wrapping_sub(l.tasks.off);
-            let parent = self.pointer(task, l.real_parent, "real_parent")?;
-            let cred = self.pointer(task, l.cred, "cred")?;
-            let mm = self.pointer(task, l.mm, "mm")?;
-            let flags = self.field(task, l.flags)?;
-            let exit_state = self.field(task, l.exit_state)?;
+            for f in task_fields {
+                k.prefetch_virt(task.wrapping_add(f.off));
+            }
+            tasks.push(task);
+            Ok(())
+        })?;
+
+        let mut links = Vec::with_capacity(tasks.len());
+        for &task in &tasks {
+            let parent = pointer(task, l.real_parent, "real_parent")?;
+            let cred = pointer(task, l.cred, "cred")?;
+            let mm = pointer(task, l.mm, "mm")?;
+            for (base, f) in [(parent, l.tgid), (cred, l.uid), (cred, l.gid), (mm, l.pgd), (mm, l.arg_start)] {
+                if base != 0 {
+                    k.prefetch_virt(base.wrapping_add(f.off));
+                }
+            }
+            links.push((parent, cred, mm));
+        }
+
+        let mut out = Vec::with_capacity(tasks.len());
+        for (&task, &(parent, cred, mm)) in tasks.iter().zip(&links) {
+            let flags = field(task, l.flags)?;
+            let exit_state = field(task, l.exit_state)?;
             let mut p = Process {
                 task,
-                pid: self.field(task, l.pid)? as i32,
-                tgid: self.field(task, l.tgid)? as i32,
-                ppid: if parent == 0 { 0 } else { self.field(parent, l.tgid)? as i32 },
-                uid: if cred == 0 { 0 } else { self.field(cred, l.uid)? as u32 },
-                euid: if cred == 0 { 0 } else { self.field(cred, l.euid)? as u32 },
-                gid: if cred == 0 { 0 } else { self.field(cred, l.gid)? as u32 },
-                comm: self.read_string(task.wrapping_add(l.comm.off), l.comm.size)?,
-                state: self.field(task, l.state)?,
-                start_time: self.field(task, l.start_time)?,
+                pid: field(task, l.pid)? as i32,
+                tgid: field(task, l.tgid)? as i32,
+                ppid: if parent == 0 { 0 } else { field(parent, l.tgid)? as i32 },
+                uid: if cred == 0 { 0 } else { field(cred, l.uid)? as u32 },
+                euid: if cred == 0 { 0 } else { field(cred, l.euid)? as u32 },
+                gid: if cred == 0 { 0 } else { field(cred, l.gid)? as u32 },
+                comm: read_string_in(&k, task.wrapping_add(l.comm.off), l.comm.size)?,
+                state: field(task, l.state)?,
+                start_time: field(task, l.start_time)?,
                 flags,
                 kernel_thread: flags & PF_KTHREAD != 0 || (mm == 0 && exit_state == 0),
                 exit_state,
@@ -642,17 +641,21 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 cmdline_error: None,
             };
             if mm != 0 {
-                let pgd_va = self.pointer(mm, l.pgd, "mm->pgd")?;
+                let pgd_va = pointer(mm, l.pgd, "mm->pgd")?;
                 p.pgd = Some(self.kernel.translate(pgd_va)?.pa);
-                p.arg_start = self.field(mm, l.arg_start)?;
-                p.arg_end = self.field(mm, l.arg_end)?;
-                if !p.kernel_thread {
-                    self.read_cmdline(&mut p, &mut budget);
-                }
+                p.arg_start = field(mm, l.arg_start)?;
+                p.arg_end = field(mm, l.arg_end)?;
             }
             out.push(p);
-            Ok(())
-        })?;
+        }
+
+        let cmdlines: Vec<(u64, u64)> =
+            out.iter().filter_map(|p| p.pgd.filter(|_| !p.kernel_thread).map(|pgd| (pgd, p.arg_start))).collect();
+        prefetch_walks(self.mem, self.kernel.mode(), &cmdlines);
+        let mut budget = MAX_CMDLINE_TOTAL;
+        for p in out.iter_mut().filter(|p| p.pgd.is_some() && !p.kernel_thread) {
+            self.read_cmdline(p, &mut budget);
+        }
         Ok(out)
     }
 
@@ -929,6 +932,66 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     pub fn modules_use_mem_array(&self) -> bool {
         matches!(self.layout.mod_mem, ModuleMem::Mem { .. })
     }
+}
+
+/// Field `f` of the structure at kernel `base`, read through `kernel`.
+pub(crate) fn field_in(kernel: &impl VirtMem, base: u64, f: F) -> Result<u64, Error> {
+    kernel.read_uint(base.wrapping_add(f.off), f.size)
+}
+
+/// Pointer field `f` at kernel `base`: null, or a kernel address (`what` names it in errors).
+pub(crate) fn pointer_in(kernel: &impl VirtMem, base: u64, f: F, what: &str) -> Result<u64, Error> {
+    let p = field_in(kernel, base, f)?;
+    if p != 0 && p < KERNEL_MIN {
+        return Err(Error::Corrupt(alloc::format!("{what} {p:#x} (at {base:#x}) is not a kernel address")));
+    }
+    Ok(p)
+}
+
+/// A NUL-terminated string of at most `max` bytes (≤ 256) at kernel `va`.
+pub(crate) fn read_string_in(kernel: &impl VirtMem, va: u64, max: u64) -> Result<String, Error> {
+    let max = max.min(MAX_STRING) as usize;
+    let mut buf = [0u8; MAX_STRING as usize];
+    // Page by page, stopping at the terminator: the next page may be unmapped.
+    let mut done = 0;
+    while done < max {
+        let at = va.wrapping_add(done as u64);
+        let n = ((0x1000 - (at & 0xfff)) as usize).min(max - done);
+        kernel.read_virt(at, &mut buf[done..done + n])?;
+        if let Some(i) = buf[done..done + n].iter().position(|&b| b == 0) {
+            return Ok(String::from_utf8_lossy(&buf[..done + i]).into_owned());
+        }
+        done += n;
+    }
+    Ok(String::from_utf8_lossy(&buf[..max]).into_owned())
+}
+
+/// Calls `f` with each node of the circular list at `head` (not the head itself),
+/// read through `kernel`; a cycle, a link out of the kernel or more than `max` nodes
+/// end the walk with an error.
+pub(crate) fn walk_list_in(
+    kernel: &impl VirtMem,
+    head: u64,
+    list: &'static str,
+    max: usize,
+    mut f: impl FnMut(u64) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut seen = BTreeSet::new();
+    let mut node = kernel.read_u64(head)?;
+    while node != head {
+        if node < KERNEL_MIN {
+            return Err(Error::Corrupt(alloc::format!("{list} list link {node:#x} is not a kernel address")));
+        }
+        if !seen.insert(node) {
+            return Err(Error::ListCycle { list, at: node });
+        }
+        if seen.len() > max {
+            return Err(Error::ListTooLong { list, max: max as u64 });
+        }
+        f(node)?;
+        node = kernel.read_u64(node)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

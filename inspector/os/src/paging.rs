@@ -8,6 +8,8 @@
 //! (52..62), PAT (bit 12 in large-page entries) and the flag bits (0..11).
 //! A table or page outside RAM fails on the read, as [`Error::PhysRead`].
 
+use core::cell::Cell;
+
 use crate::{Error, PhysMem};
 
 /// Bits 12..51 of a table or 4 KiB page entry.
@@ -107,6 +109,10 @@ pub trait VirtMem {
     /// Reads `buf.len()` bytes at `va`; fails at the first unmapped byte.
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error>;
 
+    /// A hint that `va` will be read soon (see [`PhysMem::prefetch`]): translated, if
+    /// that is cheap, and passed on; never an error. The default does nothing.
+    fn prefetch_virt(&self, _va: u64) {}
+
     /// A little-endian `u64` at `va`.
     fn read_u64(&self, va: u64) -> Result<u64, Error> {
         let mut b = [0u8; 8];
@@ -171,6 +177,109 @@ impl<M: PhysMem + ?Sized> VirtMem for AddressSpace<'_, M> {
             let in_page = (t.page_size - (t.pa & (t.page_size - 1))) as usize;
             let n = in_page.min(buf.len() - done);
             self.mem.read(t.pa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Prefetches the page walks of many `(root, va)` pairs, one level at a time across
+/// all of them, and then the bytes at each `va`: a walk is a chain of dependent reads,
+/// so walking many one after another waits for each miss in turn, while this pass
+/// keeps one miss per walk in flight. It only warms the cache: entries are read but
+/// not trusted (a bad one ends that walk's prefetching), and callers still translate
+/// with [`translate`]. At most `levels` reads per walk, no allocation beyond `walks`.
+pub fn prefetch_walks<M: PhysMem + ?Sized>(mem: &M, mode: PagingMode, walks: &[(u64, u64)]) {
+    // Per walk: the table to read next, or None once it ended (leaf, hole or junk).
+    let mut tables: alloc::vec::Vec<Option<u64>> = walks.iter().map(|&(root, _)| Some(root & ADDR_MASK_4K)).collect();
+    let entry_at = |table: u64, va: u64, level: u8| table + ((va >> (12 + 9 * u32::from(level - 1))) & 0x1ff) * 8;
+    for (table, &(_, va)) in tables.iter().zip(walks) {
+        if let Some(table) = table {
+            mem.prefetch(entry_at(*table, va, mode.levels()));
+        }
+    }
+    for level in (1..=mode.levels()).rev() {
+        for (table, &(_, va)) in tables.iter_mut().zip(walks) {
+            let Some(at) = table.map(|t| entry_at(t, va, level)) else { continue };
+            let mut raw = [0u8; 8];
+            let entry = mem.read(at, &mut raw).map(|()| u64::from_le_bytes(raw)).unwrap_or(0);
+            *table = None;
+            if entry & PRESENT == 0 {
+                continue;
+            }
+            if level == 1 || entry & PAGE_SIZE_BIT != 0 {
+                let mask = match level {
+                    1 => ADDR_MASK_4K,
+                    2 => ADDR_MASK_2M,
+                    _ => ADDR_MASK_1G,
+                };
+                let size_mask = !mask & 0x000f_ffff_ffff_ffff;
+                mem.prefetch((entry & mask) | (va & size_mask));
+            } else {
+                let next = entry & ADDR_MASK_4K;
+                mem.prefetch(entry_at(next, va, level - 1));
+                *table = Some(next);
+            }
+        }
+    }
+}
+
+/// How many translations a [`CachedSpace`] remembers.
+const CACHED_TRANSLATIONS: usize = 8;
+
+/// An address space that remembers its last few translations, as a TLB does: a view
+/// that reads many fields of the same structures walks the page tables once per page
+/// instead of once per field (kernel objects mostly sit in the direct map's 1 GiB or
+/// 2 MiB pages, so a handful of entries covers a whole task list).
+///
+/// Like a TLB it goes stale when the guest changes its page tables, so it lives for
+/// one view's run only (it is built on the stack and dropped with the result); the
+/// `Cell`s keep it out of shared state by making it `!Sync`.
+pub struct CachedSpace<'s, 'a, M: PhysMem + ?Sized> {
+    space: &'s AddressSpace<'a, M>,
+    /// `(page base, page size, physical base)`; size 0 marks an empty entry.
+    entries: [Cell<(u64, u64, u64)>; CACHED_TRANSLATIONS],
+    /// The entry the next new translation replaces (round robin).
+    next: Cell<usize>,
+}
+
+impl<'s, 'a, M: PhysMem + ?Sized> CachedSpace<'s, 'a, M> {
+    pub fn new(space: &'s AddressSpace<'a, M>) -> Self {
+        CachedSpace { space, entries: Default::default(), next: Cell::new(0) }
+    }
+
+    /// `va`'s physical address and the bytes left in its page, from a remembered
+    /// translation or a fresh walk (which is then remembered).
+    fn lookup(&self, va: u64) -> Result<(u64, u64), Error> {
+        for entry in &self.entries {
+            let (base, size, pa) = entry.get();
+            if size != 0 && va & !(size - 1) == base {
+                let offset = va & (size - 1);
+                return Ok((pa | offset, size - offset));
+            }
+        }
+        let t = self.space.translate(va)?;
+        let size = t.page_size;
+        let slot = self.next.get();
+        self.entries[slot].set((va & !(size - 1), size, t.pa & !(size - 1)));
+        self.next.set((slot + 1) % CACHED_TRANSLATIONS);
+        Ok((t.pa, size - (t.pa & (size - 1))))
+    }
+}
+
+impl<M: PhysMem + ?Sized> VirtMem for CachedSpace<'_, '_, M> {
+    fn prefetch_virt(&self, va: u64) {
+        if let Ok((pa, _)) = self.lookup(va) {
+            self.space.mem.prefetch(pa);
+        }
+    }
+
+    fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let (pa, in_page) = self.lookup(va.wrapping_add(done as u64))?;
+            let n = (in_page as usize).min(buf.len() - done);
+            self.space.mem.read(pa, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
@@ -288,5 +397,112 @@ mod tests {
         let space = AddressSpace::new(&mem, 0x1000, PagingMode::Level4);
         let mut big = alloc::vec![0u8; 3 << 12];
         space.read_virt(0x7fff_ffff_f000, &mut big).unwrap_err();
+    }
+
+    /// Physical memory that counts its reads and records its prefetches.
+    struct Recording<'m> {
+        mem: &'m TestMem,
+        reads: Cell<u32>,
+        prefetched: core::cell::RefCell<alloc::vec::Vec<u64>>,
+    }
+
+    impl<'m> Recording<'m> {
+        fn new(mem: &'m TestMem) -> Self {
+            Recording { mem, reads: Cell::new(0), prefetched: Default::default() }
+        }
+    }
+
+    impl PhysMem for Recording<'_> {
+        fn read(&self, pa: u64, buf: &mut [u8]) -> Result<(), Error> {
+            self.reads.set(self.reads.get() + 1);
+            self.mem.read(pa, buf)
+        }
+
+        fn ram_ranges(&self) -> alloc::vec::Vec<core::ops::Range<u64>> {
+            self.mem.ram_ranges()
+        }
+
+        fn prefetch(&self, pa: u64) {
+            self.prefetched.borrow_mut().push(pa);
+        }
+    }
+
+    #[test]
+    fn a_cached_space_reads_what_fresh_walks_read_with_one_walk_per_page() {
+        let mut mem = TestMem::new(0, 80 << 12);
+        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
+        let va = 0x7f12_3456_7000u64;
+        // Ten pages, more than the cache holds, each with its own contents.
+        for page in 0..10u64 {
+            map4k(&mut mem, &tables, va + page * 0x1000, 0x10000 + page * 0x1000, P | RW | US);
+            mem.write_u64(0x10000 + page * 0x1000 + 0xff8, 0xa0 + page);
+            mem.write_u64(0x10000 + page * 0x1000 + 0x1000, 0xb0 + page);
+        }
+        let recording = Recording::new(&mem);
+        let plain = AddressSpace::new(&mem, 0x1000, PagingMode::Level4);
+        let space = AddressSpace::new(&recording, 0x1000, PagingMode::Level4);
+        let cached = CachedSpace::new(&space);
+        // Fields of the same page: one walk (4 reads) and then only the data reads.
+        for field in [0xff8u64, 0xff8, 0x10, 0x800] {
+            assert_eq!(cached.read_u64(va + field).unwrap(), plain.read_u64(va + field).unwrap());
+        }
+        assert_eq!(recording.reads.get(), 4 + 4, "one walk for four reads of one page");
+        // Every page, a read that crosses into the next one, then the first pages again
+        // (evicted by then): always what a fresh walk reads.
+        for page in (0..10u64).chain(0..3) {
+            let at = va + page * 0x1000 + 0xffc;
+            let mut a = [0u8; 8];
+            let mut b = [0u8; 8];
+            let fresh = plain.read_virt(at, &mut a);
+            assert_eq!(cached.read_virt(at, &mut b), fresh, "page {page}");
+            assert_eq!(a, b, "page {page}");
+        }
+        // An unmapped page is an error, and is not remembered as mapped.
+        assert_eq!(cached.read_u64(va + 0x20_0000), Err(Error::NotMapped { va: va + 0x20_0000, level: 2 }));
+        assert_eq!(cached.read_u64(va + 0x20_0000), Err(Error::NotMapped { va: va + 0x20_0000, level: 2 }));
+    }
+
+    #[test]
+    fn cached_large_pages_cover_their_whole_range() {
+        let mut mem = TestMem::new(0, 16 << 12);
+        let va1g = 0xffff_8880_4000_0000u64;
+        mem.write_u64(0x1000 + idx(va1g, 4) * 8, 0x2000 | P | RW);
+        mem.write_u64(0x2000 + idx(va1g, 3) * 8, PS | P | RW); // 1 GiB page at 0
+        let recording = Recording::new(&mem);
+        let space = AddressSpace::new(&recording, 0x1000, PagingMode::Level4);
+        let cached = CachedSpace::new(&space);
+        for off in [0x5000u64, 0x8000, 0x3000, 0xa008] {
+            cached.read_u64(va1g + off).unwrap();
+        }
+        assert_eq!(recording.reads.get(), 2 + 4, "a 1 GiB page is walked once (2 levels)");
+    }
+
+    #[test]
+    fn batched_walk_prefetches_land_on_the_translated_bytes_and_stay_bounded() {
+        let mut mem = TestMem::new(0, 64 << 12);
+        let tables = [0x1000, 0x2000, 0x3000, 0x4000];
+        let va = 0x7f12_3456_7123u64;
+        map4k(&mut mem, &tables, va & !0xfff, 0x20000, P | RW | US);
+        // A second address space whose root points at itself at every level.
+        for i in 0..512 {
+            mem.write_u64(0x8000 + i * 8, 0x8000 | P | RW);
+        }
+        let walks = [(0x1000, va), (0x8000, 0x1234), (0x9000, va), (u64::MAX, va)];
+        let recording = Recording::new(&mem);
+        prefetch_walks(&recording, PagingMode::Level4, &walks);
+        let prefetched = recording.prefetched.borrow();
+        let want = translate(&mem, 0x1000, PagingMode::Level4, va).unwrap().pa;
+        assert!(prefetched.contains(&want), "the data of the first walk ({want:#x}) in {prefetched:x?}");
+        let looped = translate(&mem, 0x8000, PagingMode::Level4, 0x1234).unwrap().pa;
+        assert!(prefetched.contains(&looped), "the self-referencing tables end at level 1 too");
+        // Each walk reads at most one entry per level; the empty (0x9000) and the
+        // out-of-RAM root end after their first read.
+        assert!(recording.reads.get() <= 4 * 4, "{} reads", recording.reads.get());
+        assert_eq!(recording.reads.get(), 4 + 4 + 1 + 1);
+        drop(prefetched);
+        // Five-level paging reads five levels.
+        let again = Recording::new(&mem);
+        prefetch_walks(&again, PagingMode::Level5, &[(0x8000, 0x1234)]);
+        assert_eq!(again.reads.get(), 5);
     }
 }
