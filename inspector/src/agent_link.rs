@@ -275,14 +275,16 @@ fn read_struct<T: Copy>(memory: &GuestMemoryMmap, gpa: u64) -> Result<T, AgentEr
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// A real command ring over real guest memory with a scripted agent on the other
+/// end, for tests of what the host does with hostile replies.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     const WINDOW: u64 = 1 << 32;
 
-    fn ring() -> (AgentLink, SharedMemory, Arc<Doorbell>) {
+    pub(crate) fn ring() -> (AgentLink, SharedMemory, Arc<Doorbell>) {
         let size = (WATCH_GPA.next_multiple_of(4096)).max(vmm::memory::MIN_MEMORY);
         let memory = vmm::memory::GuestRam::new(size).unwrap().shared_memory();
         let doorbell = Arc::new(Doorbell::new());
@@ -292,7 +294,7 @@ mod tests {
 
     /// A hostile or slow agent: answers each submitted slot with `answer(slot copy)` after
     /// `delay(slot copy)`, writing back whatever `answer` returns.
-    fn fake_agent(
+    pub(crate) fn fake_agent(
         memory: SharedMemory,
         doorbell: Arc<Doorbell>,
         stop: Arc<AtomicBool>,
@@ -323,6 +325,18 @@ mod tests {
             }
         })
     }
+
+    /// Slot `i` as it is now.
+    pub(crate) fn slot_at(memory: &SharedMemory, i: usize) -> Option<Slot> {
+        read_struct(memory, slot_gpa(i)).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{fake_agent, ring};
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn echo(mut s: Slot) -> Slot {
         s.status = STATUS_OK;

@@ -18,6 +18,7 @@ use vmm::vstate::vm::Vm;
 use vmm::{VmConfig, VmExit, Vmm};
 
 use crate::agent_link::{AgentError, AgentLink};
+use crate::agent_replies;
 use crate::events::EventBus;
 pub use crate::source::SourceSpec;
 use crate::source::{Source, SourceError};
@@ -419,16 +420,7 @@ impl Inspector {
     fn scan_step(&self, gpa: u64, len: u64, pattern: &[u8]) -> Result<(u64, Vec<u64>), InspectError> {
         let _granted = self.check_granted(gpa, len)?;
         let done = self.link.call(abi::OP_SCAN, [gpa, len, pattern.len() as u64, 0], pattern)?;
-        let possible = len.saturating_sub(pattern.len() as u64 - 1);
-        let claimed = done.result[0];
-        if claimed > possible {
-            return Err(InspectError::BadReply(format!("{claimed} matches claimed in {len} bytes")));
-        }
-        let hits = done.u64s(4096, done.result[1].min(claimed), abi::MAX_SCAN_HITS as u64)?;
-        if let Some(bad) = hits.iter().find(|&&hit| hit < gpa || hit >= gpa + possible) {
-            return Err(InspectError::BadReply(format!("match at {bad:#x} lies outside {gpa:#x}+{len:#x}")));
-        }
-        Ok((claimed, hits))
+        agent_replies::scan_matches(&done, gpa, len, pattern.len() as u64)
     }
 
     /// Starts an integrity watch over a granted, page-aligned range; returns its id. A
@@ -495,22 +487,14 @@ impl Inspector {
         }
     }
 
-    /// Re-hashes only `pages` of watch `id` in the agent; returns those that changed.
+    /// Re-hashes only `pages` (sorted) of watch `id` in the agent; returns those that changed.
     fn check_pages(&self, id: usize, range: Range, pages: &[u64]) -> Result<Vec<u64>, InspectError> {
         let _granted = self.check_granted(range.gpa, range.len)?;
         let mut changed = Vec::new();
         for batch in pages.chunks(abi::MAX_CHECK_PAGES) {
             let input: Vec<u8> = batch.iter().flat_map(|p| p.to_le_bytes()).collect();
             let done = self.link.call(abi::OP_WATCH_CHECK_PAGES, [id as u64, batch.len() as u64, 0, 0], &input)?;
-            let claimed = done.result[0];
-            if claimed > batch.len() as u64 {
-                return Err(InspectError::BadReply(format!("{claimed} changed pages of {} checked", batch.len())));
-            }
-            let got = done.u64s(0, claimed, batch.len() as u64)?;
-            if let Some(bad) = got.iter().find(|p| batch.binary_search(p).is_err()) {
-                return Err(InspectError::BadReply(format!("changed page {bad:#x} was not asked about")));
-            }
-            changed.extend(got);
+            changed.extend(agent_replies::changed_of_asked(&done, batch)?);
         }
         Ok(changed)
     }
@@ -550,12 +534,7 @@ impl Inspector {
         let range = range.ok_or_else(|| InspectError::NotFound(format!("no watch {id}")))?;
         let _granted = self.check_granted(range.gpa, range.len)?;
         let done = self.link.call(abi::OP_WATCH_CHECK, [id as u64, 0, 0, 0], &[])?;
-        let pages = done.u64s(0, done.result[0], range.len / PAGE)?;
-        let outside = |&&page: &&u64| page < range.gpa || page >= range.gpa + range.len || !page.is_multiple_of(PAGE);
-        if let Some(bad) = pages.iter().find(outside) {
-            return Err(InspectError::BadReply(format!("changed page {bad:#x} is not in watch {id}")));
-        }
-        Ok(pages)
+        agent_replies::changed_in_watch(&done, id, range)
     }
 
     /// Checks every polled watch once: records and publishes what changed; a watch whose

@@ -4,6 +4,7 @@
 //! serves analysis (read, hash, scan, integrity watch) run by the agent in ring 3.
 
 pub mod agent_link;
+mod agent_replies;
 pub mod api;
 pub mod control;
 pub mod daemon;
