@@ -341,6 +341,45 @@ fn a_dirty_log_subscriber_that_stops_reading_gets_a_coalesced_backlog_and_blocks
 }
 
 #[test]
+fn a_page_written_once_is_reported_once_and_then_no_more() {
+    use mirror_driver::importer::{Importer, SourceEvent};
+    use mirror_driver::protocol::Range;
+    let dir = TempDir::new("dirty-once");
+    let mut source = start_source(&dir, &[]);
+    let peer = Importer::connect(&source.mirror).expect("connect");
+    // The workload's text: nothing writes it but `text-flip` (the heartbeat lives elsewhere).
+    let text = Range { gpa: workload::TEXT_GPA, len: workload::TEXT_LEN as u64 };
+    let _mapped = peer.grant(&[text]).expect("grant");
+    peer.subscribe_dirty().expect("the vmm offers the feed");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _reader = peer
+        .start_events(move |_, event| {
+            if let SourceEvent::Dirty { ranges, .. } = event {
+                let _ = tx.send((Instant::now(), ranges));
+            }
+        })
+        .expect("read events");
+    std::thread::sleep(Duration::from_millis(300));
+    source.vm.send("text-flip 8192\n");
+    source.vm.expect_line("ack text-flip", LIMIT);
+    let flipped = workload::TEXT_GPA + 8192;
+    let written = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let frames: Vec<(Instant, Vec<Range>)> = rx.try_iter().collect();
+    let naming: Vec<Duration> = frames
+        .iter()
+        .filter(|(_, ranges)| ranges.iter().any(|r| r.gpa <= flipped && flipped < r.gpa + r.len))
+        .map(|(at, _)| at.saturating_duration_since(written))
+        .collect();
+    assert!(!naming.is_empty(), "the write was reported ({} frames)", frames.len());
+    // The write and the restore may fall into two collections (20 ms apart); after that
+    // the page is clean, and a log whose reported pages were never re-protected (or whose
+    // bits were never cleared) would name it in every later collection.
+    assert!(naming.len() <= 2, "the page was reported {} times, at {naming:?} after the write", naming.len());
+    assert!(naming.iter().all(|&after| after < Duration::from_millis(500)), "{naming:?}");
+}
+
+#[test]
 fn a_scan_rate_limit_keeps_a_scan_at_or_under_its_rate_and_finds_the_same_matches() {
     let dir = TempDir::new("scan-limit");
     let source = start_source(&dir, &[]);

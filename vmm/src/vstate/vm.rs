@@ -1,5 +1,6 @@
 //! The KVM VM: capability checks, memslots, in-kernel irqchip and PIT.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use kvm_bindings::{
@@ -59,6 +60,14 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM_CLEAR_DIRTY_LOG for slot {slot}, pages {first_page}..+{num_pages} failed")]
+    ClearDirtyLog {
+        slot: u32,
+        first_page: u64,
+        num_pages: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_IRQFD for GSI {gsi} failed")]
@@ -76,6 +85,10 @@ pub struct Vm {
     next_slot: std::sync::atomic::AtomicU32,
     /// Memslots that exist now (added and not removed).
     live_slots: std::sync::atomic::AtomicU32,
+    /// Whether KVM_GET_DIRTY_LOG leaves pages writable and KVM_CLEAR_DIRTY_LOG
+    /// re-protects the ones reported (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), or the get
+    /// re-protects every dirty page itself (the original protocol).
+    manual_dirty_protect: bool,
 }
 
 impl Vm {
@@ -95,11 +108,13 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let manual_dirty_protect = enable_manual_dirty_protect(&fd);
         Ok(Self {
             kvm,
             fd,
             next_slot: std::sync::atomic::AtomicU32::new(0),
             live_slots: std::sync::atomic::AtomicU32::new(0),
+            manual_dirty_protect,
         })
     }
 
@@ -147,10 +162,53 @@ impl Vm {
         self.set_memslot_flags(slot, ram.guest_addr, ram.size, ram.host_addr, flags)
     }
 
-    /// The pages of a dirty-logged memslot written since the last call, one bit per page
-    /// (KVM_GET_DIRTY_LOG: read, cleared and write-protected again in one step).
+    /// The pages of a dirty-logged memslot written since the last call, one bit per page.
+    ///
+    /// With manual protection (where KVM offers it) the get only reads the bitmap, and
+    /// the pages it reports are cleared and write-protected again 256 MiB at a time, and
+    /// only where some page was written: KVM holds its MMU lock for one chunk of dirty
+    /// pages at a time instead of for the whole slot, and clean chunks cost nothing.
+    /// Either way the reported pages are protected again before this returns, so a
+    /// write after the return is in the next call's bitmap.
     pub fn take_dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, VmError> {
-        self.fd.get_dirty_log(slot, size as usize).map_err(|source| VmError::DirtyLog { slot, source })
+        let bitmap = self.fd.get_dirty_log(slot, size as usize).map_err(|source| VmError::DirtyLog { slot, source })?;
+        if self.manual_dirty_protect {
+            let pages = size / 4096;
+            for (chunk, words) in bitmap.chunks(CLEAR_CHUNK_WORDS).enumerate() {
+                if words.iter().all(|&w| w == 0) {
+                    continue;
+                }
+                let first_page = (chunk * CLEAR_CHUNK_WORDS * 64) as u64;
+                let num_pages = (words.len() as u64 * 64).min(pages - first_page) as u32;
+                self.clear_dirty_log(slot, first_page, num_pages, words)?;
+            }
+        }
+        Ok(bitmap)
+    }
+
+    /// Whether dirty pages are re-protected by KVM_CLEAR_DIRTY_LOG (see [`Vm::take_dirty_log`]).
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.manual_dirty_protect
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG: clears and re-protects the pages set in `words`, from
+    /// `first_page` (a multiple of 64) for `num_pages`.
+    fn clear_dirty_log(&self, slot: u32, first_page: u64, num_pages: u32, words: &[u64]) -> Result<(), VmError> {
+        let mut clear = kvm_bindings::kvm_clear_dirty_log {
+            slot,
+            num_pages,
+            first_page,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 { padding2: 0 },
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = words.as_ptr() as *mut std::ffi::c_void;
+        // SAFETY: KVM_CLEAR_DIRTY_LOG on our VM fd; the struct is live for the call and its
+        // bitmap points at `words`, which holds at least num_pages bits (KVM only reads it).
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if rc < 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(VmError::ClearDirtyLog { slot, first_page, num_pages, source });
+        }
+        Ok(())
     }
 
     /// Adds a memslot mapping `size` bytes at host address `host_addr` to `gpa`; returns its slot.
@@ -202,4 +260,25 @@ impl Vm {
     pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Irqfd { gsi, source })
     }
+}
+
+/// Pages per KVM_CLEAR_DIRTY_LOG call, in bitmap words (64 pages each): 256 MiB.
+const CLEAR_CHUNK_WORDS: usize = 1024;
+
+vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_bindings::kvm_clear_dirty_log);
+
+/// Turns on manual dirty-log protection where KVM offers it (without "initially set":
+/// enabling logging on a slot still write-protects all of it at once); false where it
+/// is absent or refused, and the original protocol is used.
+fn enable_manual_dirty_protect(fd: &VmFd) -> bool {
+    let offered = fd.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if offered & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+        return false;
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        args: [u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+        ..Default::default()
+    };
+    fd.enable_cap(&cap).is_ok()
 }
