@@ -81,6 +81,24 @@ fn granted(input: &[u8]) -> Result<Vec<(u64, u64)>, u32> {
     Ok(out)
 }
 
+/// The `(vCPU, LSTAR)` list after `ranges` granted ranges: a u32 count, then a u32
+/// index and a u64 value each; at most [`MAX_OS_VCPUS`].
+fn lstars(input: &[u8], ranges: usize) -> Result<Vec<(u32, u64)>, u32> {
+    let at = 4 + ranges * 16;
+    let count = u32::from_le_bytes(input.get(at..at + 4).ok_or(STATUS_BAD_ARGS)?.try_into().unwrap()) as usize;
+    if count > MAX_OS_VCPUS {
+        return Err(STATUS_BAD_ARGS);
+    }
+    (0..count)
+        .map(|i| {
+            let e = at + 4 + i * 12;
+            let cpu = input.get(e..e + 4).ok_or(STATUS_BAD_ARGS)?;
+            let lstar = input.get(e + 4..e + 12).ok_or(STATUS_BAD_ARGS)?;
+            Ok((u32::from_le_bytes(cpu.try_into().unwrap()), u64::from_le_bytes(lstar.try_into().unwrap())))
+        })
+        .collect()
+}
+
 /// Writes an error's text as the reply.
 fn fail(out: &mut [u8], error: &Error) -> u32 {
     let text = alloc::format!("{error}");
@@ -93,6 +111,8 @@ fn fail(out: &mut [u8], error: &Error) -> u32 {
 /// Runs OS command `op` with the slot's data area `data`.
 pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, args: [u64; 4], data: &mut [u8]) -> Result<[u64; 4], u32> {
     let ranges = granted(data)?;
+    // OP_OS_CHECKS with args[1] = 1: the vCPUs' LSTAR values follow the ranges.
+    let lstars = if op == OP_OS_CHECKS && args[1] == 1 { Some(lstars(data, ranges.len())?) } else { None };
     let mem: &'static WindowMem = *state.mem.get_or_insert_with(|| {
         Box::leak(Box::new(WindowMem { base: window_base, len: window_len, granted: UnsafeCell::new(Vec::new()) }))
     });
@@ -116,7 +136,7 @@ pub fn execute(state: &mut OsState, window_base: u64, window_len: u64, op: u32, 
             OP_OS_PROCESSES => wire::encode_processes(&linux.processes()?, &mut w),
             OP_OS_MODULES => wire::encode_modules(&linux.modules()?, &mut w),
             OP_OS_SYSCALLS => wire::encode_syscalls(&linux.syscall_table_check()?, &mut w),
-            OP_OS_CHECKS => wire::encode_checks(&linux.rootkit_checks(args[0]), &mut w),
+            OP_OS_CHECKS => wire::encode_checks(&linux.rootkit_checks_with(args[0], lstars.as_deref()), &mut w),
             OP_OS_SYMBOLS => {
                 // Names average ~25 bytes (at most 512): a page that fits the data area unless
                 // names are unusually long, which ends in STATUS_TOO_BIG.

@@ -97,6 +97,9 @@ pub const OP_WATCH_CHECK_PAGES: u32 = 17;
 pub const MAX_CHECK_PAGES: usize = DATA_SLOT_SIZE as usize / 8;
 /// Most granted ranges an OS command carries.
 pub const MAX_OS_RANGES: usize = 4096;
+/// Most vCPUs whose LSTAR an `OP_OS_CHECKS` input carries (after the ranges, when
+/// args[1] is 1: a u32 count, then a u32 vCPU index and a u64 value each).
+pub const MAX_OS_VCPUS: usize = 1024;
 
 /// Statuses.
 pub const STATUS_OK: u32 = 0;

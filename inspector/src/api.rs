@@ -450,7 +450,9 @@ pub struct YaraMatchView {
 #[derive(Deserialize, IntoParams, Debug)]
 pub struct ChecksQuery {
     /// Comma-separated checks: `processes`, `modules`, `syscalls`, `interrupts`,
-    /// `kernel_text` (default: all).
+    /// `kernel_text`, `msrs` (default: all but `msrs`, which reads each vCPU's LSTAR;
+    /// on a QEMU source that takes a device-state snapshot, pausing the guest for a
+    /// few milliseconds).
     pub only: Option<String>,
 }
 
@@ -466,7 +468,7 @@ pub struct CheckReportView {
 /// One check: what it looked at, or why it could not run on this kernel.
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct CheckRunView {
-    /// `processes`, `modules`, `syscalls`, `interrupts` or `kernel_text`.
+    /// `processes`, `modules`, `syscalls`, `interrupts`, `kernel_text` or `msrs`.
     pub check: String,
     /// Tasks in the pid table, listed modules, table entries, present gates or text pages.
     pub examined: u64,
@@ -477,7 +479,8 @@ pub struct CheckRunView {
 #[derive(Serialize, Deserialize, ToSchema, Debug)]
 pub struct FindingView {
     /// `hidden_process`, `unhashed_process`, `hidden_module`, `syscall_redirected`,
-    /// `syscall_dispatch_redirected`, `interrupt_hooked` or `kernel_text_modified`.
+    /// `syscall_dispatch_redirected`, `interrupt_hooked`, `kernel_text_modified` or
+    /// `syscall_entry_hooked` (a vCPU's LSTAR is not `entry_SYSCALL_64`; id: the vCPU).
     pub kind: String,
     /// The pid, system call number, vector, or offset in `x64_sys_call` (absent where none).
     pub id: Option<i64>,
@@ -825,7 +828,7 @@ async fn os_checks(State(s): State<AppState>, Query(q): Query<ChecksQuery>) -> A
         })?;
         which |= 1 << bit;
     }
-    let which = if which == 0 { select::ALL } else { which };
+    let which = if which == 0 { select::DEFAULT } else { which };
     let inspector = s.inspector.clone();
     let report = blocking(move || inspector.os_checks(which)).await?;
     Ok(Json(CheckReportView {

@@ -200,7 +200,7 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
                 which |= 1 << bit;
             }
             let report =
-                inspector.os_checks(if which == 0 { specula_os::checks::select::ALL } else { which }).map_err(e)?;
+                inspector.os_checks(if which == 0 { specula_os::checks::select::DEFAULT } else { which }).map_err(e)?;
             let mut line: Vec<String> = report
                 .runs
                 .iter()

@@ -599,13 +599,19 @@ impl Inspector {
     /// nothing else), the grants stay locked until it is done; a source whose kernel the
     /// agent has not found yet is discovered first. Returns the reply bytes.
     fn os_call(&self, op: u32, args: [u64; 4]) -> Result<Vec<u8>, InspectError> {
+        self.os_call_with(op, args, &[])
+    }
+
+    /// [`Inspector::os_call`] with `extra` input after the granted ranges.
+    fn os_call_with(&self, op: u32, args: [u64; 4], extra: &[u8]) -> Result<Vec<u8>, InspectError> {
         let grants = self.read_grants();
-        let mut input = Vec::with_capacity(4 + grants.len() * 16);
+        let mut input = Vec::with_capacity(4 + grants.len() * 16 + extra.len());
         input.extend_from_slice(&(grants.len() as u32).to_le_bytes());
         for g in grants.values() {
             input.extend_from_slice(&g.mapped.grant.gpa.to_le_bytes());
             input.extend_from_slice(&g.mapped.grant.len.to_le_bytes());
         }
+        input.extend_from_slice(extra);
         let run = |op| -> Result<Vec<u8>, AgentError> {
             let done = self.link.call(op, args, &input)?;
             done.data(0, done.result[0])
@@ -650,7 +656,29 @@ impl Inspector {
         if which == 0 || which & !specula_os::checks::select::ALL != 0 {
             return Err(InspectError::BadRequest(format!("no such set of checks: {which:#x}")));
         }
-        let report = wire::decode_checks(&self.os_call(abi::OP_OS_CHECKS, [which, 0, 0, 0])?)?;
+        // The syscall-entry check needs each vCPU's LSTAR, a register: the source reads
+        // them (QEMU through a device-state snapshot) and the agent judges them.
+        let (lstars, lstar_error) = if which & specula_os::checks::select::MSRS != 0 {
+            match self.cpu_msrs() {
+                Ok(msrs) => (Some(msrs), None),
+                Err(e) => (None, Some(vmm::error_chain(&e))),
+            }
+        } else {
+            (None, None)
+        };
+        let mut extra = Vec::new();
+        if let Some(msrs) = &lstars {
+            extra.extend_from_slice(&(msrs.len() as u32).to_le_bytes());
+            for m in msrs {
+                extra.extend_from_slice(&m.cpu.to_le_bytes());
+                extra.extend_from_slice(&m.lstar.to_le_bytes());
+            }
+        }
+        let flag = u64::from(lstars.is_some());
+        let mut report = wire::decode_checks(&self.os_call_with(abi::OP_OS_CHECKS, [which, flag, 0, 0], &extra)?)?;
+        if let (Some(why), Some(run)) = (lstar_error, report.runs.iter_mut().find(|r| r.check == "msrs")) {
+            run.error = Some(why);
+        }
         let ran: u64 = report
             .runs
             .iter()
@@ -738,6 +766,19 @@ impl Inspector {
         let timeout_cycles = timeout_ms.saturating_mul(10_000_000);
         let done = self.link.call(abi::OP_LATENCY, [gpa, count, timeout_cycles, 0], &[])?;
         Ok(done.u64s(0, done.result[0], count)?.into_iter().map(|c| c as i64).collect())
+    }
+
+    /// The system-call MSRs of every vCPU, from the source (bounded: at most
+    /// [`abi::MAX_OS_VCPUS`]).
+    pub fn cpu_msrs(&self) -> Result<Vec<mirror_driver::qemu_state::CpuMsrs>, InspectError> {
+        if self.source_gone() {
+            return Err(InspectError::Source(SourceError::Unsupported("the source is gone")));
+        }
+        let msrs = self.source.cpu_msrs()?;
+        if msrs.len() > abi::MAX_OS_VCPUS {
+            return Err(InspectError::BadRequest(format!("{} vCPUs, more than {}", msrs.len(), abi::MAX_OS_VCPUS)));
+        }
+        Ok(msrs)
     }
 
     /// The source's vCPU registers (for page-table walks).

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
 use mirror_driver::protocol::{Range, VcpuRegs};
 use mirror_driver::qemu::{QemuError, QemuSource};
+use mirror_driver::qemu_state::CpuMsrs;
 
 /// What the inspector attaches to.
 #[derive(Clone, Debug)]
@@ -54,6 +55,10 @@ pub trait Source: Send + Sync {
     /// returns the source's collection interval. Sources without a dirty log refuse.
     fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
         Err(SourceError::Unsupported("this source keeps no dirty log (QEMU's is not reachable over QMP)"))
+    }
+    /// The system-call MSRs (LSTAR) of every vCPU, where the source can tell them.
+    fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
+        Err(SourceError::Unsupported("this source does not report vCPU MSRs (the mirror protocol carries no LSTAR)"))
     }
 }
 
@@ -153,5 +158,9 @@ impl Source for QemuSource {
 
     fn acknowledge_revoke(&self, _grant_id: u64, _nonce: u64) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
+        Ok(QemuSource::cpu_msrs(self)?)
     }
 }

@@ -3,7 +3,7 @@
 //! test rootkit (guest-images/linux/rootkit/specula_rootkit.c, a kernel module
 //! built against Debian's linux-headers for the guest kernel) hides a process,
 //! hides itself and redirects a system call (its table entry and its direct call in
-//! `x64_sys_call`), and each is reported by name; a
+//! `x64_sys_call`) and its syscall entry (LSTAR), and each is reported by name; a
 //! patched kernel text page is reported with its symbol.
 //!
 //! Needs qemu-system-x86_64 and target/guest-images/linux/ (scripts/build.sh).
@@ -59,6 +59,14 @@ fn an_untouched_guest_is_clean_and_a_patched_text_page_is_named() {
     assert!(examined(&report, "syscalls") > 300, "{report:#}");
     assert!(examined(&report, "interrupts") > 20, "{report:#}");
     assert!(examined(&report, "kernel_text") > 1000, "Debian's text is several MiB: {report:#}");
+    assert!(report["checks"].as_array().unwrap().iter().all(|c| c["check"] != "msrs"), "msrs runs only when named");
+
+    // The syscall entry register, which QMP does not show: read from a device-state
+    // snapshot (the guest paused for milliseconds, then running again).
+    let (msrs, status) = specula(&inspector, &["checks", "msrs"]);
+    assert_eq!((msrs["clean"].as_bool(), status), (Some(true), 0), "LSTAR is entry_SYSCALL_64: {msrs:#}");
+    assert_eq!(examined(&msrs, "msrs"), 1, "the guest's one vCPU: {msrs:#}");
+    assert!(guest.console("echo still-running", CONSOLE).contains("still-running"), "the guest runs on");
 
     // What an inline hook does: change a byte of kernel text (here kexec_load's
     // handler, which nothing calls), through the guest's RAM as a rootkit would.
@@ -96,7 +104,7 @@ fn the_test_rootkit_is_caught_naming_the_process_the_module_and_the_syscall() {
     let (status, out) = guest.console_status(
         &format!(
             "insmod /lib/specula_rootkit.ko hide_pid={victim} sys_call_table={table:#x} syscall_nr={SYSCALL_KILL} \
-             x64_sys_call={dispatch:#x} handler={kill:#x}"
+             x64_sys_call={dispatch:#x} handler={kill:#x} hook_lstar=1"
         ),
         CONSOLE,
     );
@@ -130,6 +138,13 @@ fn the_test_rootkit_is_caught_naming_the_process_the_module_and_the_syscall() {
     let (status, out) = guest.console_status(&format!("kill -0 {victim} && echo alive"), CONSOLE);
     assert!(status == 0 && out.contains("alive"), "kill through the hook: {out}");
     assert!(findings(&report, "unhashed_process").is_empty(), "{report:#}");
+    // Every system call now enters through the module (the console above still works).
+    let (entry, status) = specula(&inspector, &["checks", "msrs"]);
+    assert_eq!(status, 3, "{entry:#}");
+    let hooked = findings(&entry, "syscall_entry_hooked");
+    assert_eq!(hooked.len(), 1, "the one vCPU: {entry:#}");
+    assert_eq!(hooked[0]["id"].as_i64(), Some(0), "{entry:#}");
+    assert_eq!(hooked[0]["detail"], "specula_rootkit (hidden)", "LSTAR points into the hidden module: {entry:#}");
     assert!(findings(&report, "interrupt_hooked").is_empty(), "{report:#}");
     // The same through the control socket.
     let line = inspector.ask("checks processes modules syscalls");

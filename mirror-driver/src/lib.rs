@@ -12,5 +12,6 @@ pub mod importer;
 pub mod memfd;
 pub mod protocol;
 pub mod qemu;
+pub mod qemu_state;
 pub mod socket;
 pub mod wire;

@@ -29,6 +29,8 @@ use serde_json::{json, Value};
 
 use crate::importer::{map_foreign, ImportError, MappedGrant, SourceEvent};
 use crate::protocol::{Grant, Range, VcpuRegs, MAX_VCPUS};
+use crate::qemu_state::CpuMsrs;
+use std::os::fd::AsRawFd;
 
 /// Longest QMP line accepted (an `info mtree` reply of a big machine fits many times).
 pub const MAX_QMP_LINE: u64 = 16 << 20;
@@ -92,6 +94,10 @@ pub enum QemuError {
     Map(#[source] ImportError),
     #[error("cannot parse QEMU's {what}: {detail}")]
     Parse { what: &'static str, detail: String },
+    #[error("QEMU's device-state snapshot {0}")]
+    Snapshot(String),
+    #[error("reading QEMU's device-state snapshot")]
+    State(#[from] crate::qemu_state::StateError),
 }
 
 type Pending = Arc<Mutex<HashMap<u64, Sender<Result<Value, QemuError>>>>>;
@@ -145,6 +151,21 @@ impl Qmp {
 
     /// Runs one QMP command and returns its `return` value.
     pub fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
+        self.round_trip(command, arguments, None)
+    }
+
+    /// Runs one QMP command with `fd` attached (SCM_RIGHTS), as `getfd` needs.
+    pub fn execute_with_fd(&self, command: &str, arguments: Value, fd: std::os::fd::RawFd) -> Result<Value, QemuError> {
+        self.round_trip(command, Some(arguments), Some(fd))
+    }
+
+    /// Sends one command (with `fd` attached, if any) and waits for its reply.
+    fn round_trip(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<std::os::fd::RawFd>,
+    ) -> Result<Value, QemuError> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel();
         lock(&self.pending).insert(id, tx);
@@ -153,10 +174,23 @@ impl Qmp {
             message["arguments"] = arguments;
         }
         let line = format!("{message}\n");
-        let sent = lock(&self.writer).write_all(line.as_bytes());
+        let sent = {
+            let mut writer = lock(&self.writer);
+            match fd {
+                None => writer.write_all(line.as_bytes()).map_err(QemuError::Io),
+                Some(fd) => {
+                    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+                    match writer.send_with_fds(&[line.as_bytes()], &[fd]) {
+                        Ok(n) if n == line.len() => Ok(()),
+                        Ok(n) => Err(QemuError::Protocol(format!("{command}: only {n} of {} bytes sent", line.len()))),
+                        Err(e) => Err(QemuError::Io(std::io::Error::from_raw_os_error(e.errno()))),
+                    }
+                }
+            }
+        };
         if let Err(e) = sent {
             lock(&self.pending).remove(&id);
-            return Err(QemuError::Io(e));
+            return Err(e);
         }
         let reply = rx.recv_timeout(QMP_TIMEOUT).map_err(|e| {
             lock(&self.pending).remove(&id);
@@ -441,6 +475,8 @@ pub struct QemuSource {
     pub pid: u32,
     pub ranges: Vec<RamRange>,
     files: HashMap<String, OwnedFd>,
+    /// Held while a device-state snapshot runs (QEMU runs one migration at a time).
+    snapshot: Mutex<()>,
 }
 
 impl QemuSource {
@@ -458,7 +494,7 @@ impl QemuSource {
             return Err(QemuError::PrivateBackend { id: private.id.clone() });
         }
         let files = open_backend_files(&qmp, pid, &used, &ranges)?;
-        Ok(Self { qmp, pid, ranges, files })
+        Ok(Self { qmp, pid, ranges, files, snapshot: Mutex::new(()) })
     }
 
     /// Guest-physical RAM, as ranges.
@@ -510,6 +546,94 @@ impl QemuSource {
     pub fn take_events(&self) -> Option<Receiver<SourceEvent>> {
         self.qmp.take_events()
     }
+
+    /// The system-call MSRs of every vCPU (LSTAR and the rest), which QMP does not
+    /// show: QEMU writes a device-state snapshot (a migration to a pipe, with
+    /// `x-ignore-shared` so that no shared RAM is in it) and [`crate::qemu_state`]
+    /// reads them out of it. QEMU pauses the guest for the snapshot's last
+    /// milliseconds (its `downtime`); a guest that was running is resumed at once, and
+    /// one that was paused stays paused. One snapshot at a time.
+    pub fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, QemuError> {
+        let _one = lock(&self.snapshot);
+        let running = self.qmp.execute("query-status", None)?.get("running").and_then(Value::as_bool) == Some(true);
+        let ignore_shared = |state: bool| {
+            let caps = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": state }] });
+            self.qmp.execute("migrate-set-capabilities", Some(caps)).map(|_| ())
+        };
+        let was_set = self
+            .qmp
+            .execute("query-migrate-capabilities", None)?
+            .as_array()
+            .and_then(|caps| caps.iter().find(|c| c["capability"] == "x-ignore-shared"))
+            .and_then(|c| c["state"].as_bool())
+            .ok_or_else(|| {
+                QemuError::Snapshot("needs the x-ignore-shared migration capability (QEMU 4.0 or later)".into())
+            })?;
+        ignore_shared(true)?;
+        let outcome = self.snapshot(running);
+        if !was_set {
+            let _ = ignore_shared(false);
+        }
+        crate::qemu_state::cpu_msrs(&outcome?).map_err(QemuError::from)
+    }
+
+    /// Writes the device state to a pipe and reads it back; resumes the guest afterwards
+    /// if `resume`, whether or not the snapshot worked.
+    fn snapshot(&self, resume: bool) -> Result<Vec<u8>, QemuError> {
+        let (read_end, write_end) = std::io::pipe().map_err(QemuError::Io)?;
+        self.qmp.execute_with_fd("getfd", json!({ "fdname": SNAPSHOT_FD }), write_end.as_raw_fd())?;
+        drop(write_end);
+        let reader = std::thread::Builder::new()
+            .name("qemu-snapshot".into())
+            .spawn(move || read_bounded(read_end))
+            .map_err(QemuError::Io)?;
+        let migrated = self
+            .qmp
+            .execute("migrate", Some(json!({ "uri": format!("fd:{SNAPSHOT_FD}") })))
+            .and_then(|_| self.wait_for_migration());
+        if migrated.is_err() {
+            // A migration that never started leaves the fd with QEMU; one that did closed it.
+            let _ = self.qmp.execute("migrate_cancel", None);
+            let _ = self.qmp.execute("closefd", Some(json!({ "fdname": SNAPSHOT_FD })));
+        }
+        let resumed = if resume { self.qmp.execute("cont", None).map(|_| ()) } else { Ok(()) };
+        let bytes = reader.join().map_err(|_| QemuError::Snapshot("reader panicked".into()))?;
+        migrated?;
+        resumed?;
+        bytes
+    }
+
+    /// Polls `query-migrate` until the snapshot completed (or failed).
+    fn wait_for_migration(&self) -> Result<(), QemuError> {
+        let deadline = std::time::Instant::now() + QMP_TIMEOUT;
+        loop {
+            let info = self.qmp.execute("query-migrate", None)?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some(status @ ("failed" | "cancelled")) => {
+                    let why = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    return Err(QemuError::Snapshot(format!("{status}: {}", clip(why))));
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    return Err(QemuError::Snapshot(format!("did not finish within {QMP_TIMEOUT:?}")))
+                }
+                _ => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+}
+
+/// The name QEMU gives the snapshot pipe's fd while it holds it.
+const SNAPSHOT_FD: &str = "specula-snapshot";
+
+/// Reads a snapshot to its end, keeping at most [`crate::qemu_state::MAX_STREAM`] + 1
+/// bytes (the rest is drained, so QEMU never blocks on a full pipe).
+fn read_bounded(mut pipe: std::io::PipeReader) -> Result<Vec<u8>, QemuError> {
+    let limit = crate::qemu_state::MAX_STREAM + 1;
+    let mut kept = Vec::new();
+    (&mut pipe).take(limit as u64).read_to_end(&mut kept).map_err(QemuError::Io)?;
+    std::io::copy(&mut pipe, &mut std::io::sink()).map_err(QemuError::Io)?;
+    Ok(kept)
 }
 
 /// Candidate RAM files among QEMU's fds: regular files (memfds, /dev/shm or hugetlbfs

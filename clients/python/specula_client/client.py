@@ -308,7 +308,7 @@ class Client:
 
     def os_checks(self, only: Optional[Iterable[str]] = None) -> Dict[str, Any]:
         """Rootkit checks (all, or ``only`` those named: processes, modules, syscalls,
-        interrupts, kernel_text): ``clean``, each check's run and every finding."""
+        interrupts, kernel_text; msrs when named): ``clean``, each check's run and every finding."""
         query = {"only": ",".join(only)} if only else None
         return self._json("GET", "/os/checks", query=query)
 

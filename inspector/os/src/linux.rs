@@ -1037,6 +1037,8 @@ pub(crate) mod tests {
     pub(crate) const TASK_H: u64 = 0x23000;
     /// `x64_sys_call`, in the text page (bytes of the unused upper PML4 half).
     pub(crate) const DISPATCH: u64 = 0x800;
+    /// Where the synthetic kernel's `entry_SYSCALL_64` is (inside its text).
+    pub(crate) const ENTRY_SYSCALL: u64 = 0x200;
     /// Where the module's `mod_tree_node` is (its rb node is 8 bytes in).
     pub(crate) const MOD_MTN: u64 = MODULE + 0x100;
     /// The module's text base.
@@ -1230,6 +1232,7 @@ pub(crate) mod tests {
             // kallsyms, absolute per-CPU style: offset = -(addr - KV + 1).
             let syms: Vec<(String, u64)> = [
                 ("T_stext", 0),
+                ("Tentry_SYSCALL_64", ENTRY_SYSCALL),
                 ("Dinit_top_pgt", ROOT),
                 ("Dinit_task", INIT_TASK),
                 ("dmodules", MODULES),

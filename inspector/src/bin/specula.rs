@@ -75,7 +75,8 @@ enum Cmd {
     /// Rootkit checks: hidden processes and modules, redirected system calls and
     /// interrupts, kernel text changed since attach (exit status 3 when any is found).
     Checks {
-        /// Only these checks (processes, modules, syscalls, interrupts, kernel_text).
+        /// Only these checks (processes, modules, syscalls, interrupts, kernel_text; msrs, which reads
+        /// each vCPU's LSTAR and may pause a QEMU guest for milliseconds, runs only when named).
         #[arg(value_delimiter = ',')]
         only: Vec<String>,
     },
