@@ -211,6 +211,9 @@ pub struct Vcpu {
     pub fs_base: u64,
     pub gs_base: u64,
     pub kernel_gs_base: u64,
+    /// Where `syscall` enters the kernel (0 where the source does not report it: QEMU
+    /// shows it only in a device-state snapshot, see the `msrs` check).
+    pub lstar: u64,
 }
 
 /// A guest-physical range (numbers, or strings in decimal or `0x` hex).
@@ -548,6 +551,7 @@ async fn vcpus(State(s): State<AppState>) -> ApiResult<Vec<Vcpu>> {
                 fs_base: v.fs_base,
                 gs_base: v.gs_base,
                 kernel_gs_base: v.kernel_gs_base,
+                lstar: v.lstar,
             })
             .collect(),
     ))

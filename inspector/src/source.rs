@@ -58,7 +58,7 @@ pub trait Source: Send + Sync {
     }
     /// The system-call MSRs (LSTAR) of every vCPU, where the source can tell them.
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
-        Err(SourceError::Unsupported("this source does not report vCPU MSRs (the mirror protocol carries no LSTAR)"))
+        Err(SourceError::Unsupported("this source does not report vCPU MSRs"))
     }
 }
 
@@ -135,6 +135,23 @@ impl Source for MirrorSource {
 
     fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
         Ok(self.0.subscribe_dirty()?)
+    }
+
+    fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
+        Ok(self
+            .0
+            .vcpu_state()?
+            .into_iter()
+            .map(|v| CpuMsrs {
+                cpu: v.index,
+                efer: v.efer,
+                star: v.star,
+                lstar: v.lstar,
+                cstar: v.cstar,
+                fmask: v.fmask,
+                kernel_gs_base: v.kernel_gs_base,
+            })
+            .collect())
     }
 }
 

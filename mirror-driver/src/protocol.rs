@@ -17,7 +17,7 @@
 //! message kind gets an `Error` reply, never a crash.
 
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Frame header size.
@@ -69,6 +69,12 @@ pub struct VcpuRegs {
     pub fs_base: u64,
     pub gs_base: u64,
     pub kernel_gs_base: u64,
+    /// The system-call MSRs STAR, LSTAR (where `syscall` enters the kernel), CSTAR and
+    /// SFMASK (0 where the source cannot tell).
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub fmask: u64,
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -333,7 +339,7 @@ fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
     (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect()
 }
 
-const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 8;
+const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 12;
 
 impl Message {
     /// Encodes the message as one frame (header and payload) with correlation id `id`.
@@ -392,7 +398,20 @@ impl Message {
                     for g in v.gprs {
                         w.u64(g);
                     }
-                    for c in [v.cr0, v.cr2, v.cr3, v.cr4, v.efer, v.fs_base, v.gs_base, v.kernel_gs_base] {
+                    for c in [
+                        v.cr0,
+                        v.cr2,
+                        v.cr3,
+                        v.cr4,
+                        v.efer,
+                        v.fs_base,
+                        v.gs_base,
+                        v.kernel_gs_base,
+                        v.star,
+                        v.lstar,
+                        v.cstar,
+                        v.fmask,
+                    ] {
                         w.u64(c);
                     }
                 }
@@ -488,6 +507,10 @@ impl Message {
                     v.fs_base = r.u64()?;
                     v.gs_base = r.u64()?;
                     v.kernel_gs_base = r.u64()?;
+                    v.star = r.u64()?;
+                    v.lstar = r.u64()?;
+                    v.cstar = r.u64()?;
+                    v.fmask = r.u64()?;
                     vcpus.push(v);
                 }
                 Message::VcpuState { vcpus }
@@ -569,6 +592,10 @@ mod tests {
                     gprs: [3; 16],
                     gs_base: 0xffff_8880_0000_0000,
                     kernel_gs_base: 7,
+                    star: 0x0023_0010_0000_0000,
+                    lstar: 0xffff_ffff_8120_0000,
+                    cstar: 0xffff_ffff_8120_1000,
+                    fmask: 0x47700,
                     ..Default::default()
                 }],
             },

@@ -73,7 +73,11 @@ impl SourceVm for LifecycleSource {
                 efer: s.sregs.efer,
                 fs_base: s.sregs.fs.base,
                 gs_base: s.sregs.gs.base,
-                kernel_gs_base: s.kernel_gs_base,
+                kernel_gs_base: s.msrs.kernel_gs_base,
+                star: s.msrs.star,
+                lstar: s.msrs.lstar,
+                cstar: s.msrs.cstar,
+                fmask: s.msrs.fmask,
             })
             .collect())
     }

@@ -108,8 +108,9 @@ pub struct VcpuSnapshot {
     pub index: u8,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    /// The KERNEL_GS_BASE MSR (what SWAPGS swaps in), 0 if KVM would not tell.
-    pub kernel_gs_base: u64,
+    /// KERNEL_GS_BASE (what SWAPGS swaps in) and the system-call MSRs; all 0 if KVM
+    /// would not tell.
+    pub msrs: msr::SyscallMsrs,
 }
 
 /// Requests the vCPU threads serve between two KVM_RUNs.
@@ -282,7 +283,7 @@ impl Lifecycle {
     fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
         let snapshot = match (vcpu.get_regs(), vcpu.get_sregs()) {
             (Ok(regs), Ok(sregs)) => {
-                Some(VcpuSnapshot { index, regs, sregs, kernel_gs_base: msr::kernel_gs_base(vcpu).unwrap_or(0) })
+                Some(VcpuSnapshot { index, regs, sregs, msrs: msr::syscall_msrs(vcpu).unwrap_or_default() })
             }
             _ => None,
         };
