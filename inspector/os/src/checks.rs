@@ -637,6 +637,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     ) -> Result<u64, Error> {
         let lstars = lstars.ok_or(Error::Corrupt(String::from("the host supplied no vCPU registers (LSTAR)")))?;
         let entry = self.kallsyms.address("entry_SYSCALL_64")?;
+        let core_text = self.kallsyms.address("_stext")?..self.kallsyms.address("_etext")?;
         let mut checked = 0;
         for &(cpu, lstar) in lstars.iter().filter(|(_, lstar)| *lstar != 0) {
             checked += 1;
@@ -644,7 +645,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
                 continue;
             }
             // Named by the core kernel symbol it lands in, if it lands in core text.
-            let core = (self.kallsyms.address("_stext")?..self.kallsyms.address("_etext")?).contains(&lstar);
+            let core = core_text.contains(&lstar);
             let inside = self.kallsyms.iter().filter(|s| core && s.address <= lstar).max_by_key(|s| s.address);
             out.push(Finding {
                 kind: FindingKind::SyscallEntryHooked,

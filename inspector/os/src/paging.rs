@@ -65,6 +65,40 @@ pub struct Translation {
     pub nx: bool,
 }
 
+/// Where the entry for `va` sits in the table at `table` of paging level `level` (4 or
+/// 5 at the top, 1 for the page table).
+fn entry_address(table: u64, va: u64, level: u8) -> u64 {
+    table + ((va >> (12 + 9 * u32::from(level - 1))) & 0x1ff) * 8
+}
+
+/// The address mask and size of a page mapped by a leaf entry at `level` (1: 4 KiB,
+/// 2: 2 MiB, 3: 1 GiB).
+fn leaf(level: u8) -> (u64, u64) {
+    match level {
+        1 => (ADDR_MASK_4K, 1 << 12),
+        2 => (ADDR_MASK_2M, 1 << 21),
+        _ => (ADDR_MASK_1G, 1 << 30),
+    }
+}
+
+/// Reads `buf.len()` bytes at virtual `va`, page by page, each page placed by
+/// `place(va)`: its physical address and the bytes left in its page.
+fn read_pages<M: PhysMem + ?Sized>(
+    mem: &M,
+    va: u64,
+    buf: &mut [u8],
+    place: impl Fn(u64) -> Result<(u64, u64), Error>,
+) -> Result<(), Error> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let (pa, in_page) = place(va.wrapping_add(done as u64))?;
+        let n = usize::try_from(in_page).unwrap_or(usize::MAX).min(buf.len() - done);
+        mem.read(pa, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Translates `va` through the page tables rooted at `root` (CR3's
 /// physical address; its low 12 bits, PCID or flags, are ignored).
 pub fn translate<M: PhysMem + ?Sized>(mem: &M, root: u64, mode: PagingMode, va: u64) -> Result<Translation, Error> {
@@ -75,10 +109,8 @@ pub fn translate<M: PhysMem + ?Sized>(mem: &M, root: u64, mode: PagingMode, va: 
     let (mut writable, mut user, mut nx) = (true, true, false);
     let mut level = mode.levels();
     loop {
-        let shift = 12 + 9 * u32::from(level - 1);
-        let index = (va >> shift) & 0x1ff;
         let mut raw = [0u8; 8];
-        mem.read(table + index * 8, &mut raw)?;
+        mem.read(entry_address(table, va, level), &mut raw)?;
         let entry = u64::from_le_bytes(raw);
         if entry & PRESENT == 0 {
             return Err(Error::NotMapped { va, level });
@@ -91,11 +123,7 @@ pub fn translate<M: PhysMem + ?Sized>(mem: &M, root: u64, mode: PagingMode, va: 
             return Err(Error::BadPageTableEntry { va, level, entry });
         }
         if level == 1 || large {
-            let (mask, page_size) = match level {
-                1 => (ADDR_MASK_4K, 1u64 << 12),
-                2 => (ADDR_MASK_2M, 1 << 21),
-                _ => (ADDR_MASK_1G, 1 << 30),
-            };
+            let (mask, page_size) = leaf(level);
             let pa = (entry & mask) | (va & (page_size - 1));
             return Ok(Translation { pa, page_size, writable, user, nx });
         }
@@ -170,16 +198,10 @@ impl<'a, M: PhysMem + ?Sized> AddressSpace<'a, M> {
 
 impl<M: PhysMem + ?Sized> VirtMem for AddressSpace<'_, M> {
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = va.wrapping_add(done as u64);
+        read_pages(self.mem, va, buf, |at| {
             let t = self.translate(at)?;
-            let in_page = (t.page_size - (t.pa & (t.page_size - 1))) as usize;
-            let n = in_page.min(buf.len() - done);
-            self.mem.read(t.pa, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+            Ok((t.pa, t.page_size - (t.pa & (t.page_size - 1))))
+        })
     }
 }
 
@@ -192,15 +214,14 @@ impl<M: PhysMem + ?Sized> VirtMem for AddressSpace<'_, M> {
 pub fn prefetch_walks<M: PhysMem + ?Sized>(mem: &M, mode: PagingMode, walks: &[(u64, u64)]) {
     // Per walk: the table to read next, or None once it ended (leaf, hole or junk).
     let mut tables: alloc::vec::Vec<Option<u64>> = walks.iter().map(|&(root, _)| Some(root & ADDR_MASK_4K)).collect();
-    let entry_at = |table: u64, va: u64, level: u8| table + ((va >> (12 + 9 * u32::from(level - 1))) & 0x1ff) * 8;
     for (table, &(_, va)) in tables.iter().zip(walks) {
         if let Some(table) = table {
-            mem.prefetch(entry_at(*table, va, mode.levels()));
+            mem.prefetch(entry_address(*table, va, mode.levels()));
         }
     }
     for level in (1..=mode.levels()).rev() {
         for (table, &(_, va)) in tables.iter_mut().zip(walks) {
-            let Some(at) = table.map(|t| entry_at(t, va, level)) else { continue };
+            let Some(at) = table.map(|t| entry_address(t, va, level)) else { continue };
             let mut raw = [0u8; 8];
             let entry = mem.read(at, &mut raw).map(|()| u64::from_le_bytes(raw)).unwrap_or(0);
             *table = None;
@@ -208,16 +229,11 @@ pub fn prefetch_walks<M: PhysMem + ?Sized>(mem: &M, mode: PagingMode, walks: &[(
                 continue;
             }
             if level == 1 || entry & PAGE_SIZE_BIT != 0 {
-                let mask = match level {
-                    1 => ADDR_MASK_4K,
-                    2 => ADDR_MASK_2M,
-                    _ => ADDR_MASK_1G,
-                };
-                let size_mask = !mask & 0x000f_ffff_ffff_ffff;
-                mem.prefetch((entry & mask) | (va & size_mask));
+                let (mask, size) = leaf(level);
+                mem.prefetch((entry & mask) | (va & (size - 1)));
             } else {
                 let next = entry & ADDR_MASK_4K;
-                mem.prefetch(entry_at(next, va, level - 1));
+                mem.prefetch(entry_address(next, va, level - 1));
                 *table = Some(next);
             }
         }
@@ -275,14 +291,7 @@ impl<M: PhysMem + ?Sized> VirtMem for CachedSpace<'_, '_, M> {
     }
 
     fn read_virt(&self, va: u64, buf: &mut [u8]) -> Result<(), Error> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let (pa, in_page) = self.lookup(va.wrapping_add(done as u64))?;
-            let n = (in_page as usize).min(buf.len() - done);
-            self.space.mem.read(pa, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
+        read_pages(self.space.mem, va, buf, |at| self.lookup(at))
     }
 }
 
