@@ -908,10 +908,11 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
 
     let dirty_feed = if config.dirty_log {
         match attached.source.subscribe_dirty() {
-            Ok(interval) => {
+            Ok(feed) => {
                 say(format_args!(
-                    "dirty-page feed on: the source reports written pages every {} us",
-                    interval.as_micros()
+                    "dirty-page feed on: the source reports written pages every {} us ({})",
+                    feed.interval.as_micros(),
+                    feed.mechanism.name()
                 ));
                 true
             }

@@ -52,8 +52,9 @@ pub trait Source: Send + Sync {
     /// Tells the source a revoked grant is unmapped (mirror sources revoke; others never do).
     fn acknowledge_revoke(&self, grant_id: u64, nonce: u64) -> Result<(), SourceError>;
     /// Subscribes to the pages the source writes in our grants ([`SourceEvent::Dirty`]);
-    /// returns the source's collection interval. Sources without a dirty log refuse.
-    fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
+    /// returns how often and how the source collects them. Sources without a dirty log
+    /// refuse.
+    fn subscribe_dirty(&self) -> Result<mirror_driver::importer::DirtyFeed, SourceError> {
         Err(SourceError::Unsupported("this source keeps no dirty log (QEMU's is not reachable over QMP)"))
     }
     /// The system-call MSRs (LSTAR) of every vCPU, where the source can tell them.
@@ -133,7 +134,7 @@ impl Source for MirrorSource {
         Ok(self.0.ack_revoke(grant_id, nonce)?)
     }
 
-    fn subscribe_dirty(&self) -> Result<std::time::Duration, SourceError> {
+    fn subscribe_dirty(&self) -> Result<mirror_driver::importer::DirtyFeed, SourceError> {
         Ok(self.0.subscribe_dirty()?)
     }
 

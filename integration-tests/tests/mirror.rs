@@ -341,16 +341,24 @@ fn a_dirty_log_subscriber_that_stops_reading_gets_a_coalesced_backlog_and_blocks
 }
 
 #[test]
-fn a_page_written_once_is_reported_once_and_then_no_more() {
+fn a_page_written_once_is_reported_once_and_then_no_more_by_the_bitmap_and_by_the_ring() {
+    use mirror_driver::protocol::DirtyMechanism;
+    for (mode, mechanism) in [("bitmap", DirtyMechanism::BitmapManualProtect), ("ring", DirtyMechanism::Ring)] {
+        page_written_once_is_reported_once(mode, mechanism);
+    }
+}
+
+fn page_written_once_is_reported_once(mode: &str, mechanism: mirror_driver::protocol::DirtyMechanism) {
     use mirror_driver::importer::{Importer, SourceEvent};
     use mirror_driver::protocol::Range;
-    let dir = TempDir::new("dirty-once");
-    let mut source = start_source(&dir, &[]);
+    let dir = TempDir::new(&format!("dirty-once-{mode}"));
+    let mut source = start_source(&dir, &["--dirty-log", mode]);
     let peer = Importer::connect(&source.mirror).expect("connect");
     // The workload's text: nothing writes it but `text-flip` (the heartbeat lives elsewhere).
     let text = Range { gpa: workload::TEXT_GPA, len: workload::TEXT_LEN as u64 };
     let _mapped = peer.grant(&[text]).expect("grant");
-    peer.subscribe_dirty().expect("the vmm offers the feed");
+    let feed = peer.subscribe_dirty().expect("the vmm offers the feed");
+    assert_eq!(feed.mechanism, mechanism, "--dirty-log {mode}");
     let (tx, rx) = std::sync::mpsc::channel();
     let _reader = peer
         .start_events(move |_, event| {
@@ -371,12 +379,55 @@ fn a_page_written_once_is_reported_once_and_then_no_more() {
         .filter(|(_, ranges)| ranges.iter().any(|r| r.gpa <= flipped && flipped < r.gpa + r.len))
         .map(|(at, _)| at.saturating_duration_since(written))
         .collect();
-    assert!(!naming.is_empty(), "the write was reported ({} frames)", frames.len());
+    assert!(!naming.is_empty(), "{mode}: the write was reported ({} frames)", frames.len());
     // The write and the restore may fall into two collections (20 ms apart); after that
     // the page is clean, and a log whose reported pages were never re-protected (or whose
     // bits were never cleared) would name it in every later collection.
-    assert!(naming.len() <= 2, "the page was reported {} times, at {naming:?} after the write", naming.len());
-    assert!(naming.iter().all(|&after| after < Duration::from_millis(500)), "{naming:?}");
+    assert!(naming.len() <= 2, "{mode}: the page was reported {} times, at {naming:?} after the write", naming.len());
+    assert!(naming.iter().all(|&after| after < Duration::from_millis(500)), "{mode}: {naming:?}");
+}
+
+#[test]
+fn a_dirty_ring_that_fills_stops_nothing_and_loses_no_page() {
+    use mirror_driver::importer::{Importer, SourceEvent};
+    use mirror_driver::protocol::{DirtyMechanism, Range};
+    let dir = TempDir::new("dirty-ring-full");
+    // The smallest ring KVM takes (256 entries): 16 MiB written at once fills it 16 times
+    // over within one collection, so the vCPU must harvest it itself to go on.
+    let mut source = start_source(&dir, &["--dirty-log", "ring", "--dirty-ring-entries", "256"]);
+    let peer = Importer::connect(&source.mirror).expect("connect");
+    let filled = Range { gpa: workload::FILL_MIN_GPA, len: 16 << 20 };
+    let _mapped = peer.grant(&[filled]).expect("grant");
+    assert_eq!(peer.subscribe_dirty().expect("the vmm offers the feed").mechanism, DirtyMechanism::Ring);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _reader = peer
+        .start_events(move |_, event| {
+            if let SourceEvent::Dirty { coalesced, ranges } = event {
+                let _ = tx.send((coalesced, ranges));
+            }
+        })
+        .expect("read events");
+    std::thread::sleep(Duration::from_millis(300));
+    source.vm.send(&format!("fill {:#x} {:#x} 3\n", filled.gpa, filled.len));
+    source.vm.expect_line("workload: filled", LIMIT);
+    source.vm.expect_line("ack fill", LIMIT);
+    let pages = (filled.len / 4096) as usize;
+    let mut reported = vec![false; pages];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reported.iter().any(|&r| !r) && Instant::now() < deadline {
+        let Ok((coalesced, ranges)) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+        assert!(!coalesced, "a reading peer's frames are exact");
+        for r in ranges {
+            assert!(r.gpa >= filled.gpa && r.gpa + r.len <= filled.gpa + filled.len, "{r:?} lies outside the grant");
+            let first = ((r.gpa - filled.gpa) / 4096) as usize;
+            reported[first..first + (r.len / 4096) as usize].fill(true);
+        }
+    }
+    let missing = reported.iter().filter(|&&r| !r).count();
+    assert_eq!(missing, 0, "{missing} of {pages} written pages were never reported");
+    // The guest runs on after the ring-full exits.
+    source.vm.send("text-flip 0\n");
+    source.vm.expect_line("ack text-flip", LIMIT);
 }
 
 #[test]

@@ -11,14 +11,25 @@ pub const MAX_BACKLOG_RUNS: usize = 4 * MAX_RANGES;
 /// The runs of set bits in a KVM dirty bitmap (bit `i` = page `i` of the slot starting at
 /// `base`), in GPA order. Bits past `size` are ignored.
 pub fn bitmap_runs(base: u64, bitmap: &[u64], size: u64) -> Vec<Range> {
+    let words = bitmap.iter().enumerate().filter(|(_, &w)| w != 0).map(|(i, &w)| (i as u64 * 64, w));
+    word_runs(base, words, size)
+}
+
+/// The runs of a sparse dirty bitmap: `(first page, bits)` words in ascending order
+/// (bit `i` = page `first + i` of the slot starting at `base`), as a dirty ring's
+/// harvest gives them. Pages past `size` are ignored.
+pub fn sparse_bitmap_runs(base: u64, words: &[(u64, u64)], size: u64) -> Vec<Range> {
+    word_runs(base, words.iter().copied(), size)
+}
+
+fn word_runs(base: u64, words: impl Iterator<Item = (u64, u64)>, size: u64) -> Vec<Range> {
     let pages = size / PAGE;
     let mut runs: Vec<Range> = Vec::new();
-    for (word_index, &word) in bitmap.iter().enumerate() {
+    for (first, word) in words {
         let mut bits = word;
         while bits != 0 {
-            let bit = u64::from(bits.trailing_zeros());
+            let page = first.saturating_add(u64::from(bits.trailing_zeros()));
             bits &= bits - 1;
-            let page = word_index as u64 * 64 + bit;
             if page >= pages {
                 return runs;
             }
@@ -138,6 +149,20 @@ mod tests {
         );
         let runs = bitmap_runs(0, &[1 << 63, 1], 65 * PAGE);
         assert_eq!(runs, vec![r(63 * PAGE, 2 * PAGE)], "a run across two words");
+    }
+
+    #[test]
+    fn sparse_words_become_the_same_runs_as_the_full_bitmap() {
+        let bitmap = [0b1011u64, 0, 0, 1 << 63, 1, 0, u64::MAX];
+        let sparse: Vec<(u64, u64)> =
+            bitmap.iter().enumerate().filter(|(_, &w)| w != 0).map(|(i, &w)| (i as u64 * 64, w)).collect();
+        for size in [7 * 64 * PAGE, 6 * 64 * PAGE + 3 * PAGE, 4 * 64 * PAGE] {
+            assert_eq!(sparse_bitmap_runs(0x4000_0000, &sparse, size), bitmap_runs(0x4000_0000, &bitmap, size));
+        }
+        let runs = sparse_bitmap_runs(0, &sparse, 7 * 64 * PAGE);
+        assert_eq!(runs[..3], [r(0, 2 * PAGE), r(3 * PAGE, PAGE), r(255 * PAGE, 2 * PAGE)]);
+        // A word past the slot, as a hostile or stale harvest could hold, yields nothing.
+        assert!(sparse_bitmap_runs(0, &[(u64::MAX - 3, u64::MAX)], 64 * PAGE).is_empty());
     }
 
     #[test]

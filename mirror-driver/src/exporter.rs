@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use crate::dirty::{self, Backlog};
 use crate::memfd;
 use crate::protocol::{
-    ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, MAX_FDS_PER_FRAME, PROTOCOL_VERSION,
+    DirtyMechanism, ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, MAX_FDS_PER_FRAME,
+    PROTOCOL_VERSION,
 };
 use crate::wire::{self, WireError};
 
@@ -109,6 +110,10 @@ pub trait SourceVm: Send + Sync {
     /// GPA order.
     fn take_dirty_pages(&self) -> Result<Vec<Range>, String> {
         Err("this source keeps no dirty log".into())
+    }
+    /// How [`SourceVm::take_dirty_pages`] learns of writes.
+    fn dirty_mechanism(&self) -> DirtyMechanism {
+        DirtyMechanism::Bitmap
     }
 }
 
@@ -1016,6 +1021,7 @@ fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
             let reply = match subscribe_dirty(conn, shared) {
                 Ok(()) => Message::DirtySubscribed {
                     interval_us: u32::try_from(shared.limits.dirty_interval.as_micros()).unwrap_or(u32::MAX),
+                    mechanism: shared.source.dirty_mechanism(),
                 },
                 Err(e) => error(ErrorCode::NotNow, format!("no dirty-page feed: {e}")),
             };

@@ -12,12 +12,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::memfd::GRANT_SEALS;
-use crate::protocol::{ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION};
+use crate::protocol::{
+    DirtyMechanism, ErrorCode, Grant, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION,
+};
 use crate::wire::{self, Frame, WireError};
 
 const PAGE: u64 = 4096;
 /// How long a request waits for its reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A source's dirty-page feed, as it described it when subscribed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirtyFeed {
+    /// How often the source collects written pages.
+    pub interval: Duration,
+    /// How it learns of them.
+    pub mechanism: DirtyMechanism,
+}
 
 /// Failures on the inspector side.
 #[derive(Debug, thiserror::Error)]
@@ -462,10 +473,12 @@ impl Importer {
     }
 
     /// Asks for the pages the source guest writes in this connection's grants, as
-    /// [`SourceEvent::Dirty`] events; returns how often the source collects them.
-    pub fn subscribe_dirty(&self) -> Result<Duration, ImportError> {
+    /// [`SourceEvent::Dirty`] events; returns how often and how the source collects them.
+    pub fn subscribe_dirty(&self) -> Result<DirtyFeed, ImportError> {
         match self.request(&Message::DirtySubscribe)?.message {
-            Message::DirtySubscribed { interval_us } => Ok(Duration::from_micros(u64::from(interval_us))),
+            Message::DirtySubscribed { interval_us, mechanism } => {
+                Ok(DirtyFeed { interval: Duration::from_micros(u64::from(interval_us)), mechanism })
+            }
             other => Err(unexpected(other)),
         }
     }

@@ -17,7 +17,7 @@
 //! message kind gets an `Error` reply, never a crash.
 
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Frame header size.
@@ -75,6 +75,40 @@ pub struct VcpuRegs {
     pub lstar: u64,
     pub cstar: u64,
     pub fmask: u64,
+}
+
+/// How a source learns which pages its guest wrote (reported in `DirtySubscribed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DirtyMechanism {
+    /// KVM_GET_DIRTY_LOG, which re-protects every dirty page of a memslot itself:
+    /// O(memslot size) per collection.
+    Bitmap = 1,
+    /// KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of the reported pages only
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): still O(memslot size) to read.
+    BitmapManualProtect = 2,
+    /// KVM's per-vCPU dirty ring: O(pages written) per collection.
+    Ring = 3,
+}
+
+impl DirtyMechanism {
+    /// The name tools and logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyMechanism::Bitmap => "KVM dirty bitmap",
+            DirtyMechanism::BitmapManualProtect => "KVM dirty bitmap with manual protection",
+            DirtyMechanism::Ring => "KVM dirty ring",
+        }
+    }
+
+    fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => DirtyMechanism::Bitmap,
+            2 => DirtyMechanism::BitmapManualProtect,
+            3 => DirtyMechanism::Ring,
+            _ => return None,
+        })
+    }
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -180,9 +214,11 @@ pub enum Message {
     /// grants (KVM's dirty log), until it disconnects. Reply: `DirtySubscribed`, or an
     /// error where the source keeps no dirty log.
     DirtySubscribe,
-    /// Source -> inspector: subscribed; the source collects every `interval_us`.
+    /// Source -> inspector: subscribed; the source collects every `interval_us`, by
+    /// `mechanism`.
     DirtySubscribed {
         interval_us: u32,
+        mechanism: DirtyMechanism,
     },
     /// Source -> inspector event: page runs written since the last report, within this
     /// connection's grants, in GPA order. `coalesced`: the source merged runs because the
@@ -436,8 +472,9 @@ impl Message {
             Message::Resumed => kind::RESUMED,
             Message::SourceExiting => kind::SOURCE_EXITING,
             Message::DirtySubscribe => kind::DIRTY_SUBSCRIBE,
-            Message::DirtySubscribed { interval_us } => {
+            Message::DirtySubscribed { interval_us, mechanism } => {
                 w.u32(*interval_us);
+                w.u32(*mechanism as u32);
                 kind::DIRTY_SUBSCRIBED
             }
             Message::DirtyPages { coalesced, ranges } => {
@@ -522,7 +559,10 @@ impl Message {
             kind::RESUMED => Message::Resumed,
             kind::SOURCE_EXITING => Message::SourceExiting,
             kind::DIRTY_SUBSCRIBE => Message::DirtySubscribe,
-            kind::DIRTY_SUBSCRIBED => Message::DirtySubscribed { interval_us: r.u32()? },
+            kind::DIRTY_SUBSCRIBED => Message::DirtySubscribed {
+                interval_us: r.u32()?,
+                mechanism: DirtyMechanism::from_u32(r.u32()?).ok_or(DecodeError::Malformed { kind })?,
+            },
             kind::DIRTY_PAGES => {
                 let coalesced = match r.u32()? {
                     0 => false,
@@ -606,7 +646,7 @@ mod tests {
             Message::Resumed,
             Message::SourceExiting,
             Message::DirtySubscribe,
-            Message::DirtySubscribed { interval_us: 20_000 },
+            Message::DirtySubscribed { interval_us: 20_000, mechanism: DirtyMechanism::Ring },
             Message::DirtyPages { coalesced: true, ranges: vec![Range { gpa: 0x1000, len: 0x3000 }] },
             Message::Error { code: ErrorCode::PolicyDenied, text: "no".into() },
         ]

@@ -93,6 +93,9 @@ impl Vmm {
         }
         let bus = Arc::new(bus);
 
+        if config.mirror_socket.is_some() {
+            choose_dirty_ring(&vm, config)?;
+        }
         vcpu::install_kick_handler()?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
@@ -179,6 +182,25 @@ impl Vmm {
         self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         (threads, error)
     }
+}
+
+/// Turns on KVM's dirty ring for the mirror's dirty-page feed, before the vCPUs exist,
+/// when `--dirty-log` asks for it (`ring`) or allows it and KVM offers it (`auto`).
+fn choose_dirty_ring(vm: &Vm, config: &VmConfig) -> Result<(), BuildError> {
+    use crate::config::DirtyLogMode;
+    use crate::vstate::dirty_ring::DirtyRing;
+    let wanted = match config.dirty_log {
+        DirtyLogMode::Bitmap => false,
+        DirtyLogMode::Ring => true,
+        DirtyLogMode::Auto => DirtyRing::offered(vm.fd()).is_some(),
+    };
+    if wanted {
+        let ring = vm.enable_dirty_ring(config.dirty_ring_entries)?;
+        log::info!("dirty log: KVM dirty ring, {} entries per vCPU", ring.entries());
+    } else {
+        log::info!("dirty log: KVM dirty bitmap (manual protection: {})", vm.manual_dirty_protect());
+    }
+    Ok(())
 }
 
 impl Vmm {

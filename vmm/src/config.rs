@@ -42,6 +42,35 @@ pub struct VmConfig {
     pub doorbell: Option<std::sync::Arc<crate::devices::doorbell::Doorbell>>,
     /// `--log-level`, for the binary to apply.
     pub log_level: Option<String>,
+    /// How the mirror's dirty-page feed learns which pages the guest wrote.
+    pub dirty_log: DirtyLogMode,
+    /// Entries in each vCPU's dirty ring, when the ring is used.
+    pub dirty_ring_entries: u32,
+}
+
+/// How the source's dirty-page feed learns of writes (`--dirty-log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyLogMode {
+    /// The dirty ring where KVM offers it, else the bitmap.
+    #[default]
+    Auto,
+    /// KVM's per-vCPU dirty ring; the vmm refuses to start without it.
+    Ring,
+    /// KVM's dirty bitmap (with manual protection where offered).
+    Bitmap,
+}
+
+impl std::str::FromStr for DirtyLogMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(DirtyLogMode::Auto),
+            "ring" => Ok(DirtyLogMode::Ring),
+            "bitmap" => Ok(DirtyLogMode::Bitmap),
+            _ => Err("expected auto, ring or bitmap".into()),
+        }
+    }
 }
 
 impl VmConfig {
@@ -65,6 +94,8 @@ impl VmConfig {
             host_tsc: false,
             doorbell: None,
             log_level: None,
+            dirty_log: DirtyLogMode::default(),
+            dirty_ring_entries: crate::vstate::dirty_ring::DEFAULT_ENTRIES,
         }
     }
 }
@@ -158,6 +189,29 @@ struct Args {
     /// Log level: error, warn, info, debug or trace (default: SPECULA_LOG, else warn).
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// How the mirror's dirty-page feed learns of writes: auto (KVM's dirty ring where
+    /// offered, else its bitmap), ring, or bitmap.
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_dirty_log)]
+    dirty_log: DirtyLogMode,
+    /// Entries in each vCPU's dirty ring (a power of two, 256 to 65536; 16 bytes each).
+    #[arg(long, value_name = "N", default_value_t = crate::vstate::dirty_ring::DEFAULT_ENTRIES, value_parser = parse_dirty_ring_entries)]
+    dirty_ring_entries: u32,
+}
+
+fn parse_dirty_log(value: &str) -> Result<DirtyLogMode, ConfigError> {
+    value.parse().map_err(|reason: String| bad("--dirty-log", value, reason))
+}
+
+fn parse_dirty_ring_entries(value: &str) -> Result<u32, ConfigError> {
+    use crate::vstate::dirty_ring::{MAX_ENTRIES, MIN_ENTRIES};
+    match value.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (MIN_ENTRIES..=MAX_ENTRIES).contains(&n) => Ok(n),
+        _ => Err(bad(
+            "--dirty-ring-entries",
+            value,
+            format!("expected a power of two from {MIN_ENTRIES} to {MAX_ENTRIES}"),
+        )),
+    }
 }
 
 fn parse_kernel_decompress(value: &str) -> Result<KernelDecompress, ConfigError> {
@@ -298,6 +352,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         host_tsc: args.host_tsc,
         doorbell: None,
         log_level: args.log_level,
+        dirty_log: args.dirty_log,
+        dirty_ring_entries: args.dirty_ring_entries,
     })))
 }
 
@@ -342,6 +398,21 @@ mod tests {
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
         let err = parse_args(args(&["--kernel", "k", "--run-as", "nobody"])).unwrap_err().to_string();
         assert!(err.contains("--run-as") && err.contains("UID:GID"), "{err}");
+    }
+
+    #[test]
+    fn dirty_log_mode_and_ring_size_parse_and_bad_values_are_named() {
+        let cfg = run(&["--kernel", "k"]);
+        assert_eq!((cfg.dirty_log, cfg.dirty_ring_entries), (DirtyLogMode::Auto, 16384));
+        let cfg = run(&["--kernel", "k", "--dirty-log", "ring", "--dirty-ring-entries", "256"]);
+        assert_eq!((cfg.dirty_log, cfg.dirty_ring_entries), (DirtyLogMode::Ring, 256));
+        assert_eq!(run(&["--kernel", "k", "--dirty-log=bitmap"]).dirty_log, DirtyLogMode::Bitmap);
+        for (flag, value) in
+            [("--dirty-log", "rings"), ("--dirty-ring-entries", "1000"), ("--dirty-ring-entries", "128")]
+        {
+            let error = parse_args(args(&["--kernel", "k", flag, value])).unwrap_err().to_string();
+            assert!(error.contains(flag) && error.contains(value), "{error}");
+        }
     }
 
     #[test]

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm};
-use mirror_driver::protocol::{Range, VcpuRegs};
+use mirror_driver::protocol::{DirtyMechanism, Range, VcpuRegs};
 
 use crate::config::VmConfig;
 use crate::memory::{GuestRam, RamSlot};
+use crate::vstate::dirty_ring::DirtyRing;
 use crate::vstate::vcpu::Lifecycle;
 use crate::vstate::vm::Vm;
 
@@ -28,15 +29,43 @@ impl DirtyLog {
         for (slot, ram) in &self.slots {
             self.vm.set_dirty_logging(*slot, ram, on).map_err(|e| crate::error_chain(&e))?;
         }
-        Ok(())
+        match self.vm.dirty_ring() {
+            // Writes between the last collection and now go to no one.
+            Some(ring) if !on => ring.discard().map_err(|e| crate::error_chain(&e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// How writes are learnt of.
+    fn mechanism(&self) -> DirtyMechanism {
+        if self.vm.dirty_ring().is_some() {
+            DirtyMechanism::Ring
+        } else if self.vm.manual_dirty_protect() {
+            DirtyMechanism::BitmapManualProtect
+        } else {
+            DirtyMechanism::Bitmap
+        }
     }
 
     /// Pages written since the last call, as runs in GPA order.
     fn take(&self) -> Result<Vec<Range>, String> {
+        if let Some(ring) = self.vm.dirty_ring() {
+            return self.take_from_ring(ring);
+        }
         let mut runs = Vec::new();
         for (slot, ram) in &self.slots {
             let bitmap = self.vm.take_dirty_log(*slot, ram.size).map_err(|e| crate::error_chain(&e))?;
             runs.extend(mirror_driver::dirty::bitmap_runs(ram.guest_addr, &bitmap, ram.size));
+        }
+        Ok(runs)
+    }
+
+    /// Pages written since the last call, from the dirty ring: O(pages written).
+    fn take_from_ring(&self, ring: &DirtyRing) -> Result<Vec<Range>, String> {
+        let mut runs = Vec::new();
+        for (slot, ram) in &self.slots {
+            let words = ring.take_slot(*slot).map_err(|e| crate::error_chain(&e))?;
+            runs.extend(mirror_driver::dirty::sparse_bitmap_runs(ram.guest_addr, &words, ram.size));
         }
         Ok(runs)
     }
@@ -52,6 +81,10 @@ impl SourceVm for LifecycleSource {
 
     fn take_dirty_pages(&self) -> Result<Vec<Range>, String> {
         self.1.take()
+    }
+
+    fn dirty_mechanism(&self) -> DirtyMechanism {
+        self.1.mechanism()
     }
 
     fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, String> {

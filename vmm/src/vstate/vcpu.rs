@@ -11,6 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::dirty_ring::{DirtyRing, DirtyRingError};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot::KernelEntry;
@@ -25,6 +26,12 @@ pub enum VcpuError {
         index: u8,
         #[source]
         source: kvm_ioctls::Error,
+    },
+    #[error("the dirty ring of vCPU {index}")]
+    DirtyRing {
+        index: u8,
+        #[source]
+        source: DirtyRingError,
     },
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
@@ -383,13 +390,19 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The VM's dirty ring, harvested here when this vCPU's ring fills.
+    dirty_ring: Option<Arc<DirtyRing>>,
 }
 
 impl Vcpu {
     /// Creates vCPU `index` in `vm`.
     pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.fd().create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Self { index, fd })
+        let fd = vm.create_vcpu(index).map_err(|source| VcpuError::Create { index, source })?;
+        let dirty_ring = vm.dirty_ring().cloned();
+        if let Some(ring) = &dirty_ring {
+            ring.map_vcpu(&fd).map_err(|source| VcpuError::DirtyRing { index, source })?;
+        }
+        Ok(Self { index, fd, dirty_ring })
     }
 
     pub fn index(&self) -> u8 {
@@ -500,6 +513,14 @@ impl Vcpu {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Stopped("guest shutdown"),
                     other => VmExit::Crash(format!("vCPU {index}: system event {other}")),
                 });
+            }
+            // KVM stops a vCPU whose dirty ring is nearly full until someone harvests it:
+            // this thread does, rather than wait for the collector (which may also have
+            // harvested since; then there is nothing left, and KVM_RUN goes on).
+            Ok(VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)) => {
+                if let Err(e) = self.dirty_ring.as_ref().map_or(Ok(0), |ring| ring.harvest()) {
+                    return Some(VmExit::Crash(format!("vCPU {index}: {}", crate::error_chain(&e))));
+                }
             }
             Ok(other) => return Some(VmExit::Crash(format!("vCPU {index}: unexpected exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

@@ -8,6 +8,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use super::dirty_ring::DirtyRing;
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
 use crate::memory::{GuestRam, RamSlot};
 
@@ -68,6 +69,10 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("KVM dirty ring")]
+    DirtyRing(#[source] super::dirty_ring::DirtyRingError),
+    #[error("the dirty ring must be enabled before any vCPU exists, and only once")]
+    DirtyRingTooLate,
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_IRQFD for GSI {gsi} failed")]
@@ -89,6 +94,10 @@ pub struct Vm {
     /// re-protects the ones reported (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), or the get
     /// re-protects every dirty page itself (the original protocol).
     manual_dirty_protect: bool,
+    /// The per-vCPU dirty ring, once enabled (then KVM refuses KVM_GET_DIRTY_LOG).
+    dirty_ring: std::sync::OnceLock<std::sync::Arc<DirtyRing>>,
+    /// Whether a vCPU was created (the ring can no longer be enabled).
+    has_vcpus: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -115,6 +124,8 @@ impl Vm {
             next_slot: std::sync::atomic::AtomicU32::new(0),
             live_slots: std::sync::atomic::AtomicU32::new(0),
             manual_dirty_protect,
+            dirty_ring: std::sync::OnceLock::new(),
+            has_vcpus: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -184,6 +195,29 @@ impl Vm {
             }
         }
         Ok(bitmap)
+    }
+
+    /// Switches dirty logging from the bitmap to a per-vCPU ring of `entries` (see
+    /// [`DirtyRing`]); only before the first vCPU is created.
+    pub fn enable_dirty_ring(&self, entries: u32) -> Result<std::sync::Arc<DirtyRing>, VmError> {
+        if self.has_vcpus.load(std::sync::atomic::Ordering::SeqCst) || self.dirty_ring.get().is_some() {
+            return Err(VmError::DirtyRingTooLate);
+        }
+        let ring = std::sync::Arc::new(DirtyRing::enable(&self.fd, entries).map_err(VmError::DirtyRing)?);
+        self.dirty_ring.set(ring.clone()).map_err(|_| VmError::DirtyRingTooLate)?;
+        Ok(ring)
+    }
+
+    /// The dirty ring, if [`Vm::enable_dirty_ring`] turned it on.
+    pub fn dirty_ring(&self) -> Option<&std::sync::Arc<DirtyRing>> {
+        self.dirty_ring.get()
+    }
+
+    /// Creates vCPU `index` (after which the dirty ring can no longer be enabled; the
+    /// caller maps the vCPU's ring, see [`DirtyRing::map_vcpu`]).
+    pub fn create_vcpu(&self, index: u8) -> Result<kvm_ioctls::VcpuFd, kvm_ioctls::Error> {
+        self.has_vcpus.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.fd.create_vcpu(u64::from(index))
     }
 
     /// Whether dirty pages are re-protected by KVM_CLEAR_DIRTY_LOG (see [`Vm::take_dirty_log`]).
