@@ -99,7 +99,13 @@ fn main(info: &rt::BootInfo) -> u8 {
     unsafe { ALLOCATOR.lock().init(HEAP_GPA as *mut u8, HEAP_SIZE as usize) };
     // SAFETY: the header is agent RAM.
     unsafe { write_volatile(&mut (*header()).agent_state, AGENT_READY) };
-    println!("agent: ready, mirror window {:#x}+{:#x}, {} command slots", window.base, window.len, RING_SLOTS);
+    println!(
+        "agent: ready, mirror window {:#x}+{:#x}, {} command slots, page tables by the {}",
+        window.base,
+        window.len,
+        RING_SLOTS,
+        if info.tables_by_loader { "loader" } else { "boot stub" }
+    );
     loop {
         let mut completed = 0;
         for i in 0..RING_SLOTS {

@@ -155,8 +155,14 @@ fn main(info: &rt::BootInfo) -> u8 {
         // SAFETY: written by setup().
         let h = unsafe { read_volatile(header()) };
         println!(
-            "workload: ready header={:#x} tasks={} list_head={:#x} text={:#x}+{:#x} cpus={}",
-            HEADER_GPA, TASK_COUNT, h.task_list_head, TEXT_GPA, TEXT_LEN, info.cpu_count
+            "workload: ready header={:#x} tasks={} list_head={:#x} text={:#x}+{:#x} cpus={} tables={}",
+            HEADER_GPA,
+            TASK_COUNT,
+            h.task_list_head,
+            TEXT_GPA,
+            TEXT_LEN,
+            info.cpu_count,
+            if info.tables_by_loader { "loader" } else { "stub" }
         );
         let hex = sha256::hex(&h.text_sha256);
         println!("workload: text sha256 {}", core::str::from_utf8(&hex).unwrap_or("?"));

@@ -134,6 +134,25 @@ fn serial_input_drives_the_workload() {
 }
 
 #[test]
+fn the_vmm_builds_a_specula_guests_page_tables_and_they_map_all_of_its_ram() {
+    require_kvm();
+    let image = guest("source-workload");
+    // 6 GiB: 3 GiB below the MMIO gap and 3 GiB from 4 GiB, so RAM ends at 7 GiB.
+    let mut vm =
+        Running::spawn(Command::new(binary("vmm")).args(["--kernel", image.to_str().unwrap(), "--memory", "6G"]));
+    let ready = vm.expect_line("workload: ready", LIMIT);
+    assert!(ready.ends_with("tables=loader"), "the boot stub was told the tables are built: {ready}");
+    // The last MiB of RAM, in the highest GiB the tables map: a missing or wrong entry
+    // there is a page fault in the guest, which has no handler for it.
+    let top = (7u64 << 30) - (1 << 20);
+    vm.send(&format!("fill {top:#x} 0x100000 5\n"));
+    vm.expect_line("workload: filled", LIMIT);
+    vm.expect_line("ack fill", LIMIT);
+    vm.send("exit 0\n");
+    assert_eq!(vm.wait(LIMIT).code(), Some(0));
+}
+
+#[test]
 fn sigterm_stops_a_running_vm_cleanly() {
     require_kvm();
     let image = guest("source-workload");

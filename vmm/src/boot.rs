@@ -14,6 +14,7 @@
 
 pub mod bzimage;
 pub mod decompress;
+pub mod page_tables;
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
@@ -53,6 +54,9 @@ const MAX_NOTE_BYTES: u64 = 64 << 10;
 /// Specula's ELF note: every vCPU may start at the PVH entry; desc = max vCPUs.
 const SPECULA_NOTE_NAME: &[u8] = b"Specula\0";
 const SPECULA_NOTE_SMP_ENTRY: u32 = 1;
+/// Specula's ELF note: the vmm may build the identity page tables; desc = where (see
+/// [`page_tables`]).
+const SPECULA_NOTE_PAGE_TABLES: u32 = 2;
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -94,11 +98,19 @@ pub struct KernelEntry {
     pub protocol: BootProtocol,
     /// The image starts every vCPU at its entry (Specula SMP note); holds its vCPU limit.
     pub smp_entry_max_cpus: Option<u32>,
+    /// Where the image takes page tables built by the vmm (Specula page-table note).
+    pub page_tables: Option<page_tables::TableNote>,
 }
 
 /// Failures while loading a kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    #[error("cannot build the page tables of {path}")]
+    PageTables {
+        path: PathBuf,
+        #[source]
+        source: page_tables::PageTableError,
+    },
     #[error("cannot open kernel image {path}")]
     OpenKernel {
         path: PathBuf,
@@ -193,7 +205,12 @@ pub fn load_with(
         BootProtocol::Pvh => write_pvh_start_info(ram, initramfs, rsdp, extra)?,
         BootProtocol::Linux64 => write_zero_page(ram, loaded.header, initramfs, cmdline_size, rsdp, extra)?,
     }
-    Ok(KernelEntry { entry: loaded.entry, protocol: loaded.protocol, smp_entry_max_cpus: loaded.smp_entry_max_cpus })
+    Ok(KernelEntry {
+        entry: loaded.entry,
+        protocol: loaded.protocol,
+        smp_entry_max_cpus: loaded.notes.smp_entry_max_cpus,
+        page_tables: loaded.notes.page_tables,
+    })
 }
 
 /// A kernel in guest RAM, before the boot data around it is written.
@@ -204,7 +221,7 @@ struct LoadedKernel {
     kernel_end: u64,
     /// The bzImage's setup header, for the zero page.
     header: Option<setup_header>,
-    smp_entry_max_cpus: Option<u32>,
+    notes: SpeculaNotes,
 }
 
 /// An ELF image: PVH if it has the note, else the Linux 64-bit entry.
@@ -214,11 +231,11 @@ fn load_elf(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKern
     let facts = scan_elf_program_headers(kernel, path)?;
     // linux-loader copies p_filesz; the zero-filled rest (bss) must fit in RAM too.
     check_segments_fit(ram, &facts, path)?;
-    let (entry, protocol, smp_entry_max_cpus) = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(pvh_entry) => (pvh_entry.0, BootProtocol::Pvh, facts.smp_entry_max_cpus),
-        _ => (result.kernel_load.0, BootProtocol::Linux64, None),
+    let (entry, protocol, notes) = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(pvh_entry) => (pvh_entry.0, BootProtocol::Pvh, facts.notes),
+        _ => (result.kernel_load.0, BootProtocol::Linux64, SpeculaNotes::default()),
     };
-    Ok(LoadedKernel { entry, protocol, kernel_end: result.kernel_end, header: None, smp_entry_max_cpus })
+    Ok(LoadedKernel { entry, protocol, kernel_end: result.kernel_end, header: None, notes })
 }
 
 /// Every PT_LOAD segment, bss included, lies in guest RAM.
@@ -244,7 +261,7 @@ fn load_bzimage_compressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> Re
         protocol: BootProtocol::Linux64,
         kernel_end: result.kernel_end,
         header: Some(header),
-        smp_entry_max_cpus: None,
+        notes: SpeculaNotes::default(),
     })
 }
 
@@ -280,7 +297,7 @@ fn load_bzimage_decompressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> 
         protocol: BootProtocol::Linux64,
         kernel_end: result.kernel_end,
         header: Some(header),
-        smp_entry_max_cpus: None,
+        notes: SpeculaNotes::default(),
     })
 }
 
@@ -377,8 +394,17 @@ fn loader_error(error: loader::Error, path: &Path, ram: &GuestRam) -> BootError 
 struct ElfFacts {
     /// (physical address, size in memory) of every PT_LOAD segment.
     load_segments: Vec<(u64, u64)>,
-    /// The Specula SMP-entry note's vCPU limit, if the image has the note.
+    /// The Specula notes, if the image has them.
+    notes: SpeculaNotes,
+}
+
+/// What an image's Specula notes ask for.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct SpeculaNotes {
+    /// Every vCPU may start at the PVH entry; the image's vCPU limit.
     smp_entry_max_cpus: Option<u32>,
+    /// The vmm may build the identity page tables, there.
+    page_tables: Option<page_tables::TableNote>,
 }
 
 /// Reads the program headers: PT_LOAD extents and (bounded) PT_NOTE contents.
@@ -393,7 +419,7 @@ fn scan_elf_program_headers<R: Read + Seek>(kernel: &mut R, path: &Path) -> Resu
     if phentsize < 56 {
         return Err(corrupt("program header entries are too small"));
     }
-    let mut facts = ElfFacts { load_segments: Vec::new(), smp_entry_max_cpus: None };
+    let mut facts = ElfFacts { load_segments: Vec::new(), notes: SpeculaNotes::default() };
     for i in 0..phnum {
         let mut phdr = [0u8; 56];
         let at = phoff.checked_add(i * phentsize).ok_or_else(|| corrupt("program header offset overflows"))?;
@@ -408,7 +434,7 @@ fn scan_elf_program_headers<R: Read + Seek>(kernel: &mut R, path: &Path) -> Resu
             facts.load_segments.push((paddr, memsz));
             continue;
         }
-        if p_type != PT_NOTE || facts.smp_entry_max_cpus.is_some() {
+        if p_type != PT_NOTE || facts.notes != SpeculaNotes::default() {
             continue;
         }
         let offset = u64::from_le_bytes(phdr[8..16].try_into().expect("8 bytes"));
@@ -416,31 +442,42 @@ fn scan_elf_program_headers<R: Read + Seek>(kernel: &mut R, path: &Path) -> Resu
         let mut notes = vec![0u8; size as usize];
         kernel.seek(SeekFrom::Start(offset)).map_err(|_| corrupt("cannot seek to a note segment"))?;
         kernel.read_exact(&mut notes).map_err(|_| corrupt("short note segment"))?;
-        facts.smp_entry_max_cpus = parse_specula_note(&notes);
+        facts.notes = parse_specula_notes(&notes);
     }
     Ok(facts)
 }
 
-/// Walks ELF notes in `notes`, bounded by its length; returns the Specula SMP note's value.
-fn parse_specula_note(notes: &[u8]) -> Option<u32> {
+/// Walks ELF notes in `notes`, bounded by its length; returns what the Specula notes ask
+/// for (nothing past a truncated note).
+fn parse_specula_notes(notes: &[u8]) -> SpeculaNotes {
     let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
+    let mut found = SpeculaNotes::default();
     let mut at = 0usize;
     while at + 12 <= notes.len() {
         let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().expect("4 bytes")) as usize;
         let (namesz, descsz, kind) = (word(at), word(at + 4), word(at + 8) as u32);
         let name_start = at + 12;
-        let desc_start = name_start.checked_add(align4(namesz)?)?;
-        let next = desc_start.checked_add(align4(descsz)?)?;
+        let Some(desc_start) = align4(namesz).and_then(|n| name_start.checked_add(n)) else { break };
+        let Some(next) = align4(descsz).and_then(|n| desc_start.checked_add(n)) else { break };
         if next > notes.len() {
-            return None;
+            break;
         }
-        if &notes[name_start..name_start + namesz] == SPECULA_NOTE_NAME && kind == SPECULA_NOTE_SMP_ENTRY && descsz >= 4
-        {
-            return Some(word(desc_start) as u32);
+        if &notes[name_start..name_start + namesz] == SPECULA_NOTE_NAME {
+            let desc = &notes[desc_start..desc_start + descsz];
+            match kind {
+                SPECULA_NOTE_SMP_ENTRY if descsz >= 4 => found.smp_entry_max_cpus = Some(word(desc_start) as u32),
+                SPECULA_NOTE_PAGE_TABLES => found.page_tables = page_tables::TableNote::parse(desc),
+                _ => {}
+            }
         }
         at = next;
     }
-    None
+    found
+}
+
+/// The PVH memory map the guest is given: [`e820_map`] and the caller's extra entries.
+pub fn pvh_memmap(ram: &GuestRam, extra: &[(u64, u64, u32)]) -> Vec<(u64, u64, u32)> {
+    e820_map(ram).into_iter().chain(extra.iter().copied()).collect()
 }
 
 /// Loads the initramfs page-aligned at the top of low RAM.
@@ -489,9 +526,8 @@ fn write_pvh_start_info(
     rsdp: Option<u64>,
     extra: &[(u64, u64, u32)],
 ) -> Result<(), BootError> {
-    let memmap: Vec<hvm_memmap_table_entry> = e820_map(ram)
+    let memmap: Vec<hvm_memmap_table_entry> = pvh_memmap(ram, extra)
         .into_iter()
-        .chain(extra.iter().copied())
         .map(|(addr, size, type_)| hvm_memmap_table_entry { addr, size, type_, reserved: 0 })
         .collect();
     let mut start_info = hvm_start_info {
@@ -575,18 +611,26 @@ mod tests {
     fn specula_note_is_found_after_other_notes() {
         let mut notes = note(b"Xen\0", 18, &0x100000u32.to_le_bytes());
         notes.extend(note(SPECULA_NOTE_NAME, SPECULA_NOTE_SMP_ENTRY, &32u32.to_le_bytes()));
-        assert_eq!(parse_specula_note(&notes), Some(32));
+        assert_eq!(parse_specula_notes(&notes), SpeculaNotes { smp_entry_max_cpus: Some(32), page_tables: None });
+        let desc: Vec<u8> =
+            [0x10_1000u32, 0x10_2000, 0x10_3000, 0x20_0000, 0x10_1004].iter().flat_map(|w| w.to_le_bytes()).collect();
+        notes.extend(note(SPECULA_NOTE_NAME, SPECULA_NOTE_PAGE_TABLES, &desc));
+        let tables = parse_specula_notes(&notes).page_tables.expect("the page-table note");
+        assert_eq!((tables.pml4, tables.pd_base, tables.mapped_gib), (0x10_2000, 0x20_0000, 0x10_1004));
     }
 
     #[test]
     fn truncated_or_hostile_notes_are_rejected_without_panicking() {
         let notes = note(SPECULA_NOTE_NAME, SPECULA_NOTE_SMP_ENTRY, &32u32.to_le_bytes());
         for cut in 0..notes.len() {
-            assert_eq!(parse_specula_note(&notes[..cut]), None);
+            assert_eq!(parse_specula_notes(&notes[..cut]), SpeculaNotes::default());
         }
         let mut huge = vec![0u8; 12];
         huge[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(parse_specula_note(&huge), None);
+        assert_eq!(parse_specula_notes(&huge), SpeculaNotes::default());
+        // A page-table note too short for its five addresses asks for nothing.
+        let short = note(SPECULA_NOTE_NAME, SPECULA_NOTE_PAGE_TABLES, &[0; 16]);
+        assert_eq!(parse_specula_notes(&short), SpeculaNotes::default());
     }
 
     #[test]

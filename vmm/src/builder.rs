@@ -36,6 +36,8 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
     TooManyCpusForImage { requested: u8, max: u32, image: String },
+    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    Cpuid(#[source] kvm_ioctls::Error),
     #[error("cannot set up the serial console")]
     Serial(#[source] std::io::Error),
     #[error("cannot set up the event loop")]
@@ -73,6 +75,9 @@ impl Vmm {
         let ram_slots = vm.register_ram(&ram)?;
         let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
         let entry = boot::load_with(&ram, &config.boot, Some(rsdp), config.kernel_decompress)?;
+        if let Some(note) = &entry.page_tables {
+            prebuild_page_tables(&vm, &ram, config, note)?;
+        }
         if let Some(max) = entry.smp_entry_max_cpus {
             if u32::from(config.cpus) > max {
                 return Err(BuildError::TooManyCpusForImage {
@@ -182,6 +187,27 @@ impl Vmm {
         self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         (threads, error)
     }
+}
+
+/// Writes the identity page tables an image's stub would build (see
+/// [`boot::page_tables`]), with 1 GiB pages where the vCPUs' CPUID offers them.
+fn prebuild_page_tables(
+    vm: &Vm,
+    ram: &GuestRam,
+    config: &VmConfig,
+    note: &boot::page_tables::TableNote,
+) -> Result<(), BuildError> {
+    let supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    let gib_pages = supported.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0);
+    let memmap = boot::pvh_memmap(ram, &config.boot.extra_memmap);
+    let gib =
+        boot::page_tables::prebuild(ram.memory(), |gpa, len| ram.contains_range(gpa, len), note, &memmap, gib_pages)
+            .map_err(|source| boot::BootError::PageTables { path: config.boot.kernel.clone(), source })?;
+    log::debug!(
+        "page tables: {gib} GiB identity-mapped by the vmm ({} pages)",
+        if gib_pages { "1 GiB" } else { "2 MiB" }
+    );
+    Ok(())
 }
 
 /// Turns on KVM's dirty ring for the mirror's dirty-page feed, before the vCPUs exist,

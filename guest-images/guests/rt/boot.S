@@ -34,6 +34,16 @@
 .asciz "Specula"
 .long MAX_CPUS
 .balign 4
+/*
+ * Specula note 2: the loader may build the identity map below (the same entries this
+ * stub writes) and set boot_host_tables; desc = the flag, PML4, PDPT, the first page
+ * directory, and the mapped-GiB count. The stub's own loop is one emulated store per
+ * 2 MiB on PVM: seconds for a large mirror window.
+ */
+.long 8, 20, 2
+.asciz "Specula"
+.long boot_host_tables, boot_pml4, boot_pdpt, __image_end, boot_mapped_gib
+.balign 4
 
 .section .text.boot, "ax"
 .code32
@@ -50,6 +60,10 @@ _start32:
     jae park32
     testl %esi, %esi
     jnz wait_tables
+
+    /* The loader built the tables (and set boot_mapped_gib): only the TSSes are left. */
+    cmpl $0, boot_host_tables
+    jne 19f
 
     /*
      * Bootstrap vCPU: identity-map, with user pages, every GiB that holds
@@ -274,6 +288,10 @@ boot_tables_ready:
     .long 0
 .globl boot_mapped_gib
 boot_mapped_gib:
+    .long 0
+/* Set to 1 by a loader that built the page tables (Specula note 2). */
+.globl boot_host_tables
+boot_host_tables:
     .long 0
 
 .section .bss.boot_tables, "aw", @nobits

@@ -152,6 +152,13 @@ pub struct BootInfo {
     pub cmdline: &'static str,
     pub memmap: &'static [MemMapEntry],
     pub cpu_count: u32,
+    /// The loader built the identity page tables (Specula note 2), not the boot stub.
+    pub tables_by_loader: bool,
+}
+
+unsafe extern "C" {
+    /// Set to 1 by a loader that built the page tables (boot.S).
+    static boot_host_tables: u32;
 }
 
 const MAX_CMDLINE: usize = 4096;
@@ -183,7 +190,9 @@ impl BootInfo {
                     memmap_entries.min(MAX_MEMMAP_ENTRIES),
                 )
             };
-            Self { cmdline, memmap, cpu_count: mp_table_cpu_count().unwrap_or(1) }
+            // The flag lies in this image's data; the loader wrote it before boot.
+            let tables_by_loader = core::ptr::read_volatile(&raw const boot_host_tables) != 0;
+            Self { cmdline, memmap, cpu_count: mp_table_cpu_count().unwrap_or(1), tables_by_loader }
         }
     }
 
