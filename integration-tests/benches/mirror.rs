@@ -233,8 +233,11 @@ fn main() {
         "### Attach latency (`--all`, sparse sources)\n\n\
          Connect to memslots ready: self-reported by the inspector (mirror connect, grants, fds checked and \
          mapped, memslots added). Process start to agent ready: wall clock here, from spawning the inspector \
-         to its agent guest's ready line (VM build and agent boot included). Each run of adjacent grants is \
-         one memslot; the agent VM's own RAM is one more.\n\n\
+         to its agent guest's ready line (VM build and agent boot included; the vmm writes the agent's page \
+         tables, which PVM would otherwise build by emulating one store per 2 MiB of window). Each run of \
+         adjacent grants is one memslot; the agent VM's own RAM is one more. Most of the remaining time grows \
+         with the bytes mirrored: PVM's KVM allocates and zeroes per-page reverse-map arrays for every \
+         memslot it adds.\n\n\
          | source RAM | grants (chunks) | agent VM memslots | connect to memslots ready, median (ms) | \
          process start to agent ready, median (ms) | runs |\n|---|---|---|---|---|---|\n",
     );
