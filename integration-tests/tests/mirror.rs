@@ -392,9 +392,9 @@ fn a_dirty_ring_that_fills_stops_nothing_and_loses_no_page() {
     use mirror_driver::importer::{Importer, SourceEvent};
     use mirror_driver::protocol::{DirtyMechanism, Range};
     let dir = TempDir::new("dirty-ring-full");
-    // The smallest ring KVM takes (256 entries): 16 MiB written at once fills it 16 times
-    // over within one collection, so the vCPU must harvest it itself to go on.
-    let mut source = start_source(&dir, &["--dirty-log", "ring", "--dirty-ring-entries", "256"]);
+    // The smallest ring the vmm asks for (1024 entries): 16 MiB written at once fills it
+    // 4 times over within one collection, so the vCPU must harvest it itself to go on.
+    let mut source = start_source(&dir, &["--dirty-log", "ring", "--dirty-ring-entries", "1024"]);
     let peer = Importer::connect(&source.mirror).expect("connect");
     let filled = Range { gpa: workload::FILL_MIN_GPA, len: 16 << 20 };
     let _mapped = peer.grant(&[filled]).expect("grant");

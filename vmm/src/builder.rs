@@ -36,7 +36,7 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
     TooManyCpusForImage { requested: u8, max: u32, image: String },
-    #[error("KVM_GET_SUPPORTED_CPUID failed")]
+    #[error("KVM_GET_SUPPORTED_CPUID (to choose the page size of the guest's page tables) failed")]
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("cannot set up the serial console")]
     Serial(#[source] std::io::Error),
@@ -100,6 +100,8 @@ impl Vmm {
 
         if config.mirror_socket.is_some() {
             choose_dirty_ring(&vm, config)?;
+        } else if config.dirty_log == crate::config::DirtyLogMode::Ring {
+            log::warn!("--dirty-log ring has no effect without --mirror-socket (nothing subscribes to a dirty log)");
         }
         vcpu::install_kick_handler()?;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -197,6 +199,8 @@ fn prebuild_page_tables(
     config: &VmConfig,
     note: &boot::page_tables::TableNote,
 ) -> Result<(), BuildError> {
+    // The vCPUs get this CPUID (cpuid::normalize leaves leaf 0x80000001 as KVM offers it),
+    // so the stub would have made the same choice.
     let supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     let gib_pages = supported.as_slice().iter().any(|e| e.function == 0x8000_0001 && e.edx & (1 << 26) != 0);
     let memmap = boot::pvh_memmap(ram, &config.boot.extra_memmap);
@@ -215,16 +219,19 @@ fn prebuild_page_tables(
 fn choose_dirty_ring(vm: &Vm, config: &VmConfig) -> Result<(), BuildError> {
     use crate::config::DirtyLogMode;
     use crate::vstate::dirty_ring::DirtyRing;
-    let wanted = match config.dirty_log {
-        DirtyLogMode::Bitmap => false,
-        DirtyLogMode::Ring => true,
-        DirtyLogMode::Auto => DirtyRing::offered(vm.fd()).is_some(),
+    let ring = match config.dirty_log {
+        DirtyLogMode::Bitmap => None,
+        DirtyLogMode::Ring => Some(vm.enable_dirty_ring(config.dirty_ring_entries)?),
+        DirtyLogMode::Auto if DirtyRing::offered(vm.fd()).is_none() => None,
+        // Offered but refused (a size this host's KVM does not take): the bitmap serves.
+        DirtyLogMode::Auto => vm
+            .enable_dirty_ring(config.dirty_ring_entries)
+            .map_err(|e| log::warn!("dirty log: falling back to the bitmap: {}", crate::error_chain(&e)))
+            .ok(),
     };
-    if wanted {
-        let ring = vm.enable_dirty_ring(config.dirty_ring_entries)?;
-        log::info!("dirty log: KVM dirty ring, {} entries per vCPU", ring.entries());
-    } else {
-        log::info!("dirty log: KVM dirty bitmap (manual protection: {})", vm.manual_dirty_protect());
+    match ring {
+        Some(ring) => log::info!("dirty log: KVM dirty ring, {} entries per vCPU", ring.entries()),
+        None => log::info!("dirty log: KVM dirty bitmap (manual protection: {})", vm.manual_dirty_protect()),
     }
     Ok(())
 }

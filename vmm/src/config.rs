@@ -193,7 +193,7 @@ struct Args {
     /// offered, else its bitmap), ring, or bitmap.
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = parse_dirty_log)]
     dirty_log: DirtyLogMode,
-    /// Entries in each vCPU's dirty ring (a power of two, 256 to 65536; 16 bytes each).
+    /// Entries in each vCPU's dirty ring (a power of two, 1024 to 65536; 16 bytes each).
     #[arg(long, value_name = "N", default_value_t = crate::vstate::dirty_ring::DEFAULT_ENTRIES, value_parser = parse_dirty_ring_entries)]
     dirty_ring_entries: u32,
 }
@@ -404,11 +404,11 @@ mod tests {
     fn dirty_log_mode_and_ring_size_parse_and_bad_values_are_named() {
         let cfg = run(&["--kernel", "k"]);
         assert_eq!((cfg.dirty_log, cfg.dirty_ring_entries), (DirtyLogMode::Auto, 16384));
-        let cfg = run(&["--kernel", "k", "--dirty-log", "ring", "--dirty-ring-entries", "256"]);
-        assert_eq!((cfg.dirty_log, cfg.dirty_ring_entries), (DirtyLogMode::Ring, 256));
+        let cfg = run(&["--kernel", "k", "--dirty-log", "ring", "--dirty-ring-entries", "1024"]);
+        assert_eq!((cfg.dirty_log, cfg.dirty_ring_entries), (DirtyLogMode::Ring, 1024));
         assert_eq!(run(&["--kernel", "k", "--dirty-log=bitmap"]).dirty_log, DirtyLogMode::Bitmap);
         for (flag, value) in
-            [("--dirty-log", "rings"), ("--dirty-ring-entries", "1000"), ("--dirty-ring-entries", "128")]
+            [("--dirty-log", "rings"), ("--dirty-ring-entries", "1000"), ("--dirty-ring-entries", "512")]
         {
             let error = parse_args(args(&["--kernel", "k", flag, value])).unwrap_err().to_string();
             assert!(error.contains(flag) && error.contains(value), "{error}");

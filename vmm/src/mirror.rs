@@ -29,11 +29,15 @@ impl DirtyLog {
         for (slot, ram) in &self.slots {
             self.vm.set_dirty_logging(*slot, ram, on).map_err(|e| crate::error_chain(&e))?;
         }
-        match self.vm.dirty_ring() {
-            // Writes between the last collection and now go to no one.
-            Some(ring) if !on => ring.discard().map_err(|e| crate::error_chain(&e)),
-            _ => Ok(()),
+        if let Some(ring) = self.vm.dirty_ring().filter(|_| !on) {
+            // Writes between the last collection and now go to no one. Logging is off
+            // whatever happens here: a failed discard only means a later subscriber may
+            // hear of a few earlier writes (and the next harvest resets again).
+            if let Err(e) = ring.discard() {
+                log::warn!("mirror: dirty ring: {}", crate::error_chain(&e));
+            }
         }
+        Ok(())
     }
 
     /// How writes are learnt of.
@@ -62,9 +66,10 @@ impl DirtyLog {
 
     /// Pages written since the last call, from the dirty ring: O(pages written).
     fn take_from_ring(&self, ring: &DirtyRing) -> Result<Vec<Range>, String> {
+        ring.harvest().map_err(|e| crate::error_chain(&e))?;
         let mut runs = Vec::new();
         for (slot, ram) in &self.slots {
-            let words = ring.take_slot(*slot).map_err(|e| crate::error_chain(&e))?;
+            let words = ring.take_slot(*slot);
             runs.extend(mirror_driver::dirty::sparse_bitmap_runs(ram.guest_addr, &words, ram.size));
         }
         Ok(runs)

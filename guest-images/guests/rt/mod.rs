@@ -172,6 +172,9 @@ impl BootInfo {
     /// `addr` must be the start-info address the loader handed to the entry point.
     unsafe fn from_start_info(addr: u64) -> Self {
         let p = addr as *const u8;
+        // SAFETY: the flag is a u32 in this image's data, written by the loader before boot
+        // and by nothing after.
+        let tables_by_loader = unsafe { core::ptr::read_volatile(&raw const boot_host_tables) } != 0;
         // SAFETY: the loader put a hvm_start_info here; fields are read unaligned-safe.
         unsafe {
             let magic = core::ptr::read_unaligned(p as *const u32);
@@ -190,8 +193,6 @@ impl BootInfo {
                     memmap_entries.min(MAX_MEMMAP_ENTRIES),
                 )
             };
-            // The flag lies in this image's data; the loader wrote it before boot.
-            let tables_by_loader = core::ptr::read_volatile(&raw const boot_host_tables) != 0;
             Self { cmdline, memmap, cpu_count: mp_table_cpu_count().unwrap_or(1), tables_by_loader }
         }
     }

@@ -57,7 +57,9 @@ pub enum PageTableError {
 }
 
 /// The GiBs the stub maps for `memmap`: every GiB up to the end of the highest RAM or
-/// mirror entry among the first 128, at least 1 and at most 512.
+/// mirror entry among the first 128, at least 1 and at most 512. (An entry whose end
+/// overflows 64 bits counts as the top of the address space here, where the stub's
+/// 32-bit arithmetic would wrap; no memory map this vmm writes has one.)
 pub fn mapped_gib(memmap: &[(u64, u64, u32)]) -> u64 {
     memmap
         .iter()

@@ -27,11 +27,13 @@ const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
 /// Bytes per ring entry (`struct kvm_dirty_gfn`).
 const ENTRY_BYTES: u32 = std::mem::size_of::<kvm_dirty_gfn>() as u32;
-/// The fewest entries KVM accepts: a ring is at least one page.
-pub const MIN_ENTRIES: u32 = 4096 / ENTRY_BYTES;
+/// The fewest entries Specula asks for. KVM takes a power of two no smaller than its
+/// reserved entries (64, plus Intel PML's 512-entry buffer where the host uses PML):
+/// 1024 is accepted everywhere.
+pub const MIN_ENTRIES: u32 = 1024;
 /// The most entries Specula asks for (1 MiB per vCPU, the most KVM offers on x86).
 pub const MAX_ENTRIES: u32 = (1 << 20) / ENTRY_BYTES;
-/// Entries per vCPU by default: 256 KiB, room for 1 GiB of fresh writes per 20 ms
+/// Entries per vCPU by default: 256 KiB, room for 64 MiB of newly written pages per 20 ms
 /// collection before a vCPU has to stop and harvest.
 pub const DEFAULT_ENTRIES: u32 = 16384;
 
@@ -46,7 +48,11 @@ pub enum DirtyRingError {
     TooLarge { entries: u32, bytes: u32, max: u32 },
     #[error("dirty ring entries must be a power of two between {MIN_ENTRIES} and {MAX_ENTRIES}, not {0}")]
     BadSize(u32),
-    #[error("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING{}, {bytes} bytes) failed", if *.acq_rel { "_ACQ_REL" } else { "" })]
+    #[error(
+        "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING{}, {bytes} bytes) failed (KVM needs a power of two no smaller \
+         than its reserved entries, and no vCPU yet)",
+        if *.acq_rel { "_ACQ_REL" } else { "" }
+    )]
     Enable {
         acq_rel: bool,
         bytes: u32,
@@ -74,6 +80,10 @@ struct RingState {
     rings: Vec<MappedRing>,
     /// Harvested pages: key (memslot id << 40 | page / 64), value one bit per page.
     pending: BTreeMap<u64, u64>,
+    /// Entries were marked harvested and KVM_RESET_DIRTY_RINGS has not yet succeeded
+    /// since: the next harvest resets even if it finds nothing new, or the rings would
+    /// never drain (and a vCPU whose ring is full would never run again).
+    reset_owed: bool,
 }
 
 /// One vCPU's ring, mapped from its vCPU fd.
@@ -166,36 +176,40 @@ impl DirtyRing {
     /// Moves every filled entry of every vCPU's ring into the pending set and has KVM
     /// write-protect those pages again; returns how many entries were harvested. Any
     /// thread may call it while the vCPUs run (a vCPU with a full ring does).
+    ///
+    /// On hosts whose CPUs log dirty pages in a per-vCPU buffer first (Intel PML), KVM
+    /// moves that buffer into the ring at the vCPU's next full exit: a page written just
+    /// before a harvest may be reported by the next one instead. Nothing is lost.
     pub fn harvest(&self) -> Result<usize, DirtyRingError> {
         let mut state = lock(&self.state);
-        let RingState { rings, pending } = &mut *state;
+        let RingState { rings, pending, reset_owed } = &mut *state;
         let mut harvested = 0;
         for ring in rings.iter_mut() {
             harvested += ring.harvest_into(pending);
         }
-        if harvested > 0 {
+        if harvested > 0 || *reset_owed {
+            *reset_owed = true;
             // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and touches only KVM's state.
             let rc = unsafe { libc::ioctl(self.vm.as_raw_fd(), KVM_RESET_DIRTY_RINGS()) };
             if rc < 0 {
                 return Err(DirtyRingError::Reset(std::io::Error::last_os_error()));
             }
+            *reset_owed = false;
         }
         Ok(harvested)
     }
 
-    /// Harvests, then hands over (and forgets) the pages of memslot `slot` written
-    /// since the last call, as (first page, one bit per page from it) words in order.
+    /// Hands over (and forgets) the harvested pages of memslot `slot`, as (first page,
+    /// one bit per page from it) words in order; call [`DirtyRing::harvest`] first.
     /// Pages of other memslots stay pending for their own calls.
-    pub fn take_slot(&self, slot: u32) -> Result<Vec<(u64, u64)>, DirtyRingError> {
-        self.harvest()?;
+    pub fn take_slot(&self, slot: u32) -> Vec<(u64, u64)> {
         let mut state = lock(&self.state);
         let first = u64::from(slot) << 40;
         let last = first | ((1 << 40) - 1);
         let keys: Vec<u64> = state.pending.range(first..=last).map(|(&k, _)| k).collect();
-        Ok(keys
-            .into_iter()
+        keys.into_iter()
             .filter_map(|key| state.pending.remove(&key).map(|bits| ((key & ((1 << 40) - 1)) * 64, bits)))
-            .collect())
+            .collect()
     }
 
     /// Harvests and drops everything pending (when logging stops, so that a later
@@ -222,9 +236,13 @@ impl MappedRing {
             if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
                 break;
             }
-            // SAFETY: a filled entry's slot and offset are stable until we reset it.
+            // SAFETY: a filled entry's slot and offset are stable until we reset it; read
+            // through raw pointers, never references, as KVM shares the memory.
             let (slot, offset) = unsafe {
-                (std::ptr::read_volatile(std::ptr::addr_of!((*gfn).slot)), std::ptr::read_volatile(&(*gfn).offset))
+                (
+                    std::ptr::read_volatile(std::ptr::addr_of!((*gfn).slot)),
+                    std::ptr::read_volatile(std::ptr::addr_of!((*gfn).offset)),
+                )
             };
             // The address-space id (bits 16..) is 0 for every slot Specula adds; the
             // offset is bounded by the memslot size where the pages are taken.
@@ -332,14 +350,14 @@ mod tests {
     fn the_ring_is_sized_and_enabled_only_before_the_vcpus_and_maps_per_vcpu() {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (these tests need KVM)");
         let vm = kvm.create_vm().unwrap();
-        for bad in [0, 100, 128, 1000, MAX_ENTRIES * 2] {
+        for bad in [0, 100, 256, 1000, MAX_ENTRIES * 2] {
             assert!(matches!(DirtyRing::enable(&vm, bad), Err(DirtyRingError::BadSize(n)) if n == bad));
         }
         let offered = DirtyRing::offered(&vm).expect("this host's KVM offers the dirty ring");
         let ring = DirtyRing::enable(&vm, MIN_ENTRIES).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         ring.map_vcpu(&vcpu).unwrap();
-        assert_eq!((ring.harvest().unwrap(), ring.take_slot(0).unwrap()), (0, Vec::new()));
+        assert_eq!((ring.harvest().unwrap(), ring.take_slot(0)), (0, Vec::new()));
         // KVM takes the ring only while no vCPU exists.
         let late = kvm.create_vm().unwrap();
         let _vcpu = late.create_vcpu(0).unwrap();

@@ -69,7 +69,7 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("KVM dirty ring")]
+    #[error("cannot use KVM's dirty ring for the dirty-page feed")]
     DirtyRing(#[source] super::dirty_ring::DirtyRingError),
     #[error("the dirty ring must be enabled before any vCPU exists, and only once")]
     DirtyRingTooLate,
