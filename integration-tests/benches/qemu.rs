@@ -84,10 +84,18 @@ impl Inspector {
 
 /// QEMU's RAM file and where QEMU maps it.
 fn qemu_ram(pid: u32) -> (std::fs::File, u64) {
-    let map = mappings(&pid.to_string())
-        .into_iter()
-        .find(|m| m.path.starts_with("/memfd:memory-backend-memfd") && m.offset == 0)
-        .expect("QEMU maps its RAM memfd");
+    // The QMP socket exists before QEMU's machine init has mapped the RAM: wait for it.
+    let deadline = Instant::now() + LIMIT;
+    let map = loop {
+        let found = mappings(&pid.to_string())
+            .into_iter()
+            .find(|m| m.path.starts_with("/memfd:memory-backend-memfd") && m.offset == 0);
+        match found {
+            Some(map) => break map,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            None => panic!("QEMU (pid {pid}) did not map its RAM memfd within {LIMIT:?}"),
+        }
+    };
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         if target.to_string_lossy().starts_with("/memfd:memory-backend-memfd") {
