@@ -347,6 +347,26 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_reset_is_retried_by_the_next_harvest_even_with_nothing_new() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (these tests need KVM)");
+        let ring = fake_ring(MIN_ENTRIES);
+        push(&ring, 0, 1, 42);
+        // An fd on which KVM_RESET_DIRTY_RINGS fails (ENOTTY).
+        let broken = File::open("/dev/null").unwrap();
+        let mut dirty = DirtyRing { vm: broken, entries: MIN_ENTRIES, state: Mutex::new(RingState::default()) };
+        lock(&dirty.state).rings.push(ring);
+        assert!(matches!(dirty.harvest(), Err(DirtyRingError::Reset(_))));
+        assert_eq!(dirty.take_slot(1), vec![(0, 1 << 42)], "the harvested page is kept");
+        // Nothing new, but the entries KVM still counts as used were never recycled.
+        assert!(matches!(dirty.harvest(), Err(DirtyRingError::Reset(_))), "the reset is tried again");
+        // Once the reset works (a VM with a ring), the debt is paid and not paid again.
+        let vm = kvm.create_vm().unwrap();
+        dirty.vm = DirtyRing::enable(&vm, MIN_ENTRIES).unwrap().vm;
+        assert_eq!(dirty.harvest().unwrap(), 0);
+        assert!(!lock(&dirty.state).reset_owed);
+    }
+
+    #[test]
     fn the_ring_is_sized_and_enabled_only_before_the_vcpus_and_maps_per_vcpu() {
         let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm (these tests need KVM)");
         let vm = kvm.create_vm().unwrap();
