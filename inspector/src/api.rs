@@ -187,6 +187,10 @@ pub struct Status {
     pub window_len: u64,
     /// The newest event's sequence number.
     pub last_event: u64,
+    /// How the source tells this inspector which pages its guest wrote (`KVM dirty
+    /// ring`, `KVM dirty bitmap with manual protection`, `KVM dirty bitmap`), or null
+    /// where it does not (QEMU sources, `--no-dirty-log`): polled watches then re-hash.
+    pub dirty_log: Option<String>,
 }
 
 /// A granted range of source RAM, mapped read-only into the agent.
@@ -525,6 +529,7 @@ async fn status(State(s): State<AppState>) -> ApiResult<Status> {
         memslots: i.memslots(),
         window_len: i.window_len(),
         last_event: i.events().last_seq(),
+        dirty_log: i.dirty_feed().map(|m| m.name().to_string()),
     }))
 }
 

@@ -119,12 +119,13 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, String> {
             .collect::<Vec<_>>()
             .join(" ")),
         "status" => Ok(format!(
-            "source={} kind={} grants={} memslots={} window={:#x}",
+            "source={} kind={} grants={} memslots={} window={:#x} dirty={}",
             if inspector.source_gone() { "gone" } else { "attached" },
             inspector.source_kind(),
             inspector.grants().len(),
             inspector.memslots(),
-            inspector.window_len()
+            inspector.window_len(),
+            inspector.dirty_feed().map_or("none", |m| m.token())
         )),
         "vcpus" => Ok(inspector
             .vcpus()

@@ -171,8 +171,9 @@ pub struct Inspector {
     window_len: u64,
     /// The memslots the grants sit in (one per run of adjacent grants).
     window: MirrorWindow,
-    /// The source's dirty-page feed, when it has one: polled watches then use it.
-    dirty_feed: bool,
+    /// How the source's dirty-page feed learns of writes, when it has one: polled
+    /// watches then use the feed.
+    dirty_feed: Option<mirror_driver::protocol::DirtyMechanism>,
     /// See [`DaemonConfig::scan_rate_limit`].
     scan_rate_limit: Option<u64>,
     /// Each watch, by id (its agent slot).
@@ -478,9 +479,14 @@ impl Inspector {
             .collect()
     }
 
+    /// How the source's dirty-page feed learns of writes; None without a feed.
+    pub fn dirty_feed(&self) -> Option<mirror_driver::protocol::DirtyMechanism> {
+        self.dirty_feed
+    }
+
     /// The mode a new polled watch runs in.
     pub fn polled_watch_mode(&self) -> WatchMode {
-        if self.dirty_feed {
+        if self.dirty_feed.is_some() {
             WatchMode::DirtyLog
         } else {
             WatchMode::Hash
@@ -914,15 +920,15 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
                     feed.interval.as_micros(),
                     feed.mechanism.name()
                 ));
-                true
+                Some(feed.mechanism)
             }
             Err(e) => {
                 say(format_args!("no dirty-page feed ({}); watches re-hash", vmm::error_chain(&e)));
-                false
+                None
             }
         }
     } else {
-        false
+        None
     };
     let inspector = Arc::new(Inspector {
         link,

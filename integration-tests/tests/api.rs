@@ -89,6 +89,7 @@ fn views_bulk_reads_errors_and_request_ids() {
         (status, st["source"].as_str(), st["kind"].as_str(), st["grants"].as_u64()),
         (200, Some("attached"), Some("specula"), Some(128))
     );
+    assert_eq!(st["dirty_log"].as_str(), Some("KVM dirty ring"), "the vmm's default on a host that offers the ring");
     // A binary read of 8 MiB is streamed whole and equals what small hex reads give.
     let (status, head, bytes) =
         http(&s.api, "GET", &format!("/v1/memory/physical?gpa={:#x}&len={}", workload::HEADER_GPA, 8 << 20), None);

@@ -262,6 +262,8 @@ fn a_watched_page_written_and_restored_between_two_checks_is_reported_with_the_d
     let watch = format!("{:#x}:{:#x}", workload::TEXT_GPA, workload::TEXT_LEN);
     let mut inspector = Inspector::start(&dir, &source, &["--all", "--watch", &watch, "--watch-interval-ms", "100"]);
     inspector.proc.expect_line("baseline taken", LIMIT);
+    let status = inspector.ask("status");
+    assert!(status.ends_with(" dirty=ring"), "the vmm's default where KVM offers the ring: {status}");
     // Let the feed's first report (which may predate the watch) go by.
     std::thread::sleep(Duration::from_millis(300));
     source.vm.send("text-flip 8192\n");

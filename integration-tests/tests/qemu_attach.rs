@@ -89,7 +89,8 @@ fn pc_ram_below_and_above_the_4_gib_hole_is_mapped_at_its_guest_physical_address
     assert_layout(&inspector.grants(), 0xc000_0000, 0x6000_0000);
     let status = inspector.ask("status");
     assert!(
-        status.starts_with("ok source=attached kind=qemu grants=3 ") && status.ends_with("window=0x160000000"),
+        status.starts_with("ok source=attached kind=qemu grants=3 ")
+            && status.ends_with("window=0x160000000 dirty=none"),
         "{status}"
     );
     // Every file of QEMU's RAM the inspector holds is open read-only.

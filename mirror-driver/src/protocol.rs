@@ -101,6 +101,15 @@ impl DirtyMechanism {
         }
     }
 
+    /// A one-word name, for line protocols.
+    pub fn token(self) -> &'static str {
+        match self {
+            DirtyMechanism::Bitmap => "bitmap",
+            DirtyMechanism::BitmapManualProtect => "bitmap-manual-protect",
+            DirtyMechanism::Ring => "ring",
+        }
+    }
+
     fn from_u32(v: u32) -> Option<Self> {
         Some(match v {
             1 => DirtyMechanism::Bitmap,
