@@ -76,18 +76,26 @@ fn thread_cpu(task: &std::path::Path) -> Duration {
     Duration::from_nanos(stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0))
 }
 
+/// Each thread of a process: its name (`comm`) and CPU time.
+fn threads_cpu(pid: u32) -> Vec<(String, Duration)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| task.unwrap().path())
+        .map(|task| {
+            (std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim().to_string(), thread_cpu(&task))
+        })
+        .collect()
+}
+
 /// CPU time of every thread of a process, and of its agent vCPU thread.
 fn cpu_times(pid: u32) -> (Duration, Duration) {
-    let (mut all, mut vcpu) = (Duration::ZERO, Duration::ZERO);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let t = thread_cpu(&task);
-        all += t;
-        if std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim() == "vcpu0" {
-            vcpu = t;
-        }
-    }
-    (all, vcpu)
+    let threads = threads_cpu(pid);
+    (threads.iter().map(|(_, t)| *t).sum(), named(&threads, "vcpu0"))
+}
+
+/// CPU time of the threads named `name`.
+fn named(threads: &[(String, Duration)], name: &str) -> Duration {
+    threads.iter().filter(|(comm, _)| comm == name).map(|(_, t)| *t).sum()
 }
 
 impl Inspector {
@@ -149,7 +157,10 @@ fn collection_section(body: &mut String, hz: u64) {
             vm.expect_line("ack churn", LIMIT);
             std::thread::sleep(Duration::from_secs(1));
             let pid = vm.child.id();
-            let sample = || (named_thread_cpu(pid, "mirror-dirty"), named_thread_cpu(pid, "vcpu0"), heartbeat());
+            let sample = || {
+                let threads = threads_cpu(pid);
+                (named(&threads, "mirror-dirty"), named(&threads, "vcpu0"), heartbeat())
+            };
             let ((c0, v0, h0), p0, t0) = (sample(), pages.load(std::sync::atomic::Ordering::Relaxed), Instant::now());
             std::thread::sleep(Duration::from_secs(WATCH_SECONDS));
             let ((c1, v1, h1), p1) = (sample(), pages.load(std::sync::atomic::Ordering::Relaxed));
@@ -170,16 +181,6 @@ fn collection_section(body: &mut String, hz: u64) {
     )
     .unwrap();
     body.push_str("\n![collection cost](docs/benchmarks/mirror-collect.svg)\n");
-}
-
-/// CPU time of the threads of `pid` named `name`.
-fn named_thread_cpu(pid: u32, name: &str) -> Duration {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .map(|task| task.unwrap().path())
-        .filter(|task| std::fs::read_to_string(task.join("comm")).unwrap_or_default().trim() == name)
-        .map(|task| thread_cpu(&task))
-        .sum()
 }
 
 fn tsc() -> u64 {

@@ -203,12 +203,12 @@ impl DirtyRing {
     /// one bit per page from it) words in order; call [`DirtyRing::harvest`] first.
     /// Pages of other memslots stay pending for their own calls.
     pub fn take_slot(&self, slot: u32) -> Vec<(u64, u64)> {
-        let mut state = lock(&self.state);
         let first = u64::from(slot) << 40;
         let last = first | ((1 << 40) - 1);
-        let keys: Vec<u64> = state.pending.range(first..=last).map(|(&k, _)| k).collect();
-        keys.into_iter()
-            .filter_map(|key| state.pending.remove(&key).map(|bits| ((key & ((1 << 40) - 1)) * 64, bits)))
+        lock(&self.state)
+            .pending
+            .extract_if(first..=last, |_, _| true)
+            .map(|(key, bits)| ((key & ((1 << 40) - 1)) * 64, bits))
             .collect()
     }
 

@@ -397,7 +397,7 @@ pub struct Vcpu {
 impl Vcpu {
     /// Creates vCPU `index` in `vm`.
     pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(index).map_err(|source| VcpuError::Create { index, source })?;
+        let fd = vm.fd().create_vcpu(u64::from(index)).map_err(|source| VcpuError::Create { index, source })?;
         let dirty_ring = vm.dirty_ring().cloned();
         if let Some(ring) = &dirty_ring {
             ring.map_vcpu(&fd).map_err(|source| VcpuError::DirtyRing { index, source })?;

@@ -71,8 +71,8 @@ pub enum VmError {
     },
     #[error("cannot use KVM's dirty ring for the dirty-page feed")]
     DirtyRing(#[source] super::dirty_ring::DirtyRingError),
-    #[error("the dirty ring must be enabled before any vCPU exists, and only once")]
-    DirtyRingTooLate,
+    #[error("the dirty ring is already enabled")]
+    DirtyRingAgain,
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
     #[error("KVM_IRQFD for GSI {gsi} failed")]
@@ -96,8 +96,6 @@ pub struct Vm {
     manual_dirty_protect: bool,
     /// The per-vCPU dirty ring, once enabled (then KVM refuses KVM_GET_DIRTY_LOG).
     dirty_ring: std::sync::OnceLock<std::sync::Arc<DirtyRing>>,
-    /// Whether a vCPU was created (the ring can no longer be enabled).
-    has_vcpus: std::sync::atomic::AtomicBool,
 }
 
 impl Vm {
@@ -125,7 +123,6 @@ impl Vm {
             live_slots: std::sync::atomic::AtomicU32::new(0),
             manual_dirty_protect,
             dirty_ring: std::sync::OnceLock::new(),
-            has_vcpus: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -200,24 +197,18 @@ impl Vm {
     /// Switches dirty logging from the bitmap to a per-vCPU ring of `entries` (see
     /// [`DirtyRing`]); only before the first vCPU is created.
     pub fn enable_dirty_ring(&self, entries: u32) -> Result<std::sync::Arc<DirtyRing>, VmError> {
-        if self.has_vcpus.load(std::sync::atomic::Ordering::SeqCst) || self.dirty_ring.get().is_some() {
-            return Err(VmError::DirtyRingTooLate);
+        // KVM itself refuses the ring once a vCPU exists (DirtyRingError::Enable says so).
+        if self.dirty_ring.get().is_some() {
+            return Err(VmError::DirtyRingAgain);
         }
         let ring = std::sync::Arc::new(DirtyRing::enable(&self.fd, entries).map_err(VmError::DirtyRing)?);
-        self.dirty_ring.set(ring.clone()).map_err(|_| VmError::DirtyRingTooLate)?;
+        self.dirty_ring.set(ring.clone()).map_err(|_| VmError::DirtyRingAgain)?;
         Ok(ring)
     }
 
     /// The dirty ring, if [`Vm::enable_dirty_ring`] turned it on.
     pub fn dirty_ring(&self) -> Option<&std::sync::Arc<DirtyRing>> {
         self.dirty_ring.get()
-    }
-
-    /// Creates vCPU `index` (after which the dirty ring can no longer be enabled; the
-    /// caller maps the vCPU's ring, see [`DirtyRing::map_vcpu`]).
-    pub fn create_vcpu(&self, index: u8) -> Result<kvm_ioctls::VcpuFd, kvm_ioctls::Error> {
-        self.has_vcpus.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.fd.create_vcpu(u64::from(index))
     }
 
     /// Whether dirty pages are re-protected by KVM_CLEAR_DIRTY_LOG (see [`Vm::take_dirty_log`]).
