@@ -687,6 +687,12 @@ mod tests {
         assert_eq!(Message::decode(999, &[]), Err(DecodeError::UnknownKind(999)));
         assert_eq!(DecodeError::UnknownKind(999).code(), ErrorCode::UnknownMessage);
         assert!(matches!(Message::decode(kind::PAUSED, &[0]), Err(DecodeError::Malformed { .. })));
+        // A dirty-feed reply naming no mechanism this crate knows.
+        for code in [0u32, 4, u32::MAX] {
+            let payload: Vec<u8> = [20_000u32, code].iter().flat_map(|w| w.to_le_bytes()).collect();
+            let decoded = Message::decode(kind::DIRTY_SUBSCRIBED, &payload);
+            assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "mechanism {code}: {decoded:?}");
+        }
         let mut header = Message::Paused.encode(EVENT_ID);
         header[6] = 1;
         assert_eq!(decode_header(header[..HEADER_LEN].try_into().unwrap()), Err(DecodeError::BadHeader));
