@@ -9,7 +9,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::arch::x86_64::{acpi, mptable};
+use crate::arch::x86_64::{acpi, mptable, reset_vector};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::devices::serial::{self, SerialInput, SerialOutput};
@@ -34,6 +34,8 @@ pub enum BuildError {
     Mptable(#[from] mptable::MptableError),
     #[error("ACPI tables")]
     Acpi(#[from] acpi::AcpiError),
+    #[error("reset vector")]
+    ResetVector(#[from] reset_vector::ResetVectorError),
     #[error("{requested} vCPUs requested, but image {image} supports at most {max}")]
     TooManyCpusForImage { requested: u8, max: u32, image: String },
     #[error("KVM_GET_SUPPORTED_CPUID (to choose the page size of the guest's page tables) failed")]
@@ -74,6 +76,7 @@ impl Vmm {
         vm.setup_irqchip()?;
         let ram_slots = vm.register_ram(&ram)?;
         let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
+        reset_vector::setup_reset_vector(ram.memory())?;
         let entry = boot::load_with(&ram, &config.boot, Some(rsdp), config.kernel_decompress)?;
         if let Some(note) = &entry.page_tables {
             prebuild_page_tables(&vm, &ram, config, note)?;

@@ -65,6 +65,7 @@ fn main() -> ExitCode {
                 VmExit::Crash(what) => eprintln!("vmm: guest crashed: {what}"),
                 VmExit::Stopped(why) => eprintln!("vmm: stopped by {why}"),
                 VmExit::Reset => eprintln!("vmm: guest reset the machine"),
+                VmExit::PowerOff => eprintln!("vmm: guest powered off"),
                 VmExit::GuestStatus(_) => {}
             }
             ExitCode::from(exit.exit_code() as u8)

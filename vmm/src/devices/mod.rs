@@ -1,5 +1,5 @@
-//! Legacy devices on the port-I/O bus: COM1, the i8042 (for reset), the
-//! debug-exit port and the vCPU park port.
+//! Legacy devices on the port-I/O bus: COM1, the i8042 (for reset), the ACPI
+//! sleep and reset registers, the debug-exit port and the vCPU park port.
 
 pub mod doorbell;
 pub mod serial;
@@ -21,6 +21,17 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const DEBUG_EXIT_PORT: u16 = 0x501;
 /// A write parks the vCPU until the VM stops (ring-3 guests cannot `hlt`).
 pub const PARK_PORT: u16 = 0x502;
+/// ACPI sleep control register (the FADT's SLEEP_CONTROL_REG, hardware-reduced ACPI).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
+/// ACPI sleep status register (SLEEP_STATUS_REG): reads 0, the guest never wakes.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
+/// ACPI reset register (RESET_REG), and the value that resets.
+pub const ACPI_RESET_PORT: u16 = 0x602;
+pub const ACPI_RESET_VALUE: u8 = 0x01;
+/// The sleep type that means S5 (soft off): the DSDT's `_S5_` package names it.
+pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// SLP_EN in the sleep control register; SLP_TYPx sits in bits 2-4.
+const ACPI_SLEEP_ENABLE: u8 = 1 << 5;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
 
@@ -35,6 +46,10 @@ pub enum PioAction {
     Park,
     /// Block this vCPU until the host rings the doorbell.
     DoorbellWait,
+    /// The guest entered ACPI S5: power the machine off.
+    PowerOff,
+    /// The guest wrote the ACPI reset value: reset the machine.
+    Reset,
 }
 
 /// The devices a vCPU reaches through port I/O.
@@ -75,6 +90,8 @@ impl PioBus {
         let value = match port {
             p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => lock(&self.serial).read((p - COM1_PORT) as u8),
             I8042_DATA_PORT | I8042_COMMAND_PORT => lock(&self.i8042).read((port - I8042_DATA_PORT) as u8),
+            // No sleep state ever completes (the guest never wakes): WAK_STS stays clear.
+            ACPI_SLEEP_STATUS_PORT | ACPI_SLEEP_CONTROL_PORT => 0,
             _ => 0xff,
         };
         data.fill(0xff);
@@ -88,6 +105,9 @@ impl PioBus {
         let Some(&value) = data.first() else {
             return PioAction::Continue;
         };
+        if port != COM1_PORT {
+            log::trace!("port write {port:#x} <- {data:02x?}");
+        }
         match port {
             p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => {
                 if let Err(e) = lock(&self.serial).write((p - COM1_PORT) as u8, value) {
@@ -101,6 +121,8 @@ impl PioBus {
                 }
                 PioAction::Continue
             }
+            ACPI_SLEEP_CONTROL_PORT => sleep_control_action(value),
+            ACPI_RESET_PORT if value == ACPI_RESET_VALUE => PioAction::Reset,
             DEBUG_EXIT_PORT => PioAction::Exit(value),
             PARK_PORT => PioAction::Park,
             doorbell::WAIT_PORT if self.doorbell.is_some() => PioAction::DoorbellWait,
@@ -112,6 +134,18 @@ impl PioBus {
             }
             _ => PioAction::Continue,
         }
+    }
+}
+
+/// What a write of `value` to the ACPI sleep control register asks: S5 with SLP_EN set
+/// powers off; other sleep states are not offered (the DSDT names only `_S5_`), so
+/// they and writes without SLP_EN change nothing.
+fn sleep_control_action(value: u8) -> PioAction {
+    let sleep_type = (value >> 2) & 0b111;
+    if value & ACPI_SLEEP_ENABLE != 0 && sleep_type == ACPI_S5_SLEEP_TYPE {
+        PioAction::PowerOff
+    } else {
+        PioAction::Continue
     }
 }
 
@@ -153,6 +187,20 @@ mod tests {
         let (bus, _, reset) = bus();
         bus.write(I8042_COMMAND_PORT, &[0xfe]);
         assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn acpi_s5_with_sleep_enable_powers_off_and_the_reset_value_resets() {
+        let (bus, _, _) = bus();
+        // What Linux's acpi_hw_extended_sleep writes for S5: SLP_TYP 5 in bits 2-4, SLP_EN.
+        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[(5 << 2) | (1 << 5)]), PioAction::PowerOff);
+        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[5 << 2]), PioAction::Continue, "no SLP_EN");
+        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[(3 << 2) | (1 << 5)]), PioAction::Continue, "S3");
+        assert_eq!(bus.write(ACPI_RESET_PORT, &[ACPI_RESET_VALUE]), PioAction::Reset);
+        assert_eq!(bus.write(ACPI_RESET_PORT, &[0x06]), PioAction::Continue, "not the FADT's reset value");
+        let mut status = [0xaa];
+        bus.read(ACPI_SLEEP_STATUS_PORT, &mut status);
+        assert_eq!(status, [0]);
     }
 
     #[test]

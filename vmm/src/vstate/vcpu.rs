@@ -86,8 +86,10 @@ pub enum VcpuError {
 pub enum VmExit {
     /// The guest wrote this status to the debug-exit port.
     GuestStatus(u8),
-    /// The guest reset the machine through the i8042.
+    /// The guest reset the machine (ACPI reset register, i8042 pulse, or KVM's reset event).
     Reset,
+    /// The guest powered the machine off (ACPI S5 through the FADT's sleep control register).
+    PowerOff,
     /// The host asked the VM to stop (SIGINT/SIGTERM, or a library caller).
     Stopped(&'static str),
     /// The guest crashed or KVM could not go on.
@@ -95,12 +97,12 @@ pub enum VmExit {
 }
 
 impl VmExit {
-    /// The `vmm` process exit code for this end: the guest's status, 0 for a reset or a
-    /// requested stop, [`CRASH_EXIT_CODE`] for a guest crash.
+    /// The `vmm` process exit code for this end: the guest's status, 0 for a power-off, a
+    /// reset or a requested stop, [`CRASH_EXIT_CODE`] for a guest crash.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::GuestStatus(status) => i32::from(*status),
-            VmExit::Reset | VmExit::Stopped(_) => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Stopped(_) => 0,
             VmExit::Crash(_) => CRASH_EXIT_CODE,
         }
     }
@@ -476,6 +478,8 @@ impl Vcpu {
             Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
                 PioAction::Continue => {}
                 PioAction::Exit(status) => return Some(VmExit::GuestStatus(status)),
+                PioAction::PowerOff => return Some(VmExit::PowerOff),
+                PioAction::Reset => return Some(VmExit::Reset),
                 PioAction::Park => lifecycle.park(&self.fd, index, last_published),
                 PioAction::DoorbellWait => {
                     if let Some(bell) = bus.doorbell() {
@@ -510,7 +514,7 @@ impl Vcpu {
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 return Some(match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Stopped("guest shutdown"),
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
                     other => VmExit::Crash(format!("vCPU {index}: system event {other}")),
                 });
             }

@@ -1,11 +1,22 @@
 //! Minimal hardware-reduced ACPI tables (RSDP, XSDT, FADT, DSDT, MADT), the way
-//! Firecracker provides them: kernels built without MP-table support (Debian's
-//! cloud kernel among them) find their CPUs, IOAPIC and interrupt overrides
-//! only through the MADT.
+//! Firecracker and Cloud Hypervisor provide them: kernels built without MP-table
+//! support (Debian's cloud kernel among them) find their CPUs, IOAPIC and interrupt
+//! overrides only through the MADT.
+//!
+//! Hardware-reduced ACPI has no legacy PIC, so Linux creates no ISA interrupts of
+//! its own: COM1's IRQ 4 exists only because the DSDT describes the port (PNP0501)
+//! with its interrupt. Without it the 8250 driver finds the port but cannot request
+//! its IRQ, and every open of the console fails with EIO. Power-off and reset go
+//! through the FADT's sleep control and reset registers (ports on the PIO bus).
 
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{ACPI_START, APIC_START, IOAPIC_START};
+use crate::devices::{
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, COM1_IRQ,
+    COM1_PORT,
+};
 
 const OEM_ID: &[u8; 6] = b"SPECUL";
 const OEM_TABLE_ID: &[u8; 8] = b"SPECULA ";
@@ -13,6 +24,11 @@ const CREATOR_ID: &[u8; 4] = b"SPCL";
 const HEADER_LEN: usize = 36;
 /// FADT flags: HW_REDUCED_ACPI (bit 20): no PM timer, no GPE blocks, no legacy hardware.
 const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+/// FADT flags: RESET_REG_SUP (bit 10): the reset register is valid.
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
+/// Generic Address Structure: system I/O space, byte access.
+const GAS_SYSTEM_IO: u8 = 1;
+const GAS_ACCESS_BYTE: u8 = 1;
 /// IA-PC boot architecture flags: no VGA (bit 2), no MSI is fine, no CMOS RTC (bit 5).
 const FADT_IAPC_NO_VGA: u16 = 1 << 2;
 const FADT_IAPC_NO_CMOS_RTC: u16 = 1 << 5;
@@ -69,13 +85,44 @@ fn madt(cpu_count: u8) -> Vec<u8> {
     sdt(b"APIC", 5, &body)
 }
 
+/// A Generic Address Structure for an 8-bit register at I/O `port`.
+fn gas_io_byte(port: u16) -> [u8; 12] {
+    let mut gas = [0u8; 12];
+    gas[0] = GAS_SYSTEM_IO;
+    gas[1] = 8; // register bit width
+    gas[3] = GAS_ACCESS_BYTE;
+    gas[4..].copy_from_slice(&u64::from(port).to_le_bytes());
+    gas
+}
+
+/// The DSDT's AML: COM1 as a PNP0501 device with its ports and IRQ (the only way
+/// a hardware-reduced guest learns of the IRQ), and the S5 sleep type for power-off.
+fn dsdt_aml() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let s5_type = ACPI_S5_SLEEP_TYPE;
+    // \_S5_: Package { SLP_TYPa, SLP_TYPb }, both the value the sleep control port acts on.
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&s5_type, &s5_type])).to_aml_bytes(&mut bytes);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let interrupt = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let ports = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&interrupt, &ports]));
+    let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut bytes);
+    bytes
+}
+
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
     // FADT revision 6 is 276 bytes; the body starts after the 36-byte header.
     let mut body = vec![0u8; 276 - HEADER_LEN];
     let at = |offset: usize| offset - HEADER_LEN;
     body[at(40)..at(40) + 4].copy_from_slice(&(dsdt_addr as u32).to_le_bytes()); // DSDT
     body[at(109)..at(109) + 2].copy_from_slice(&(FADT_IAPC_NO_VGA | FADT_IAPC_NO_CMOS_RTC).to_le_bytes());
-    body[at(112)..at(112) + 4].copy_from_slice(&FADT_HW_REDUCED_ACPI.to_le_bytes());
+    body[at(112)..at(112) + 4].copy_from_slice(&(FADT_HW_REDUCED_ACPI | FADT_RESET_REG_SUP).to_le_bytes());
+    body[at(116)..at(116) + 12].copy_from_slice(&gas_io_byte(ACPI_RESET_PORT)); // RESET_REG
+    body[at(128)] = ACPI_RESET_VALUE;
+    body[at(244)..at(244) + 12].copy_from_slice(&gas_io_byte(ACPI_SLEEP_CONTROL_PORT)); // SLEEP_CONTROL_REG
+    body[at(256)..at(256) + 12].copy_from_slice(&gas_io_byte(ACPI_SLEEP_STATUS_PORT)); // SLEEP_STATUS_REG
     body[at(131)] = 1; // FADT minor version (6.1)
     body[at(140)..at(140) + 8].copy_from_slice(&dsdt_addr.to_le_bytes()); // X_DSDT
     body[at(268)..at(268) + 8].copy_from_slice(b"SPECULA\0"); // hypervisor vendor identity
@@ -102,7 +149,7 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 fn build(cpu_count: u8) -> Vec<(u64, Vec<u8>)> {
     let align = |addr: u64| (addr + 15) & !15;
     let dsdt_addr = ACPI_START + 64;
-    let dsdt = sdt(b"DSDT", 2, &[]);
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -173,5 +220,35 @@ mod tests {
         assert_eq!(f.len(), 276);
         assert_eq!(u32::from_le_bytes(f[112..116].try_into().unwrap()) & FADT_HW_REDUCED_ACPI, FADT_HW_REDUCED_ACPI);
         assert_eq!(u64::from_le_bytes(f[140..148].try_into().unwrap()), 0x1234_5678);
+    }
+
+    #[test]
+    fn fadt_names_the_reset_and_sleep_registers_on_the_pio_bus() {
+        let f = fadt(0);
+        let flags = u32::from_le_bytes(f[112..116].try_into().unwrap());
+        assert_ne!(flags & FADT_RESET_REG_SUP, 0);
+        let io_port = |at: usize| {
+            assert_eq!((f[at], f[at + 1], f[at + 3]), (GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE));
+            u64::from_le_bytes(f[at + 4..at + 12].try_into().unwrap())
+        };
+        assert_eq!(io_port(116), u64::from(ACPI_RESET_PORT));
+        assert_eq!(f[128], ACPI_RESET_VALUE);
+        assert_eq!(io_port(244), u64::from(ACPI_SLEEP_CONTROL_PORT));
+        assert_eq!(io_port(256), u64::from(ACPI_SLEEP_STATUS_PORT));
+    }
+
+    #[test]
+    fn dsdt_describes_com1_with_its_irq_and_the_s5_state() {
+        let aml = dsdt_aml();
+        let find = |needle: &[u8]| aml.windows(needle.len()).position(|w| w == needle);
+        // NameOp "_S5_" PackageOp PkgLength NumElements BytePrefix 5 BytePrefix 5.
+        assert!(find(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 5, 0x0a, 5]).is_some(), "{aml:02x?}");
+        assert!(find(b"COM1").is_some());
+        // EISA id of PNP0501, compressed: 0x41d0 0x0105.
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x05, 0x01]).is_some(), "PNP0501");
+        // Extended interrupt descriptor: consumer, edge, active high, one interrupt: IRQ 4.
+        assert!(find(&[0x89, 6, 0, 0b011, 1, 4, 0, 0, 0]).is_some(), "IRQ 4");
+        // I/O port descriptor: 16-bit decode, 0x3f8..0x3f8, alignment 1, 8 ports.
+        assert!(find(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]).is_some(), "ports 0x3f8-0x3ff");
     }
 }

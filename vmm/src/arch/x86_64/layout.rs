@@ -28,6 +28,8 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 /// The MP table lives in the BIOS area, where Linux scans for it.
 pub const MPTABLE_START: u64 = 0xf0000;
+/// The real-mode reset vector (F000:FFF0), where a BIOS reboot lands.
+pub const RESET_VECTOR_START: u64 = 0xffff0;
 /// Kernels are loaded from 1 MiB up.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap below 4 GiB (LAPIC, IOAPIC and device windows).

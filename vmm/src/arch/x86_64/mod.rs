@@ -1,4 +1,5 @@
-//! x86_64 boot: registers, GDT, page tables, CPUID, MSRs, LAPIC, the MP table and ACPI.
+//! x86_64 boot: registers, GDT, page tables, CPUID, MSRs, LAPIC, the MP table, ACPI and
+//! the reset vector.
 
 pub mod acpi;
 pub mod cpuid;
@@ -8,3 +9,4 @@ pub mod layout;
 pub mod mptable;
 pub mod msr;
 pub mod regs;
+pub mod reset_vector;
