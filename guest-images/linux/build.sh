@@ -14,6 +14,8 @@
 # and the kernel's linux-headers package (the test rootkit is built against it).
 # Writes into OUT_DIR:
 #   vmlinuz, kernel-version  the kernel and its release (uname -r)
+#   kvm-modules/, busybox    irqbypass.ko, kvm.ko and kvm-amd.ko of that kernel, and
+#                            busybox-static: the nested test bed's L1 (nested.rs)
 #   initramfs.cpio.gz        /init reports that it reached userspace, then runs a shell
 #                            (the vmm's linux_boot test)
 #   introspect.cpio.gz       the live guest of integration-tests' LinuxGuest fixture:
@@ -88,6 +90,18 @@ if [ -f "$modules_root/$dummy.xz" ]; then  # and compresses modules
     xz -d "$modules_root/$dummy.xz"
 fi
 [ -f "$modules_root/$dummy" ] || { echo "build.sh: $kernel_pkg has no $dummy" >&2; exit 1; }
+# The nested test bed (integration-tests/src/nested.rs) boots this kernel as an L1
+# under QEMU's emulated SVM: it needs KVM's modules and a static busybox.
+mkdir -p "$out/kvm-modules"
+for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
+    f="$(ls "$modules_root/lib/modules/$version/kernel/$m"* 2>/dev/null | head -1)"
+    [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
+    case "$f" in
+        *.xz) xz -dc "$f" > "$out/kvm-modules/$(basename "$m")" ;;
+        *) cp "$f" "$out/kvm-modules/$(basename "$m")" ;;
+    esac
+done
+cp busybox/bin/busybox "$out/busybox"
 if [ -z "$suite" ]; then
     headers="/usr/src/linux-headers-$version"
     [ -f "$headers/Makefile" ] || { echo "build.sh: $headers is missing: install linux-headers-$version (scripts/install-deps.sh installs linux-headers-cloud-amd64, which must match $kernel_pkg)" >&2; exit 1; }

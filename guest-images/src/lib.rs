@@ -20,9 +20,25 @@ use std::path::PathBuf;
 /// Names of the images this crate builds.
 pub const IMAGES: &[&str] = &["hello", "source-workload", "inspector-agent"];
 
-/// Directory the build script wrote the images to (`target/guest-images`).
+/// The environment variable that names the image directory at run time.
+pub const IMAGES_DIR_ENV: &str = "SPECULA_GUEST_IMAGES_DIR";
+
+/// Directory of the guest images, looked up at run time so that the binaries can
+/// move (into a nested test bed, a package, another machine):
+/// 1. `$SPECULA_GUEST_IMAGES_DIR`, when set;
+/// 2. a `guest-images` directory beside the running executable, or beside its
+///    directory: an installed `bin/` + `guest-images/` pair, and cargo's own layout
+///    (`target/<profile>/inspector` next to `target/guest-images`);
+/// 3. the directory the build script wrote (`target/guest-images` of this build).
 pub fn images_dir() -> PathBuf {
-    PathBuf::from(env!("SPECULA_GUEST_IMAGES_DIR"))
+    if let Some(dir) = std::env::var_os(IMAGES_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().ok();
+    let beside = exe.as_deref().and_then(std::path::Path::parent);
+    let candidates = [beside, beside.and_then(std::path::Path::parent)];
+    let found = candidates.into_iter().flatten().map(|dir| dir.join("guest-images")).find(|dir| dir.is_dir());
+    found.unwrap_or_else(|| PathBuf::from(env!("SPECULA_GUEST_IMAGES_DIR")))
 }
 
 /// Path of the image called `name` (e.g. `hello` -> `target/guest-images/hello.elf`).
@@ -33,6 +49,17 @@ pub fn image_path(name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_image_directory_follows_the_environment_over_the_build_path() {
+        // The test executable lives in target/<profile>/deps, so neither its directory
+        // nor its parent holds guest-images: without the variable the build path serves.
+        std::env::remove_var(IMAGES_DIR_ENV);
+        assert_eq!(images_dir(), PathBuf::from(env!("SPECULA_GUEST_IMAGES_DIR")));
+        std::env::set_var(IMAGES_DIR_ENV, "/elsewhere/images");
+        assert_eq!(image_path("hello"), PathBuf::from("/elsewhere/images/hello.elf"));
+        std::env::remove_var(IMAGES_DIR_ENV);
+    }
 
     #[test]
     fn sha256_matches_fips_vectors() {

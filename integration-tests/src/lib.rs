@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod linux_guest;
+pub mod nested;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,587 @@
+//! The nested test bed: a hardware-like KVM for tests on a runner whose own
+//! /dev/kvm is PVM (see `docs/nested.md`).
+//!
+//! QEMU's TCG emulates AMD SVM with nested paging. [`NestedL1`] boots Debian's
+//! cloud kernel (the one `guest-images/linux/build.sh` fetched) as an L1 guest with
+//! `-cpu qemu64,+svm,+npt`, loads that kernel's own `kvm-amd`, and then runs shell
+//! commands there on request. What the L1 holds comes in its initramfs, laid out
+//! like cargo's target directory under `/target` (not the host's absolute path, so
+//! every binary proves it finds its files relative to itself):
+//! - `/target/<profile>/{vmm,inspector,specula,mirror-attack}`, stripped, with the
+//!   shared libraries `ldd` names;
+//! - `/target/<profile>/deps/<test>`: the workspace test binaries a test asks for
+//!   ([`NestedL1::test_binary`]), to run existing tests on NPT;
+//! - `/target/guest-images/`: Specula's guests and both Linux guests (`linux`,
+//!   `linux-trixie`).
+//!
+//! Commands travel on the L1's second serial port (a Unix socket on the host) in
+//! frames: `ID SECONDS BASE64(script)` in, `=== begin ID`, base64 of the combined
+//! output, `=== end ID STATUS` out. Each command runs in its own shell in the
+//! background, so tests of one binary share the L1 concurrently. The kernel console
+//! goes to a log file, whose tail is shown when the bed fails.
+//!
+//! One L1 serves a whole test binary ([`NestedL1::shared`]). It fails with a message
+//! naming what is missing: QEMU, the kernel and its modules, or SVM in the L1.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::target_profile_dir;
+
+/// L1's memory: room for the initramfs, a few Linux L2s and mirror sources.
+/// Below QEMU's 32-bit PCI hole, deliberately: with L1 RAM above 4 GiB, Linux L2s
+/// hung in early boot under TCG's nested SVM.
+const L1_MEMORY_MIB: u32 = 3072;
+/// L1's vCPUs: QEMU runs them on host threads (MTTCG), so two use both runner cores.
+const L1_CPUS: u32 = 2;
+/// From QEMU's start to the command server's ready line (about 3 s when idle; the
+/// rest is for a loaded runner unpacking a large initramfs under TCG).
+const L1_READY_LIMIT: Duration = Duration::from_secs(180);
+/// The workspace binaries the bed carries.
+const BINARIES: &[&str] = &["vmm", "inspector", "specula", "mirror-attack"];
+/// Where the bed's tree lives in L1: cargo's layout under another root.
+pub const L1_TARGET: &str = "/target";
+
+/// What one command did in L1.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    /// The shell's exit status (137 when the L1-side time limit killed it).
+    pub status: i32,
+    /// Standard output and standard error, interleaved as written.
+    pub output: String,
+}
+
+impl CommandOutput {
+    /// Panics with the output unless the command exited 0; returns the output.
+    pub fn expect_success(self, what: &str) -> String {
+        assert_eq!(self.status, 0, "{what} failed in the nested L1 (status {}):\n{}", self.status, self.output);
+        self.output
+    }
+}
+
+/// Results the reader thread has decoded, by command id.
+#[derive(Default)]
+struct Replies {
+    done: HashMap<u64, CommandOutput>,
+    /// Set when the L1's command channel closed: no reply will come.
+    closed: Option<String>,
+}
+
+/// A running L1 guest with a hardware-like /dev/kvm.
+pub struct NestedL1 {
+    writer: Mutex<UnixStream>,
+    replies: Arc<(Mutex<Replies>, Condvar)>,
+    next_id: Mutex<u64>,
+    console_log: PathBuf,
+    profile: String,
+    /// The npt parameter of L1's kvm_amd ("Y" when nested paging is on).
+    pub npt: String,
+    _workdir: PathBuf,
+}
+
+static SHARED: OnceLock<NestedL1> = OnceLock::new();
+
+impl NestedL1 {
+    /// The L1 of this test binary, started by the first caller.
+    pub fn shared() -> &'static NestedL1 {
+        SHARED.get_or_init(|| NestedL1::start(&[]))
+    }
+
+    /// The L1 of this test binary, carrying the named workspace test binaries (for
+    /// example `mirror`) in `/target/<profile>/deps/`; the first caller decides.
+    pub fn shared_with_tests(tests: &[&str]) -> &'static NestedL1 {
+        SHARED.get_or_init(|| NestedL1::start(tests))
+    }
+
+    /// Builds the L1 initramfs, boots QEMU and waits for the command server.
+    fn start(tests: &[&str]) -> NestedL1 {
+        let qemu = find_on_path("qemu-system-x86_64").unwrap_or_else(|| {
+            panic!("the nested test bed needs qemu-system-x86_64 (Debian package qemu-system-x86; scripts/install-deps.sh installs it)")
+        });
+        let linux = linux_dir("linux");
+        for needed in ["vmlinuz", "busybox", "kvm-modules/irqbypass.ko", "kvm-modules/kvm.ko", "kvm-modules/kvm-amd.ko"]
+        {
+            assert!(
+                linux.join(needed).is_file(),
+                "the nested test bed needs {} (Debian's cloud kernel package, its KVM modules and busybox-static, \
+                 fetched by guest-images/linux/build.sh): run scripts/build.sh",
+                linux.join(needed).display()
+            );
+        }
+        let workdir = std::env::temp_dir().join(format!("specula-nested-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&workdir);
+        std::fs::create_dir_all(&workdir).expect("create the nested bed's work directory");
+        let profile = target_profile_dir().file_name().expect("profile dir").to_string_lossy().into_owned();
+        let initramfs = build_initramfs(&workdir, &linux, &profile, tests);
+        let socket = workdir.join("commands.sock");
+        let console_log = workdir.join("console.log");
+
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-nodefaults", "-no-user-config", "-display", "none"])
+            .args(["-smp", &L1_CPUS.to_string(), "-m", &L1_MEMORY_MIB.to_string(), "-no-reboot"])
+            .arg("-kernel")
+            .arg(linux.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_log.display()))
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let qemu_exit = spawn_owned(cmd);
+
+        let stream = connect(&socket, &qemu_exit, &console_log);
+        let reader = BufReader::new(stream.try_clone().expect("clone the command socket"));
+        let replies = Arc::new((Mutex::new(Replies::default()), Condvar::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        {
+            let replies = replies.clone();
+            std::thread::spawn(move || read_frames(reader, replies, ready_tx));
+        }
+        let npt = match ready_rx.recv_timeout(L1_READY_LIMIT) {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "the nested L1 did not become ready within {L1_READY_LIMIT:?}{}; its console ends with:\n{}",
+                qemu_exit
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_deref()
+                    .map(|e| format!(" (QEMU exited: {e})"))
+                    .unwrap_or_default(),
+                tail(&console_log)
+            ),
+        };
+        let npt = match npt.strip_prefix("nested-bed: ready npt=") {
+            Some(npt) => npt.trim().to_string(),
+            None => panic!("{npt}\nL1 console:\n{}", tail(&console_log)),
+        };
+        NestedL1 {
+            writer: Mutex::new(stream),
+            replies,
+            next_id: Mutex::new(0),
+            console_log,
+            profile,
+            npt,
+            _workdir: workdir,
+        }
+    }
+
+    /// Runs `script` with `sh` in L1 as root, killed there after `limit`; returns its
+    /// status and output. Fails if L1 is gone or gives no answer in time.
+    pub fn run(&self, script: &str, limit: Duration) -> CommandOutput {
+        let id = {
+            let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
+            *next += 1;
+            *next
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(script);
+        let seconds = limit.as_secs().max(1);
+        {
+            let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            writeln!(writer, "{id} {seconds} {encoded}").expect("send a command to the nested L1");
+        }
+        // The L1 side kills the command at `limit`; the reply may then take a while
+        // to cross a busy serial line.
+        let deadline = Instant::now() + limit + Duration::from_secs(60);
+        let (lock, cvar) = &*self.replies;
+        let mut replies = lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(out) = replies.done.remove(&id) {
+                return out;
+            }
+            if let Some(why) = &replies.closed {
+                panic!(
+                    "the nested L1 is gone ({why}) while running:\n{script}\nL1 console:\n{}",
+                    tail(&self.console_log)
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                panic!(
+                    "no answer from the nested L1 within {limit:?} for:\n{script}\nL1 console:\n{}",
+                    tail(&self.console_log)
+                );
+            }
+            replies = cvar.wait_timeout(replies, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Path in L1 of a workspace binary (`vmm`, `inspector`, ...).
+    pub fn binary(&self, name: &str) -> String {
+        format!("{L1_TARGET}/{}/{name}", self.profile)
+    }
+
+    /// Path in L1 of a workspace test binary carried with [`NestedL1::shared_with_tests`].
+    pub fn test_binary(&self, name: &str) -> String {
+        format!("{L1_TARGET}/{}/deps/{name}", self.profile)
+    }
+
+    /// Path in L1 of a file of a Linux guest (`dir`: `linux` or `linux-trixie`).
+    pub fn linux_image(&self, dir: &str, name: &str) -> String {
+        format!("{L1_TARGET}/guest-images/{dir}/{name}")
+    }
+
+    /// Path in L1 of one of Specula's guest images (`hello`, `source-workload`, ...).
+    pub fn guest(&self, name: &str) -> String {
+        format!("{L1_TARGET}/guest-images/{name}.elf")
+    }
+
+    /// The last lines of L1's kernel console.
+    pub fn console_tail(&self) -> String {
+        tail(&self.console_log)
+    }
+}
+
+/// `target/guest-images/<dir>`, built by scripts/build.sh.
+pub fn linux_dir(dir: &str) -> PathBuf {
+    target_profile_dir().parent().expect("target dir").join("guest-images").join(dir)
+}
+
+fn find_on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
+        .unwrap_or(None)
+}
+
+/// Spawns `cmd` from a thread that lives as long as the test process and reaps the
+/// child, so that `PR_SET_PDEATHSIG` (which follows the spawning thread) kills QEMU
+/// only when the test binary exits. The returned slot says how QEMU ended, if it did.
+fn spawn_owned(mut cmd: Command) -> Arc<Mutex<Option<String>>> {
+    use std::os::unix::process::CommandExt;
+    let exit = Arc::new(Mutex::new(None));
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let slot = exit.clone();
+    std::thread::spawn(move || {
+        // SAFETY: pre_exec runs in the forked child before exec; prctl is
+        // async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child: Child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = tx.send(Err(format!("cannot start qemu-system-x86_64: {e}")));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{status}: {}", stderr.trim()));
+    });
+    if let Ok(Err(e)) | Err(e) = rx.recv().map_err(|e| e.to_string()) {
+        panic!("{e}");
+    }
+    exit
+}
+
+/// Connects to QEMU's command socket (it appears once QEMU has parsed its options).
+fn connect(socket: &Path, qemu_exit: &Mutex<Option<String>>, console_log: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(stream) = UnixStream::connect(socket) {
+            return stream;
+        }
+        if let Some(exit) = qemu_exit.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
+            panic!(
+                "QEMU ended before the nested L1 started ({exit}); if it names `svm`, this QEMU's TCG \
+                 CPU model lacks SVM. L1 console:\n{}",
+                tail(console_log)
+            );
+        }
+        assert!(Instant::now() < deadline, "QEMU's command socket {} never appeared", socket.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads frames from L1: `=== begin ID`, base64 lines, `=== end ID STATUS`. Lines
+/// outside a frame are the server's own (its ready line, or why it could not start).
+fn read_frames(
+    reader: BufReader<UnixStream>,
+    replies: Arc<(Mutex<Replies>, Condvar)>,
+    ready: std::sync::mpsc::Sender<String>,
+) {
+    let mut open: HashMap<u64, String> = HashMap::new();
+    let mut current: Option<u64> = None;
+    for line in reader.split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+        if std::env::var_os("SPECULA_NESTED_DEBUG").is_some() && !line.is_empty() {
+            eprintln!("nested-bed <- {}", &line[..line.len().min(120)]);
+        }
+        if let Some(id) = line.strip_prefix("=== begin ").and_then(|s| s.trim().parse().ok()) {
+            open.insert(id, String::new());
+            current = Some(id);
+        } else if let Some(rest) = line.strip_prefix("=== end ") {
+            let mut fields = rest.split_whitespace();
+            let (Some(Ok(id)), Some(Ok(status))) =
+                (fields.next().map(str::parse::<u64>), fields.next().map(str::parse::<i32>))
+            else {
+                continue;
+            };
+            let encoded = open.remove(&id).unwrap_or_default();
+            let output = match base64::engine::general_purpose::STANDARD.decode(encoded.as_bytes()) {
+                Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                Err(e) => format!("(the nested bed could not decode this command's output: {e})"),
+            };
+            current = None;
+            let (lock, cvar) = &*replies;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).done.insert(id, CommandOutput { status, output });
+            cvar.notify_all();
+        } else if let Some(id) = current {
+            open.entry(id).or_default().push_str(line.trim());
+        } else if line.starts_with("nested-bed:") {
+            let _ = ready.send(line);
+        }
+    }
+    let (lock, cvar) = &*replies;
+    lock.lock().unwrap_or_else(|p| p.into_inner()).closed = Some("its command channel closed".into());
+    cvar.notify_all();
+}
+
+/// The last 60 lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// L1's /init: mounts, loads KVM, checks SVM and NPT, then serves commands on ttyS1.
+const L1_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=2g tmp /tmp; mkdir -p /run; mount -t tmpfs run /run; mkdir -p /run/c
+stty -F /dev/ttyS1 raw -echo
+say() { echo "nested-bed: $*" > /dev/ttyS1; echo "nested-bed: $*"; }
+grep -qw svm /proc/cpuinfo || { say "the L1 CPU has no svm flag: this QEMU's TCG CPU model (qemu64,+svm,+npt) lacks SVM"; poweroff -f; }
+for m in irqbypass kvm kvm-amd; do insmod /kvm/$m.ko || { say "insmod $m.ko failed: $(dmesg | tail -3)"; poweroff -f; }; done
+[ -c /dev/kvm ] || { say "kvm-amd loaded but L1 has no /dev/kvm: $(dmesg | grep -i -e svm -e kvm | tail -3)"; poweroff -f; }
+# serve.sh says it is ready once it holds ttyS1 open: input that arrives while no
+# one has the tty open is discarded.
+export NPT="$(cat /sys/module/kvm_amd/parameters/npt)"
+exec /bin/sh /serve.sh < /dev/ttyS1 > /dev/ttyS1 2>&1
+"#;
+
+/// The command server: one background shell per command, replies framed under a lock.
+const L1_SERVE: &str = r#"echo "nested-bed: ready npt=$NPT"
+while read -r id seconds script; do
+    case "$id" in *[!0-9]*|'') continue ;; esac
+    (
+        echo "$script" | base64 -d > /run/c/$id.sh
+        timeout -s KILL "$seconds" sh /run/c/$id.sh > /run/c/$id.out 2>&1 < /dev/null
+        status=$?
+        # One reply at a time on the line (busybox-static has no flock; mkdir is atomic).
+        until mkdir /run/c/.lock 2>/dev/null; do usleep 2000; done
+        echo "=== begin $id"
+        base64 /run/c/$id.out
+        echo "=== end $id $status"
+        rmdir /run/c/.lock
+        rm -f /run/c/$id.sh /run/c/$id.out
+    ) &
+done
+"#;
+
+/// Lays out L1's root and packs it as an uncompressed newc cpio (QEMU loads it into
+/// RAM as is; the kernel's unpacking is then a copy, not a TCG-emulated inflate).
+fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) -> PathBuf {
+    let root = workdir.join("root");
+    let bin_dir = root.join(format!("target/{profile}"));
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "kvm"] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::create_dir_all(bin_dir.join("deps")).unwrap();
+    copy(&linux.join("busybox"), &root.join("bin/busybox"));
+    for m in ["irqbypass", "kvm", "kvm-amd"] {
+        copy(&linux.join(format!("kvm-modules/{m}.ko")), &root.join(format!("kvm/{m}.ko")));
+    }
+    write_executable(&root.join("init"), L1_INIT);
+    write_executable(&root.join("serve.sh"), L1_SERVE);
+
+    let mut executables: Vec<(PathBuf, PathBuf)> =
+        BINARIES.iter().map(|name| (crate::binary(name), bin_dir.join(name))).collect();
+    for test in tests {
+        executables.push((newest_test_binary(test), bin_dir.join("deps").join(test)));
+    }
+    for (from, to) in &executables {
+        strip_into(from, to);
+        copy_libraries(from, &root);
+    }
+    let images = target_profile_dir().parent().expect("target dir").join("guest-images");
+    let images_root = root.join("target/guest-images");
+    for name in guest_images::IMAGES {
+        copy(&images.join(format!("{name}.elf")), &images_root.join(format!("{name}.elf")));
+    }
+    for dir in ["linux", "linux-trixie"] {
+        for file in ["vmlinuz", "initramfs.cpio.gz", "introspect.cpio.gz", "kernel-version"] {
+            let from = images.join(dir).join(file);
+            assert!(from.is_file(), "{} is missing: run scripts/build.sh", from.display());
+            copy(&from, &images_root.join(dir).join(file));
+        }
+    }
+
+    let archive = workdir.join("l1.cpio");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd '{}' && find . | cpio -o -H newc --quiet > '{}'", root.display(), archive.display()))
+        .status()
+        .expect("run cpio (Debian package cpio; scripts/install-deps.sh installs it)");
+    assert!(status.success(), "packing the nested L1's initramfs with cpio failed");
+    let _ = std::fs::remove_dir_all(&root);
+    archive
+}
+
+/// The newest `target/<profile>/deps/NAME-HASH` executable: cargo's build of test `NAME`.
+fn newest_test_binary(name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let deps = target_profile_dir().join("deps");
+    let prefix = format!("{name}-");
+    std::fs::read_dir(&deps)
+        .expect("read target deps")
+        .flatten()
+        .filter(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            file.strip_prefix(&prefix)
+                .is_some_and(|hash| hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()))
+                && e.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+        .unwrap_or_else(|| panic!("test binary {name} is not built in {}: run cargo test --no-run", deps.display()))
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.parent().expect("parent")).unwrap();
+    std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} into the nested L1: {e}", from.display()));
+}
+
+fn write_executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Copies a binary without its debug sections (debug builds are ~100 MB each).
+fn strip_into(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.parent().expect("parent")).unwrap();
+    let status = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .status()
+        .expect("run strip (binutils, installed with gcc)");
+    assert!(status.success(), "strip {} failed", from.display());
+}
+
+/// Copies the shared libraries `ldd` lists for `binary` to the same paths under `root`.
+fn copy_libraries(binary: &Path, root: &Path) {
+    let out = Command::new("ldd").arg(binary).output().expect("run ldd");
+    for word in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if word.starts_with('/') && Path::new(word).is_file() {
+            let dest = root.join(word.trim_start_matches('/'));
+            if !dest.exists() {
+                copy(Path::new(word), &dest);
+            }
+        }
+    }
+}
+
+/// One `vmm` run in L1 driven through its serial console, as a single L1 command.
+///
+/// The steps run inside L1, not from the host: while KVM runs an L2 guest, TCG's
+/// nested SVM can hold back L1's serial interrupts, so a second command sent to L1
+/// mid-run may sit unread until the L2 ends (measured: a command sent while a Linux
+/// L2 idled at its shell got no answer for minutes). A session sends one command
+/// and gets its answer once the `vmm` is gone.
+///
+/// The console's input is `tail -f` of a file the script appends to (appending
+/// never blocks); its output goes to a log the script greps.
+pub struct ConsoleSession {
+    script: String,
+}
+
+impl ConsoleSession {
+    /// Starts `vmm ARGS` (shell text) in `/run/l2/NAME`.
+    pub fn new(l1: &NestedL1, name: &str, args: &str) -> Self {
+        let dir = format!("/run/l2/{name}");
+        let vmm = l1.binary("vmm");
+        let script = format!(
+            "rm -rf {dir} && mkdir -p {dir} && cd {dir} && : > input\n\
+             sh -c 'echo $$ > feeder; exec tail -f input' | {vmm} {args} > out 2>&1 &\n\
+             vmm=$!\n\
+             fail() {{ echo \"=== $*\"; kill -9 $vmm 2>/dev/null; kill $(cat feeder) 2>/dev/null; cat out; exit 1; }}\n\
+             waitfor() {{\n\
+               end=$(( $(date +%s) + $2 ))\n\
+               while ! grep -qF -- \"$1\" out; do\n\
+                 kill -0 $vmm 2>/dev/null || fail \"the vmm exited before the console showed: $1\"\n\
+                 [ $(date +%s) -lt $end ] || fail \"timed out after $2 s waiting for: $1\"\n\
+                 usleep 200000\n\
+               done\n\
+             }}\n"
+        );
+        Self { script }
+    }
+
+    /// Waits (in L1) until the console shows `needle`, for at most `limit`.
+    pub fn wait_for(mut self, needle: &str, limit: Duration) -> Self {
+        self.script.push_str(&format!("waitfor {} {}\n", shell_quote(needle), limit.as_secs()));
+        self
+    }
+
+    /// Types `line` on the console.
+    pub fn send(mut self, line: &str) -> Self {
+        self.script.push_str(&format!("echo {} >> input\n", shell_quote(line)));
+        self
+    }
+
+    /// Runs more shell text in L1 at this point (`cd` is the session's directory).
+    pub fn shell(mut self, text: &str) -> Self {
+        self.script.push_str(text);
+        self.script.push('\n');
+        self
+    }
+
+    /// Waits for the vmm to exit (killing it after `limit`); returns its exit status
+    /// and the console log, with the output of any [`ConsoleSession::shell`] steps
+    /// first. Fails with the log if a step failed.
+    pub fn finish(mut self, l1: &NestedL1, limit: Duration) -> (i32, String) {
+        self.script.push_str(&format!(
+            "( sleep {secs}; kill -9 $vmm 2>/dev/null ) &\n\
+             watchdog=$!\n\
+             wait $vmm; status=$?\n\
+             kill $watchdog $(cat feeder) 2>/dev/null\n\
+             echo \"=== vmm exit $status\"\n\
+             cat out\n",
+            secs = limit.as_secs()
+        ));
+        let out = l1.run(&self.script, Duration::from_secs(1200));
+        assert_eq!(out.status, 0, "the console session failed in L1:\n{}", out.output);
+        let (before, after) = out.output.split_once("=== vmm exit ").expect("the session's end line");
+        let (status, log) = after.split_once('\n').unwrap_or((after, ""));
+        (status.trim().parse().expect("vmm exit status"), format!("{before}{log}"))
+    }
+}
+
+/// `text` as one single-quoted shell word.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
