@@ -128,6 +128,31 @@ pub struct GuestProcess {
     pub args: String,
 }
 
+impl GuestProcess {
+    /// The uid behind `user`, as the guest's `/etc/passwd` names it (root 0, specula 1000).
+    pub fn uid(&self) -> u32 {
+        match self.user.as_str() {
+            "root" => 0,
+            "specula" => 1000,
+            other => other.parse().unwrap_or_else(|_| panic!("unknown user {other}")),
+        }
+    }
+}
+
+/// A process in the inspector's `ps` control reply: (pid, ppid, uid, comm).
+pub type ListedProcess = (u32, u32, u32, String);
+
+/// Parses the inspector's `ps` control reply (`pid:ppid:uid:comm` words).
+pub fn parse_ps_reply(reply: &str) -> Vec<ListedProcess> {
+    reply
+        .split_whitespace()
+        .map(|p| {
+            let f: Vec<&str> = p.splitn(4, ':').collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].to_string())
+        })
+        .collect()
+}
+
 /// A line of the guest's `/proc/modules`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestModule {
@@ -192,6 +217,36 @@ impl GroundTruth {
             return Err(format!("ground truth incomplete (needs processes, markers, uname -r):\n{block}"));
         }
         Ok(truth)
+    }
+
+    /// Asserts that `listed` (the inspector's process view) holds every process the
+    /// guest's own `ps` showed, with its parent, uid and comm.
+    pub fn assert_processes_listed(&self, listed: &[ListedProcess]) {
+        for p in &self.processes {
+            if p.comm == "ps" || p.comm == "cat" {
+                continue; // they listed the processes, then exited
+            }
+            let seen = listed
+                .iter()
+                .find(|(pid, ..)| *pid == p.pid)
+                .unwrap_or_else(|| panic!("pid {} ({}) is missing: {listed:?}", p.pid, p.comm));
+            assert_eq!((seen.1, seen.2), (p.ppid, p.uid()), "{p:?} vs {seen:?}");
+            // ps appends a workqueue's name to kernel workers' comm: compare the prefix.
+            assert!(p.comm.starts_with(&seen.3) || seen.3.starts_with(&p.comm), "{p:?} vs {seen:?}");
+        }
+    }
+
+    /// Asserts that the inspector's `lsmod` control reply (`name:base:size` words) is
+    /// exactly the guest's `/proc/modules`, sizes and addresses included, and holds
+    /// the `dummy` module its `/init` loads.
+    pub fn assert_modules_are(&self, lsmod_reply: &str) {
+        let mut lsmod: Vec<String> = lsmod_reply.split_whitespace().map(String::from).collect();
+        let mut want: Vec<String> =
+            self.modules.iter().map(|m| format!("{}:{:#x}:{}", m.name, m.address.unwrap_or(0), m.size)).collect();
+        lsmod.sort();
+        want.sort();
+        assert_eq!(lsmod, want, "the module list is /proc/modules");
+        assert!(want.iter().any(|m| m.starts_with("dummy:")), "{want:?}");
     }
 
     /// The first process whose comm is `comm`.

@@ -58,14 +58,6 @@ pub struct CommandOutput {
     pub output: String,
 }
 
-impl CommandOutput {
-    /// Panics with the output unless the command exited 0; returns the output.
-    pub fn expect_success(self, what: &str) -> String {
-        assert_eq!(self.status, 0, "{what} failed in the nested L1 (status {}):\n{}", self.status, self.output);
-        self.output
-    }
-}
-
 /// Results the reader thread has decoded, by command id.
 #[derive(Default)]
 struct Replies {
@@ -235,11 +227,6 @@ impl NestedL1 {
     pub fn guest(&self, name: &str) -> String {
         format!("{L1_TARGET}/guest-images/{name}.elf")
     }
-
-    /// The last lines of L1's kernel console.
-    pub fn console_tail(&self) -> String {
-        tail(&self.console_log)
-    }
 }
 
 /// `target/guest-images/<dir>`, built by scripts/build.sh.
@@ -321,10 +308,12 @@ fn read_frames(
 ) {
     let mut open: HashMap<u64, String> = HashMap::new();
     let mut current: Option<u64> = None;
+    // SPECULA_NESTED_DEBUG=1 echoes what L1 sends (docs/nested.md).
+    let debug = std::env::var_os("SPECULA_NESTED_DEBUG").is_some();
     for line in reader.split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-        if std::env::var_os("SPECULA_NESTED_DEBUG").is_some() && !line.is_empty() {
+        if debug && !line.is_empty() {
             eprintln!("nested-bed <- {}", &line[..line.len().min(120)]);
         }
         if let Some(id) = line.strip_prefix("=== begin ").and_then(|s| s.trim().parse().ok()) {

@@ -185,14 +185,6 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
     out
 }
 
-fn uid_of(user: &str) -> u32 {
-    match user {
-        "root" => 0,
-        "specula" => 1000,
-        other => other.parse().unwrap_or_else(|_| panic!("unknown user {other}")),
-    }
-}
-
 /// Debian 12's Linux as a *source* under our own vmm (2 vCPUs, mirror socket), with
 /// the introspection initramfs: the inspector attaches in L1, and its kernel, process,
 /// module and memory views match what the guest printed about itself; the default
@@ -200,7 +192,7 @@ fn uid_of(user: &str) -> u32 {
 #[test]
 #[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_truth() {
-    use integration_tests::linux_guest::GroundTruth;
+    use integration_tests::linux_guest::{parse_ps_reply, GroundTruth};
     let _turn = turn();
     let l1 = l1();
     let run_dir = "/run/l2/linux-source";
@@ -255,28 +247,10 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 
     let kernel = view("kernel");
     assert!(kernel.starts_with(&format!("release={} ", truth.kernel_release)), "{kernel}");
-    let ps: Vec<(u32, u32, u32, String)> = view("ps")
-        .split_whitespace()
-        .map(|p| {
-            let f: Vec<&str> = p.splitn(4, ':').collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].to_string())
-        })
-        .collect();
-    for p in truth.processes.iter().filter(|p| p.comm != "ps" && p.comm != "cat") {
-        let seen = ps
-            .iter()
-            .find(|(pid, ..)| *pid == p.pid)
-            .unwrap_or_else(|| panic!("pid {} ({}) is missing from the inspector's view: {ps:?}", p.pid, p.comm));
-        assert_eq!((seen.1, seen.2), (p.ppid, uid_of(&p.user)), "{p:?} vs {seen:?}");
-        assert!(p.comm.starts_with(&seen.3) || seen.3.starts_with(&p.comm), "{p:?} vs {seen:?}");
-    }
+    let ps = parse_ps_reply(&view("ps"));
+    truth.assert_processes_listed(&ps);
     assert!(ps.iter().any(|p| p.3 == "specula-workerB" && p.2 == 1000), "{ps:?}");
-    let mut lsmod: Vec<String> = view("lsmod").split_whitespace().map(String::from).collect();
-    let mut want: Vec<String> =
-        truth.modules.iter().map(|m| format!("{}:{:#x}:{}", m.name, m.address.unwrap_or(0), m.size)).collect();
-    lsmod.sort();
-    want.sort();
-    assert_eq!(lsmod, want, "the module list is the guest's /proc/modules");
+    truth.assert_modules_are(&view("lsmod"));
     let hex: String = marker.text.bytes().map(|b| format!("{b:02x}")).collect();
     assert_eq!(view("vread"), hex, "the marker, read through pid {}'s page tables at {:#x}", marker.pid, marker.vaddr);
     let checks = view("checks");

@@ -106,14 +106,6 @@ fn processes() -> Vec<Process> {
     panic!("task list walk kept failing: {}", last.unwrap());
 }
 
-fn uid_of(user: &str) -> u32 {
-    match user {
-        "root" => 0,
-        "specula" => 1000,
-        other => other.parse().unwrap_or_else(|_| panic!("unknown user {other}")),
-    }
-}
-
 fn args_of(p: &Process) -> String {
     if p.kernel_thread {
         format!("[{}]", p.comm)
@@ -159,7 +151,7 @@ fn processes_match_the_guests_ps() {
             assert_eq!(got.comm, want.comm, "pid {}", want.pid);
             assert_eq!(args_of(got), want.args, "pid {} ({})", want.pid, want.comm);
         }
-        assert_eq!((got.ppid as u32, got.uid), (want.ppid, uid_of(&want.user)), "pid {} ({})", want.pid, want.comm);
+        assert_eq!((got.ppid as u32, got.uid), (want.ppid, want.uid()), "pid {} ({})", want.pid, want.comm);
         assert_eq!(got.kernel_thread, want.args.starts_with('['), "pid {} ({})", want.pid, want.comm);
         assert_eq!(got.tgid, got.pid);
     }

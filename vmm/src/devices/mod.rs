@@ -105,9 +105,6 @@ impl PioBus {
         let Some(&value) = data.first() else {
             return PioAction::Continue;
         };
-        if port != COM1_PORT {
-            log::trace!("port write {port:#x} <- {data:02x?}");
-        }
         match port {
             p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => {
                 if let Err(e) = lock(&self.serial).write((p - COM1_PORT) as u8, value) {
