@@ -17,11 +17,17 @@
 //! Commands travel on the L1's second serial port (a Unix socket on the host) in
 //! frames: `ID SECONDS BASE64(script)` in, `=== begin ID`, base64 of the combined
 //! output, `=== end ID STATUS` out. Each command runs in its own shell in the
-//! background, so tests of one binary share the L1 concurrently. The kernel console
-//! goes to a log file, whose tail is shown when the bed fails.
+//! background. The kernel console goes to a log file, whose tail is shown when the
+//! bed fails.
 //!
-//! One L1 serves a whole test binary ([`NestedL1::shared`]). It fails with a message
-//! naming what is missing: QEMU, the kernel and its modules, or SVM in the L1.
+//! Each test boots its own L1 ([`NestedL1::boot`], about 3 s) from an initramfs
+//! built once per test binary, and the L1 is killed when the test drops it. One L1
+//! per test binary was the first design; measured, it did not hold: under QEMU's TCG
+//! (7.2 and 10.0 alike) an L1 that has run KVM guests stops reading its command port
+//! within a few commands (its vCPUs idle, its timers running, the command sent and
+//! never read; docs/nested.md), while the first command of a fresh L1 was always
+//! served. It fails with a message naming what is missing: QEMU, the kernel and its
+//! modules, or SVM in the L1.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -66,7 +72,7 @@ struct Replies {
     closed: Option<String>,
 }
 
-/// A running L1 guest with a hardware-like /dev/kvm.
+/// A running L1 guest with a hardware-like /dev/kvm; QEMU is killed on drop.
 pub struct NestedL1 {
     writer: Mutex<UnixStream>,
     replies: Arc<(Mutex<Replies>, Condvar)>,
@@ -75,99 +81,137 @@ pub struct NestedL1 {
     profile: String,
     /// The npt parameter of L1's kvm_amd ("Y" when nested paging is on).
     pub npt: String,
-    _workdir: PathBuf,
+    qemu_pid: u32,
+    dir: PathBuf,
 }
 
-static SHARED: OnceLock<NestedL1> = OnceLock::new();
+/// What every L1 of this test binary boots: QEMU, the kernel and the initramfs.
+struct Prepared {
+    qemu: PathBuf,
+    linux: PathBuf,
+    initramfs: PathBuf,
+    workdir: PathBuf,
+    profile: String,
+    tests: Vec<String>,
+}
+
+static PREPARED: OnceLock<Prepared> = OnceLock::new();
+
+impl Drop for NestedL1 {
+    fn drop(&mut self) {
+        // SAFETY: kill on the pid of the QEMU child this bed started (reaped by its
+        // owner thread, so the pid is not reused before the kill lands).
+        unsafe { libc::kill(self.qemu_pid as libc::pid_t, libc::SIGKILL) };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 impl NestedL1 {
-    /// The L1 of this test binary, started by the first caller.
-    pub fn shared() -> &'static NestedL1 {
-        SHARED.get_or_init(|| NestedL1::start(&[]))
+    /// Boots a fresh L1 carrying the named workspace test binaries (for example
+    /// `mirror`) in `/target/<profile>/deps/`. The initramfs is built by the first
+    /// call of the test binary, which decides the test binaries for all.
+    pub fn boot(tests: &[&str]) -> NestedL1 {
+        let prepared = PREPARED.get_or_init(|| prepare(tests));
+        assert!(
+            tests.iter().all(|t| prepared.tests.iter().any(|p| p == t)),
+            "this test binary's L1 initramfs carries {:?}, not all of {tests:?}",
+            prepared.tests
+        );
+        launch(prepared)
     }
+}
 
-    /// The L1 of this test binary, carrying the named workspace test binaries (for
-    /// example `mirror`) in `/target/<profile>/deps/`; the first caller decides.
-    pub fn shared_with_tests(tests: &[&str]) -> &'static NestedL1 {
-        SHARED.get_or_init(|| NestedL1::start(tests))
+/// Checks what the bed needs and builds the L1 initramfs.
+fn prepare(tests: &[&str]) -> Prepared {
+    let qemu = find_on_path("qemu-system-x86_64").unwrap_or_else(|| {
+        panic!("the nested test bed needs qemu-system-x86_64 (Debian package qemu-system-x86; scripts/install-deps.sh installs it)")
+    });
+    let linux = linux_dir("linux");
+    for needed in ["vmlinuz", "busybox", "kvm-modules/irqbypass.ko", "kvm-modules/kvm.ko", "kvm-modules/kvm-amd.ko"] {
+        assert!(
+            linux.join(needed).is_file(),
+            "the nested test bed needs {} (Debian's cloud kernel package, its KVM modules and busybox-static, \
+             fetched by guest-images/linux/build.sh): run scripts/build.sh",
+            linux.join(needed).display()
+        );
     }
+    remove_stale_workdirs();
+    let workdir = std::env::temp_dir().join(format!("specula-nested-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&workdir);
+    std::fs::create_dir_all(&workdir).expect("create the nested bed's work directory");
+    let profile = target_profile_dir().file_name().expect("profile dir").to_string_lossy().into_owned();
+    let initramfs = build_initramfs(&workdir, &linux, &profile, tests);
+    Prepared { qemu, linux, initramfs, workdir, profile, tests: tests.iter().map(|t| t.to_string()).collect() }
+}
 
-    /// Builds the L1 initramfs, boots QEMU and waits for the command server.
-    fn start(tests: &[&str]) -> NestedL1 {
-        let qemu = find_on_path("qemu-system-x86_64").unwrap_or_else(|| {
-            panic!("the nested test bed needs qemu-system-x86_64 (Debian package qemu-system-x86; scripts/install-deps.sh installs it)")
-        });
-        let linux = linux_dir("linux");
-        for needed in ["vmlinuz", "busybox", "kvm-modules/irqbypass.ko", "kvm-modules/kvm.ko", "kvm-modules/kvm-amd.ko"]
-        {
-            assert!(
-                linux.join(needed).is_file(),
-                "the nested test bed needs {} (Debian's cloud kernel package, its KVM modules and busybox-static, \
-                 fetched by guest-images/linux/build.sh): run scripts/build.sh",
-                linux.join(needed).display()
-            );
-        }
-        let workdir = std::env::temp_dir().join(format!("specula-nested-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&workdir);
-        std::fs::create_dir_all(&workdir).expect("create the nested bed's work directory");
-        let profile = target_profile_dir().file_name().expect("profile dir").to_string_lossy().into_owned();
-        let initramfs = build_initramfs(&workdir, &linux, &profile, tests);
-        let socket = workdir.join("commands.sock");
-        let console_log = workdir.join("console.log");
+/// Boots one L1 and waits for its command server.
+fn launch(prepared: &Prepared) -> NestedL1 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let Prepared { qemu, linux, initramfs, workdir, profile, .. } = prepared;
+    let dir = workdir.join(format!("l1-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
+    std::fs::create_dir_all(&dir).expect("create the L1's directory");
+    let socket = dir.join("commands.sock");
+    let console_log = dir.join("console.log");
 
-        let mut cmd = Command::new(qemu);
-        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-nodefaults", "-no-user-config", "-display", "none"])
-            .args(["-smp", &L1_CPUS.to_string(), "-m", &L1_MEMORY_MIB.to_string(), "-no-reboot"])
-            .arg("-kernel")
-            .arg(linux.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(&initramfs)
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
-            .arg("-serial")
-            .arg(format!("file:{}", console_log.display()))
-            .arg("-serial")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let qemu_exit = spawn_owned(cmd);
-
-        let stream = connect(&socket, &qemu_exit, &console_log);
-        let reader = BufReader::new(stream.try_clone().expect("clone the command socket"));
-        let replies = Arc::new((Mutex::new(Replies::default()), Condvar::new()));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        {
-            let replies = replies.clone();
-            std::thread::spawn(move || read_frames(reader, replies, ready_tx));
-        }
-        let npt = match ready_rx.recv_timeout(L1_READY_LIMIT) {
-            Ok(line) => line,
-            Err(_) => panic!(
-                "the nested L1 did not become ready within {L1_READY_LIMIT:?}{}; its console ends with:\n{}",
-                qemu_exit
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_deref()
-                    .map(|e| format!(" (QEMU exited: {e})"))
-                    .unwrap_or_default(),
-                tail(&console_log)
-            ),
-        };
-        let npt = match npt.strip_prefix("nested-bed: ready npt=") {
-            Some(npt) => npt.trim().to_string(),
-            None => panic!("{npt}\nL1 console:\n{}", tail(&console_log)),
-        };
-        NestedL1 {
-            writer: Mutex::new(stream),
-            replies,
-            next_id: Mutex::new(0),
-            console_log,
-            profile,
-            npt,
-            _workdir: workdir,
-        }
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-smp", &L1_CPUS.to_string(), "-m", &L1_MEMORY_MIB.to_string(), "-no-reboot"])
+        .arg("-kernel")
+        .arg(linux.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .arg("-serial")
+        .arg(format!("unix:{},server=on,wait=off", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if debug_enabled() {
+        // For a person looking at a stuck L1: `info registers -a`, `info lapic`.
+        cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
     }
+    let (qemu_pid, qemu_exit) = spawn_owned(cmd);
 
+    let stream = connect(&socket, &qemu_exit, &console_log);
+    let reader = BufReader::new(stream.try_clone().expect("clone the command socket"));
+    let replies = Arc::new((Mutex::new(Replies::default()), Condvar::new()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    {
+        let replies = replies.clone();
+        std::thread::spawn(move || read_frames(reader, replies, ready_tx));
+    }
+    let npt = match ready_rx.recv_timeout(L1_READY_LIMIT) {
+        Ok(line) => line,
+        Err(_) => panic!(
+            "the nested L1 did not become ready within {L1_READY_LIMIT:?}{}; its console ends with:\n{}",
+            qemu_exit
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                .map(|e| format!(" (QEMU exited: {e})"))
+                .unwrap_or_default(),
+            tail(&console_log)
+        ),
+    };
+    let npt = match npt.strip_prefix("nested-bed: ready npt=") {
+        Some(npt) => npt.trim().to_string(),
+        None => panic!("{npt}\nL1 console:\n{}", tail(&console_log)),
+    };
+    NestedL1 {
+        writer: Mutex::new(stream),
+        replies,
+        next_id: Mutex::new(0),
+        console_log,
+        profile: profile.clone(),
+        npt,
+        qemu_pid,
+        dir,
+    }
+}
+
+impl NestedL1 {
     /// Runs `script` with `sh` in L1 as root, killed there after `limit`; returns its
     /// status and output. Fails if L1 is gone or gives no answer in time.
     pub fn run(&self, script: &str, limit: Duration) -> CommandOutput {
@@ -213,7 +257,7 @@ impl NestedL1 {
         format!("{L1_TARGET}/{}/{name}", self.profile)
     }
 
-    /// Path in L1 of a workspace test binary carried with [`NestedL1::shared_with_tests`].
+    /// Path in L1 of a workspace test binary carried with [`NestedL1::boot`].
     pub fn test_binary(&self, name: &str) -> String {
         format!("{L1_TARGET}/{}/deps/{name}", self.profile)
     }
@@ -243,10 +287,10 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
 /// Spawns `cmd` from a thread that lives as long as the test process and reaps the
 /// child, so that `PR_SET_PDEATHSIG` (which follows the spawning thread) kills QEMU
 /// only when the test binary exits. The returned slot says how QEMU ended, if it did.
-fn spawn_owned(mut cmd: Command) -> Arc<Mutex<Option<String>>> {
+fn spawn_owned(mut cmd: Command) -> (u32, Arc<Mutex<Option<String>>>) {
     use std::os::unix::process::CommandExt;
     let exit = Arc::new(Mutex::new(None));
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<u32, String>>();
     let slot = exit.clone();
     std::thread::spawn(move || {
         // SAFETY: pre_exec runs in the forked child before exec; prctl is
@@ -266,7 +310,7 @@ fn spawn_owned(mut cmd: Command) -> Arc<Mutex<Option<String>>> {
                 return;
             }
         };
-        let _ = tx.send(Ok(()));
+        let _ = tx.send(Ok(child.id()));
         let mut stderr = String::new();
         if let Some(mut pipe) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
@@ -274,10 +318,10 @@ fn spawn_owned(mut cmd: Command) -> Arc<Mutex<Option<String>>> {
         let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{status}: {}", stderr.trim()));
     });
-    if let Ok(Err(e)) | Err(e) = rx.recv().map_err(|e| e.to_string()) {
-        panic!("{e}");
+    match rx.recv().map_err(|e| e.to_string()) {
+        Ok(Ok(pid)) => (pid, exit),
+        Ok(Err(e)) | Err(e) => panic!("{e}"),
     }
-    exit
 }
 
 /// Connects to QEMU's command socket (it appears once QEMU has parsed its options).
@@ -308,8 +352,7 @@ fn read_frames(
 ) {
     let mut open: HashMap<u64, String> = HashMap::new();
     let mut current: Option<u64> = None;
-    // SPECULA_NESTED_DEBUG=1 echoes what L1 sends (docs/nested.md).
-    let debug = std::env::var_os("SPECULA_NESTED_DEBUG").is_some();
+    let debug = debug_enabled();
     for line in reader.split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
@@ -502,8 +545,11 @@ fn copy_libraries(binary: &Path, root: &Path) {
 /// L2 idled at its shell got no answer for minutes). A session sends one command
 /// and gets its answer once the `vmm` is gone.
 ///
-/// The console's input is `tail -f` of a file the script appends to (appending
-/// never blocks); its output goes to a log the script greps.
+/// The console's input is a FIFO the script holds open read-write on fd 3, so the
+/// vmm never sees end-of-file and nothing but the vmm has to end for `wait` to
+/// return (a `tail -f | vmm` pipeline would make `wait` outlive the vmm: ash waits
+/// for the whole pipeline, and `tail -f` never ends). Output goes to a log the
+/// script greps.
 pub struct ConsoleSession {
     script: String,
 }
@@ -513,11 +559,14 @@ impl ConsoleSession {
     pub fn new(l1: &NestedL1, name: &str, args: &str) -> Self {
         let dir = format!("/run/l2/{name}");
         let vmm = l1.binary("vmm");
+        // With SPECULA_NESTED_DEBUG, the L2's console also goes to L1's console log.
+        let echo_console = if debug_enabled() { "tail -f out > /dev/console 2>&1 &\nechoer=$!\n" } else { "" };
         let script = format!(
-            "rm -rf {dir} && mkdir -p {dir} && cd {dir} && : > input\n\
-             sh -c 'echo $$ > feeder; exec tail -f input' | {vmm} {args} > out 2>&1 &\n\
+            "rm -rf {dir} && mkdir -p {dir} && cd {dir} && mkfifo input && exec 3<>input\n\
+             {vmm} {args} < input > out 2>&1 &\n\
              vmm=$!\n\
-             fail() {{ echo \"=== $*\"; kill -9 $vmm 2>/dev/null; kill $(cat feeder) 2>/dev/null; cat out; exit 1; }}\n\
+             {echo_console}\
+             fail() {{ echo \"=== $*\"; kill -9 $vmm 2>/dev/null; cat out; exit 1; }}\n\
              waitfor() {{\n\
                end=$(( $(date +%s) + $2 ))\n\
                while ! grep -qF -- \"$1\" out; do\n\
@@ -538,7 +587,7 @@ impl ConsoleSession {
 
     /// Types `line` on the console.
     pub fn send(mut self, line: &str) -> Self {
-        self.script.push_str(&format!("echo {} >> input\n", shell_quote(line)));
+        self.script.push_str(&format!("echo {} >&3\n", shell_quote(line)));
         self
     }
 
@@ -557,7 +606,7 @@ impl ConsoleSession {
             "( sleep {secs}; kill -9 $vmm 2>/dev/null ) &\n\
              watchdog=$!\n\
              wait $vmm; status=$?\n\
-             kill $watchdog $(cat feeder) 2>/dev/null\n\
+             kill $watchdog $echoer 2>/dev/null; exec 3>&-\n\
              echo \"=== vmm exit $status\"\n\
              cat out\n",
             secs = limit.as_secs()
@@ -568,6 +617,25 @@ impl ConsoleSession {
         let (status, log) = after.split_once('\n').unwrap_or((after, ""));
         (status.trim().parse().expect("vmm exit status"), format!("{before}{log}"))
     }
+}
+
+/// Removes the work directories (each ~100 MB: L1's initramfs) of test processes that
+/// are gone: the bed lives in a static, whose destructor never runs.
+fn remove_stale_workdirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("specula-nested-")) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Whether SPECULA_NESTED_DEBUG is set: the bed then echoes what L1 sends, and console
+/// sessions copy the L2's console into L1's console log (docs/nested.md).
+fn debug_enabled() -> bool {
+    std::env::var_os("SPECULA_NESTED_DEBUG").is_some()
 }
 
 /// `text` as one single-quoted shell word.

@@ -16,7 +16,7 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use integration_tests::nested::{linux_dir, ConsoleSession, NestedL1};
+use integration_tests::nested::{linux_dir, ConsoleSession, NestedL1, L1_TARGET};
 
 /// Linux under the vmm reaches its shell in ~10-20 s of TCG time; this bounds a hang
 /// on a loaded runner, it is not a timing test.
@@ -27,8 +27,9 @@ const END_LIMIT: Duration = Duration::from_secs(60);
 /// The workspace test binaries whose mirror-core tests run again in L1.
 const CARRIED_TESTS: &[&str] = &["mirror", "mirror_security"];
 
-fn l1() -> &'static NestedL1 {
-    NestedL1::shared_with_tests(CARRIED_TESTS)
+/// A fresh L1 for one test (docs/nested.md says why not one per binary).
+fn l1() -> NestedL1 {
+    NestedL1::boot(CARRIED_TESTS)
 }
 
 /// Held for a test's whole run, so that the tests of this binary use L1 one at a time.
@@ -55,7 +56,7 @@ fn kernel_version(dir: &str) -> String {
 /// Boots to the shell, checks the version and vCPU count through the console, runs a
 /// command typed on the console, and powers off: the vmm must exit 0, saying so.
 fn reaches_the_shell_answers_and_powers_off(dir: &str, cpus: u32) {
-    let l1 = l1();
+    let l1 = &l1();
     let version = kernel_version(dir);
     let (status, log) = linux_session(l1, &format!("{dir}-{cpus}-poweroff"), dir, cpus, "panic=-1")
         .wait_for(&format!("specula-initramfs: reached userspace on {version}"), SHELL_LIMIT)
@@ -71,7 +72,7 @@ fn reaches_the_shell_answers_and_powers_off(dir: &str, cpus: u32) {
 #[test]
 fn nested_l1_has_kvm_with_nested_paging_and_the_vmm_boots_hello_there() {
     let _turn = turn();
-    let l1 = l1();
+    let l1 = &l1();
     assert_eq!(l1.npt, "Y", "kvm_amd in L1 must run with nested paging");
     let out = l1.run(
         &format!("{} --kernel {} --memory 64M --cpus 2 --cmdline exit=7", l1.binary("vmm"), l1.guest("hello")),
@@ -82,24 +83,21 @@ fn nested_l1_has_kvm_with_nested_paging_and_the_vmm_boots_hello_there() {
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_linux_6_1_with_2_vcpus_reaches_its_shell_answers_a_console_command_and_powers_off_with_0() {
     let _turn = turn();
     reaches_the_shell_answers_and_powers_off("linux", 2);
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_linux_6_12_with_2_vcpus_reaches_its_shell_answers_a_console_command_and_powers_off_with_0() {
     let _turn = turn();
     reaches_the_shell_answers_and_powers_off("linux-trixie", 2);
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_linux_6_1_with_1_vcpu_reboots_and_the_vmm_ends_as_a_reset() {
     let _turn = turn();
-    let l1 = l1();
+    let l1 = &l1();
     let (status, log) = linux_session(l1, "linux-1-reboot", "linux", 1, "")
         .wait_for("specula-initramfs: reached userspace", SHELL_LIMIT)
         .send("echo cpus=$(grep -c ^processor /proc/cpuinfo); reboot -f")
@@ -110,10 +108,9 @@ fn nested_linux_6_1_with_1_vcpu_reboots_and_the_vmm_ends_as_a_reset() {
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_linux_6_12_with_1_vcpu_and_panic_minus_1_ends_the_vmm_when_init_dies() {
     let _turn = turn();
-    let l1 = l1();
+    let l1 = &l1();
     // The shell is init (exec'd by /init): its exit panics the kernel, which with
     // panic=-1 reboots at once.
     let (status, log) = linux_session(l1, "linux-trixie-1-panic", "linux-trixie", 1, "panic=-1")
@@ -128,10 +125,14 @@ fn nested_linux_6_12_with_1_vcpu_and_panic_minus_1_ends_the_vmm_when_init_dies()
 /// Runs the named tests of a carried test binary in L1 (one at a time: they start
 /// vmm and inspector processes of their own) and fails with their output.
 fn run_carried_tests(binary: &str, tests: &[&str]) {
-    let l1 = l1();
+    let l1 = &l1();
     let filters: Vec<String> = tests.iter().map(|t| format!("'{t}'")).collect();
     let out = l1.run(
-        &format!("cd /tmp && {} --exact --test-threads=1 {} 2>&1", l1.test_binary(binary), filters.join(" ")),
+        &format!(
+            "cd /tmp && SPECULA_GUEST_IMAGES_DIR={L1_TARGET}/guest-images {} --exact --test-threads=1 {} 2>&1",
+            l1.test_binary(binary),
+            filters.join(" ")
+        ),
         Duration::from_secs(900),
     );
     assert_eq!(out.status, 0, "{binary}'s tests failed on NPT in L1:\n{}", out.output);
@@ -140,7 +141,6 @@ fn run_carried_tests(binary: &str, tests: &[&str]) {
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_mirror_core_tests_pass_on_npt() {
     let _turn = turn();
     run_carried_tests(
@@ -157,7 +157,6 @@ fn nested_mirror_core_tests_pass_on_npt() {
 }
 
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_mirror_security_tests_pass_on_npt() {
     let _turn = turn();
     run_carried_tests(
@@ -190,11 +189,10 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
 /// module and memory views match what the guest printed about itself; the default
 /// rootkit checks and the LSTAR check (fed by the vmm's own KVM_GET_MSRS) are clean.
 #[test]
-#[ignore = "nested: not yet seen green end to end on CI; run with --ignored (docs/nested.md, issue 17 note)"]
 fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_truth() {
     use integration_tests::linux_guest::{parse_ps_reply, GroundTruth};
     let _turn = turn();
-    let l1 = l1();
+    let l1 = &l1();
     let run_dir = "/run/l2/linux-source";
     let args = format!(
         "--kernel {} --initramfs {} --memory 512M --cpus 2 --mirror-socket {run_dir}/mirror.sock \
