@@ -10,8 +10,12 @@ cargo build --workspace --all-targets
 # build_linux DIR [SUITE]: builds the Linux guest into DIR unless it is up to date.
 build_linux() {
     local dir="$1" suite="${2:-}" stale=""
-    for f in vmlinuz initramfs.cpio.gz introspect.cpio.gz busybox kvm-modules/kvm-amd.ko; do [ -f "$dir/$f" ] || stale=1; done
-    for src in guest-images/linux/build.sh guest-images/linux/specula-marker.c guest-images/linux/rootkit/*; do
+    local outputs="vmlinuz initramfs.cpio.gz introspect.cpio.gz busybox kvm-modules/kvm-amd.ko"
+    # The default suite's kernel also gets the kernel mirror device (mirror-driver/kmod).
+    [ -n "$suite" ] || outputs="$outputs kmod/specula_mirror.ko kmod/specula_pin_baseline.ko"
+    for f in $outputs; do [ -f "$dir/$f" ] || stale=1; done
+    for src in guest-images/linux/build.sh guest-images/linux/specula-marker.c guest-images/linux/rootkit/* \
+        mirror-driver/kmod/* mirror-driver/kmod/baseline/*; do
         [ -n "$stale" ] || [ ! "$src" -nt "$dir/introspect.cpio.gz" ] || stale=1
     done
     if [ -n "$stale" ]; then

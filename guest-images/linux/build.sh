@@ -26,6 +26,9 @@
 #                            shell on ttyS0. With the default suite it also holds
 #                            /lib/specula_rootkit.ko (rootkit/specula_rootkit.c), which
 #                            the rootkit tests load.
+#   kmod/                    with the default suite: specula_mirror.ko and
+#                            specula_pin_baseline.ko (mirror-driver/kmod), built
+#                            against the same headers as the rootkit.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -110,6 +113,10 @@ if [ -z "$suite" ]; then
     cp "$here/rootkit/specula_rootkit.c" "$here/rootkit/Kbuild" rootkit/
     make -s -C "$headers" M="$work/rootkit" modules >rootkit/build.log 2>&1 \
         || { cat rootkit/build.log >&2; echo "build.sh: building the test rootkit against $headers failed" >&2; exit 1; }
+    # The kernel mirror device and its pinning baseline (mirror-driver/kmod);
+    # that script prints its build log itself when it fails.
+    "$root/mirror-driver/kmod/build.sh" "$headers" "$out/kmod" \
+        || { echo "build.sh: building mirror-driver/kmod against $headers failed" >&2; exit 1; }
 fi
 gcc -static -O2 -Wall -Wextra -o specula-marker "$here/specula-marker.c" \
     || { echo "build.sh: gcc -static failed (needs libc6-dev's libc.a)" >&2; exit 1; }

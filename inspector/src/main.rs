@@ -1,7 +1,7 @@
 //! `inspector`: the daemon, or a client of a running daemon's control socket.
 //!
 //! ```text
-//! inspector (--source-socket PATH | --qemu-qmp PATH [--qemu-pid PID]) (--range GPA:LEN ... | --all)
+//! inspector (--source-socket PATH | --qemu-qmp PATH [--qemu-pid PID] | --pid PID) (--range GPA:LEN ... | --all)
 //!           [--control-socket PATH] [--api-socket PATH] [--watch GPA:LEN ...] [options]
 //! inspector read|hash|scan|watch|check|grants|status|vcpus|pause|resume|write-probe|latency
 //!           --control-socket PATH ARGS...
@@ -26,7 +26,7 @@ use vmm::{error_chain, VmExit};
     args_conflicts_with_subcommands = true,
     about = "Attach to a source (a Specula vmm's mirror socket, or an unmodified QEMU through its QMP \
              socket: its RAM must be a shared memfd backend, -object memory-backend-memfd,id=ram0,size=SIZE,share=on \
-             -machine memory-backend=ram0), map its RAM read-only into an agent VM, and serve analysis requests.",
+             -machine memory-backend=ram0, or any KVM VMM by pid through the kernel mirror device), map its RAM read-only into an agent VM, and serve analysis requests.",
     after_help = "Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply."
 )]
 struct Cli {
@@ -40,8 +40,15 @@ struct Cli {
 #[command(args_override_self = true)]
 struct DaemonArgs {
     /// A Specula vmm's mirror socket.
-    #[arg(long, value_name = "PATH", conflicts_with = "qemu_qmp")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["qemu_qmp", "pid"])]
     source_socket: Option<PathBuf>,
+    /// Any KVM VMM by pid (QEMU, our vmm, ...; anonymous RAM included), through the
+    /// kernel mirror device (specula_mirror.ko; mirror-driver/kmod/README.md).
+    #[arg(long, value_name = "PID", conflicts_with = "qemu_qmp")]
+    pid: Option<u32>,
+    /// The kernel mirror device, with --pid.
+    #[arg(long, value_name = "PATH", requires = "pid", default_value = mirror_driver::kernel_mirror::DEVICE)]
+    mirror_device: PathBuf,
     /// An unmodified QEMU's QMP socket.
     #[arg(long, value_name = "PATH")]
     qemu_qmp: Option<PathBuf>,
@@ -231,10 +238,11 @@ fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
     if let Some(level) = &args.log_level {
         vmm::logger::set_level(level)?;
     }
-    let source = match (args.source_socket, args.qemu_qmp) {
-        (Some(path), None) => daemon::SourceSpec::Mirror(path),
-        (None, Some(qmp)) => daemon::SourceSpec::Qemu { qmp, pid: args.qemu_pid },
-        _ => return Err("missing --source-socket PATH or --qemu-qmp PATH (see --help)".into()),
+    let source = match (args.source_socket, args.qemu_qmp, args.pid) {
+        (Some(path), None, None) => daemon::SourceSpec::Mirror(path),
+        (None, Some(qmp), None) => daemon::SourceSpec::Qemu { qmp, pid: args.qemu_pid },
+        (None, None, Some(pid)) => daemon::SourceSpec::Pid { pid, device: args.mirror_device },
+        _ => return Err("missing --source-socket PATH, --qemu-qmp PATH or --pid PID (see --help)".into()),
     };
     if args.all != args.ranges.is_empty() {
         return Err("give either --all or one or more --range GPA:LEN".into());

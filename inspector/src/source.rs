@@ -8,6 +8,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
 use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
+use mirror_driver::kernel_mirror::{KernelMirrorError, PidSource};
 use mirror_driver::protocol::{Range, VcpuRegs};
 use mirror_driver::qemu::{QemuError, QemuSource};
 use mirror_driver::qemu_state::CpuMsrs;
@@ -19,6 +20,8 @@ pub enum SourceSpec {
     Mirror(PathBuf),
     /// An unmodified QEMU, through its QMP socket (its pid: the socket's peer unless given).
     Qemu { qmp: PathBuf, pid: Option<u32> },
+    /// Any KVM VMM by pid, through the kernel mirror device at `device`.
+    Pid { pid: u32, device: PathBuf },
 }
 
 impl std::fmt::Display for SourceSpec {
@@ -26,6 +29,7 @@ impl std::fmt::Display for SourceSpec {
         match self {
             SourceSpec::Mirror(path) => write!(f, "{}", path.display()),
             SourceSpec::Qemu { qmp, .. } => write!(f, "QEMU at {}", qmp.display()),
+            SourceSpec::Pid { pid, .. } => write!(f, "process {pid} through the kernel mirror device"),
         }
     }
 }
@@ -37,6 +41,8 @@ pub enum SourceError {
     Mirror(#[from] ImportError),
     #[error("QEMU")]
     Qemu(#[from] QemuError),
+    #[error("kernel mirror device")]
+    KernelMirror(#[from] KernelMirrorError),
     #[error("{0}")]
     Unsupported(&'static str),
 }
@@ -104,6 +110,14 @@ where
             let mapped = qemu.map(&ranges).map_err(SourceError::from)?;
             let events = qemu.take_events().expect("a fresh QEMU source has its event channel");
             Ok(Attached { source: Box::new(qemu), mapped, window_len, events })
+        }
+        SourceSpec::Pid { pid, device } => {
+            let source = PidSource::attach(*pid, device).map_err(SourceError::from)?;
+            let (window_len, ranges) = plan(&source.memory_map(), ranges);
+            check(window_len, &ranges)?;
+            let mapped = source.map(&ranges).map_err(SourceError::from)?;
+            let events = source.watch_exit().map_err(SourceError::from)?;
+            Ok(Attached { source: Box::new(source), mapped, window_len, events })
         }
     }
 }
@@ -180,5 +194,27 @@ impl Source for QemuSource {
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
         Ok(QemuSource::cpu_msrs(self)?)
+    }
+}
+
+/// Any KVM VMM by pid: memory only. Registers, pausing and MSRs need the VMM's
+/// cooperation (a mirror socket or QMP), which a pid alone does not give.
+impl Source for PidSource {
+    fn kind(&self) -> &'static str {
+        "kernel-mirror"
+    }
+
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceError> {
+        Err(SourceError::Unsupported(
+            "a source attached by pid gives memory only: its vCPU registers are the VMM's (use its mirror socket or QMP)",
+        ))
+    }
+
+    fn set_paused(&self, _paused: bool) -> Result<(), SourceError> {
+        Err(SourceError::Unsupported("a source attached by pid cannot be paused by the inspector"))
+    }
+
+    fn acknowledge_revoke(&self, _grant_id: u64, _nonce: u64) -> Result<(), SourceError> {
+        Ok(())
     }
 }

@@ -52,6 +52,8 @@ const L1_CPUS: u32 = 2;
 const L1_READY_LIMIT: Duration = Duration::from_secs(180);
 /// The workspace binaries the bed carries.
 const BINARIES: &[&str] = &["vmm", "inspector", "specula", "mirror-attack"];
+/// The project's kernel modules the bed carries, in `/target/guest-images/linux/kmod/`.
+pub const KERNEL_MODULES: &[&str] = &["specula_mirror.ko", "specula_pin_baseline.ko"];
 /// Where the bed's tree lives in L1: cargo's layout under another root.
 pub const L1_TARGET: &str = "/target";
 
@@ -468,6 +470,12 @@ fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) 
             assert!(from.is_file(), "{} is missing: run scripts/build.sh", from.display());
             copy(&from, &images_root.join(dir).join(file));
         }
+    }
+    // The kernel mirror device and its pinning baseline, built for L1's kernel.
+    for module in KERNEL_MODULES {
+        let from = images.join("linux/kmod").join(module);
+        assert!(from.is_file(), "{} is missing: run scripts/build.sh (mirror-driver/kmod)", from.display());
+        copy(&from, &images_root.join("linux/kmod").join(module));
     }
 
     let archive = workdir.join("l1.cpio");

@@ -180,6 +180,22 @@ pub fn map_foreign(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError
     map_checked(grant, fd)
 }
 
+/// Maps a range the kernel mirror device attached ([`crate::kernel_mirror`]): the fd
+/// must be read-only. Its extent is the device's (an anonymous inode has no size to
+/// check): it refuses a mapping beyond the attached range.
+pub fn map_device(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {
+    // SAFETY: F_GETFL on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDONLY {
+        return Err(ImportError::Writable { grant: grant.id });
+    }
+    let aligned = grant.len > 0 && grant.offset.is_multiple_of(PAGE) && grant.len.is_multiple_of(PAGE);
+    if !aligned || usize::try_from(grant.len).is_err() {
+        return Err(ImportError::OutOfFile { grant: grant.id, offset: grant.offset, len: grant.len, size: 0 });
+    }
+    map_checked(grant, fd)
+}
+
 /// Checks a received fd (read-only, sealed against shrink and future writes, large
 /// enough for the grant) and maps `grant` from it.
 pub fn map_grant(grant: Grant, fd: OwnedFd) -> Result<MappedGrant, ImportError> {

@@ -9,6 +9,7 @@
 pub mod dirty;
 pub mod exporter;
 pub mod importer;
+pub mod kernel_mirror;
 pub mod memfd;
 pub mod protocol;
 pub mod qemu;

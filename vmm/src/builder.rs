@@ -71,7 +71,7 @@ pub struct Vmm {
 impl Vmm {
     /// Builds everything: RAM, VM, irqchip, kernel, MP table, devices, vCPUs.
     pub fn build(config: &VmConfig) -> Result<Self, BuildError> {
-        let ram = GuestRam::new(config.memory)?;
+        let ram = GuestRam::with_backend(config.memory, config.memory_backend)?;
         let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
         let ram_slots = vm.register_ram(&ram)?;
@@ -245,7 +245,12 @@ impl Vmm {
         let dirty_log = crate::mirror::DirtyLog::new(self.vm.clone(), &self.ram, &self.ram_slots);
         let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone(), dirty_log)?;
         if let Some(path) = &self.config.api_socket {
-            let memory = Arc::new(self.ram.regions().iter().map(|r| (r.guest_addr, r.size)).collect());
+            // The memfd chunks; anonymous RAM has none, so its runs.
+            let memory = match self.ram.regions() {
+                [] => self.ram.slots().iter().map(|r| (r.guest_addr, r.size)).collect(),
+                chunks => chunks.iter().map(|r| (r.guest_addr, r.size)).collect(),
+            };
+            let memory = Arc::new(memory);
             let context = crate::api::ApiContext {
                 lifecycle: self.lifecycle.clone(),
                 exporter: exporter.clone(),

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
 use crate::boot::{BootSource, KernelDecompress};
 use crate::devices::serial::SerialOutput;
-use crate::memory::parse_size;
+use crate::memory::{parse_size, MemoryBackend};
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -20,6 +20,9 @@ pub struct VmConfig {
     /// Who decompresses a bzImage's payload: the vmm (default) or the kernel in the guest.
     pub kernel_decompress: KernelDecompress,
     pub memory: u64,
+    /// What backs guest RAM: sealed memfd chunks (mirrorable through the socket) or
+    /// private anonymous memory (as QEMU and Firecracker use by default).
+    pub memory_backend: MemoryBackend,
     pub cpus: u8,
     pub serial: SerialOutput,
     /// Unix socket path on which to serve the mirror device (see the `mirror-driver` crate).
@@ -82,6 +85,7 @@ impl VmConfig {
             boot: BootSource { kernel, initramfs: None, cmdline: String::new(), extra_memmap: Vec::new() },
             kernel_decompress: KernelDecompress::default(),
             memory: DEFAULT_MEMORY,
+            memory_backend: MemoryBackend::default(),
             cpus: 1,
             serial: SerialOutput::Null,
             mirror_socket: None,
@@ -151,6 +155,11 @@ struct Args {
     /// Guest RAM, e.g. 512M, 2G or size=512M.
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
     memory: u64,
+    /// What backs guest RAM: memfd (sealed memfd chunks, which the mirror socket shares)
+    /// or anon (private anonymous memory, as QEMU and Firecracker use by default;
+    /// reachable only through the kernel mirror device, `inspector --pid`).
+    #[arg(long, value_name = "KIND", default_value = "memfd", value_parser = parse_memory_backend)]
+    memory_backend: MemoryBackend,
     /// Number of vCPUs, or boot=N.
     #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
     cpus: u8,
@@ -211,6 +220,14 @@ fn parse_dirty_ring_entries(value: &str) -> Result<u32, ConfigError> {
             value,
             format!("expected a power of two from {MIN_ENTRIES} to {MAX_ENTRIES}"),
         )),
+    }
+}
+
+fn parse_memory_backend(value: &str) -> Result<MemoryBackend, ConfigError> {
+    match value {
+        "memfd" => Ok(MemoryBackend::Memfd),
+        "anon" => Ok(MemoryBackend::Anonymous),
+        _ => Err(bad("--memory-backend", value, "expected memfd or anon")),
     }
 }
 
@@ -330,6 +347,15 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
     if let Some(level) = &args.log_level {
         crate::logger::parse_level(level).map_err(|e| bad("--log-level", level, e))?;
     }
+    if args.memory_backend == MemoryBackend::Anonymous {
+        if let Some(socket) = &args.mirror_socket {
+            return Err(bad(
+                "--mirror-socket",
+                &socket.display().to_string(),
+                "the mirror socket shares memfd RAM; with --memory-backend anon, inspect through the kernel mirror device (inspector --pid)",
+            ));
+        }
+    }
     Ok(Command::Run(Box::new(VmConfig {
         kvm_path: args.kvm_path,
         boot: BootSource {
@@ -340,6 +366,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         },
         kernel_decompress: args.kernel_decompress,
         memory: args.memory,
+        memory_backend: args.memory_backend,
         cpus: args.cpus,
         serial: args.serial,
         mirror_socket: args.mirror_socket,
@@ -398,6 +425,18 @@ mod tests {
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
         let err = parse_args(args(&["--kernel", "k", "--run-as", "nobody"])).unwrap_err().to_string();
         assert!(err.contains("--run-as") && err.contains("UID:GID"), "{err}");
+    }
+
+    #[test]
+    fn the_memory_backend_parses_and_anonymous_ram_cannot_be_served_on_a_mirror_socket() {
+        assert_eq!(run(&["--kernel", "k"]).memory_backend, MemoryBackend::Memfd);
+        assert_eq!(run(&["--kernel", "k", "--memory-backend", "anon"]).memory_backend, MemoryBackend::Anonymous);
+        let err = parse_args(args(&["--kernel", "k", "--memory-backend", "hugetlb"])).unwrap_err().to_string();
+        assert!(err.contains("--memory-backend") && err.contains("memfd or anon"), "{err}");
+        let err = parse_args(args(&["--kernel", "k", "--memory-backend", "anon", "--mirror-socket", "/tmp/m.sock"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--mirror-socket") && err.contains("inspector --pid"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Guest RAM: sealed memfd chunks, mapped MAP_SHARED, split around the MMIO gap.
+//! Guest RAM: sealed memfd chunks, mapped MAP_SHARED, split around the MMIO gap
+//! (or, with [`MemoryBackend::Anonymous`], private anonymous memory).
 //!
 //! The memfds are what make mirroring possible: the mirror device hands other
 //! processes read-only re-opens of them. RAM is cut into chunks, one memfd
@@ -33,6 +34,17 @@ pub const MIN_CHUNK: u64 = 2 << 20;
 /// Chunks per VM that the default chunk size aims at (memslots and fds stay bounded).
 const TARGET_CHUNKS: u64 = 1024;
 
+/// What backs guest RAM (`--memory-backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryBackend {
+    /// Sealed memfd chunks: the mirror socket hands out read-only re-opens of them.
+    #[default]
+    Memfd,
+    /// Private anonymous memory, as QEMU and Firecracker use by default: no file to
+    /// share, so only the kernel mirror device (`inspector --pid`) can mirror it.
+    Anonymous,
+}
+
 /// Failures while creating guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -48,6 +60,13 @@ pub enum MemoryError {
     },
     #[error("cannot reserve {len:#x} bytes of address space for guest RAM at {gpa:#x}")]
     Reserve {
+        gpa: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {len:#x} bytes of anonymous guest RAM at {gpa:#x}")]
+    Anonymous {
         gpa: u64,
         len: u64,
         #[source]
@@ -137,15 +156,53 @@ impl GuestRam {
         Self::with_chunk_size(size, default_chunk_size(size))
     }
 
+    /// Creates `size` bytes of guest RAM backed as `backend` says.
+    pub fn with_backend(size: u64, backend: MemoryBackend) -> Result<Self, MemoryError> {
+        match backend {
+            MemoryBackend::Memfd => Self::new(size),
+            MemoryBackend::Anonymous => Self::anonymous(size),
+        }
+    }
+
+    /// Creates `size` bytes of private anonymous guest RAM: one mapping per side of the
+    /// MMIO gap and no chunk files ([`GuestRam::regions`] is empty).
+    pub fn anonymous(size: u64) -> Result<Self, MemoryError> {
+        check_size(size)?;
+        let mut mmap_regions = Vec::new();
+        let mut mappings = Reservations(Vec::new());
+        for (start, len) in split_around_mmio_gap(size) {
+            let base = reserve_address_space(len).map_err(|source| MemoryError::Reserve { gpa: start, len, source })?;
+            mappings.0.push(RamSlot { guest_addr: start, size: len, host_addr: base });
+            map_anonymous(base, len).map_err(|source| MemoryError::Anonymous { gpa: start, len, source })?;
+            // SAFETY: base..+len is the anonymous mapping just made, inside a reservation
+            // that `mappings` keeps until every holder of the regions is gone.
+            let mapping = unsafe {
+                vm_memory::mmap::MmapRegionBuilder::new(len as usize)
+                    .with_raw_mmap_pointer(base as *mut u8)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED)
+                    .build()
+            }
+            .map_err(|source| MemoryError::Region { gpa: start, source })?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+                .expect("RAM below 1 TiB does not wrap the address space");
+            mmap_regions.push(region);
+        }
+        let memory = GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Collection)?;
+        Ok(Self {
+            memory,
+            mappings: Arc::new(mappings),
+            chunk_files: Vec::new(),
+            regions: Vec::new(),
+            size,
+            chunk_size: 0,
+        })
+    }
+
     /// Creates `size` bytes of guest RAM, laid out below and above the MMIO gap, in chunks
     /// of `chunk_size` bytes (a power of two, at least [`MIN_CHUNK`]).
     pub fn with_chunk_size(size: u64, chunk_size: u64) -> Result<Self, MemoryError> {
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
-            return Err(MemoryError::BadSize { size });
-        }
-        if !size.is_multiple_of(4096) {
-            return Err(MemoryError::Unaligned(size));
-        }
+        check_size(size)?;
         let chunk_size = chunk_size.max(MIN_CHUNK).next_power_of_two();
         let mut mmap_regions = Vec::new();
         let mut regions = Vec::new();
@@ -225,12 +282,13 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Bytes per chunk (the last chunk of each side of the MMIO gap may be shorter).
+    /// Bytes per chunk (the last chunk of each side of the MMIO gap may be shorter; 0 for
+    /// anonymous RAM).
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
     }
 
-    /// The RAM chunks in guest-address order.
+    /// The RAM chunks in guest-address order (none for anonymous RAM).
     pub fn regions(&self) -> &[RamRegion] {
         &self.regions
     }
@@ -281,6 +339,37 @@ pub fn reserve_address_space(len: u64) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(base as u64)
+}
+
+/// Fails unless `size` is an acceptable guest RAM size.
+fn check_size(size: u64) -> Result<(), MemoryError> {
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
+        return Err(MemoryError::BadSize { size });
+    }
+    if !size.is_multiple_of(4096) {
+        return Err(MemoryError::Unaligned(size));
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of private anonymous read-write memory over a reservation at `host_addr`.
+fn map_anonymous(host_addr: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: host_addr..+len is a reservation of our own (PROT_NONE until now), which
+    // MAP_FIXED replaces.
+    let at = unsafe {
+        libc::mmap(
+            host_addr as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Maps all of `file` read-write and shared at `host_addr`, over part of a reservation.
@@ -351,6 +440,38 @@ mod tests {
         assert_eq!(ram.slots().len(), 1);
         assert!(ram.regions().windows(2).all(|w| w[1].host_addr == w[0].host_addr + w[0].size));
         assert_eq!(ram.slots()[0], RamSlot { guest_addr: 0, size: 64 << 20, host_addr: ram.regions()[0].host_addr });
+    }
+
+    #[test]
+    fn anonymous_ram_is_private_memory_in_one_slot_per_side_of_the_gap_with_no_chunk_files() {
+        let ram = GuestRam::with_backend((4 << 30) + (64 << 20), MemoryBackend::Anonymous).unwrap();
+        assert!(ram.regions().is_empty());
+        assert_eq!(ram.slots().len(), 2);
+        assert_eq!(
+            (ram.slots()[1].guest_addr, ram.slots()[1].size),
+            (MMIO_GAP_END, (4 << 30) + (64 << 20) - MMIO_GAP_START)
+        );
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let low = ram.slots()[0].host_addr;
+        // Adjacent anonymous mappings may merge: the line whose range holds the slot.
+        let line = maps
+            .lines()
+            .find(|l| {
+                let range = l.split_whitespace().next().unwrap_or("");
+                let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+                let (a, b) = (u64::from_str_radix(a, 16).unwrap(), u64::from_str_radix(b, 16).unwrap());
+                a <= low && low < b
+            })
+            .expect("the low slot's mapping");
+        assert!(
+            line.split_whitespace().nth(1) == Some("rw-p") && line.split_whitespace().nth(3) == Some("00:00"),
+            "{line}"
+        );
+        ram.memory().write_obj(0xdead_beef_u32, GuestAddress(MMIO_GAP_END + 8)).unwrap();
+        let high = ram.slots()[1].host_addr as *const u32;
+        // SAFETY: the high slot's mapping is alive while `ram` is, and 8 bytes in is RAM.
+        assert_eq!(unsafe { high.add(2).read_volatile() }, 0xdead_beef);
+        assert!(matches!(GuestRam::anonymous(4097), Err(MemoryError::Unaligned(_)) | Err(MemoryError::BadSize { .. })));
     }
 
     #[test]

@@ -1,0 +1,422 @@
+//! The kernel mirror device (`specula_mirror.ko`) against real processes and a real
+//! KVM: these run inside the nested L1, where the module loads next to kvm-amd, as
+//! root, through `nested_kernel_mirror_tests_pass_in_l1` (tests/nested.rs), which
+//! loads both modules and runs this binary with `--include-ignored`. On the runner
+//! itself no module can load, so here they are ignored, with that reason shown.
+//!
+//! A source is a forked child with a private anonymous mapping, driven over pipes; a
+//! VMM source is our own `vmm --memory-backend anon`.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{binary, guest, wait_for_path, Running, TempDir};
+use mirror_driver::kernel_mirror::{self, KernelMirror, KernelMirrorError, BASELINE_DEVICE, DEVICE};
+
+const PAGE: usize = 4096;
+const PAGES: usize = 16;
+
+/// A forked process with `PAGES` private anonymous pages at `addr`, which it fills,
+/// drops or replaces on command. Killed on drop.
+struct Source {
+    pid: libc::pid_t,
+    commands: File,
+    acks: File,
+    addr: u64,
+}
+
+/// Commands to the source: (op, page, byte).
+const FILL: u8 = 1;
+const DONTNEED: u8 = 2;
+const REMAP: u8 = 3;
+
+impl Source {
+    fn spawn() -> Source {
+        let len = PAGES * PAGE;
+        // SAFETY: a fresh private anonymous mapping; after the fork the parent unmaps
+        // its copy and only the child uses the range.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let (cmd_read, cmd_write) = pipe();
+        let (ack_read, ack_write) = pipe();
+        // SAFETY: the child only calls async-signal-safe functions (read, write, mmap,
+        // madvise, _exit) and writes memory it owns, then exits with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            // SAFETY: see above; runs until told to stop or its parent's pipe closes.
+            unsafe { source_main(cmd_read.as_raw_fd(), ack_write.as_raw_fd(), addr as *mut u8, len) };
+        }
+        // SAFETY: the parent's copy of the range, which it never touches.
+        unsafe { libc::munmap(addr, len) };
+        drop((cmd_read, ack_write));
+        let mut source = Source { pid, commands: File::from(cmd_write), acks: File::from(ack_read), addr: addr as u64 };
+        for page in 0..PAGES {
+            source.send(FILL, page as u32, 0x10 + page as u8);
+        }
+        source
+    }
+
+    fn send(&mut self, op: u8, page: u32, byte: u8) {
+        let mut frame = [0u8; 6];
+        frame[0] = op;
+        frame[1..5].copy_from_slice(&page.to_le_bytes());
+        frame[5] = byte;
+        self.commands.write_all(&frame).expect("command the source");
+        let mut ack = [0u8; 1];
+        self.acks.read_exact(&mut ack).expect("the source's ack");
+        assert_eq!(ack[0], 1, "the source failed op {op}");
+    }
+
+    fn pidfd(&self) -> OwnedFd {
+        kernel_mirror::pidfd_open(self.pid as u32).expect("pidfd_open")
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // SAFETY: kill and reap our own child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// The forked source's loop.
+///
+/// # Safety
+/// `addr..+len` must be this process's private mapping; `commands`/`acks` pipe fds.
+unsafe fn source_main(commands: i32, acks: i32, addr: *mut u8, len: usize) -> ! {
+    let mut frame = [0u8; 6];
+    loop {
+        // SAFETY: reads into a local buffer.
+        if unsafe { libc::read(commands, frame.as_mut_ptr().cast(), frame.len()) } != frame.len() as isize {
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let page = u32::from_le_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+        let ok = match frame[0] {
+            // SAFETY: page < PAGES, inside the mapping.
+            FILL if page < PAGES => unsafe {
+                std::ptr::write_bytes(addr.add(page * PAGE), frame[5], PAGE);
+                true
+            },
+            // SAFETY: the whole mapping, ours.
+            DONTNEED => unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) == 0 },
+            REMAP => {
+                // SAFETY: replaces our own mapping with a fresh one at the same address.
+                let at = unsafe {
+                    libc::mmap(
+                        addr.cast(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                if at == addr.cast() {
+                    // SAFETY: the new mapping, all of it.
+                    unsafe { std::ptr::write_bytes(addr, frame[5], len) };
+                }
+                at == addr.cast()
+            }
+            _ => false,
+        };
+        let ack = [ok as u8];
+        // SAFETY: writes a local byte.
+        unsafe { libc::write(acks, ack.as_ptr().cast(), 1) };
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh fds we own.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+fn device(path: &str) -> KernelMirror {
+    KernelMirror::open(Path::new(path)).unwrap_or_else(|e| panic!("{}", vmm::error_chain(&e)))
+}
+
+/// A read-only shared mapping of a mirror fd.
+struct View {
+    base: *const u8,
+    len: usize,
+}
+
+impl View {
+    fn map(fd: &OwnedFd, len: usize) -> View {
+        // SAFETY: a fresh PROT_READ shared mapping of the device's fd.
+        let base =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        assert_ne!(base, libc::MAP_FAILED, "mmap the mirror: {}", std::io::Error::last_os_error());
+        View { base: base as *const u8, len }
+    }
+
+    /// The first byte of `page`, read through the mirror.
+    fn byte(&self, page: usize) -> u8 {
+        assert!(page * PAGE < self.len);
+        // SAFETY: inside the mapping; volatile, so each read goes to the page mapped now.
+        unsafe { self.base.add(page * PAGE).read_volatile() }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        // SAFETY: our mapping.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+fn errno_of(e: &KernelMirrorError) -> Option<i32> {
+    match e {
+        KernelMirrorError::Attach { source, .. } | KernelMirrorError::Layout { source, .. } => source.raw_os_error(),
+        _ => None,
+    }
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_reads_what_the_source_writes_and_never_a_page_it_let_go_where_pinning_goes_stale() {
+    let mut source = Source::spawn();
+    let pidfd = source.pidfd();
+    let len = (PAGES * PAGE) as u64;
+    let mirror_fd = device(DEVICE).attach(source.pid as u32, pidfd.as_fd(), source.addr, len).expect("attach");
+    let mirror = View::map(&mirror_fd, len as usize);
+    let pinned_fd = device(BASELINE_DEVICE).attach(source.pid as u32, pidfd.as_fd(), source.addr, len).expect("pin");
+    let pinned = View::map(&pinned_fd, len as usize);
+    for page in 0..PAGES {
+        assert_eq!((mirror.byte(page), pinned.byte(page)), (0x10 + page as u8, 0x10 + page as u8), "page {page}");
+    }
+
+    // Coherence: a write in place (same page) is seen by both.
+    for round in 0..50u8 {
+        source.send(FILL, 3, 0x80 + round);
+        assert_eq!(mirror.byte(3), 0x80 + round, "round {round}: a stale read through the mirror");
+    }
+    assert_eq!(pinned.byte(3), 0x80 + 49, "an in-place write lands in the pinned page too");
+
+    // Identity change 1: MADV_DONTNEED frees the pages; the source now reads zeros.
+    let before = kernel_mirror::info(mirror_fd.as_fd()).expect("info").invalidations;
+    source.send(DONTNEED, 0, 0);
+    for page in 0..PAGES {
+        assert_eq!(mirror.byte(page), 0, "page {page} after MADV_DONTNEED: the mirror served a page the source let go");
+    }
+    assert!(kernel_mirror::info(mirror_fd.as_fd()).unwrap().invalidations > before, "the notifier fired");
+    assert_eq!(pinned.byte(5), 0x15, "the pinning baseline keeps serving the page the source let go (stale)");
+
+    // Identity change 2: munmap and a new mapping at the same address.
+    source.send(REMAP, 0, 0xa5);
+    for page in 0..PAGES {
+        assert_eq!(mirror.byte(page), 0xa5, "page {page} after munmap + mmap at the same address");
+    }
+    assert_eq!(pinned.byte(5), 0x15, "the baseline still shows the first mapping's page");
+    source.send(FILL, 7, 0x77);
+    assert_eq!(mirror.byte(7), 0x77);
+
+    // The module cannot be unloaded while a mapping is open.
+    let rmmod = Command::new("rmmod").arg("specula_mirror").output().expect("run rmmod");
+    assert!(!rmmod.status.success(), "rmmod must refuse while in use");
+    assert!(Path::new(DEVICE).exists());
+
+    // Source exit: the mirror says so and no crash follows.
+    drop(source);
+    let info = kernel_mirror::info(mirror_fd.as_fd()).expect("info after the source exited");
+    assert_eq!(info.source_alive, 0, "{info:?}");
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_mapping_cannot_be_made_writable_by_any_path() {
+    let mut source = Source::spawn();
+    let pidfd = source.pidfd();
+    let len = PAGES * PAGE;
+    let fd = device(DEVICE).attach(source.pid as u32, pidfd.as_fd(), source.addr, len as u64).expect("attach");
+    for (flags, what) in [(libc::MAP_SHARED, "MAP_SHARED"), (libc::MAP_PRIVATE, "MAP_PRIVATE (copy-on-write)")] {
+        // SAFETY: an mmap attempt; a success is unmapped below.
+        let at = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd.as_raw_fd(), 0)
+        };
+        if at != libc::MAP_FAILED {
+            // SAFETY: the mapping just made.
+            unsafe { libc::munmap(at, len) };
+            panic!("a writable {what} mapping of the mirror was allowed");
+        }
+    }
+    let view = View::map(&fd, len);
+    assert_eq!(view.byte(2), 0x12);
+    // SAFETY: mprotect on our own mapping; it must fail.
+    let r = unsafe { libc::mprotect(view.base as *mut libc::c_void, len, libc::PROT_READ | libc::PROT_WRITE) };
+    assert_ne!(r, 0, "mprotect(PROT_WRITE) on the mirror was allowed");
+    // /proc/self/mem writes use FOLL_FORCE, the path ptrace's POKE takes too.
+    let mem = std::fs::OpenOptions::new().write(true).open("/proc/self/mem").expect("open /proc/self/mem");
+    let wrote = std::os::unix::fs::FileExt::write_at(&mem, &[0xee; 8], view.base as u64 + 2 * PAGE as u64);
+    assert!(wrote.is_err(), "a write through /proc/self/mem into the mirror was allowed");
+    // SAFETY: pwrite attempt on an O_RDONLY fd.
+    let w = unsafe { libc::pwrite(fd.as_raw_fd(), [0xeeu8; 8].as_ptr().cast(), 8, 0) };
+    assert!(w < 0, "write(2) on the mirror fd was allowed");
+    // The source's page is as it was: ask it to rewrite its neighbour and read both.
+    source.send(FILL, 3, 0x33);
+    assert_eq!((view.byte(2), view.byte(3)), (0x12, 0x33), "the source's memory changed");
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_refuses_hostile_arguments_and_leaves_nothing_attached() {
+    let source = Source::spawn();
+    let pidfd = source.pidfd();
+    let pid = source.pid as u32;
+    let dev = device(DEVICE);
+    let len = (PAGES * PAGE) as u64;
+    let cases: [(&str, u64, u64); 5] = [
+        ("an unaligned start", source.addr + 1, len),
+        ("an unaligned length", source.addr, len - 1),
+        ("a zero length", source.addr, 0),
+        ("a range that wraps the address space", !4095, 2 * 4096),
+        ("a range beyond user space", 1 << 62, 4096),
+    ];
+    for (what, start, length) in cases {
+        let e = dev.attach(pid, pidfd.as_fd(), start, length).expect_err(what);
+        assert_eq!(errno_of(&e), Some(libc::EINVAL), "{what}: {e:?}");
+    }
+    let unmapped = dev.attach(pid, pidfd.as_fd(), source.addr + len, 1 << 30);
+    assert!(unmapped.is_err(), "a range the source has not mapped");
+    let not_a_pidfd = File::open("/dev/null").unwrap();
+    let e = dev.attach(pid, not_a_pidfd.as_fd(), source.addr, len).expect_err("a non-pidfd");
+    assert_eq!(errno_of(&e), Some(libc::EBADF), "{e:?}");
+    let own = kernel_mirror::pidfd_open(std::process::id()).unwrap();
+    assert!(dev.attach(std::process::id(), own.as_fd(), source.addr, len).is_err(), "attaching to oneself");
+
+    // VM layout: a non-KVM fd, and a KVM VM fd that is not the source's.
+    let e = dev.vm_layout(pid, pidfd.as_fd(), not_a_pidfd.as_fd()).expect_err("a non-KVM fd as the VM");
+    assert!(matches!(e, KernelMirrorError::Layout { .. }), "{e:?}");
+    let kvm = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").expect("/dev/kvm");
+    // SAFETY: KVM_CREATE_VM returns a new VM fd.
+    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), 0xAE01, 0) };
+    assert!(vm >= 0);
+    // SAFETY: the fresh VM fd.
+    let vm = unsafe { OwnedFd::from_raw_fd(vm) };
+    let e = dev.vm_layout(pid, pidfd.as_fd(), vm.as_fd()).expect_err("our VM, named as the source's");
+    assert_eq!(errno_of(&e), Some(libc::EINVAL), "{e:?}");
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
+    let source = Source::spawn();
+    let (start, len) = (source.addr, (PAGES * PAGE) as u64);
+    let pid = source.pid as u32;
+    // SAFETY: the child drops to nobody and makes one attempt, reporting its errno
+    // as its exit status; no allocation after the fork.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(100);
+            }
+        }
+        let code = match KernelMirror::open(Path::new(DEVICE)) {
+            // The device node is root's 0600: refused at open already.
+            Err(KernelMirrorError::OpenDevice { source, .. }) => source.raw_os_error().unwrap_or(101),
+            Err(_) => 102,
+            Ok(dev) => match kernel_mirror::pidfd_open(pid) {
+                Err(_) => 103,
+                Ok(pidfd) => match dev.attach(pid, pidfd.as_fd(), start, len) {
+                    Ok(_) => 0,
+                    Err(e) => errno_of(&e).unwrap_or(104),
+                },
+            },
+        };
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: reap our child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    assert!(code == libc::EACCES || code == libc::EPERM, "nobody's attach: exit {code} (0 means it was allowed)");
+    // Through an fd root opened and handed over, the ptrace check still holds.
+    let dev = device(DEVICE);
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: drop privileges, keep the inherited device fd, try once.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(100);
+            }
+        }
+        let code = match kernel_mirror::pidfd_open(pid) {
+            Err(_) => 103,
+            Ok(pidfd) => match dev.attach(pid, pidfd.as_fd(), start, len) {
+                Ok(_) => 0,
+                Err(e) => errno_of(&e).unwrap_or(104),
+            },
+        };
+        // SAFETY: ends the child.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: reap our child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    assert_eq!(code, libc::EPERM, "nobody with root's device fd: exit {code} (0 means it was allowed)");
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() {
+    use guest_images::workload::{TEXT_GPA, TEXT_LEN};
+    let dir = TempDir::new("kernel-mirror");
+    let mut source = Running::spawn(Command::new(binary("vmm")).args([
+        "--kernel",
+        guest("source-workload").to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--memory-backend",
+        "anon",
+    ]));
+    let line = source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let expected = line.rsplit(' ').next().unwrap().to_string();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", source.child.id())).unwrap();
+    assert!(!maps.contains("memfd:"), "the source's RAM must be anonymous, not memfd:\n{maps}");
+
+    let control = dir.join("control.sock");
+    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
+        "--pid",
+        &source.child.id().to_string(),
+        "--all",
+        "--serial",
+        "null",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]));
+    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
+    wait_for_path(&control, Duration::from_secs(10));
+    let reply = integration_tests::unix_request(&control, &format!("hash {TEXT_GPA:#x} {TEXT_LEN:#x}"));
+    assert!(reply.ends_with(&format!("sha256={expected}")), "the agent hashed {reply}; the guest says {expected}");
+    let status = integration_tests::unix_request(&control, "status");
+    assert!(status.contains("kernel-mirror"), "{status}");
+    // The source exits: the inspector hears of it through the pidfd and says so.
+    source.signal(libc::SIGKILL);
+    let _ = source.child.wait();
+    inspector.expect_line("inspector: source gone", Duration::from_secs(30));
+    let status = integration_tests::unix_request(&control, "status");
+    assert!(status.contains("source=gone "), "{status}");
+}
