@@ -317,14 +317,11 @@ fn kernel_mirror_refuses_hostile_arguments_and_leaves_nothing_attached() {
     assert_eq!(errno_of(&e), Some(libc::EINVAL), "{e:?}");
 }
 
-#[test]
-#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
-fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
-    let source = Source::spawn();
-    let (start, len) = (source.addr, (PAGES * PAGE) as u64);
-    let pid = source.pid as u32;
-    // SAFETY: the child drops to nobody and makes one attempt, reporting its errno
-    // as its exit status; no allocation after the fork.
+/// Forks a child that drops to nobody and tries one attach of `start..+len` of `pid`,
+/// through `device` (an fd root opened) or by opening the device itself; returns the
+/// errno it met (0: the attach was allowed; 100+: the attempt could not be made).
+fn attach_as_nobody(device: Option<&KernelMirror>, pid: u32, start: u64, len: u64) -> i32 {
+    // SAFETY: the child only drops privileges, makes one attempt and _exits.
     let child = unsafe { libc::fork() };
     if child == 0 {
         // SAFETY: as above.
@@ -333,50 +330,41 @@ fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
                 libc::_exit(100);
             }
         }
-        let code = match KernelMirror::open(Path::new(DEVICE)) {
-            // The device node is root's 0600: refused at open already.
-            Err(KernelMirrorError::OpenDevice { source, .. }) => source.raw_os_error().unwrap_or(101),
-            Err(_) => 102,
-            Ok(dev) => match kernel_mirror::pidfd_open(pid) {
-                Err(_) => 103,
-                Ok(pidfd) => match dev.attach(pid, pidfd.as_fd(), start, len) {
-                    Ok(_) => 0,
-                    Err(e) => errno_of(&e).unwrap_or(104),
-                },
-            },
-        };
+        let opened;
+        let code = match device {
+            Some(dev) => Ok(dev),
+            None => {
+                opened = KernelMirror::open(Path::new(DEVICE));
+                opened.as_ref().map_err(|e| match e {
+                    KernelMirrorError::OpenDevice { source, .. } => source.raw_os_error().unwrap_or(101),
+                    _ => 102,
+                })
+            }
+        }
+        .and_then(|dev| {
+            let pidfd = kernel_mirror::pidfd_open(pid).map_err(|_| 103)?;
+            dev.attach(pid, pidfd.as_fd(), start, len).map(|_| 0).map_err(|e| errno_of(&e).unwrap_or(104))
+        });
         // SAFETY: ends the child.
-        unsafe { libc::_exit(code) };
+        unsafe { libc::_exit(code.unwrap_or_else(|errno| errno)) };
     }
     let mut status = 0;
     // SAFETY: reap our child.
     unsafe { libc::waitpid(child, &mut status, 0) };
-    let code = libc::WEXITSTATUS(status);
-    assert!(code == libc::EACCES || code == libc::EPERM, "nobody's attach: exit {code} (0 means it was allowed)");
+    libc::WEXITSTATUS(status)
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
+    let source = Source::spawn();
+    let (pid, start, len) = (source.pid as u32, source.addr, (PAGES * PAGE) as u64);
+    // The device node is root's 0600: nobody is refused at open already.
+    let code = attach_as_nobody(None, pid, start, len);
+    assert!(code == libc::EACCES || code == libc::EPERM, "nobody's attach: errno {code} (0 means it was allowed)");
     // Through an fd root opened and handed over, the ptrace check still holds.
-    let dev = device(DEVICE);
-    let child = unsafe { libc::fork() };
-    if child == 0 {
-        // SAFETY: drop privileges, keep the inherited device fd, try once.
-        unsafe {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(100);
-            }
-        }
-        let code = match kernel_mirror::pidfd_open(pid) {
-            Err(_) => 103,
-            Ok(pidfd) => match dev.attach(pid, pidfd.as_fd(), start, len) {
-                Ok(_) => 0,
-                Err(e) => errno_of(&e).unwrap_or(104),
-            },
-        };
-        // SAFETY: ends the child.
-        unsafe { libc::_exit(code) };
-    }
-    // SAFETY: reap our child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
-    let code = libc::WEXITSTATUS(status);
-    assert_eq!(code, libc::EPERM, "nobody with root's device fd: exit {code} (0 means it was allowed)");
+    let code = attach_as_nobody(Some(&device(DEVICE)), pid, start, len);
+    assert_eq!(code, libc::EPERM, "nobody with root's device fd: errno {code} (0 means it was allowed)");
 }
 
 #[test]
