@@ -23,6 +23,8 @@ use integration_tests::nested::{linux_dir, ConsoleSession, NestedL1, L1_TARGET};
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
 /// How long a poweroff, reboot or panic may take to end the vmm.
 const END_LIMIT: Duration = Duration::from_secs(60);
+/// kill(2): what the test rootkit redirects.
+const SYSCALL_KILL: u32 = 62;
 
 /// The workspace test binaries whose mirror-core tests run again in L1.
 const CARRIED_TESTS: &[&str] = &["mirror", "mirror_security", "kernel_mirror"];
@@ -214,7 +216,8 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
 /// Debian 12's Linux as a *source* under our own vmm (2 vCPUs, mirror socket), with
 /// the introspection initramfs: the inspector attaches in L1, and its kernel, process,
 /// module and memory views match what the guest printed about itself; the default
-/// rootkit checks and the LSTAR check (fed by the vmm's own KVM_GET_MSRS) are clean.
+/// rootkit checks and the LSTAR check (fed by the vmm's own KVM_GET_MSRS) are clean;
+/// then the test rootkit loads and each of its attacks is reported.
 #[test]
 fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_truth() {
     use integration_tests::linux_guest::{parse_ps_reply, GroundTruth};
@@ -247,13 +250,30 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
              field() {{ echo \" $marker \" | sed -n \"s/.* $1=\\([^ ]*\\) .*/\\1/p\"; }}\n\
              text=$(field text)\n\
              echo '--- vread'; {inspector} vread $(field pid) $(field vaddr) ${{#text}} --control-socket {run_dir}/control.sock\n\
-             kill $inspector\n\
-             echo '=== end of views'",
+             victim=$(grep '^marker .*comm=specula-workerB' out | head -1 | tr -d '\\r' | sed -n 's/.* pid=\\([0-9]*\\) .*/\\1/p')\n\
+             echo '--- victim'; echo $victim",
             ask("kernel"),
             ask("ps"),
             ask("lsmod"),
             ask("checks"),
             ask("checks msrs"),
+        ))
+        // The test rootkit, loaded in the guest with its own kallsyms (the $(...) run in
+        // the guest's shell): hides workerB and itself, redirects kill(2) in the table
+        // and in x64_sys_call, and hooks LSTAR. The inspector attached before it loaded.
+        .shell(&format!(
+            "echo \"insmod /lib/specula_rootkit.ko hide_pid=$victim syscall_nr={SYSCALL_KILL}\"' \
+             sys_call_table=0x$(grep \" sys_call_table$\" /proc/kallsyms | cut -d\" \" -f1) \
+             x64_sys_call=0x$(grep \" x64_sys_call$\" /proc/kallsyms | cut -d\" \" -f1) \
+             handler=0x$(grep \" __x64_sys_kill$\" /proc/kallsyms | cut -d\" \" -f1) hook_lstar=1 \
+             && echo rootkit-loaded-$((40 + 2))' >&3"
+        ))
+        .wait_for("rootkit-loaded-42", SHELL_LIMIT)
+        .shell(&format!(
+            "echo '--- rootkit checks'; {inspector} checks --control-socket {run_dir}/control.sock\n\
+             echo '--- rootkit msrs'; {inspector} checks msrs --control-socket {run_dir}/control.sock\n\
+             kill $inspector\n\
+             echo '=== end of views'"
         ))
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
@@ -282,4 +302,19 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
     assert!(checks.ends_with("findings="), "the default checks find nothing on a clean guest: {checks}");
     let msrs = view("checks msrs");
     assert!(msrs.starts_with("msrs=") && !msrs.contains("error") && msrs.ends_with("findings="), "{msrs}");
+
+    // Under attack: every hiding place and hook is named, as on QEMU guests.
+    let victim: u32 = view("victim").parse().unwrap_or_else(|_| panic!("the victim's pid:\n{out}"));
+    assert_eq!(Some(victim), truth.marker("specula-workerB").map(|m| m.pid));
+    let attacked = view("rootkit checks");
+    for want in [
+        format!("hidden_process:{victim}:specula-workerB:"),
+        "hidden_module:-1:specula_rootkit:".into(),
+        format!("syscall_redirected:{SYSCALL_KILL}:kill:"),
+        "syscall_dispatch_redirected:".into(),
+    ] {
+        assert!(attacked.contains(&want), "{want} in {attacked}");
+    }
+    let entry = view("rootkit msrs");
+    assert!(entry.contains("syscall_entry_hooked:0:"), "LSTAR of vCPU 0, from the vmm's KVM_GET_MSRS: {entry}");
 }
