@@ -862,10 +862,18 @@ impl Inspector {
             SourceEvent::Gone => {
                 self.source_gone.store(true, Ordering::SeqCst);
                 self.events.publish("source.gone", serde_json::json!({}));
-                say(format_args!(
-                    "source gone; still serving {} grants with their last contents",
-                    self.read_grants().len()
-                ));
+                if self.source.contents_outlive_the_source() {
+                    say(format_args!(
+                        "source gone; still serving {} grants with their last contents",
+                        self.read_grants().len()
+                    ));
+                } else {
+                    // Its memory is gone: the grants are released (dropping one leaves zero
+                    // pages in its memslot), so reads there are refused by name instead of
+                    // the agent faulting on pages that no longer exist.
+                    let released = std::mem::take(&mut *self.write_grants()).len();
+                    say(format_args!("source gone; its memory went with it, {released} grants released"));
+                }
             }
         }
     }

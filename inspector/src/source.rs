@@ -63,6 +63,11 @@ pub trait Source: Send + Sync {
     fn subscribe_dirty(&self) -> Result<mirror_driver::importer::DirtyFeed, SourceError> {
         Err(SourceError::Unsupported("this source keeps no dirty log (QEMU's is not reachable over QMP)"))
     }
+    /// Whether mapped grants keep the source's last contents once it is gone (memfd
+    /// pages outlive their VMM; a process's anonymous memory does not).
+    fn contents_outlive_the_source(&self) -> bool {
+        true
+    }
     /// The system-call MSRs (LSTAR) of every vCPU, where the source can tell them.
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
         Err(SourceError::Unsupported("this source does not report vCPU MSRs"))
@@ -216,5 +221,11 @@ impl Source for PidSource {
 
     fn acknowledge_revoke(&self, _grant_id: u64, _nonce: u64) -> Result<(), SourceError> {
         Ok(())
+    }
+
+    /// The device zaps the mapping when the source's memory goes, and a later fault
+    /// is SIGBUS for a process and EFAULT for the agent's vCPU.
+    fn contents_outlive_the_source(&self) -> bool {
+        false
     }
 }

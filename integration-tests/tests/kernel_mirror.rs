@@ -407,4 +407,10 @@ fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() 
     inspector.expect_line("inspector: source gone", Duration::from_secs(30));
     let status = integration_tests::unix_request(&control, "status");
     assert!(status.contains("source=gone "), "{status}");
+    // Its memory is gone with it: its grants are released, reads there are refused
+    // by name (not an agent fault on memory that no longer exists), and the agent lives on.
+    let read = integration_tests::unix_request(&control, &format!("read {TEXT_GPA:#x} 16"));
+    assert!(read.starts_with("error ") && read.contains("not granted"), "after the source exited: {read}");
+    let status = integration_tests::unix_request(&control, "status");
+    assert!(status.contains("source=gone ") && status.contains(" grants=0 "), "{status}");
 }
