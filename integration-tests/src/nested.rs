@@ -489,7 +489,7 @@ fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) 
     archive
 }
 
-/// The newest `target/<profile>/deps/NAME-HASH` executable: cargo's build of test `NAME`.
+/// The newest `target/<profile>/deps/NAME-HASH` executable built from `tests/NAME.rs`.
 fn newest_test_binary(name: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let deps = target_profile_dir().join("deps");
@@ -502,10 +502,19 @@ fn newest_test_binary(name: &str) -> PathBuf {
             file.strip_prefix(&prefix)
                 .is_some_and(|hash| hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()))
                 && e.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                && built_from_tests_dir(&e.path(), name)
         })
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
         .map(|e| e.path())
         .unwrap_or_else(|| panic!("test binary {name} is not built in {}: run cargo test --no-run", deps.display()))
+}
+
+/// Whether cargo built `binary` from `tests/NAME.rs`, by its dep-info file: a bench of
+/// the same name (`benches/NAME.rs`, built by `cargo build --all-targets`) lands in
+/// the same directory under the same name pattern.
+fn built_from_tests_dir(binary: &Path, name: &str) -> bool {
+    let deps = std::fs::read_to_string(binary.with_extension("d")).unwrap_or_default();
+    deps.contains(&format!("/tests/{name}.rs"))
 }
 
 fn copy(from: &Path, to: &Path) {
