@@ -414,3 +414,50 @@ fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() 
     let status = integration_tests::unix_request(&control, "status");
     assert!(status.contains("source=gone ") && status.contains(" grants=0 "), "{status}");
 }
+
+/// Sets L1's THP mode for a test, and puts `never` back (what the nested runner set).
+struct ThpMode;
+
+impl ThpMode {
+    const PATH: &'static str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+    fn always() -> ThpMode {
+        std::fs::write(Self::PATH, "always").expect("set THP to always");
+        ThpMode
+    }
+}
+
+impl Drop for ThpMode {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, "never");
+    }
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_refuses_by_name_a_thp_backed_source_that_this_kvm_cannot_map() {
+    let _thp = ThpMode::always();
+    let mut source = Running::spawn(Command::new(binary("vmm")).args([
+        "--kernel",
+        guest("source-workload").to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--memory-backend",
+        "anon",
+    ]));
+    source.expect_line("workload: ready", Duration::from_secs(60));
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", source.child.id())).unwrap();
+    let huge: u64 = smaps
+        .lines()
+        .filter_map(|l| l.strip_prefix("AnonHugePages:"))
+        .map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap())
+        .sum();
+    assert!(huge > 0, "with THP always, the source's RAM should hold huge pages; smaps says none");
+    let out = integration_tests::run_with_timeout(
+        Command::new(binary("inspector")).args(["--pid", &source.child.id().to_string(), "--all", "--serial", "null"]),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the inspector attached to a THP-backed source its KVM cannot map: {stderr}");
+    assert!(stderr.contains("transparent huge pages") && stderr.contains("split_huge_pages"), "{stderr}");
+}

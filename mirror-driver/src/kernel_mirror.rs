@@ -125,6 +125,12 @@ pub enum KernelMirrorError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read process {pid}'s memory map (/proc/{pid}/smaps)")]
+    Smaps {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("process {pid} holds no KVM VM (no anon_inode:kvm-vm among its file descriptors)")]
     NoKvmVm { pid: u32 },
     #[error("process {pid} holds {count} KVM VMs (fds {fds:?}); name one with its fd")]
@@ -163,6 +169,13 @@ pub enum KernelMirrorError {
     },
     #[error("cannot query a mirror mapping")]
     Info(#[source] std::io::Error),
+    #[error(
+        "process {pid} backs {kib} KiB of its guest RAM with transparent huge pages, which KVM before Linux 6.13 \
+         cannot map into the inspector's VM through the device (it cannot take a reference on a huge page's tail \
+         pages): echo never > /sys/kernel/mm/transparent_hugepage/enabled, then split the existing ones with \
+         echo 1 > /sys/kernel/debug/split_huge_pages, and attach again (mirror-driver/kmod/README.md, Limits)"
+    )]
+    TransparentHugePages { pid: u32, kib: u64 },
 }
 
 /// An open kernel mirror device.
@@ -268,6 +281,44 @@ pub fn kvm_vm_fds(pid: u32) -> Result<Vec<i32>, KernelMirrorError> {
     Ok(fds)
 }
 
+/// The running kernel's release (`uname -r`).
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+}
+
+/// Whether this kernel's KVM maps a PFN-mapped tail page of a transparent huge page:
+/// from 6.13 it no longer takes a page reference there (earlier it fails with EFAULT).
+fn kvm_maps_thp_tail_pages(release: &str) -> bool {
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    (major, minor) >= (6, 13)
+}
+
+/// KiB of `AnonHugePages` in process `pid`'s mappings that overlap the memslots' RAM
+/// (`/proc/PID/smaps`, bounded: a VMA line at a time).
+fn huge_page_kib(pid: u32, memslots: &[Memslot]) -> Result<u64, KernelMirrorError> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|source| KernelMirrorError::Smaps { pid, source })?;
+    let overlaps = |lo: u64, hi: u64| {
+        memslots.iter().any(|s| lo < s.userspace_addr.saturating_add(s.memory_size) && s.userspace_addr < hi)
+    };
+    let mut current = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let range = line.split_whitespace().next().and_then(|r| r.split_once('-'));
+        if let Some((lo, hi)) =
+            range.and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?)))
+        {
+            current = overlaps(lo, hi);
+        } else if let Some(value) = line.strip_prefix("AnonHugePages:") {
+            if current {
+                kib += value.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(kib)
+}
+
 /// A KVM VMM attached by pid through the kernel mirror device.
 #[derive(Debug)]
 pub struct PidSource {
@@ -292,6 +343,12 @@ impl PidSource {
         let mut memslots = device.vm_layout(pid, pidfd.as_fd(), vm_fd.as_fd())?;
         memslots.retain(|s| s.address_space() == 0 && s.memory_size > 0);
         memslots.sort_by_key(|s| s.guest_phys_addr);
+        if !kvm_maps_thp_tail_pages(&kernel_release()) {
+            let kib = huge_page_kib(pid, &memslots)?;
+            if kib > 0 {
+                return Err(KernelMirrorError::TransparentHugePages { pid, kib });
+            }
+        }
         Ok(Self { pid, pidfd, device, memslots })
     }
 
@@ -369,6 +426,16 @@ mod tests {
         assert_eq!(std::mem::size_of::<Memslot>(), 32);
         assert_eq!(std::mem::offset_of!(Attach, fd), 24);
         assert_eq!(std::mem::offset_of!(MirrorInfo, source_alive), 32);
+    }
+
+    #[test]
+    fn kvm_maps_thp_tail_pages_from_6_13_on() {
+        assert!(!kvm_maps_thp_tail_pages("6.1.0-57-cloud-amd64"));
+        assert!(!kvm_maps_thp_tail_pages("6.12.117+deb13-cloud-amd64"));
+        assert!(kvm_maps_thp_tail_pages("6.13.0"));
+        assert!(kvm_maps_thp_tail_pages("6.18.2-pvm"));
+        assert!(!kvm_maps_thp_tail_pages("5.15.0"));
+        assert!(!kvm_maps_thp_tail_pages("garbage"));
     }
 
     #[test]
