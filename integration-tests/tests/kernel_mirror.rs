@@ -367,19 +367,24 @@ fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
     assert_eq!(code, libc::EPERM, "nobody with root's device fd: errno {code} (0 means it was allowed)");
 }
 
-#[test]
-#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
-fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() {
-    use guest_images::workload::{TEXT_GPA, TEXT_LEN};
-    let dir = TempDir::new("kernel-mirror");
-    let mut source = Running::spawn(Command::new(binary("vmm")).args([
+/// Our own vmm running `source-workload` in 128 MiB of private anonymous RAM.
+fn anonymous_ram_vmm() -> Running {
+    Running::spawn(Command::new(binary("vmm")).args([
         "--kernel",
         guest("source-workload").to_str().unwrap(),
         "--memory",
         "128M",
         "--memory-backend",
         "anon",
-    ]));
+    ]))
+}
+
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() {
+    use guest_images::workload::{TEXT_GPA, TEXT_LEN};
+    let dir = TempDir::new("kernel-mirror");
+    let mut source = anonymous_ram_vmm();
     let line = source.expect_line("workload: text sha256 ", Duration::from_secs(60));
     let expected = line.rsplit(' ').next().unwrap().to_string();
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", source.child.id())).unwrap();
@@ -437,14 +442,7 @@ impl Drop for ThpMode {
 #[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
 fn kernel_mirror_refuses_by_name_a_thp_backed_source_that_this_kvm_cannot_map() {
     let _thp = ThpMode::always();
-    let mut source = Running::spawn(Command::new(binary("vmm")).args([
-        "--kernel",
-        guest("source-workload").to_str().unwrap(),
-        "--memory",
-        "128M",
-        "--memory-backend",
-        "anon",
-    ]));
+    let mut source = anonymous_ram_vmm();
     source.expect_line("workload: ready", Duration::from_secs(60));
     let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", source.child.id())).unwrap();
     let huge: u64 = smaps

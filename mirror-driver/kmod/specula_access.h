@@ -46,6 +46,8 @@
 #include <linux/uidgid.h>
 #include <linux/version.h>
 
+#include "specula_mirror.h"
+
 /* The struct pid a pidfd refers to, borrowed from @file. */
 static inline struct pid *specula_pidfd_pid(struct file *file)
 {
@@ -173,6 +175,32 @@ static inline int specula_check_range(u32 flags, u32 reserved, u64 start,
 	    length > TASK_SIZE_MAX - start)
 		return -EINVAL;
 	return 0;
+}
+
+/*
+ * Both modules' start of SPECULA_MIRROR_ATTACH: the range checks, the source's
+ * mm (with an mm_users reference: mmput() it) if the caller may ptrace it, and
+ * the range within that mm. Never the caller's own mm: the fault path takes
+ * the source's mmap_lock under the importer's.
+ */
+static inline struct mm_struct *
+specula_attach_source(const struct specula_mirror_attach *a, u64 max_length)
+{
+	struct mm_struct *mm;
+	int err;
+
+	err = specula_check_range(a->flags, a->reserved, a->start, a->length,
+				  max_length);
+	if (err)
+		return ERR_PTR(err);
+	mm = specula_source_mm(a->pidfd);
+	if (IS_ERR(mm))
+		return mm;
+	if (mm == current->mm || a->start + a->length > mm->task_size) {
+		mmput(mm);
+		return ERR_PTR(-EINVAL);
+	}
+	return mm;
 }
 
 #endif /* SPECULA_ACCESS_H */

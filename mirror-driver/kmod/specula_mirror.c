@@ -420,19 +420,9 @@ static long mirror_attach(struct specula_mirror_attach __user *uarg)
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
-	ret = specula_check_range(a.flags, a.reserved, a.start, a.length,
-				  MIRROR_MAX_LENGTH);
-	if (ret)
-		return ret;
-
-	mm = specula_source_mm(a.pidfd);
+	mm = specula_attach_source(&a, MIRROR_MAX_LENGTH);
 	if (IS_ERR(mm))
 		return PTR_ERR(mm);
-	/* The fault path takes the source's mmap_lock under the importer's. */
-	if (mm == current->mm || a.start + a.length > mm->task_size) {
-		ret = -EINVAL;
-		goto out_mmput;
-	}
 	ret = mirror_check_vmas(mm, a.start, a.start + a.length);
 	if (ret)
 		goto out_mmput;

@@ -162,16 +162,9 @@ static long baseline_attach(struct specula_mirror_attach __user *uarg)
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
-	ret = specula_check_range(a.flags, a.reserved, a.start, a.length,
-				  BASELINE_MAX_LENGTH);
-	if (ret)
-		return ret;
-	mm = specula_source_mm(a.pidfd);
+	mm = specula_attach_source(&a, BASELINE_MAX_LENGTH);
 	if (IS_ERR(mm))
 		return PTR_ERR(mm);
-	ret = -EINVAL;
-	if (mm == current->mm || a.start + a.length > mm->task_size)
-		goto out_mmput;
 
 	ret = -ENOMEM;
 	b = kzalloc(sizeof(*b), GFP_KERNEL_ACCOUNT);
