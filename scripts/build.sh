@@ -11,10 +11,12 @@ cargo build --workspace --all-targets
 build_linux() {
     local dir="$1" suite="${2:-}" stale=""
     local outputs="vmlinuz initramfs.cpio.gz introspect.cpio.gz busybox kvm-modules/kvm-amd.ko"
-    # The default suite's kernel also gets the kernel mirror device (mirror-driver/kmod).
-    [ -n "$suite" ] || outputs="$outputs kmod/specula_mirror.ko kmod/specula_pin_baseline.ko"
+    # The default suite's kernel also gets the kernel mirror device (mirror-driver/kmod)
+    # and the modules the L1 swaps with.
+    [ -n "$suite" ] || outputs="$outputs kmod/specula_mirror.ko kmod/specula_pin_baseline.ko l1-modules/zram.ko"
     for f in $outputs; do [ -f "$dir/$f" ] || stale=1; done
-    for src in guest-images/linux/build.sh guest-images/linux/specula-marker.c guest-images/linux/rootkit/* \
+    for src in guest-images/linux/build.sh guest-images/linux/specula-marker.c guest-images/linux/specula-forger.c \
+        guest-images/linux/rootkit/* \
         mirror-driver/kmod/* mirror-driver/kmod/baseline/*; do
         [ -n "$stale" ] || [ ! "$src" -nt "$dir/introspect.cpio.gz" ] || stale=1
     done
@@ -24,3 +26,9 @@ build_linux() {
 }
 build_linux target/guest-images/linux
 build_linux target/guest-images/linux-trixie trixie
+# The kernel mirror device against a second kernel series (Linux 6.12's headers, from
+# Debian 12 backports): built, with warnings as errors, whenever its sources change.
+kmod612=target/guest-images/kmod-6.12
+if [ ! -f "$kmod612/specula_mirror.ko" ] || [ -n "$(find mirror-driver/kmod -newer "$kmod612/specula_mirror.ko" -type f)" ]; then
+    mirror-driver/kmod/build-backports.sh "$kmod612"
+fi

@@ -38,25 +38,27 @@ vaddr=$(sed 's/.* vaddr=\(0x[0-9a-f]*\).*/\1/' <<<"$marker_line")
 secret=$(sed 's/.* text=\([^ ]*\).*/\1/' <<<"$marker_line")
 
 say "inspector: attach to QEMU through QMP, map all guest RAM read-only (no change to QEMU)"
-"$inspector" --qemu-qmp "$run/qmp.sock" --all --control-socket "$run/control.sock" --serial null \
+"$inspector" --qemu-qmp "$run/qmp.sock" --all --api-socket "$run/specula.sock" --control-socket "$run/control.sock" --serial null \
     > >(tee "$run/inspector.log" | sed -u 's/^/[inspector] /') 2>&1 &
 pids+=($!)
 wait_for "$run/inspector.log" "agent ready"
-ask status
-ask grants
-ask vcpus
+spec status
+spec grants
+spec vcpus
 
 say "OS views computed in the agent from guest RAM alone (VMCOREINFO, kallsyms, BTF; no symbol files)"
-ask kernel
-echo "\$ inspector ps"; "$inspector" ps --control-socket "$run/control.sock" | tr ' ' '\n' | grep -v ':2:0:' | sed 's/^/    /'
-ask lsmod
-ask check-syscalls
+spec kernel
+echo "\$ specula ps   (kernel threads, children of kthreadd, left out)"
+"$specula" --socket "$run/specula.sock" ps | awk 'NR == 1 || $2 != 2' | cut -c1-150
+spec lsmod
+spec check-syscalls
+spec checks || echo "(the checks found something: exit status $?)"
 
 say "the agent finds the kernel's banner in guest RAM"
-hits=$("$inspector" scan 0x100000 0x1ff00000 "$(hex 'Linux version ')" --control-socket "$run/control.sock" | sed 's/.*gpas=//; s/,/ /g')
+hits=$(line scan 0x100000 0x1ff00000 "$(hex 'Linux version ')" | sed 's/.*gpas=//; s/,/ /g')
 for gpa in $hits; do
     # The first copy that reads as the whole banner (others sit in compressed or freed data).
-    text=$(ascii "$("$inspector" read "$gpa" 160 --control-socket "$run/control.sock")")
+    text=$(ascii "$(line read "$gpa" 160)")
     if [[ "$text" == *"(gcc"*"#1 SMP"* ]]; then
         echo "banner at $gpa: $text"
         break
@@ -69,17 +71,18 @@ wait_for "$run/console.log" "^pagemap "
 entry=$(grep '^pagemap ' "$run/console.log" | tail -1 | awk '{print $2}')
 physical=$(printf '%#x' $(( ((0x$entry & ((1 << 55) - 1)) << 12) + (vaddr & 0xfff) )))
 echo "guest: physical address $physical"
-ask scan 0x100000 0x1ff00000 "$(hex "$secret")"
-echo "read $physical: $(ascii "$("$inspector" read "$physical" ${#secret} --control-socket "$run/control.sock")")"
+spec scan 0x100000 0x1ff00000 "$secret"
+echo "read $physical: $(ascii "$(line read "$physical" ${#secret})")"
 
 say "the inspector stops QEMU's vCPUs (QMP stop) and lets them run again (cont)"
-ask pause
-ask resume
+spec pause
+spec resume
+spec status
 sleep 0.3
 
 say "QEMU is killed; the inspector keeps serving the last contents"
 kill -9 "$qemu"
 wait_for "$run/inspector.log" "source gone"
-ask status
-echo "read $physical: $(ascii "$("$inspector" read "$physical" ${#secret} --control-socket "$run/control.sock")")"
+spec status
+echo "read $physical: $(ascii "$(line read "$physical" ${#secret})")"
 say "done"

@@ -33,36 +33,38 @@ pids+=($!)
 wait_for "$run/source.log" "workload: ready"
 
 say "inspector: attach, map all source RAM read-only, watch the kernel text (0x1010000+256K)"
-"$inspector" --source-socket "$run/mirror.sock" --all --control-socket "$run/control.sock" \
+"$inspector" --source-socket "$run/mirror.sock" --all --api-socket "$run/specula.sock" \
     --watch 0x1010000:0x40000 --watch-interval-ms 100 \
     > >(tee "$run/inspector.log" | sed -u 's/^/[inspector] /') 2>&1 &
 pids+=($!)
 wait_for "$run/inspector.log" "baseline taken"
 
 say "the agent reads, hashes and scans source memory through its read-only window"
-ask status
-ask read 0x1000000 16
-ask hash 0x1010000 0x40000
-ask scan 0x1000000 0x100000 "$(printf 'sshd' | od -An -tx1 | tr -d ' \n')"
-ask vcpus
+spec status
+spec read 0x1000000 32
+spec hash 0x1010000 0x40000
+spec scan 0x1000000 0x100000 sshd
+spec vcpus
 
 say "the source workload modifies its kernel text"
 echo "text-modify 4096" >&3
 wait_for "$run/inspector.log" "integrity watch 0:"
 sleep 0.3
+spec watch list
+spec watch findings 0
 
 say "the source VMM discards a page; the inspector reads zeros there"
 echo "source api: discard 0x1100000 4096 -> $(api 'discard 0x1100000 4096')"
-ask read 0x1100000 16
+spec read 0x1100000 16
 
 say "the source revokes the grant holding 0x1800000: the chunk is re-homed, old fds see a dead snapshot"
 grant=$(api grants | tr ' ' '\n' | awk -F: '$2 == "0x1800000" { print $1 }')
 echo "source api: revoke $grant -> $(api "revoke $grant")"
-ask read 0x1800000 16 || true
+spec read 0x1800000 16 || true
 
 say "the source exits; the inspector keeps serving the last contents"
 echo "exit 0" >&3
 wait_for "$run/inspector.log" "source gone"
-ask status
-ask read 0x1000000 16
+spec status
+spec read 0x1000000 16
 say "done"

@@ -11,16 +11,16 @@
 #   scripts/fuzz.sh run TARGET [ARGS...]   one target, extra libFuzzer arguments
 #   scripts/fuzz.sh repro TARGET FILE...   replay crash files or corpus entries
 #
-# Corpora: mirror-driver/fuzz/seeds/TARGET (committed, read-only seeds) and
-# mirror-driver/fuzz/corpus/TARGET (grown, ignored by git). Crashes land in
-# mirror-driver/fuzz/artifacts/TARGET/, logs in mirror-driver/fuzz/logs/.
+# Corpora: fuzz/seeds/TARGET (committed, read-only seeds) and
+# fuzz/corpus/TARGET (grown, ignored by git). Crashes land in
+# fuzz/artifacts/TARGET/, logs in fuzz/logs/.
 # The crashes the long run found (docs/fuzzing.md) are fixed; their inputs stay in
-# mirror-driver/fuzz/known-bugs/ as regression seeds (`repro` replays them).
+# fuzz/known-bugs/ as regression seeds (`repro` replays them).
 # One fuzzing process at a time (single worker): the figures are per core.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-FUZZ="$ROOT/mirror-driver/fuzz"
+FUZZ="$ROOT/fuzz"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 BIN="$FUZZ/target/$TRIPLE/release"
 TARGETS=(decode wire_recv line_request control_unhex cli_args boot_kernel agent_reply os_parsers qemu_state)

@@ -10,9 +10,11 @@
 #                    module built against the guest kernel's headers
 #   xz-utils         Debian 13's kernel modules are .ko.xz
 #   yara             the benchmark's baseline for YARA scans (the command-line tool)
+#   dwarves          pahole: module BTF when the kernel mirror device is built against
+#                    Linux 6.12's headers (mirror-driver/kmod/build-backports.sh)
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils yara)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils yara dwarves)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

@@ -1,7 +1,8 @@
 //! `inspector-agent`: runs inside the inspector VM, in ring 3 at native speed,
 //! over the mirror window where the inspector mapped granted source RAM as
 //! read-only memslots. It serves commands from a ring in its RAM (layout in
-//! `src/agent.rs`): read, hash (xxh64 and SHA-256), scan for a pattern, and an
+//! `src/agent.rs`): read, hash (xxh64 and SHA-256, from the `xxhash-rust` and `sha2`
+//! crates the host uses too), scan for a pattern, and an
 //! integrity watch; it sleeps on the doorbell between batches.
 //!
 //! The window's contents change under the agent as the source runs; the agent
@@ -16,16 +17,14 @@ extern crate alloc;
 mod rt;
 #[path = "../src/agent.rs"]
 mod agent;
-#[path = "../src/sha256.rs"]
-mod sha256;
-#[path = "../src/xxh64.rs"]
-mod xxh64;
 mod os_views;
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
 use agent::*;
+use sha2::Digest;
+use xxhash_rust::xxh64::xxh64;
 
 /// The heap, in agent RAM at [`HEAP_GPA`]; the OS views allocate.
 #[global_allocator]
@@ -49,6 +48,8 @@ static mut WATCHES: [(u64, u64); MAX_WATCHES] = [(0, 0); MAX_WATCHES];
 struct Window {
     base: u64,
     len: u64,
+    /// Keys the read-set digests of the OS views.
+    digest_key: (u64, u64),
 }
 
 impl Window {
@@ -93,7 +94,7 @@ fn main(info: &rt::BootInfo) -> u8 {
         println!("agent: the memory map has no mirror window at {:#x}", h.window_base);
         return 2;
     }
-    let window = Window { base: h.window_base, len: h.window_len };
+    let window = Window { base: h.window_base, len: h.window_len, digest_key: (h.digest_key[0], h.digest_key[1]) };
     // SAFETY: HEAP_GPA..+HEAP_SIZE is agent RAM (checked against ram_end above) that
     // nothing else uses; the heap is initialized once, before any allocation.
     unsafe { ALLOCATOR.lock().init(HEAP_GPA as *mut u8, HEAP_SIZE as usize) };
@@ -149,9 +150,9 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
         }
         OP_HASH => {
             let src = window.slice(a0, a1).ok_or(STATUS_OUT_OF_WINDOW)?;
-            let digest = sha256::digest(src);
+            let digest = sha2::Sha256::digest(src);
             data(i)[..32].copy_from_slice(&digest);
-            [xxh64::xxh64(src, 0), 0, 0, 0]
+            [xxh64(src, 0), 0, 0, 0]
         }
         OP_SCAN => {
             let plen = a2 as usize;
@@ -172,7 +173,7 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             let src = window.slice(a1, a2).ok_or(STATUS_OUT_OF_WINDOW)?;
             let baseline = baseline(id);
             for (page, digest) in src.chunks(PAGE as usize).zip(baseline.iter_mut()) {
-                *digest = xxh64::xxh64(page, 0);
+                *digest = xxh64(page, 0);
             }
             // SAFETY: one vCPU runs the agent.
             unsafe { (*core::ptr::addr_of_mut!(WATCHES))[id] = (a1, a2) };
@@ -189,7 +190,7 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             let out = data(i);
             let mut changed = 0u64;
             for (n, (page, digest)) in src.chunks(PAGE as usize).zip(baseline(id).iter_mut()).enumerate() {
-                let now = xxh64::xxh64(page, 0);
+                let now = xxh64(page, 0);
                 if now != *digest {
                     *digest = now;
                     let at = changed as usize * 8;
@@ -220,7 +221,7 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
                 }
                 let index = ((page - gpa) / PAGE) as usize;
                 let at = index * PAGE as usize;
-                let now = xxh64::xxh64(&src[at..at + PAGE as usize], 0);
+                let now = xxh64(&src[at..at + PAGE as usize], 0);
                 if now != digests[index] {
                     digests[index] = now;
                     // changed <= n: the output never overtakes the input still to read.
@@ -264,10 +265,10 @@ fn execute(window: &Window, i: usize, s: &Slot) -> Result<[u64; 4], u32> {
             }
             [n, 0, 0, 0]
         }
-        OP_OS_DISCOVER..=OP_OS_SYMBOLS => {
+        OP_OS_DISCOVER..=OP_OS_SYMBOLS | OP_OS_VALIDATE => {
             // SAFETY: one vCPU runs the agent, and `OS` is only touched here.
             let os = unsafe { &mut *core::ptr::addr_of_mut!(OS) };
-            return os_views::execute(os, window.base, window.len, s.op, s.args, data(i));
+            return os_views::execute(os, window.base, window.len, window.digest_key, s.op, s.args, data(i));
         }
         _ => return Err(STATUS_UNKNOWN_OP),
     };

@@ -9,9 +9,12 @@
 # 6.1); another suite (trixie: Linux 6.12) is fetched through a private apt
 # configuration under the build directory, leaving the system's untouched.
 #
-# Needs apt-get (to download the packages), dpkg-deb, cpio, gzip, xz and gcc
-# (with glibc's static libc.a, from libc6-dev); for the default suite also make
-# and the kernel's linux-headers package (the test rootkit is built against it).
+# Needs apt-get (to download the packages), dpkg-deb, cpio, gzip, xz, gcc
+# (with glibc's static libc.a, from libc6-dev) and make; for the default suite
+# also the kernel's linux-headers package (the test rootkit is built against it).
+# For another suite the rootkit is built against that kernel's own headers
+# packages, downloaded and unpacked here, with the kbuild tools of the same
+# kernel series from bookworm-backports (see build_suite_headers below).
 # Writes into OUT_DIR:
 #   vmlinuz, kernel-version  the kernel and its release (uname -r)
 #   kvm-modules/, busybox    irqbypass.ko, kvm.ko and kvm-amd.ko of that kernel, and
@@ -23,9 +26,12 @@
 #                            from specula-marker.c, and sleeps), loads dummy.ko from the
 #                            same kernel package, prints its ground truth between
 #                            "=== specula ground truth begin/end ===" lines and runs a
-#                            shell on ttyS0. With the default suite it also holds
-#                            /lib/specula_rootkit.ko (rootkit/specula_rootkit.c), which
-#                            the rootkit tests load.
+#                            shell on ttyS0. It also holds /lib/specula_rootkit.ko
+#                            (rootkit/specula_rootkit.c), which the rootkit tests load,
+#                            and /bin/specula-forger (specula-forger.c), which forges a
+#                            second kernel in its pages for the forgery tests.
+#   l1-modules/              with the default suite: zsmalloc.ko, zram.ko and
+#                            lzo-rle.ko, for swap to zram in the L1
 #   kmod/                    with the default suite: specula_mirror.ko and
 #                            specula_pin_baseline.ko (mirror-driver/kmod), built
 #                            against the same headers as the rootkit.
@@ -104,15 +110,85 @@ for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
         *) cp "$f" "$out/kvm-modules/$(basename "$m")" ;;
     esac
 done
+# Swap to zram in the L1 (the kernel mirror's swap test): zram, its allocator and its
+# default compressor, which the L1 loads by hand (it has no modprobe).
+if [ -z "$suite" ]; then
+    mkdir -p "$out/l1-modules"
+    for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko; do
+        f="$(ls "$modules_root/lib/modules/$version/kernel/$m"* 2>/dev/null | head -1)"
+        [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
+        case "$f" in
+            *.xz) xz -dc "$f" > "$out/l1-modules/$(basename "$m")" ;;
+            *) cp "$f" "$out/l1-modules/$(basename "$m")" ;;
+        esac
+    done
+fi
 cp busybox/bin/busybox "$out/busybox"
+# build_suite_headers: unpacks the kernel's linux-headers package, its -common and
+# its linux-kbuild from the suite into $work/headers and prints the build tree. The
+# kbuild programs are built for that suite's glibc (trixie's modpost and objtool
+# need GLIBC_2.38; Debian 12 has 2.36), so the build tree's scripts and tools point
+# at the linux-kbuild package of the same kernel series from bookworm-backports
+# (built for Debian 12) instead; the kbuild makefiles stay the suite's. Modules built against bookworm-backports' own
+# headers do not load: their vermagic names another release and most symbol CRCs
+# differ from this kernel's Module.symvers.
+build_suite_headers() {
+    local headers_pkg="linux-headers-$version" common_pkg kbuild_pkg bpo_kbuild_pkg series bpo root tree
+    common_pkg="$(apt-cache "${kernel_apt[@]}" depends "$headers_pkg" 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-headers-.*-common$/ {print $2; exit}')"
+    kbuild_pkg="$(apt-cache "${kernel_apt[@]}" depends "$headers_pkg" 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-kbuild-/ {print $2; exit}')"
+    [ -n "$common_pkg" ] && [ -n "$kbuild_pkg" ] \
+        || { echo "build.sh: cannot resolve $headers_pkg's -common and kbuild packages in $suite" >&2; return 1; }
+    series="$(echo "$version" | cut -d. -f1,2)"
+    bpo="$work/apt-bpo"
+    mkdir -p "$bpo/lists/partial" "$bpo/cache/archives/partial"
+    chmod -R 755 "$bpo"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main" \
+        > "$bpo/sources.list"
+    local bpo_apt=(-o "Dir::Etc::SourceList=$bpo/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$bpo/lists" -o "Dir::Cache=$bpo/cache")
+    apt-get "${bpo_apt[@]}" update -qq || { echo "build.sh: cannot fetch bookworm-backports' package lists" >&2; return 1; }
+    bpo_kbuild_pkg="$(apt-cache "${bpo_apt[@]}" search --names-only "^linux-kbuild-${series//./\\.}\\." | awk '{print $1}' | sort -V | tail -1)"
+    [ -n "$bpo_kbuild_pkg" ] || { echo "build.sh: bookworm-backports has no linux-kbuild-$series.* for $version" >&2; return 1; }
+    apt-get "${kernel_apt[@]}" download "$headers_pkg" "$common_pkg" "$kbuild_pkg" >/dev/null 2>&1 \
+        || { echo "build.sh: cannot download $headers_pkg, $common_pkg and $kbuild_pkg from $suite" >&2; return 1; }
+    apt-get "${bpo_apt[@]}" download "$bpo_kbuild_pkg" >/dev/null 2>&1 \
+        || { echo "build.sh: cannot download $bpo_kbuild_pkg from bookworm-backports" >&2; return 1; }
+    root="$work/headers"
+    mkdir -p "$root"
+    for deb in "$headers_pkg"_*.deb "$common_pkg"_*.deb "$kbuild_pkg"_*.deb "$bpo_kbuild_pkg"_*.deb; do
+        dpkg-deb -x "$deb" "$root"
+    done
+    tree="$root/usr/src/$headers_pkg"
+    [ -f "$tree/Makefile" ] || { echo "build.sh: $headers_pkg has no Makefile" >&2; return 1; }
+    sed -i "s|^include /usr/src/|include $root/usr/src/|" "$tree/Makefile"
+    # The programs are run from the build tree's scripts and tools; the makefiles
+    # are read from the source tree's (-common's), which stay the suite's own.
+    ln -sfn "$root/usr/lib/$bpo_kbuild_pkg/scripts" "$tree/scripts"
+    ln -sfn "$root/usr/lib/$bpo_kbuild_pkg/tools" "$tree/tools"
+    echo "$tree"
+}
+command -v make >/dev/null || { echo "build.sh: missing make (scripts/install-deps.sh installs it)" >&2; exit 1; }
+rootkit_make=()
 if [ -z "$suite" ]; then
     headers="/usr/src/linux-headers-$version"
     [ -f "$headers/Makefile" ] || { echo "build.sh: $headers is missing: install linux-headers-$version (scripts/install-deps.sh installs linux-headers-cloud-amd64, which must match $kernel_pkg)" >&2; exit 1; }
-    command -v make >/dev/null || { echo "build.sh: missing make (scripts/install-deps.sh installs it)" >&2; exit 1; }
-    mkdir rootkit
-    cp "$here/rootkit/specula_rootkit.c" "$here/rootkit/Kbuild" rootkit/
-    make -s -C "$headers" M="$work/rootkit" modules >rootkit/build.log 2>&1 \
-        || { cat rootkit/build.log >&2; echo "build.sh: building the test rootkit against $headers failed" >&2; exit 1; }
+else
+    headers="$(build_suite_headers)" || exit 1
+    # The suite's kernel was built by its own gcc (trixie: 14): use this one, without
+    # the options it lacks (-fmin-function-alignment: gcc 14; then -falign-functions
+    # aligns the module's functions), and without module BTF (this pahole may lack
+    # the kernel's --btf_features; the BTF is optional and nothing here reads it).
+    rootkit_make=(CC=gcc CONFIG_DEBUG_INFO_BTF_MODULES=)
+    gcc -fmin-function-alignment=16 -x c -c -o /dev/null /dev/null 2>/dev/null \
+        || rootkit_make+=(CONFIG_CC_HAS_MIN_FUNCTION_ALIGNMENT=)
+fi
+mkdir rootkit
+cp "$here/rootkit/specula_rootkit.c" "$here/rootkit/Kbuild" rootkit/
+make -s -C "$headers" M="$work/rootkit" "${rootkit_make[@]}" modules >rootkit/build.log 2>&1 \
+    || { cat rootkit/build.log >&2; echo "build.sh: building the test rootkit against $headers failed" >&2; exit 1; }
+if [ -z "$suite" ]; then
     # The kernel mirror device and its pinning baseline (mirror-driver/kmod);
     # that script prints its build log itself when it fails.
     "$root/mirror-driver/kmod/build.sh" "$headers" "$out/kmod" \
@@ -120,6 +196,8 @@ if [ -z "$suite" ]; then
 fi
 gcc -static -O2 -Wall -Wextra -o specula-marker "$here/specula-marker.c" \
     || { echo "build.sh: gcc -static failed (needs libc6-dev's libc.a)" >&2; exit 1; }
+gcc -static -O2 -Wall -Wextra -Werror -o specula-forger "$here/specula-forger.c" \
+    || { echo "build.sh: gcc -static of specula-forger.c failed" >&2; exit 1; }
 mkdir -p introspect/{bin,dev,etc,proc,sys,tmp,root} "introspect/$(dirname "$dummy")"
 printf 'root:x:0:0:root:/root:/bin/sh\nspecula:x:1000:1000:specula:/tmp:/bin/sh\n' > introspect/etc/passwd
 printf 'root:x:0:\nspecula:x:1000:\n' > introspect/etc/group
@@ -129,11 +207,10 @@ for applet in sh ash mount echo cat uname ps insmod rmmod lsmod sleep usleep gre
     ln -sf busybox "introspect/bin/$applet"
 done
 cp specula-marker introspect/bin/specula-marker
+cp specula-forger introspect/bin/specula-forger
 cp "$modules_root/$dummy" "introspect/$dummy"
-if [ -z "$suite" ]; then
-    mkdir -p introspect/lib
-    cp rootkit/specula_rootkit.ko introspect/lib/
-fi
+mkdir -p introspect/lib
+cp rootkit/specula_rootkit.ko introspect/lib/
 cat > introspect/init <<'INIT'
 #!/bin/sh
 export PATH=/bin HOME=/root

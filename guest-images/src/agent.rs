@@ -101,6 +101,32 @@ pub const MAX_OS_RANGES: usize = 4096;
 /// args[1] is 1: a u32 count, then a u32 vCPU index and a u64 value each).
 pub const MAX_OS_VCPUS: usize = 1024;
 
+/// The OS views a re-walk can be spared. When `args[3]` is [`LIST_PAGES_READ`], the agent
+/// lists with the reply what the walk read (page tables included), one 24-byte record
+/// per source page, sorted by page: `gpa u64` (page-aligned), `lines u64` (bit `i` set:
+/// the walk read bytes of the page's 64-byte line `i`), `digest u64` (keyed hash of
+/// those lines' contents, as the walk read them). `result[1]` records from data offset
+/// `result[2]` (8-aligned, after the reply); `result[1]` = [`READ_SET_NONE`] when it kept
+/// no list (too many pages, or a line that changed between two reads of one walk).
+pub const fn lists_pages_read(op: u32) -> bool {
+    matches!(op, OP_OS_KERNEL | OP_OS_PROCESSES | OP_OS_MODULES | OP_OS_VMAS | OP_OS_SYSCALLS | OP_OS_CHECKS)
+}
+/// `args[3]` of such a view when the inspector wants the list (it costs the walk a
+/// keyed hash per line read, wasted where no dirty-page feed can make use of it).
+pub const LIST_PAGES_READ: u64 = 1;
+/// `result[1]` of an OS view whose read set the agent did not keep.
+pub const READ_SET_NONE: u64 = u64::MAX;
+/// Most pages one read set lists (a walk that reads more is not listed).
+pub const MAX_READ_SET_PAGES: usize = 1 << 14;
+/// Bytes per read-set record.
+pub const READ_RECORD: usize = 24;
+/// `args = [count]`, after the granted ranges in the data area: `count` read-set records
+/// (see [`lists_pages_read`]); `result[0]` = how many of them, from the first, still
+/// hold the contents their digest says (`count` when all do).
+pub const OP_OS_VALIDATE: u32 = 18;
+/// Most records one [`OP_OS_VALIDATE`] carries.
+pub const MAX_VALIDATE_RECORDS: usize = (DATA_SLOT_SIZE as usize - 4 - MAX_OS_RANGES * 16) / READ_RECORD;
+
 /// Statuses.
 pub const STATUS_OK: u32 = 0;
 pub const STATUS_OUT_OF_WINDOW: u32 = 1;
@@ -123,6 +149,9 @@ pub struct RingHeader {
     pub agent_state: u32,
     pub slots: u32,
     pub completed: u64,
+    /// The SipHash key of read-set digests: random, from the inspector, never seen by
+    /// the source, so a source cannot make changed contents keep their digest.
+    pub digest_key: [u64; 2],
 }
 
 /// One command slot.

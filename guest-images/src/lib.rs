@@ -41,6 +41,11 @@ pub fn images_dir() -> PathBuf {
     found.unwrap_or_else(|| PathBuf::from(env!("SPECULA_GUEST_IMAGES_DIR")))
 }
 
+/// The inspector's agent image, built into the binaries that link this crate, so that
+/// an `inspector` copied or installed alone still has its agent.
+pub static INSPECTOR_AGENT_ELF: &[u8] =
+    include_bytes!(concat!(env!("SPECULA_GUEST_IMAGES_DIR"), "/inspector-agent.elf"));
+
 /// Path of the image called `name` (e.g. `hello` -> `target/guest-images/hello.elf`).
 pub fn image_path(name: &str) -> PathBuf {
     images_dir().join(std::format!("{name}.elf"))

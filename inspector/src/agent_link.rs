@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use guest_images::agent::*;
+use specula_common::sync::lock;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::devices::doorbell::Doorbell;
 use vmm::memory::SharedMemory;
@@ -96,6 +97,17 @@ pub struct AgentLink {
     seq: Mutex<u64>,
 }
 
+/// A random word from the kernel (getrandom).
+fn random_u64() -> Result<u64, AgentError> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into a live buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        return Err(AgentError::Memory(format!("getrandom: {}", std::io::Error::last_os_error())));
+    }
+    Ok(u64::from_le_bytes(bytes))
+}
+
 impl AgentLink {
     /// Writes the ring header (before the agent boots).
     pub fn new(
@@ -111,6 +123,7 @@ impl AgentLink {
             agent_state: AGENT_BOOTING,
             slots: RING_SLOTS as u32,
             completed: 0,
+            digest_key: [random_u64()?, random_u64()?],
         };
         write_struct(&memory, RING_GPA, &header)?;
         Ok(Self {
@@ -257,10 +270,6 @@ impl AgentLink {
 
 /// Longest error text taken from the agent.
 const MAX_ERROR_TEXT: u32 = 1024;
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn write_struct<T: Copy>(memory: &GuestMemoryMmap, gpa: u64, value: &T) -> Result<(), AgentError> {
     // SAFETY: T is a repr(C) plain-data ABI struct; viewing it as bytes is sound.

@@ -7,27 +7,12 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use tokio::sync::broadcast;
 
 /// Events kept for clients that reconnect.
 pub const BACKLOG: usize = 4096;
 
-/// One event.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
-pub struct Event {
-    /// Increases by one per event, from 1.
-    pub seq: u64,
-    /// Milliseconds since the Unix epoch.
-    pub time_ms: u64,
-    /// `watch.changed`, `watch.failed`, `grant.revoked`, `source.paused`, `source.resumed`,
-    /// `source.discarded`, `source.gone`, or `events.missed` (the backlog no longer held
-    /// what the client asked for).
-    pub kind: String,
-    /// Kind-specific fields.
-    #[schema(value_type = Object)]
-    pub detail: serde_json::Value,
-}
+pub use specula_api::Event;
 
 /// Where events are published and replayed from.
 pub struct EventBus {
@@ -48,7 +33,7 @@ impl EventBus {
 
     /// Publishes an event; returns its sequence number.
     pub fn publish(&self, kind: &str, detail: serde_json::Value) -> u64 {
-        let mut backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let mut backlog = specula_common::sync::lock(&self.backlog);
         let seq = backlog.back().map_or(1, |e| e.seq + 1);
         let time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let event = Event { seq, time_ms, kind: kind.to_string(), detail };
@@ -64,7 +49,7 @@ impl EventBus {
     /// The events after `since` still in the backlog (preceded by an `events.missed` event
     /// when some were dropped), and a receiver for everything after them.
     pub fn subscribe(&self, since: u64) -> (Vec<Event>, broadcast::Receiver<Event>) {
-        let backlog = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        let backlog = specula_common::sync::lock(&self.backlog);
         let receiver = self.live.subscribe();
         let mut replay = Vec::new();
         if let Some(oldest) = backlog.front() {
@@ -78,7 +63,7 @@ impl EventBus {
 
     /// The newest sequence number (0 before any event).
     pub fn last_seq(&self) -> u64 {
-        self.backlog.lock().unwrap_or_else(|p| p.into_inner()).back().map_or(0, |e| e.seq)
+        specula_common::sync::lock(&self.backlog).back().map_or(0, |e| e.seq)
     }
 }
 

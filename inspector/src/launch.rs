@@ -1,6 +1,7 @@
 //! `specula launch`: starts a source and an inspector attached to it, and supervises
 //! both. The source is a Specula `vmm` running a guest image, or a Linux guest under an
-//! unmodified QEMU (TCG or KVM) with memfd RAM. Ctrl-C (or SIGTERM) stops both; a crash
+//! unmodified QEMU (TCG or KVM), with memfd RAM shared over a socket or, with
+//! `attach = "pid"`, private anonymous RAM reached through the kernel mirror device. Ctrl-C (or SIGTERM) stops both; a crash
 //! of either is reported and stops the other. The inspector's API socket and the
 //! source's sockets live in one run directory.
 
@@ -12,6 +13,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+
+/// Why a launch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("bad launch file")]
+    BadFile(#[source] toml::de::Error),
+    #[error("{path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown {what} '{value}': {expected}")]
+    Setting { what: &'static str, value: String, expected: &'static str },
+    #[error("cannot start {what}")]
+    Start {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{who} exited ({status}) while we waited for {awaited}")]
+    Exited { who: String, status: ExitStatus, awaited: String },
+    #[error("{who}: waited 120 s for {awaited} in vain")]
+    TimedOut { who: String, awaited: String },
+    #[error("{0}")]
+    Missing(&'static str),
+}
 
 /// What to launch (the command line's flags, or a TOML file with the same names).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -40,6 +68,17 @@ pub struct LaunchConfig {
     /// QEMU accelerator (`tcg` or `kvm`).
     #[serde(default = "default_accel")]
     pub accel: String,
+    /// How the inspector reaches the source's RAM: `socket` (the source shares it as
+    /// memfd: the vmm's mirror socket, QEMU's memfd backend with QMP) or `pid` (the
+    /// source keeps private anonymous RAM, as VMMs do by default, and the inspector
+    /// attaches by pid through the kernel mirror device; needs KVM and
+    /// `specula_mirror.ko`).
+    #[serde(default = "default_attach")]
+    pub attach: String,
+}
+
+fn default_attach() -> String {
+    "socket".into()
 }
 
 fn default_source() -> String {
@@ -57,8 +96,8 @@ fn default_accel() -> String {
 
 impl LaunchConfig {
     /// Reads a TOML launch file.
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| format!("bad launch file: {e}"))
+    pub fn from_toml(text: &str) -> Result<Self, LaunchError> {
+        toml::from_str(text).map_err(LaunchError::BadFile)
     }
 }
 
@@ -87,34 +126,58 @@ fn unblocked(mut cmd: Command) -> Command {
     cmd
 }
 
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, String> {
-    std::fs::File::create(dir.join(name)).map_err(|e| format!("{}: {e}", dir.join(name).display()))
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File, LaunchError> {
+    std::fs::File::create(dir.join(name)).map_err(|source| LaunchError::File { path: dir.join(name), source })
 }
 
-fn wait_for(path: &Path, child: &mut Child, what: &str) -> Result<(), String> {
+/// Polls `ready` every 20 ms for up to 120 s; fails, naming `who` and what it waited
+/// for (`awaited`, e.g. "PATH to appear"), if `child` exits first or time runs out.
+fn wait_until(child: &mut Child, who: &str, awaited: &str, ready: impl Fn() -> bool) -> Result<(), LaunchError> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !path.exists() {
+    while !ready() {
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("{what} exited ({status}) before {} appeared", path.display()));
+            return Err(LaunchError::Exited { who: who.into(), status, awaited: awaited.into() });
         }
         if Instant::now() > deadline {
-            return Err(format!("{what}: {} did not appear", path.display()));
+            return Err(LaunchError::TimedOut { who: who.into(), awaited: awaited.into() });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
 
+fn wait_for(path: &Path, child: &mut Child, who: &str) -> Result<(), LaunchError> {
+    wait_until(child, who, &format!("{} to appear", path.display()), || path.exists())
+}
+
+/// Waits until the source's console has printed something: its VM exists, its RAM
+/// is in KVM memslots and its guest runs, so an attach by pid finds all of it.
+fn wait_for_console(path: &Path, child: &mut Child, who: &str) -> Result<(), LaunchError> {
+    let printed = || std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+    wait_until(child, who, &format!("output in {}", path.display()), printed)
+}
+
 /// Starts the source; returns it and the inspector's attach flags.
-fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), String> {
+fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), LaunchError> {
     let dir = &config.dir;
+    let by_pid = match config.attach.as_str() {
+        "socket" => false,
+        "pid" => true,
+        other => {
+            return Err(LaunchError::Setting { what: "attach mode", value: other.into(), expected: "socket or pid" })
+        }
+    };
     let mut child = match config.source.as_str() {
         "specula" => {
             let mut cmd = Command::new(sibling("vmm"));
             cmd.arg("--kernel").arg(&config.kernel);
             cmd.args(["--memory", &config.memory, "--cpus", &config.cpus.to_string()]);
             cmd.arg("--serial").arg(format!("file={}", dir.join("console.log").display()));
-            cmd.arg("--mirror-socket").arg(dir.join("mirror.sock"));
+            if by_pid {
+                cmd.args(["--memory-backend", "anon"]);
+            } else {
+                cmd.arg("--mirror-socket").arg(dir.join("mirror.sock"));
+            }
             cmd.arg("--api-socket").arg(dir.join("source-api.sock"));
             unblocked(cmd)
                 .stdin(Stdio::null())
@@ -126,8 +189,13 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), String> {
             let mut cmd = Command::new("qemu-system-x86_64");
             cmd.args(["-accel", &config.accel, "-nodefaults", "-nographic", "-display", "none"]);
             cmd.args(["-m", &config.memory, "-smp", &config.cpus.to_string()]);
-            cmd.args(["-object", &format!("memory-backend-memfd,id=ram0,size={},share=on", config.memory)]);
-            cmd.args(["-machine", "pc,memory-backend=ram0", "-no-reboot"]);
+            if by_pid {
+                // QEMU's own default: private anonymous RAM.
+                cmd.args(["-machine", "pc", "-no-reboot"]);
+            } else {
+                cmd.args(["-object", &format!("memory-backend-memfd,id=ram0,size={},share=on", config.memory)]);
+                cmd.args(["-machine", "pc,memory-backend=ram0", "-no-reboot"]);
+            }
             cmd.arg("-kernel").arg(&config.kernel);
             if let Some(initrd) = &config.initrd {
                 cmd.arg("-initrd").arg(initrd);
@@ -141,9 +209,16 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), String> {
                 .stderr(log_file(dir, "source.log")?)
                 .spawn()
         }
-        other => return Err(format!("unknown source kind '{other}': specula or qemu")),
+        other => {
+            return Err(LaunchError::Setting { what: "source kind", value: other.into(), expected: "specula or qemu" })
+        }
     }
-    .map_err(|e| format!("cannot start the {} source: {e}", config.source))?;
+    .map_err(|source| LaunchError::Start { what: format!("the {} source", config.source), source })?;
+    if by_pid {
+        wait_for_console(&dir.join("console.log"), &mut child, "the source")?;
+        let attach = vec!["--pid".to_string(), child.id().to_string()];
+        return Ok((child, attach));
+    }
     let (socket, attach) = match config.source.as_str() {
         "qemu" => (dir.join("qmp.sock"), vec!["--qemu-qmp".to_string()]),
         _ => (dir.join("mirror.sock"), vec!["--source-socket".to_string()]),
@@ -192,8 +267,8 @@ fn stop(child: &mut Child) -> Option<ExitStatus> {
 }
 
 /// Launches and supervises; returns the process exit code.
-pub fn launch(config: &LaunchConfig) -> Result<u8, String> {
-    std::fs::create_dir_all(&config.dir).map_err(|e| format!("{}: {e}", config.dir.display()))?;
+pub fn launch(config: &LaunchConfig) -> Result<u8, LaunchError> {
+    std::fs::create_dir_all(&config.dir).map_err(|source| LaunchError::File { path: config.dir.clone(), source })?;
     let stop_requested = stop_flag();
     let (mut source, attach) = start_source(config)?;
     let api = config.dir.join("api.sock");
@@ -212,7 +287,7 @@ pub fn launch(config: &LaunchConfig) -> Result<u8, String> {
         Ok(child) => child,
         Err(e) => {
             stop(&mut source);
-            return Err(format!("cannot start the inspector: {e}"));
+            return Err(LaunchError::Start { what: "the inspector".into(), source: e });
         }
     };
     if let Err(e) = wait_for(&api, &mut inspector, "the inspector") {
@@ -297,7 +372,7 @@ mod tests {
         assert_eq!((config.source.as_str(), config.cpus, config.accel.as_str()), ("qemu", 1, "tcg"));
         assert_eq!(config.watch, vec!["0x1000:4K".to_string()]);
         let err = LaunchConfig::from_toml("kernel = \"/k\"\ndir = \"/d\"\nmemroy = \"1G\"\n").unwrap_err();
-        assert!(err.contains("memroy"), "{err}");
-        assert!(LaunchConfig::from_toml("dir = \"/d\"\n").unwrap_err().contains("kernel"));
+        assert!(specula_common::error_chain(&err).contains("memroy"), "{err}");
+        assert!(specula_common::error_chain(&LaunchConfig::from_toml("dir = \"/d\"\n").unwrap_err()).contains("kernel"));
     }
 }

@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use inspector::control;
-use inspector::daemon::{self, DaemonConfig};
+use inspector::line;
+use inspector::startup::{self, DaemonConfig, DaemonError};
+use inspector::view_cache::ViewCacheMode;
 use mirror_driver::protocol::Range;
-use vmm::config::{parse_memory, parse_range, parse_serial};
+use vmm::config::{parse_memory, parse_serial};
 use vmm::devices::serial::SerialOutput;
 use vmm::{error_chain, VmExit};
 
@@ -83,6 +84,14 @@ struct DaemonArgs {
     /// every watched page each interval, as they do with QEMU sources.
     #[arg(long)]
     no_dirty_log: bool,
+    /// The agent image to boot (default: the one built into this binary).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
+    /// Which OS views are kept and served again while the dirty-page feed and a re-hash
+    /// of what their walk read say nothing changed: `auto`, the kinds whose walk costs
+    /// more than twice the feed's barrier; `always`; `off`, every request walks.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ViewCacheMode::Auto)]
+    view_cache: ViewCacheMode,
     /// Most MB/s (10^6 bytes) a scan reads from the source, to bound its slowdown: the agent
     /// idles between steps to keep under it. Default: no limit.
     #[arg(long, value_name = "MBPS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -98,8 +107,28 @@ struct DaemonArgs {
     log_level: Option<String>,
 }
 
-fn range_arg(text: &str) -> Result<Range, String> {
-    parse_range(text).ok_or_else(|| format!("invalid range '{text}': expected GPA:LEN, e.g. 0x1000000:2M"))
+fn range_arg(text: &str) -> Result<Range, specula_common::ParseError> {
+    specula_common::parse::range(text).map(|r| Range { gpa: r.gpa, len: r.len })
+}
+
+/// Why the inspector (daemon or client) stopped with an error.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("cannot reach the inspector at {socket}")]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The running inspector refused the request; its reply says why.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("--log-level")]
+    LogLevel(#[from] vmm::logger::LoggerError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
 }
 
 /// One request to a running inspector's control socket; the reply is printed.
@@ -120,6 +149,8 @@ enum Request {
     Grants(Words),
     /// status: source and inspector state
     Status(Words),
+    /// views: OS views served again without a walk (dirty-page feed), and walks
+    Views(Words),
     /// vcpus: the source's vCPU registers
     Vcpus(Words),
     /// pause: stop the source's vCPUs (QEMU sources)
@@ -140,7 +171,7 @@ enum Request {
     Vread(Words),
     /// check-syscalls: system call table entries outside the kernel's text
     CheckSyscalls(Words),
-    /// checks [processes|modules|syscalls|interrupts|kernel_text ...]: rootkit checks (all by default)
+    /// checks [processes|modules|syscalls|interrupts|kernel_text|forgery|msrs ...]: rootkit checks (all but msrs by default)
     Checks(Words),
 }
 
@@ -163,6 +194,7 @@ impl Request {
             Request::Check(w) => ("check", w),
             Request::Grants(w) => ("grants", w),
             Request::Status(w) => ("status", w),
+            Request::Views(w) => ("views", w),
             Request::Vcpus(w) => ("vcpus", w),
             Request::Pause(w) => ("pause", w),
             Request::Resume(w) => ("resume", w),
@@ -196,9 +228,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            let text = e.render().to_string();
-            let line = text.lines().next().unwrap_or("");
-            eprintln!("inspector: error: {}", line.strip_prefix("error: ").unwrap_or(line));
+            eprintln!("inspector: error: {}", line::first_line(&e));
             return ExitCode::from(1);
         }
         Err(e) => {
@@ -214,38 +244,38 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("inspector: error: {message}");
+        Err(e) => {
+            eprintln!("inspector: error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
 }
 
-fn client(request: &Request) -> Result<ExitCode, String> {
+fn client(request: &Request) -> Result<ExitCode, MainError> {
     let (socket, line) = request.line();
-    let reply = control::request(socket, &line)
-        .map_err(|e| format!("cannot reach the inspector at {}: {e}", socket.display()))?;
+    let reply =
+        line::request(socket, &line).map_err(|source| MainError::Unreachable { socket: socket.clone(), source })?;
     match reply.strip_prefix("ok") {
         Some(rest) => {
             println!("{}", rest.trim_start());
             Ok(ExitCode::SUCCESS)
         }
-        None => Err(reply.strip_prefix("error ").unwrap_or(&reply).to_string()),
+        None => Err(MainError::Refused(reply.strip_prefix("error ").unwrap_or(&reply).to_string())),
     }
 }
 
-fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
+fn daemon_main(args: DaemonArgs) -> Result<ExitCode, MainError> {
     if let Some(level) = &args.log_level {
         vmm::logger::set_level(level)?;
     }
     let source = match (args.source_socket, args.qemu_qmp, args.pid) {
-        (Some(path), None, None) => daemon::SourceSpec::Mirror(path),
-        (None, Some(qmp), None) => daemon::SourceSpec::Qemu { qmp, pid: args.qemu_pid },
-        (None, None, Some(pid)) => daemon::SourceSpec::Pid { pid, device: args.mirror_device },
-        _ => return Err("missing --source-socket PATH, --qemu-qmp PATH or --pid PID (see --help)".into()),
+        (Some(path), None, None) => startup::SourceSpec::Mirror(path),
+        (None, Some(qmp), None) => startup::SourceSpec::Qemu { qmp, pid: args.qemu_pid },
+        (None, None, Some(pid)) => startup::SourceSpec::Pid { pid, device: args.mirror_device },
+        _ => return Err(MainError::Usage("missing --source-socket PATH, --qemu-qmp PATH or --pid PID (see --help)")),
     };
     if args.all != args.ranges.is_empty() {
-        return Err("give either --all or one or more --range GPA:LEN".into());
+        return Err(MainError::Usage("give either --all or one or more --range GPA:LEN"));
     }
     let config = DaemonConfig {
         source,
@@ -263,15 +293,13 @@ fn daemon_main(args: DaemonArgs) -> Result<ExitCode, String> {
         watch_interval: Duration::from_millis(args.watch_interval_ms.max(1)),
         kvm_path: PathBuf::from("/dev/kvm"),
         dirty_log: !args.no_dirty_log,
+        view_cache: args.view_cache,
+        agent: args.agent,
         scan_rate_limit: args.scan_rate_limit.map(|mbps| mbps * 1_000_000),
     };
-    match daemon::run(&config) {
-        Ok(exit) => {
-            if let VmExit::Crash(what) = &exit {
-                eprintln!("inspector: agent crashed: {what}");
-            }
-            Ok(ExitCode::from(exit.exit_code() as u8))
-        }
-        Err(e) => Err(error_chain(&e)),
+    let exit = startup::run(&config)?;
+    if let VmExit::Crash(what) = &exit {
+        eprintln!("inspector: agent crashed: {what}");
     }
+    Ok(ExitCode::from(exit.exit_code() as u8))
 }

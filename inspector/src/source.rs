@@ -10,8 +10,7 @@ use std::sync::Arc;
 use mirror_driver::importer::{ImportError, Importer, MappedGrant, SourceEvent};
 use mirror_driver::kernel_mirror::{KernelMirrorError, PidSource};
 use mirror_driver::protocol::{Range, VcpuRegs};
-use mirror_driver::qemu::{QemuError, QemuSource};
-use mirror_driver::qemu_state::CpuMsrs;
+use specula_qemu::{CpuMsrs, QemuError, QemuSource};
 
 /// What the inspector attaches to.
 #[derive(Clone, Debug)]
@@ -62,6 +61,11 @@ pub trait Source: Send + Sync {
     /// refuse.
     fn subscribe_dirty(&self) -> Result<mirror_driver::importer::DirtyFeed, SourceError> {
         Err(SourceError::Unsupported("this source keeps no dirty log (QEMU's is not reachable over QMP)"))
+    }
+    /// Collects the source's dirty log now: every page it logged arrives as a `Dirty`
+    /// event, then [`SourceEvent::DirtySynced`] with `token`. Only subscribed sources.
+    fn dirty_sync(&self, _token: u64) -> Result<(), SourceError> {
+        Err(SourceError::Unsupported("this source keeps no dirty log"))
     }
     /// Whether mapped grants keep the source's last contents once it is gone (memfd
     /// pages outlive their VMM; a process's anonymous memory does not).
@@ -155,6 +159,10 @@ impl Source for MirrorSource {
 
     fn subscribe_dirty(&self) -> Result<mirror_driver::importer::DirtyFeed, SourceError> {
         Ok(self.0.subscribe_dirty()?)
+    }
+
+    fn dirty_sync(&self, token: u64) -> Result<(), SourceError> {
+        Ok(self.0.dirty_sync(token)?)
     }
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {

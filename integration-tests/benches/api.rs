@@ -10,6 +10,7 @@
 //!
 //!   cargo build --release --workspace && cargo bench -p integration-tests --bench api
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::bench::{ms, summarize, write_section};
 use integration_tests::linux_guest::LinuxGuest;
-use integration_tests::{binary, require_kvm, volatility, Running, SourceVm, TempDir};
+use integration_tests::{binary, python_tool, require_kvm, volatility, workspace_root, Running, SourceVm, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(300);
 const GIB: u64 = 1 << 30;
@@ -97,7 +98,7 @@ fn main() {
     request(&api, "POST", "/v1/scan", &scan_body); // warm
     let scans = summarize(&timed(5, || assert_eq!(request(&api, "POST", "/v1/scan", &scan_body).0, 200)));
     let gbps = |d: Duration| GIB as f64 / d.as_secs_f64() / 1e9;
-    let (yara_api, yara_cli, yara_bytes) = yara_side_by_side(&api, &dir);
+    let (yara_api, yara_cli, yara_bytes, yara_matches) = yara_side_by_side(&api, &dir);
     body.push_str(&format!(
         "Through the real API socket (HTTP/1.1, a new connection per request), a Specula source with 1.25 GiB.\n\n\
          | request | p50 (ms) | p99 (ms) | runs |\n|---|---|---|---|\n\
@@ -184,7 +185,7 @@ fn main() {
         processes.n,
         ms(in_process.median),
         in_process.n,
-        "2.26.2",
+        volatility_version(),
         ms(vol.median),
         vol.n,
         ms(isf_first),
@@ -210,11 +211,14 @@ fn main() {
     body.push_str(&format!(
         "\nYARA, one rule with one 7-byte string (\"SPECULA\"), over all {:.2} GiB of the same source's RAM:\n\n\
          | scanner | time (ms) | GB/s |\n|---|---|---|\n\
-         | `POST /v1/yara` (libyara 4.5.5 in the inspector, 64 MiB pieces copied from its read-only mappings) | {} | {:.2} |\n\
-         | `yara` 4.2.3 command-line tool (Debian) on a `specula dump` ELF core of that memory (file in the page cache) | {} | {:.2} |\n",
+         | `POST /v1/yara` (libyara {} in the inspector, 64 MiB pieces copied from its read-only mappings) | {} | {:.2} |\n\
+         | `yara` {} command-line tool (Debian) on a `specula dump` ELF core of that memory (file in the page cache) | {} | {:.2} |\n\n\
+         Both found the same {yara_matches} matches (the same guest-physical addresses).\n",
         yara_bytes as f64 / GIB as f64,
+        libyara_version(),
         ms(yara_api),
         rate(yara_api),
+        yara_cli_version(),
         ms(yara_cli),
         rate(yara_cli)
     ));
@@ -246,11 +250,20 @@ fn volatility_pslist(api: &Path) -> (Duration, Vec<Duration>, Duration, Vec<Dura
 }
 
 /// YARA over all of the source's RAM through the API, beside the `yara` command-line
-/// tool on a dump of the same memory. Returns (API scan, CLI scan, bytes scanned).
-fn yara_side_by_side(api: &Path, dir: &TempDir) -> (Duration, Duration, u64) {
+/// tool on a dump of the same memory, after checking that the two found the same
+/// matches. Returns (API scan, CLI scan, bytes scanned, matches).
+fn yara_side_by_side(api: &Path, dir: &TempDir) -> (Duration, Duration, u64, usize) {
     let rules = r#"rule specula { strings: $s = "SPECULA" condition: $s }"#;
     let body = serde_json::json!({ "rules": rules, "target": "physical" }).to_string();
-    request(api, "POST", "/v1/yara", &body); // warm
+    // The warm-up run's matches, as guest-physical addresses.
+    let report: serde_json::Value = serde_json::from_str(&request_body(api, "POST", "/v1/yara", &body)).unwrap();
+    assert_eq!(report["truncated"], false, "too many matches to compare: {}", report["scanned_bytes"]);
+    let api_matches: BTreeSet<u64> = report["matches"]
+        .as_array()
+        .expect("a YARA report")
+        .iter()
+        .map(|m| m["gpa"].as_u64().unwrap_or_else(|| panic!("a physical match: {m}")))
+        .collect();
     let through_api = summarize(&timed(3, || assert_eq!(request(api, "POST", "/v1/yara", &body).0, 200))).median;
     let core = dir.join("source.core");
     let out = Command::new(binary("specula")).arg("--socket").arg(api).arg("dump").arg(&core).output().unwrap();
@@ -262,8 +275,124 @@ fn yara_side_by_side(api: &Path, dir: &TempDir) -> (Duration, Duration, u64) {
         let out = Command::new("yara").arg(&file).arg(&core).output().expect("the yara command (Debian package yara)");
         assert!(out.status.success(), "yara: {}", String::from_utf8_lossy(&out.stderr));
     };
-    yara(); // the dump into the page cache
+    // The warm-up run (the dump into the page cache) prints its matches (`-s`): file
+    // offsets, placed in guest-physical memory by the core's PT_LOAD headers. A match
+    // outside them (the core's own notes name SPECULA) is not guest memory.
+    let out = Command::new("yara").arg("-s").arg(&file).arg(&core).output().expect("the yara command");
+    assert!(out.status.success(), "yara -s: {}", String::from_utf8_lossy(&out.stderr));
+    let loads = elf_loads(&core);
+    let cli_matches: BTreeSet<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("0x")?.split_once(':').map(|(offset, _)| offset.to_string()))
+        .map(|offset| u64::from_str_radix(&offset, 16).unwrap())
+        .filter_map(|offset| {
+            loads.iter().find(|(at, _, len)| (*at..at + len).contains(&offset)).map(|(at, gpa, _)| gpa + (offset - at))
+        })
+        .collect();
+    assert!(!api_matches.is_empty(), "the rule matches somewhere in the source's RAM");
+    assert!(
+        api_matches == cli_matches,
+        "the API and the yara command found different matches: only the API {:x?}, only the CLI {:x?}",
+        api_matches.difference(&cli_matches).collect::<Vec<_>>(),
+        cli_matches.difference(&api_matches).collect::<Vec<_>>()
+    );
     let cli = summarize(&timed(3, yara)).median;
     let _ = std::fs::remove_file(&core);
-    (through_api, cli, bytes)
+    (through_api, cli, bytes, api_matches.len())
+}
+
+/// An ELF core's PT_LOAD segments: (file offset, guest-physical address, length).
+fn elf_loads(core: &Path) -> Vec<(u64, u64, u64)> {
+    let mut file = std::fs::File::open(core).unwrap();
+    let mut ehdr = [0u8; 64];
+    file.read_exact(&mut ehdr).unwrap();
+    assert_eq!(&ehdr[..4], b"\x7fELF", "an ELF core");
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 0x20), u16_at(&ehdr, 0x36) as usize, u16_at(&ehdr, 0x38) as usize);
+    let mut phdrs = vec![0u8; phentsize * phnum];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut phdrs, phoff).unwrap();
+    phdrs
+        .chunks(phentsize)
+        .filter(|p| u32::from_le_bytes(p[..4].try_into().unwrap()) == 1)
+        .map(|p| (u64_at(p, 8), u64_at(p, 24), u64_at(p, 32)))
+        .collect()
+}
+
+/// The whole body of one request's reply (status 200 asserted).
+fn request_body(socket: &Path, method: &str, path: &str, body: &str) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: b\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply).to_string();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{method} {path}: {reply}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_string()
+    }
+}
+
+/// A chunked HTTP body's data.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The first line a tool prints, or `what` and why not.
+fn first_line(command: &mut Command, what: &str) -> String {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string()
+}
+
+/// The pinned Volatility 3's version, from the package itself.
+fn volatility_version() -> String {
+    let script = "import volatility3.framework.constants as c; print(c.PACKAGE_VERSION)";
+    first_line(Command::new(python_tool("python")).args(["-c", script]), "volatility3's PACKAGE_VERSION")
+}
+
+/// The `yara` command's own `--version`.
+fn yara_cli_version() -> String {
+    first_line(Command::new("yara").arg("--version"), "yara --version")
+}
+
+/// The libyara the inspector links: the version in the headers of the vendored source
+/// its `yara-sys` dependency compiled (found with `cargo metadata`).
+fn libyara_version() -> String {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+        .arg(workspace_root().join("inspector/Cargo.toml"))
+        .output()
+        .expect("cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "yara-sys")
+        .and_then(|p| p["manifest_path"].as_str())
+        .expect("the inspector depends on yara-sys");
+    let header = Path::new(manifest).parent().unwrap().join("yara/libyara/include/yara/libyara.h");
+    let text = std::fs::read_to_string(&header).unwrap_or_else(|e| panic!("{}: {e}", header.display()));
+    let part = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} not in {}", header.display()))
+            .trim()
+            .to_string()
+    };
+    format!("{}.{}.{}", part("YR_MAJOR_VERSION"), part("YR_MINOR_VERSION"), part("YR_MICRO_VERSION"))
 }

@@ -7,6 +7,7 @@
 //! [`linux_guest`] is the live Linux guest (QEMU, TCG, memfd RAM) with known
 //! processes, a kernel module and its own ground truth, for introspection tests.
 
+pub mod anon_source;
 pub mod bench;
 pub mod linux_guest;
 pub mod nested;
@@ -138,6 +139,11 @@ impl Running {
 
     /// Waits for a line containing `needle`; panics with everything seen if it does not come.
     pub fn expect_line(&mut self, needle: &str, limit: Duration) -> String {
+        self.wait_line(needle, limit).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// Waits for a line containing `needle`; `Err` says it did not come, with everything seen.
+    pub fn wait_line(&mut self, needle: &str, limit: Duration) -> Result<String, String> {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -145,11 +151,14 @@ impl Running {
                 Ok(line) => {
                     self.seen.push(line.clone());
                     if line.contains(needle) {
-                        return line;
+                        return Ok(line);
                     }
                 }
                 Err(_) => {
-                    panic!("no line containing {needle:?} within {limit:?}; output so far:\n{}", self.seen.join("\n"))
+                    return Err(format!(
+                        "no line containing {needle:?} within {limit:?}; output so far:\n{}",
+                        self.seen.join("\n")
+                    ))
                 }
             }
         }
@@ -324,6 +333,14 @@ impl Workload {
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         self.vm.send(&format!("poke {gpa:#x} {hex}\n"));
         self.pokes += 1;
-        self.vm.expect_line(&format!("ack poke seq={}", self.pokes), Duration::from_secs(60));
+        let ack = format!("ack poke seq={}", self.pokes);
+        if let Err(why) = self.vm.wait_line(&ack, Duration::from_secs(60)) {
+            // Where the guest's vCPUs are, twice, tells a guest that stopped reading its
+            // console from a vCPU that never leaves KVM_RUN (docs/nested.md).
+            let first = self.api("vcpus");
+            std::thread::sleep(Duration::from_secs(1));
+            let second = self.api("vcpus");
+            panic!("the source guest did not acknowledge {ack:?}; its vCPUs: {first}; 1 s later: {second}\n{why}");
+        }
     }
 }

@@ -148,7 +148,12 @@ pub fn parse_ps_reply(reply: &str) -> Vec<ListedProcess> {
         .split_whitespace()
         .map(|p| {
             let f: Vec<&str> = p.splitn(4, ':').collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].to_string())
+            let number = |i: usize| {
+                f.get(i)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| panic!("{p:?} is not pid:ppid:uid:comm in:\n{reply}"))
+            };
+            (number(0), number(1), number(2), f.get(3).unwrap_or(&"").to_string())
         })
         .collect()
 }
@@ -231,8 +236,7 @@ impl GroundTruth {
                 .find(|(pid, ..)| *pid == p.pid)
                 .unwrap_or_else(|| panic!("pid {} ({}) is missing: {listed:?}", p.pid, p.comm));
             assert_eq!((seen.1, seen.2), (p.ppid, p.uid()), "{p:?} vs {seen:?}");
-            // ps appends a workqueue's name to kernel workers' comm: compare the prefix.
-            assert!(p.comm.starts_with(&seen.3) || seen.3.starts_with(&p.comm), "{p:?} vs {seen:?}");
+            assert!(comm_matches(&p.comm, &seen.3), "comm: {p:?} vs {seen:?}");
         }
     }
 
@@ -268,6 +272,95 @@ impl GroundTruth {
     pub fn marker(&self, comm: &str) -> Option<&Marker> {
         self.markers.iter().find(|m| m.comm == comm)
     }
+}
+
+/// Whether `comm`, a task's comm as a view read it from the kernel (at most 15 bytes),
+/// is the comm the guest's `ps` printed: the same, or for a workqueue worker
+/// (`kworker/...`) `ps`'s `COMM-WORKQUEUE` or `COMM+WORKQUEUE` (the kernel's
+/// `wq_worker_comm`; busybox cuts it to 15 bytes). An empty comm, a different one
+/// or a mere prefix of `ps`'s never matches.
+pub fn comm_matches(ps_comm: &str, comm: &str) -> bool {
+    if comm.is_empty() || comm.len() > 15 {
+        return false;
+    }
+    comm == ps_comm
+        || (comm.starts_with("kworker/")
+            && ps_comm.strip_prefix(comm).is_some_and(|rest| rest.starts_with('-') || rest.starts_with('+')))
+}
+
+/// A process as a view under test lists it: pid, parent, uid (where the view has
+/// one) and comm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewProcess {
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: Option<u32>,
+    pub comm: String,
+}
+
+impl From<&ListedProcess> for ViewProcess {
+    fn from(p: &ListedProcess) -> Self {
+        ViewProcess { pid: p.0, ppid: p.1, uid: Some(p.2), comm: p.3.clone() }
+    }
+}
+
+/// Asserts that a process view (`what`) taken between two snapshots of the guest's
+/// own `ps` ([`LinuxGuest::ps`], `before` then `after`) lists the same processes,
+/// both ways:
+///
+/// - every process in both snapshots (alive all along: pids are not reused within
+///   seconds) is in the view, with the same parent and uid where the snapshots
+///   agree on them, and its comm ([`comm_matches`]);
+/// - every process in the view is in one of the snapshots with that pid, and its
+///   parent, uid and comm are what that snapshot says. A process neither snapshot
+///   shows was born after the first and gone before the second; in the idle guest
+///   nothing is (the console runs nothing in between, and `ps`, `cat` of each
+///   snapshot exit before its console command returns), so none is allowed: a
+///   phantom process fails. The `ps` and `cat` of `before` are in no view for the
+///   same reason, and need no exception either.
+pub fn assert_processes_agree(before: &[GuestProcess], view: &[ViewProcess], after: &[GuestProcess], what: &str) {
+    let pids: std::collections::BTreeSet<u32> = view.iter().map(|p| p.pid).collect();
+    assert_eq!(pids.len(), view.len(), "{what} lists a pid twice: {view:?}");
+    let dump = || format!("{what}: {view:?}\nguest ps before: {before:?}\nguest ps after: {after:?}");
+    for b in before {
+        let Some(a) = after.iter().find(|a| a.pid == b.pid) else { continue };
+        let seen = view
+            .iter()
+            .find(|p| p.pid == b.pid)
+            .unwrap_or_else(|| panic!("pid {} ({}) is missing from {}", b.pid, b.comm, dump()));
+        assert!(comm_matches(&b.comm, &seen.comm) || comm_matches(&a.comm, &seen.comm), "comm: {b:?} vs {seen:?}");
+        if a.ppid == b.ppid {
+            assert_eq!(seen.ppid, b.ppid, "parent: {b:?} vs {seen:?}");
+        }
+        if let (Some(uid), true) = (seen.uid, a.user == b.user) {
+            assert_eq!(uid, b.uid(), "uid: {b:?} vs {seen:?}");
+        }
+    }
+    for seen in view {
+        let shown: Vec<&GuestProcess> = before.iter().chain(after).filter(|g| g.pid == seen.pid).collect();
+        assert!(
+            !shown.is_empty(),
+            "pid {} ({:?}) is in no `ps` of the guest: a phantom in {}",
+            seen.pid,
+            seen.comm,
+            dump()
+        );
+        assert!(
+            shown.iter().any(|g| comm_matches(&g.comm, &seen.comm)
+                && g.ppid == seen.ppid
+                && seen.uid.is_none_or(|uid| uid == g.uid())),
+            "{seen:?} is not what the guest's ps says: {shown:?}"
+        );
+    }
+}
+
+/// Parses `ps -o pid,ppid,user,comm,args` as the guest prints it (header line first).
+pub fn parse_ps_output(text: &str) -> Result<Vec<GuestProcess>, String> {
+    text.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty() && !l.trim_start().starts_with("PID"))
+        .map(|l| parse_ps_line(l).ok_or_else(|| format!("bad ps line {l:?} in:\n{text}")))
+        .collect()
 }
 
 /// Splits off the first whitespace-separated word.
@@ -495,6 +588,53 @@ impl LinuxGuest {
         u64::from_str_radix(addr, 16).unwrap_or_else(|e| panic!("{name}: {addr:?}: {e}"))
     }
 
+    /// The guest's own `ps` now (`ps -o pid,ppid,user,comm,args`, as in the ground
+    /// truth), through the console; it lists its own `ps` and `cat`.
+    pub fn ps(&self) -> Vec<GuestProcess> {
+        let out = self.console("ps -o pid,ppid,user,comm,args | cat", Duration::from_secs(60));
+        parse_ps_output(&out).unwrap_or_else(|why| self.fail(&why))
+    }
+
+    /// The guest-physical address of kernel image address `va` (a symbol of the
+    /// kernel's text or data), from the guest alone: `/proc/kallsyms`' `_text` and
+    /// `/proc/iomem`'s `Kernel code`, which starts at `_text`'s physical address.
+    pub fn kernel_image_pa(&self, va: u64) -> u64 {
+        let line = self.console("grep 'Kernel code' /proc/iomem", Duration::from_secs(30));
+        let start = line.split('-').next().map(str::trim).unwrap_or("");
+        let code = u64::from_str_radix(start, 16).unwrap_or_else(|e| panic!("/proc/iomem {line:?}: {e}"));
+        assert_ne!(code, 0, "/proc/iomem hides addresses: {line:?}");
+        let text = self.kallsyms_address("_text");
+        assert!(va >= text, "{va:#x} is below _text ({text:#x})");
+        code + (va - text)
+    }
+
+    /// Every name `/proc/kallsyms` gives each of `addresses` (aliases share one), by
+    /// an `awk` in the guest, in batches small enough for the console's line editing.
+    pub fn kallsyms_names(
+        &self,
+        addresses: &std::collections::BTreeSet<u64>,
+    ) -> std::collections::BTreeMap<u64, Vec<String>> {
+        let mut names: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+        let all: Vec<u64> = addresses.iter().copied().collect();
+        for batch in all.chunks(100) {
+            let wanted: String = batch.iter().map(|a| format!("{a:016x}\n")).collect();
+            let out = self.console(
+                &format!(
+                    "cat >/tmp/specula-want <<'EOF'\n{wanted}EOF\n\
+                     awk 'NR == FNR {{ want[$1] = 1; next }} ($1 in want) {{ print $1, $3 }}' \
+                     /tmp/specula-want /proc/kallsyms; rm -f /tmp/specula-want"
+                ),
+                Duration::from_secs(120),
+            );
+            for line in out.lines() {
+                let Some((addr, name)) = line.trim().split_once(' ') else { continue };
+                let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+                names.entry(addr).or_default().push(name.to_string());
+            }
+        }
+        names
+    }
+
     /// QEMU's process id (its memfds are under `/proc/PID/fd`).
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -666,6 +806,18 @@ fn find_qemu() -> PathBuf {
     })
 }
 
+/// The version of the `qemu-system-x86_64` on PATH (the one the fixtures start and the
+/// nested bench carries into L1), as it reports it: `7.2.22` of `QEMU emulator version
+/// 7.2.22 (Debian ...)`.
+pub fn qemu_version() -> String {
+    let qemu = find_qemu();
+    let out = Command::new(&qemu).arg("--version").output().unwrap_or_else(|e| panic!("{}: {e}", qemu.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.lines().next().and_then(|l| l.strip_prefix("QEMU emulator version "));
+    let version = version.and_then(|v| v.split_whitespace().next());
+    version.unwrap_or_else(|| panic!("{} --version: {text:?}", qemu.display())).to_string()
+}
+
 /// `target/guest-images/linux/NAME` (Debian 12's guest), which must exist.
 pub fn linux_image(name: &str) -> PathBuf {
     image_file(DEBIAN_12, name)
@@ -718,6 +870,7 @@ pub struct RamMapping {
 
 // SAFETY: the mapping is read-only and lives as long as the struct.
 unsafe impl Send for RamMapping {}
+// SAFETY: as above; shared references only read it.
 unsafe impl Sync for RamMapping {}
 
 impl RamMapping {
@@ -836,6 +989,19 @@ impl GuestInspector {
         assert!(reply.starts_with("ok"), "{line}: {reply}");
         reply.trim_start_matches("ok").trim_start().to_string()
     }
+
+    /// `specula --json ARGS` against this inspector's API: the JSON it printed and its
+    /// exit status (3 where rootkit checks or YARA found something). Panics, naming the
+    /// command, when the output is not JSON.
+    pub fn specula_json(&self, args: &[&str]) -> (serde_json::Value, i32) {
+        let out = crate::run_with_timeout(
+            Command::new(crate::binary("specula")).args(["--socket", self.api.to_str().unwrap(), "--json"]).args(args),
+            Duration::from_secs(120),
+        );
+        let json = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("specula {args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (json, out.status.code().unwrap_or(-1))
+    }
 }
 
 /// A QEMU process with a QMP socket and no guest code running (`-S`), killed on drop
@@ -917,5 +1083,45 @@ mod tests {
         assert_eq!(marker.text, "SPECULA-MARKER-81-37187c922de05fe8");
         assert_eq!(truth.kernel_release, "6.1.0-57-cloud-amd64");
         assert!(GroundTruth::parse("--- ps ---\nnonsense\n").is_err());
+    }
+
+    #[test]
+    fn a_comm_is_the_whole_comm() {
+        assert!(comm_matches("sleep", "sleep"));
+        assert!(comm_matches("kworker/0:1-eve", "kworker/0:1"), "ps adds the workqueue");
+        assert!(comm_matches("kworker/u2:0+flush", "kworker/u2:0"));
+        assert!(!comm_matches("sleep", ""), "empty");
+        assert!(!comm_matches("specula-workerA", "specula-"), "a prefix");
+        assert!(!comm_matches("sleep", "sh"));
+        assert!(!comm_matches("kworker/0:1-eve", "kworker/0:"), "a worker's prefix");
+    }
+
+    #[test]
+    fn process_views_are_compared_both_ways() {
+        let ps = |text: &str| parse_ps_output(text).unwrap();
+        let before = ps("PID PPID USER COMM ARGS\n1 0 root init /init\n2 0 root kthreadd [kthreadd]\n\
+                         90 1 root sh sh\n95 90 root ps ps -o x\n96 90 root cat cat\n");
+        let after = ps("PID PPID USER COMM ARGS\n1 0 root init /init\n2 0 root kthreadd [kthreadd]\n\
+                        90 1 root sh sh\n97 2 root kworker/0:2-eve [kworker/0:2-events]\n\
+                        98 90 root ps ps -o x\n99 90 root cat cat\n");
+        let view = |extra: &[(u32, u32, u32, &str)]| -> Vec<ViewProcess> {
+            [(1, 0, 0, "init"), (2, 0, 0, "kthreadd"), (90, 1, 0, "sh")]
+                .iter()
+                .chain(extra)
+                .map(|&(pid, ppid, uid, comm)| ViewProcess { pid, ppid, uid: Some(uid), comm: comm.into() })
+                .collect()
+        };
+        let agrees = |v: Vec<ViewProcess>| {
+            std::panic::catch_unwind(|| assert_processes_agree(&before, &v, &after, "view")).is_ok()
+        };
+        assert!(agrees(view(&[])));
+        assert!(agrees(view(&[(97, 2, 0, "kworker/0:2")])), "born in between");
+        assert!(!agrees(view(&[(4242, 1, 0, "phantom")])), "a phantom");
+        assert!(!agrees(view(&[(97, 2, 0, "")])), "an empty comm");
+        assert!(!agrees(view(&[(97, 1, 0, "kworker/0:2")])), "a wrong parent");
+        assert!(!agrees(view(&[(97, 2, 1000, "kworker/0:2")])), "a wrong uid");
+        let mut missing = view(&[]);
+        missing.retain(|p| p.pid != 90);
+        assert!(!agrees(missing), "a process the guest shows throughout");
     }
 }

@@ -7,12 +7,16 @@
 //! commands there on request. What the L1 holds comes in its initramfs, laid out
 //! like cargo's target directory under `/target` (not the host's absolute path, so
 //! every binary proves it finds its files relative to itself):
-//! - `/target/<profile>/{vmm,inspector,specula,mirror-attack}`, stripped, with the
+//! - `/target/<profile>/{vmm,inspector,specula,mirror-attack,kmirror-bench}`, stripped, with the
 //!   shared libraries `ldd` names;
 //! - `/target/<profile>/deps/<test>`: the workspace test binaries a test asks for
 //!   ([`NestedL1::test_binary`]), to run existing tests on NPT;
 //! - `/target/guest-images/`: Specula's guests and both Linux guests (`linux`,
-//!   `linux-trixie`).
+//!   `linux-trixie`);
+//! - the host's own `qemu-system-x86_64` at `/usr/bin`, with its shared libraries and
+//!   the firmware `-M microvm` boots with, so an unmodified QEMU can run a KVM guest
+//!   in L1 beside our vmm ([`NestedL1::qemu`]);
+//! - `/l1mod/`: zram and what it needs, for tests that swap ([`L1_EXTRA_MODULES`]).
 //!
 //! Commands travel on the L1's second serial port (a Unix socket on the host) in
 //! frames: `ID SECONDS BASE64(script)` in, `=== begin ID`, base64 of the combined
@@ -46,14 +50,23 @@ use crate::target_profile_dir;
 /// hung in early boot under TCG's nested SVM.
 const L1_MEMORY_MIB: u32 = 3072;
 /// L1's vCPUs: QEMU runs them on host threads (MTTCG), so two use both runner cores.
-const L1_CPUS: u32 = 2;
+pub const L1_CPUS: u32 = 2;
 /// From QEMU's start to the command server's ready line (about 3 s when idle; the
 /// rest is for a loaded runner unpacking a large initramfs under TCG).
 const L1_READY_LIMIT: Duration = Duration::from_secs(180);
 /// The workspace binaries the bed carries.
-const BINARIES: &[&str] = &["vmm", "inspector", "specula", "mirror-attack"];
+const BINARIES: &[&str] = &["vmm", "inspector", "specula", "mirror-attack", "kmirror-bench"];
 /// The project's kernel modules the bed carries, in `/target/guest-images/linux/kmod/`.
 pub const KERNEL_MODULES: &[&str] = &["specula_mirror.ko", "specula_pin_baseline.ko"];
+/// Modules of L1's kernel the bed carries but does not load, in [`L1_MODULES`]: swap
+/// to zram (`insmod` them in this order).
+pub const L1_EXTRA_MODULES: &[&str] = &["zsmalloc.ko", "zram.ko", "lzo-rle.ko"];
+/// Where they are in L1.
+pub const L1_MODULES: &str = "/l1mod";
+/// Where QEMU lives in L1.
+pub const L1_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// The firmware files QEMU may need in L1 (from /usr/share/qemu).
+const QEMU_FIRMWARE: &[&str] = &["bios-microvm.bin", "qboot.rom", "linuxboot_dma.bin", "pvh.bin", "kvmvapic.bin"];
 /// Where the bed's tree lives in L1: cargo's layout under another root.
 pub const L1_TARGET: &str = "/target";
 
@@ -113,13 +126,20 @@ impl NestedL1 {
     /// `mirror`) in `/target/<profile>/deps/`. The initramfs is built by the first
     /// call of the test binary, which decides the test binaries for all.
     pub fn boot(tests: &[&str]) -> NestedL1 {
+        Self::boot_numa(tests, 1)
+    }
+
+    /// [`NestedL1::boot`] with L1's memory and vCPUs split over `nodes` NUMA nodes
+    /// (one vCPU each, at most [`L1_CPUS`]), for page migration between nodes.
+    pub fn boot_numa(tests: &[&str], nodes: u32) -> NestedL1 {
+        assert!((1..=L1_CPUS).contains(&nodes), "an L1 has 1 to {L1_CPUS} NUMA nodes");
         let prepared = PREPARED.get_or_init(|| prepare(tests));
         assert!(
             tests.iter().all(|t| prepared.tests.iter().any(|p| p == t)),
             "this test binary's L1 initramfs carries {:?}, not all of {tests:?}",
             prepared.tests
         );
-        launch(prepared)
+        launch(prepared, nodes)
     }
 }
 
@@ -142,12 +162,12 @@ fn prepare(tests: &[&str]) -> Prepared {
     let _ = std::fs::remove_dir_all(&workdir);
     std::fs::create_dir_all(&workdir).expect("create the nested bed's work directory");
     let profile = target_profile_dir().file_name().expect("profile dir").to_string_lossy().into_owned();
-    let initramfs = build_initramfs(&workdir, &linux, &profile, tests);
+    let initramfs = build_initramfs(&workdir, &linux, &profile, tests, &qemu);
     Prepared { qemu, linux, initramfs, workdir, profile, tests: tests.iter().map(|t| t.to_string()).collect() }
 }
 
 /// Boots one L1 and waits for its command server.
-fn launch(prepared: &Prepared) -> NestedL1 {
+fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let Prepared { qemu, linux, initramfs, workdir, profile, .. } = prepared;
     let dir = workdir.join(format!("l1-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
@@ -157,12 +177,19 @@ fn launch(prepared: &Prepared) -> NestedL1 {
 
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-nodefaults", "-no-user-config", "-display", "none"])
-        .args(["-smp", &L1_CPUS.to_string(), "-m", &L1_MEMORY_MIB.to_string(), "-no-reboot"])
+        // One socket per vCPU, QEMU's default for `-smp N`, so one per NUMA node too:
+        // cores of one socket on two nodes make Linux warn at boot (topology_sane),
+        // which the tests take as a kernel complaint.
+        .args(["-smp", &format!("{L1_CPUS},sockets={L1_CPUS},cores=1")])
+        .args(["-m", &L1_MEMORY_MIB.to_string(), "-no-reboot"])
         .arg("-kernel")
         .arg(linux.join("vmlinuz"))
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        // An L1 CPU that TCG keeps inside an L2 (docs/nested.md, "A triple fault the
+        // nest makes") never schedules again: L1 panics after a minute of that, so the
+        // test ends at once with the panic line instead of at its time limit.
+        .args(["-append", "console=ttyS0 quiet panic=-1 softlockup_panic=1 watchdog_thresh=30"])
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()))
         .arg("-serial")
@@ -170,6 +197,13 @@ fn launch(prepared: &Prepared) -> NestedL1 {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    if nodes > 1 {
+        let per_node = L1_MEMORY_MIB / nodes;
+        for node in 0..nodes {
+            cmd.arg("-object").arg(format!("memory-backend-ram,id=node{node},size={per_node}M"));
+            cmd.arg("-numa").arg(format!("node,nodeid={node},cpus={node},memdev=node{node}"));
+        }
+    }
     if debug_enabled() {
         // For a person looking at a stuck L1: `info registers -a`, `info lapic`.
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
@@ -217,6 +251,13 @@ impl NestedL1 {
     /// Runs `script` with `sh` in L1 as root, killed there after `limit`; returns its
     /// status and output. Fails if L1 is gone or gives no answer in time.
     pub fn run(&self, script: &str, limit: Duration) -> CommandOutput {
+        self.try_run(script, limit).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`NestedL1::run`], but an L1 that is gone or gives no answer in time is an
+    /// `Err` saying so (with its console's tail), for a caller that goes on with a
+    /// fresh L1 (docs/nested.md: an L1 whose CPU stays in an L2 cannot answer).
+    pub fn try_run(&self, script: &str, limit: Duration) -> Result<CommandOutput, String> {
         let id = {
             let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
             *next += 1;
@@ -226,7 +267,7 @@ impl NestedL1 {
         let seconds = limit.as_secs().max(1);
         {
             let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            writeln!(writer, "{id} {seconds} {encoded}").expect("send a command to the nested L1");
+            writeln!(writer, "{id} {seconds} {encoded}").map_err(|e| format!("cannot send a command to L1: {e}"))?;
         }
         // The L1 side kills the command at `limit`; the reply may then take a while
         // to cross a busy serial line.
@@ -235,23 +276,29 @@ impl NestedL1 {
         let mut replies = lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(out) = replies.done.remove(&id) {
-                return out;
+                return Ok(out);
             }
             if let Some(why) = &replies.closed {
-                panic!(
+                return Err(format!(
                     "the nested L1 is gone ({why}) while running:\n{script}\nL1 console:\n{}",
                     tail(&self.console_log)
-                );
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!(
+                return Err(format!(
                     "no answer from the nested L1 within {limit:?} for:\n{script}\nL1 console:\n{}",
                     tail(&self.console_log)
-                );
+                ));
             }
             replies = cvar.wait_timeout(replies, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
+    }
+
+    /// The path of QEMU in L1: the host's own `qemu-system-x86_64`, for unmodified-VMM
+    /// sources and QEMU `-M microvm` beside our vmm.
+    pub fn qemu(&self) -> &'static str {
+        L1_QEMU
     }
 
     /// Path in L1 of a workspace binary (`vmm`, `inspector`, ...).
@@ -391,11 +438,16 @@ fn read_frames(
     cvar.notify_all();
 }
 
-/// The last 60 lines of a log file.
+/// The last 60 lines of a log file, after the line where L1's kernel panicked, if it
+/// did (a panic's backtrace alone can fill the 60 lines).
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
+    let last = lines[lines.len().saturating_sub(60)..].join("\n");
+    match lines.iter().find(|l| l.contains("Kernel panic - not syncing")) {
+        Some(panic) if !last.contains(panic) => format!("{panic}\n[...]\n{last}"),
+        _ => last,
+    }
 }
 
 /// L1's /init: mounts, loads KVM, checks SVM and NPT, then serves commands on ttyS1.
@@ -436,7 +488,7 @@ done
 
 /// Lays out L1's root and packs it as an uncompressed newc cpio (QEMU loads it into
 /// RAM as is; the kernel's unpacking is then a copy, not a TCG-emulated inflate).
-fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) -> PathBuf {
+fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str], qemu: &Path) -> PathBuf {
     let root = workdir.join("root");
     let bin_dir = root.join(format!("target/{profile}"));
     for dir in ["bin", "dev", "proc", "sys", "tmp", "kvm"] {
@@ -446,6 +498,11 @@ fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) 
     copy(&linux.join("busybox"), &root.join("bin/busybox"));
     for m in ["irqbypass", "kvm", "kvm-amd"] {
         copy(&linux.join(format!("kvm-modules/{m}.ko")), &root.join(format!("kvm/{m}.ko")));
+    }
+    for m in L1_EXTRA_MODULES {
+        let from = linux.join("l1-modules").join(m);
+        assert!(from.is_file(), "{} is missing: run scripts/build.sh (guest-images/linux/build.sh)", from.display());
+        copy(&from, &root.join(L1_MODULES.trim_start_matches('/')).join(m));
     }
     write_executable(&root.join("init"), L1_INIT);
     write_executable(&root.join("serve.sh"), L1_SERVE);
@@ -476,6 +533,17 @@ fn build_initramfs(workdir: &Path, linux: &Path, profile: &str, tests: &[&str]) 
         let from = images.join("linux/kmod").join(module);
         assert!(from.is_file(), "{} is missing: run scripts/build.sh (mirror-driver/kmod)", from.display());
         copy(&from, &images_root.join("linux/kmod").join(module));
+    }
+
+    // QEMU as an L1 program: its binary, libraries and the firmware of `-M microvm`
+    // (qboot) and of `-kernel` boots on other machine types.
+    copy(qemu, &root.join(L1_QEMU.trim_start_matches('/')));
+    copy_libraries(qemu, &root);
+    let firmware = Path::new("/usr/share/qemu");
+    for file in QEMU_FIRMWARE {
+        let from = firmware.join(file);
+        assert!(from.is_file(), "{} is missing (Debian package qemu-system-data)", from.display());
+        copy(&from, &root.join("usr/share/qemu").join(file));
     }
 
     let archive = workdir.join("l1.cpio");
@@ -658,4 +726,24 @@ fn debug_enabled() -> bool {
 /// `text` as one single-quoted shell word.
 pub fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tail_tests {
+    use super::tail;
+
+    #[test]
+    fn a_panic_line_older_than_the_tail_is_still_reported() {
+        let dir = crate::TempDir::new("nested-tail");
+        let log = dir.join("console.log");
+        let mut text =
+            String::from("boot\nKernel panic - not syncing: corrupted stack end detected inside scheduler\n");
+        text.extend((0..100).map(|i| format!("trace line {i}\n")));
+        std::fs::write(&log, &text).unwrap();
+        let shown = tail(&log);
+        assert!(shown.starts_with("Kernel panic - not syncing: corrupted stack end"), "{shown}");
+        assert!(shown.ends_with("trace line 99") && !shown.contains("trace line 39\n"), "{shown}");
+        std::fs::write(&log, "quiet\n").unwrap();
+        assert_eq!(tail(&log), "quiet");
+    }
 }

@@ -340,7 +340,8 @@ fn the_remaining_endpoints_answer_as_documented() {
     assert_eq!((grants[0]["gpa"].as_u64(), grants[0]["len"].as_u64()), (Some(0), Some(2 << 20)));
     let (status, vcpus) = json(&s.api, "GET", "/v1/vcpus", None);
     assert_eq!((status, vcpus.as_array().map(Vec::len)), (200, Some(1)), "{vcpus}");
-    assert!(vcpus[0]["cr3"].as_u64().unwrap() != 0 && vcpus[0]["rsp"].as_u64().unwrap() != 0, "{vcpus}");
+    // The mirror protocol's own vCPU shape: RSP is gprs[6].
+    assert!(vcpus[0]["cr3"].as_u64().unwrap() != 0 && vcpus[0]["gprs"][6].as_u64().unwrap() != 0, "{vcpus}");
     let body = format!(r#"{{"gpa": "{:#x}", "len": "{:#x}"}}"#, workload::TEXT_GPA, workload::TEXT_LEN);
     let (status, digests) = json(&s.api, "POST", "/v1/hash", Some(&body));
     let mut text = vec![0u8; workload::TEXT_LEN];

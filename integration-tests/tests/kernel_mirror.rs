@@ -5,184 +5,24 @@
 //! itself no module can load, so here they are ignored, with that reason shown.
 //!
 //! A source is a forked child with a private anonymous mapping, driven over pipes; a
-//! VMM source is our own `vmm --memory-backend anon`.
+//! VMM source is our own `vmm --memory-backend anon`. The identity changes a source's
+//! pages go through: in-place writes, `MADV_DONTNEED`, munmap and a new mapping, a KSM
+//! merge and the write that breaks it, migration to another NUMA node, a THP collapse
+//! and split, and swap-out to zram and back. The harness gives the L1 two NUMA nodes
+//! and a zram swap device.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use integration_tests::anon_source::*;
 use integration_tests::{binary, guest, wait_for_path, Running, TempDir};
 use mirror_driver::kernel_mirror::{self, KernelMirror, KernelMirrorError, BASELINE_DEVICE, DEVICE};
 
-const PAGE: usize = 4096;
-const PAGES: usize = 16;
-
-/// A forked process with `PAGES` private anonymous pages at `addr`, which it fills,
-/// drops or replaces on command. Killed on drop.
-struct Source {
-    pid: libc::pid_t,
-    commands: File,
-    acks: File,
-    addr: u64,
-}
-
-/// Commands to the source: (op, page, byte).
-const FILL: u8 = 1;
-const DONTNEED: u8 = 2;
-const REMAP: u8 = 3;
-
-impl Source {
-    fn spawn() -> Source {
-        let len = PAGES * PAGE;
-        // SAFETY: a fresh private anonymous mapping; after the fork the parent unmaps
-        // its copy and only the child uses the range.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        let (cmd_read, cmd_write) = pipe();
-        let (ack_read, ack_write) = pipe();
-        // SAFETY: the child only calls async-signal-safe functions (read, write, mmap,
-        // madvise, _exit) and writes memory it owns, then exits with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork");
-        if pid == 0 {
-            // SAFETY: see above; runs until told to stop or its parent's pipe closes.
-            unsafe { source_main(cmd_read.as_raw_fd(), ack_write.as_raw_fd(), addr as *mut u8, len) };
-        }
-        // SAFETY: the parent's copy of the range, which it never touches.
-        unsafe { libc::munmap(addr, len) };
-        drop((cmd_read, ack_write));
-        let mut source = Source { pid, commands: File::from(cmd_write), acks: File::from(ack_read), addr: addr as u64 };
-        for page in 0..PAGES {
-            source.send(FILL, page as u32, 0x10 + page as u8);
-        }
-        source
-    }
-
-    fn send(&mut self, op: u8, page: u32, byte: u8) {
-        let mut frame = [0u8; 6];
-        frame[0] = op;
-        frame[1..5].copy_from_slice(&page.to_le_bytes());
-        frame[5] = byte;
-        self.commands.write_all(&frame).expect("command the source");
-        let mut ack = [0u8; 1];
-        self.acks.read_exact(&mut ack).expect("the source's ack");
-        assert_eq!(ack[0], 1, "the source failed op {op}");
-    }
-
-    fn pidfd(&self) -> OwnedFd {
-        kernel_mirror::pidfd_open(self.pid as u32).expect("pidfd_open")
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        // SAFETY: kill and reap our own child.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
-        }
-    }
-}
-
-/// The forked source's loop.
-///
-/// # Safety
-/// `addr..+len` must be this process's private mapping; `commands`/`acks` pipe fds.
-unsafe fn source_main(commands: i32, acks: i32, addr: *mut u8, len: usize) -> ! {
-    let mut frame = [0u8; 6];
-    loop {
-        // SAFETY: reads into a local buffer.
-        if unsafe { libc::read(commands, frame.as_mut_ptr().cast(), frame.len()) } != frame.len() as isize {
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(0) };
-        }
-        let page = u32::from_le_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
-        let ok = match frame[0] {
-            // SAFETY: page < PAGES, inside the mapping.
-            FILL if page < PAGES => unsafe {
-                std::ptr::write_bytes(addr.add(page * PAGE), frame[5], PAGE);
-                true
-            },
-            // SAFETY: the whole mapping, ours.
-            DONTNEED => unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) == 0 },
-            REMAP => {
-                // SAFETY: replaces our own mapping with a fresh one at the same address.
-                let at = unsafe {
-                    libc::mmap(
-                        addr.cast(),
-                        len,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                        -1,
-                        0,
-                    )
-                };
-                if at == addr.cast() {
-                    // SAFETY: the new mapping, all of it.
-                    unsafe { std::ptr::write_bytes(addr, frame[5], len) };
-                }
-                at == addr.cast()
-            }
-            _ => false,
-        };
-        let ack = [ok as u8];
-        // SAFETY: writes a local byte.
-        unsafe { libc::write(acks, ack.as_ptr().cast(), 1) };
-    }
-}
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh fds we own.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
 fn device(path: &str) -> KernelMirror {
     KernelMirror::open(Path::new(path)).unwrap_or_else(|e| panic!("{}", vmm::error_chain(&e)))
-}
-
-/// A read-only shared mapping of a mirror fd.
-struct View {
-    base: *const u8,
-    len: usize,
-}
-
-impl View {
-    fn map(fd: &OwnedFd, len: usize) -> View {
-        // SAFETY: a fresh PROT_READ shared mapping of the device's fd.
-        let base =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
-        assert_ne!(base, libc::MAP_FAILED, "mmap the mirror: {}", std::io::Error::last_os_error());
-        View { base: base as *const u8, len }
-    }
-
-    /// The first byte of `page`, read through the mirror.
-    fn byte(&self, page: usize) -> u8 {
-        assert!(page * PAGE < self.len);
-        // SAFETY: inside the mapping; volatile, so each read goes to the page mapped now.
-        unsafe { self.base.add(page * PAGE).read_volatile() }
-    }
-}
-
-impl Drop for View {
-    fn drop(&mut self) {
-        // SAFETY: our mapping.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-    }
 }
 
 fn errno_of(e: &KernelMirrorError) -> Option<i32> {
@@ -458,4 +298,182 @@ fn kernel_mirror_refuses_by_name_a_thp_backed_source_that_this_kvm_cannot_map() 
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the inspector attached to a THP-backed source its KVM cannot map: {stderr}");
     assert!(stderr.contains("transparent huge pages") && stderr.contains("split_huge_pages"), "{stderr}");
+}
+
+/// Polls `done` every 50 ms for up to `limit`; false if it never held.
+fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    done()
+}
+
+fn write_sys(path: &str, value: &str) {
+    std::fs::write(path, value).unwrap_or_else(|e| panic!("write {value} to {path}: {e}"));
+}
+
+fn read_sys(path: &str) -> u64 {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}")).trim().parse().unwrap()
+}
+
+/// Attaches the mirror to all of `source` and maps it.
+fn mirror_of(source: &Source) -> (OwnedFd, View) {
+    let len = source.pages * PAGE;
+    let fd = device(DEVICE).attach(source.pid as u32, source.pidfd().as_fd(), source.addr, len as u64).expect("attach");
+    let view = View::map(&fd, len);
+    (fd, view)
+}
+
+/// KSM merges the source's identical pages into one shared page (every merged page
+/// changes identity), then a write breaks the share (a fresh copy): the mirror reads
+/// the merged contents and then the write, never a page the source let go.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_follows_a_ksm_merge_and_the_write_that_breaks_it() {
+    let mut source = Source::spawn_pages(PAGES, false);
+    for page in 0..PAGES {
+        source.send(FILL, page as u32, 0x42);
+    }
+    let (fd, mirror) = mirror_of(&source);
+    assert!((0..PAGES).all(|p| mirror.byte(p) == 0x42));
+    let before = kernel_mirror::info(fd.as_fd()).expect("info").invalidations;
+    write_sys("/sys/kernel/mm/ksm/sleep_millisecs", "0");
+    write_sys("/sys/kernel/mm/ksm/pages_to_scan", "10000");
+    write_sys("/sys/kernel/mm/ksm/run", "1");
+    source.send(MERGEABLE, 0, 0);
+    let merging = format!("/proc/{}/ksm_merging_pages", source.pid);
+    let merged = eventually(Duration::from_secs(120), || read_sys(&merging) >= PAGES as u64 - 1);
+    write_sys("/sys/kernel/mm/ksm/run", "0");
+    assert!(merged, "KSM merged {} of the source's {PAGES} identical pages", read_sys(&merging));
+    assert!(kernel_mirror::info(fd.as_fd()).unwrap().invalidations > before, "the merge went unnoticed");
+    for page in 0..PAGES {
+        assert_eq!(mirror.byte(page), 0x42, "page {page}, merged");
+    }
+    // Copy-on-write breaks the share of the pages written: each gets a new page.
+    for page in [0, 5, PAGES - 1] {
+        source.send(FILL, page as u32, 0x50 + page as u8);
+    }
+    for page in 0..PAGES {
+        let want = if [0, 5, PAGES - 1].contains(&page) { 0x50 + page as u8 } else { 0x42 };
+        assert_eq!(mirror.byte(page), want, "page {page} after the write that broke the share");
+    }
+}
+
+/// `move_pages` migrates the source's pages to the other NUMA node of a 2-node L1:
+/// each page's contents are copied to a new page and the old one is freed.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_follows_pages_migrated_to_another_numa_node() {
+    let mut source = Source::spawn();
+    let (fd, mirror) = mirror_of(&source);
+    // Every page mapped through the mirror before it moves.
+    assert!((0..PAGES).all(|p| mirror.byte(p) == 0x10 + p as u8));
+    let pages: Vec<*mut libc::c_void> = (0..PAGES).map(|p| (source.addr as usize + p * PAGE) as *mut _).collect();
+    let node_of = |pages: &[*mut libc::c_void]| -> Vec<i32> {
+        let mut status = vec![-1i32; pages.len()];
+        // SAFETY: move_pages with no target nodes only reports each page's node.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_pages,
+                source.pid,
+                pages.len(),
+                pages.as_ptr(),
+                std::ptr::null::<i32>(),
+                status.as_mut_ptr(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "move_pages (query): {}", std::io::Error::last_os_error());
+        status
+    };
+    let nodes = std::fs::read_dir("/sys/devices/system/node")
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("node")).count());
+    assert!(nodes.unwrap_or(0) >= 2, "this test needs a NUMA L1 with 2 nodes (NestedL1::boot_numa)");
+    let from = node_of(&pages);
+    let targets: Vec<i32> = from.iter().map(|&n| if n == 0 { 1 } else { 0 }).collect();
+    let before = kernel_mirror::info(fd.as_fd()).expect("info").invalidations;
+    let mut status = vec![-1i32; PAGES];
+    // SAFETY: moves the source's own pages (we are root); status is filled per page.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            source.pid,
+            PAGES,
+            pages.as_ptr(),
+            targets.as_ptr(),
+            status.as_mut_ptr(),
+            MPOL_MF_MOVE,
+        )
+    };
+    assert_eq!(r, 0, "move_pages: {}", std::io::Error::last_os_error());
+    assert_eq!(status, targets, "every page moved (from nodes {from:?})");
+    assert!(kernel_mirror::info(fd.as_fd()).unwrap().invalidations > before, "the migration went unnoticed");
+    for page in 0..PAGES {
+        assert_eq!(mirror.byte(page), 0x10 + page as u8, "page {page} after migration");
+    }
+    source.send(FILL, 9, 0x99);
+    assert_eq!(mirror.byte(9), 0x99, "a write after migration, read through the mirror");
+}
+
+/// `MADV_COLLAPSE` copies 512 small pages into one transparent huge page and frees
+/// them; a `MADV_DONTNEED` of one page then splits its mapping. The mirror follows
+/// both, through writes that land in the new pages.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_follows_a_thp_collapse_and_split() {
+    let mut source = Source::spawn_pages(HUGE_PAGES, true);
+    source.send(FILL_ALL, 0, 0x01);
+    let (fd, mirror) = mirror_of(&source);
+    let want = |page: usize| 0x01u8.wrapping_add(page as u8);
+    assert!((0..HUGE_PAGES).all(|p| mirror.byte(p) == want(p)), "the small pages, through the mirror");
+    assert_eq!(source.huge_kb(), 0, "small pages before the collapse");
+    let before = kernel_mirror::info(fd.as_fd()).expect("info").invalidations;
+    source.send(COLLAPSE, 0, 0);
+    assert_eq!(source.huge_kb(), 2048, "MADV_COLLAPSE made one huge page");
+    assert!(kernel_mirror::info(fd.as_fd()).unwrap().invalidations > before, "the collapse went unnoticed");
+    for page in (0..HUGE_PAGES).step_by(37) {
+        assert_eq!(mirror.byte(page), want(page), "page {page} of the huge page");
+    }
+    source.send(FILL, 100, 0xc1);
+    assert_eq!(mirror.byte(100), 0xc1, "a write into the huge page, read through the mirror");
+
+    // Split: dropping one page of the huge page splits its mapping.
+    source.send(DONTNEED_PAGE, 7, 0);
+    assert_eq!(source.huge_kb(), 0, "the huge page's mapping was split");
+    assert_eq!(mirror.byte(7), 0, "the dropped page reads as zeros");
+    source.send(FILL, 200, 0xc2);
+    assert_eq!((mirror.byte(200), mirror.byte(100), mirror.byte(300)), (0xc2, 0xc1, want(300)), "after the split");
+}
+
+/// `MADV_PAGEOUT` sends the source's pages to swap (zram in the L1); the mirror faults
+/// them back in when read, and sees the source's writes to the pages it swapped in.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_reads_pages_through_swap_out_and_back() {
+    let swaps = std::fs::read_to_string("/proc/swaps").expect("/proc/swaps");
+    assert!(swaps.lines().count() > 1, "this test needs swap on (the nested harness sets up zram): {swaps}");
+    let mut source = Source::spawn();
+    let (fd, mirror) = mirror_of(&source);
+    // Every page mapped through the mirror before it goes out.
+    assert!((0..PAGES).all(|p| mirror.byte(p) == 0x10 + p as u8));
+    let before = kernel_mirror::info(fd.as_fd()).expect("info").invalidations;
+    source.send(PAGEOUT, 0, 0);
+    assert_eq!(source.status_kb("VmSwap"), (PAGES * PAGE / 1024) as u64, "every page went to swap");
+    assert!(kernel_mirror::info(fd.as_fd()).unwrap().invalidations > before, "the page-out went unnoticed");
+    // Pages the source writes come back in new pages; the others are read from swap
+    // by the mirror's own fault.
+    source.send(FILL, 3, 0x33);
+    source.send(FILL, 11, 0xbb);
+    for page in 0..PAGES {
+        let want = match page {
+            3 => 0x33,
+            11 => 0xbb,
+            p => 0x10 + p as u8,
+        };
+        assert_eq!(mirror.byte(page), want, "page {page} after swap-out and back");
+    }
 }

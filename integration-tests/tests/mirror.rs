@@ -53,6 +53,42 @@ impl Inspector {
     }
 }
 
+/// An inspector binary copied alone into an empty directory (no guest-images beside it,
+/// and `SPECULA_GUEST_IMAGES_DIR` naming a directory that does not exist, so no image
+/// directory serves) boots the agent built into it, attaches and serves; `--agent PATH`
+/// still names another image, and a missing one is refused by name.
+#[test]
+fn an_inspector_copied_alone_elsewhere_attaches_and_serves_with_its_built_in_agent() {
+    let dir = TempDir::new("inspector-alone");
+    let source = start_source(&dir, &[]);
+    let alone = dir.join("elsewhere/bin");
+    std::fs::create_dir_all(&alone).unwrap();
+    let copy = alone.join("inspector");
+    std::fs::copy(binary("inspector"), &copy).unwrap();
+    let control = dir.join("alone.sock");
+    let mut cmd = Command::new(&copy);
+    cmd.env(guest_images::IMAGES_DIR_ENV, dir.join("no-images-here")).current_dir(&alone);
+    cmd.args(["--source-socket", source.mirror.to_str().unwrap(), "--control-socket", control.to_str().unwrap()]);
+    cmd.args(["--all", "--serial", "null"]);
+    let mut proc = Running::spawn(&mut cmd);
+    proc.expect_line("inspector: agent ready", LIMIT);
+    let reply = unix_request(&control, &format!("read {:#x} 16", workload::HEADER_GPA));
+    let magic: String = workload::HEADER_MAGIC.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(reply, format!("ok {magic}"), "the copied inspector's agent reads the source");
+    drop(proc);
+
+    let missing = dir.join("no-such-agent.elf");
+    let out = integration_tests::run_with_timeout(
+        Command::new(&copy)
+            .env_remove(guest_images::IMAGES_DIR_ENV)
+            .args(["--source-socket", source.mirror.to_str().unwrap(), "--all", "--agent"])
+            .arg(&missing),
+        LIMIT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no-such-agent.elf"), "{stderr}");
+}
+
 #[test]
 fn the_agent_sees_source_writes_across_many_updates_without_stale_reads() {
     let dir = TempDir::new("coherence");
@@ -387,6 +423,48 @@ fn page_written_once_is_reported_once(mode: &str, mechanism: mirror_driver::prot
     // bits were never cleared) would name it in every later collection.
     assert!(naming.len() <= 2, "{mode}: the page was reported {} times, at {naming:?} after the write", naming.len());
     assert!(naming.iter().all(|&after| after < Duration::from_millis(500)), "{mode}: {naming:?}");
+}
+
+/// The barrier OS views wait on before serving a kept reply: a `DirtySync` right after a
+/// write (well inside the 20 ms collection interval) delivers that page before its
+/// `DirtySynced` event, every time; a source that only answered the barrier would be
+/// caught by one of the 32 tries.
+#[test]
+fn a_dirty_sync_delivers_every_page_written_before_it_ahead_of_its_barrier() {
+    use mirror_driver::importer::{Importer, SourceEvent};
+    use mirror_driver::protocol::Range;
+    use std::sync::{Arc, Mutex};
+    let dir = TempDir::new("dirty-sync");
+    let mut source = start_source(&dir, &["--dirty-log", "ring"]);
+    let peer = Importer::connect(&source.mirror).expect("connect");
+    let text = Range { gpa: workload::TEXT_GPA, len: workload::TEXT_LEN as u64 };
+    let _mapped = peer.grant(&[text]).expect("grant");
+    peer.subscribe_dirty().expect("the vmm offers the feed");
+    let seen: Arc<Mutex<Vec<SourceEvent>>> = Arc::default();
+    let log = seen.clone();
+    let peer = peer.start_events(move |_, event| log.lock().unwrap().push(event)).expect("read events");
+    for round in 0..32u64 {
+        let offset = (round % 64) * 4096;
+        source.vm.send(&format!("text-flip {offset}\n"));
+        source.vm.expect_line("ack text-flip", LIMIT);
+        let token = 1000 + round;
+        peer.dirty_sync(token).expect("the source collects at once");
+        let events = seen.lock().unwrap().clone();
+        let barrier = events
+            .iter()
+            .position(|e| *e == SourceEvent::DirtySynced { token })
+            .unwrap_or_else(|| panic!("round {round}: the barrier came after the reply: {events:?}"));
+        let page = workload::TEXT_GPA + offset;
+        let named = events[..barrier].iter().any(|e| {
+            matches!(e, SourceEvent::Dirty { ranges, .. } if ranges.iter().any(|r| r.gpa <= page && page < r.gpa + r.len))
+        });
+        assert!(named, "round {round}: page {page:#x}, written before the sync, was not reported ahead of its barrier");
+        seen.lock().unwrap().clear();
+    }
+    // A peer that never subscribed is refused by name.
+    let other = Importer::connect(&source.mirror).expect("connect");
+    let refused = other.dirty_sync(1).expect_err("no feed, no barrier");
+    assert!(format!("{refused:?}").contains("does not subscribe"), "{refused:?}");
 }
 
 #[test]

@@ -111,8 +111,11 @@ fn a_granted_fd_cannot_be_made_writable() {
         assert_eq!(punch, -1, "nor can the inspector punch holes in source RAM");
     }
     // Nor re-opened for writing through /proc by a process without CAP_DAC_OVERRIDE: the
-    // memfd is mode 0400. The child inherits the fd and runs as an unprivileged uid.
+    // memfd is mode 0400. Grant fds arrive close-on-exec; this one is handed on to the
+    // child on purpose, which runs as an unprivileged uid.
     use std::os::unix::process::CommandExt;
+    // SAFETY: clearing FD_CLOEXEC on an fd this test owns.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
     let script = format!("exec 9<>/proc/self/fd/{fd}; echo WRITABLE");
     let out = Command::new("/bin/sh").args(["-c", &script]).uid(65534).gid(65534).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

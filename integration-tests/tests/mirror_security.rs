@@ -9,9 +9,9 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::{binary, run_with_timeout, TempDir, Workload};
+use integration_tests::{binary, run_with_timeout, unix_request, TempDir, Workload};
 use mirror_driver::importer::{map_grant, MappedGrant};
-use mirror_driver::protocol::{ErrorCode, Message, Range, ACCESS_READ_ONLY, PROTOCOL_VERSION};
+use mirror_driver::protocol::{ErrorCode, Message, Range, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION};
 use mirror_driver::wire::{self, Frame};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -60,10 +60,54 @@ impl Peer {
 
     /// Maps a read-only grant of the page at `gpa`.
     fn map_page(&mut self, gpa: u64) -> MappedGrant {
-        let request = Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: vec![Range { gpa, len: 4096 }] };
+        self.map_range(gpa, 4096)
+    }
+
+    /// Maps a read-only grant of `gpa..gpa+len`, which must lie in one chunk.
+    fn map_range(&mut self, gpa: u64, len: u64) -> MappedGrant {
+        let request = Message::GrantRequest { access: ACCESS_READ_ONLY, ranges: vec![Range { gpa, len }] };
         let Frame { message, fds, .. } = self.ask(request);
-        let Message::GrantReply { grants, .. } = message else { panic!("grant refused: {message:?}") };
+        let Message::GrantReply { grants, more: false } = message else { panic!("grant refused: {message:?}") };
+        assert_eq!((grants.len(), fds.len()), (1, 1), "one grant, one fd for {gpa:#x}+{len:#x}");
         map_grant(grants[0], fds.into_iter().next().expect("an fd")).expect("map the grant")
+    }
+
+    /// Waits for the source's `Revoke` event; returns its (grant id, nonce).
+    fn next_revoke(&mut self) -> (u64, u64) {
+        loop {
+            let frame = wire::recv(&self.stream).expect("the Revoke event");
+            if let (EVENT_ID, Message::Revoke { grant_id, nonce }) = (frame.id, &frame.message) {
+                return (*grant_id, *nonce);
+            }
+        }
+    }
+
+    /// Every GPA of source RAM where `needle` lies: reads the whole of RAM (the source's
+    /// memory map), one read-only grant of at most one 2 MiB chunk at a time, so a match
+    /// across two chunks is found too.
+    fn find_in_ram(&mut self, needle: &[u8]) -> Vec<u64> {
+        const CHUNK: u64 = 2 << 20;
+        let Message::MemoryMap { regions } = self.ask(Message::GetMemoryMap).message else { panic!("no memory map") };
+        let (mut hits, mut scanned) = (Vec::new(), 0);
+        for region in &regions {
+            // The tail of the previous piece, so a match across pieces is not missed.
+            let mut tail: Vec<u8> = Vec::new();
+            let mut gpa = region.gpa;
+            while gpa < region.gpa + region.len {
+                let len = (CHUNK - gpa % CHUNK).min(region.gpa + region.len - gpa);
+                let piece = self.map_range(gpa, len);
+                assert_eq!(piece.bytes().len() as u64, len);
+                let start = gpa - tail.len() as u64;
+                let mut window = std::mem::take(&mut tail);
+                window.extend_from_slice(piece.bytes());
+                hits.extend(memchr::memmem::find_iter(&window, needle).map(|at| start + at as u64));
+                tail = window[window.len().saturating_sub(needle.len() - 1)..].to_vec();
+                scanned += len;
+                gpa += len;
+            }
+        }
+        assert_eq!(scanned, regions.iter().map(|r| r.len).sum::<u64>());
+        hits
     }
 }
 
@@ -90,18 +134,57 @@ fn attack_as(uid: u32, source: &Source) -> String {
     stdout
 }
 
-const WRITE_PATHS: &[&str] = &[
-    "mmap-shared-writable",
-    "mprotect",
-    "pwrite",
-    "fallocate-punch-hole",
-    "ftruncate",
-    "add-seals",
-    "fchmod-reopen",
-    "proc-pid-mem",
-    "proc-pid-fd",
-    "ptrace",
-];
+/// What `mirror-attack` writes with every attempt (its `MARK`).
+const MARK: &[u8] = b"PWNED!!!";
+
+/// Each write path and why it must fail, as the steps of its `blocked` line in order,
+/// each with the errno it got: for a holder of the source's uid, then for another uid.
+fn expected_blocks(source_pid: u32) -> Vec<(&'static str, Vec<String>, Vec<String>)> {
+    let both = |steps: &[&str]| steps.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let pid = source_pid;
+    vec![
+        // The fd is O_RDONLY.
+        ("mmap-shared-writable", both(&["mmap: EACCES"]), both(&["mmap: EACCES"])),
+        // The read-only mapping was made without VM_MAYWRITE.
+        ("mprotect", both(&["mprotect: EACCES"]), both(&["mprotect: EACCES"])),
+        ("pwrite", both(&["pwrite: EBADF"]), both(&["pwrite: EBADF"])),
+        ("fallocate-punch-hole", both(&["fallocate: EBADF"]), both(&["fallocate: EBADF"])),
+        ("ftruncate", both(&["ftruncate: EINVAL"]), both(&["ftruncate: EINVAL"])),
+        ("add-seals", both(&["F_ADD_SEALS: EPERM"]), both(&["F_ADD_SEALS: EPERM"])),
+        // The source's uid owns the inode: the chmod and the re-open succeed, and every
+        // write through it fails on F_SEAL_FUTURE_WRITE. Another uid gets neither.
+        (
+            "fchmod-reopen",
+            both(&["fchmod 0600: ok", "O_RDWR: ok", "pwrite: EPERM", "mmap: EPERM", "fallocate: EPERM"]),
+            both(&["fchmod 0600: EPERM", "O_RDWR: EACCES"]),
+        ),
+        // The source is non-dumpable: its /proc files are root's, and ptrace is refused.
+        (
+            "proc-pid-mem",
+            vec![format!("open /proc/{pid}/mem O_RDWR: EACCES")],
+            vec![format!("open /proc/{pid}/mem O_RDWR: EACCES")],
+        ),
+        ("proc-pid-fd", vec![format!("list /proc/{pid}/fd: EACCES")], vec![format!("list /proc/{pid}/fd: EACCES")]),
+        ("ptrace", both(&["PTRACE_ATTACH: EPERM"]), both(&["PTRACE_ATTACH: EPERM"])),
+    ]
+}
+
+/// The one line `mirror-attack` printed for `path`, which must say `blocked`, for the
+/// reasons `steps` (in that order).
+fn assert_blocked_because(report: &str, uid: u32, path: &str, steps: &[String]) {
+    let lines: Vec<&str> = report.lines().filter(|l| l.split(':').next().unwrap_or("").ends_with(path)).collect();
+    assert_eq!(lines.len(), 1, "uid {uid}: one line for {path}:\n{report}");
+    let why = lines[0]
+        .strip_prefix(&format!("blocked {path}: "))
+        .unwrap_or_else(|| panic!("uid {uid}: {path} was not blocked: {}\n{report}", lines[0]));
+    let mut rest = why;
+    for step in steps {
+        let at = rest
+            .find(step.as_str())
+            .unwrap_or_else(|| panic!("uid {uid}: {path} was blocked, but not by {step:?} (in order): {why}"));
+        rest = &rest[at + step.len()..];
+    }
+}
 
 #[test]
 fn holders_of_the_source_uid_or_another_cannot_write_source_ram_by_any_path() {
@@ -123,25 +206,75 @@ fn holders_of_the_source_uid_or_another_cannot_write_source_ram_by_any_path() {
         ],
     );
     source.poke(POKE_GPA, b"SOURCE!!");
-    for uid in [SOURCE_UID, OTHER_UID] {
+    let expected = expected_blocks(source.vm.child.id());
+    // Another uid first: it meets the mode the source gave the chunk (0400), not the
+    // 0600 the source uid's fchmod leaves behind.
+    for uid in [OTHER_UID, SOURCE_UID] {
         let report = attack_as(uid, &source);
         assert!(report.contains(&format!("attacking as uid {uid}")) && report.contains("done"), "{report}");
-        for path in WRITE_PATHS {
-            assert!(report.contains(&format!("blocked {path}:")), "uid {uid}, path {path} was not blocked:\n{report}");
+        assert!(!report.contains("WROTE") && !report.contains("MISSING"), "uid {uid}:\n{report}");
+        for (path, as_source_uid, as_other_uid) in &expected {
+            let steps = if uid == SOURCE_UID { as_source_uid } else { as_other_uid };
+            assert_blocked_because(&report, uid, path, steps);
         }
-        assert!(!report.contains("WROTE"), "uid {uid} wrote source RAM:\n{report}");
+        assert_eq!(report.lines().filter(|l| l.starts_with("blocked ")).count(), expected.len(), "{report}");
     }
-    // Nothing the attackers did reached source RAM, and the source runs on.
+    // Nothing the attackers did reached source RAM, anywhere in it, and the source runs on.
     let mut root = Peer::connect(&source);
+    let hits = root.find_in_ram(MARK);
+    assert!(hits.is_empty(), "the attack's mark is in source RAM at {hits:#x?}");
     let page = root.map_page(POKE_GPA);
     assert_eq!(&page.bytes()[..8], b"SOURCE!!");
     source.poke(POKE_GPA, b"STILLOK!");
     assert_eq!(&page.bytes()[..8], b"STILLOK!", "the source's own writes land and stay coherent");
+    // The scan sees a mark wherever it lands, across two chunks too.
+    let seam = 0x01e0_0000 - 4;
+    source.poke(seam, MARK);
+    assert_eq!(root.find_in_ram(MARK), vec![seam], "the scan finds a mark the source guest wrote");
     // Discard works on the sealed chunk: the page reads as zeros, in the source's view too.
     assert_eq!(source.api(&format!("discard {POKE_GPA:#x} 4096")), "ok");
     assert!(page.bytes().iter().all(|&b| b == 0), "the discarded page reads as zeros");
     source.poke(POKE_GPA, b"AGAIN!!!");
     assert_eq!(&page.bytes()[..8], b"AGAIN!!!");
+}
+
+#[test]
+fn the_attack_fails_where_it_finds_no_source_ram_instead_of_passing_for_blocked() {
+    // A "source" pid that maps no guest RAM and holds no fd of it: a process of the
+    // attacker's own uid (root), so /proc/PID/mem and /proc/PID/fd are open to it.
+    let dir = TempDir::new("attack-no-ram");
+    let source = start_source(&dir, &[]);
+    let mut decoy = Command::new("sleep");
+    // Without the grant fds other tests of this process may hold right now (an fd
+    // received with SCM_RIGHTS is inherited across exec).
+    // SAFETY: close_range is async-signal-safe and touches only the child's fds.
+    unsafe {
+        decoy.pre_exec(|| {
+            if libc::syscall(libc::SYS_close_range, 3, u32::MAX, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut decoy = decoy.arg("600").spawn().expect("spawn sleep");
+    let out = run_with_timeout(
+        Command::new(binary("mirror-attack")).args([
+            source.mirror.to_str().unwrap(),
+            &format!("{POKE_GPA:x}"),
+            &decoy.id().to_string(),
+        ]),
+        LIMIT,
+    );
+    decoy.kill().unwrap();
+    decoy.wait().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "mirror-attack must fail:\n{stdout}{stderr}");
+    assert!(stderr.contains("not every path was tried"), "{stderr}");
+    for path in ["proc-pid-mem", "proc-pid-fd"] {
+        assert!(stdout.contains(&format!("MISSING {path}: ")), "{path}:\n{stdout}");
+        assert!(!stdout.contains(&format!("blocked {path}:")), "{path} passed for blocked:\n{stdout}");
+    }
+    assert!(stdout.contains("specula-guest-ram"), "the message names what it looked for:\n{stdout}");
 }
 
 #[test]
@@ -181,6 +314,65 @@ fn an_acknowledgement_sent_before_the_revoke_does_not_count() {
         reply.starts_with("ok revoked=") && !reply.ends_with("unacknowledged="),
         "the early ack was not taken: {reply}"
     );
+}
+
+/// Starts `revoke ID` on the source's API in a thread (it waits for the holders);
+/// the thread returns the reply.
+fn revoke_in_background(source: &Source, id: u64) -> std::thread::JoinHandle<String> {
+    let api = source.api.clone();
+    std::thread::spawn(move || unix_request(&api, &format!("revoke {id}")))
+}
+
+#[test]
+fn an_acknowledgement_with_a_wrong_nonce_sent_while_the_revoke_is_pending_does_not_count() {
+    let dir = TempDir::new("wrong-nonce");
+    let mut source = start_source(&dir, &[]);
+    let mut holder = Peer::connect(&source);
+    let kept = holder.map_page(POKE_GPA);
+    let id = kept.grant.id;
+    source.poke(POKE_GPA, b"BEFORE!!");
+    let revoke = revoke_in_background(&source, id);
+    let (revoked, nonce) = holder.next_revoke();
+    assert_eq!(revoked, id);
+    // The revoke is pending now: acknowledge it, with every nonce but its own.
+    for wrong in [nonce ^ 1, nonce.wrapping_add(1), !nonce, 0, u64::MAX] {
+        if wrong != nonce {
+            holder.send(&Message::RevokeAck { grant_id: id, nonce: wrong });
+        }
+    }
+    let reply = revoke.join().unwrap();
+    let unacknowledged = reply
+        .strip_prefix(&format!("ok revoked={id} unacknowledged="))
+        .unwrap_or_else(|| panic!("unexpected reply: {reply}"));
+    assert_eq!(unacknowledged.split(',').filter(|c| !c.is_empty()).count(), 1, "the holder acknowledged: {reply}");
+    // The holder that did not acknowledge is disconnected, and its access is gone anyway.
+    loop {
+        match wire::recv(&holder.stream) {
+            Ok(_) => continue,
+            Err(wire::WireError::Closed) => break,
+            Err(other) => panic!("expected the source to disconnect the holder, got {other}"),
+        }
+    }
+    source.poke(POKE_GPA, b"AFTER!!!");
+    assert_eq!(&kept.bytes()[..8], b"BEFORE!!", "the kept mapping is a dead snapshot");
+    assert!(!source.api("grants").split_whitespace().any(|g| g.starts_with(&format!("{id}:"))));
+}
+
+#[test]
+fn an_acknowledgement_with_the_revokes_nonce_completes_it() {
+    let dir = TempDir::new("right-nonce");
+    let source = start_source(&dir, &[]);
+    let mut holder = Peer::connect(&source);
+    let kept = holder.map_page(POKE_GPA);
+    let id = kept.grant.id;
+    let revoke = revoke_in_background(&source, id);
+    let (revoked, nonce) = holder.next_revoke();
+    assert_eq!(revoked, id);
+    drop(kept);
+    holder.send(&Message::RevokeAck { grant_id: id, nonce });
+    assert_eq!(revoke.join().unwrap(), format!("ok revoked={id} unacknowledged="));
+    // The holder stays connected and served.
+    assert!(matches!(holder.ask(Message::GetMemoryMap).message, Message::MemoryMap { .. }));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! OS views computed inside the agent and served by the inspector, against a live
 //! Linux guest under QEMU (the `linux_guest` fixture) with no symbol files anywhere:
-//! the process list matches the guest's own `ps`, the module list its
+//! the process list matches the guest's own `ps` both ways (every process it shows is
+//! listed, with its comm, and nothing it does not show), the module list its
 //! `/proc/modules`, a marker is read at the virtual address the process printed, a
 //! process started after attach appears and one that exits disappears; on Debian
 //! 12's 6.1 kernel and Debian 13's 6.12.
@@ -8,7 +9,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::linux_guest::{parse_ps_reply, GuestInspector, LinuxGuest};
+use integration_tests::linux_guest::{assert_processes_agree, parse_ps_reply, GuestInspector, LinuxGuest, ViewProcess};
 use integration_tests::{binary, run_with_timeout};
 use serde_json::Value;
 
@@ -32,12 +33,9 @@ impl Requests for Inspector {
     }
 
     fn api_json(&self, args: &[&str]) -> Value {
-        let out = run_with_timeout(
-            Command::new(binary("specula")).args(["--socket", self.api.to_str().unwrap(), "--json"]).args(args),
-            LIMIT,
-        );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
+        let (json, status) = self.specula_json(args);
+        assert_eq!(status, 0, "specula {args:?}: {json}");
+        json
     }
 }
 
@@ -71,7 +69,21 @@ fn assert_views_match_the_guest(guest: &LinuxGuest, inspector: &Inspector) {
     let truth = guest.ground_truth();
     let kernel = inspector.ask("kernel");
     assert!(kernel.starts_with(&format!("release={} ", truth.kernel_release)), "{kernel}");
+    // The kernel found in RAM is the one the vCPUs run: their CR3s root page tables that
+    // map its text where its own do (QEMU's registers give no LSTAR; GS bases may).
+    let view = inspector.api_json(&["kernel"]);
+    assert_eq!(view["anchored"], true, "{view:#}");
+    let anchors = view["anchors"].as_array().unwrap();
+    assert!(anchors.iter().any(|a| a["anchor"] == "cr3" && a["agrees"] == true), "{view:#}");
+    assert!(anchors.iter().all(|a| a["agrees"] == true) && view["forged_vmcoreinfo"] == serde_json::json!([]));
+    assert!(kernel.ends_with(" anchored=true"), "{kernel}");
     truth.assert_processes_listed(&inspector.ps());
+    // Both ways: the agent's list, taken between two of the guest's own `ps`, holds every
+    // process alive across both and nothing that neither shows (no phantom).
+    let before = guest.ps();
+    let listed: Vec<ViewProcess> = inspector.ps().iter().map(ViewProcess::from).collect();
+    let after = guest.ps();
+    assert_processes_agree(&before, &listed, &after, "the agent's ps");
     // The JSON view carries the command line, read from each process's own memory.
     let processes = inspector.api_json(&["ps"]);
     let marker = truth.marker("specula-workerA").expect("a marker").clone();
@@ -79,6 +91,18 @@ fn assert_views_match_the_guest(guest: &LinuxGuest, inspector: &Inspector) {
     let args: Vec<String> = json["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
     let truth_args = &truth.process_by_pid(marker.pid).unwrap().args;
     assert_eq!(args.join(" "), *truth_args, "the command line as the guest's ps shows it");
+    // One process by pid: the same view through the CLI (and so the HTTP route) and
+    // the line socket, and a pid the task list lacks is not found.
+    let one = inspector.api_json(&["process", &marker.pid.to_string()]);
+    assert_eq!((&one["pid"], &one["comm"], &one["args"]), (&json["pid"], &json["comm"], &json["args"]), "{one:#}");
+    let line: Value = serde_json::from_str(&inspector.ask(&format!("process {}", marker.pid))).unwrap();
+    assert_eq!((&line["pid"], &line["ppid"]), (&json["pid"], &json["ppid"]), "{line:#}");
+    let missing = run_with_timeout(
+        Command::new(binary("specula")).args(["--socket", inspector.api.to_str().unwrap(), "process", "999999"]),
+        LIMIT,
+    );
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("not_found (404)") && stderr.contains("999999"), "{stderr}");
     // Modules: exactly /proc/modules, with sizes and addresses.
     truth.assert_modules_are(&inspector.ask("lsmod"));
     // The markers, at the virtual addresses the processes printed, through their page tables.
@@ -167,12 +191,18 @@ fn a_redirected_system_call_is_reported_with_its_module_and_a_clean_table_is_cle
     assert!(entries > 300, "the table's entries are found: {clean}");
     assert_eq!(field(&clean, "redirected="), "", "no false positive on an untouched guest: {clean}");
     // What a rootkit does: point kexec_load (246, rarely called) at its own code, here the
-    // dummy module's. The test writes the guest's RAM itself, as the rootkit would.
-    let table_pa = u64::from_str_radix(field(&clean, "table_pa=").trim_start_matches("0x"), 16).unwrap();
+    // dummy module's. The test writes the guest's RAM itself, as the rootkit would, at the
+    // table the guest's own /proc/kallsyms names (physical address from /proc/iomem), not
+    // at the one Specula reported, which must be the same.
+    let table_pa = guest.kernel_image_pa(guest.kallsyms_address("sys_call_table"));
+    let reported = u64::from_str_radix(field(&clean, "table_pa=").trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(reported, table_pa, "Specula's sys_call_table is the guest's: {clean}");
     let ram = std::fs::OpenOptions::new().read(true).write(true).open(&guest.ram_memfds()[0]).unwrap();
     let slot = table_pa + 246 * 8;
     let mut original = [0u8; 8];
     ram.read_exact_at(&mut original, slot).unwrap();
+    let kexec_load = guest.kallsyms_address("__x64_sys_kexec_load");
+    assert_eq!(u64::from_le_bytes(original), kexec_load, "slot 246 of the guest's table is kexec_load's handler");
     ram.write_all_at(&dummy.to_le_bytes(), slot).unwrap();
     let hooked = inspector.ask("check-syscalls");
     ram.write_all_at(&original, slot).unwrap();

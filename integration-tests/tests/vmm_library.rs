@@ -54,7 +54,7 @@ fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
     config.boot.extra_memmap = vec![(window_base, 1 << 20, E820_MIRROR)];
     config.memory = guest_images::agent::MIN_RAM.next_multiple_of(2 << 20);
     config.cpus = 2;
-    config.doorbell = Some(doorbell);
+    config.extra_pio_devices.push((vmm::devices::doorbell::PORTS, doorbell));
     let vmm = Vmm::build(&config).expect("build");
     let memory = vmm.ram().memory().clone();
     let header = RingHeader {
@@ -64,6 +64,7 @@ fn a_pause_counts_parked_and_doorbell_waiting_vcpus() {
         agent_state: AGENT_BOOTING,
         slots: RING_SLOTS as u32,
         completed: 0,
+        digest_key: [1, 2],
     };
     // SAFETY: RingHeader is a repr(C) plain-data ABI struct.
     let bytes = unsafe {

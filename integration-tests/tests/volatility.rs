@@ -2,9 +2,10 @@
 //! live Linux guest under QEMU, through Specula's `specula://` layer
 //! (clients/python/volatility) and a symbol table `specula isf` builds from the
 //! guest's own BTF and kallsyms: no dwarf2json, no debug package, no symbol file
-//! on the host. `linux.pslist` gives the guest's own process list, `linux.lsmod`
-//! its /proc/modules, `linux.check_syscall` its system call table with every entry
-//! resolved to a handler's symbol.
+//! on the host. `linux.pslist` gives the guest's own process list (compared both ways
+//! with the guest's `ps`, live and on dumps), `linux.lsmod` its /proc/modules,
+//! `linux.check_syscall` its system call table, every entry the handler address in the
+//! guest's RAM and a name the guest's /proc/kallsyms gives it.
 //!
 //! Needs qemu-system-x86_64, target/guest-images/linux/ and target/python-tools
 //! (scripts/setup.sh makes all three).
@@ -14,11 +15,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::linux_guest::{GuestInspector, LinuxGuest};
+use integration_tests::linux_guest::{assert_processes_agree, GuestInspector, LinuxGuest, ViewProcess};
 use integration_tests::{binary, python_tool, run_with_timeout, volatility, TempDir};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(300);
+/// Volatility's x86-64 layers give virtual addresses in 48 bits (no sign extension).
+const VOL_ADDRESS_MASK: u64 = (1 << 48) - 1;
 
 /// QEMU serves one QMP client at a time: the tests attach to the shared guest in turn.
 static ONE_INSPECTOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -49,9 +52,14 @@ fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
     let inspector = GuestInspector::attach(guest);
     let cache = TempDir::new("volatility-cache");
 
+    // linux.pslist, between two of the guest's own `ps`: the same processes both ways.
+    let before = guest.ps();
     let pslist = vol(&inspector, &cache.0, "linux.pslist");
+    let after = guest.ps();
     let isf = std::fs::read_dir(cache.join("specula/volatility/linux")).unwrap().count();
     assert_eq!(isf, 1, "specula isf wrote one symbol table into the cache");
+    assert_processes_agree(&before, &pslist_view(&pslist), &after, "linux.pslist on the live guest");
+    // And the boot-time ground truth's user processes (kernel workers may have come and gone).
     for p in truth.processes.iter().filter(|p| p.comm != "ps" && p.comm != "cat" && !p.args.starts_with('[')) {
         let row = pslist
             .iter()
@@ -71,17 +79,45 @@ fn volatility_runs_on_the_live_guest_with_a_symbol_table_from_its_own_btf() {
     want.sort();
     assert_eq!(got, want, "linux.lsmod is /proc/modules: {lsmod:#?}");
 
-    // Every 64-bit entry resolves to a handler through the generated table's symbols.
+    // Every 64-bit entry is the guest's: the table where its /proc/kallsyms puts
+    // sys_call_table, each handler address the one in the guest's RAM there (read by the
+    // test from QEMU's memfd, at the physical address /proc/iomem gives), and each
+    // handler's symbol a name /proc/kallsyms gives that address.
     let syscalls = vol(&inspector, &cache.0, "linux.check_syscall");
     let table: Vec<&Value> = syscalls.iter().filter(|r| r["Table Name"] == "64bit").collect();
     assert!(table.len() > 300, "every table entry: {syscalls:#?}");
     assert_eq!(table[0]["Handler Symbol"], "__x64_sys_read", "{:#?}", table[0]);
-    for row in &table {
+    let table_va = guest.kallsyms_address("sys_call_table");
+    let mut entries = vec![0u8; table.len() * 8];
+    let ram = std::fs::File::open(&guest.ram_memfds()[0]).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&ram, &mut entries, guest.kernel_image_pa(table_va)).unwrap();
+    let entry = |i: usize| u64::from_le_bytes(entries[i * 8..i * 8 + 8].try_into().unwrap());
+    let handlers: BTreeSet<u64> = (0..table.len()).map(entry).collect();
+    let names = guest.kallsyms_names(&handlers);
+    for (i, row) in table.iter().enumerate() {
+        assert_eq!(row["Index"].as_u64(), Some(i as u64), "{row}");
+        // Volatility gives handler addresses in its layer's 48 bits (the sign extension cut);
+        // its "Table Address" is the symbol table's value, before the KASLR shift.
+        let handler = entry(i) & VOL_ADDRESS_MASK;
+        assert_eq!(row["Handler Address"].as_u64(), Some(handler), "entry {i} in the guest's RAM: {row}");
         let symbol = row["Handler Symbol"].as_str().unwrap_or("");
         // Aliases share an address (__x64_sys_rt_sigreturn is __do_sys_rt_sigreturn): any
-        // system call handler's name will do, an unresolved entry will not.
-        assert!(symbol.contains("sys_"), "entry {} resolves to {symbol:?}: {row}", row["Index"]);
+        // name of the address will do, another symbol's will not.
+        let known = names.get(&entry(i)).cloned().unwrap_or_default();
+        assert!(known.iter().any(|n| n == symbol), "entry {i}: {symbol:?}, /proc/kallsyms says {known:?}: {row}");
     }
+}
+
+/// linux.pslist's rows as a process view (no uids: not every Volatility version has them).
+fn pslist_view(rows: &[Value]) -> Vec<ViewProcess> {
+    rows.iter()
+        .map(|r| ViewProcess {
+            pid: r["PID"].as_u64().unwrap_or_else(|| panic!("{r}")) as u32,
+            ppid: r["PPID"].as_u64().unwrap_or_else(|| panic!("{r}")) as u32,
+            uid: None,
+            comm: r["COMM"].as_str().unwrap_or_else(|| panic!("{r}")).to_string(),
+        })
+        .collect()
 }
 
 /// `specula dump` (the guest paused for the copy) writes an ELF core (and a LiME file)
@@ -95,6 +131,11 @@ fn a_specula_dump_opens_in_volatility_and_drgn() {
     let inspector = GuestInspector::attach(guest);
     let cache = TempDir::new("volatility-dump");
     let core = cache.join("guest.core");
+    // One run on the live guest puts the symbol table `specula isf` builds into the cache
+    // the dumps are then read with.
+    vol(&inspector, &cache.0, "linux.pslist");
+    // The guest's own `ps` before and after the dump: what linux.pslist must find in it.
+    let before = guest.ps();
     let out = run_with_timeout(
         Command::new(binary("specula"))
             .args(["--socket", inspector.api.to_str().unwrap(), "--json", "dump"])
@@ -107,22 +148,14 @@ fn a_specula_dump_opens_in_volatility_and_drgn() {
     let ram = std::fs::metadata(&core).unwrap().len();
     assert!(ram > summary["bytes"].as_u64().unwrap() && summary["bytes"].as_u64().unwrap() >= 500 << 20, "{summary}");
 
-    // Volatility on the live guest and on the dump list the same processes (the guest
-    // is idle; the console's own shell is in both).
-    let live: BTreeSet<(u64, String)> = vol(&inspector, &cache.0, "linux.pslist")
-        .iter()
-        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
-        .collect();
-    let dumped: BTreeSet<(u64, String)> = vol_on(core.to_str().unwrap(), &cache.0, "linux.pslist")
-        .iter()
-        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
-        .collect();
-    let user: Vec<&(u64, String)> = live.iter().filter(|(_, c)| c.starts_with("specula-")).collect();
-    assert_eq!(user.len(), 2, "both markers: {live:?}");
-    let stable = |set: &BTreeSet<(u64, String)>| -> BTreeSet<(u64, String)> {
-        set.iter().filter(|(_, c)| !c.starts_with("kworker")).cloned().collect()
-    };
-    assert_eq!(stable(&dumped), stable(&live), "linux.pslist on the dump is the live list");
+    let after = guest.ps();
+
+    // Volatility on the dump lists the guest's own processes, both ways (the guest's `ps`
+    // just before and just after the copy), the markers and the console's shell among them.
+    let dumped = pslist_view(&vol_on(core.to_str().unwrap(), &cache.0, "linux.pslist"));
+    assert_processes_agree(&before, &dumped, &after, "linux.pslist on the ELF core");
+    let user: Vec<&ViewProcess> = dumped.iter().filter(|p| p.comm.starts_with("specula-")).collect();
+    assert_eq!(user.len(), 2, "both markers: {dumped:?}");
 
     // The same memory as LiME: one 32-byte header per range, each range's bytes after it,
     // and Volatility's LiME layer gives the same list.
@@ -146,20 +179,11 @@ fn a_specula_dump_opens_in_volatility_and_drgn() {
     }
     assert_eq!((at, ranges), (bytes.len(), summary["ranges"].as_u64().unwrap()), "headers and data tile the file");
     drop(bytes);
-    let from_lime: BTreeSet<(u64, String)> = vol_on(lime.to_str().unwrap(), &cache.0, "linux.pslist")
-        .iter()
-        .map(|r| (r["PID"].as_u64().unwrap(), r["COMM"].as_str().unwrap().to_string()))
-        .collect();
-    assert_eq!(stable(&from_lime), stable(&live), "linux.pslist on the LiME dump is the live list");
+    let lime_after = guest.ps();
+    let from_lime = pslist_view(&vol_on(lime.to_str().unwrap(), &cache.0, "linux.pslist"));
+    assert_processes_agree(&after, &from_lime, &lime_after, "linux.pslist on the LiME dump");
 
     // drgn: kallsyms from the core's VMCOREINFO, virtual reads through its page tables.
-    let symbols: Value = {
-        let out = run_with_timeout(
-            Command::new(binary("specula")).args(["--socket", inspector.api.to_str().unwrap(), "--json", "kernel"]),
-            LIMIT,
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
     let script = r#"
 import sys, drgn
 from drgn.helpers.linux.kallsyms import load_vmlinux_kallsyms
@@ -174,7 +198,9 @@ print(hex(prog.symbol("init_task").address), hex(prog.symbol("jiffies").address)
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "drgn: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let fields: Vec<&str> = stdout.trim().splitn(3, ' ').collect();
-    let release = symbols["release"].as_str().unwrap();
+    // The release the guest's own `uname -r` gives, not the one Specula found.
+    let release = guest.console("uname -r", Duration::from_secs(30)).trim().to_string();
+    assert!(!release.is_empty(), "uname -r");
     assert!(fields[2].starts_with(&format!("Linux version {release} ")), "linux_banner read by drgn: {stdout}");
     let drgn_address = |field: &str| u64::from_str_radix(field.trim_start_matches("0x"), 16).unwrap();
     assert_eq!(drgn_address(fields[0]), guest.kallsyms_address("init_task"), "init_task: {stdout}");

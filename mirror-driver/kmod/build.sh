@@ -22,7 +22,7 @@ command -v make >/dev/null || { echo "kmod/build.sh: missing make" >&2; exit 1; 
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp "$here/Kbuild" "$here/specula_mirror.c" "$here/specula_mirror.h" "$here/specula_access.h" "$work/"
+cp "$here/Kbuild" "$here"/*.c "$here"/*.h "$work/"
 mkdir "$work/baseline"
 cp "$here/baseline/specula_pin_baseline.c" "$work/baseline/"
 

@@ -12,7 +12,5 @@ pub mod importer;
 pub mod kernel_mirror;
 pub mod memfd;
 pub mod protocol;
-pub mod qemu;
-pub mod qemu_state;
 pub mod socket;
 pub mod wire;

@@ -1,7 +1,7 @@
 //! Framed messages over a Unix stream socket, with file descriptors beside them.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -58,20 +58,15 @@ pub fn send(stream: &UnixStream, id: u32, message: &Message, fds: &[RawFd]) -> R
 /// came with a frame that fails to decode are closed.
 pub fn recv(stream: &UnixStream) -> Result<Frame, WireError> {
     let mut header = [0u8; HEADER_LEN];
-    let mut fd_slots = [-1 as RawFd; MAX_FDS_PER_FRAME];
-    let mut iov = [libc::iovec { iov_base: header.as_mut_ptr().cast(), iov_len: 1 }];
-    // SAFETY: the iovec covers the first byte of `header`, which may take any value; the
-    // fds land in `fd_slots`. Reading one byte keeps the fds attached to this frame only.
-    let (got, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fd_slots) }.map_err(|e| {
+    // Reading one byte keeps the fds attached to this frame only.
+    let (got, fds) = recv_first_byte(stream, &mut header[..1]).map_err(|e| {
         // A read timeout before the first byte of a frame leaves the stream in step.
-        if e.errno() == libc::EAGAIN || e.errno() == libc::EWOULDBLOCK {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
             WireError::Idle
         } else {
-            WireError::Io(e.into())
+            WireError::Io(e)
         }
     })?;
-    // SAFETY: recv_with_fds returned `nfds` new descriptors that we now own.
-    let fds: Vec<OwnedFd> = fd_slots[..nfds].iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }).collect();
     if got == 0 {
         return Err(WireError::Closed);
     }
@@ -85,6 +80,53 @@ pub fn recv(stream: &UnixStream) -> Result<Frame, WireError> {
     Ok(Frame { id: header.id, message, fds })
 }
 
+/// Reads into `buf` with the fds that come with it, each close-on-exec from the moment
+/// it exists (`MSG_CMSG_CLOEXEC`): a grant's fd must never reach a process this one
+/// starts, not even one started by another thread between the receive and an fcntl.
+/// More fds than a frame may carry are an error (the kernel closes what did not fit).
+fn recv_first_byte(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    const FD_BYTES: usize = MAX_FDS_PER_FRAME * std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(FD_BYTES as u32) } as usize;
+    // u64s, so the control buffer is aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: a zeroed msghdr is a valid empty one; its pointers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg points at `iov` (covering `buf`) and `control` (`space` bytes), both
+    // live across the call.
+    let got = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if got < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: msg's control area was filled by recvmsg; the CMSG_* walk stays inside it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/CMSG_NXTHDR lies inside `control`.
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN only computes a size; CMSG_DATA points inside this header.
+            let (empty, data) = unsafe { (libc::CMSG_LEN(0) as usize, libc::CMSG_DATA(cmsg).cast::<RawFd>()) };
+            let count = (header.cmsg_len as usize).saturating_sub(empty) / std::mem::size_of::<RawFd>();
+            for i in 0..count {
+                // SAFETY: `count` fds follow the header; each is a new descriptor we own.
+                fds.push(unsafe { OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))) });
+            }
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(std::io::Error::other(format!("a frame came with more than {MAX_FDS_PER_FRAME} fds")));
+    }
+    Ok((got as usize, fds))
+}
+
 fn read_full(stream: &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -96,4 +138,35 @@ fn read_full(stream: &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `fd` is close-on-exec.
+    fn cloexec(fd: &OwnedFd) -> bool {
+        // SAFETY: F_GETFD on an fd we own.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert!(flags >= 0, "F_GETFD");
+        flags & libc::FD_CLOEXEC != 0
+    }
+
+    #[test]
+    fn received_fds_are_close_on_exec_and_stay_with_their_frame() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // An fd that is not close-on-exec on the sending side.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: clearing FD_CLOEXEC on a File we own.
+        assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) }, 0);
+        send(&a, 7, &Message::Paused, &[file.as_raw_fd(), file.as_raw_fd()]).unwrap();
+        send(&a, 8, &Message::Resumed, &[]).unwrap();
+        let first = recv(&b).unwrap();
+        assert_eq!((first.id, first.message, first.fds.len()), (7, Message::Paused, 2));
+        assert!(first.fds.iter().all(cloexec), "a grant's fd must not reach a child process");
+        let second = recv(&b).unwrap();
+        assert_eq!((second.id, second.fds.len()), (8, 0));
+        drop(a);
+        assert!(matches!(recv(&b), Err(WireError::Closed)));
+    }
 }

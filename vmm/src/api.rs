@@ -23,14 +23,39 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mirror_driver::exporter::Exporter;
+use mirror_driver::exporter::{ExportError, Exporter};
 use mirror_driver::protocol::Message;
+use specula_common::parse::{number, ParseError};
 
-use crate::line_server::{self, parse_number as number, Limits};
-use crate::vstate::vcpu::{Lifecycle, VmExit};
+use crate::line_server::{self, Limits};
+use crate::vstate::vcpu::{Lifecycle, LifecycleError, VmExit};
 
 /// Longest accepted command line.
 const MAX_LINE: u64 = 256;
+
+/// Why a command failed; the client reads the message with its causes.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A missing or malformed argument.
+    #[error(transparent)]
+    Argument(#[from] ParseError),
+    #[error("no mirror socket (start the vmm with --mirror-socket)")]
+    NoMirror,
+    /// The exporter refused a discard or a revoke.
+    #[error(transparent)]
+    Mirror(#[from] ExportError),
+    #[error("already paused")]
+    AlreadyPaused,
+    #[error("not paused")]
+    NotPaused,
+    /// A pause or a register snapshot that not every vCPU answered.
+    #[error(transparent)]
+    Vcpus(#[from] LifecycleError),
+    #[error("empty command")]
+    EmptyCommand,
+    #[error("unknown command '{0}'")]
+    UnknownCommand(String),
+}
 
 /// State the API commands act on.
 #[derive(Clone)]
@@ -49,26 +74,22 @@ pub fn start(path: &Path, allowed_uids: &[u32], context: ApiContext) -> std::io:
     line_server::serve(path, "api", allowed_uids, Limits::new(MAX_LINE), handler)
 }
 
-fn exporter(context: &ApiContext) -> Result<&Exporter, String> {
-    context.exporter.as_deref().ok_or_else(|| "no mirror socket (start the vmm with --mirror-socket)".to_string())
+/// The mirror exporter, if the vmm serves one.
+fn exporter(context: &ApiContext) -> Result<&Exporter, ApiError> {
+    context.exporter.as_deref().ok_or(ApiError::NoMirror)
 }
 
 /// Runs one command.
-pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
+pub fn execute(line: &str, context: &ApiContext) -> Result<String, ApiError> {
     let mut words = line.split_whitespace();
     match words.next().unwrap_or("") {
         "discard" => {
             let gpa = number(words.next(), "GPA")?;
             let len = number(words.next(), "LEN")?;
-            exporter(context)?.discard(gpa, len).map_err(|e| e.to_string())?;
+            exporter(context)?.discard(gpa, len)?;
             Ok(String::new())
         }
-        "revoke" => {
-            let id = number(words.next(), "GRANT")?;
-            let outcome = exporter(context)?.revoke(id).map_err(|e| crate::error_chain(&e))?;
-            let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-            Ok(format!("revoked={} unacknowledged={}", list(&outcome.revoked), list(&outcome.unacknowledged)))
-        }
+        "revoke" => revoke(number(words.next(), "GRANT")?, context),
         "grants" => Ok(exporter(context)?
             .grants()
             .iter()
@@ -76,29 +97,8 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
             .collect::<Vec<_>>()
             .join(" ")),
         "inspectors" => Ok(exporter(context)?.connection_count().to_string()),
-        "pause" => {
-            if context.paused.swap(true, Ordering::SeqCst) {
-                return Err("already paused".into());
-            }
-            if let Err(e) = context.lifecycle.pause() {
-                context.paused.store(false, Ordering::SeqCst);
-                return Err(e);
-            }
-            if let Some(e) = &context.exporter {
-                e.broadcast(&Message::Paused);
-            }
-            Ok(String::new())
-        }
-        "resume" => {
-            if !context.paused.swap(false, Ordering::SeqCst) {
-                return Err("not paused".into());
-            }
-            context.lifecycle.resume();
-            if let Some(e) = &context.exporter {
-                e.broadcast(&Message::Resumed);
-            }
-            Ok(String::new())
-        }
+        "pause" => pause(context),
+        "resume" => resume(context),
         "vcpus" => Ok(context
             .lifecycle
             .snapshot_vcpus()?
@@ -113,7 +113,82 @@ pub fn execute(line: &str, context: &ApiContext) -> Result<String, String> {
             context.lifecycle.request_exit(VmExit::Stopped("api stop"));
             Ok(String::new())
         }
-        "" => Err("empty command".into()),
-        other => Err(format!("unknown command '{other}'")),
+        "" => Err(ApiError::EmptyCommand),
+        other => Err(ApiError::UnknownCommand(other.to_string())),
+    }
+}
+
+/// `revoke GRANT`: `revoked=ID,... unacknowledged=CONN,...`.
+fn revoke(grant: u64, context: &ApiContext) -> Result<String, ApiError> {
+    let outcome = exporter(context)?.revoke(grant)?;
+    let list = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    Ok(format!("revoked={} unacknowledged={}", list(&outcome.revoked), list(&outcome.unacknowledged)))
+}
+
+/// `pause`: takes this API's one hold on the vCPUs and tells the inspectors.
+fn pause(context: &ApiContext) -> Result<String, ApiError> {
+    if context.paused.swap(true, Ordering::SeqCst) {
+        return Err(ApiError::AlreadyPaused);
+    }
+    if let Err(e) = context.lifecycle.pause() {
+        context.paused.store(false, Ordering::SeqCst);
+        return Err(e.into());
+    }
+    if let Some(e) = &context.exporter {
+        e.broadcast(&Message::Paused);
+    }
+    Ok(String::new())
+}
+
+/// `resume`: releases this API's hold and tells the inspectors.
+fn resume(context: &ApiContext) -> Result<String, ApiError> {
+    if !context.paused.swap(false, Ordering::SeqCst) {
+        return Err(ApiError::NotPaused);
+    }
+    context.lifecycle.resume();
+    if let Some(e) = &context.exporter {
+        e.broadcast(&Message::Resumed);
+    }
+    Ok(String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ApiContext {
+        ApiContext {
+            lifecycle: Arc::new(Lifecycle::new().unwrap()),
+            exporter: None,
+            memory: Arc::new(vec![(0, 0x10_0000)]),
+            paused: Default::default(),
+        }
+    }
+
+    /// The reply text of a failed command, as the client reads it.
+    fn refusal(line: &str, context: &ApiContext) -> String {
+        crate::error_chain(&execute(line, context).unwrap_err())
+    }
+
+    #[test]
+    fn bad_commands_and_arguments_are_named() {
+        let context = context();
+        assert!(matches!(execute("", &context), Err(ApiError::EmptyCommand)));
+        assert_eq!(refusal("bogus 1", &context), "unknown command 'bogus'");
+        assert_eq!(refusal("discard", &context), "missing GPA");
+        assert_eq!(refusal("discard 0x1000 zz", &context), "bad LEN 'zz'");
+        assert_eq!(refusal("revoke 3", &context), "no mirror socket (start the vmm with --mirror-socket)");
+        assert_eq!(execute("memory", &context).unwrap(), "0x0:0x100000");
+    }
+
+    #[test]
+    fn one_pause_hold_at_a_time() {
+        let context = context();
+        assert!(matches!(execute("resume", &context), Err(ApiError::NotPaused)));
+        assert_eq!(execute("pause", &context).unwrap(), "", "no vCPU thread runs: paused at once");
+        assert!(context.lifecycle.is_paused());
+        assert_eq!(refusal("pause", &context), "already paused");
+        assert_eq!(execute("resume", &context).unwrap(), "");
+        assert!(!context.lifecycle.is_paused());
     }
 }

@@ -12,8 +12,8 @@ use vmm_sys_util::signal::Killable;
 use crate::arch::x86_64::{acpi, mptable, reset_vector};
 use crate::boot;
 use crate::config::VmConfig;
-use crate::devices::serial::{self, SerialInput, SerialOutput};
-use crate::devices::{PioBus, COM1_IRQ};
+use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
+use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
 use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
@@ -42,10 +42,14 @@ pub enum BuildError {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error("cannot set up the serial console")]
     Serial(#[source] std::io::Error),
+    #[error("cannot create the i8042 reset event")]
+    ResetEvent(#[source] std::io::Error),
+    #[error("cannot place a device on the port-I/O bus")]
+    PioBus(#[from] PioBusError),
     #[error("cannot set up the event loop")]
     EventLoop(#[source] std::io::Error),
-    #[error("event loop failed: {0}")]
-    EventLoopRun(String),
+    #[error("cannot create the event loop")]
+    EventManager(#[source] event_manager::Error),
     #[error("mirror device")]
     Mirror(#[from] mirror_driver::exporter::ExportError),
     #[error("cannot start the API socket")]
@@ -61,6 +65,8 @@ pub struct Vmm {
     /// The memslot of each of `ram.slots()`.
     ram_slots: Vec<u32>,
     bus: Arc<PioBus>,
+    /// COM1, also on the bus: the event loop feeds it stdin.
+    serial: Arc<SerialPort>,
     lifecycle: Arc<Lifecycle>,
     vcpus: Vec<Vcpu>,
     reset_evt: EventFd,
@@ -94,12 +100,9 @@ impl Vmm {
 
         let (serial, serial_irq) = serial::build(&config.serial).map_err(BuildError::Serial)?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::Serial)?;
-        let mut bus = PioBus::new(serial, reset_evt.try_clone().map_err(BuildError::Serial)?);
-        if let Some(bell) = &config.doorbell {
-            bus = bus.with_doorbell(bell.clone());
-        }
-        let bus = Arc::new(bus);
+        let serial = Arc::new(SerialPort::new(serial));
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::ResetEvent)?;
+        let bus = Arc::new(build_bus(config, serial.clone(), &reset_evt)?);
 
         if config.mirror_socket.is_some() {
             choose_dirty_ring(&vm, config)?;
@@ -116,7 +119,7 @@ impl Vmm {
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
         let vm = Arc::new(vm);
-        Ok(Self { vm, ram, ram_slots, bus, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
+        Ok(Self { vm, ram, ram_slots, bus, serial, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
     }
 
     /// Guest RAM (for the mirror device).
@@ -137,8 +140,7 @@ impl Vmm {
     /// Runs the VM until it ends; SIGINT/SIGTERM stop it when `handle_signals` is set.
     /// `extra` subscribers join the event loop (the mirror socket, for one).
     pub fn run(mut self, handle_signals: bool, extra: Vec<Subscriber>) -> Result<VmExit, BuildError> {
-        let mut manager: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| BuildError::EventLoopRun(format!("{e:?}")))?;
+        let mut manager: EventManager<Subscriber> = EventManager::new().map_err(BuildError::EventManager)?;
         if handle_signals {
             let signals = StopSignals::new(self.lifecycle.clone()).map_err(BuildError::EventLoop)?;
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
@@ -148,8 +150,8 @@ impl Vmm {
             reset_evt: self.reset_evt.try_clone().map_err(BuildError::EventLoop)?,
         })));
         if self.serial_input {
-            manager
-                .add_subscriber(Arc::new(Mutex::new(SerialInput::new(std::io::stdin().as_raw_fd(), self.bus.clone()))));
+            let input = SerialInput::new(std::io::stdin().as_raw_fd(), self.serial.clone());
+            manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
         for subscriber in extra {
             manager.add_subscriber(subscriber);
@@ -163,7 +165,8 @@ impl Vmm {
         if services.is_ok() {
             while self.lifecycle.exit_reason().is_none() {
                 if let Err(e) = manager.run() {
-                    self.lifecycle.request_exit(VmExit::Crash(format!("event loop failed: {e:?}")));
+                    self.lifecycle
+                        .request_exit(VmExit::Crash(format!("event loop failed: {}", crate::error_chain(&e))));
                 }
             }
         }
@@ -192,6 +195,16 @@ impl Vmm {
         self.lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         (threads, error)
     }
+}
+
+/// The port-I/O bus: the vmm's own devices (COM1 as `serial`, an i8042 whose reset
+/// fires `reset_evt`), then the embedding program's `config.extra_pio_devices`.
+fn build_bus(config: &VmConfig, serial: Arc<SerialPort>, reset_evt: &EventFd) -> Result<PioBus, BuildError> {
+    let mut bus = devices::legacy_bus(serial, reset_evt.try_clone().map_err(BuildError::ResetEvent)?)?;
+    for (range, device) in &config.extra_pio_devices {
+        bus.insert(*range, device.clone())?;
+    }
+    Ok(bus)
 }
 
 /// Writes the identity page tables an image's stub would build (see

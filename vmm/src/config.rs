@@ -3,11 +3,15 @@
 //! `--cpus 2` or `boot=2`, `--serial tty|file=PATH|null`).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use specula_common::parse::{self, ParseError};
 
 use crate::arch::x86_64::mptable::MAX_SUPPORTED_CPUS;
 use crate::boot::{BootSource, KernelDecompress};
 use crate::devices::serial::SerialOutput;
-use crate::memory::{parse_size, MemoryBackend};
+use crate::devices::{PioDevice, PortRange};
+use crate::memory::MemoryBackend;
 
 /// Default guest RAM.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
@@ -41,8 +45,9 @@ pub struct VmConfig {
     pub api_socket: Option<PathBuf>,
     /// Guest TSC = host TSC (offset 0), so timestamps compare across VMs.
     pub host_tsc: bool,
-    /// A doorbell device for a guest agent (library users only).
-    pub doorbell: Option<std::sync::Arc<crate::devices::doorbell::Doorbell>>,
+    /// Port-I/O devices an embedding program adds to the vmm's own (the inspector's
+    /// agent doorbell, say); a range that overlaps another device's fails the build.
+    pub extra_pio_devices: Vec<(PortRange, Arc<dyn PioDevice>)>,
     /// `--log-level`, for the binary to apply.
     pub log_level: Option<String>,
     /// How the mirror's dirty-page feed learns which pages the guest wrote.
@@ -64,15 +69,11 @@ pub enum DirtyLogMode {
 }
 
 impl std::str::FromStr for DirtyLogMode {
-    type Err = String;
+    type Err = ParseError;
 
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "auto" => Ok(DirtyLogMode::Auto),
-            "ring" => Ok(DirtyLogMode::Ring),
-            "bitmap" => Ok(DirtyLogMode::Bitmap),
-            _ => Err("expected auto, ring or bitmap".into()),
-        }
+    fn from_str(text: &str) -> Result<Self, ParseError> {
+        let modes = [("auto", DirtyLogMode::Auto), ("ring", DirtyLogMode::Ring), ("bitmap", DirtyLogMode::Bitmap)];
+        parse::choice(text, &modes, "auto, ring or bitmap")
     }
 }
 
@@ -96,7 +97,7 @@ impl VmConfig {
             run_as: None,
             api_socket: None,
             host_tsc: false,
-            doorbell: None,
+            extra_pio_devices: Vec::new(),
             log_level: None,
             dirty_log: DirtyLogMode::default(),
             dirty_ring_entries: crate::vstate::dirty_ring::DEFAULT_ENTRIES,
@@ -124,6 +125,13 @@ pub enum ConfigError {
     MissingValue(String),
     #[error("invalid value '{value}' for {flag}: {reason}")]
     BadValue { flag: String, value: String, reason: String },
+    #[error("invalid value '{value}' for {flag}")]
+    Parse {
+        flag: String,
+        value: String,
+        #[source]
+        source: ParseError,
+    },
     /// Anything else the command-line parser refused, in its words.
     #[error("{0}")]
     Cli(String),
@@ -208,7 +216,7 @@ struct Args {
 }
 
 fn parse_dirty_log(value: &str) -> Result<DirtyLogMode, ConfigError> {
-    value.parse().map_err(|reason: String| bad("--dirty-log", value, reason))
+    value.parse().map_err(|source| parse_error("--dirty-log", value, source))
 }
 
 fn parse_dirty_ring_entries(value: &str) -> Result<u32, ConfigError> {
@@ -232,11 +240,12 @@ fn parse_memory_backend(value: &str) -> Result<MemoryBackend, ConfigError> {
 }
 
 fn parse_kernel_decompress(value: &str) -> Result<KernelDecompress, ConfigError> {
-    value.parse().map_err(|reason: String| bad("--kernel-decompress", value, reason))
+    value.parse().map_err(|source| parse_error("--kernel-decompress", value, source))
 }
 
 fn parse_policy(value: &str) -> Result<mirror_driver::protocol::Range, ConfigError> {
-    parse_range(value).ok_or_else(|| bad("--mirror-policy", value, "expected GPA:LEN, e.g. 0x1000000:64M"))
+    let range = parse::range(value).map_err(|source| parse_error("--mirror-policy", value, source))?;
+    Ok(mirror_driver::protocol::Range { gpa: range.gpa, len: range.len })
 }
 
 fn parse_run_as_arg(value: &str) -> Result<(u32, u32), ConfigError> {
@@ -247,10 +256,15 @@ fn bad(flag: &str, value: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::BadValue { flag: flag.into(), value: value.into(), reason: reason.into() }
 }
 
+fn parse_error(flag: &str, value: &str, source: ParseError) -> ConfigError {
+    ConfigError::Parse { flag: flag.into(), value: value.into(), source }
+}
+
 /// Parses `--memory` values: `512M` or `size=512M`.
 pub fn parse_memory(value: &str) -> Result<u64, ConfigError> {
     let size_text = value.strip_prefix("size=").unwrap_or(value);
-    let size = parse_size(size_text).ok_or_else(|| bad("--memory", value, "expected a size such as 512M or 2G"))?;
+    // One whole message: the inspector's clap shows only an error's top message.
+    let size = parse::size(size_text).map_err(|_| bad("--memory", value, "expected a size such as 512M or 2G"))?;
     if size < crate::memory::MIN_MEMORY {
         return Err(bad("--memory", value, format!("at least {} MiB is needed", crate::memory::MIN_MEMORY >> 20)));
     }
@@ -286,17 +300,11 @@ pub fn parse_serial(value: &str) -> Result<SerialOutput, ConfigError> {
 }
 
 /// Parses `GPA:LEN` (hex or decimal GPA; LEN with an optional K/M/G suffix).
+///
+/// Kept for callers that take `None` for a bad range (the fuzz targets):
+/// [`specula_common::parse::range`] says why.
 pub fn parse_range(text: &str) -> Option<mirror_driver::protocol::Range> {
-    let (gpa, len) = text.split_once(':')?;
-    let gpa = match gpa.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => gpa.parse().ok()?,
-    };
-    let len = match len.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => parse_size(len)?,
-    };
-    (len > 0 && gpa.checked_add(len).is_some()).then_some(mirror_driver::protocol::Range { gpa, len })
+    parse::range(text).ok().map(|range| mirror_driver::protocol::Range { gpa: range.gpa, len: range.len })
 }
 
 /// Parses `UID:GID` (numeric).
@@ -312,40 +320,45 @@ fn first_line(e: &clap::Error) -> String {
     line.strip_prefix("error: ").unwrap_or(line).to_string()
 }
 
+/// What a command line that clap did not turn into [`Args`] asks for: help, the
+/// version, or nothing (a [`ConfigError`] that names what was wrong).
+fn cli_outcome(e: &clap::Error) -> Result<Command, ConfigError> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let invalid_arg = || e.get(ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            Ok(Command::Help(e.render().to_string()))
+        }
+        ErrorKind::DisplayVersion => Ok(Command::Version),
+        ErrorKind::MissingRequiredArgument => match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::Strings(missing)) if missing.iter().any(|arg| arg.starts_with("--kernel")) => {
+                Err(ConfigError::MissingKernel)
+            }
+            _ => Err(ConfigError::Cli(first_line(e))),
+        },
+        ErrorKind::UnknownArgument => Err(ConfigError::UnknownArgument(invalid_arg())),
+        // An option given last, without its value: clap reports an empty value.
+        ErrorKind::InvalidValue if matches!(e.get(ContextKind::InvalidValue), Some(ContextValue::String(value)) if value.is_empty()) => {
+            Err(ConfigError::MissingValue(invalid_arg().split_whitespace().next().unwrap_or("").to_string()))
+        }
+        // A value our own parsers refused: their message names the flag and the value.
+        ErrorKind::ValueValidation => {
+            let inner = std::error::Error::source(e).map(crate::error_chain);
+            Err(ConfigError::Cli(inner.unwrap_or_else(|| first_line(e))))
+        }
+        _ => Err(ConfigError::Cli(first_line(e))),
+    }
+}
+
 /// Parses the `vmm` command line (without the program name).
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, ConfigError> {
-    use clap::error::ErrorKind;
     use clap::Parser;
     let args = match Args::try_parse_from(std::iter::once("vmm".to_string()).chain(args)) {
         Ok(args) => args,
-        Err(e) => {
-            return match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                    Ok(Command::Help(e.render().to_string()))
-                }
-                ErrorKind::DisplayVersion => Ok(Command::Version),
-                ErrorKind::MissingRequiredArgument if e.to_string().contains("--kernel") => {
-                    Err(ConfigError::MissingKernel)
-                }
-                ErrorKind::UnknownArgument => {
-                    let arg = e.get(clap::error::ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
-                    Err(ConfigError::UnknownArgument(arg))
-                }
-                ErrorKind::InvalidValue if e.to_string().contains("a value is required") => {
-                    let arg = e.get(clap::error::ContextKind::InvalidArg).map(|v| v.to_string()).unwrap_or_default();
-                    Err(ConfigError::MissingValue(arg.split_whitespace().next().unwrap_or("").to_string()))
-                }
-                // A value our own parsers refused: their message names the flag and the value.
-                ErrorKind::ValueValidation => {
-                    let inner = std::error::Error::source(&e).map(|s| s.to_string());
-                    Err(ConfigError::Cli(inner.unwrap_or_else(|| first_line(&e))))
-                }
-                _ => Err(ConfigError::Cli(first_line(&e))),
-            };
-        }
+        Err(e) => return cli_outcome(&e),
     };
     if let Some(level) = &args.log_level {
-        crate::logger::parse_level(level).map_err(|e| bad("--log-level", level, e))?;
+        crate::logger::parse_level(level).map_err(|e| bad("--log-level", level, e.to_string()))?;
     }
     if args.memory_backend == MemoryBackend::Anonymous {
         if let Some(socket) = &args.mirror_socket {
@@ -377,7 +390,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         run_as: args.run_as,
         api_socket: args.api_socket,
         host_tsc: args.host_tsc,
-        doorbell: None,
+        extra_pio_devices: Vec::new(),
         log_level: args.log_level,
         dirty_log: args.dirty_log,
         dirty_ring_entries: args.dirty_ring_entries,
@@ -425,6 +438,8 @@ mod tests {
         assert!(parse_args(args(&["--kernel", "k", "--serial", "pty"])).is_err());
         let err = parse_args(args(&["--kernel", "k", "--run-as", "nobody"])).unwrap_err().to_string();
         assert!(err.contains("--run-as") && err.contains("UID:GID"), "{err}");
+        let err = parse_args(args(&["--kernel", "k", "--mirror-policy", "0x1000:0"])).unwrap_err().to_string();
+        assert!(err.contains("--mirror-policy") && err.contains("length is 0"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub mod vstate;
 
 pub use builder::{BuildError, Vmm};
 pub use config::{Command, VmConfig};
+/// An error's message with its causes ("what failed: because: because").
+pub use specula_common::error_chain;
 pub use vstate::vcpu::{VmExit, CRASH_EXIT_CODE};
 
 /// Raises the soft open-file limit to the hard limit: a large VM's RAM is ~1024
@@ -31,16 +33,4 @@ pub fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
-}
-
-/// Formats an error with its chain of sources: "what failed: because: because".
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

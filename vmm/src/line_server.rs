@@ -1,6 +1,6 @@
 //! A line-protocol server on a Unix socket: one request per line, one reply
-//! line each: `ok ...` or `error ...`. The vmm's API socket and the
-//! inspector's control socket both speak it.
+//! line each: `ok ...` or `error ...`, the error's message with its causes. The
+//! vmm's API socket and the inspector's control socket both speak it.
 //!
 //! Limits, each enforced here:
 //! - the socket file is mode 0600 from the moment it exists (its mode is set
@@ -26,6 +26,10 @@ use std::time::{Duration, Instant};
 
 use mirror_driver::socket;
 
+/// A request argument: decimal, or hex with `0x`. Where it was before
+/// [`specula_common::parse::number`], for callers that have not moved (the fuzz targets).
+pub use specula_common::parse::number as parse_number;
+
 /// Clients served at once by default.
 pub const MAX_CLIENTS: usize = 16;
 /// How long a client may take to send a request line, by default.
@@ -39,8 +43,37 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_millis(100);
 /// Pause after a failed accept (out of fds, say) so the loop does not spin.
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
-/// Answers one request line with the reply text, or an error text.
-pub type Handler = Arc<dyn Fn(&str) -> Result<String, String> + Send + Sync>;
+/// Why a handler could not answer a request: any error; the client reads its message
+/// and causes ([`crate::error_chain`]).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Answers one request line with the reply text, or the error the client is told of.
+/// [`serve`] takes any `Fn(&str) -> Result<String, E>` whose `E` converts into a
+/// [`HandlerError`] (every error type; a `String` too).
+pub type Handler = Arc<dyn Fn(&str) -> Result<String, HandlerError> + Send + Sync>;
+
+/// Turns one request line into its reply line, without the newline.
+type Responder = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// Why a peer is closed before anything it sent is read.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("cannot read peer credentials")]
+    Credentials(#[source] io::Error),
+    #[error("uid {0} is not allowed")]
+    Uid(u32),
+    #[error("too many clients")]
+    TooManyClients,
+}
+
+/// A request line the handler never sees.
+#[derive(Debug, thiserror::Error)]
+enum BadRequest {
+    #[error("request longer than {0} bytes")]
+    TooLong(u64),
+    #[error("request is not UTF-8")]
+    NotUtf8,
+}
 
 /// Bounds on what one server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +97,23 @@ impl Limits {
 struct Shared {
     allowed_uids: Vec<u32>,
     limits: Limits,
-    handler: Handler,
+    respond: Responder,
     active: Arc<AtomicUsize>,
     name: String,
 }
 
 /// Binds `path` (mode 0600) and serves, on a thread per client, the peers whose
-/// uid is in `allowed_uids`, within `limits`.
-pub fn serve(path: &Path, name: &str, allowed_uids: &[u32], limits: Limits, handler: Handler) -> io::Result<()> {
+/// uid is in `allowed_uids`, within `limits`; `handler` answers each request line.
+pub fn serve<F, E>(path: &Path, name: &str, allowed_uids: &[u32], limits: Limits, handler: Arc<F>) -> io::Result<()>
+where
+    F: Fn(&str) -> Result<String, E> + Send + Sync + ?Sized + 'static,
+    E: Into<HandlerError>,
+{
     let listener = socket::bind_private(path, SOCKET_MODE)?;
     let shared = Shared {
         allowed_uids: allowed_uids.to_vec(),
         limits,
-        handler,
+        respond: Arc::new(move |line: &str| reply_line(handler(line))),
         active: Arc::new(AtomicUsize::new(0)),
         name: name.to_string(),
     };
@@ -95,37 +132,37 @@ fn accept_loop(listener: &UnixListener, shared: &Shared) {
 
 /// Checks a new peer and gives it a client thread, or tells it why not.
 fn admit(stream: UnixStream, shared: &Shared) {
-    if let Err(reason) = check_peer(&stream, &shared.allowed_uids) {
-        log::warn!("{}: refused a peer: {reason}", shared.name);
-        return refuse(stream, &reason);
+    if let Err(refusal) = check_peer(&stream, &shared.allowed_uids) {
+        log::warn!("{}: refused a peer: {}", shared.name, crate::error_chain(&refusal));
+        return refuse(stream, &refusal);
     }
     let Some(slot) = Slot::take(&shared.active, shared.limits.max_clients) else {
-        return refuse(stream, "too many clients");
+        return refuse(stream, &Refusal::TooManyClients);
     };
-    let (limits, handler) = (shared.limits, shared.handler.clone());
+    let (limits, respond) = (shared.limits, shared.respond.clone());
     // A failed spawn drops the closure, and with it the slot and the stream.
     let _ = std::thread::Builder::new().name(format!("{}-client", shared.name)).spawn(move || {
-        client(&stream, limits, &handler);
+        client(&stream, limits, &respond);
         // The place is free before the client sees the close.
         drop(slot);
         drop(stream);
     });
 }
 
-/// Ok if the peer's uid is allowed; the refusal text otherwise.
-fn check_peer(stream: &UnixStream, allowed_uids: &[u32]) -> Result<(), String> {
-    let cred = socket::peer_cred(stream).map_err(|e| format!("cannot read peer credentials: {e}"))?;
+/// Ok if the peer's uid is allowed; why not otherwise.
+fn check_peer(stream: &UnixStream, allowed_uids: &[u32]) -> Result<(), Refusal> {
+    let cred = socket::peer_cred(stream).map_err(Refusal::Credentials)?;
     if allowed_uids.contains(&cred.uid) {
         Ok(())
     } else {
-        Err(format!("uid {} is not allowed", cred.uid))
+        Err(Refusal::Uid(cred.uid))
     }
 }
 
 /// Replies `error REASON` without reading anything, and closes.
-fn refuse(mut stream: UnixStream, reason: &str) {
+fn refuse(mut stream: UnixStream, refusal: &Refusal) {
     let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
-    let _ = writeln!(stream, "error {reason}");
+    let _ = writeln!(stream, "error {}", crate::error_chain(refusal));
 }
 
 /// One of the `max_clients` client places, given back on drop.
@@ -146,7 +183,7 @@ impl Drop for Slot {
 }
 
 /// Serves one client until it closes, times out, or sends a line too long to skip.
-fn client(stream: &UnixStream, limits: Limits, handler: &Handler) {
+fn client(stream: &UnixStream, limits: Limits, respond: &Responder) {
     if stream.set_write_timeout(Some(limits.idle_timeout)).is_err() {
         return;
     }
@@ -156,8 +193,8 @@ fn client(stream: &UnixStream, limits: Limits, handler: &Handler) {
         reader.get_mut().deadline = Instant::now() + limits.idle_timeout;
         let (reply, in_step) = match read_request(&mut reader, limits.max_line) {
             Request::Closed => return,
-            Request::Line(line) => (answer(handler, &line), true),
-            Request::TooLong { in_step } => (format!("error request longer than {} bytes", limits.max_line), in_step),
+            Request::Line(line) => (answer(respond, &line), true),
+            Request::TooLong { in_step } => (error_line(&BadRequest::TooLong(limits.max_line)), in_step),
         };
         if writeln!(writer, "{reply}").is_err() || !in_step {
             return;
@@ -165,13 +202,25 @@ fn client(stream: &UnixStream, limits: Limits, handler: &Handler) {
     }
 }
 
-/// The reply line to one request.
-fn answer(handler: &Handler, line: &[u8]) -> String {
-    let Ok(line) = std::str::from_utf8(line) else { return "error request is not UTF-8".into() };
-    match handler(line.trim()) {
-        Ok(text) => format!("ok {text}").trim_end().to_string(),
-        Err(text) => format!("error {text}"),
+/// The reply line to one request line.
+fn answer(respond: &Responder, line: &[u8]) -> String {
+    match std::str::from_utf8(line) {
+        Ok(line) => respond(line.trim()),
+        Err(_) => error_line(&BadRequest::NotUtf8),
     }
+}
+
+/// The reply line to what a handler answered: `ok TEXT` or `error MESSAGE: CAUSE...`.
+fn reply_line<E: Into<HandlerError>>(answer: Result<String, E>) -> String {
+    match answer {
+        Ok(text) => format!("ok {text}").trim_end().to_string(),
+        Err(error) => error_line(&*error.into()),
+    }
+}
+
+/// `error ` and the message of `error` with its causes.
+fn error_line(error: &(dyn std::error::Error + '_)) -> String {
+    format!("error {}", crate::error_chain(error))
 }
 
 /// What the client sent next.
@@ -234,16 +283,6 @@ impl Read for DeadlineReader<'_> {
         let mut stream = self.stream;
         stream.read(buf)
     }
-}
-
-/// Parses a request argument: decimal, or hex with `0x`.
-pub fn parse_number(word: Option<&str>, what: &str) -> Result<u64, String> {
-    let word = word.ok_or_else(|| format!("missing {what}"))?;
-    let parsed = match word.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => word.parse(),
-    };
-    parsed.map_err(|_| format!("bad {what} '{word}'"))
 }
 
 #[cfg(test)]
@@ -329,8 +368,20 @@ mod tests {
     fn numbers_parse_in_decimal_and_hex() {
         assert_eq!(parse_number(Some("0x10"), "GPA"), Ok(16));
         assert_eq!(parse_number(Some("10"), "GPA"), Ok(10));
-        assert_eq!(parse_number(Some("0xzz"), "GPA"), Err("bad GPA '0xzz'".into()));
-        assert_eq!(parse_number(None, "LEN"), Err("missing LEN".into()));
+        assert_eq!(parse_number(Some("0xzz"), "GPA").unwrap_err().to_string(), "bad GPA '0xzz'");
+        assert_eq!(parse_number(None, "LEN").unwrap_err().to_string(), "missing LEN");
+    }
+
+    #[test]
+    fn a_typed_error_is_told_with_its_causes_and_a_string_as_it_is() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        assert_eq!(reply_line::<String>(Ok("a ".into())), "ok a");
+        assert_eq!(reply_line::<String>(Ok(String::new())), "ok");
+        assert_eq!(reply_line(Err::<String, _>(String::from("no"))), "error no");
+        assert_eq!(
+            reply_line(Err::<String, _>(Refusal::Credentials(io()))),
+            "error cannot read peer credentials: gone"
+        );
     }
 
     #[test]

@@ -12,9 +12,18 @@ type Handle = reload::Handle<LevelFilter, tracing_subscriber::Registry>;
 
 static HANDLE: OnceLock<Handle> = OnceLock::new();
 
+/// A log level that cannot be set.
+#[derive(Debug, thiserror::Error)]
+pub enum LoggerError {
+    #[error("'{0}' is not a log level (error, warn, info, debug, trace, off)")]
+    UnknownLevel(String),
+    #[error("cannot change the log level")]
+    Reload(#[source] reload::Error),
+}
+
 /// Parses a level name.
-pub fn parse_level(level: &str) -> Result<LevelFilter, String> {
-    level.parse().map_err(|_| format!("'{level}' is not a log level (error, warn, info, debug, trace, off)"))
+pub fn parse_level(level: &str) -> Result<LevelFilter, LoggerError> {
+    level.parse().map_err(|_| LoggerError::UnknownLevel(level.to_string()))
 }
 
 /// Installs the subscriber (once; later calls are no-ops).
@@ -32,10 +41,10 @@ pub fn init() {
 }
 
 /// Changes the level (after [`init`]).
-pub fn set_level(level: &str) -> Result<(), String> {
+pub fn set_level(level: &str) -> Result<(), LoggerError> {
     let level = parse_level(level)?;
     if let Some(handle) = HANDLE.get() {
-        handle.modify(|filter| *filter = level).map_err(|e| e.to_string())?;
+        handle.modify(|filter| *filter = level).map_err(LoggerError::Reload)?;
     }
     Ok(())
 }
@@ -46,8 +55,10 @@ mod tests {
 
     #[test]
     fn levels_parse_by_name() {
-        assert_eq!(parse_level("debug"), Ok(LevelFilter::DEBUG));
-        assert_eq!(parse_level("off"), Ok(LevelFilter::OFF));
-        assert!(parse_level("loud").unwrap_err().contains("not a log level"));
+        assert_eq!(parse_level("debug").unwrap(), LevelFilter::DEBUG);
+        assert_eq!(parse_level("off").unwrap(), LevelFilter::OFF);
+        let error = parse_level("loud").unwrap_err();
+        assert!(matches!(&error, LoggerError::UnknownLevel(level) if level == "loud"));
+        assert!(error.to_string().contains("not a log level"), "{error}");
     }
 }

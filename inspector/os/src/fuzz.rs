@@ -9,7 +9,7 @@ use crate::kallsyms::Kallsyms;
 use crate::linux::Linux;
 use crate::paging::{translate, AddressSpace, PagingMode, VirtMem};
 use crate::vmcoreinfo::{self, VmcoreInfo};
-use crate::SliceMem;
+use crate::{wire, SliceMem};
 
 fn u64_at(data: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
@@ -78,6 +78,20 @@ pub fn fuzz_page_walk(data: &[u8]) {
     let _ = space.read_virt(va, &mut buf);
 }
 
+/// Decodes `data` as an OS command, as the agent does: bytes 0..4 the `op`, 4..36 the
+/// four `args`, the rest the data area (granted ranges, then the request's input). A
+/// request that decodes must encode back to itself.
+pub fn fuzz_os_request(data: &[u8]) {
+    let op = u32::from_le_bytes([0, 1, 2, 3].map(|i| data.get(i).copied().unwrap_or(0)));
+    let args = [0, 1, 2, 3].map(|i| u64_at(data, 4 + 8 * i));
+    let area = data.get(36..).unwrap_or_default();
+    let Ok((_, input)) = wire::decode_granted(area) else { return };
+    if let Ok(request) = wire::OsRequest::decode(op, args, input) {
+        let (op, args, input) = request.encode();
+        assert_eq!(wire::OsRequest::decode(op, args, &input).as_ref(), Ok(&request), "{request:?} round trip");
+    }
+}
+
 /// Runs the whole discovery and every view over `data` as RAM from 0.
 pub fn fuzz_discover(data: &[u8]) {
     let mem = SliceMem::new(alloc::vec![(0, data)]);
@@ -85,7 +99,7 @@ pub fn fuzz_discover(data: &[u8]) {
         let _ = linux.kernel_info();
         let _ = linux.processes();
         let _ = linux.modules();
-        let _ = linux.rootkit_checks(crate::checks::select::ALL);
+        let _ = crate::checks::Checker::new(&linux).run(&linux, crate::checks::select::ALL);
     }
 }
 
@@ -115,6 +129,7 @@ mod tests {
             fuzz_kallsyms(&data);
             fuzz_page_walk(&data);
             fuzz_discover(&data);
+            fuzz_os_request(&data);
             // BTF-looking noise: a valid header over random types.
             let mut btf = alloc::vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0];
             let tl = (data.len() / 2) as u32;

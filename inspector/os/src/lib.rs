@@ -14,7 +14,7 @@
 //! | memory areas (VMAs) | the maple tree `mm->mm_mt` (≥ 6.1) or the `mm->mmap` list (older), whichever BTF has ([`Linux::vmas`]) |
 //! | modules | the `modules` list; `core_layout` (≤ 6.3) or `mem[MOD_TEXT]` (≥ 6.4), whichever BTF has ([`Linux::modules`]) |
 //! | CPUs | `__num_online_cpus` and `nr_cpu_ids` ([`Linux::kernel_info`]) |
-//! | rootkit checks | the pid table against the task list, module kobjects and `mod_tree` against the module list, `sys_call_table` and `idt_table` against kernel text, kernel text against its hashes at discovery ([`checks`]) |
+//! | rootkit checks | the pid table against the task list, module kobjects and `mod_tree` against the module list, `sys_call_table` and `idt_table` against kernel text, kernel text against its hashes when the [`Checker`] was made ([`checks`]) |
 //!
 //! ```no_run
 //! use specula_os::{Linux, SliceMem};
@@ -37,20 +37,35 @@
 //! cap, type chains by a depth), every allocation is capped by a documented
 //! constant, and what does not fit is an [`Error`] saying what failed. The
 //! `fuzz_*` functions ([`fuzz`]) are entry points for libFuzzer targets.
-#![no_std]
+//!
+//! Features (all off by default; the agent builds without any): `serde` derives
+//! `Serialize`/`Deserialize` for the views in the JSON shapes of the inspector's
+//! HTTP API (no_std + alloc); `openapi` adds `utoipa::ToSchema` for them (and turns
+//! on `std`, which utoipa needs).
+// `std` (which `openapi` turns on) is for the OpenAPI schemas alone: utoipa's derives
+// expect the standard prelude. Everything else is written against `core` and `alloc`,
+// and the agent builds the crate without it.
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 
 extern crate alloc;
-#[cfg(test)]
+// The tests print and panic through std, with the crate still no_std.
+#[cfg(all(test, not(feature = "std")))]
 extern crate std;
 
+pub mod anchors;
 pub mod btf;
 pub mod checks;
 mod error;
 pub mod fuzz;
+#[cfg(feature = "serde")]
+mod json;
 pub mod kallsyms;
 pub mod linux;
 pub mod paging;
+mod structs;
+#[cfg(test)]
+pub(crate) mod testguest;
 #[cfg(test)]
 pub(crate) mod testmem;
 pub mod vmcoreinfo;
@@ -59,8 +74,9 @@ pub mod wire;
 use alloc::vec::Vec;
 use core::ops::Range;
 
+pub use anchors::{AnchorCheck, Anchoring, CpuState};
 pub use btf::Btf;
-pub use checks::{CheckReport, CheckRun, Finding, FindingKind};
+pub use checks::{CheckReport, CheckRun, Checker, Finding, FindingKind};
 pub use error::Error;
 pub use kallsyms::Kallsyms;
 pub use linux::{KernelInfo, Linux, Module, Process, SyscallCheck, SyscallEntry, Vma};

@@ -24,10 +24,16 @@ const USER: u64 = 1 << 2;
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 
-/// 4-level (48-bit) or 5-level (57-bit, CR4.LA57) paging.
+/// 4-level (48-bit) or 5-level (57-bit, CR4.LA57) paging; `4-level` or `5-level` in JSON.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum PagingMode {
+    /// 48-bit virtual addresses, four levels of tables.
+    #[cfg_attr(feature = "serde", serde(rename = "4-level"))]
     Level4,
+    /// 57-bit virtual addresses, five levels of tables (CR4.LA57).
+    #[cfg_attr(feature = "serde", serde(rename = "5-level"))]
     Level5,
 }
 
@@ -97,6 +103,62 @@ fn read_pages<M: PhysMem + ?Sized>(
         done += n;
     }
     Ok(())
+}
+
+/// Most present page-table entries one search for a page's owner visits.
+pub const MAX_MAPPING_SEARCH: usize = 1 << 20;
+
+/// The lowest user-half virtual address whose page the page tables rooted at `root`
+/// map to the physical page holding `pa` (4 KiB pages and large ones), or `None`.
+/// Visits at most `budget` present entries, counting down; past that it stops with
+/// `Error::TooLarge`. Used to find which process's memory holds a given page.
+pub fn find_user_mapping<M: PhysMem + ?Sized>(
+    mem: &M,
+    root: u64,
+    mode: PagingMode,
+    pa: u64,
+    budget: &mut usize,
+) -> Result<Option<u64>, Error> {
+    /// One table at `level`, whose first entry maps `base`.
+    fn walk<M: PhysMem + ?Sized>(
+        mem: &M,
+        table: u64,
+        level: u8,
+        base: u64,
+        entries: core::ops::Range<u64>,
+        pa: u64,
+        budget: &mut usize,
+    ) -> Result<Option<u64>, Error> {
+        let span = 1u64 << (12 + 9 * (u32::from(level) - 1));
+        for i in entries {
+            let mut raw = [0u8; 8];
+            mem.read(table + i * 8, &mut raw)?;
+            let entry = u64::from_le_bytes(raw);
+            if entry & PRESENT == 0 {
+                continue;
+            }
+            *budget = budget.checked_sub(1).ok_or(Error::TooLarge {
+                what: "page-table entries searched",
+                value: u64::MAX,
+                max: MAX_MAPPING_SEARCH as u64,
+            })?;
+            let va = base + i * span;
+            let large = entry & PAGE_SIZE_BIT != 0 && (level == 2 || level == 3);
+            if level == 1 || large {
+                let (mask, page_size) = leaf(level);
+                if pa & !(page_size - 1) == entry & mask {
+                    return Ok(Some(va + (pa & (page_size - 1) & !0xfff)));
+                }
+                continue;
+            }
+            if let Some(found) = walk(mem, entry & ADDR_MASK_4K, level - 1, va, 0..512, pa, budget)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+    // The user half: the lower 256 entries of the top table.
+    walk(mem, root & ADDR_MASK_4K, mode.levels(), 0, 0..256, pa, budget)
 }
 
 /// Translates `va` through the page tables rooted at `root` (CR3's
@@ -186,6 +248,7 @@ impl<'a, M: PhysMem + ?Sized> AddressSpace<'a, M> {
         self.root
     }
 
+    /// 4- or 5-level paging.
     pub fn mode(&self) -> PagingMode {
         self.mode
     }
@@ -260,6 +323,7 @@ pub struct CachedSpace<'s, 'a, M: PhysMem + ?Sized> {
 }
 
 impl<'s, 'a, M: PhysMem + ?Sized> CachedSpace<'s, 'a, M> {
+    /// An empty cache over `space`.
     pub fn new(space: &'s AddressSpace<'a, M>) -> Self {
         CachedSpace { space, entries: Default::default(), next: Cell::new(0) }
     }

@@ -4,11 +4,15 @@
 //! source RAM through it or around it. Prints one line per path:
 //!
 //! ```text
-//! blocked NAME: why
+//! blocked NAME: why        (every step names the errno it failed with, e.g. `EACCES`)
 //! WROTE NAME: how          (a write into source RAM may have landed)
+//! MISSING NAME: why        (the path could not be tried: no source RAM was found there)
 //! ```
 //!
 //! Every write attempt writes [`MARK`], so a test can also look for it in source RAM.
+//! Exits 0 when every path was tried, 1 when one is MISSING (a path that finds nothing
+//! to attack proves nothing, so it must not pass for blocked), 2 on bad usage, 3 when
+//! no grant could be taken.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -21,15 +25,58 @@ use mirror_driver::wire;
 const MARK: &[u8; 8] = b"PWNED!!!";
 const PAGE: usize = 4096;
 
+/// The last error as `NAME (text)`, e.g. `EACCES (Permission denied (os error 13))`, so a
+/// test can tell why a path was blocked.
 fn errno() -> String {
-    std::io::Error::last_os_error().to_string()
+    describe(&std::io::Error::last_os_error())
 }
 
-fn report(name: &str, outcome: Result<String, String>) {
-    match outcome {
-        Ok(how) => println!("WROTE {name}: {how}"),
-        Err(why) => println!("blocked {name}: {why}"),
+fn describe(error: &std::io::Error) -> String {
+    let name = match error.raw_os_error() {
+        Some(libc::EPERM) => "EPERM",
+        Some(libc::ENOENT) => "ENOENT",
+        Some(libc::EIO) => "EIO",
+        Some(libc::EBADF) => "EBADF",
+        Some(libc::EACCES) => "EACCES",
+        Some(libc::EFAULT) => "EFAULT",
+        Some(libc::EINVAL) => "EINVAL",
+        Some(libc::ETXTBSY) => "ETXTBSY",
+        Some(libc::ENODEV) => "ENODEV",
+        Some(libc::ESRCH) => "ESRCH",
+        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP",
+        _ => "E?",
+    };
+    format!("{name} ({error})")
+}
+
+/// A path's outcome: blocked (why), wrote (how), or not tried because there was no
+/// source RAM to attack through it (why not).
+enum Outcome {
+    Blocked(String),
+    Wrote(String),
+    Missing(String),
+}
+
+impl From<Result<String, String>> for Outcome {
+    fn from(result: Result<String, String>) -> Self {
+        match result {
+            Ok(how) => Outcome::Wrote(how),
+            Err(why) => Outcome::Blocked(why),
+        }
     }
+}
+
+/// Prints the path's line; returns whether it was tried (not MISSING).
+fn report(name: &str, outcome: impl Into<Outcome>) -> bool {
+    match outcome.into() {
+        Outcome::Wrote(how) => println!("WROTE {name}: {how}"),
+        Outcome::Blocked(why) => println!("blocked {name}: {why}"),
+        Outcome::Missing(why) => {
+            println!("MISSING {name}: {why}");
+            return false;
+        }
+    }
+    true
 }
 
 /// Maps `fd` with `prot` and `flags`; writes the mark if the mapping is writable.
@@ -113,62 +160,111 @@ fn reopen_and_write(path: &str) -> Result<String, String> {
     if fd < 0 {
         return Err(format!("open {path} O_RDWR: {}", errno()));
     }
-    let outcome = pwrite(fd)
-        .or_else(|_| map_and_write(fd, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED))
-        .or_else(|_| punch(fd))
-        .map(|how| format!("re-opened {path} read-write, then {how}"));
+    // One after the other, stopping at the first that writes (a punch after a landed
+    // write would erase the mark).
+    let attempts: [&dyn Fn() -> Result<String, String>; 3] =
+        [&|| pwrite(fd), &|| map_and_write(fd, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED), &|| punch(fd)];
+    let mut whys = Vec::new();
+    let mut wrote = None;
+    for attempt in attempts {
+        match attempt() {
+            Ok(how) => {
+                wrote = Some(how);
+                break;
+            }
+            Err(why) => whys.push(why),
+        }
+    }
     // SAFETY: closing the fd opened above.
     unsafe { libc::close(fd) };
-    outcome.map_err(|e| format!("opened {path} read-write, but every write failed (last: {e})"))
+    match wrote {
+        Some(how) => Ok(format!("re-opened {path} read-write, then {how}")),
+        None => Err(format!("open {path} O_RDWR: ok, but every write failed: {}", whys.join("; "))),
+    }
 }
 
 fn fchmod_reopen(fd: i32) -> Result<String, String> {
     // SAFETY: fchmod on an fd we hold.
-    let chmod = if unsafe { libc::fchmod(fd, 0o600) } == 0 { "fchmod 0600 succeeded".to_string() } else { errno() };
+    let chmod = if unsafe { libc::fchmod(fd, 0o600) } == 0 { "ok".to_string() } else { errno() };
+    let chmod = format!("fchmod 0600: {chmod}");
     reopen_and_write(&format!("/proc/self/fd/{fd}")).map_err(|e| format!("{chmod}; {e}"))
 }
 
-fn proc_mem(pid: &str) -> Result<String, String> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"));
-    let address = maps.ok().and_then(|m| {
-        let line = m.lines().find(|l| l.contains("specula-guest-ram"))?.to_string();
-        u64::from_str_radix(line.split('-').next()?, 16).ok()
-    });
+/// Where the source maps guest RAM (a chunk of it), from its /proc/PID/maps.
+fn ram_address(pid: &str) -> Result<u64, String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("read /proc/{pid}/maps: {}", describe(&e)))?;
+    let line = maps
+        .lines()
+        .find(|l| l.contains("specula-guest-ram"))
+        .ok_or_else(|| format!("/proc/{pid}/maps names no mapping of specula-guest-ram"))?;
+    u64::from_str_radix(line.split('-').next().unwrap_or(""), 16).map_err(|e| format!("bad maps line {line:?}: {e}"))
+}
+
+fn proc_mem(pid: &str) -> Outcome {
     let path = CString::new(format!("/proc/{pid}/mem")).expect("no NUL");
     // SAFETY: open with a valid path.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if fd < 0 {
-        return Err(format!("open /proc/{pid}/mem O_RDWR: {}", errno()));
+        return Outcome::Blocked(format!("open /proc/{pid}/mem O_RDWR: {}", errno()));
     }
-    let at = address.unwrap_or(0x7000_0000_0000);
+    // Open: the attack is only tried if it knows where source RAM is.
+    let at = match ram_address(pid) {
+        Ok(at) => at,
+        Err(why) => {
+            // SAFETY: closing the fd opened above.
+            unsafe { libc::close(fd) };
+            return Outcome::Missing(format!("opened /proc/{pid}/mem read-write, but found no source RAM: {why}"));
+        }
+    };
     // SAFETY: pwrite of MARK from a live buffer; closing our own fd.
-    let n = unsafe {
+    let (n, why) = unsafe {
         let n = libc::pwrite(fd, MARK.as_ptr().cast(), MARK.len(), at as libc::off_t);
+        let why = errno();
         libc::close(fd);
-        n
+        (n, why)
     };
     if n > 0 {
-        Ok(format!("wrote {n} bytes at {at:#x} through /proc/{pid}/mem"))
+        Outcome::Wrote(format!("wrote {n} bytes at {at:#x} through /proc/{pid}/mem"))
     } else {
-        Err(format!("opened /proc/{pid}/mem, but pwrite at {at:#x}: {}", errno()))
+        Outcome::Blocked(format!("open /proc/{pid}/mem O_RDWR: ok, but pwrite at {at:#x}: {why}"))
     }
 }
 
-fn proc_fds(pid: &str) -> Result<String, String> {
-    let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("list /proc/{pid}/fd: {e}"))?;
-    let mut last = String::from("no fd of the source could be re-opened read-write");
+fn proc_fds(pid: &str) -> Outcome {
+    let entries = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(entries) => entries,
+        Err(e) => return Outcome::Blocked(format!("list /proc/{pid}/fd: {}", describe(&e))),
+    };
+    let mut found = 0;
+    let mut unreadable = Vec::new();
+    let mut whys = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path().display().to_string();
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let target = match std::fs::read_link(entry.path()) {
+            Ok(target) => target,
+            Err(e) => {
+                unreadable.push(format!("readlink {path}: {}", describe(&e)));
+                continue;
+            }
+        };
         if !target.to_string_lossy().contains("specula-guest-ram") {
             continue;
         }
+        found += 1;
         match reopen_and_write(&path) {
-            Ok(how) => return Ok(how),
-            Err(e) => last = e,
+            Ok(how) => return Outcome::Wrote(how),
+            Err(e) => whys.push(e),
         }
     }
-    Err(last)
+    if found == 0 {
+        return Outcome::Missing(format!(
+            "listed /proc/{pid}/fd, but no fd of source RAM (specula-guest-ram) is there{}{}",
+            if unreadable.is_empty() { "" } else { "; " },
+            unreadable.join("; ")
+        ));
+    }
+    Outcome::Blocked(format!("{found} fds of source RAM, none writable: {}", whys.join(" | ")))
 }
 
 fn ptrace(pid: &str) -> Result<String, String> {
@@ -213,21 +309,27 @@ fn main() {
         Ok(fd) => fd,
         Err(e) => {
             eprintln!("mirror-attack: {e}");
-            std::process::exit(1);
+            std::process::exit(3);
         }
     };
     // SAFETY: getuid cannot fail.
     println!("attacking as uid {}", unsafe { libc::getuid() });
     let raw = fd.as_raw_fd();
-    report("mmap-shared-writable", map_and_write(raw, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED));
-    report("mprotect", mprotect_upgrade(raw));
-    report("pwrite", pwrite(raw));
-    report("fallocate-punch-hole", punch(raw));
-    report("ftruncate", truncate(raw));
-    report("add-seals", add_seals(raw));
-    report("fchmod-reopen", fchmod_reopen(raw));
-    report("proc-pid-mem", proc_mem(pid));
-    report("proc-pid-fd", proc_fds(pid));
-    report("ptrace", ptrace(pid));
+    let tried = [
+        report("mmap-shared-writable", map_and_write(raw, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)),
+        report("mprotect", mprotect_upgrade(raw)),
+        report("pwrite", pwrite(raw)),
+        report("fallocate-punch-hole", punch(raw)),
+        report("ftruncate", truncate(raw)),
+        report("add-seals", add_seals(raw)),
+        report("fchmod-reopen", fchmod_reopen(raw)),
+        report("proc-pid-mem", proc_mem(pid)),
+        report("proc-pid-fd", proc_fds(pid)),
+        report("ptrace", ptrace(pid)),
+    ];
     println!("done");
+    if tried.contains(&false) {
+        eprintln!("mirror-attack: some paths found no source RAM to attack (MISSING lines): not every path was tried");
+        std::process::exit(1);
+    }
 }

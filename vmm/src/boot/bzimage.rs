@@ -1,13 +1,24 @@
-//! The parts of a bzImage the vmm reads itself to boot it without the kernel's own
-//! decompressor: the setup header (boot protocol 2.08 or later) and the compressed
-//! payload it points at.
+//! bzImages: loaded whole for the kernel's own decompressor ([`load_compressed`]), or
+//! taken apart by the vmm ([`load_decompressed`]), which reads the setup header (boot
+//! protocol 2.08 or later) and the compressed payload it points at itself.
 //!
 //! Layout: the real-mode setup code is `setup_sects + 1` sectors of 512 bytes (0 meaning
 //! 4); the protected-mode code follows, and the payload lies `payload_offset` bytes into
 //! it, `payload_length` bytes long.
 
+use std::fs::File;
+use std::io::{Cursor, Read, Seek};
+use std::path::Path;
+
 use linux_loader::loader::bootparam::setup_header;
-use vm_memory::ByteValued;
+use linux_loader::loader::{self, Elf, KernelLoader};
+use vm_memory::{ByteValued, GuestAddress};
+
+use super::elf::{check_segments_fit, elf_entry, scan_elf_program_headers, ElfFacts, SpeculaNotes, ELF_MAGIC};
+use super::{decompress, loader_error, BootError, LoadedKernel, MAX_DECOMPRESSED_KERNEL};
+use crate::arch::x86_64::layout::HIMEM_START;
+use crate::arch::x86_64::regs::BootProtocol;
+use crate::memory::GuestRam;
 
 /// The setup header's offset in the image.
 const SETUP_HEADER_OFFSET: usize = 0x1f1;
@@ -90,6 +101,104 @@ fn payload<'a>(image: &'a [u8], header: &setup_header) -> Result<&'a [u8], Setup
 pub fn header_for_direct_entry(mut header: setup_header) -> setup_header {
     header.loadflags &= !KASLR_FLAG;
     header
+}
+
+/// xloadflags bit: the kernel has a 64-bit entry point at load address + 0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// A bzImage whose compressed kernel is entered: the guest runs its decompressor.
+pub(super) fn load_compressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKernel, BootError> {
+    let result = loader::BzImage::load(ram.memory(), None, kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| loader_error(e, path, ram))?;
+    let header = result
+        .setup_header
+        .ok_or_else(|| BootError::CorruptKernel { path: path.to_path_buf(), detail: "no setup header".into() })?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::No64BitEntry { path: path.to_path_buf() });
+    }
+    Ok(LoadedKernel {
+        entry: result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+        protocol: BootProtocol::Linux64,
+        kernel_end: result.kernel_end,
+        header: Some(header),
+        notes: SpeculaNotes::default(),
+    })
+}
+
+/// A bzImage whose payload the vmm decompresses: the vmlinux inside is loaded at its
+/// link address (its PT_LOAD physical addresses; nothing to relocate, no KASLR) and
+/// entered at its 64-bit entry, with the zero page built from the bzImage's setup header.
+pub(super) fn load_decompressed(ram: &GuestRam, kernel: &mut File, path: &Path) -> Result<LoadedKernel, BootError> {
+    let image = read_bounded_image(kernel, path)?;
+    let bz = parse(&image).map_err(|e| BootError::SetupHeader { path: path.to_path_buf(), source: e })?;
+    if bz.header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::No64BitEntry { path: path.to_path_buf() });
+    }
+    let limit = MAX_DECOMPRESSED_KERNEL.min(ram.size()) as usize;
+    let (codec, vmlinux) = decompress::decompress(bz.payload, limit)
+        .map_err(|e| BootError::Decompress { path: path.to_path_buf(), source: e })?;
+    let header = header_for_direct_entry(bz.header);
+    drop(image);
+    log::debug!("{}: {codec} payload decompressed to {} bytes", path.display(), vmlinux.len());
+
+    let bad = |detail: &str| BootError::BadVmlinux { path: path.to_path_buf(), codec, detail: detail.to_string() };
+    if !vmlinux.starts_with(ELF_MAGIC) {
+        return Err(bad("no ELF magic"));
+    }
+    let mut reader = Cursor::new(vmlinux.as_slice());
+    let facts = scan_elf_program_headers(&mut reader, path)?;
+    check_segments_fit(ram, &facts, path)?;
+    let entry = elf_entry(&vmlinux).ok_or_else(|| bad("short ELF header"))?;
+    check_link_address(&facts, entry, &header).map_err(bad)?;
+    let result = Elf::load(ram.memory(), None, &mut reader, Some(GuestAddress(HIMEM_START)))
+        .map_err(|e| loader_error(e, path, ram))?;
+    Ok(LoadedKernel {
+        entry: result.kernel_load.0,
+        protocol: BootProtocol::Linux64,
+        kernel_end: result.kernel_end,
+        header: Some(header),
+        notes: SpeculaNotes::default(),
+    })
+}
+
+/// Reads a whole kernel image of at most [`MAX_DECOMPRESSED_KERNEL`] bytes.
+fn read_bounded_image(kernel: &mut File, path: &Path) -> Result<Vec<u8>, BootError> {
+    let read_err = |e| BootError::ReadKernel { path: path.to_path_buf(), source: e };
+    let size = kernel.metadata().map_err(read_err)?.len();
+    if size > MAX_DECOMPRESSED_KERNEL {
+        return Err(BootError::BzImageTooBig { path: path.to_path_buf(), size, max: MAX_DECOMPRESSED_KERNEL });
+    }
+    let mut image = Vec::with_capacity(size as usize);
+    kernel.rewind().map_err(read_err)?;
+    kernel.take(MAX_DECOMPRESSED_KERNEL).read_to_end(&mut image).map_err(read_err)?;
+    Ok(image)
+}
+
+/// The vmlinux runs where it was linked: its entry lies in a loaded segment, and every
+/// segment's physical address is at or above 1 MiB and below 4 GiB (a virtual address
+/// there, such as 0xffffffff81000000, means the image is not a loadable vmlinux).
+/// A kernel linked away from the bzImage's preferred address is logged, not refused:
+/// loading it at its own link address needs no relocation either way.
+fn check_link_address(facts: &ElfFacts, entry: u64, header: &setup_header) -> Result<(), &'static str> {
+    if facts.load_segments.is_empty() {
+        return Err("no PT_LOAD segment");
+    }
+    let physical = |paddr: u64| (HIMEM_START..1 << 32).contains(&paddr);
+    if !facts.load_segments.iter().all(|&(paddr, _)| physical(paddr)) {
+        return Err("a PT_LOAD physical address lies outside 1 MiB..4 GiB");
+    }
+    let in_segment = |&(paddr, memsz): &(u64, u64)| entry >= paddr && entry - paddr < memsz;
+    if !facts.load_segments.iter().any(in_segment) {
+        return Err("the entry point lies outside every PT_LOAD segment");
+    }
+    let lowest = facts.load_segments.iter().map(|&(paddr, _)| paddr).min().unwrap_or(0);
+    let preferred = header.pref_address;
+    if lowest != preferred {
+        log::warn!("vmlinux is linked at {lowest:#x}, not the bzImage's preferred {preferred:#x}; loading it there");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,14 +1,25 @@
 //! A doorbell between a ring-3 guest agent and its host: the guest blocks on
 //! [`WAIT_PORT`] until the host rings; it writes [`DONE_PORT`] when it has
 //! completed work. Neither side polls.
+//!
+//! The vmm knows nothing of it: an embedding program (the inspector) registers it on
+//! [`PORTS`] like any other port-I/O device, through `VmConfig::extra_pio_devices`.
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use specula_common::sync::lock;
+
+use super::bus::{PioAction, PioContext, PioDevice, PortRange};
 
 /// Guest writes here to sleep until the host rings.
 pub const WAIT_PORT: u16 = 0x510;
 /// Guest writes here after completing commands.
 pub const DONE_PORT: u16 = 0x511;
+/// Both ports, where the doorbell is registered.
+pub const PORTS: PortRange = PortRange::new(WAIT_PORT, 2);
+/// How often a vCPU waiting on the doorbell looks whether the VM is stopping or pausing.
+const GUEST_WAIT_TICK: Duration = Duration::from_millis(10);
 
 /// How long [`Doorbell::wait_until`] polls before it sleeps: about the time an OS
 /// view (a 200-process listing) takes in the agent.
@@ -34,7 +45,7 @@ impl Doorbell {
 
     /// Host: wakes the guest (or lets its next wait return at once).
     pub fn ring(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).rung = true;
+        lock(&self.state).rung = true;
         self.changed.notify_all();
     }
 
@@ -42,7 +53,7 @@ impl Doorbell {
     /// `interrupted` (a stop or a pause of the VM) ends the wait. Returns true when it
     /// took a ring; false when interrupted, leaving a ring that comes later pending.
     pub fn guest_wait(&self, tick: Duration, interrupted: impl Fn() -> bool) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         while !state.rung {
             if interrupted() {
                 return false;
@@ -55,7 +66,7 @@ impl Doorbell {
 
     /// Guest side: records a completion and wakes host waiters.
     pub fn guest_done(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).completions += 1;
+        lock(&self.state).completions += 1;
         self.changed.notify_all();
     }
 
@@ -74,7 +85,7 @@ impl Doorbell {
             }
             std::hint::spin_loop();
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         loop {
             if done() {
                 return true;
@@ -89,6 +100,28 @@ impl Doorbell {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+}
+
+impl PioDevice for Doorbell {
+    fn name(&self) -> &str {
+        "doorbell"
+    }
+
+    fn read(&self, _base: u16, _offset: u16, _data: &mut [u8]) {}
+
+    /// A write to [`WAIT_PORT`] blocks the vCPU until a ring. A pause must not wait for
+    /// the next ring: the wait gives way to it (and to a stop), and the ring stays
+    /// pending until the vCPU runs again.
+    fn write(&self, base: u16, offset: u16, _data: &[u8], context: &PioContext<'_>) -> PioAction {
+        match base + offset {
+            WAIT_PORT => {
+                self.guest_wait(GUEST_WAIT_TICK, || context.interrupted());
+            }
+            DONE_PORT => self.guest_done(),
+            _ => {}
+        }
+        PioAction::Continue
     }
 }
 
@@ -119,6 +152,20 @@ mod tests {
         bell.ring();
         assert!(bell.wait_until(Duration::from_secs(5), || flag.load(std::sync::atomic::Ordering::SeqCst)));
         guest.join().unwrap();
+    }
+
+    #[test]
+    fn on_the_bus_the_wait_port_takes_a_ring_or_gives_way_and_the_done_port_completes() {
+        let bell = Arc::new(Doorbell::new());
+        let mut bus = crate::devices::PioBus::new();
+        bus.insert(PORTS, bell.clone()).unwrap();
+        let (running, interrupted) = (|| false, || true);
+        bell.ring();
+        assert_eq!(bus.write(WAIT_PORT, &[0], &PioContext::new(&running)), PioAction::Continue, "the ring is taken");
+        assert!(!lock(&bell.state).rung);
+        assert_eq!(bus.write(WAIT_PORT, &[0], &PioContext::new(&interrupted)), PioAction::Continue, "gave way");
+        assert_eq!(bus.write(DONE_PORT, &[0], &PioContext::new(&running)), PioAction::Continue);
+        assert_eq!(lock(&bell.state).completions, 1);
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! Legacy devices on the port-I/O bus: COM1, the i8042 (for reset), the ACPI
-//! sleep and reset registers, the debug-exit port and the vCPU park port.
+//! Devices on the port-I/O bus ([`bus`]): COM1, the i8042 (for reset), the ACPI sleep
+//! and reset registers, the debug-exit port and the vCPU park port, and whatever an
+//! embedding program adds (the inspector's agent [`doorbell`]).
 
+pub mod bus;
 pub mod doorbell;
+pub mod legacy;
 pub mod serial;
 
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
-use serial::{EventFdTrigger, SerialDevice};
+pub use bus::{PioAction, PioBus, PioBusError, PioContext, PioDevice, PortRange};
+use serial::SerialPort;
 
 /// COM1 base port and its span.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -30,143 +33,43 @@ pub const ACPI_RESET_PORT: u16 = 0x602;
 pub const ACPI_RESET_VALUE: u8 = 0x01;
 /// The sleep type that means S5 (soft off): the DSDT's `_S5_` package names it.
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
-/// SLP_EN in the sleep control register; SLP_TYPx sits in bits 2-4.
-const ACPI_SLEEP_ENABLE: u8 = 1 << 5;
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
 
-/// What a port write asks of the vCPU that made it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PioAction {
-    /// Carry on running.
-    Continue,
-    /// End the VM with this status.
-    Exit(u8),
-    /// Stop this vCPU until the VM ends.
-    Park,
-    /// Block this vCPU until the host rings the doorbell.
-    DoorbellWait,
-    /// The guest entered ACPI S5: power the machine off.
-    PowerOff,
-    /// The guest wrote the ACPI reset value: reset the machine.
-    Reset,
-}
-
-/// The devices a vCPU reaches through port I/O.
-pub struct PioBus {
-    serial: Mutex<SerialDevice>,
-    i8042: Mutex<I8042Device<EventFdTrigger>>,
-    doorbell: Option<std::sync::Arc<doorbell::Doorbell>>,
-}
-
-impl PioBus {
-    /// Builds the bus; `reset_evt` fires when the guest resets through the i8042.
-    pub fn new(serial: SerialDevice, reset_evt: EventFd) -> Self {
-        Self {
-            serial: Mutex::new(serial),
-            i8042: Mutex::new(I8042Device::new(EventFdTrigger(reset_evt))),
-            doorbell: None,
-        }
-    }
-
-    /// Adds a doorbell on [`doorbell::WAIT_PORT`] and [`doorbell::DONE_PORT`].
-    pub fn with_doorbell(mut self, bell: std::sync::Arc<doorbell::Doorbell>) -> Self {
-        self.doorbell = Some(bell);
-        self
-    }
-
-    /// The doorbell, if this bus has one.
-    pub fn doorbell(&self) -> Option<&doorbell::Doorbell> {
-        self.doorbell.as_deref()
-    }
-
-    /// The serial device, for the input path.
-    pub fn serial(&self) -> &Mutex<SerialDevice> {
-        &self.serial
-    }
-
-    /// Handles an `in` from `port`; unclaimed ports read as all ones, like an open bus.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        let value = match port {
-            p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => lock(&self.serial).read((p - COM1_PORT) as u8),
-            I8042_DATA_PORT | I8042_COMMAND_PORT => lock(&self.i8042).read((port - I8042_DATA_PORT) as u8),
-            // No sleep state ever completes (the guest never wakes): WAK_STS stays clear.
-            ACPI_SLEEP_STATUS_PORT | ACPI_SLEEP_CONTROL_PORT => 0,
-            _ => 0xff,
-        };
-        data.fill(0xff);
-        if let Some(first) = data.first_mut() {
-            *first = value;
-        }
-    }
-
-    /// Handles an `out` to `port`.
-    pub fn write(&self, port: u16, data: &[u8]) -> PioAction {
-        let Some(&value) = data.first() else {
-            return PioAction::Continue;
-        };
-        match port {
-            p if (COM1_PORT..COM1_PORT + COM1_SPAN).contains(&p) => {
-                if let Err(e) = lock(&self.serial).write((p - COM1_PORT) as u8, value) {
-                    log::warn!("serial write failed: {e:?}");
-                }
-                PioAction::Continue
-            }
-            I8042_DATA_PORT | I8042_COMMAND_PORT => {
-                if let Err(e) = lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, value) {
-                    log::warn!("i8042 write failed: {e:?}");
-                }
-                PioAction::Continue
-            }
-            ACPI_SLEEP_CONTROL_PORT => sleep_control_action(value),
-            ACPI_RESET_PORT if value == ACPI_RESET_VALUE => PioAction::Reset,
-            DEBUG_EXIT_PORT => PioAction::Exit(value),
-            PARK_PORT => PioAction::Park,
-            doorbell::WAIT_PORT if self.doorbell.is_some() => PioAction::DoorbellWait,
-            doorbell::DONE_PORT => {
-                if let Some(bell) = &self.doorbell {
-                    bell.guest_done();
-                }
-                PioAction::Continue
-            }
-            _ => PioAction::Continue,
-        }
-    }
-}
-
-/// What a write of `value` to the ACPI sleep control register asks: S5 with SLP_EN set
-/// powers off; other sleep states are not offered (the DSDT names only `_S5_`), so
-/// they and writes without SLP_EN change nothing.
-fn sleep_control_action(value: u8) -> PioAction {
-    let sleep_type = (value >> 2) & 0b111;
-    if value & ACPI_SLEEP_ENABLE != 0 && sleep_type == ACPI_S5_SLEEP_TYPE {
-        PioAction::PowerOff
-    } else {
-        PioAction::Continue
-    }
-}
-
-/// Locks a device, recovering it if a vCPU thread panicked while holding it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The bus with every device the vmm always has: `serial` as COM1, and an i8042 whose
+/// reset command fires `reset_evt`.
+pub fn legacy_bus(serial: Arc<SerialPort>, reset_evt: EventFd) -> Result<PioBus, PioBusError> {
+    let i8042: Arc<dyn PioDevice> = Arc::new(legacy::I8042::new(reset_evt));
+    let mut bus = PioBus::new();
+    bus.insert(PortRange::new(COM1_PORT, COM1_SPAN), serial)?;
+    bus.insert(PortRange::port(I8042_DATA_PORT), i8042.clone())?;
+    bus.insert(PortRange::port(I8042_COMMAND_PORT), i8042)?;
+    bus.insert(PortRange::new(ACPI_SLEEP_CONTROL_PORT, 3), Arc::new(legacy::AcpiPm))?;
+    bus.insert(PortRange::port(DEBUG_EXIT_PORT), Arc::new(legacy::DebugExit))?;
+    bus.insert(PortRange::port(PARK_PORT), Arc::new(legacy::ParkPort))?;
+    Ok(bus)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex as StdMutex};
+    use std::sync::Mutex;
 
-    fn bus() -> (PioBus, Arc<StdMutex<Vec<u8>>>, EventFd) {
+    fn bus() -> (PioBus, Arc<Mutex<Vec<u8>>>, EventFd) {
         let (serial, out) = serial::capturing().unwrap();
         let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (PioBus::new(serial, reset.try_clone().unwrap()), out, reset)
+        (legacy_bus(Arc::new(SerialPort::new(serial)), reset.try_clone().unwrap()).unwrap(), out, reset)
+    }
+
+    fn write(bus: &PioBus, port: u16, data: &[u8]) -> PioAction {
+        bus.write(port, data, &PioContext::new(&|| false))
     }
 
     #[test]
     fn serial_writes_reach_the_output() {
         let (bus, out, _) = bus();
         for b in b"hi" {
-            assert_eq!(bus.write(COM1_PORT, &[*b]), PioAction::Continue);
+            assert_eq!(write(&bus, COM1_PORT, &[*b]), PioAction::Continue);
         }
         assert_eq!(&*out.lock().unwrap(), b"hi");
     }
@@ -174,15 +77,16 @@ mod tests {
     #[test]
     fn debug_exit_and_park_ports() {
         let (bus, _, _) = bus();
-        assert_eq!(bus.write(DEBUG_EXIT_PORT, &[42]), PioAction::Exit(42));
-        assert_eq!(bus.write(PARK_PORT, &[0]), PioAction::Park);
-        assert_eq!(bus.write(0x80, &[1]), PioAction::Continue);
+        assert_eq!(write(&bus, DEBUG_EXIT_PORT, &[42]), PioAction::Exit(42));
+        assert_eq!(write(&bus, PARK_PORT, &[0]), PioAction::Park);
+        assert_eq!(write(&bus, 0x80, &[1]), PioAction::Continue);
+        assert_eq!(write(&bus, DEBUG_EXIT_PORT, &[]), PioAction::Continue, "an empty access does nothing");
     }
 
     #[test]
     fn i8042_reset_command_fires_the_reset_event() {
         let (bus, _, reset) = bus();
-        bus.write(I8042_COMMAND_PORT, &[0xfe]);
+        write(&bus, I8042_COMMAND_PORT, &[0xfe]);
         assert_eq!(reset.read().unwrap(), 1);
     }
 
@@ -190,14 +94,16 @@ mod tests {
     fn acpi_s5_with_sleep_enable_powers_off_and_the_reset_value_resets() {
         let (bus, _, _) = bus();
         // What Linux's acpi_hw_extended_sleep writes for S5: SLP_TYP 5 in bits 2-4, SLP_EN.
-        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[(5 << 2) | (1 << 5)]), PioAction::PowerOff);
-        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[5 << 2]), PioAction::Continue, "no SLP_EN");
-        assert_eq!(bus.write(ACPI_SLEEP_CONTROL_PORT, &[(3 << 2) | (1 << 5)]), PioAction::Continue, "S3");
-        assert_eq!(bus.write(ACPI_RESET_PORT, &[ACPI_RESET_VALUE]), PioAction::Reset);
-        assert_eq!(bus.write(ACPI_RESET_PORT, &[0x06]), PioAction::Continue, "not the FADT's reset value");
+        assert_eq!(write(&bus, ACPI_SLEEP_CONTROL_PORT, &[(5 << 2) | (1 << 5)]), PioAction::PowerOff);
+        assert_eq!(write(&bus, ACPI_SLEEP_CONTROL_PORT, &[5 << 2]), PioAction::Continue, "no SLP_EN");
+        assert_eq!(write(&bus, ACPI_SLEEP_CONTROL_PORT, &[(3 << 2) | (1 << 5)]), PioAction::Continue, "S3");
+        assert_eq!(write(&bus, ACPI_RESET_PORT, &[ACPI_RESET_VALUE]), PioAction::Reset);
+        assert_eq!(write(&bus, ACPI_RESET_PORT, &[0x06]), PioAction::Continue, "not the FADT's reset value");
         let mut status = [0xaa];
         bus.read(ACPI_SLEEP_STATUS_PORT, &mut status);
         assert_eq!(status, [0]);
+        bus.read(ACPI_RESET_PORT, &mut status);
+        assert_eq!(status, [0xff], "the reset register reads as an open bus");
     }
 
     #[test]
@@ -206,5 +112,15 @@ mod tests {
         let mut data = [0u8; 2];
         bus.read(0x1234, &mut data);
         assert_eq!(data, [0xff, 0xff]);
+        bus.read(0x61, &mut data);
+        assert_eq!(data, [0xff, 0xff], "between the i8042's two ports");
+    }
+
+    #[test]
+    fn an_embedder_cannot_take_a_port_the_vmm_uses() {
+        let (mut bus, _, _) = bus();
+        let bell = Arc::new(doorbell::Doorbell::new());
+        assert!(matches!(bus.insert(PortRange::new(0x5f0, 0x11), bell.clone()), Err(PioBusError::Overlap { .. })));
+        bus.insert(doorbell::PORTS, bell).unwrap();
     }
 }

@@ -8,9 +8,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use specula_common::sync::lock;
 use vm_superio::{serial::NoEvents, Serial, Trigger};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::{PioAction, PioContext, PioDevice};
 
 /// A vm-superio trigger backed by an EventFd (registered as an irqfd, or a reset signal).
 pub struct EventFdTrigger(pub EventFd);
@@ -54,12 +57,44 @@ pub fn build(output: &SerialOutput) -> io::Result<(SerialDevice, EventFd)> {
     Ok((Serial::new(EventFdTrigger(irq.try_clone()?), writer), irq))
 }
 
+/// COM1 on the port-I/O bus: the 8250's eight registers from its base port.
+pub struct SerialPort(Mutex<SerialDevice>);
+
+impl SerialPort {
+    /// COM1 backed by `device`.
+    pub fn new(device: SerialDevice) -> Self {
+        Self(Mutex::new(device))
+    }
+
+    /// The device, for the input path.
+    pub fn device(&self) -> &Mutex<SerialDevice> {
+        &self.0
+    }
+}
+
+impl PioDevice for SerialPort {
+    fn name(&self) -> &str {
+        "com1"
+    }
+
+    fn read(&self, _base: u16, offset: u16, data: &mut [u8]) {
+        data[0] = lock(&self.0).read(offset as u8);
+    }
+
+    fn write(&self, _base: u16, offset: u16, data: &[u8], _context: &PioContext<'_>) -> PioAction {
+        if let Err(e) = lock(&self.0).write(offset as u8, data[0]) {
+            log::warn!("serial write failed: {e:?}");
+        }
+        PioAction::Continue
+    }
+}
+
 /// A writer that appends to a shared buffer (tests capture guest output with it).
 pub struct CaptureWriter(pub Arc<Mutex<Vec<u8>>>);
 
 impl Write for CaptureWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        lock(&self.0).extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -77,18 +112,18 @@ pub fn capturing() -> io::Result<(SerialDevice, Arc<Mutex<Vec<u8>>>)> {
 /// Feeds bytes from an input fd (stdin) into COM1's receive FIFO.
 pub struct SerialInput {
     input: RawFd,
-    bus: Arc<crate::devices::PioBus>,
+    port: Arc<SerialPort>,
 }
 
 impl SerialInput {
-    pub fn new(input: RawFd, bus: Arc<crate::devices::PioBus>) -> Self {
-        Self { input, bus }
+    pub fn new(input: RawFd, port: Arc<SerialPort>) -> Self {
+        Self { input, port }
     }
 
     /// Moves what the input has, up to the FIFO's free space, into the device.
     /// Returns `None` when the FIFO is full, `Some(0)` at end of input.
     fn pump(&mut self) -> io::Result<Option<usize>> {
-        let mut serial = self.bus.serial().lock().unwrap_or_else(|p| p.into_inner());
+        let mut serial = lock(self.port.device());
         let room = serial.fifo_capacity();
         if room == 0 {
             return Ok(None);

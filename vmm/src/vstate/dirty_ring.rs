@@ -20,6 +20,7 @@ use std::sync::Mutex;
 
 use kvm_bindings::kvm_dirty_gfn;
 use kvm_ioctls::{VcpuFd, VmFd};
+use specula_common::sync::lock;
 
 /// An entry KVM has filled and userspace has not yet harvested.
 const GFN_DIRTY: u32 = 1;
@@ -255,10 +256,6 @@ impl MappedRing {
         }
         harvested
     }
-}
-
-fn lock(state: &Mutex<RingState>) -> std::sync::MutexGuard<'_, RingState> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

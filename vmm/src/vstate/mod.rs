@@ -1,5 +1,6 @@
-//! KVM state: the VM (memslots, irqchip, PIT) and its vCPUs.
+//! KVM state: the VM (memslots, irqchip, PIT), its vCPUs and their lifecycle.
 
 pub mod dirty_ring;
+pub mod lifecycle;
 pub mod vcpu;
 pub mod vm;

@@ -2,20 +2,18 @@
 //! kick (immediate_exit plus a signal) that stops it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
-use std::time::Duration;
+use std::sync::{Arc, Once};
 
-use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_run, kvm_sregs, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
 use super::dirty_ring::{DirtyRing, DirtyRingError};
+pub use super::lifecycle::{kick_signal, Lifecycle, LifecycleError, VcpuSnapshot, VmExit, CRASH_EXIT_CODE};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot::KernelEntry;
-use crate::devices::{PioAction, PioBus};
+use crate::devices::{PioAction, PioBus, PioContext};
 use crate::memory::GuestRam;
 
 /// Failures while creating or configuring a vCPU.
@@ -81,292 +79,9 @@ pub enum VcpuError {
     },
 }
 
-/// Why the VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote this status to the debug-exit port.
-    GuestStatus(u8),
-    /// The guest reset the machine (ACPI reset register, i8042 pulse, or KVM's reset event).
-    Reset,
-    /// The guest powered the machine off (ACPI S5 through the FADT's sleep control register).
-    PowerOff,
-    /// The host asked the VM to stop (SIGINT/SIGTERM, or a library caller).
-    Stopped(&'static str),
-    /// The guest crashed or KVM could not go on.
-    Crash(String),
-}
-
-impl VmExit {
-    /// The `vmm` process exit code for this end: the guest's status, 0 for a power-off, a
-    /// reset or a requested stop, [`CRASH_EXIT_CODE`] for a guest crash.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            VmExit::GuestStatus(status) => i32::from(*status),
-            VmExit::Reset | VmExit::PowerOff | VmExit::Stopped(_) => 0,
-            VmExit::Crash(_) => CRASH_EXIT_CODE,
-        }
-    }
-}
-
-/// Exit code when the guest crashed (triple fault, emulation failure, failed entry).
-pub const CRASH_EXIT_CODE: i32 = 3;
-
-/// A vCPU's registers at one moment.
-#[derive(Debug, Clone, Copy)]
-pub struct VcpuSnapshot {
-    pub index: u8,
-    pub regs: kvm_regs,
-    pub sregs: kvm_sregs,
-    /// KERNEL_GS_BASE (what SWAPGS swaps in) and the system-call MSRs; all 0 if KVM
-    /// would not tell.
-    pub msrs: msr::SyscallMsrs,
-}
-
-/// Requests the vCPU threads serve between two KVM_RUNs.
-struct Requests {
-    /// Generation of the newest snapshot request.
-    wanted: u64,
-    /// Per vCPU: the generation it last published, and what it published.
-    published: Vec<(u64, Option<VcpuSnapshot>)>,
-    /// Pause holds taken and not yet released; vCPUs run only when it is 0.
-    pause_holds: u32,
-    /// vCPUs that run no guest code until a resume or a stop: held by a pause, parked
-    /// by the guest, or ended. A pause is complete when every vCPU is counted here.
-    quiescent: usize,
-}
-
-/// How long a snapshot or pause waits for every vCPU.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Shared by the vCPU threads and the event loop: who ended the VM, whether to
-/// stop or pause, and snapshots of vCPU registers.
-pub struct Lifecycle {
-    stopping: AtomicBool,
-    paused: AtomicBool,
-    wanted: AtomicU64,
-    exit: Mutex<Option<VmExit>>,
-    parked: Condvar,
-    exit_evt: EventFd,
-    requests: Mutex<Requests>,
-    served: Condvar,
-    threads: Mutex<Vec<libc::pthread_t>>,
-}
-
-impl Lifecycle {
-    pub fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            stopping: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
-            wanted: AtomicU64::new(0),
-            exit: Mutex::new(None),
-            parked: Condvar::new(),
-            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
-            requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), pause_holds: 0, quiescent: 0 }),
-            served: Condvar::new(),
-            threads: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Records the running vCPU threads, so requests can kick them.
-    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
-        let count = threads.len();
-        *self.threads.lock().unwrap_or_else(|p| p.into_inner()) = threads;
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).published = vec![(0, None); count];
-    }
-
-    fn kick_all(&self) {
-        for &thread in self.threads.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            // SAFETY: the threads are joined only after `begin_stop`, so each handle is live.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
-        }
-    }
-
-    /// Registers of every vCPU, taken by kicking each out of KVM_RUN for a moment.
-    pub fn snapshot_vcpus(&self) -> Result<Vec<VcpuSnapshot>, String> {
-        let generation = {
-            let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            req.wanted += 1;
-            self.wanted.store(req.wanted, Ordering::SeqCst);
-            req.wanted
-        };
-        self.parked.notify_all();
-        self.kick_all();
-        let req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let (req, timeout) = self
-            .served
-            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| {
-                !self.stopping() && r.published.iter().any(|(g, _)| *g < generation)
-            })
-            .unwrap_or_else(|p| p.into_inner());
-        if timeout.timed_out() || self.stopping() {
-            return Err("not every vCPU answered the snapshot request".into());
-        }
-        Ok(req.published.iter().filter_map(|(_, s)| *s).collect())
-    }
-
-    /// Holds every vCPU outside KVM_RUN until [`Lifecycle::resume`]; holds nest (the API
-    /// and the mirror device may both hold the VM). Returns once every vCPU is paused,
-    /// parked or ended; on a timeout the hold is released again and nothing stays paused.
-    pub fn pause(&self) -> Result<(), String> {
-        {
-            let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            req.pause_holds += 1;
-            self.paused.store(true, Ordering::SeqCst);
-        }
-        self.parked.notify_all();
-        self.kick_all();
-        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let (req, timeout) = self
-            .served
-            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| !self.stopping() && r.quiescent < threads)
-            .unwrap_or_else(|p| p.into_inner());
-        if timeout.timed_out() {
-            let still_running = threads - req.quiescent;
-            drop(req);
-            self.resume();
-            Err(format!("{still_running} vCPU(s) did not pause within {REQUEST_TIMEOUT:?}"))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Releases one pause hold; the vCPUs run again when none is left.
-    pub fn resume(&self) {
-        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        req.pause_holds = req.pause_holds.saturating_sub(1);
-        if req.pause_holds == 0 {
-            self.paused.store(false, Ordering::SeqCst);
-        }
-        self.served.notify_all();
-    }
-
-    /// Whether a pause hold is in place.
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
-    /// Counts the calling vCPU thread in or out of the quiescent set.
-    fn set_quiescent(&self, quiescent: bool) {
-        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if quiescent {
-            req.quiescent += 1;
-        } else {
-            req.quiescent -= 1;
-        }
-        self.served.notify_all();
-    }
-
-    /// Called by a vCPU thread between runs: publishes a snapshot if one is wanted,
-    /// and holds the thread while the VM is paused.
-    fn serve_requests(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
-        self.publish_if_wanted(vcpu, index, last_published);
-        if !self.paused.load(Ordering::SeqCst) {
-            return;
-        }
-        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        req.quiescent += 1;
-        self.served.notify_all();
-        while self.paused.load(Ordering::SeqCst) && !self.stopping() {
-            req = self.served.wait_timeout(req, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
-            if self.wanted.load(Ordering::SeqCst) > *last_published {
-                drop(req);
-                self.publish_if_wanted(vcpu, index, last_published);
-                req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            }
-        }
-        req.quiescent -= 1;
-    }
-
-    /// Publishes a snapshot if one newer than this vCPU's last is wanted; true if it did.
-    fn publish_if_wanted(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) -> bool {
-        let wanted = self.wanted.load(Ordering::SeqCst);
-        if wanted <= *last_published {
-            return false;
-        }
-        self.publish(vcpu, index, wanted);
-        *last_published = wanted;
-        true
-    }
-
-    fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
-        let snapshot = match (vcpu.get_regs(), vcpu.get_sregs()) {
-            (Ok(regs), Ok(sregs)) => {
-                Some(VcpuSnapshot { index, regs, sregs, msrs: msr::syscall_msrs(vcpu).unwrap_or_default() })
-            }
-            _ => None,
-        };
-        let mut req = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = req.published.get_mut(usize::from(index)) {
-            *slot = (generation, snapshot);
-        }
-        self.served.notify_all();
-    }
-
-    /// Readable once an exit has been requested.
-    pub fn exit_evt(&self) -> &EventFd {
-        &self.exit_evt
-    }
-
-    /// Records why the VM ends (the first reason wins) and wakes the event loop.
-    pub fn request_exit(&self, reason: VmExit) {
-        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        if exit.is_none() {
-            *exit = Some(reason);
-            let _ = self.exit_evt.write(1);
-        }
-    }
-
-    /// The recorded exit reason, if any.
-    pub fn exit_reason(&self) -> Option<VmExit> {
-        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Tells every vCPU to stop and wakes the parked and paused ones.
-    pub fn begin_stop(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
-        {
-            let _guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-            self.parked.notify_all();
-        }
-        let _guard = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        self.served.notify_all();
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
-    }
-
-    /// Blocks the calling vCPU thread until the VM stops, still answering snapshot requests.
-    fn park(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
-        // A parked vCPU runs no guest code until the VM stops: it counts as paused.
-        self.set_quiescent(true);
-        self.park_until_stop(vcpu, index, last_published);
-        self.set_quiescent(false);
-    }
-
-    fn park_until_stop(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
-        let mut guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-        while !self.stopping() {
-            if self.wanted.load(Ordering::SeqCst) > *last_published {
-                drop(guard);
-                self.publish_if_wanted(vcpu, index, last_published);
-                guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            guard = self.parked.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
-        }
-    }
-}
-
 thread_local! {
     /// This thread's kvm_run, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// The signal that kicks a vCPU thread out of KVM_RUN.
-pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -475,20 +190,17 @@ impl Vcpu {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
-                PioAction::Continue => {}
-                PioAction::Exit(status) => return Some(VmExit::GuestStatus(status)),
-                PioAction::PowerOff => return Some(VmExit::PowerOff),
-                PioAction::Reset => return Some(VmExit::Reset),
-                PioAction::Park => lifecycle.park(&self.fd, index, last_published),
-                PioAction::DoorbellWait => {
-                    if let Some(bell) = bus.doorbell() {
-                        // A pause must not wait for the next ring: the wait gives way to it
-                        // and the ring stays pending until the vCPU runs again.
-                        bell.guest_wait(Duration::from_millis(10), || lifecycle.stopping() || lifecycle.is_paused());
-                    }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                // A device that blocks the vCPU (the agent doorbell) gives way to a stop or a pause.
+                let give_way = || lifecycle.stopping() || lifecycle.is_paused();
+                match bus.write(port, data, &PioContext::new(&give_way)) {
+                    PioAction::Continue => {}
+                    PioAction::Exit(status) => return Some(VmExit::GuestStatus(status)),
+                    PioAction::PowerOff => return Some(VmExit::PowerOff),
+                    PioAction::Reset => return Some(VmExit::Reset),
+                    PioAction::Park => lifecycle.park(&self.fd, index, last_published),
                 }
-            },
+            }
             // Nothing is mapped in the MMIO gap but the in-kernel APICs: reads see an open bus.
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(addr, _)) => {
@@ -555,27 +267,5 @@ fn set_tsc_offset_zero(vcpu: &VcpuFd) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn first_exit_reason_wins_and_signals_the_event() {
-        let life = Lifecycle::new().unwrap();
-        life.request_exit(VmExit::GuestStatus(7));
-        life.request_exit(VmExit::Reset);
-        assert_eq!(life.exit_reason(), Some(VmExit::GuestStatus(7)));
-        assert_eq!(life.exit_evt().read().unwrap(), 1);
-    }
-
-    #[test]
-    fn exit_codes() {
-        assert_eq!(VmExit::GuestStatus(42).exit_code(), 42);
-        assert_eq!(VmExit::Reset.exit_code(), 0);
-        assert_eq!(VmExit::Stopped("SIGTERM").exit_code(), 0);
-        assert_eq!(VmExit::Crash("x".into()).exit_code(), CRASH_EXIT_CODE);
     }
 }

@@ -1,0 +1,63 @@
+//! What the exporter asks of the source VM, and how that fails.
+
+use std::time::Duration;
+
+use crate::protocol::{DirtyMechanism, Range, VcpuRegs};
+
+/// Any error a source VM wraps (its KVM ioctl errors, say): kept as the cause.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the source VM could not do what the exporter asked of it. Callers tell the cases
+/// apart by variant, never by message text.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceVmError {
+    /// Some vCPUs did not leave KVM_RUN within `waited`; the pause hold was released
+    /// again, so nothing stays paused.
+    #[error("{still_running} vCPU(s) did not pause within {waited:?}")]
+    PauseTimeout { still_running: usize, waited: Duration },
+    /// Not every vCPU published its registers within `waited`.
+    #[error("not every vCPU answered the snapshot request within {waited:?}")]
+    SnapshotTimeout { waited: Duration },
+    /// The source VM is shutting down: its vCPUs serve no more requests.
+    #[error("the source VM is stopping")]
+    Stopping,
+    /// This source keeps no dirty log (the default of [`SourceVm::set_dirty_logging`]
+    /// and [`SourceVm::take_dirty_pages`]).
+    #[error("this source keeps no dirty log")]
+    NoDirtyLog,
+    /// KVM refused to start (`on`) or stop dirty logging of guest RAM (the memslot
+    /// flags ioctl).
+    #[error("cannot turn dirty logging {}", if *on { "on" } else { "off" })]
+    SetDirtyLogging {
+        on: bool,
+        #[source]
+        source: BoxError,
+    },
+    /// Reading or re-protecting the dirty log failed (KVM_GET_DIRTY_LOG,
+    /// KVM_CLEAR_DIRTY_LOG, or a dirty-ring harvest and reset).
+    #[error("cannot read the dirty log")]
+    ReadDirtyLog(#[source] BoxError),
+}
+
+/// What the exporter asks of the source VM.
+pub trait SourceVm: Send + Sync {
+    /// Registers of every vCPU.
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceVmError>;
+    /// Holds every vCPU outside KVM_RUN until [`SourceVm::resume`]; holds nest.
+    fn pause(&self) -> Result<(), SourceVmError>;
+    /// Releases one hold taken by [`SourceVm::pause`].
+    fn resume(&self);
+    /// Starts (`true`) or stops KVM dirty logging of guest RAM.
+    fn set_dirty_logging(&self, _on: bool) -> Result<(), SourceVmError> {
+        Err(SourceVmError::NoDirtyLog)
+    }
+    /// Pages the guest wrote since the last call (or since logging started), as runs in
+    /// GPA order.
+    fn take_dirty_pages(&self) -> Result<Vec<Range>, SourceVmError> {
+        Err(SourceVmError::NoDirtyLog)
+    }
+    /// How [`SourceVm::take_dirty_pages`] learns of writes.
+    fn dirty_mechanism(&self) -> DirtyMechanism {
+        DirtyMechanism::Bitmap
+    }
+}

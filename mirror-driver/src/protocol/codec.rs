@@ -1,0 +1,329 @@
+//! The frame encoding: message kinds, and each message's payload as fixed
+//! little-endian fields and bounded, counted arrays.
+
+use super::{
+    DecodeError, DirtyMechanism, ErrorCode, Grant, Message, Range, VcpuRegs, HEADER_LEN, MAX_ERROR_TEXT,
+    MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS,
+};
+
+pub(super) mod kind {
+    pub const HELLO: u16 = 1;
+    pub const HELLO_ACK: u16 = 2;
+    pub const GET_MEMORY_MAP: u16 = 3;
+    pub const MEMORY_MAP: u16 = 4;
+    pub const GRANT_REQUEST: u16 = 5;
+    pub const GRANT_REPLY: u16 = 6;
+    pub const RELEASE: u16 = 7;
+    pub const RELEASED: u16 = 8;
+    pub const GET_VCPU_STATE: u16 = 9;
+    pub const PAUSE_REQUEST: u16 = 11;
+    pub const RESUME_REQUEST: u16 = 12;
+    pub const VCPU_STATE: u16 = 10;
+    pub const REVOKE: u16 = 20;
+    pub const REVOKE_ACK: u16 = 21;
+    pub const DISCARD: u16 = 22;
+    pub const PAUSED: u16 = 23;
+    pub const RESUMED: u16 = 24;
+    pub const SOURCE_EXITING: u16 = 25;
+    pub const DIRTY_PAGES: u16 = 26;
+    pub const DIRTY_SUBSCRIBE: u16 = 13;
+    pub const DIRTY_SUBSCRIBED: u16 = 14;
+    pub const DIRTY_SYNC: u16 = 15;
+    pub const DIRTY_SYNCED: u16 = 27;
+    pub const ERROR: u16 = 30;
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    kind: u16,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError::Malformed { kind: self.kind });
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    /// A count, checked against `limit` and against the bytes left (each item `item_len`).
+    fn count(&mut self, limit: usize, item_len: usize) -> Result<usize, DecodeError> {
+        let count = self.u32()? as usize;
+        if count > limit {
+            return Err(DecodeError::CountTooLarge { count, limit });
+        }
+        if count * item_len > self.bytes.len() {
+            return Err(DecodeError::Malformed { kind: self.kind });
+        }
+        Ok(count)
+    }
+    fn finish(self) -> Result<(), DecodeError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::Malformed { kind: self.kind })
+        }
+    }
+}
+
+fn write_ranges(w: &mut Writer, ranges: &[Range]) {
+    w.u32(ranges.len() as u32);
+    for r in ranges {
+        w.u64(r.gpa);
+        w.u64(r.len);
+    }
+}
+
+fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
+    let n = r.count(MAX_RANGES, 16)?;
+    (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect()
+}
+
+const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 12;
+
+impl Message {
+    /// Encodes the message as one frame (header and payload) with correlation id `id`.
+    pub fn encode(&self, id: u32) -> Vec<u8> {
+        let mut w = Writer(vec![0; HEADER_LEN]);
+        let kind = match self {
+            Message::Hello { version } => {
+                w.u32(*version);
+                kind::HELLO
+            }
+            Message::HelloAck { version, ram_size, vcpus } => {
+                w.u32(*version);
+                w.u64(*ram_size);
+                w.u32(*vcpus);
+                kind::HELLO_ACK
+            }
+            Message::GetMemoryMap => kind::GET_MEMORY_MAP,
+            Message::MemoryMap { regions } => {
+                write_ranges(&mut w, regions);
+                kind::MEMORY_MAP
+            }
+            Message::GrantRequest { access, ranges } => {
+                w.u32(*access);
+                write_ranges(&mut w, ranges);
+                kind::GRANT_REQUEST
+            }
+            Message::GrantReply { more, grants } => {
+                w.u32(u32::from(*more));
+                w.u32(grants.len() as u32);
+                for g in grants {
+                    w.u64(g.id);
+                    w.u64(g.gpa);
+                    w.u64(g.len);
+                    w.u32(g.fd_index);
+                    w.u64(g.offset);
+                }
+                kind::GRANT_REPLY
+            }
+            Message::Release { grant_id } => {
+                w.u64(*grant_id);
+                kind::RELEASE
+            }
+            Message::Released { grant_id } => {
+                w.u64(*grant_id);
+                kind::RELEASED
+            }
+            Message::GetVcpuState => kind::GET_VCPU_STATE,
+            Message::PauseRequest => kind::PAUSE_REQUEST,
+            Message::ResumeRequest => kind::RESUME_REQUEST,
+            Message::VcpuState { vcpus } => {
+                w.u32(vcpus.len() as u32);
+                for v in vcpus {
+                    w.u32(v.index);
+                    w.u64(v.rip);
+                    w.u64(v.rflags);
+                    for g in v.gprs {
+                        w.u64(g);
+                    }
+                    for c in [
+                        v.cr0,
+                        v.cr2,
+                        v.cr3,
+                        v.cr4,
+                        v.efer,
+                        v.fs_base,
+                        v.gs_base,
+                        v.kernel_gs_base,
+                        v.star,
+                        v.lstar,
+                        v.cstar,
+                        v.fmask,
+                    ] {
+                        w.u64(c);
+                    }
+                }
+                kind::VCPU_STATE
+            }
+            Message::Revoke { grant_id, nonce } => {
+                w.u64(*grant_id);
+                w.u64(*nonce);
+                kind::REVOKE
+            }
+            Message::RevokeAck { grant_id, nonce } => {
+                w.u64(*grant_id);
+                w.u64(*nonce);
+                kind::REVOKE_ACK
+            }
+            Message::Discard { gpa, len } => {
+                w.u64(*gpa);
+                w.u64(*len);
+                kind::DISCARD
+            }
+            Message::Paused => kind::PAUSED,
+            Message::Resumed => kind::RESUMED,
+            Message::SourceExiting => kind::SOURCE_EXITING,
+            Message::DirtySubscribe => kind::DIRTY_SUBSCRIBE,
+            Message::DirtySubscribed { interval_us, mechanism } => {
+                w.u32(*interval_us);
+                w.u32(*mechanism as u32);
+                kind::DIRTY_SUBSCRIBED
+            }
+            Message::DirtyPages { coalesced, ranges } => {
+                w.u32(u32::from(*coalesced));
+                write_ranges(&mut w, ranges);
+                kind::DIRTY_PAGES
+            }
+            Message::DirtySync { token } => {
+                w.u64(*token);
+                kind::DIRTY_SYNC
+            }
+            Message::DirtySynced { token } => {
+                w.u64(*token);
+                kind::DIRTY_SYNCED
+            }
+            Message::Error { code, text } => {
+                w.u32(*code as u32);
+                let text = truncate_utf8(text, MAX_ERROR_TEXT);
+                w.u32(text.len() as u32);
+                w.0.extend_from_slice(text.as_bytes());
+                kind::ERROR
+            }
+        };
+        let payload_len = (w.0.len() - HEADER_LEN) as u32;
+        w.0[0..4].copy_from_slice(&payload_len.to_le_bytes());
+        w.0[4..6].copy_from_slice(&kind.to_le_bytes());
+        w.0[8..12].copy_from_slice(&id.to_le_bytes());
+        w.0
+    }
+
+    /// Decodes a payload of message kind `kind`; every count and length is bounded.
+    pub fn decode(kind: u16, payload: &[u8]) -> Result<Message, DecodeError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(DecodeError::TooLarge(payload.len()));
+        }
+        let mut r = Reader { bytes: payload, kind };
+        let message = match kind {
+            kind::HELLO => Message::Hello { version: r.u32()? },
+            kind::HELLO_ACK => Message::HelloAck { version: r.u32()?, ram_size: r.u64()?, vcpus: r.u32()? },
+            kind::GET_MEMORY_MAP => Message::GetMemoryMap,
+            kind::MEMORY_MAP => Message::MemoryMap { regions: read_ranges(&mut r)? },
+            kind::GRANT_REQUEST => Message::GrantRequest { access: r.u32()?, ranges: read_ranges(&mut r)? },
+            kind::GRANT_REPLY => {
+                let more = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed { kind }),
+                };
+                let n = r.count(MAX_FDS_PER_FRAME, 36)?;
+                let grants = (0..n)
+                    .map(|_| {
+                        Ok(Grant { id: r.u64()?, gpa: r.u64()?, len: r.u64()?, fd_index: r.u32()?, offset: r.u64()? })
+                    })
+                    .collect::<Result<_, DecodeError>>()?;
+                Message::GrantReply { more, grants }
+            }
+            kind::RELEASE => Message::Release { grant_id: r.u64()? },
+            kind::RELEASED => Message::Released { grant_id: r.u64()? },
+            kind::GET_VCPU_STATE => Message::GetVcpuState,
+            kind::PAUSE_REQUEST => Message::PauseRequest,
+            kind::RESUME_REQUEST => Message::ResumeRequest,
+            kind::VCPU_STATE => {
+                let n = r.count(MAX_VCPUS, VCPU_REGS_LEN)?;
+                let mut vcpus = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut v = VcpuRegs { index: r.u32()?, rip: r.u64()?, rflags: r.u64()?, ..Default::default() };
+                    for g in v.gprs.iter_mut() {
+                        *g = r.u64()?;
+                    }
+                    v.cr0 = r.u64()?;
+                    v.cr2 = r.u64()?;
+                    v.cr3 = r.u64()?;
+                    v.cr4 = r.u64()?;
+                    v.efer = r.u64()?;
+                    v.fs_base = r.u64()?;
+                    v.gs_base = r.u64()?;
+                    v.kernel_gs_base = r.u64()?;
+                    v.star = r.u64()?;
+                    v.lstar = r.u64()?;
+                    v.cstar = r.u64()?;
+                    v.fmask = r.u64()?;
+                    vcpus.push(v);
+                }
+                Message::VcpuState { vcpus }
+            }
+            kind::REVOKE => Message::Revoke { grant_id: r.u64()?, nonce: r.u64()? },
+            kind::REVOKE_ACK => Message::RevokeAck { grant_id: r.u64()?, nonce: r.u64()? },
+            kind::DISCARD => Message::Discard { gpa: r.u64()?, len: r.u64()? },
+            kind::PAUSED => Message::Paused,
+            kind::RESUMED => Message::Resumed,
+            kind::SOURCE_EXITING => Message::SourceExiting,
+            kind::DIRTY_SUBSCRIBE => Message::DirtySubscribe,
+            kind::DIRTY_SUBSCRIBED => Message::DirtySubscribed {
+                interval_us: r.u32()?,
+                mechanism: DirtyMechanism::from_u32(r.u32()?).ok_or(DecodeError::Malformed { kind })?,
+            },
+            kind::DIRTY_PAGES => {
+                let coalesced = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed { kind }),
+                };
+                Message::DirtyPages { coalesced, ranges: read_ranges(&mut r)? }
+            }
+            kind::DIRTY_SYNC => Message::DirtySync { token: r.u64()? },
+            kind::DIRTY_SYNCED => Message::DirtySynced { token: r.u64()? },
+            kind::ERROR => {
+                let raw = r.u32()?;
+                let code = ErrorCode::from_u32(raw).ok_or(DecodeError::BadErrorCode(raw))?;
+                let n = r.count(MAX_ERROR_TEXT, 1)?;
+                let text = String::from_utf8(r.take(n)?.to_vec()).map_err(|_| DecodeError::Malformed { kind })?;
+                Message::Error { code, text }
+            }
+            other => return Err(DecodeError::UnknownKind(other)),
+        };
+        r.finish()?;
+        Ok(message)
+    }
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -1,0 +1,322 @@
+//! The mirror device's wire protocol.
+//!
+//! Every message is one frame on a Unix stream socket:
+//!
+//! ```text
+//! u32 payload_len (little-endian, <= MAX_PAYLOAD) | u16 kind | u16 reserved (0) | u32 id | payload
+//! ```
+//!
+//! `id` correlates a reply with its request: the inspector numbers its requests
+//! (never 0) and the source echoes the number on every reply frame, so a late
+//! reply, or frames left over from a failed batch, can never be taken for the
+//! answer to a later request. Events the source pushes carry id 0.
+//!
+//! Payloads are fixed little-endian fields and counted arrays, each count
+//! bounded. File descriptors for grants travel beside a `GrantReply` frame as
+//! SCM_RIGHTS. A session starts with `Hello`/`HelloAck`; an unknown version or
+//! message kind gets an `Error` reply, never a crash.
+
+mod codec;
+#[cfg(test)]
+mod tests;
+
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u32 = 5;
+/// Largest payload accepted, in bytes.
+pub const MAX_PAYLOAD: usize = 64 << 10;
+/// Frame header size.
+pub const HEADER_LEN: usize = 12;
+/// Correlation id of frames that answer no request (events).
+pub const EVENT_ID: u32 = 0;
+/// Most ranges in one grant request, regions in a memory map, grants in a reply.
+pub const MAX_RANGES: usize = 1024;
+/// Most vCPUs in a state reply.
+pub const MAX_VCPUS: usize = 256;
+/// Longest error text.
+pub const MAX_ERROR_TEXT: usize = 512;
+/// Most fds beside one frame (the kernel's SCM_MAX_FD is 253).
+pub const MAX_FDS_PER_FRAME: usize = 250;
+/// Access a grant asks for: only read-only exists.
+pub const ACCESS_READ_ONLY: u32 = 1;
+
+/// A guest-physical range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub gpa: u64,
+    pub len: u64,
+}
+
+/// One granted piece: `len` bytes of source RAM at `gpa`, found at `offset` in the fd at `fd_index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub id: u64,
+    pub gpa: u64,
+    pub len: u64,
+    pub fd_index: u32,
+    pub offset: u64,
+}
+
+/// A vCPU's registers, enough to walk the guest's page tables: the one shape of a
+/// vCPU's state from every source, on the mirror protocol and in the inspector's API
+/// (0 where the source cannot tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "api", derive(serde::Serialize, serde::Deserialize, utoipa::ToSchema))]
+pub struct VcpuRegs {
+    pub index: u32,
+    pub rip: u64,
+    pub rflags: u64,
+    /// RAX, RBX, RCX, RDX, RSI, RDI, RSP, RBP, R8..R15.
+    pub gprs: [u64; 16],
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// FS and GS segment bases, and the KERNEL_GS_BASE MSR (0 where the source cannot tell).
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
+    /// The system-call MSRs STAR, LSTAR (where `syscall` enters the kernel), CSTAR and
+    /// SFMASK (0 where the source cannot tell).
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub fmask: u64,
+}
+
+impl VcpuRegs {
+    /// The stack pointer (`gprs[6]`).
+    pub fn rsp(&self) -> u64 {
+        self.gprs[6]
+    }
+}
+
+/// How a source learns which pages its guest wrote (reported in `DirtySubscribed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DirtyMechanism {
+    /// KVM_GET_DIRTY_LOG, which re-protects every dirty page of a memslot itself:
+    /// O(memslot size) per collection.
+    Bitmap = 1,
+    /// KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of the reported pages only
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): still O(memslot size) to read.
+    BitmapManualProtect = 2,
+    /// KVM's per-vCPU dirty ring: O(pages written) per collection.
+    Ring = 3,
+}
+
+impl DirtyMechanism {
+    /// The name tools and logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DirtyMechanism::Bitmap => "KVM dirty bitmap",
+            DirtyMechanism::BitmapManualProtect => "KVM dirty bitmap with manual protection",
+            DirtyMechanism::Ring => "KVM dirty ring",
+        }
+    }
+
+    /// A one-word name, for line protocols.
+    pub fn token(self) -> &'static str {
+        match self {
+            DirtyMechanism::Bitmap => "bitmap",
+            DirtyMechanism::BitmapManualProtect => "bitmap-manual-protect",
+            DirtyMechanism::Ring => "ring",
+        }
+    }
+
+    pub(super) fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => DirtyMechanism::Bitmap,
+            2 => DirtyMechanism::BitmapManualProtect,
+            3 => DirtyMechanism::Ring,
+            _ => return None,
+        })
+    }
+}
+
+/// Error codes carried by [`Message::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    BadVersion = 1,
+    UnknownMessage = 2,
+    Malformed = 3,
+    TooLarge = 4,
+    OutOfRange = 5,
+    PolicyDenied = 6,
+    BadAccess = 7,
+    UnknownGrant = 8,
+    NotNow = 9,
+    PeerRefused = 10,
+    Internal = 11,
+}
+
+impl ErrorCode {
+    pub(super) fn from_u32(v: u32) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => BadVersion,
+            2 => UnknownMessage,
+            3 => Malformed,
+            4 => TooLarge,
+            5 => OutOfRange,
+            6 => PolicyDenied,
+            7 => BadAccess,
+            8 => UnknownGrant,
+            9 => NotNow,
+            10 => PeerRefused,
+            11 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Inspector -> source: opens a session.
+    Hello {
+        version: u32,
+    },
+    /// Source -> inspector: session accepted.
+    HelloAck {
+        version: u32,
+        ram_size: u64,
+        vcpus: u32,
+    },
+    GetMemoryMap,
+    MemoryMap {
+        regions: Vec<Range>,
+    },
+    GrantRequest {
+        access: u32,
+        ranges: Vec<Range>,
+    },
+    /// Grants, with one fd per grant beside the frame (index = `fd_index`, counted within
+    /// this frame). SCM_RIGHTS carries at most [`MAX_FDS_PER_FRAME`] fds, so a large grant
+    /// arrives as several frames; `more` is set on all but the last.
+    GrantReply {
+        more: bool,
+        grants: Vec<Grant>,
+    },
+    Release {
+        grant_id: u64,
+    },
+    Released {
+        grant_id: u64,
+    },
+    GetVcpuState,
+    /// Inspector -> source: hold the source's vCPUs (if the source allows it); the reply
+    /// is `Paused` with the request's id, and every inspector gets the `Paused` event.
+    PauseRequest,
+    /// Inspector -> source: release this inspector's hold.
+    ResumeRequest,
+    VcpuState {
+        vcpus: Vec<VcpuRegs>,
+    },
+    /// Source -> inspector events.
+    /// `nonce` is random: only an acknowledgement that echoes it counts, so a peer cannot
+    /// acknowledge a revoke before it was sent.
+    Revoke {
+        grant_id: u64,
+        nonce: u64,
+    },
+    /// Inspector -> source: the revoked grant's mapping is gone.
+    RevokeAck {
+        grant_id: u64,
+        nonce: u64,
+    },
+    Discard {
+        gpa: u64,
+        len: u64,
+    },
+    Paused,
+    Resumed,
+    SourceExiting,
+    /// Inspector -> source: send this connection the pages the source guest writes in its
+    /// grants (KVM's dirty log), until it disconnects. Reply: `DirtySubscribed`, or an
+    /// error where the source keeps no dirty log.
+    DirtySubscribe,
+    /// Source -> inspector: subscribed; the source collects every `interval_us`, by
+    /// `mechanism`.
+    DirtySubscribed {
+        interval_us: u32,
+        mechanism: DirtyMechanism,
+    },
+    /// Source -> inspector event: page runs written since the last report, within this
+    /// connection's grants, in GPA order. `coalesced`: the source merged runs because the
+    /// inspector fell behind, so the runs may cover pages that were not written.
+    DirtyPages {
+        coalesced: bool,
+        ranges: Vec<Range>,
+    },
+    /// Inspector -> source (a subscriber): collect the dirty log now and send this
+    /// connection every written page it holds, then the `DirtySynced` event with `token`.
+    /// The inspector then knows it has heard of every write the source's log had seen
+    /// when it asked. Reply: `DirtySynced` (after the event), or an error.
+    DirtySync {
+        token: u64,
+    },
+    /// Source -> inspector: the barrier of a `DirtySync`, sent first as an event (after
+    /// every `DirtyPages` it flushed) and then as the request's reply.
+    DirtySynced {
+        token: u64,
+    },
+    Error {
+        code: ErrorCode,
+        text: String,
+    },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("frame header has a non-zero reserved field")]
+    BadHeader,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("message kind {kind} is truncated or has trailing bytes")]
+    Malformed { kind: u16 },
+    #[error("a count of {count} exceeds the limit of {limit}")]
+    CountTooLarge { count: usize, limit: usize },
+    #[error("unknown error code {0}")]
+    BadErrorCode(u32),
+}
+
+impl DecodeError {
+    /// The error code to send back for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge(_) | DecodeError::CountTooLarge { .. } => ErrorCode::TooLarge,
+            DecodeError::UnknownKind(_) => ErrorCode::UnknownMessage,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Payload length in bytes (at most [`MAX_PAYLOAD`]).
+    pub len: usize,
+    /// Message kind.
+    pub kind: u16,
+    /// Correlation id ([`EVENT_ID`] for events).
+    pub id: u32,
+}
+
+/// Parses a frame header: the payload length, kind and correlation id.
+pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<FrameHeader, DecodeError> {
+    let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+    let kind = u16::from_le_bytes([header[4], header[5]]);
+    if u16::from_le_bytes([header[6], header[7]]) != 0 {
+        return Err(DecodeError::BadHeader);
+    }
+    if len > MAX_PAYLOAD {
+        return Err(DecodeError::TooLarge(len));
+    }
+    let id = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    Ok(FrameHeader { len, kind, id })
+}

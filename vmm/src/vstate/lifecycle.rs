@@ -1,0 +1,359 @@
+//! The VM's lifecycle, shared by the vCPU threads and the event loop: who ended the
+//! VM, whether the vCPUs stop or pause, and snapshots of their registers taken between
+//! two KVM_RUNs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use specula_common::sync::lock;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::msr;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler is installed by
+/// `vcpu::install_kick_handler`).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Why a request to every vCPU (a pause, a register snapshot) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LifecycleError {
+    /// Some vCPUs did not leave KVM_RUN within `waited`; the pause hold was released
+    /// again, so nothing stays paused.
+    #[error("{still_running} vCPU(s) did not pause within {waited:?}")]
+    PauseTimeout { still_running: usize, waited: Duration },
+    /// Not every vCPU published its registers within `waited`.
+    #[error("not every vCPU answered the snapshot request")]
+    SnapshotTimeout { waited: Duration },
+    /// The VM began stopping before every vCPU published its registers.
+    #[error("not every vCPU answered the snapshot request")]
+    SnapshotStopping,
+}
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the debug-exit port.
+    GuestStatus(u8),
+    /// The guest reset the machine (ACPI reset register, i8042 pulse, or KVM's reset event).
+    Reset,
+    /// The guest powered the machine off (ACPI S5 through the FADT's sleep control register).
+    PowerOff,
+    /// The host asked the VM to stop (SIGINT/SIGTERM, or a library caller).
+    Stopped(&'static str),
+    /// The guest crashed or KVM could not go on.
+    Crash(String),
+}
+
+impl VmExit {
+    /// The `vmm` process exit code for this end: the guest's status, 0 for a power-off, a
+    /// reset or a requested stop, [`CRASH_EXIT_CODE`] for a guest crash.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmExit::GuestStatus(status) => i32::from(*status),
+            VmExit::Reset | VmExit::PowerOff | VmExit::Stopped(_) => 0,
+            VmExit::Crash(_) => CRASH_EXIT_CODE,
+        }
+    }
+}
+
+/// Exit code when the guest crashed (triple fault, emulation failure, failed entry).
+pub const CRASH_EXIT_CODE: i32 = 3;
+
+/// A vCPU's registers at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuSnapshot {
+    pub index: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// KERNEL_GS_BASE (what SWAPGS swaps in) and the system-call MSRs; all 0 if KVM
+    /// would not tell.
+    pub msrs: msr::SyscallMsrs,
+}
+
+/// Requests the vCPU threads serve between two KVM_RUNs.
+struct Requests {
+    /// Generation of the newest snapshot request.
+    wanted: u64,
+    /// Per vCPU: the generation it last published, and what it published.
+    published: Vec<(u64, Option<VcpuSnapshot>)>,
+    /// Pause holds taken and not yet released; vCPUs run only when it is 0.
+    pause_holds: u32,
+    /// vCPUs that run no guest code until a resume or a stop: held by a pause, parked
+    /// by the guest, or ended. A pause is complete when every vCPU is counted here.
+    quiescent: usize,
+}
+
+/// How long a snapshot or pause waits for every vCPU.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Shared by the vCPU threads and the event loop: who ended the VM, whether to
+/// stop or pause, and snapshots of vCPU registers.
+pub struct Lifecycle {
+    stopping: AtomicBool,
+    paused: AtomicBool,
+    wanted: AtomicU64,
+    exit: Mutex<Option<VmExit>>,
+    parked: Condvar,
+    exit_evt: EventFd,
+    requests: Mutex<Requests>,
+    served: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl Lifecycle {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            stopping: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            wanted: AtomicU64::new(0),
+            exit: Mutex::new(None),
+            parked: Condvar::new(),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), pause_holds: 0, quiescent: 0 }),
+            served: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records the running vCPU threads, so requests can kick them.
+    pub fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        let count = threads.len();
+        *lock(&self.threads) = threads;
+        lock(&self.requests).published = vec![(0, None); count];
+    }
+
+    fn kick_all(&self) {
+        for &thread in lock(&self.threads).iter() {
+            // SAFETY: the threads are joined only after `begin_stop`, so each handle is live.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Registers of every vCPU, taken by kicking each out of KVM_RUN for a moment.
+    pub fn snapshot_vcpus(&self) -> Result<Vec<VcpuSnapshot>, LifecycleError> {
+        let generation = {
+            let mut req = lock(&self.requests);
+            req.wanted += 1;
+            self.wanted.store(req.wanted, Ordering::SeqCst);
+            req.wanted
+        };
+        self.parked.notify_all();
+        self.kick_all();
+        let req = lock(&self.requests);
+        let (req, timeout) = self
+            .served
+            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| {
+                !self.stopping() && r.published.iter().any(|(g, _)| *g < generation)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if self.stopping() {
+            return Err(LifecycleError::SnapshotStopping);
+        }
+        if timeout.timed_out() {
+            return Err(LifecycleError::SnapshotTimeout { waited: REQUEST_TIMEOUT });
+        }
+        Ok(req.published.iter().filter_map(|(_, s)| *s).collect())
+    }
+
+    /// Holds every vCPU outside KVM_RUN until [`Lifecycle::resume`]; holds nest (the API
+    /// and the mirror device may both hold the VM). Returns once every vCPU is paused,
+    /// parked or ended; on a timeout the hold is released again and nothing stays paused.
+    pub fn pause(&self) -> Result<(), LifecycleError> {
+        {
+            let mut req = lock(&self.requests);
+            req.pause_holds += 1;
+            self.paused.store(true, Ordering::SeqCst);
+        }
+        self.parked.notify_all();
+        self.kick_all();
+        let threads = lock(&self.threads).len();
+        let req = lock(&self.requests);
+        let (req, timeout) = self
+            .served
+            .wait_timeout_while(req, REQUEST_TIMEOUT, |r| !self.stopping() && r.quiescent < threads)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            let still_running = threads - req.quiescent;
+            drop(req);
+            self.resume();
+            Err(LifecycleError::PauseTimeout { still_running, waited: REQUEST_TIMEOUT })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Releases one pause hold; the vCPUs run again when none is left.
+    pub fn resume(&self) {
+        let mut req = lock(&self.requests);
+        req.pause_holds = req.pause_holds.saturating_sub(1);
+        if req.pause_holds == 0 {
+            self.paused.store(false, Ordering::SeqCst);
+        }
+        self.served.notify_all();
+    }
+
+    /// Whether a pause hold is in place.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Counts the calling vCPU thread in or out of the quiescent set.
+    pub(super) fn set_quiescent(&self, quiescent: bool) {
+        let mut req = lock(&self.requests);
+        if quiescent {
+            req.quiescent += 1;
+        } else {
+            req.quiescent -= 1;
+        }
+        self.served.notify_all();
+    }
+
+    /// Called by a vCPU thread between runs: publishes a snapshot if one is wanted,
+    /// and holds the thread while the VM is paused.
+    pub(super) fn serve_requests(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
+        self.publish_if_wanted(vcpu, index, last_published);
+        if !self.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut req = lock(&self.requests);
+        req.quiescent += 1;
+        self.served.notify_all();
+        while self.paused.load(Ordering::SeqCst) && !self.stopping() {
+            req = self.served.wait_timeout(req, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+            if self.wanted.load(Ordering::SeqCst) > *last_published {
+                drop(req);
+                self.publish_if_wanted(vcpu, index, last_published);
+                req = lock(&self.requests);
+            }
+        }
+        req.quiescent -= 1;
+    }
+
+    /// Publishes a snapshot if one newer than this vCPU's last is wanted; true if it did.
+    fn publish_if_wanted(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) -> bool {
+        let wanted = self.wanted.load(Ordering::SeqCst);
+        if wanted <= *last_published {
+            return false;
+        }
+        self.publish(vcpu, index, wanted);
+        *last_published = wanted;
+        true
+    }
+
+    fn publish(&self, vcpu: &VcpuFd, index: u8, generation: u64) {
+        let snapshot = match (vcpu.get_regs(), vcpu.get_sregs()) {
+            (Ok(regs), Ok(sregs)) => {
+                Some(VcpuSnapshot { index, regs, sregs, msrs: msr::syscall_msrs(vcpu).unwrap_or_default() })
+            }
+            _ => None,
+        };
+        let mut req = lock(&self.requests);
+        if let Some(slot) = req.published.get_mut(usize::from(index)) {
+            *slot = (generation, snapshot);
+        }
+        self.served.notify_all();
+    }
+
+    /// Readable once an exit has been requested.
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+
+    /// Records why the VM ends (the first reason wins) and wakes the event loop.
+    pub fn request_exit(&self, reason: VmExit) {
+        let mut exit = lock(&self.exit);
+        if exit.is_none() {
+            *exit = Some(reason);
+            let _ = self.exit_evt.write(1);
+        }
+    }
+
+    /// The recorded exit reason, if any.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        lock(&self.exit).clone()
+    }
+
+    /// Tells every vCPU to stop and wakes the parked and paused ones.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        {
+            let _guard = lock(&self.exit);
+            self.parked.notify_all();
+        }
+        let _guard = lock(&self.requests);
+        self.served.notify_all();
+    }
+
+    /// Whether the VM is stopping: the vCPUs leave their run loops.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Blocks the calling vCPU thread until the VM stops, still answering snapshot requests.
+    pub(super) fn park(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
+        // A parked vCPU runs no guest code until the VM stops: it counts as paused.
+        self.set_quiescent(true);
+        self.park_until_stop(vcpu, index, last_published);
+        self.set_quiescent(false);
+    }
+
+    fn park_until_stop(&self, vcpu: &VcpuFd, index: u8, last_published: &mut u64) {
+        let mut guard = lock(&self.exit);
+        while !self.stopping() {
+            if self.wanted.load(Ordering::SeqCst) > *last_published {
+                drop(guard);
+                self.publish_if_wanted(vcpu, index, last_published);
+                guard = lock(&self.exit);
+                continue;
+            }
+            guard = self.parked.wait_timeout(guard, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_exit_reason_wins_and_signals_the_event() {
+        let life = Lifecycle::new().unwrap();
+        life.request_exit(VmExit::GuestStatus(7));
+        life.request_exit(VmExit::Reset);
+        assert_eq!(life.exit_reason(), Some(VmExit::GuestStatus(7)));
+        assert_eq!(life.exit_evt().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn requests_fail_with_the_text_the_tests_of_a_stuck_vcpu_look_for() {
+        let text = "not every vCPU answered the snapshot request";
+        assert_eq!(LifecycleError::SnapshotTimeout { waited: REQUEST_TIMEOUT }.to_string(), text);
+        assert_eq!(LifecycleError::SnapshotStopping.to_string(), text);
+        let pause = LifecycleError::PauseTimeout { still_running: 2, waited: REQUEST_TIMEOUT };
+        assert_eq!(pause.to_string(), "2 vCPU(s) did not pause within 2s");
+    }
+
+    #[test]
+    fn without_vcpu_threads_requests_are_answered_at_once() {
+        let life = Lifecycle::new().unwrap();
+        assert_eq!(life.snapshot_vcpus().unwrap().len(), 0);
+        life.pause().unwrap();
+        assert!(life.is_paused());
+        life.resume();
+        life.begin_stop();
+        assert_eq!(life.snapshot_vcpus().unwrap_err(), LifecycleError::SnapshotStopping);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmExit::GuestStatus(42).exit_code(), 42);
+        assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::Stopped("SIGTERM").exit_code(), 0);
+        assert_eq!(VmExit::Crash("x".into()).exit_code(), CRASH_EXIT_CODE);
+    }
+}
