@@ -67,6 +67,15 @@ pub trait Source: Send + Sync {
     fn dirty_sync(&self, _token: u64) -> Result<(), SourceError> {
         Err(SourceError::Unsupported("this source keeps no dirty log"))
     }
+    /// Subscribes to the source's trace events of `kinds` (bits of
+    /// `mirror_driver::protocol::trace_kind`; 0 stops them), delivered as events
+    /// ([`SourceEvent::MsrWrite`]); returns the source's cap on events per second. Only
+    /// a Specula `vmm` started with `--mirror-allow-trace` traces.
+    fn subscribe_trace(&self, _kinds: u32) -> Result<u32, SourceError> {
+        Err(SourceError::Unsupported(
+            "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, exits to its VMM on the guest's MSR writes)",
+        ))
+    }
     /// Whether mapped grants keep the source's last contents once it is gone (memfd
     /// pages outlive their VMM; a process's anonymous memory does not).
     fn contents_outlive_the_source(&self) -> bool {
@@ -163,6 +172,10 @@ impl Source for MirrorSource {
 
     fn dirty_sync(&self, token: u64) -> Result<(), SourceError> {
         Ok(self.0.dirty_sync(token)?)
+    }
+
+    fn subscribe_trace(&self, kinds: u32) -> Result<u32, SourceError> {
+        Ok(self.0.subscribe_trace(kinds)?)
     }
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {

@@ -153,6 +153,7 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         view_cache: config.view_cache,
     }));
     start_events(&inspector, attached.events).map_err(DaemonError::Control)?;
+    start_trace_resolver(&inspector).map_err(DaemonError::Control)?;
 
     if let Some(path) = &config.control_socket {
         crate::line::serve(path, inspector.clone()).map_err(DaemonError::Control)?;
@@ -210,6 +211,19 @@ fn start_events(inspector: &Arc<Inspector>, events: Receiver<SourceEvent>) -> st
             if gone {
                 return;
             }
+        }
+    })?;
+    Ok(())
+}
+
+/// Publishes the source's traced events, resolved through the agent, on a thread of
+/// their own (the source-event thread never waits on the agent), until the inspector
+/// is gone.
+fn start_trace_resolver(inspector: &Arc<Inspector>) -> std::io::Result<()> {
+    let weak: Weak<Inspector> = Arc::downgrade(inspector);
+    std::thread::Builder::new().name("trace-resolver".into()).spawn(move || {
+        while let Some(inspector) = weak.upgrade() {
+            inspector.publish_trace_events(Duration::from_millis(500));
         }
     })?;
     Ok(())

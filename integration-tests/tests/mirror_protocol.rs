@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use integration_tests::{unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::{ImportError, Importer};
-use mirror_driver::protocol::{ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
+use mirror_driver::protocol::{trace_kind, ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
 use mirror_driver::wire;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -72,6 +72,33 @@ fn grants_beyond_ram_or_policy_or_asking_for_write_are_refused_with_error_replie
     assert_eq!(code, ErrorCode::BadAccess);
     let (code, _) = refused(importer.release(999_999));
     assert_eq!(code, ErrorCode::UnknownGrant);
+    assert_source_healthy(&mut vm, &mirror, &api);
+}
+
+/// Tracing is the source's to allow: without `--mirror-allow-trace` a subscription is
+/// refused by policy, naming the flag; with it, kinds this source does not know are
+/// refused as malformed, and a subscription is granted with the source's rate cap and
+/// can be dropped again.
+#[test]
+fn trace_subscriptions_need_the_sources_consent_and_known_kinds() {
+    let dir = TempDir::new("trace-refused");
+    let (mut vm, mirror, api) = start_source(&dir, &[]);
+    let importer = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(importer.subscribe_trace(trace_kind::MSR_WRITES));
+    assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
+    assert!(text.contains("--mirror-allow-trace"), "{text}");
+    drop(importer);
+    assert_source_healthy(&mut vm, &mirror, &api);
+
+    let dir = TempDir::new("trace-allowed");
+    let (mut vm, mirror, api) = start_source(&dir, &["--mirror-allow-trace"]);
+    let importer = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(importer.subscribe_trace(0x80));
+    assert_eq!(code, ErrorCode::Malformed, "{text}");
+    assert!(text.contains("0x80"), "{text}");
+    assert_eq!(importer.subscribe_trace(trace_kind::MSR_WRITES).unwrap(), 1000, "the source's rate cap");
+    assert_eq!(importer.subscribe_trace(0).unwrap(), 1000);
+    drop(importer);
     assert_source_healthy(&mut vm, &mirror, &api);
 }
 

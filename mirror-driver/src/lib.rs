@@ -13,4 +13,5 @@ pub mod kernel_mirror;
 pub mod memfd;
 pub mod protocol;
 pub mod socket;
+pub mod trace;
 pub mod wire;

@@ -5,6 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use mirror_driver::trace::{TraceFeed, TraceLimits};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -16,6 +17,7 @@ use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
 use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
+use crate::vstate::msr_trace::MsrTrace;
 use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -71,6 +73,8 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     reset_evt: EventFd,
     serial_input: bool,
+    /// Where the vCPUs report traced events, when inspectors may trace the guest.
+    trace_feed: Option<Arc<TraceFeed>>,
     config: VmConfig,
 }
 
@@ -110,16 +114,32 @@ impl Vmm {
             log::warn!("--dirty-log ring has no effect without --mirror-socket (nothing subscribes to a dirty log)");
         }
         vcpu::install_kick_handler()?;
+        let trace_feed = trace_feed(config);
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
-            let vcpu = Vcpu::new(&vm, index)?;
+            let mut vcpu = Vcpu::new(&vm, index)?;
             vcpu.configure(&vm, &ram, &entry, config.cpus, config.host_tsc)?;
+            if let Some(feed) = &trace_feed {
+                vcpu.set_trace_feed(feed.clone());
+            }
             vcpus.push(vcpu);
         }
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
         let vm = Arc::new(vm);
-        Ok(Self { vm, ram, ram_slots, bus, serial, lifecycle, vcpus, reset_evt, serial_input, config: config.clone() })
+        Ok(Self {
+            vm,
+            ram,
+            ram_slots,
+            bus,
+            serial,
+            lifecycle,
+            vcpus,
+            reset_evt,
+            serial_input,
+            trace_feed,
+            config: config.clone(),
+        })
     }
 
     /// Guest RAM (for the mirror device).
@@ -256,7 +276,9 @@ impl Vmm {
     /// Starts the mirror exporter and the API socket, when configured.
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
         let dirty_log = crate::mirror::DirtyLog::new(self.vm.clone(), &self.ram, &self.ram_slots);
-        let exporter = crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone(), dirty_log)?;
+        let trace = self.trace_feed.clone().map(|feed| MsrTrace::new(self.vm.clone(), feed));
+        let exporter =
+            crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone(), dirty_log, trace)?;
         if let Some(path) = &self.config.api_socket {
             // The memfd chunks; anonymous RAM has none, so its runs.
             let memory = match self.ram.regions() {
@@ -274,6 +296,18 @@ impl Vmm {
         }
         Ok(exporter)
     }
+}
+
+/// The feed the vCPUs report traced events to, when inspectors may trace the guest.
+fn trace_feed(config: &VmConfig) -> Option<Arc<TraceFeed>> {
+    if !config.mirror_allow_trace {
+        return None;
+    }
+    if config.mirror_socket.is_none() {
+        log::warn!("--mirror-allow-trace has no effect without --mirror-socket (no inspector can subscribe)");
+        return None;
+    }
+    Some(Arc::new(TraceFeed::new(TraceLimits::default())))
 }
 
 /// Stops every vCPU thread and joins it, so none outlives the VM.

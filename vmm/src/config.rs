@@ -39,6 +39,9 @@ pub struct VmConfig {
     pub mirror_regrant: bool,
     /// Whether inspectors may pause the source through the mirror device.
     pub mirror_allow_pause: bool,
+    /// Whether inspectors may trace the guest through the mirror device (its writes to
+    /// the system-call MSRs, reported and then applied).
+    pub mirror_allow_trace: bool,
     /// Drop to this (uid, gid) once /dev/kvm and the images are open (the jailer pattern).
     pub run_as: Option<(u32, u32)>,
     /// Unix socket path for the control API.
@@ -94,6 +97,7 @@ impl VmConfig {
             mirror_policy: None,
             mirror_regrant: false,
             mirror_allow_pause: false,
+            mirror_allow_trace: false,
             run_as: None,
             api_socket: None,
             host_tsc: false,
@@ -191,6 +195,11 @@ struct Args {
     /// when it resumes or hangs up).
     #[arg(long = "mirror-allow-pause")]
     mirror_allow_pause: bool,
+    /// Let inspectors trace the guest: its writes to LSTAR, CSTAR, SYSENTER_EIP, EFER and
+    /// DEBUGCTL exit to the vmm while an inspector subscribes, are reported, then applied
+    /// (at most 1000 events a second; the rest are counted as dropped).
+    #[arg(long = "mirror-allow-trace")]
+    mirror_allow_trace: bool,
     /// Drop to this uid and gid once /dev/kvm and the images are open.
     #[arg(long, value_name = "UID:GID", value_parser = parse_run_as_arg)]
     run_as: Option<(u32, u32)>,
@@ -387,6 +396,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         mirror_policy: (!args.mirror_policy.is_empty()).then_some(args.mirror_policy),
         mirror_regrant: args.mirror_regrant,
         mirror_allow_pause: args.mirror_allow_pause,
+        mirror_allow_trace: args.mirror_allow_trace,
         run_as: args.run_as,
         api_socket: args.api_socket,
         host_tsc: args.host_tsc,

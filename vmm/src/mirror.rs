@@ -5,11 +5,13 @@
 use std::sync::Arc;
 
 use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm, SourceVmError};
-use mirror_driver::protocol::{DirtyMechanism, Range, VcpuRegs};
+use mirror_driver::protocol::{trace_kind, DirtyMechanism, Range, VcpuRegs};
+use mirror_driver::trace::TraceFeed;
 
 use crate::config::VmConfig;
 use crate::memory::{GuestRam, RamSlot};
 use crate::vstate::dirty_ring::{DirtyRing, DirtyRingError};
+use crate::vstate::msr_trace::MsrTrace;
 use crate::vstate::vcpu::{Lifecycle, LifecycleError, VcpuSnapshot};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -88,8 +90,9 @@ impl DirtyLog {
     }
 }
 
-/// Serves vCPU state and pauses from the VM's lifecycle, and dirty pages from KVM.
-struct LifecycleSource(Arc<Lifecycle>, DirtyLog);
+/// Serves vCPU state and pauses from the VM's lifecycle, dirty pages from KVM, and
+/// traced MSR writes from the vCPUs.
+struct LifecycleSource(Arc<Lifecycle>, DirtyLog, Option<MsrTrace>);
 
 impl SourceVm for LifecycleSource {
     fn set_dirty_logging(&self, on: bool) -> Result<(), SourceVmError> {
@@ -115,6 +118,17 @@ impl SourceVm for LifecycleSource {
 
     fn resume(&self) {
         self.0.resume()
+    }
+
+    fn trace_feed(&self) -> Option<Arc<TraceFeed>> {
+        self.2.as_ref().map(|trace| trace.feed().clone())
+    }
+
+    fn arm_trace(&self, kinds: u32) -> Result<(), SourceVmError> {
+        let trace = self.2.as_ref().ok_or(SourceVmError::NoTrace)?;
+        trace
+            .arm(kinds & trace_kind::MSR_WRITES != 0)
+            .map_err(|e| SourceVmError::ArmTrace { kinds, source: Box::new(e) })
     }
 }
 
@@ -169,6 +183,7 @@ pub fn start_exporter(
     ram: &GuestRam,
     lifecycle: Arc<Lifecycle>,
     dirty_log: DirtyLog,
+    trace: Option<MsrTrace>,
 ) -> Result<Option<Arc<Exporter>>, mirror_driver::exporter::ExportError> {
     let Some(path) = &config.mirror_socket else { return Ok(None) };
     let regions = ram
@@ -186,8 +201,9 @@ pub fn start_exporter(
         ranges: config.mirror_policy.clone(),
         regrant_after_revoke: config.mirror_regrant,
         allow_pause: config.mirror_allow_pause,
+        allow_trace: trace.is_some(),
     };
-    let source = Arc::new(LifecycleSource(lifecycle, dirty_log));
+    let source = Arc::new(LifecycleSource(lifecycle, dirty_log, trace));
     let exporter = Exporter::start(path, regions, u32::from(config.cpus), policy, ExportLimits::default(), source)?;
     Ok(Some(Arc::new(exporter)))
 }

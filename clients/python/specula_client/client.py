@@ -231,6 +231,23 @@ class Client:
         ``restored`` ones (written and put back between two checks) of each."""
         return self._json("GET", f"/watches/{int(watch_id)}/findings")
 
+    # -- tracing ---------------------------------------------------------------
+
+    def trace_start(self, kinds: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+        """Trace the source's guest (a Specula vmm started with ``--mirror-allow-trace``):
+        the ``kinds`` named (``msr_writes``; every kind when none) arrive on :meth:`events`
+        as ``trace.*`` events. Returns where tracing stands (``kinds``, ``max_per_second``,
+        ``events``, ``dropped``)."""
+        return self._json("POST", "/trace", body={"kinds": list(kinds or [])})
+
+    def trace_stop(self) -> Dict[str, Any]:
+        """Stop tracing; the source disarms what no inspector traces."""
+        return self._json("DELETE", "/trace")
+
+    def trace_status(self) -> Dict[str, Any]:
+        """What is traced, and how many trace events were reported and dropped."""
+        return self._json("GET", "/trace")
+
     # -- events ----------------------------------------------------------------
 
     def events(self, since: Optional[int] = None, kinds: Optional[Iterable[str]] = None) -> Iterator[Event]:

@@ -115,6 +115,37 @@ impl Rows for ViewCacheStats {
     }
 }
 
+/// What the inspector traces in the source's guest, and what it has reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TraceStatus {
+    /// The kinds traced now (`msr_writes`); empty when tracing is off.
+    pub kinds: Vec<String>,
+    /// The source's cap on trace events per second (0 when tracing is off); past it,
+    /// events are counted in `dropped`.
+    pub max_per_second: u32,
+    /// Trace events published on the event stream since the inspector started.
+    pub events: u64,
+    /// Trace events the source or the inspector dropped (rate cap, full queues).
+    pub dropped: u64,
+}
+
+/// A trace request's body: which kinds to trace (all when empty or absent).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TraceRequest {
+    #[serde(default)]
+    pub kinds: Vec<String>,
+}
+
+impl Rows for TraceStatus {
+    fn header() -> &'static [&'static str] {
+        &["KINDS", "MAX/S", "EVENTS", "DROPPED"]
+    }
+    fn row(&self) -> Vec<String> {
+        let kinds = if self.kinds.is_empty() { "-".to_string() } else { self.kinds.join(",") };
+        vec![kinds, self.max_per_second.to_string(), self.events.to_string(), self.dropped.to_string()]
+    }
+}
+
 /// A granted range of source RAM, mapped read-only into the agent.
 #[derive(Serialize, Deserialize, ToSchema, Debug, PartialEq)]
 pub struct GrantInfo {

@@ -73,6 +73,17 @@ pub enum Request {
         #[arg(value_parser = num)]
         len: u64,
     },
+    /// Trace the source's guest (a Specula vmm started with --mirror-allow-trace): the
+    /// kinds named (msr_writes; every kind when none is named) are reported on the event
+    /// stream as trace.* events, with addresses resolved to kernel symbols or modules.
+    TraceStart {
+        #[arg(value_delimiter = ',')]
+        kinds: Vec<String>,
+    },
+    /// Stop tracing (the source disarms what no inspector traces: no cost left).
+    TraceStop,
+    /// What is traced, and how many events were reported and dropped.
+    TraceStatus,
     /// Bytes of a granted range, read by the agent.
     #[command(skip)]
     Read { gpa: u64, len: u64 },
@@ -145,6 +156,7 @@ pub enum Reply {
     Checks(CheckReport),
     Symbols(Vec<SymbolRecord>),
     Yara(YaraReportView),
+    Trace(TraceStatus),
     /// Done, nothing to say.
     Done,
 }
@@ -210,6 +222,9 @@ impl Request {
             Request::Findings { id } => Route::get(format!("/v1/watches/{id}/findings")),
             Request::Btf => Route::get("/v1/os/btf".into()),
             Request::Yara(request) => Route::post("/v1/yara", serde_json::to_value(request).ok()),
+            Request::TraceStart { kinds } => Route::post("/v1/trace", Some(json!({ "kinds": kinds }))),
+            Request::TraceStop => Some(Route { method: "DELETE", path: "/v1/trace".into(), body: None }),
+            Request::TraceStatus => Route::get("/v1/trace".into()),
             Request::Watch { polled: false, .. }
             | Request::AuditRead { .. }
             | Request::Check { .. }
@@ -244,6 +259,7 @@ impl Request {
             Request::Watches => Reply::Watches(json(body)?),
             Request::Findings { .. } => Reply::Findings(json(body)?),
             Request::Yara(_) => Reply::Yara(json(body)?),
+            Request::TraceStart { .. } | Request::TraceStop | Request::TraceStatus => Reply::Trace(json(body)?),
             Request::Vread { .. } | Request::Read { .. } | Request::AuditRead { .. } | Request::Btf => {
                 Reply::Bytes(body.to_vec())
             }
@@ -307,6 +323,7 @@ impl Reply {
             Reply::Checks(c) => vec![table_of(&c.runs), table_of(&c.findings)],
             Reply::Symbols(s) => one(table_of(s)),
             Reply::Yara(y) => one(table_of(&y.matches)),
+            Reply::Trace(t) => one(table_of(std::slice::from_ref(t))),
             Reply::Bytes(_) | Reply::Done => Vec::new(),
         }
     }
@@ -341,6 +358,11 @@ mod tests {
         );
         assert_eq!(parse(&["check-syscalls"]).unwrap(), Request::CheckSyscalls);
         assert_eq!(parse(&["process", "7"]).unwrap(), Request::Process { pid: 7 });
+        assert_eq!(
+            parse(&["trace-start", "msr_writes"]).unwrap(),
+            Request::TraceStart { kinds: vec!["msr_writes".into()] }
+        );
+        assert_eq!(parse(&["trace-start"]).unwrap(), Request::TraceStart { kinds: vec![] });
     }
 
     #[test]

@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::Json;
 use futures_util::stream::{self, Stream, StreamExt};
-use specula_api::{ErrorBody, Event, EventQuery, FindingInfo, Reply, Request, WatchInfo, WatchRequest};
+use specula_api::{
+    ErrorBody, Event, EventQuery, FindingInfo, Reply, Request, TraceRequest, TraceStatus, WatchInfo, WatchRequest,
+};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -23,11 +25,16 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(delete_watch))
         .routes(routes!(pause))
         .routes(routes!(resume))
+        .routes(routes!(trace_start, trace_stop))
 }
 
 /// Routes that only read.
 pub(super) fn read_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_watches)).routes(routes!(findings)).routes(routes!(event_stream))
+    OpenApiRouter::new()
+        .routes(routes!(list_watches))
+        .routes(routes!(findings))
+        .routes(routes!(event_stream))
+        .routes(routes!(trace_status))
 }
 
 #[utoipa::path(get, path = "/v1/watches", responses((status = 200, body = [WatchInfo])))]
@@ -63,6 +70,26 @@ async fn pause(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
 #[utoipa::path(post, path = "/v1/source/resume", responses((status = 204), (status = 501, body = ErrorBody)))]
 async fn resume(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
     s.done(Request::Resume).await
+}
+
+/// Starts tracing the source's guest (control clients; a Specula vmm started with
+/// `--mirror-allow-trace`): the kinds named (`msr_writes`; all when none is named) are
+/// reported on the event stream as `trace.*` events. Replaces what was traced before.
+#[utoipa::path(post, path = "/v1/trace", request_body = TraceRequest, responses((status = 200, body = TraceStatus), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 501, body = ErrorBody)))]
+async fn trace_start(State(s): State<AppState>, Json(q): Json<TraceRequest>) -> ApiResult<Reply> {
+    s.json(Request::TraceStart { kinds: q.kinds }).await
+}
+
+/// Stops tracing (control clients): the source disarms what no inspector traces.
+#[utoipa::path(delete, path = "/v1/trace", responses((status = 200, body = TraceStatus), (status = 501, body = ErrorBody)))]
+async fn trace_stop(State(s): State<AppState>) -> ApiResult<Reply> {
+    s.json(Request::TraceStop).await
+}
+
+/// What is traced, and how many trace events were reported and dropped.
+#[utoipa::path(get, path = "/v1/trace", responses((status = 200, body = TraceStatus)))]
+async fn trace_status(State(s): State<AppState>) -> ApiResult<Reply> {
+    s.json(Request::TraceStatus).await
 }
 
 /// Server-Sent Events: each `data:` is an [`Event`] as JSON, its `id:` the sequence.

@@ -8,6 +8,7 @@
 //! - `watches`: integrity watches, polled or checked on request;
 //! - `os`: OS views through the agent, kept by the view cache;
 //! - `source`: the source's vCPUs and events (revokes, dirty pages, gone);
+//! - `trace`: tracing the source's guest, its events resolved through `os`;
 //! - `yara`: YARA scans, a consumer of `grants` and `os`;
 //! - `replies`: the agent's replies, checked against what was asked;
 //! - `error`: [`InspectError`].
@@ -17,6 +18,7 @@ mod grants;
 mod os;
 mod replies;
 mod source;
+mod trace;
 mod watches;
 mod yara;
 
@@ -87,6 +89,7 @@ pub struct Inspector {
     /// See [`crate::startup::DaemonConfig::view_cache`].
     view_cache: ViewCacheMode,
     events: EventBus,
+    tracing: trace::Tracing,
 }
 
 /// What start-up hands the core: the agent VM with the grants in its window, and
@@ -127,6 +130,7 @@ impl Inspector {
             views: ViewCache::default(),
             view_cache: parts.view_cache,
             events: EventBus::new(),
+            tracing: trace::Tracing::default(),
         }
     }
 
@@ -149,6 +153,7 @@ impl Inspector {
             | Request::Check { .. } => self.handle_watch(request),
             Request::Vcpus | Request::Pause | Request::Resume => self.handle_source(request),
             Request::Yara(scan) => Ok(Reply::Yara(self.yara_scan_request(&scan)?)),
+            Request::TraceStart { .. } | Request::TraceStop | Request::TraceStatus => self.handle_trace(request),
             // Every other request is an OS view.
             view => self.handle_os(view),
         }

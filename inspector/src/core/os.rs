@@ -65,7 +65,7 @@ impl Inspector {
     /// Runs an OS command: the granted ranges go first in its data area (the agent reads
     /// nothing else), the grants stay locked until it is done; a source whose kernel the
     /// agent has not found yet is discovered first. Returns the reply bytes.
-    fn os_call(&self, request: &OsRequest) -> Result<Vec<u8>, InspectError> {
+    pub(super) fn os_call(&self, request: &OsRequest) -> Result<Vec<u8>, InspectError> {
         self.os_call_synced(request, &mut None)
     }
 

@@ -107,6 +107,8 @@ impl Inspector {
                 self.events.publish("source.resumed", serde_json::json!({}));
             }
             SourceEvent::DirtySynced { token } => self.views.note_synced(token),
+            SourceEvent::MsrWrite(write) => self.queue_msr_write(write),
+            SourceEvent::TraceDropped { count } => self.note_trace_dropped(count, "source"),
             SourceEvent::Gone => {
                 self.source_gone.store(true, Ordering::SeqCst);
                 self.views.clear();

@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,7 @@ mod shared;
 mod source;
 #[cfg(test)]
 mod tests;
+mod tracing;
 
 pub use session::peer_uid;
 pub use source::{BoxError, SourceVm, SourceVmError};
@@ -124,6 +125,9 @@ pub struct ExportPolicy {
     /// Whether inspectors may pause the source (each holds at most one pause, released
     /// when it resumes or disconnects).
     pub allow_pause: bool,
+    /// Whether inspectors may trace the guest (MSR writes exit to the source, which
+    /// reports them); what is armed is what the subscribers want, nothing when none.
+    pub allow_trace: bool,
 }
 
 /// Failures of the exporter.
@@ -219,6 +223,8 @@ struct Connection {
     pause_held: AtomicBool,
     /// Written pages not yet sent, while this peer subscribes to the dirty log.
     dirty: Mutex<Option<Backlog>>,
+    /// The trace kinds this peer subscribes to (bits of `protocol::trace_kind`).
+    trace_kinds: AtomicU32,
 }
 
 impl Connection {
@@ -271,6 +277,9 @@ struct Shared {
     /// Serializes dirty-log collections (the collector's and those a `DirtySync` asks
     /// for), so each written page is handed out once and in order.
     collecting: Mutex<()>,
+    /// The trace kinds armed at the source (the union of the subscribers'); held while
+    /// they change, so arming follows the subscriptions in order.
+    trace_armed: Mutex<u32>,
 }
 
 #[derive(Default)]
@@ -327,7 +336,11 @@ impl Exporter {
             stopping: AtomicBool::new(false),
             dirty_logging: Mutex::new(DirtyFeedState::default()),
             collecting: Mutex::new(()),
+            trace_armed: Mutex::new(0),
         });
+        if shared.policy.allow_trace {
+            tracing::start_sender(&shared).map_err(|source| ExportError::Bind { path: path.to_path_buf(), source })?;
+        }
         let listener_fd = listener.as_raw_fd();
         let accept_shared = shared.clone();
         std::thread::Builder::new()
@@ -443,6 +456,9 @@ impl Exporter {
             return;
         }
         self.broadcast(&Message::SourceExiting);
+        if let Some(feed) = self.shared.source.trace_feed() {
+            feed.close();
+        }
         // SAFETY: shutting down our own listening socket wakes the accept thread.
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         let _ = std::fs::remove_file(&self.path);

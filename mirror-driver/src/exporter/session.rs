@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use specula_common::error_chain;
 use super::dirty_feed::{subscribe_dirty, sync_dirty};
 use super::grants::grant;
 use super::shared::{broadcast, forget_duplicate_exposures};
+use super::tracing::{rearm_trace, subscribe_trace};
 use super::{error, lock, Connection, GrantState, Shared};
 use crate::protocol::{ErrorCode, Message, EVENT_ID, PROTOCOL_VERSION};
 use crate::wire::{self, WireError};
@@ -96,6 +97,7 @@ fn admit(stream: &UnixStream, shared: &Shared) -> Option<Arc<Connection>> {
         alive: AtomicBool::new(true),
         pause_held: AtomicBool::new(false),
         dirty: Mutex::new(None),
+        trace_kinds: AtomicU32::new(0),
     });
     conns.push(conn.clone());
     Some(conn)
@@ -138,6 +140,10 @@ fn serve(stream: UnixStream, conn: Arc<Connection>, shared: Arc<Shared>) {
     }
     conn.disconnect();
     shared.disconnected(&conn);
+    if conn.trace_kinds.swap(0, Ordering::SeqCst) != 0 {
+        // What only this peer traced is disarmed: tracing nobody reads costs nothing.
+        rearm_trace(&shared);
+    }
     if conn.pause_held.swap(false, Ordering::SeqCst) {
         // A peer that paused the source and left does not leave it paused.
         shared.source.resume();
@@ -244,6 +250,13 @@ fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
             let reply = match sync_dirty(conn, shared, token) {
                 Ok(()) => Message::DirtySynced { token },
                 Err(e) => error(ErrorCode::NotNow, format!("no dirty sync: {}", error_chain(&e))),
+            };
+            conn.send(id, &reply, &[]);
+        }
+        Message::TraceSubscribe { kinds } => {
+            let reply = match subscribe_trace(conn, shared, kinds) {
+                Ok(max_per_second) => Message::TraceSubscribed { kinds, max_per_second },
+                Err((code, text)) => error(code, text),
             };
             conn.send(id, &reply, &[]);
         }

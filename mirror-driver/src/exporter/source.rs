@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::protocol::{DirtyMechanism, Range, VcpuRegs};
+use crate::trace::TraceFeed;
 
 /// Any error a source VM wraps (its KVM ioctl errors, say): kept as the cause.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -37,6 +40,18 @@ pub enum SourceVmError {
     /// KVM_CLEAR_DIRTY_LOG, or a dirty-ring harvest and reset).
     #[error("cannot read the dirty log")]
     ReadDirtyLog(#[source] BoxError),
+    /// This source cannot trace its guest (the default of [`SourceVm::trace_feed`] and
+    /// [`SourceVm::arm_trace`]).
+    #[error("this source cannot trace its guest")]
+    NoTrace,
+    /// KVM refused to arm or disarm what the trace kinds `kinds` need (the MSR filter,
+    /// say).
+    #[error("cannot arm tracing of kinds {kinds:#x}")]
+    ArmTrace {
+        kinds: u32,
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// What the exporter asks of the source VM.
@@ -59,5 +74,14 @@ pub trait SourceVm: Send + Sync {
     /// How [`SourceVm::take_dirty_pages`] learns of writes.
     fn dirty_mechanism(&self) -> DirtyMechanism {
         DirtyMechanism::Bitmap
+    }
+    /// Where the source's vCPUs report trace events, if it can trace.
+    fn trace_feed(&self) -> Option<Arc<TraceFeed>> {
+        None
+    }
+    /// Arms exactly the trace kinds `kinds` (bits of [`crate::protocol::trace_kind`]);
+    /// 0 disarms everything, so tracing off costs the guest nothing.
+    fn arm_trace(&self, _kinds: u32) -> Result<(), SourceVmError> {
+        Err(SourceVmError::NoTrace)
     }
 }

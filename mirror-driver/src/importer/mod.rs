@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use specula_common::sync::lock;
 
 use crate::protocol::{
-    DirtyMechanism, ErrorCode, Message, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION,
+    DirtyMechanism, ErrorCode, Message, MsrWrite, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION,
 };
 use crate::wire::{self, Frame, WireError};
 
@@ -101,6 +101,14 @@ pub enum SourceEvent {
     DirtySynced {
         token: u64,
     },
+    /// A guest write to a traced MSR (after [`Importer::subscribe_trace`]), as the
+    /// source applied it.
+    MsrWrite(MsrWrite),
+    /// The source dropped `count` trace events since it last said so (over its rate
+    /// cap, or behind a full queue).
+    TraceDropped {
+        count: u64,
+    },
     /// The source said it is exiting, or the connection dropped.
     Gone,
 }
@@ -116,6 +124,8 @@ impl SourceEvent {
             Message::Resumed => SourceEvent::Resumed,
             Message::SourceExiting => SourceEvent::Gone,
             Message::DirtySynced { token } => SourceEvent::DirtySynced { token },
+            Message::TraceMsrWrite(write) => SourceEvent::MsrWrite(write),
+            Message::TraceDropped { count } => SourceEvent::TraceDropped { count },
             _ => return None,
         })
     }
@@ -313,6 +323,16 @@ impl Importer {
             Message::DirtySubscribed { interval_us, mechanism } => {
                 Ok(DirtyFeed { interval: Duration::from_micros(u64::from(interval_us)), mechanism })
             }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Asks for the source's trace events of `kinds` (bits of
+    /// [`crate::protocol::trace_kind`]; 0 stops them) as events; returns the source's
+    /// cap on trace events per second.
+    pub fn subscribe_trace(&self, kinds: u32) -> Result<u32, ImportError> {
+        match self.request(&Message::TraceSubscribe { kinds })?.message {
+            Message::TraceSubscribed { kinds: granted, max_per_second } if granted == kinds => Ok(max_per_second),
             other => Err(unexpected(other)),
         }
     }

@@ -2,7 +2,7 @@
 //! little-endian fields and bounded, counted arrays.
 
 use super::{
-    DecodeError, DirtyMechanism, ErrorCode, Grant, Message, Range, VcpuRegs, HEADER_LEN, MAX_ERROR_TEXT,
+    DecodeError, DirtyMechanism, ErrorCode, Grant, Message, MsrWrite, Range, VcpuRegs, HEADER_LEN, MAX_ERROR_TEXT,
     MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS,
 };
 
@@ -30,6 +30,10 @@ pub(super) mod kind {
     pub const DIRTY_SUBSCRIBED: u16 = 14;
     pub const DIRTY_SYNC: u16 = 15;
     pub const DIRTY_SYNCED: u16 = 27;
+    pub const TRACE_SUBSCRIBE: u16 = 16;
+    pub const TRACE_SUBSCRIBED: u16 = 17;
+    pub const TRACE_MSR_WRITE: u16 = 28;
+    pub const TRACE_DROPPED: u16 = 29;
     pub const ERROR: u16 = 30;
 }
 
@@ -212,6 +216,28 @@ impl Message {
                 w.u64(*token);
                 kind::DIRTY_SYNCED
             }
+            Message::TraceSubscribe { kinds } => {
+                w.u32(*kinds);
+                kind::TRACE_SUBSCRIBE
+            }
+            Message::TraceSubscribed { kinds, max_per_second } => {
+                w.u32(*kinds);
+                w.u32(*max_per_second);
+                kind::TRACE_SUBSCRIBED
+            }
+            Message::TraceMsrWrite(m) => {
+                w.u32(m.vcpu);
+                w.u32(m.msr);
+                for v in [m.value, m.previous, m.rip, m.cr3] {
+                    w.u64(v);
+                }
+                w.u32(u32::from(m.applied));
+                kind::TRACE_MSR_WRITE
+            }
+            Message::TraceDropped { count } => {
+                w.u64(*count);
+                kind::TRACE_DROPPED
+            }
             Message::Error { code, text } => {
                 w.u32(*code as u32);
                 let text = truncate_utf8(text, MAX_ERROR_TEXT);
@@ -303,6 +329,19 @@ impl Message {
             }
             kind::DIRTY_SYNC => Message::DirtySync { token: r.u64()? },
             kind::DIRTY_SYNCED => Message::DirtySynced { token: r.u64()? },
+            kind::TRACE_SUBSCRIBE => Message::TraceSubscribe { kinds: r.u32()? },
+            kind::TRACE_SUBSCRIBED => Message::TraceSubscribed { kinds: r.u32()?, max_per_second: r.u32()? },
+            kind::TRACE_MSR_WRITE => {
+                let (vcpu, msr) = (r.u32()?, r.u32()?);
+                let (value, previous, rip, cr3) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let applied = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed { kind }),
+                };
+                Message::TraceMsrWrite(MsrWrite { vcpu, msr, value, previous, rip, cr3, applied })
+            }
+            kind::TRACE_DROPPED => Message::TraceDropped { count: r.u64()? },
             kind::ERROR => {
                 let raw = r.u32()?;
                 let code = ErrorCode::from_u32(raw).ok_or(DecodeError::BadErrorCode(raw))?;

@@ -21,7 +21,7 @@ mod codec;
 mod tests;
 
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Frame header size.
@@ -132,6 +132,50 @@ impl DirtyMechanism {
             _ => return None,
         })
     }
+}
+
+/// Trace kinds an inspector subscribes to (bits of `TraceSubscribe::kinds`).
+pub mod trace_kind {
+    /// Guest writes to the MSRs of [`super::TRACED_MSRS`], reported as
+    /// [`super::Message::TraceMsrWrite`] and then applied.
+    pub const MSR_WRITES: u32 = 1;
+    /// Every kind this protocol version knows.
+    pub const ALL: u32 = MSR_WRITES;
+}
+
+/// The MSRs whose guest writes a source traces, with their names: where `syscall` and
+/// `sysenter` enter the kernel (LSTAR, CSTAR, SYSENTER_EIP), EFER (which turns system
+/// calls on) and DEBUGCTL (branch tracing a rootkit may turn off).
+pub const TRACED_MSRS: [(u32, &str); 5] = [
+    (0xc000_0080, "EFER"),
+    (0xc000_0082, "LSTAR"),
+    (0xc000_0083, "CSTAR"),
+    (0x0000_0176, "SYSENTER_EIP"),
+    (0x0000_01d9, "DEBUGCTL"),
+];
+
+/// The name of a traced MSR, if it is one.
+pub fn traced_msr_name(msr: u32) -> Option<&'static str> {
+    TRACED_MSRS.iter().find(|(index, _)| *index == msr).map(|(_, name)| *name)
+}
+
+/// A guest's write to a traced MSR, as its vCPU exited on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MsrWrite {
+    /// The vCPU that wrote.
+    pub vcpu: u32,
+    /// The MSR's index (one of [`TRACED_MSRS`]).
+    pub msr: u32,
+    /// What the guest wrote.
+    pub value: u64,
+    /// What the MSR held before.
+    pub previous: u64,
+    /// Where the writing `wrmsr` is, and the address space it ran in.
+    pub rip: u64,
+    pub cr3: u64,
+    /// Whether the source applied the write (false: KVM refused the value, and the
+    /// guest got the #GP it would have got without tracing).
+    pub applied: bool,
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -261,6 +305,27 @@ pub enum Message {
     /// every `DirtyPages` it flushed) and then as the request's reply.
     DirtySynced {
         token: u64,
+    },
+    /// Inspector -> source: send this connection the trace events of `kinds` (bits of
+    /// [`trace_kind`]; 0 stops them), until it disconnects. The source arms what its
+    /// subscribers want, and disarms what none wants. Reply: `TraceSubscribed`, or an
+    /// error where the source does not allow tracing or cannot trace a kind.
+    TraceSubscribe {
+        kinds: u32,
+    },
+    /// Source -> inspector: the kinds now sent to this connection, and the most trace
+    /// events the source reports per second (all kinds, all subscribers: past it they
+    /// are counted in `TraceDropped`).
+    TraceSubscribed {
+        kinds: u32,
+        max_per_second: u32,
+    },
+    /// Source -> inspector event: a guest write to a traced MSR.
+    TraceMsrWrite(MsrWrite),
+    /// Source -> inspector event: `count` trace events were dropped since the last such
+    /// event (over the rate cap, or behind a full queue).
+    TraceDropped {
+        count: u64,
     },
     Error {
         code: ErrorCode,

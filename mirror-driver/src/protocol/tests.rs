@@ -51,6 +51,18 @@ fn samples() -> Vec<Message> {
         Message::DirtyPages { coalesced: true, ranges: vec![Range { gpa: 0x1000, len: 0x3000 }] },
         Message::DirtySync { token: 7 },
         Message::DirtySynced { token: u64::MAX },
+        Message::TraceSubscribe { kinds: trace_kind::MSR_WRITES },
+        Message::TraceSubscribed { kinds: trace_kind::ALL, max_per_second: 1000 },
+        Message::TraceMsrWrite(MsrWrite {
+            vcpu: 1,
+            msr: 0xc000_0082,
+            value: 0xffff_ffff_c000_1000,
+            previous: 0xffff_ffff_8120_0000,
+            rip: 0xffff_ffff_c000_2000,
+            cr3: 0x10_0000,
+            applied: true,
+        }),
+        Message::TraceDropped { count: 42 },
         Message::Error { code: ErrorCode::PolicyDenied, text: "no".into() },
     ]
 }
@@ -87,6 +99,12 @@ fn unknown_kinds_and_trailing_bytes_are_refused() {
         let decoded = Message::decode(kind::DIRTY_SUBSCRIBED, &payload);
         assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "mechanism {code}: {decoded:?}");
     }
+    // An MSR write whose `applied` flag is neither 0 nor 1.
+    let mut frame = Message::TraceMsrWrite(MsrWrite::default()).encode(EVENT_ID);
+    let last = frame.len() - 4;
+    frame[last] = 2;
+    let decoded = Message::decode(kind::TRACE_MSR_WRITE, &frame[HEADER_LEN..]);
+    assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "{decoded:?}");
     let mut header = Message::Paused.encode(EVENT_ID);
     header[6] = 1;
     assert_eq!(decode_header(header[..HEADER_LEN].try_into().unwrap()), Err(DecodeError::BadHeader));

@@ -2,5 +2,6 @@
 
 pub mod dirty_ring;
 pub mod lifecycle;
+pub mod msr_trace;
 pub mod vcpu;
 pub mod vm;

@@ -5,8 +5,10 @@ use std::cell::Cell;
 use std::sync::{Arc, Once};
 
 use kvm_bindings::{kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{MsrExitReason, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::register_signal_handler;
+
+use mirror_driver::trace::TraceFeed;
 
 use super::dirty_ring::{DirtyRing, DirtyRingError};
 pub use super::lifecycle::{kick_signal, Lifecycle, LifecycleError, VcpuSnapshot, VmExit, CRASH_EXIT_CODE};
@@ -109,6 +111,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// The VM's dirty ring, harvested here when this vCPU's ring fills.
     dirty_ring: Option<Arc<DirtyRing>>,
+    /// Where traced MSR writes are reported, when the VM may be traced.
+    trace_feed: Option<Arc<TraceFeed>>,
 }
 
 impl Vcpu {
@@ -119,7 +123,12 @@ impl Vcpu {
         if let Some(ring) = &dirty_ring {
             ring.map_vcpu(&fd).map_err(|source| VcpuError::DirtyRing { index, source })?;
         }
-        Ok(Self { index, fd, dirty_ring })
+        Ok(Self { index, fd, dirty_ring, trace_feed: None })
+    }
+
+    /// Reports this vCPU's traced MSR writes to `feed` (see [`super::msr_trace`]).
+    pub fn set_trace_feed(&mut self, feed: Arc<TraceFeed>) {
+        self.trace_feed = Some(feed);
     }
 
     pub fn index(&self) -> u8 {
@@ -205,6 +214,18 @@ impl Vcpu {
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
             Ok(VcpuExit::MmioWrite(addr, _)) => {
                 log::debug!("vcpu{index}: MMIO write to unclaimed {addr:#x}")
+            }
+            Ok(VcpuExit::X86Wrmsr(exit)) => {
+                let (msr, value, filtered) = (exit.index, exit.data, exit.reason == MsrExitReason::Filter);
+                // Only the trace's filter makes writes exit (KVM_CAP_X86_USER_SPACE_MSR is
+                // enabled for no other reason); anything else gets the #GP KVM would give.
+                let applied =
+                    filtered && super::msr_trace::on_msr_write(&self.fd, index, msr, value, self.trace_feed.as_deref());
+                if !applied {
+                    // For KVM_EXIT_X86_WRMSR the union holds `msr`; KVM reads its `error`
+                    // when the vCPU enters again (1: inject #GP).
+                    self.fd.get_kvm_run().__bindgen_anon_1.msr.error = 1;
+                }
             }
             Ok(VcpuExit::Hlt) => {}
             Ok(VcpuExit::Shutdown) => {

@@ -75,6 +75,14 @@ pub enum VmError {
     DirtyRingAgain,
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error("cannot make MSR accesses exit to the vmm (KVM_CAP_X86_USER_SPACE_MSR)")]
+    UserSpaceMsr(#[source] kvm_ioctls::Error),
+    #[error("KVM_X86_SET_MSR_FILTER for MSRs {msrs:x?} failed")]
+    MsrFilter {
+        msrs: Vec<u32>,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("KVM_IRQFD for GSI {gsi} failed")]
     Irqfd {
         gsi: u32,
@@ -96,6 +104,8 @@ pub struct Vm {
     manual_dirty_protect: bool,
     /// The per-vCPU dirty ring, once enabled (then KVM refuses KVM_GET_DIRTY_LOG).
     dirty_ring: std::sync::OnceLock<std::sync::Arc<DirtyRing>>,
+    /// Whether filtered MSR accesses exit to the vmm (enabled on the first filter).
+    user_space_msr: std::sync::OnceLock<()>,
 }
 
 impl Vm {
@@ -123,6 +133,7 @@ impl Vm {
             live_slots: std::sync::atomic::AtomicU32::new(0),
             manual_dirty_protect,
             dirty_ring: std::sync::OnceLock::new(),
+            user_space_msr: std::sync::OnceLock::new(),
         })
     }
 
@@ -209,6 +220,35 @@ impl Vm {
     /// The dirty ring, if [`Vm::enable_dirty_ring`] turned it on.
     pub fn dirty_ring(&self) -> Option<&std::sync::Arc<DirtyRing>> {
         self.dirty_ring.get()
+    }
+
+    /// Makes the guest's writes to `msrs` (at most 16) exit to the vmm as
+    /// `KVM_EXIT_X86_WRMSR` with the filter reason, and every other MSR access stay in
+    /// KVM; an empty list removes the filter. Filtered writes exit instead of raising #GP
+    /// because KVM_CAP_X86_USER_SPACE_MSR is enabled first (once; it changes nothing
+    /// while no filter denies). KVM re-reads the filter on every vCPU before its next
+    /// entry, so this works while they run.
+    pub fn set_msr_write_exits(&self, msrs: &[u32]) -> Result<(), VmError> {
+        use kvm_ioctls::{MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+        if self.user_space_msr.get().is_none() {
+            let cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+                args: [u64::from(MsrExitReason::Filter.bits()), 0, 0, 0],
+                ..Default::default()
+            };
+            self.fd.enable_cap(&cap).map_err(VmError::UserSpaceMsr)?;
+            let _ = self.user_space_msr.set(());
+        }
+        // One range per MSR, its single bit clear: writes denied (they exit), reads
+        // untouched.
+        let deny = [0u8];
+        let ranges: Vec<MsrFilterRange> = msrs
+            .iter()
+            .map(|&base| MsrFilterRange { flags: MsrFilterRangeFlags::WRITE, base, msr_count: 1, bitmap: &deny })
+            .collect();
+        self.fd
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+            .map_err(|source| VmError::MsrFilter { msrs: msrs.to_vec(), source })
     }
 
     /// Whether dirty pages are re-protected by KVM_CLEAR_DIRTY_LOG (see [`Vm::take_dirty_log`]).

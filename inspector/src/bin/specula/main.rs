@@ -9,6 +9,7 @@
 //! specula --socket /run/vm1.api read 0x1000000 4096 -o page.bin
 //! specula --socket /run/vm1.api scan 0x0 0x20000000 "Linux version"
 //! specula --socket /run/vm1.api events --kinds watch,source
+//! specula --socket /run/vm1.api trace msr_writes
 //! ```
 
 mod client;
@@ -27,7 +28,7 @@ use inspector::launch::{LaunchConfig, LaunchError};
 use specula_api::{Event, Reply, Request, ScanRequest, ScanResult, YaraRequest};
 use specula_common::parse::number;
 
-use client::{call, connect, send, success, CliError};
+use client::{ask, call, connect, send, success, CliError};
 
 #[derive(Parser)]
 #[command(name = "specula", version, about = "Client of a Specula inspector's API")]
@@ -107,6 +108,13 @@ enum Cmd {
         /// Comma-separated kinds or prefixes (watch, source, grant.revoked, ...).
         #[arg(long)]
         kinds: Option<String>,
+    },
+    /// Trace the source's guest and follow what it reports: starts tracing KINDS
+    /// (msr_writes; every kind by default) and prints each trace.* event as it comes.
+    /// Tracing stays on when this ends (trace-stop ends it).
+    Trace {
+        #[arg(value_delimiter = ',')]
+        kinds: Vec<String>,
     },
     /// Print the OpenAPI document (no socket needed).
     Openapi,
@@ -333,6 +341,17 @@ async fn run(cli: &Cli) -> Result<u8, CliError> {
             Ok(0)
         }
         Cmd::Events { since, kinds } => follow_events(s, *since, kinds.as_deref(), cli.json).await.map(|()| 0),
+        Cmd::Trace { kinds } => {
+            // Only what happens from now on: the events before it are not this trace's.
+            let since = match ask(s, &Request::Status).await? {
+                Reply::Status(status) => Some(status.last_event),
+                _ => None,
+            };
+            if let Reply::Trace(status) = ask(s, &Request::TraceStart { kinds: kinds.clone() }).await? {
+                eprintln!("specula: tracing {} (at most {} events/s)", status.kinds.join(","), status.max_per_second);
+            }
+            follow_events(s, since, Some("trace"), cli.json).await.map(|()| 0)
+        }
     }
 }
 

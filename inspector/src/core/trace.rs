@@ -1,0 +1,274 @@
+//! Tracing the source's guest: the subscription at the source, and the `trace.*`
+//! events made of what it reports. A traced write to a system-call MSR becomes a
+//! `trace.msr_write` event once the agent has said where its value, the MSR's previous
+//! value and the writing instruction land (a kernel symbol, a module, hidden or not).
+//!
+//! The source's events arrive on the source-event thread, which must never wait on the
+//! agent (revocations go through it): writes are queued here (bounded; past the bound
+//! they are counted as dropped) and a resolver thread (`startup`) publishes them.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use mirror_driver::protocol::{trace_kind, traced_msr_name, MsrWrite};
+use serde_json::{json, Value};
+use specula_api::{Reply, Request, TraceStatus};
+use specula_common::sync::lock;
+use specula_os::checks::{select, FindingKind};
+use specula_os::wire::{self, OsRequest, MAX_LSTARS};
+
+use super::{InspectError, Inspector};
+
+/// The kinds by the names the API uses.
+const KIND_NAMES: [(u32, &str); 1] = [(trace_kind::MSR_WRITES, "msr_writes")];
+/// Writes waiting for the resolver; past it they are counted as dropped.
+const MAX_PENDING: usize = 4096;
+/// Writes resolved in one agent call (three addresses each).
+const RESOLVE_BATCH: usize = MAX_LSTARS / 3;
+/// The MSRs that hold where a system call enters the kernel.
+const ENTRY_MSRS: [&str; 3] = ["LSTAR", "CSTAR", "SYSENTER_EIP"];
+/// Where the kernel's half of the address space starts.
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
+
+/// The trace state of one inspector.
+#[derive(Default)]
+pub(crate) struct Tracing {
+    /// The kinds subscribed at the source; held while a subscription changes.
+    kinds: Mutex<u32>,
+    max_per_second: AtomicU32,
+    published: AtomicU64,
+    dropped: AtomicU64,
+    pending: Mutex<VecDeque<MsrWrite>>,
+    ready: Condvar,
+}
+
+/// Where an address lands in the guest kernel, as the agent found it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Place {
+    /// The core kernel symbol and offset, where the address is in the kernel's text.
+    symbol: Option<String>,
+    /// The module whose memory holds it, "(hidden)" when the module list leaves it out.
+    module: Option<String>,
+}
+
+impl Place {
+    fn json(&self) -> Value {
+        json!({ "symbol": self.symbol, "module": self.module, "in_kernel_text": self.symbol.is_some() })
+    }
+}
+
+/// The bits of [`trace_kind`] the names select (none named: every kind).
+fn kinds_named(names: &[String]) -> Result<u32, InspectError> {
+    if names.is_empty() {
+        return Ok(trace_kind::ALL);
+    }
+    names.iter().try_fold(0, |kinds, name| {
+        let (bit, _) = KIND_NAMES.iter().find(|(_, n)| *n == name).ok_or_else(|| {
+            let known: Vec<&str> = KIND_NAMES.iter().map(|(_, n)| *n).collect();
+            InspectError::BadRequest(format!("no trace kind {name:?} (known: {})", known.join(", ")))
+        })?;
+        Ok(kinds | bit)
+    })
+}
+
+fn kind_names(kinds: u32) -> Vec<String> {
+    KIND_NAMES.iter().filter(|(bit, _)| kinds & bit != 0).map(|(_, name)| name.to_string()).collect()
+}
+
+fn hex(n: u64) -> String {
+    format!("{n:#x}")
+}
+
+impl Inspector {
+    /// Serves the trace requests; each answers with where tracing stands.
+    pub(super) fn handle_trace(&self, request: Request) -> Result<Reply, InspectError> {
+        match request {
+            Request::TraceStart { kinds } => self.set_tracing(kinds_named(&kinds)?)?,
+            Request::TraceStop => self.set_tracing(0)?,
+            Request::TraceStatus => {}
+            other => return Err(InspectError::misrouted(&other)),
+        }
+        Ok(Reply::Trace(self.trace_status()))
+    }
+
+    /// What is traced, and what was reported.
+    pub fn trace_status(&self) -> TraceStatus {
+        let t = &self.tracing;
+        TraceStatus {
+            kinds: kind_names(*lock(&t.kinds)),
+            max_per_second: t.max_per_second.load(Ordering::SeqCst),
+            events: t.published.load(Ordering::SeqCst),
+            dropped: t.dropped.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Subscribes to exactly `kinds` at the source (0: none).
+    fn set_tracing(&self, kinds: u32) -> Result<(), InspectError> {
+        if self.source_gone() {
+            return Err(InspectError::SourceGone);
+        }
+        let mut current = lock(&self.tracing.kinds);
+        let max_per_second = self.source.subscribe_trace(kinds)?;
+        *current = kinds;
+        self.tracing.max_per_second.store(if kinds == 0 { 0 } else { max_per_second }, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Queues a traced MSR write for the resolver (from the source-event thread).
+    pub(super) fn queue_msr_write(&self, write: MsrWrite) {
+        let mut pending = lock(&self.tracing.pending);
+        if pending.len() >= MAX_PENDING {
+            drop(pending);
+            self.note_trace_dropped(1, "inspector");
+            return;
+        }
+        pending.push_back(write);
+        self.tracing.ready.notify_one();
+    }
+
+    /// Counts and reports trace events dropped, by the source (its rate cap and queue)
+    /// or by this inspector (its own queue).
+    pub(super) fn note_trace_dropped(&self, count: u64, by: &str) {
+        self.tracing.dropped.fetch_add(count, Ordering::SeqCst);
+        self.events.publish("trace.dropped", json!({ "count": count, "by": by }));
+    }
+
+    /// Waits up to `wait` for traced writes, then publishes those queued (a batch), each
+    /// as a `trace.msr_write` event. Run by the resolver thread.
+    pub(crate) fn publish_trace_events(&self, wait: Duration) {
+        let batch: Vec<MsrWrite> = {
+            let pending = lock(&self.tracing.pending);
+            let (mut pending, _) = self
+                .tracing
+                .ready
+                .wait_timeout_while(pending, wait, |p| p.is_empty())
+                .unwrap_or_else(|p| p.into_inner());
+            let n = pending.len().min(RESOLVE_BATCH);
+            pending.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let addresses: Vec<u64> = batch.iter().flat_map(|w| [w.value, w.previous, w.rip]).collect();
+        let (places, error) = match self.kernel_places(&addresses) {
+            Ok(places) => (places, None),
+            Err(e) => (vec![Place::default(); addresses.len()], Some(e.to_string())),
+        };
+        for (write, places) in batch.iter().zip(places.chunks(3)) {
+            self.events.publish("trace.msr_write", msr_write_detail(write, places, error.as_deref()));
+            self.tracing.published.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Where each address lands in the guest kernel, as the agent's `msrs` check
+    /// attributes an LSTAR: given the addresses as if they were vCPUs' LSTARs, it
+    /// reports each one that is not `entry_SYSCALL_64` with its core kernel symbol
+    /// (where it is in the kernel's text) and the module holding it (hidden ones
+    /// included), and says nothing of `entry_SYSCALL_64` itself. Addresses outside the
+    /// kernel's half are not asked about.
+    fn kernel_places(&self, addresses: &[u64]) -> Result<Vec<Place>, InspectError> {
+        let asked: Vec<(u32, u64)> =
+            addresses.iter().enumerate().filter(|(_, &a)| a >= KERNEL_HALF).map(|(i, &a)| (i as u32, a)).collect();
+        let mut places = vec![Place::default(); addresses.len()];
+        if asked.is_empty() {
+            return Ok(places);
+        }
+        let report = wire::decode_checks(
+            &self.os_call(&OsRequest::Checks { which: select::MSRS, lstars: Some(asked.clone()) })?,
+        )?;
+        if let Some(error) = report.runs.iter().find_map(|r| r.error.clone()) {
+            return Err(InspectError::Os(error));
+        }
+        for &(i, _) in &asked {
+            places[i as usize] = Place { symbol: Some("entry_SYSCALL_64".into()), module: None };
+        }
+        for finding in report.findings.iter().filter(|f| f.kind == FindingKind::SyscallEntryHooked) {
+            // The agent names each finding by the index it was given: a reply naming
+            // an index not asked about is not credible.
+            let i = usize::try_from(finding.id).ok().filter(|&i| asked.iter().any(|&(a, _)| a as usize == i));
+            let Some(i) = i else {
+                return Err(InspectError::BadReply(format!("a place for address {} not asked about", finding.id)));
+            };
+            places[i] = Place { symbol: finding.name.clone(), module: finding.detail.clone() };
+        }
+        Ok(places)
+    }
+}
+
+/// The `trace.msr_write` event's detail. `places`: where the value, the previous value
+/// and the writer's RIP land.
+fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&str>) -> Value {
+    let name = traced_msr_name(write.msr);
+    let entry_msr = name.is_some_and(|n| ENTRY_MSRS.contains(&n));
+    let (value_at, previous_at, writer) = (&places[0], &places[1], &places[2]);
+    let mut detail = json!({
+        "vcpu": write.vcpu,
+        "msr": name.unwrap_or("unknown"),
+        "msr_index": hex(u64::from(write.msr)),
+        "value": hex(write.value),
+        "previous": hex(write.previous),
+        "rip": hex(write.rip),
+        "cr3": hex(write.cr3),
+        "applied": write.applied,
+        "writer": writer.json(),
+    });
+    if entry_msr {
+        detail["value_at"] = value_at.json();
+        detail["previous_at"] = previous_at.json();
+        // A system-call entry that leaves the kernel's text is a hook (a module's, or
+        // code the kernel does not list), whoever wrote it.
+        detail["syscall_entry_hooked"] =
+            json!(write.value != 0 && resolve_error.is_none() && value_at.symbol.is_none());
+    }
+    if let Some(error) = resolve_error {
+        detail["resolve_error"] = json!(error);
+    }
+    detail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_named_and_unknown_names_refused() {
+        assert_eq!(kinds_named(&[]).unwrap(), trace_kind::ALL);
+        assert_eq!(kinds_named(&["msr_writes".into()]).unwrap(), trace_kind::MSR_WRITES);
+        let e = kinds_named(&["syscalls".into()]).unwrap_err().to_string();
+        assert!(e.contains("\"syscalls\"") && e.contains("msr_writes"), "{e}");
+        assert_eq!(kind_names(trace_kind::MSR_WRITES), vec!["msr_writes"]);
+        assert!(kind_names(0).is_empty());
+    }
+
+    #[test]
+    fn an_lstar_write_into_a_module_is_a_hook_and_one_back_to_the_entry_is_not() {
+        let write = MsrWrite { msr: 0xc000_0082, value: 0xffff_ffff_c000_1000, applied: true, ..Default::default() };
+        let module = Place { symbol: None, module: Some("specula_rootkit (hidden)".into()) };
+        let entry = Place { symbol: Some("entry_SYSCALL_64".into()), module: None };
+        let hooked = msr_write_detail(&write, &[module.clone(), entry.clone(), module.clone()], None);
+        assert_eq!(hooked["msr"], "LSTAR");
+        assert_eq!(hooked["syscall_entry_hooked"], true);
+        assert_eq!(hooked["value_at"]["module"], "specula_rootkit (hidden)");
+        assert_eq!(hooked["writer"]["module"], "specula_rootkit (hidden)");
+        assert_eq!(hooked["previous_at"]["symbol"], "entry_SYSCALL_64");
+        let restored = msr_write_detail(&write, &[entry.clone(), module.clone(), module], None);
+        assert_eq!(restored["syscall_entry_hooked"], false);
+        // Unresolved, it is not called a hook: the event says why it could not tell.
+        let unknown =
+            msr_write_detail(&write, &[Place::default(), Place::default(), Place::default()], Some("no kernel"));
+        assert_eq!(
+            (unknown["syscall_entry_hooked"].clone(), unknown["resolve_error"].clone()),
+            (json!(false), json!("no kernel"))
+        );
+    }
+
+    #[test]
+    fn an_efer_write_has_no_entry_places() {
+        let write = MsrWrite { msr: 0xc000_0080, value: 0xd01, ..Default::default() };
+        let detail = msr_write_detail(&write, &[Place::default(), Place::default(), Place::default()], None);
+        assert_eq!(detail["msr"], "EFER");
+        assert!(detail.get("value_at").is_none() && detail.get("syscall_entry_hooked").is_none(), "{detail}");
+    }
+}
