@@ -439,6 +439,106 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
     })
 }
 
+/// Agentless tracing on a Linux source under our own vmm (2 vCPUs, `--mirror-allow-trace`,
+/// Debian's kernel from `guest-images/<dir>`): the inspector traces MSR writes through
+/// the API (`specula trace`); a busy guest (300 fork+exec, each with its system calls)
+/// writes none of the traced MSRs; then the test rootkit, loaded with `hook_lstar=1`,
+/// is reported as it hooks, with no check run: one LSTAR write per vCPU, applied, its
+/// value in the (hidden) module, the previous value `entry_SYSCALL_64`, and the module
+/// among the writer and its callers.
+fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
+    retry_once_on_the_nest_triple_fault(|| {
+        let _turn = turn();
+        let l1 = &l1();
+        let run_dir = format!("/run/l2/trace-{dir}");
+        let args = format!(
+            "--kernel {} --initramfs {} --memory 512M --cpus 2 --mirror-socket {run_dir}/mirror.sock \
+             --mirror-allow-trace --cmdline \"console=ttyS0 quiet\"",
+            l1.linux_image(dir, "vmlinuz"),
+            l1.linux_image(dir, "introspect.cpio.gz"),
+        );
+        let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
+        let api = format!("{run_dir}/api.sock");
+        let (status, out) = ConsoleSession::new(l1, &format!("trace-{dir}"), &args)
+            .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
+            .shell(&format!(
+                "{inspector} --source-socket {run_dir}/mirror.sock --all --serial null --api-socket {api} \
+                   > inspector.log 2>&1 &\n\
+                 inspector=$!\n\
+                 end=$(( $(date +%s) + 240 ))\n\
+                 until grep -q 'inspector: agent ready' inspector.log; do\n\
+                   [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat inspector.log)\"\n\
+                   usleep 200000\n\
+                 done\n\
+                 {specula} --socket {api} --json trace msr_writes > trace.out 2> trace.err &\n\
+                 tracer=$!\n\
+                 until grep -q 'specula: tracing msr_writes' trace.err; do\n\
+                   kill -0 $tracer 2>/dev/null || fail \"specula trace failed: $(cat trace.err)\"\n\
+                   usleep 200000\n\
+                 done"
+            ))
+            // A busy guest: processes come and go, every one with its system calls.
+            .send("i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
+            .wait_for("busy-done-42", SHELL_LIMIT)
+            .shell("sleep 2; echo '--- before'; cat trace.out")
+            .send("insmod /lib/specula_rootkit.ko hook_lstar=1 && echo rootkit-loaded-$((40 + 2))")
+            .wait_for("rootkit-loaded-42", SHELL_LIMIT)
+            .shell(&format!(
+                "end=$(( $(date +%s) + 60 ))\n\
+                 until [ $(grep -c '\"msr\":\"LSTAR\"' trace.out) -ge 2 ] || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
+                 sleep 1\n\
+                 echo '--- trace'; cat trace.out\n\
+                 echo '--- status'; {specula} --socket {api} --json trace-status\n\
+                 kill $tracer $inspector\n\
+                 echo '--- inspector log'; cat inspector.log trace.err\n\
+                 echo '=== end of trace'"
+            ))
+            .send("poweroff -f")
+            .finish(l1, END_LIMIT);
+        assert_eq!(status, 0, "{out}");
+        let (views_text, _) = out.split_once("=== end of trace").expect("the trace");
+        let views = sections(views_text);
+        let view =
+            |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
+        assert_eq!(view("before"), "", "a busy guest wrote no traced MSR before the rootkit");
+        let events: Vec<serde_json::Value> = view("trace")
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        let lstar: Vec<&serde_json::Value> =
+            events.iter().filter(|e| e["kind"] == "trace.msr_write" && e["detail"]["msr"] == "LSTAR").collect();
+        let mut vcpus: Vec<u64> = lstar.iter().map(|e| e["detail"]["vcpu"].as_u64().unwrap()).collect();
+        vcpus.sort_unstable();
+        assert_eq!(vcpus, vec![0, 1], "one LSTAR write on every vCPU: {events:#?}");
+        for event in &lstar {
+            let d = &event["detail"];
+            assert_eq!(d["applied"], true, "{d}");
+            assert_eq!(d["syscall_entry_hooked"], true, "{d}");
+            assert!(d["value_at"]["module"].as_str().is_some_and(|m| m.starts_with("specula_rootkit")), "{d}");
+            assert_eq!(d["previous_at"]["symbol"], "entry_SYSCALL_64", "{d}");
+            let in_module =
+                |p: &serde_json::Value| p["module"].as_str().is_some_and(|m| m.starts_with("specula_rootkit"));
+            assert!(
+                in_module(&d["writer"]) || d["callers"].as_array().is_some_and(|c| c.iter().any(in_module)),
+                "the module is the writer or among its callers: {d}"
+            );
+        }
+        let status: serde_json::Value = serde_json::from_str(&view("status")).expect("the trace status, in JSON");
+        assert_eq!(status["kinds"], serde_json::json!(["msr_writes"]), "{status}");
+        assert_eq!(status["dropped"], 0, "{status}");
+    })
+}
+
+#[test]
+fn nested_trace_reports_the_rootkits_lstar_hook_on_every_vcpu_on_linux_6_1() {
+    trace_reports_the_rootkits_lstar_hook_on_every_vcpu("linux");
+}
+
+#[test]
+fn nested_trace_reports_the_rootkits_lstar_hook_on_every_vcpu_on_linux_6_12() {
+    trace_reports_the_rootkits_lstar_hook_on_every_vcpu("linux-trixie");
+}
+
 /// An unmodified QEMU in L1 (`-M microvm -accel kvm`, its default private anonymous
 /// RAM, no memfd, no QMP), running Debian 12 with the introspection initramfs, is
 /// inspected by pid through the kernel mirror device: the inspector finds QEMU's KVM

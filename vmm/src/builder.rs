@@ -17,7 +17,7 @@ use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
 use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
-use crate::vstate::msr_trace::MsrTrace;
+use crate::vstate::msr_trace::{MsrTrace, VcpuTrace};
 use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -120,7 +120,7 @@ impl Vmm {
             let mut vcpu = Vcpu::new(&vm, index)?;
             vcpu.configure(&vm, &ram, &entry, config.cpus, config.host_tsc)?;
             if let Some(feed) = &trace_feed {
-                vcpu.set_trace_feed(feed.clone());
+                vcpu.set_trace(VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() });
             }
             vcpus.push(vcpu);
         }

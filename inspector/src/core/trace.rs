@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use mirror_driver::protocol::{trace_kind, traced_msr_name, MsrWrite};
+use mirror_driver::protocol::{trace_kind, traced_msr_name, MsrWrite, MSR_WRITE_STACK_WORDS};
 use serde_json::{json, Value};
 use specula_api::{Reply, Request, TraceStatus};
 use specula_common::sync::lock;
@@ -25,8 +25,11 @@ use super::{InspectError, Inspector};
 const KIND_NAMES: [(u32, &str); 1] = [(trace_kind::MSR_WRITES, "msr_writes")];
 /// Writes waiting for the resolver; past it they are counted as dropped.
 const MAX_PENDING: usize = 4096;
-/// Writes resolved in one agent call (three addresses each).
-const RESOLVE_BATCH: usize = MAX_LSTARS / 3;
+/// Addresses resolved per write: the value, the previous value, the writer's RIP and
+/// its stack words.
+const PLACES_PER_WRITE: usize = 3 + MSR_WRITE_STACK_WORDS;
+/// Writes resolved in one agent call.
+const RESOLVE_BATCH: usize = MAX_LSTARS / PLACES_PER_WRITE;
 /// The MSRs that hold where a system call enters the kernel.
 const ENTRY_MSRS: [&str; 3] = ["LSTAR", "CSTAR", "SYSENTER_EIP"];
 /// Where the kernel's half of the address space starts.
@@ -151,12 +154,13 @@ impl Inspector {
         if batch.is_empty() {
             return;
         }
-        let addresses: Vec<u64> = batch.iter().flat_map(|w| [w.value, w.previous, w.rip]).collect();
+        let addresses: Vec<u64> =
+            batch.iter().flat_map(|w| [w.value, w.previous, w.rip].into_iter().chain(w.stack)).collect();
         let (places, error) = match self.kernel_places(&addresses) {
             Ok(places) => (places, None),
             Err(e) => (vec![Place::default(); addresses.len()], Some(e.to_string())),
         };
-        for (write, places) in batch.iter().zip(places.chunks(3)) {
+        for (write, places) in batch.iter().zip(places.chunks(PLACES_PER_WRITE)) {
             self.events.publish("trace.msr_write", msr_write_detail(write, places, error.as_deref()));
             self.tracing.published.fetch_add(1, Ordering::SeqCst);
         }
@@ -197,12 +201,21 @@ impl Inspector {
     }
 }
 
-/// The `trace.msr_write` event's detail. `places`: where the value, the previous value
-/// and the writer's RIP land.
+/// The `trace.msr_write` event's detail. `places`: where the value, the previous value,
+/// the writer's RIP and its stack words land ([`PLACES_PER_WRITE`]).
 fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&str>) -> Value {
     let name = traced_msr_name(write.msr);
     let entry_msr = name.is_some_and(|n| ENTRY_MSRS.contains(&n));
     let (value_at, previous_at, writer) = (&places[0], &places[1], &places[2]);
+    // Stack words that land in kernel code or a module: the callers, innermost first
+    // (others are data, and left out).
+    let callers: Vec<Value> = write
+        .stack
+        .iter()
+        .zip(&places[3..])
+        .filter(|(_, place)| place.symbol.is_some() || place.module.is_some())
+        .map(|(&word, place)| json!({ "address": hex(word), "symbol": place.symbol, "module": place.module }))
+        .collect();
     let mut detail = json!({
         "vcpu": write.vcpu,
         "msr": name.unwrap_or("unknown"),
@@ -213,6 +226,7 @@ fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&s
         "cr3": hex(write.cr3),
         "applied": write.applied,
         "writer": writer.json(),
+        "callers": callers,
     });
     if entry_msr {
         detail["value_at"] = value_at.json();
@@ -247,13 +261,41 @@ mod tests {
         let write = MsrWrite { msr: 0xc000_0082, value: 0xffff_ffff_c000_1000, applied: true, ..Default::default() };
         let module = Place { symbol: None, module: Some("specula_rootkit (hidden)".into()) };
         let entry = Place { symbol: Some("entry_SYSCALL_64".into()), module: None };
-        let hooked = msr_write_detail(&write, &[module.clone(), entry.clone(), module.clone()], None);
+        let core = Place { symbol: Some("native_write_msr+0x4".into()), module: None };
+        let write = MsrWrite { stack: [0xffff_ffff_c000_2040, 0xffff_c900_0000_0000, 0, 0], ..write };
+        let places = [
+            module.clone(),
+            entry.clone(),
+            core.clone(),
+            module.clone(),
+            Place::default(),
+            Place::default(),
+            Place::default(),
+        ];
+        let hooked = msr_write_detail(&write, &places, None);
         assert_eq!(hooked["msr"], "LSTAR");
         assert_eq!(hooked["syscall_entry_hooked"], true);
         assert_eq!(hooked["value_at"]["module"], "specula_rootkit (hidden)");
-        assert_eq!(hooked["writer"]["module"], "specula_rootkit (hidden)");
+        assert_eq!(hooked["writer"]["symbol"], "native_write_msr+0x4");
+        assert_eq!(
+            hooked["callers"],
+            json!([{ "address": "0xffffffffc0002040", "symbol": null, "module": "specula_rootkit (hidden)" }]),
+            "the return address into the module, not the stack's data"
+        );
         assert_eq!(hooked["previous_at"]["symbol"], "entry_SYSCALL_64");
-        let restored = msr_write_detail(&write, &[entry.clone(), module.clone(), module], None);
+        let restored = msr_write_detail(
+            &write,
+            &[
+                entry.clone(),
+                module.clone(),
+                core,
+                module.clone(),
+                Place::default(),
+                Place::default(),
+                Place::default(),
+            ],
+            None,
+        );
         assert_eq!(restored["syscall_entry_hooked"], false);
         // Unresolved, it is not called a hook: the event says why it could not tell.
         let unknown =
@@ -267,7 +309,7 @@ mod tests {
     #[test]
     fn an_efer_write_has_no_entry_places() {
         let write = MsrWrite { msr: 0xc000_0080, value: 0xd01, ..Default::default() };
-        let detail = msr_write_detail(&write, &[Place::default(), Place::default(), Place::default()], None);
+        let detail = msr_write_detail(&write, &vec![Place::default(); PLACES_PER_WRITE], None);
         assert_eq!(detail["msr"], "EFER");
         assert!(detail.get("value_at").is_none() && detail.get("syscall_entry_hooked").is_none(), "{detail}");
     }

@@ -3,7 +3,7 @@
 
 use super::{
     DecodeError, DirtyMechanism, ErrorCode, Grant, Message, MsrWrite, Range, VcpuRegs, HEADER_LEN, MAX_ERROR_TEXT,
-    MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS,
+    MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS, MSR_WRITE_STACK_WORDS,
 };
 
 pub(super) mod kind {
@@ -228,8 +228,8 @@ impl Message {
             Message::TraceMsrWrite(m) => {
                 w.u32(m.vcpu);
                 w.u32(m.msr);
-                for v in [m.value, m.previous, m.rip, m.cr3] {
-                    w.u64(v);
+                for v in [m.value, m.previous, m.rip, m.cr3].iter().chain(&m.stack) {
+                    w.u64(*v);
                 }
                 w.u32(u32::from(m.applied));
                 kind::TRACE_MSR_WRITE
@@ -334,12 +334,16 @@ impl Message {
             kind::TRACE_MSR_WRITE => {
                 let (vcpu, msr) = (r.u32()?, r.u32()?);
                 let (value, previous, rip, cr3) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let mut stack = [0; MSR_WRITE_STACK_WORDS];
+                for word in stack.iter_mut() {
+                    *word = r.u64()?;
+                }
                 let applied = match r.u32()? {
                     0 => false,
                     1 => true,
                     _ => return Err(DecodeError::Malformed { kind }),
                 };
-                Message::TraceMsrWrite(MsrWrite { vcpu, msr, value, previous, rip, cr3, applied })
+                Message::TraceMsrWrite(MsrWrite { vcpu, msr, value, previous, rip, cr3, stack, applied })
             }
             kind::TRACE_DROPPED => Message::TraceDropped { count: r.u64()? },
             kind::ERROR => {

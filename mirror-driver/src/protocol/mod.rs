@@ -159,6 +159,9 @@ pub fn traced_msr_name(msr: u32) -> Option<&'static str> {
     TRACED_MSRS.iter().find(|(index, _)| *index == msr).map(|(_, name)| *name)
 }
 
+/// Stack words an [`MsrWrite`] carries.
+pub const MSR_WRITE_STACK_WORDS: usize = 4;
+
 /// A guest's write to a traced MSR, as its vCPU exited on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MsrWrite {
@@ -173,6 +176,10 @@ pub struct MsrWrite {
     /// Where the writing `wrmsr` is, and the address space it ran in.
     pub rip: u64,
     pub cr3: u64,
+    /// The first words on the writer's stack (0 where unmapped): the return address
+    /// into the code that asked for the write is usually the first (`wrmsr` sits in a
+    /// small leaf function such as Linux's `native_write_msr`).
+    pub stack: [u64; MSR_WRITE_STACK_WORDS],
     /// Whether the source applied the write (false: KVM refused the value, and the
     /// guest got the #GP it would have got without tracing).
     pub applied: bool,

@@ -60,6 +60,7 @@ fn samples() -> Vec<Message> {
             previous: 0xffff_ffff_8120_0000,
             rip: 0xffff_ffff_c000_2000,
             cr3: 0x10_0000,
+            stack: [0xffff_ffff_c000_2040, 0, 7, u64::MAX],
             applied: true,
         }),
         Message::TraceDropped { count: 42 },

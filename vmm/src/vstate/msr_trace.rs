@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
-use mirror_driver::protocol::{MsrWrite, TRACED_MSRS};
+use mirror_driver::protocol::{MsrWrite, MSR_WRITE_STACK_WORDS, TRACED_MSRS};
 use mirror_driver::trace::{TraceEvent, TraceFeed};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::vm::{Vm, VmError};
 
@@ -41,16 +42,39 @@ impl MsrTrace {
 /// exit, the vCPU stopped at the `wrmsr`): applies it as KVM would have, and reports it
 /// to `feed` with the MSR's previous value and where the vCPU wrote it from. Returns
 /// whether KVM took the value; if not, the guest must get #GP, as it would have.
-pub fn on_msr_write(fd: &VcpuFd, index: u8, msr: u32, value: u64, feed: Option<&TraceFeed>) -> bool {
+pub fn on_msr_write(fd: &VcpuFd, index: u8, msr: u32, value: u64, trace: Option<&VcpuTrace>) -> bool {
     let previous = read_msr(fd, msr).unwrap_or(0);
     let applied = write_msr(fd, msr, value);
-    if let Some(feed) = feed {
-        let rip = fd.get_regs().map_or(0, |r| r.rip);
+    if let Some(trace) = trace {
+        let (rip, rsp) = fd.get_regs().map_or((0, 0), |r| (r.rip, r.rsp));
         let cr3 = fd.get_sregs().map_or(0, |s| s.cr3);
-        let write = MsrWrite { vcpu: u32::from(index), msr, value, previous, rip, cr3, applied };
-        feed.report(TraceEvent::MsrWrite(write));
+        let stack = read_stack(fd, &trace.memory, rsp);
+        let write = MsrWrite { vcpu: u32::from(index), msr, value, previous, rip, cr3, stack, applied };
+        trace.feed.report(TraceEvent::MsrWrite(write));
     }
     applied
+}
+
+/// What a vCPU needs to report traced events: the feed, and guest RAM to read the
+/// writer's stack from.
+pub struct VcpuTrace {
+    pub feed: Arc<TraceFeed>,
+    pub memory: GuestMemoryMmap,
+}
+
+/// The first words at `rsp`, each translated through the vCPU's own page tables
+/// (KVM_TRANSLATE, with the vCPU stopped at the exit); 0 where a word is unmapped.
+fn read_stack(fd: &VcpuFd, memory: &GuestMemoryMmap, rsp: u64) -> [u64; MSR_WRITE_STACK_WORDS] {
+    let mut words = [0; MSR_WRITE_STACK_WORDS];
+    for (i, word) in words.iter_mut().enumerate() {
+        let Some(va) = rsp.checked_add(8 * i as u64) else { break };
+        let gpa = match fd.translate_gva(va) {
+            Ok(t) if t.valid != 0 => t.physical_address,
+            _ => continue,
+        };
+        *word = memory.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0);
+    }
+    words
 }
 
 /// One MSR, read as the host (no filter applies to the host).
@@ -73,13 +97,13 @@ mod tests {
 
     use kvm_ioctls::{MsrExitReason, VcpuExit};
     use mirror_driver::trace::TraceLimits;
-    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::memory::{GuestRam, MemoryBackend};
 
     const LSTAR: u32 = 0xc000_0082;
     const CODE: u64 = 0x1000;
+    const STACK: u64 = 0x8000;
 
     /// A real-mode vCPU about to run `wrmsr; hlt` at [`CODE`], writing `value` to LSTAR.
     fn vcpu_writing_lstar(vm: &Vm, value: u64) -> VcpuFd {
@@ -107,12 +131,20 @@ mod tests {
 
     #[test]
     fn an_armed_msr_write_exits_is_reported_with_its_writer_and_is_applied() {
-        let (vm, _ram) = vm_with_code();
+        let (vm, ram) = vm_with_code();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = MsrTrace::new(vm.clone(), feed.clone());
         trace.arm(true).unwrap();
         let hook = 0xffff_ffff_c000_1000;
         let mut vcpu = vcpu_writing_lstar(&vm, hook);
+        // The writer's stack: a return address and another word at RSP (real mode,
+        // paging off: KVM_TRANSLATE maps RSP to itself).
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rsp = STACK;
+        vcpu.set_regs(&regs).unwrap();
+        ram.memory().write_obj(0xffff_ffff_c000_2040u64, GuestAddress(STACK)).unwrap();
+        ram.memory().write_obj(0x1234u64, GuestAddress(STACK + 8)).unwrap();
+        let vcpu_trace = VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() };
         let (msr, value) = match vcpu.run().unwrap() {
             VcpuExit::X86Wrmsr(exit) => {
                 assert_eq!(exit.reason, MsrExitReason::Filter);
@@ -121,7 +153,7 @@ mod tests {
             other => panic!("a traced LSTAR write must exit to the vmm, not {other:?}"),
         };
         assert_eq!((msr, value), (LSTAR, hook));
-        assert!(on_msr_write(&vcpu, 0, msr, value, Some(&feed)));
+        assert!(on_msr_write(&vcpu, 0, msr, value, Some(&vcpu_trace)));
         assert_eq!(read_msr(&vcpu, LSTAR), Some(hook), "the write is applied");
         let (events, dropped) = feed.take(Duration::ZERO).unwrap();
         assert_eq!(dropped, 0);
@@ -134,6 +166,7 @@ mod tests {
                 previous: 0,
                 rip: CODE,
                 cr3: 0,
+                stack: [0xffff_ffff_c000_2040, 0x1234, 0, 0],
                 applied: true
             })]
         );
@@ -154,11 +187,12 @@ mod tests {
 
     #[test]
     fn a_value_kvm_refuses_is_not_applied() {
-        let (vm, _ram) = vm_with_code();
+        let (vm, ram) = vm_with_code();
         let vcpu = vm.fd().create_vcpu(0).unwrap();
-        let feed = TraceFeed::new(TraceLimits::default());
+        let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
+        let vcpu_trace = VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() };
         // A non-canonical LSTAR: the guest would get #GP without tracing, and does with it.
-        assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&feed)));
+        assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&vcpu_trace)));
         let (events, _) = feed.take(Duration::ZERO).unwrap();
         assert!(matches!(events[..], [TraceEvent::MsrWrite(MsrWrite { applied: false, .. })]), "{events:?}");
     }

@@ -8,10 +8,9 @@ use kvm_bindings::{kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RU
 use kvm_ioctls::{MsrExitReason, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::register_signal_handler;
 
-use mirror_driver::trace::TraceFeed;
-
 use super::dirty_ring::{DirtyRing, DirtyRingError};
 pub use super::lifecycle::{kick_signal, Lifecycle, LifecycleError, VcpuSnapshot, VmExit, CRASH_EXIT_CODE};
+use super::msr_trace::VcpuTrace;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot::KernelEntry;
@@ -112,7 +111,7 @@ pub struct Vcpu {
     /// The VM's dirty ring, harvested here when this vCPU's ring fills.
     dirty_ring: Option<Arc<DirtyRing>>,
     /// Where traced MSR writes are reported, when the VM may be traced.
-    trace_feed: Option<Arc<TraceFeed>>,
+    trace: Option<VcpuTrace>,
 }
 
 impl Vcpu {
@@ -123,12 +122,12 @@ impl Vcpu {
         if let Some(ring) = &dirty_ring {
             ring.map_vcpu(&fd).map_err(|source| VcpuError::DirtyRing { index, source })?;
         }
-        Ok(Self { index, fd, dirty_ring, trace_feed: None })
+        Ok(Self { index, fd, dirty_ring, trace: None })
     }
 
-    /// Reports this vCPU's traced MSR writes to `feed` (see [`super::msr_trace`]).
-    pub fn set_trace_feed(&mut self, feed: Arc<TraceFeed>) {
-        self.trace_feed = Some(feed);
+    /// Reports this vCPU's traced MSR writes (see [`super::msr_trace`]).
+    pub fn set_trace(&mut self, trace: VcpuTrace) {
+        self.trace = Some(trace);
     }
 
     pub fn index(&self) -> u8 {
@@ -220,7 +219,7 @@ impl Vcpu {
                 // Only the trace's filter makes writes exit (KVM_CAP_X86_USER_SPACE_MSR is
                 // enabled for no other reason); anything else gets the #GP KVM would give.
                 let applied =
-                    filtered && super::msr_trace::on_msr_write(&self.fd, index, msr, value, self.trace_feed.as_deref());
+                    filtered && super::msr_trace::on_msr_write(&self.fd, index, msr, value, self.trace.as_ref());
                 if !applied {
                     // For KVM_EXIT_X86_WRMSR the union holds `msr`; KVM reads its `error`
                     // when the vCPU enters again (1: inject #GP).
