@@ -76,6 +76,14 @@ pub trait Source: Send + Sync {
             "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, exits to its VMM on the guest's MSR writes)",
         ))
     }
+    /// Arms exactly these hardware breakpoints in the source's guest (none: disarms),
+    /// their hits delivered as [`SourceEvent::BreakpointHit`]. Only a Specula `vmm`
+    /// started with `--mirror-allow-trace`.
+    fn set_breakpoints(&self, _points: &[mirror_driver::protocol::Breakpoint]) -> Result<u32, SourceError> {
+        Err(SourceError::Unsupported(
+            "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, arms hardware breakpoints for an inspector)",
+        ))
+    }
     /// Whether mapped grants keep the source's last contents once it is gone (memfd
     /// pages outlive their VMM; a process's anonymous memory does not).
     fn contents_outlive_the_source(&self) -> bool {
@@ -176,6 +184,10 @@ impl Source for MirrorSource {
 
     fn subscribe_trace(&self, kinds: u32) -> Result<u32, SourceError> {
         Ok(self.0.subscribe_trace(kinds)?)
+    }
+
+    fn set_breakpoints(&self, points: &[mirror_driver::protocol::Breakpoint]) -> Result<u32, SourceError> {
+        Ok(self.0.set_breakpoints(points)?)
     }
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {

@@ -440,13 +440,17 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 }
 
 /// Agentless tracing on a Linux source under our own vmm (2 vCPUs, `--mirror-allow-trace`,
-/// Debian's kernel from `guest-images/<dir>`): the inspector traces MSR writes through
-/// the API (`specula trace`); a busy guest (300 fork+exec, each with its system calls)
-/// writes none of the traced MSRs; then the test rootkit, loaded with `hook_lstar=1`,
-/// is reported as it hooks, with no check run: one LSTAR write per vCPU, applied, its
-/// value in the (hidden) module, the previous value `entry_SYSCALL_64`, and the module
-/// among the writer and its callers.
-fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
+/// Debian's kernel from `guest-images/<dir>`), every kind at once through the API
+/// (`specula trace`), with no agent in the guest and no check run:
+/// - a busy guest (300 fork+exec of /bin/true) is reported exec by exec, and writes none
+///   of the traced MSRs;
+/// - a process that runs and exits between two looks (`/bin/sh -c 'exit 7' MARKER`) is
+///   reported with its filename and argv as the guest ran them, then its exit with 7;
+/// - the test rootkit, loaded with `hook_lstar=1`, is reported at load (its name, by
+///   insmod), then its LSTAR hook as one MSR write per vCPU, applied, its value in the
+///   (hidden) module, the previous value `entry_SYSCALL_64`, and the module among the
+///   writer and its callers.
+fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
     retry_once_on_the_nest_triple_fault(|| {
         let _turn = turn();
         let l1 = &l1();
@@ -470,9 +474,9 @@ fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
                    [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat inspector.log)\"\n\
                    usleep 200000\n\
                  done\n\
-                 {specula} --socket {api} --json trace msr_writes > trace.out 2> trace.err &\n\
+                 {specula} --socket {api} --json trace > trace.out 2> trace.err &\n\
                  tracer=$!\n\
-                 until grep -q 'specula: tracing msr_writes' trace.err; do\n\
+                 until grep -q 'specula: tracing' trace.err; do\n\
                    kill -0 $tracer 2>/dev/null || fail \"specula trace failed: $(cat trace.err)\"\n\
                    usleep 200000\n\
                  done"
@@ -480,13 +484,14 @@ fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
             // A busy guest: processes come and go, every one with its system calls.
             .send("i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
             .wait_for("busy-done-42", SHELL_LIMIT)
-            .shell("sleep 2; echo '--- before'; cat trace.out")
+            .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
+            .wait_for("marker-status-7", SHELL_LIMIT)
             .send("insmod /lib/specula_rootkit.ko hook_lstar=1 && echo rootkit-loaded-$((40 + 2))")
             .wait_for("rootkit-loaded-42", SHELL_LIMIT)
             .shell(&format!(
                 "end=$(( $(date +%s) + 60 ))\n\
                  until [ $(grep -c '\"msr\":\"LSTAR\"' trace.out) -ge 2 ] || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
-                 sleep 1\n\
+                 sleep 2\n\
                  echo '--- trace'; cat trace.out\n\
                  echo '--- status'; {specula} --socket {api} --json trace-status\n\
                  kill $tracer $inspector\n\
@@ -500,17 +505,46 @@ fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
         let views = sections(views_text);
         let view =
             |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
-        assert_eq!(view("before"), "", "a busy guest wrote no traced MSR before the rootkit");
         let events: Vec<serde_json::Value> = view("trace")
             .lines()
             .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
             .collect();
-        let lstar: Vec<&serde_json::Value> =
-            events.iter().filter(|e| e["kind"] == "trace.msr_write" && e["detail"]["msr"] == "LSTAR").collect();
-        let mut vcpus: Vec<u64> = lstar.iter().map(|e| e["detail"]["vcpu"].as_u64().unwrap()).collect();
+        let of_kind = |kind: &str| events.iter().filter(|e| e["kind"] == kind).collect::<Vec<_>>();
+        let summary = || {
+            let mut kinds: Vec<String> = events.iter().map(|e| e["kind"].as_str().unwrap_or("?").to_string()).collect();
+            kinds.dedup();
+            format!("{} events: {kinds:?}\n{}", events.len(), view("inspector log"))
+        };
+
+        let execs = of_kind("trace.exec");
+        let true_runs = execs.iter().filter(|e| e["detail"]["filename"] == "/bin/true").count();
+        assert!(true_runs >= 300, "every /bin/true of the busy loop is an exec ({true_runs}): {}", summary());
+        let marker = execs
+            .iter()
+            .find(|e| e["detail"]["argv"] == serde_json::json!(["/bin/sh", "-c", "exit 7", "specula-marker-42"]))
+            .unwrap_or_else(|| panic!("the marker's exec, with its argv: {}", summary()));
+        assert_eq!(marker["detail"]["filename"], "/bin/sh", "{marker}");
+        let pid = &marker["detail"]["pid"];
+        assert!(
+            of_kind("trace.exit").iter().any(|e| &e["detail"]["pid"] == pid && e["detail"]["status"] == 7),
+            "the marker's exit, with status 7 (pid {pid}): {}",
+            summary()
+        );
+
+        let loads = of_kind("trace.module_load");
+        let load = loads
+            .iter()
+            .find(|e| e["detail"]["name"] == "specula_rootkit")
+            .unwrap_or_else(|| panic!("the rootkit's load: {}", summary()));
+        assert_eq!(load["detail"]["loader_comm"], "insmod", "{load}");
+
+        let writes = of_kind("trace.msr_write");
+        assert!(writes.iter().all(|e| e["detail"]["msr"] == "LSTAR"), "only the hook wrote a traced MSR: {writes:#?}");
+        let mut vcpus: Vec<u64> = writes.iter().map(|e| e["detail"]["vcpu"].as_u64().unwrap()).collect();
         vcpus.sort_unstable();
-        assert_eq!(vcpus, vec![0, 1], "one LSTAR write on every vCPU: {events:#?}");
-        for event in &lstar {
+        assert_eq!(vcpus, vec![0, 1], "one LSTAR write on every vCPU: {}", summary());
+        for event in &writes {
+            assert!(event["seq"].as_u64() > load["seq"].as_u64(), "the load comes before its hook: {event}");
             let d = &event["detail"];
             assert_eq!(d["applied"], true, "{d}");
             assert_eq!(d["syscall_entry_hooked"], true, "{d}");
@@ -524,19 +558,19 @@ fn trace_reports_the_rootkits_lstar_hook_on_every_vcpu(dir: &str) {
             );
         }
         let status: serde_json::Value = serde_json::from_str(&view("status")).expect("the trace status, in JSON");
-        assert_eq!(status["kinds"], serde_json::json!(["msr_writes"]), "{status}");
+        assert_eq!(status["kinds"], serde_json::json!(["msr_writes", "exec", "exit", "module_load"]), "{status}");
         assert_eq!(status["dropped"], 0, "{status}");
     })
 }
 
 #[test]
-fn nested_trace_reports_the_rootkits_lstar_hook_on_every_vcpu_on_linux_6_1() {
-    trace_reports_the_rootkits_lstar_hook_on_every_vcpu("linux");
+fn nested_trace_reports_processes_the_rootkits_load_and_its_lstar_hook_on_linux_6_1() {
+    trace_reports_processes_the_rootkits_load_and_its_lstar_hook("linux");
 }
 
 #[test]
-fn nested_trace_reports_the_rootkits_lstar_hook_on_every_vcpu_on_linux_6_12() {
-    trace_reports_the_rootkits_lstar_hook_on_every_vcpu("linux-trixie");
+fn nested_trace_reports_processes_the_rootkits_load_and_its_lstar_hook_on_linux_6_12() {
+    trace_reports_processes_the_rootkits_load_and_its_lstar_hook("linux-trixie");
 }
 
 /// An unmodified QEMU in L1 (`-M microvm -accel kvm`, its default private anonymous

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use specula_common::sync::lock;
 
-use crate::protocol::{trace_kind, Message, MsrWrite};
+use crate::protocol::{trace_kind, BreakpointHit, Message, MsrWrite};
 
 /// One traced event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TraceEvent {
     /// A guest write to a traced MSR.
     MsrWrite(MsrWrite),
+    /// A vCPU reached a hardware breakpoint.
+    Breakpoint(BreakpointHit),
 }
 
 impl TraceEvent {
@@ -26,6 +28,7 @@ impl TraceEvent {
     pub fn kind(&self) -> u32 {
         match self {
             TraceEvent::MsrWrite(_) => trace_kind::MSR_WRITES,
+            TraceEvent::Breakpoint(_) => trace_kind::BREAKPOINTS,
         }
     }
 
@@ -33,6 +36,7 @@ impl TraceEvent {
     pub fn to_message(self) -> Message {
         match self {
             TraceEvent::MsrWrite(write) => Message::TraceMsrWrite(write),
+            TraceEvent::Breakpoint(hit) => Message::TraceBreakpointHit(hit),
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
 use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
-use crate::vstate::msr_trace::{MsrTrace, VcpuTrace};
+use crate::vstate::trace::GuestTrace;
 use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -73,8 +73,8 @@ pub struct Vmm {
     vcpus: Vec<Vcpu>,
     reset_evt: EventFd,
     serial_input: bool,
-    /// Where the vCPUs report traced events, when inspectors may trace the guest.
-    trace_feed: Option<Arc<TraceFeed>>,
+    /// What inspectors trace in the guest, when the source lets them.
+    trace: Option<Arc<GuestTrace>>,
     config: VmConfig,
 }
 
@@ -114,19 +114,19 @@ impl Vmm {
             log::warn!("--dirty-log ring has no effect without --mirror-socket (nothing subscribes to a dirty log)");
         }
         vcpu::install_kick_handler()?;
-        let trace_feed = trace_feed(config);
+        let vm = Arc::new(vm);
+        let trace = trace_feed(config).map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed)));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let mut vcpu = Vcpu::new(&vm, index)?;
             vcpu.configure(&vm, &ram, &entry, config.cpus, config.host_tsc)?;
-            if let Some(feed) = &trace_feed {
-                vcpu.set_trace(VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() });
+            if let Some(trace) = &trace {
+                vcpu.set_trace(trace.for_vcpu(ram.memory().clone()));
             }
             vcpus.push(vcpu);
         }
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
-        let vm = Arc::new(vm);
         Ok(Self {
             vm,
             ram,
@@ -137,7 +137,7 @@ impl Vmm {
             vcpus,
             reset_evt,
             serial_input,
-            trace_feed,
+            trace,
             config: config.clone(),
         })
     }
@@ -276,9 +276,13 @@ impl Vmm {
     /// Starts the mirror exporter and the API socket, when configured.
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
         let dirty_log = crate::mirror::DirtyLog::new(self.vm.clone(), &self.ram, &self.ram_slots);
-        let trace = self.trace_feed.clone().map(|feed| MsrTrace::new(self.vm.clone(), feed));
-        let exporter =
-            crate::mirror::start_exporter(&self.config, &self.ram, self.lifecycle.clone(), dirty_log, trace)?;
+        let exporter = crate::mirror::start_exporter(
+            &self.config,
+            &self.ram,
+            self.lifecycle.clone(),
+            dirty_log,
+            self.trace.clone(),
+        )?;
         if let Some(path) = &self.config.api_socket {
             // The memfd chunks; anonymous RAM has none, so its runs.
             let memory = match self.ram.regions() {

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 
 use mirror_driver::exporter::{ExportLimits, ExportPolicy, ExportRegion, Exporter, SourceVm, SourceVmError};
-use mirror_driver::protocol::{trace_kind, DirtyMechanism, Range, VcpuRegs};
+use mirror_driver::protocol::{trace_kind, Breakpoint, DirtyMechanism, Range, VcpuRegs};
 use mirror_driver::trace::TraceFeed;
 
 use crate::config::VmConfig;
 use crate::memory::{GuestRam, RamSlot};
 use crate::vstate::dirty_ring::{DirtyRing, DirtyRingError};
-use crate::vstate::msr_trace::MsrTrace;
+use crate::vstate::trace::GuestTrace;
 use crate::vstate::vcpu::{Lifecycle, LifecycleError, VcpuSnapshot};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -92,7 +92,7 @@ impl DirtyLog {
 
 /// Serves vCPU state and pauses from the VM's lifecycle, dirty pages from KVM, and
 /// traced MSR writes from the vCPUs.
-struct LifecycleSource(Arc<Lifecycle>, DirtyLog, Option<MsrTrace>);
+struct LifecycleSource(Arc<Lifecycle>, DirtyLog, Option<Arc<GuestTrace>>);
 
 impl SourceVm for LifecycleSource {
     fn set_dirty_logging(&self, on: bool) -> Result<(), SourceVmError> {
@@ -127,8 +127,17 @@ impl SourceVm for LifecycleSource {
     fn arm_trace(&self, kinds: u32) -> Result<(), SourceVmError> {
         let trace = self.2.as_ref().ok_or(SourceVmError::NoTrace)?;
         trace
-            .arm(kinds & trace_kind::MSR_WRITES != 0)
+            .arm_msr_writes(kinds & trace_kind::MSR_WRITES != 0)
             .map_err(|e| SourceVmError::ArmTrace { kinds, source: Box::new(e) })
+    }
+
+    fn set_breakpoints(&self, points: &[Breakpoint]) -> Result<(), SourceVmError> {
+        let trace = self.2.as_ref().ok_or(SourceVmError::NoTrace)?;
+        trace.breakpoints().set(points);
+        // Each vCPU arms them before it enters the guest again: those in the guest now
+        // are kicked out for it.
+        self.0.kick_vcpus();
+        Ok(())
     }
 }
 
@@ -183,7 +192,7 @@ pub fn start_exporter(
     ram: &GuestRam,
     lifecycle: Arc<Lifecycle>,
     dirty_log: DirtyLog,
-    trace: Option<MsrTrace>,
+    trace: Option<Arc<GuestTrace>>,
 ) -> Result<Option<Arc<Exporter>>, mirror_driver::exporter::ExportError> {
     let Some(path) = &config.mirror_socket else { return Ok(None) };
     let regions = ram

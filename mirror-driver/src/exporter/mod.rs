@@ -280,6 +280,8 @@ struct Shared {
     /// The trace kinds armed at the source (the union of the subscribers'); held while
     /// they change, so arming follows the subscriptions in order.
     trace_armed: Mutex<u32>,
+    /// The connection whose hardware breakpoints are armed, if one's are.
+    breakpoint_holder: Mutex<Option<u64>>,
 }
 
 #[derive(Default)]
@@ -337,6 +339,7 @@ impl Exporter {
             dirty_logging: Mutex::new(DirtyFeedState::default()),
             collecting: Mutex::new(()),
             trace_armed: Mutex::new(0),
+            breakpoint_holder: Mutex::new(None),
         });
         if shared.policy.allow_trace {
             tracing::start_sender(&shared).map_err(|source| ExportError::Bind { path: path.to_path_buf(), source })?;

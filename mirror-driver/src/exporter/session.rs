@@ -12,7 +12,7 @@ use specula_common::error_chain;
 use super::dirty_feed::{subscribe_dirty, sync_dirty};
 use super::grants::grant;
 use super::shared::{broadcast, forget_duplicate_exposures};
-use super::tracing::{rearm_trace, subscribe_trace};
+use super::tracing::{rearm_trace, release_breakpoints, set_breakpoints, subscribe_trace};
 use super::{error, lock, Connection, GrantState, Shared};
 use crate::protocol::{ErrorCode, Message, EVENT_ID, PROTOCOL_VERSION};
 use crate::wire::{self, WireError};
@@ -140,6 +140,7 @@ fn serve(stream: UnixStream, conn: Arc<Connection>, shared: Arc<Shared>) {
     }
     conn.disconnect();
     shared.disconnected(&conn);
+    release_breakpoints(&conn, &shared);
     if conn.trace_kinds.swap(0, Ordering::SeqCst) != 0 {
         // What only this peer traced is disarmed: tracing nobody reads costs nothing.
         rearm_trace(&shared);
@@ -256,6 +257,13 @@ fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
         Message::TraceSubscribe { kinds } => {
             let reply = match subscribe_trace(conn, shared, kinds) {
                 Ok(max_per_second) => Message::TraceSubscribed { kinds, max_per_second },
+                Err((code, text)) => error(code, text),
+            };
+            conn.send(id, &reply, &[]);
+        }
+        Message::TraceBreakpoints { points } => {
+            let reply = match set_breakpoints(conn, shared, &points) {
+                Ok(count) => Message::TraceBreakpointsSet { count },
                 Err((code, text)) => error(code, text),
             };
             conn.send(id, &reply, &[]);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::protocol::{DirtyMechanism, Range, VcpuRegs};
+use crate::protocol::{Breakpoint, DirtyMechanism, Range, VcpuRegs};
 use crate::trace::TraceFeed;
 
 /// Any error a source VM wraps (its KVM ioctl errors, say): kept as the cause.
@@ -82,6 +82,12 @@ pub trait SourceVm: Send + Sync {
     /// Arms exactly the trace kinds `kinds` (bits of [`crate::protocol::trace_kind`]);
     /// 0 disarms everything, so tracing off costs the guest nothing.
     fn arm_trace(&self, _kinds: u32) -> Result<(), SourceVmError> {
+        Err(SourceVmError::NoTrace)
+    }
+    /// Arms exactly these hardware execution breakpoints on every vCPU (none: disarms;
+    /// the exporter keeps to `protocol::MAX_BREAKPOINTS`); each hit is reported to the
+    /// trace feed with what its captures read.
+    fn set_breakpoints(&self, _points: &[Breakpoint]) -> Result<(), SourceVmError> {
         Err(SourceVmError::NoTrace)
     }
 }

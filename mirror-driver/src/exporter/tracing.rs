@@ -9,7 +9,7 @@ use std::time::Duration;
 use specula_common::error_chain;
 
 use super::{lock, Connection, Shared};
-use crate::protocol::{trace_kind, ErrorCode, Message, EVENT_ID};
+use crate::protocol::{trace_kind, Breakpoint, ErrorCode, Message, EVENT_ID};
 use crate::trace::TraceFeed;
 
 /// How long the sender waits for events before it looks at the exporter again.
@@ -29,7 +29,10 @@ pub(super) fn subscribe_trace(conn: &Connection, shared: &Shared, kinds: u32) ->
         return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
     };
     let mut armed = lock(&shared.trace_armed);
-    let previous = conn.trace_kinds.swap(kinds, Ordering::SeqCst);
+    // Only this connection's session thread changes its kinds: the breakpoint bit,
+    // which a subscription does not name, is kept.
+    let held = conn.trace_kinds.load(Ordering::SeqCst) & trace_kind::BREAKPOINTS;
+    let previous = conn.trace_kinds.swap(kinds | held, Ordering::SeqCst);
     let wanted = wanted_kinds(shared);
     if wanted != *armed {
         if let Err(e) = shared.source.arm_trace(wanted) {
@@ -41,6 +44,58 @@ pub(super) fn subscribe_trace(conn: &Connection, shared: &Shared, kinds: u32) ->
     }
     Ok(feed.limits().max_per_second)
 }
+
+/// Arms `points` as `conn`'s hardware breakpoints (none: releases them), unless
+/// another live connection holds them. Returns how many are armed, or the refusal.
+pub(super) fn set_breakpoints(
+    conn: &Connection,
+    shared: &Shared,
+    points: &[Breakpoint],
+) -> Result<u32, (ErrorCode, String)> {
+    if !shared.policy.allow_trace {
+        let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
+        return Err((ErrorCode::PolicyDenied, text.into()));
+    }
+    if shared.source.trace_feed().is_none() {
+        return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
+    }
+    let mut holder = lock(&shared.breakpoint_holder);
+    if let Some(other) = holder.filter(|&h| h != conn.id) {
+        if shared.live_connections().iter().any(|c| c.id == other) {
+            return Err((ErrorCode::NotNow, format!("inspector {other} holds this source's breakpoints")));
+        }
+    }
+    if let Some(point) = points.iter().find(|p| !(p.address >= KERNEL_HALF || p.address < USER_TOP)) {
+        return Err((ErrorCode::OutOfRange, format!("breakpoint address {:#x} is not canonical", point.address)));
+    }
+    shared
+        .source
+        .set_breakpoints(points)
+        .map_err(|e| (ErrorCode::Internal, format!("cannot arm breakpoints: {}", error_chain(&e))))?;
+    *holder = (!points.is_empty()).then_some(conn.id);
+    if points.is_empty() {
+        conn.trace_kinds.fetch_and(!trace_kind::BREAKPOINTS, Ordering::SeqCst);
+    } else {
+        conn.trace_kinds.fetch_or(trace_kind::BREAKPOINTS, Ordering::SeqCst);
+    }
+    log::info!("mirror: {} hardware breakpoints armed for inspector {}", points.len(), conn.id);
+    Ok(points.len() as u32)
+}
+
+/// Releases the breakpoints of a connection that left.
+pub(super) fn release_breakpoints(conn: &Connection, shared: &Shared) {
+    let mut holder = lock(&shared.breakpoint_holder);
+    if *holder == Some(conn.id) {
+        if let Err(e) = shared.source.set_breakpoints(&[]) {
+            log::warn!("mirror: cannot disarm the breakpoints of inspector {}: {}", conn.id, error_chain(&e));
+        }
+        *holder = None;
+    }
+}
+
+/// Canonical x86-64 addresses: below this, or at or above [`KERNEL_HALF`].
+const USER_TOP: u64 = 0x0000_8000_0000_0000;
+const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
 /// Arms what the live subscribers want, after one left.
 pub(super) fn rearm_trace(shared: &Shared) {
@@ -58,9 +113,10 @@ pub(super) fn rearm_trace(shared: &Shared) {
     }
 }
 
-/// The union of the live connections' trace kinds.
+/// The union of the live connections' subscribed trace kinds (breakpoints are armed
+/// by their holder, not by subscription).
 fn wanted_kinds(shared: &Shared) -> u32 {
-    shared.live_connections().iter().fold(0, |kinds, c| kinds | c.trace_kinds.load(Ordering::SeqCst))
+    shared.live_connections().iter().fold(0, |kinds, c| kinds | c.trace_kinds.load(Ordering::SeqCst)) & trace_kind::ALL
 }
 
 /// Starts the thread that sends trace events, where the source has a trace feed; it
@@ -84,9 +140,16 @@ fn send_events(shared: &Shared, feed: &TraceFeed) {
         }
         let subscribers: Vec<Arc<Connection>> =
             shared.live_connections().into_iter().filter(|c| c.trace_kinds.load(Ordering::SeqCst) != 0).collect();
+        let holder = *lock(&shared.breakpoint_holder);
         for event in events {
+            let kind = event.kind();
             let message = event.to_message();
-            for conn in subscribers.iter().filter(|c| c.trace_kinds.load(Ordering::SeqCst) & event.kind() != 0) {
+            // Breakpoint hits go to the connection that set the breakpoints, and to no other.
+            let wants = |c: &Connection| {
+                c.trace_kinds.load(Ordering::SeqCst) & kind != 0
+                    && (kind != trace_kind::BREAKPOINTS || holder == Some(c.id))
+            };
+            for conn in subscribers.iter().filter(|c| wants(c)) {
                 conn.send(EVENT_ID, &message, &[]);
             }
         }

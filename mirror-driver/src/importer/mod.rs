@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use specula_common::sync::lock;
 
 use crate::protocol::{
-    DirtyMechanism, ErrorCode, Message, MsrWrite, Range, VcpuRegs, ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION,
+    Breakpoint, BreakpointHit, DirtyMechanism, ErrorCode, Message, MsrWrite, Range, VcpuRegs, ACCESS_READ_ONLY,
+    EVENT_ID, PROTOCOL_VERSION,
 };
 use crate::wire::{self, Frame, WireError};
 
@@ -104,6 +105,9 @@ pub enum SourceEvent {
     /// A guest write to a traced MSR (after [`Importer::subscribe_trace`]), as the
     /// source applied it.
     MsrWrite(MsrWrite),
+    /// A vCPU reached one of the breakpoints this connection set
+    /// ([`Importer::set_breakpoints`]), with what the breakpoint's captures read.
+    BreakpointHit(BreakpointHit),
     /// The source dropped `count` trace events since it last said so (over its rate
     /// cap, or behind a full queue).
     TraceDropped {
@@ -125,6 +129,7 @@ impl SourceEvent {
             Message::SourceExiting => SourceEvent::Gone,
             Message::DirtySynced { token } => SourceEvent::DirtySynced { token },
             Message::TraceMsrWrite(write) => SourceEvent::MsrWrite(write),
+            Message::TraceBreakpointHit(ref hit) => SourceEvent::BreakpointHit(hit.clone()),
             Message::TraceDropped { count } => SourceEvent::TraceDropped { count },
             _ => return None,
         })
@@ -333,6 +338,15 @@ impl Importer {
     pub fn subscribe_trace(&self, kinds: u32) -> Result<u32, ImportError> {
         match self.request(&Message::TraceSubscribe { kinds })?.message {
             Message::TraceSubscribed { kinds: granted, max_per_second } if granted == kinds => Ok(max_per_second),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Arms exactly these hardware breakpoints in the source's guest (none: disarms),
+    /// their hits arriving as [`SourceEvent::BreakpointHit`]; returns how many are armed.
+    pub fn set_breakpoints(&self, points: &[Breakpoint]) -> Result<u32, ImportError> {
+        match self.request(&Message::TraceBreakpoints { points: points.to_vec() })?.message {
+            Message::TraceBreakpointsSet { count } => Ok(count),
             other => Err(unexpected(other)),
         }
     }

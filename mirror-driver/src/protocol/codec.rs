@@ -2,8 +2,10 @@
 //! little-endian fields and bounded, counted arrays.
 
 use super::{
-    DecodeError, DirtyMechanism, ErrorCode, Grant, Message, MsrWrite, Range, VcpuRegs, HEADER_LEN, MAX_ERROR_TEXT,
-    MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS, MSR_WRITE_STACK_WORDS,
+    Breakpoint, BreakpointHit, Capture, CaptureKind, Captured, DecodeError, DirtyMechanism, ErrorCode, Grant, Message,
+    MsrWrite, Range, VcpuRegs, CAPTURE_BASE_GS, HEADER_LEN, MAX_BREAKPOINTS, MAX_CAPTURES, MAX_CAPTURE_STRING,
+    MAX_CAPTURE_STRINGS, MAX_DEREFS, MAX_ERROR_TEXT, MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS,
+    MSR_WRITE_STACK_WORDS,
 };
 
 pub(super) mod kind {
@@ -34,6 +36,9 @@ pub(super) mod kind {
     pub const TRACE_SUBSCRIBED: u16 = 17;
     pub const TRACE_MSR_WRITE: u16 = 28;
     pub const TRACE_DROPPED: u16 = 29;
+    pub const TRACE_BREAKPOINTS: u16 = 18;
+    pub const TRACE_BREAKPOINTS_SET: u16 = 19;
+    pub const TRACE_BREAKPOINT_HIT: u16 = 31;
     pub const ERROR: u16 = 30;
 }
 
@@ -99,6 +104,69 @@ fn write_ranges(w: &mut Writer, ranges: &[Range]) {
 fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
     let n = r.count(MAX_RANGES, 16)?;
     (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect()
+}
+
+fn read_breakpoint(r: &mut Reader) -> Result<Breakpoint, DecodeError> {
+    let address = r.u64()?;
+    let n = r.count(MAX_CAPTURES, 24)?;
+    let captures = (0..n)
+        .map(|_| {
+            let base = r.u32()?;
+            let derefs = (0..r.count(MAX_DEREFS, 8)?).map(|_| Ok(r.u64()? as i64)).collect::<Result<_, _>>()?;
+            let offset = r.u64()? as i64;
+            let kind = CaptureKind::from_u32(r.u32()?).ok_or(DecodeError::Malformed { kind: r.kind })?;
+            let max_len = r.u32()?;
+            if base > CAPTURE_BASE_GS || max_len > MAX_CAPTURE_STRING {
+                return Err(DecodeError::Malformed { kind: r.kind });
+            }
+            Ok(Capture { base, derefs, offset, kind, max_len })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Breakpoint { address, captures })
+}
+
+fn write_bytes(w: &mut Writer, bytes: &[u8]) {
+    w.u32(bytes.len() as u32);
+    w.0.extend_from_slice(bytes);
+}
+
+fn read_bytes(r: &mut Reader) -> Result<Vec<u8>, DecodeError> {
+    let n = r.count(MAX_CAPTURE_STRING as usize, 1)?;
+    Ok(r.take(n)?.to_vec())
+}
+
+fn write_captured(w: &mut Writer, v: &Captured) {
+    match v {
+        Captured::Missing => w.u32(0),
+        Captured::Number(n) => {
+            w.u32(1);
+            w.u64(*n);
+        }
+        Captured::Bytes(b) => {
+            w.u32(2);
+            write_bytes(w, b);
+        }
+        Captured::Strings(list) => {
+            w.u32(3);
+            w.u32(list.len() as u32);
+            for b in list {
+                write_bytes(w, b);
+            }
+        }
+    }
+}
+
+fn read_captured(r: &mut Reader) -> Result<Captured, DecodeError> {
+    Ok(match r.u32()? {
+        0 => Captured::Missing,
+        1 => Captured::Number(r.u64()?),
+        2 => Captured::Bytes(read_bytes(r)?),
+        3 => {
+            let n = r.count(MAX_CAPTURE_STRINGS, 4)?;
+            Captured::Strings((0..n).map(|_| read_bytes(r)).collect::<Result<_, _>>()?)
+        }
+        _ => return Err(DecodeError::Malformed { kind: r.kind }),
+    })
 }
 
 const VCPU_REGS_LEN: usize = 4 + 8 * 2 + 8 * 16 + 8 * 12;
@@ -238,6 +306,39 @@ impl Message {
                 w.u64(*count);
                 kind::TRACE_DROPPED
             }
+            Message::TraceBreakpoints { points } => {
+                w.u32(points.len() as u32);
+                for p in points {
+                    w.u64(p.address);
+                    w.u32(p.captures.len() as u32);
+                    for c in &p.captures {
+                        w.u32(c.base);
+                        w.u32(c.derefs.len() as u32);
+                        for d in &c.derefs {
+                            w.u64(*d as u64);
+                        }
+                        w.u64(c.offset as u64);
+                        w.u32(c.kind as u32);
+                        w.u32(c.max_len);
+                    }
+                }
+                kind::TRACE_BREAKPOINTS
+            }
+            Message::TraceBreakpointsSet { count } => {
+                w.u32(*count);
+                kind::TRACE_BREAKPOINTS_SET
+            }
+            Message::TraceBreakpointHit(hit) => {
+                w.u32(hit.vcpu);
+                w.u32(hit.index);
+                w.u64(hit.rip);
+                w.u64(hit.cr3);
+                w.u32(hit.values.len() as u32);
+                for v in &hit.values {
+                    write_captured(&mut w, v);
+                }
+                kind::TRACE_BREAKPOINT_HIT
+            }
             Message::Error { code, text } => {
                 w.u32(*code as u32);
                 let text = truncate_utf8(text, MAX_ERROR_TEXT);
@@ -346,6 +447,18 @@ impl Message {
                 Message::TraceMsrWrite(MsrWrite { vcpu, msr, value, previous, rip, cr3, stack, applied })
             }
             kind::TRACE_DROPPED => Message::TraceDropped { count: r.u64()? },
+            kind::TRACE_BREAKPOINTS => {
+                let n = r.count(MAX_BREAKPOINTS, 12)?;
+                let points = (0..n).map(|_| read_breakpoint(&mut r)).collect::<Result<_, _>>()?;
+                Message::TraceBreakpoints { points }
+            }
+            kind::TRACE_BREAKPOINTS_SET => Message::TraceBreakpointsSet { count: r.u32()? },
+            kind::TRACE_BREAKPOINT_HIT => {
+                let (vcpu, index, rip, cr3) = (r.u32()?, r.u32()?, r.u64()?, r.u64()?);
+                let n = r.count(MAX_CAPTURES, 4)?;
+                let values = (0..n).map(|_| read_captured(&mut r)).collect::<Result<_, _>>()?;
+                Message::TraceBreakpointHit(BreakpointHit { vcpu, index, rip, cr3, values })
+            }
             kind::ERROR => {
                 let raw = r.u32()?;
                 let code = ErrorCode::from_u32(raw).ok_or(DecodeError::BadErrorCode(raw))?;

@@ -139,8 +139,99 @@ pub mod trace_kind {
     /// Guest writes to the MSRs of [`super::TRACED_MSRS`], reported as
     /// [`super::Message::TraceMsrWrite`] and then applied.
     pub const MSR_WRITES: u32 = 1;
-    /// Every kind this protocol version knows.
+    /// Hits of the hardware breakpoints this connection set
+    /// ([`super::Message::TraceBreakpoints`]), as [`super::Message::TraceBreakpointHit`].
+    pub const BREAKPOINTS: u32 = 2;
+    /// Every kind a subscription names (breakpoint hits come with setting breakpoints).
     pub const ALL: u32 = MSR_WRITES;
+}
+
+/// Most hardware breakpoints a source arms: x86's four debug address registers.
+pub const MAX_BREAKPOINTS: usize = 4;
+/// Most captures one breakpoint takes at a hit.
+pub const MAX_CAPTURES: usize = 6;
+/// Most pointers one capture follows.
+pub const MAX_DEREFS: usize = 4;
+/// Longest string a capture reads (with `String`, and each of a `StringArray`'s).
+pub const MAX_CAPTURE_STRING: u32 = 256;
+/// Most strings a `StringArray` capture reads.
+pub const MAX_CAPTURE_STRINGS: usize = 16;
+/// A capture's base past the 16 general-purpose registers: the GS base (the per-CPU
+/// area, in a kernel's context).
+pub const CAPTURE_BASE_GS: u32 = 16;
+
+/// What a capture reads where its address computation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum CaptureKind {
+    /// The 8 bytes there.
+    U64 = 1,
+    /// The 4 bytes there.
+    U32 = 2,
+    /// A NUL-terminated string there (at most `max_len` bytes).
+    String = 3,
+    /// A NULL-terminated array of string pointers there (`argv`): at most
+    /// [`MAX_CAPTURE_STRINGS`] strings of at most `max_len` bytes.
+    StringArray = 4,
+    /// The address itself, nothing read (a register's value, say).
+    Address = 5,
+}
+
+impl CaptureKind {
+    pub(super) fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => CaptureKind::U64,
+            2 => CaptureKind::U32,
+            3 => CaptureKind::String,
+            4 => CaptureKind::StringArray,
+            5 => CaptureKind::Address,
+            _ => return None,
+        })
+    }
+}
+
+/// What to read from the guest when a breakpoint is hit, computed in the hitting vCPU's
+/// own address space: start at `base` (a general-purpose register, in [`VcpuRegs::gprs`]
+/// order, or [`CAPTURE_BASE_GS`]), replace the address by the 8 bytes at `address +
+/// deref` for each of `derefs`, add `offset`, and read `kind` there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    pub base: u32,
+    pub derefs: Vec<i64>,
+    pub offset: i64,
+    pub kind: CaptureKind,
+    /// For strings: the most bytes read of each (at most [`MAX_CAPTURE_STRING`]).
+    pub max_len: u32,
+}
+
+/// A hardware execution breakpoint at a guest virtual address, with what to capture
+/// when a vCPU reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Breakpoint {
+    pub address: u64,
+    pub captures: Vec<Capture>,
+}
+
+/// What one capture read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Captured {
+    /// An address on its way was not mapped.
+    Missing,
+    Number(u64),
+    Bytes(Vec<u8>),
+    Strings(Vec<Vec<u8>>),
+}
+
+/// A vCPU reached a breakpoint: which, where, and what its captures read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakpointHit {
+    pub vcpu: u32,
+    /// The breakpoint's index in the list the inspector set.
+    pub index: u32,
+    pub rip: u64,
+    pub cr3: u64,
+    /// One per capture of the breakpoint, in order.
+    pub values: Vec<Captured>,
 }
 
 /// The MSRs whose guest writes a source traces, with their names: where `syscall` and
@@ -334,6 +425,19 @@ pub enum Message {
     TraceDropped {
         count: u64,
     },
+    /// Inspector -> source: arm exactly these hardware breakpoints (at most
+    /// [`MAX_BREAKPOINTS`]; none disarms) on every vCPU, their hits sent to this
+    /// connection. One connection holds the breakpoints at a time; they are released
+    /// when it sets none or disconnects. Reply: `TraceBreakpointsSet`, or an error.
+    TraceBreakpoints {
+        points: Vec<Breakpoint>,
+    },
+    /// Source -> inspector: the breakpoints are armed (`count` of them).
+    TraceBreakpointsSet {
+        count: u32,
+    },
+    /// Source -> inspector event: a vCPU reached one of this connection's breakpoints.
+    TraceBreakpointHit(BreakpointHit),
     Error {
         code: ErrorCode,
         text: String,

@@ -64,6 +64,37 @@ fn samples() -> Vec<Message> {
             applied: true,
         }),
         Message::TraceDropped { count: 42 },
+        Message::TraceBreakpoints {
+            points: vec![
+                Breakpoint {
+                    address: 0xffff_ffff_8100_1000,
+                    captures: vec![
+                        Capture { base: 5, derefs: vec![112], offset: 0, kind: CaptureKind::String, max_len: 256 },
+                        Capture {
+                            base: CAPTURE_BASE_GS,
+                            derefs: vec![0x2_1440, -8],
+                            offset: 0x5a8,
+                            kind: CaptureKind::U32,
+                            max_len: 0,
+                        },
+                    ],
+                },
+                Breakpoint { address: 0xffff_ffff_8100_2000, captures: vec![] },
+            ],
+        },
+        Message::TraceBreakpointsSet { count: 2 },
+        Message::TraceBreakpointHit(BreakpointHit {
+            vcpu: 1,
+            index: 0,
+            rip: 0xffff_ffff_8100_1000,
+            cr3: 0x1000,
+            values: vec![
+                Captured::Missing,
+                Captured::Number(7),
+                Captured::Bytes(b"/bin/true".to_vec()),
+                Captured::Strings(vec![b"true".to_vec(), b"".to_vec()]),
+            ],
+        }),
         Message::Error { code: ErrorCode::PolicyDenied, text: "no".into() },
     ]
 }
@@ -100,6 +131,28 @@ fn unknown_kinds_and_trailing_bytes_are_refused() {
         let decoded = Message::decode(kind::DIRTY_SUBSCRIBED, &payload);
         assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "mechanism {code}: {decoded:?}");
     }
+    // Breakpoints beyond the four debug registers, a capture base past GS, a string
+    // longer than the cap, an unknown capture kind.
+    let five =
+        Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![] }; MAX_BREAKPOINTS + 1] };
+    let frame = five.encode(1);
+    let decoded = Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]);
+    assert!(matches!(decoded, Err(DecodeError::CountTooLarge { .. })), "{decoded:?}");
+    let capture = Capture { base: 0, derefs: vec![], offset: 0, kind: CaptureKind::U64, max_len: 0 };
+    for bad in [
+        Capture { base: CAPTURE_BASE_GS + 1, ..capture.clone() },
+        Capture { max_len: MAX_CAPTURE_STRING + 1, ..capture.clone() },
+    ] {
+        let frame = Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![bad.clone()] }] }
+            .encode(1);
+        let decoded = Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]);
+        assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "{bad:?}: {decoded:?}");
+    }
+    let mut frame =
+        Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![capture] }] }.encode(1);
+    let kind_at = frame.len() - 8;
+    frame[kind_at] = 9;
+    assert!(Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]).is_err(), "capture kind 9");
     // An MSR write whose `applied` flag is neither 0 nor 1.
     let mut frame = Message::TraceMsrWrite(MsrWrite::default()).encode(EVENT_ID);
     let last = frame.len() - 4;

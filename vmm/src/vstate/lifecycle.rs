@@ -127,6 +127,12 @@ impl Lifecycle {
         lock(&self.requests).published = vec![(0, None); count];
     }
 
+    /// Kicks every vCPU out of KVM_RUN once, so that each serves what was asked of it
+    /// (arming the trace's breakpoints, say) before it enters the guest again.
+    pub fn kick_vcpus(&self) {
+        self.kick_all();
+    }
+
     fn kick_all(&self) {
         for &thread in lock(&self.threads).iter() {
             // SAFETY: the threads are joined only after `begin_stop`, so each handle is live.

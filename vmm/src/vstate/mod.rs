@@ -2,6 +2,6 @@
 
 pub mod dirty_ring;
 pub mod lifecycle;
-pub mod msr_trace;
+pub mod trace;
 pub mod vcpu;
 pub mod vm;

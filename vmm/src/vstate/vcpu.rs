@@ -10,7 +10,7 @@ use vmm_sys_util::signal::register_signal_handler;
 
 use super::dirty_ring::{DirtyRing, DirtyRingError};
 pub use super::lifecycle::{kick_signal, Lifecycle, LifecycleError, VcpuSnapshot, VmExit, CRASH_EXIT_CODE};
-use super::msr_trace::VcpuTrace;
+use super::trace::{breakpoints, msr as msr_trace, VcpuTrace};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot::KernelEntry;
@@ -125,7 +125,7 @@ impl Vcpu {
         Ok(Self { index, fd, dirty_ring, trace: None })
     }
 
-    /// Reports this vCPU's traced MSR writes (see [`super::msr_trace`]).
+    /// Reports this vCPU's traced events (see [`super::trace`]).
     pub fn set_trace(&mut self, trace: VcpuTrace) {
         self.trace = Some(trace);
     }
@@ -183,6 +183,15 @@ impl Vcpu {
         let mut last_published = 0;
         while !lifecycle.stopping() {
             lifecycle.serve_requests(&self.fd, self.index, &mut last_published);
+            if let Some(trace) = self.trace.as_mut() {
+                if let Err(e) = breakpoints::sync(&self.fd, trace) {
+                    lifecycle.request_exit(VmExit::Crash(format!(
+                        "vCPU {}: cannot arm the trace's breakpoints (KVM_SET_GUEST_DEBUG): {e}",
+                        self.index
+                    )));
+                    break;
+                }
+            }
             if let Some(reason) = self.run_once(bus, lifecycle, &mut last_published) {
                 lifecycle.request_exit(reason);
                 break;
@@ -218,12 +227,20 @@ impl Vcpu {
                 let (msr, value, filtered) = (exit.index, exit.data, exit.reason == MsrExitReason::Filter);
                 // Only the trace's filter makes writes exit (KVM_CAP_X86_USER_SPACE_MSR is
                 // enabled for no other reason); anything else gets the #GP KVM would give.
-                let applied =
-                    filtered && super::msr_trace::on_msr_write(&self.fd, index, msr, value, self.trace.as_ref());
+                let applied = filtered && msr_trace::on_msr_write(&self.fd, index, msr, value, self.trace.as_ref());
                 if !applied {
                     // For KVM_EXIT_X86_WRMSR the union holds `msr`; KVM reads its `error`
                     // when the vCPU enters again (1: inject #GP).
                     self.fd.get_kvm_run().__bindgen_anon_1.msr.error = 1;
+                }
+            }
+            Ok(VcpuExit::Debug(exit)) => {
+                let outcome = match self.trace.as_mut() {
+                    Some(trace) => breakpoints::on_debug_exit(&self.fd, index, &exit, trace),
+                    None => Err(kvm_ioctls::Error::new(libc::ENOTSUP)),
+                };
+                if let Err(e) = outcome {
+                    return Some(VmExit::Crash(format!("vCPU {index}: a debug exit could not be handled: {e}")));
                 }
             }
             Ok(VcpuExit::Hlt) => {}

@@ -1,42 +1,17 @@
-//! Tracing the guest's writes to the system-call MSRs (`mirror_driver::protocol::
-//! TRACED_MSRS`): while an inspector traces them, KVM's MSR filter makes each write
-//! exit to the vmm, whose vCPU thread reports it to the trace feed and then applies it
-//! with KVM_SET_MSRS, so the guest sees exactly what it would have without tracing (a
-//! value KVM refuses gets the #GP it would have got). Disarmed, there is no filter:
-//! the guest's MSR writes cost what they cost before.
-
-use std::sync::Arc;
+//! The guest's writes to the system-call MSRs (`mirror_driver::protocol::TRACED_MSRS`):
+//! while an inspector traces them, KVM's MSR filter makes each write exit to the vmm,
+//! whose vCPU thread reports it to the trace feed and then applies it with
+//! KVM_SET_MSRS, so the guest sees exactly what it would have without tracing (a value
+//! KVM refuses gets the #GP it would have got). Disarmed, there is no filter: the
+//! guest's MSR writes cost what they cost before.
 
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
-use mirror_driver::protocol::{MsrWrite, MSR_WRITE_STACK_WORDS, TRACED_MSRS};
-use mirror_driver::trace::{TraceEvent, TraceFeed};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use mirror_driver::protocol::MsrWrite;
+use mirror_driver::trace::TraceEvent;
 
-use super::vm::{Vm, VmError};
-
-/// Arms and disarms the MSR-write exits of one VM, whose vCPUs report to `feed`.
-pub struct MsrTrace {
-    vm: Arc<Vm>,
-    feed: Arc<TraceFeed>,
-}
-
-impl MsrTrace {
-    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>) -> Self {
-        Self { vm, feed }
-    }
-
-    /// Where the vCPUs report.
-    pub fn feed(&self) -> &Arc<TraceFeed> {
-        &self.feed
-    }
-
-    /// Makes writes to the traced MSRs exit (`on`), or removes the filter.
-    pub fn arm(&self, on: bool) -> Result<(), VmError> {
-        let msrs: Vec<u32> = if on { TRACED_MSRS.iter().map(|(index, _)| *index).collect() } else { Vec::new() };
-        self.vm.set_msr_write_exits(&msrs)
-    }
-}
+use super::guest_view::GuestView;
+use super::VcpuTrace;
 
 /// Handles a guest write of `value` to `msr` that exited on vCPU `index` (the filter's
 /// exit, the vCPU stopped at the `wrmsr`): applies it as KVM would have, and reports it
@@ -48,33 +23,11 @@ pub fn on_msr_write(fd: &VcpuFd, index: u8, msr: u32, value: u64, trace: Option<
     if let Some(trace) = trace {
         let (rip, rsp) = fd.get_regs().map_or((0, 0), |r| (r.rip, r.rsp));
         let cr3 = fd.get_sregs().map_or(0, |s| s.cr3);
-        let stack = read_stack(fd, &trace.memory, rsp);
+        let stack = GuestView::new(fd, &trace.memory).stack_words(rsp);
         let write = MsrWrite { vcpu: u32::from(index), msr, value, previous, rip, cr3, stack, applied };
         trace.feed.report(TraceEvent::MsrWrite(write));
     }
     applied
-}
-
-/// What a vCPU needs to report traced events: the feed, and guest RAM to read the
-/// writer's stack from.
-pub struct VcpuTrace {
-    pub feed: Arc<TraceFeed>,
-    pub memory: GuestMemoryMmap,
-}
-
-/// The first words at `rsp`, each translated through the vCPU's own page tables
-/// (KVM_TRANSLATE, with the vCPU stopped at the exit); 0 where a word is unmapped.
-fn read_stack(fd: &VcpuFd, memory: &GuestMemoryMmap, rsp: u64) -> [u64; MSR_WRITE_STACK_WORDS] {
-    let mut words = [0; MSR_WRITE_STACK_WORDS];
-    for (i, word) in words.iter_mut().enumerate() {
-        let Some(va) = rsp.checked_add(8 * i as u64) else { break };
-        let gpa = match fd.translate_gva(va) {
-            Ok(t) if t.valid != 0 => t.physical_address,
-            _ => continue,
-        };
-        *word = memory.read_obj::<u64>(GuestAddress(gpa)).unwrap_or(0);
-    }
-    words
 }
 
 /// One MSR, read as the host (no filter applies to the host).
@@ -92,14 +45,18 @@ fn write_msr(fd: &VcpuFd, msr: u32, value: u64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use kvm_ioctls::{MsrExitReason, VcpuExit};
-    use mirror_driver::trace::TraceLimits;
+    use mirror_driver::trace::{TraceFeed, TraceLimits};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::memory::{GuestRam, MemoryBackend};
+    use crate::vstate::trace::GuestTrace;
+    use crate::vstate::vm::Vm;
 
     const LSTAR: u32 = 0xc000_0082;
     const CODE: u64 = 0x1000;
@@ -121,7 +78,7 @@ mod tests {
         vcpu
     }
 
-    fn vm_with_code() -> (Arc<Vm>, GuestRam) {
+    pub(in crate::vstate::trace) fn vm_with_code() -> (Arc<Vm>, GuestRam) {
         let vm = Vm::new(std::path::Path::new("/dev/kvm")).expect("/dev/kvm (these tests need KVM)");
         let ram = GuestRam::with_backend(2 << 20, MemoryBackend::default()).unwrap();
         vm.register_ram(&ram).unwrap();
@@ -133,8 +90,8 @@ mod tests {
     fn an_armed_msr_write_exits_is_reported_with_its_writer_and_is_applied() {
         let (vm, ram) = vm_with_code();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = MsrTrace::new(vm.clone(), feed.clone());
-        trace.arm(true).unwrap();
+        let trace = GuestTrace::new(vm.clone(), feed.clone());
+        trace.arm_msr_writes(true).unwrap();
         let hook = 0xffff_ffff_c000_1000;
         let mut vcpu = vcpu_writing_lstar(&vm, hook);
         // The writer's stack: a return address and another word at RSP (real mode,
@@ -144,7 +101,7 @@ mod tests {
         vcpu.set_regs(&regs).unwrap();
         ram.memory().write_obj(0xffff_ffff_c000_2040u64, GuestAddress(STACK)).unwrap();
         ram.memory().write_obj(0x1234u64, GuestAddress(STACK + 8)).unwrap();
-        let vcpu_trace = VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() };
+        let vcpu_trace = trace.for_vcpu(ram.memory().clone());
         let (msr, value) = match vcpu.run().unwrap() {
             VcpuExit::X86Wrmsr(exit) => {
                 assert_eq!(exit.reason, MsrExitReason::Filter);
@@ -177,9 +134,9 @@ mod tests {
     #[test]
     fn a_disarmed_trace_leaves_msr_writes_to_kvm() {
         let (vm, _ram) = vm_with_code();
-        let trace = MsrTrace::new(vm.clone(), Arc::new(TraceFeed::new(TraceLimits::default())));
-        trace.arm(true).unwrap();
-        trace.arm(false).unwrap();
+        let trace = GuestTrace::new(vm.clone(), Arc::new(TraceFeed::new(TraceLimits::default())));
+        trace.arm_msr_writes(true).unwrap();
+        trace.arm_msr_writes(false).unwrap();
         let mut vcpu = vcpu_writing_lstar(&vm, 0xffff_ffff_8120_0040);
         assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt), "no exit on the wrmsr once disarmed");
         assert_eq!(read_msr(&vcpu, LSTAR), Some(0xffff_ffff_8120_0040));
@@ -190,7 +147,7 @@ mod tests {
         let (vm, ram) = vm_with_code();
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let vcpu_trace = VcpuTrace { feed: feed.clone(), memory: ram.memory().clone() };
+        let vcpu_trace = GuestTrace::new(vm.clone(), feed.clone()).for_vcpu(ram.memory().clone());
         // A non-canonical LSTAR: the guest would get #GP without tracing, and does with it.
         assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&vcpu_trace)));
         let (events, _) = feed.take(Duration::ZERO).unwrap();

@@ -1,49 +1,72 @@
-//! Tracing the source's guest: the subscription at the source, and the `trace.*`
-//! events made of what it reports. A traced write to a system-call MSR becomes a
-//! `trace.msr_write` event once the agent has said where its value, the MSR's previous
-//! value and the writing instruction land (a kernel symbol, a module, hidden or not).
+//! Tracing the source's guest: the subscription at the source, the breakpoints it
+//! arms for the inspector ([`plan`]), and the `trace.*` events made of what it reports.
+//! A traced write to a system-call MSR becomes a `trace.msr_write` event once the agent
+//! has said where its value, the MSR's previous value, the writing instruction and its
+//! callers land (a kernel symbol, a module, hidden or not); a breakpoint hit becomes a
+//! `trace.exec`, `trace.exit` or `trace.module_load` event.
 //!
 //! The source's events arrive on the source-event thread, which must never wait on the
-//! agent (revocations go through it): writes are queued here (bounded; past the bound
-//! they are counted as dropped) and a resolver thread (`startup`) publishes them.
+//! agent (revocations go through it): they are queued here (bounded; past the bound
+//! they are counted as dropped) and a resolver thread (`startup`) publishes them, in
+//! the order they came.
+
+mod plan;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use mirror_driver::protocol::{trace_kind, traced_msr_name, MsrWrite, MSR_WRITE_STACK_WORDS};
+use mirror_driver::protocol::{trace_kind, traced_msr_name, BreakpointHit, MsrWrite, MSR_WRITE_STACK_WORDS};
 use serde_json::{json, Value};
 use specula_api::{Reply, Request, TraceStatus};
 use specula_common::sync::lock;
 use specula_os::checks::{select, FindingKind};
 use specula_os::wire::{self, OsRequest, MAX_LSTARS};
 
+use self::plan::Probe;
 use super::{InspectError, Inspector};
 
+/// Trace kinds the inspector builds from hardware breakpoints (bits past the mirror
+/// protocol's [`trace_kind`]s, which the source traces by subscription).
+const EXEC: u32 = 1 << 8;
+const EXIT: u32 = 1 << 9;
+const MODULE_LOAD: u32 = 1 << 10;
+const BREAKPOINT_KINDS: u32 = EXEC | EXIT | MODULE_LOAD;
 /// The kinds by the names the API uses.
-const KIND_NAMES: [(u32, &str); 1] = [(trace_kind::MSR_WRITES, "msr_writes")];
-/// Writes waiting for the resolver; past it they are counted as dropped.
+const KIND_NAMES: [(u32, &str); 4] =
+    [(trace_kind::MSR_WRITES, "msr_writes"), (EXEC, "exec"), (EXIT, "exit"), (MODULE_LOAD, "module_load")];
+/// Every kind.
+const ALL_KINDS: u32 = trace_kind::MSR_WRITES | BREAKPOINT_KINDS;
+/// Events waiting for the resolver; past it they are counted as dropped.
 const MAX_PENDING: usize = 4096;
-/// Addresses resolved per write: the value, the previous value, the writer's RIP and
-/// its stack words.
+/// Addresses resolved per MSR write: the value, the previous value, the writer's RIP
+/// and its stack words.
 const PLACES_PER_WRITE: usize = 3 + MSR_WRITE_STACK_WORDS;
-/// Writes resolved in one agent call.
+/// Events taken in one batch (all MSR writes, at most: one agent call resolves them).
 const RESOLVE_BATCH: usize = MAX_LSTARS / PLACES_PER_WRITE;
 /// The MSRs that hold where a system call enters the kernel.
 const ENTRY_MSRS: [&str; 3] = ["LSTAR", "CSTAR", "SYSENTER_EIP"];
 /// Where the kernel's half of the address space starts.
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 
+/// A source event waiting to become a trace event.
+enum Pending {
+    Msr(MsrWrite),
+    Hit(BreakpointHit),
+}
+
 /// The trace state of one inspector.
 #[derive(Default)]
 pub(crate) struct Tracing {
-    /// The kinds subscribed at the source; held while a subscription changes.
+    /// The kinds traced; held while they change.
     kinds: Mutex<u32>,
+    /// What each armed breakpoint reports, by index.
+    probes: Mutex<Vec<Probe>>,
     max_per_second: AtomicU32,
     published: AtomicU64,
     dropped: AtomicU64,
-    pending: Mutex<VecDeque<MsrWrite>>,
+    pending: Mutex<VecDeque<Pending>>,
     ready: Condvar,
 }
 
@@ -62,10 +85,10 @@ impl Place {
     }
 }
 
-/// The bits of [`trace_kind`] the names select (none named: every kind).
+/// The kinds the names select (none named: every kind).
 fn kinds_named(names: &[String]) -> Result<u32, InspectError> {
     if names.is_empty() {
-        return Ok(trace_kind::ALL);
+        return Ok(ALL_KINDS);
     }
     names.iter().try_fold(0, |kinds, name| {
         let (bit, _) = KIND_NAMES.iter().find(|(_, n)| *n == name).ok_or_else(|| {
@@ -107,27 +130,60 @@ impl Inspector {
         }
     }
 
-    /// Subscribes to exactly `kinds` at the source (0: none).
+    /// Traces exactly `kinds` (0: nothing): the MSR kinds by subscription at the
+    /// source, the others by the breakpoints planned for them (or none).
     fn set_tracing(&self, kinds: u32) -> Result<(), InspectError> {
         if self.source_gone() {
             return Err(InspectError::SourceGone);
         }
         let mut current = lock(&self.tracing.kinds);
-        let max_per_second = self.source.subscribe_trace(kinds)?;
+        let plan = match kinds & BREAKPOINT_KINDS {
+            0 => None,
+            wanted => Some(self.plan_breakpoints(wanted)?),
+        };
+        let max_per_second = self.source.subscribe_trace(kinds & trace_kind::ALL)?;
+        let armed = match &plan {
+            Some(plan) => self.source.set_breakpoints(&plan.points).map(|_| ()),
+            None if *current & BREAKPOINT_KINDS != 0 => self.source.set_breakpoints(&[]).map(|_| ()),
+            None => Ok(()),
+        };
+        if let Err(e) = armed {
+            // Back to what was traced before, as far as the source lets us.
+            let _ = self.source.subscribe_trace(*current & trace_kind::ALL);
+            return Err(e.into());
+        }
+        *lock(&self.tracing.probes) = plan.map(|p| p.probes).unwrap_or_default();
         *current = kinds;
         self.tracing.max_per_second.store(if kinds == 0 { 0 } else { max_per_second }, Ordering::SeqCst);
         Ok(())
     }
 
+    /// The breakpoints for `kinds`, from the kernel's kallsyms and BTF (read through
+    /// the agent).
+    fn plan_breakpoints(&self, kinds: u32) -> Result<plan::Plan, InspectError> {
+        let symbols = self.os_symbols()?;
+        let btf = specula_os::btf::Btf::parse(self.os_btf(&symbols)?)?;
+        plan::plan(kinds, &symbols, &btf)
+    }
+
     /// Queues a traced MSR write for the resolver (from the source-event thread).
     pub(super) fn queue_msr_write(&self, write: MsrWrite) {
+        self.queue_trace_event(Pending::Msr(write));
+    }
+
+    /// Queues a breakpoint hit for the resolver (from the source-event thread).
+    pub(super) fn queue_breakpoint_hit(&self, hit: BreakpointHit) {
+        self.queue_trace_event(Pending::Hit(hit));
+    }
+
+    fn queue_trace_event(&self, event: Pending) {
         let mut pending = lock(&self.tracing.pending);
         if pending.len() >= MAX_PENDING {
             drop(pending);
             self.note_trace_dropped(1, "inspector");
             return;
         }
-        pending.push_back(write);
+        pending.push_back(event);
         self.tracing.ready.notify_one();
     }
 
@@ -138,10 +194,10 @@ impl Inspector {
         self.events.publish("trace.dropped", json!({ "count": count, "by": by }));
     }
 
-    /// Waits up to `wait` for traced writes, then publishes those queued (a batch), each
-    /// as a `trace.msr_write` event. Run by the resolver thread.
+    /// Waits up to `wait` for trace events, then publishes those queued (a batch), in
+    /// order. Run by the resolver thread.
     pub(crate) fn publish_trace_events(&self, wait: Duration) {
-        let batch: Vec<MsrWrite> = {
+        let batch: Vec<Pending> = {
             let pending = lock(&self.tracing.pending);
             let (mut pending, _) = self
                 .tracing
@@ -154,14 +210,34 @@ impl Inspector {
         if batch.is_empty() {
             return;
         }
-        let addresses: Vec<u64> =
-            batch.iter().flat_map(|w| [w.value, w.previous, w.rip].into_iter().chain(w.stack)).collect();
+        let addresses: Vec<u64> = batch
+            .iter()
+            .filter_map(|e| match e {
+                Pending::Msr(w) => Some([w.value, w.previous, w.rip].into_iter().chain(w.stack)),
+                Pending::Hit(_) => None,
+            })
+            .flatten()
+            .collect();
         let (places, error) = match self.kernel_places(&addresses) {
             Ok(places) => (places, None),
             Err(e) => (vec![Place::default(); addresses.len()], Some(e.to_string())),
         };
-        for (write, places) in batch.iter().zip(places.chunks(PLACES_PER_WRITE)) {
-            self.events.publish("trace.msr_write", msr_write_detail(write, places, error.as_deref()));
+        let mut places = places.chunks(PLACES_PER_WRITE);
+        let probes = lock(&self.tracing.probes).clone();
+        for event in &batch {
+            let (kind, detail) = match event {
+                Pending::Msr(write) => {
+                    let places = places.next().unwrap_or_default();
+                    ("trace.msr_write", msr_write_detail(write, places, error.as_deref()))
+                }
+                // A hit of a breakpoint set before the last change of plan is not
+                // decoded with the new one.
+                Pending::Hit(hit) => match probes.get(hit.index as usize) {
+                    Some(&probe) => plan::event(probe, hit),
+                    None => continue,
+                },
+            };
+            self.events.publish(kind, detail);
             self.tracing.published.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -206,13 +282,14 @@ impl Inspector {
 fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&str>) -> Value {
     let name = traced_msr_name(write.msr);
     let entry_msr = name.is_some_and(|n| ENTRY_MSRS.contains(&n));
-    let (value_at, previous_at, writer) = (&places[0], &places[1], &places[2]);
+    let place = |i: usize| places.get(i).cloned().unwrap_or_default();
+    let (value_at, previous_at, writer) = (place(0), place(1), place(2));
     // Stack words that land in kernel code or a module: the callers, innermost first
     // (others are data, and left out).
     let callers: Vec<Value> = write
         .stack
         .iter()
-        .zip(&places[3..])
+        .zip(places.get(3..).unwrap_or_default())
         .filter(|(_, place)| place.symbol.is_some() || place.module.is_some())
         .map(|(&word, place)| json!({ "address": hex(word), "symbol": place.symbol, "module": place.module }))
         .collect();
@@ -248,8 +325,10 @@ mod tests {
 
     #[test]
     fn kinds_are_named_and_unknown_names_refused() {
-        assert_eq!(kinds_named(&[]).unwrap(), trace_kind::ALL);
+        assert_eq!(kinds_named(&[]).unwrap(), ALL_KINDS);
         assert_eq!(kinds_named(&["msr_writes".into()]).unwrap(), trace_kind::MSR_WRITES);
+        assert_eq!(kinds_named(&["exec".into(), "exit".into()]).unwrap(), EXEC | EXIT);
+        assert_eq!(kind_names(ALL_KINDS), vec!["msr_writes", "exec", "exit", "module_load"]);
         let e = kinds_named(&["syscalls".into()]).unwrap_err().to_string();
         assert!(e.contains("\"syscalls\"") && e.contains("msr_writes"), "{e}");
         assert_eq!(kind_names(trace_kind::MSR_WRITES), vec!["msr_writes"]);
