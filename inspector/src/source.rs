@@ -76,10 +76,15 @@ pub trait Source: Send + Sync {
             "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, exits to its VMM on the guest's MSR writes)",
         ))
     }
-    /// Arms exactly these hardware breakpoints in the source's guest (none: disarms),
+    /// Arms exactly these breakpoints in the source's guest, in the debug registers or
+    /// (`software`) as `int3`s (none: disarms),
     /// their hits delivered as [`SourceEvent::BreakpointHit`]. Only a Specula `vmm`
     /// started with `--mirror-allow-trace`.
-    fn set_breakpoints(&self, _points: &[mirror_driver::protocol::Breakpoint]) -> Result<u32, SourceError> {
+    fn set_breakpoints(
+        &self,
+        _software: bool,
+        _points: &[mirror_driver::protocol::Breakpoint],
+    ) -> Result<u32, SourceError> {
         Err(SourceError::Unsupported(
             "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, arms hardware breakpoints for an inspector)",
         ))
@@ -186,8 +191,12 @@ impl Source for MirrorSource {
         Ok(self.0.subscribe_trace(kinds)?)
     }
 
-    fn set_breakpoints(&self, points: &[mirror_driver::protocol::Breakpoint]) -> Result<u32, SourceError> {
-        Ok(self.0.set_breakpoints(points)?)
+    fn set_breakpoints(
+        &self,
+        software: bool,
+        points: &[mirror_driver::protocol::Breakpoint],
+    ) -> Result<u32, SourceError> {
+        Ok(self.0.set_breakpoints(software, points)?)
     }
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use integration_tests::{unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::{ImportError, Importer};
-use mirror_driver::protocol::{trace_kind, ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
+use mirror_driver::protocol::{trace_kind, Breakpoint, ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
 use mirror_driver::wire;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -98,7 +98,28 @@ fn trace_subscriptions_need_the_sources_consent_and_known_kinds() {
     assert!(text.contains("0x80"), "{text}");
     assert_eq!(importer.subscribe_trace(trace_kind::MSR_WRITES).unwrap(), 1000, "the source's rate cap");
     assert_eq!(importer.subscribe_trace(0).unwrap(), 1000);
+    // Breakpoints: hardware ones are one inspector's at a time; software ones (a patch
+    // of guest text) need the source's own consent; a non-canonical address is refused.
+    let point = |address| Breakpoint { address, captures: vec![] };
+    assert_eq!(importer.set_breakpoints(false, &[point(0xffff_ffff_8100_0000)]).unwrap(), 1);
+    let other = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(other.set_breakpoints(false, &[point(0xffff_ffff_8100_0000)]));
+    assert_eq!(code, ErrorCode::NotNow, "{text}");
+    assert!(text.contains("holds this source's breakpoints"), "{text}");
+    let (code, text) = refused(importer.set_breakpoints(true, &[point(0xffff_ffff_8100_0000)]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
+    assert!(text.contains("--mirror-allow-trace-patches"), "{text}");
+    let (code, _) = refused(importer.set_breakpoints(false, &[point(0x0000_8000_0000_0000)]));
+    assert_eq!(code, ErrorCode::OutOfRange);
+    // Released when their holder leaves: the other inspector may set them then.
     drop(importer);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while other.set_breakpoints(false, &[point(0xffff_ffff_8100_0000)]).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the breakpoints outlived the inspector that held them");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(other.set_breakpoints(false, &[]).unwrap(), 0);
+    drop(other);
     assert_source_healthy(&mut vm, &mirror, &api);
 }
 

@@ -115,7 +115,7 @@ impl Vmm {
         }
         vcpu::install_kick_handler()?;
         let vm = Arc::new(vm);
-        let trace = trace_feed(config).map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed)));
+        let trace = trace_feed(config).map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let mut vcpu = Vcpu::new(&vm, index)?;

@@ -42,6 +42,9 @@ pub struct VmConfig {
     /// Whether inspectors may trace the guest through the mirror device (its writes to
     /// the system-call MSRs, reported and then applied).
     pub mirror_allow_trace: bool,
+    /// Whether tracing inspectors may have software breakpoints patched into guest
+    /// text (needs `mirror_allow_trace`).
+    pub mirror_allow_trace_patches: bool,
     /// Drop to this (uid, gid) once /dev/kvm and the images are open (the jailer pattern).
     pub run_as: Option<(u32, u32)>,
     /// Unix socket path for the control API.
@@ -98,6 +101,7 @@ impl VmConfig {
             mirror_regrant: false,
             mirror_allow_pause: false,
             mirror_allow_trace: false,
+            mirror_allow_trace_patches: false,
             run_as: None,
             api_socket: None,
             host_tsc: false,
@@ -200,6 +204,11 @@ struct Args {
     /// (at most 1000 events a second; the rest are counted as dropped).
     #[arg(long = "mirror-allow-trace")]
     mirror_allow_trace: bool,
+    /// Also let tracing inspectors set software breakpoints, where the debug registers
+    /// do not work: the vmm writes a 2-byte `out` over a no-op in guest text (and puts
+    /// the no-op back when they are removed). The guest can see it.
+    #[arg(long = "mirror-allow-trace-patches", requires = "mirror_allow_trace")]
+    mirror_allow_trace_patches: bool,
     /// Drop to this uid and gid once /dev/kvm and the images are open.
     #[arg(long, value_name = "UID:GID", value_parser = parse_run_as_arg)]
     run_as: Option<(u32, u32)>,
@@ -397,6 +406,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         mirror_regrant: args.mirror_regrant,
         mirror_allow_pause: args.mirror_allow_pause,
         mirror_allow_trace: args.mirror_allow_trace,
+        mirror_allow_trace_patches: args.mirror_allow_trace_patches,
         run_as: args.run_as,
         api_socket: args.api_socket,
         host_tsc: args.host_tsc,

@@ -131,13 +131,14 @@ impl SourceVm for LifecycleSource {
             .map_err(|e| SourceVmError::ArmTrace { kinds, source: Box::new(e) })
     }
 
-    fn set_breakpoints(&self, points: &[Breakpoint]) -> Result<(), SourceVmError> {
+    fn set_breakpoints(&self, software: bool, points: &[Breakpoint]) -> Result<(), SourceVmError> {
         let trace = self.2.as_ref().ok_or(SourceVmError::NoTrace)?;
-        trace.breakpoints().set(points);
         // Each vCPU arms them before it enters the guest again: those in the guest now
         // are kicked out for it.
-        self.0.kick_vcpus();
-        Ok(())
+        trace
+            .breakpoints()
+            .set(software, points, || self.0.kick_vcpus())
+            .map_err(|e| SourceVmError::ArmTrace { kinds: trace_kind::BREAKPOINTS, source: Box::new(e) })
     }
 }
 
@@ -211,6 +212,7 @@ pub fn start_exporter(
         regrant_after_revoke: config.mirror_regrant,
         allow_pause: config.mirror_allow_pause,
         allow_trace: trace.is_some(),
+        allow_trace_patches: trace.is_some() && config.mirror_allow_trace_patches,
     };
     let source = Arc::new(LifecycleSource(lifecycle, dirty_log, trace));
     let exporter = Exporter::start(path, regions, u32::from(config.cpus), policy, ExportLimits::default(), source)?;

@@ -233,12 +233,15 @@ class Client:
 
     # -- tracing ---------------------------------------------------------------
 
-    def trace_start(self, kinds: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    def trace_start(self, kinds: Optional[Iterable[str]] = None, software_breakpoints: bool = False) -> Dict[str, Any]:
         """Trace the source's guest (a Specula vmm started with ``--mirror-allow-trace``):
-        the ``kinds`` named (``msr_writes``; every kind when none) arrive on :meth:`events`
-        as ``trace.*`` events. Returns where tracing stands (``kinds``, ``max_per_second``,
-        ``events``, ``dropped``)."""
-        return self._json("POST", "/trace", body={"kinds": list(kinds or [])})
+        the ``kinds`` named (``msr_writes``, ``exec``, ``exit``, ``module_load``; every kind
+        when none) arrive on :meth:`events` as ``trace.*`` events. Breakpoints use the
+        debug registers, or ``int3`` over no-ops with ``software_breakpoints``. Returns where
+        tracing stands (``kinds``, ``breakpoints``, ``max_per_second``, ``events``,
+        ``dropped``)."""
+        body = {"kinds": list(kinds or []), "software_breakpoints": software_breakpoints}
+        return self._json("POST", "/trace", body=body)
 
     def trace_stop(self) -> Dict[str, Any]:
         """Stop tracing; the source disarms what no inspector traces."""

@@ -118,8 +118,12 @@ impl Rows for ViewCacheStats {
 /// What the inspector traces in the source's guest, and what it has reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TraceStatus {
-    /// The kinds traced now (`msr_writes`); empty when tracing is off.
+    /// The kinds traced now (`msr_writes`, `exec`, `exit`, `module_load`); empty when
+    /// tracing is off.
     pub kinds: Vec<String>,
+    /// How the breakpoint kinds break: `hardware` (debug registers) or `software`
+    /// (`int3` over no-ops); null when none is traced.
+    pub breakpoints: Option<String>,
     /// The source's cap on trace events per second (0 when tracing is off); past it,
     /// events are counted in `dropped`.
     pub max_per_second: u32,
@@ -129,20 +133,24 @@ pub struct TraceStatus {
     pub dropped: u64,
 }
 
-/// A trace request's body: which kinds to trace (all when empty or absent).
+/// A trace request's body: which kinds to trace (all when empty or absent), and
+/// whether breakpoints are `int3`s instead of the debug registers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TraceRequest {
     #[serde(default)]
     pub kinds: Vec<String>,
+    #[serde(default)]
+    pub software_breakpoints: bool,
 }
 
 impl Rows for TraceStatus {
     fn header() -> &'static [&'static str] {
-        &["KINDS", "MAX/S", "EVENTS", "DROPPED"]
+        &["KINDS", "BREAKPOINTS", "MAX/S", "EVENTS", "DROPPED"]
     }
     fn row(&self) -> Vec<String> {
         let kinds = if self.kinds.is_empty() { "-".to_string() } else { self.kinds.join(",") };
-        vec![kinds, self.max_per_second.to_string(), self.events.to_string(), self.dropped.to_string()]
+        let breakpoints = self.breakpoints.clone().unwrap_or_else(|| "-".into());
+        vec![kinds, breakpoints, self.max_per_second.to_string(), self.events.to_string(), self.dropped.to_string()]
     }
 }
 

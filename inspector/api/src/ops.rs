@@ -74,11 +74,16 @@ pub enum Request {
         len: u64,
     },
     /// Trace the source's guest (a Specula vmm started with --mirror-allow-trace): the
-    /// kinds named (msr_writes; every kind when none is named) are reported on the event
-    /// stream as trace.* events, with addresses resolved to kernel symbols or modules.
+    /// kinds named (msr_writes, exec, exit, module_load; every kind when none is named)
+    /// are reported on the event stream as trace.* events, addresses resolved to kernel
+    /// symbols or modules.
     TraceStart {
         #[arg(value_delimiter = ',')]
         kinds: Vec<String>,
+        /// Break with int3 over no-op instructions instead of the debug registers
+        /// (where those do not work, as under QEMU's TCG; the guest can see the int3).
+        #[arg(long)]
+        software_breakpoints: bool,
     },
     /// Stop tracing (the source disarms what no inspector traces: no cost left).
     TraceStop,
@@ -222,7 +227,9 @@ impl Request {
             Request::Findings { id } => Route::get(format!("/v1/watches/{id}/findings")),
             Request::Btf => Route::get("/v1/os/btf".into()),
             Request::Yara(request) => Route::post("/v1/yara", serde_json::to_value(request).ok()),
-            Request::TraceStart { kinds } => Route::post("/v1/trace", Some(json!({ "kinds": kinds }))),
+            Request::TraceStart { kinds, software_breakpoints } => {
+                Route::post("/v1/trace", Some(json!({ "kinds": kinds, "software_breakpoints": software_breakpoints })))
+            }
             Request::TraceStop => Some(Route { method: "DELETE", path: "/v1/trace".into(), body: None }),
             Request::TraceStatus => Route::get("/v1/trace".into()),
             Request::Watch { polled: false, .. }
@@ -359,10 +366,13 @@ mod tests {
         assert_eq!(parse(&["check-syscalls"]).unwrap(), Request::CheckSyscalls);
         assert_eq!(parse(&["process", "7"]).unwrap(), Request::Process { pid: 7 });
         assert_eq!(
-            parse(&["trace-start", "msr_writes"]).unwrap(),
-            Request::TraceStart { kinds: vec!["msr_writes".into()] }
+            parse(&["trace-start", "msr_writes,exec"]).unwrap(),
+            Request::TraceStart { kinds: vec!["msr_writes".into(), "exec".into()], software_breakpoints: false }
         );
-        assert_eq!(parse(&["trace-start"]).unwrap(), Request::TraceStart { kinds: vec![] });
+        assert_eq!(
+            parse(&["trace-start", "--software-breakpoints"]).unwrap(),
+            Request::TraceStart { kinds: vec![], software_breakpoints: true }
+        );
     }
 
     #[test]

@@ -128,6 +128,10 @@ pub struct ExportPolicy {
     /// Whether inspectors may trace the guest (MSR writes exit to the source, which
     /// reports them); what is armed is what the subscribers want, nothing when none.
     pub allow_trace: bool,
+    /// Whether a tracing inspector may have software breakpoints written into guest
+    /// text (a 2-byte `out` over a no-op): the one way an inspector makes the source
+    /// write guest memory, allowed apart.
+    pub allow_trace_patches: bool,
 }
 
 /// Failures of the exporter.

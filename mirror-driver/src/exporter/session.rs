@@ -261,8 +261,8 @@ fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
             };
             conn.send(id, &reply, &[]);
         }
-        Message::TraceBreakpoints { points } => {
-            let reply = match set_breakpoints(conn, shared, &points) {
+        Message::TraceBreakpoints { software, points } => {
+            let reply = match set_breakpoints(conn, shared, software, &points) {
                 Ok(count) => Message::TraceBreakpointsSet { count },
                 Err((code, text)) => error(code, text),
             };

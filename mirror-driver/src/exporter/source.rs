@@ -84,10 +84,11 @@ pub trait SourceVm: Send + Sync {
     fn arm_trace(&self, _kinds: u32) -> Result<(), SourceVmError> {
         Err(SourceVmError::NoTrace)
     }
-    /// Arms exactly these hardware execution breakpoints on every vCPU (none: disarms;
-    /// the exporter keeps to `protocol::MAX_BREAKPOINTS`); each hit is reported to the
-    /// trace feed with what its captures read.
-    fn set_breakpoints(&self, _points: &[Breakpoint]) -> Result<(), SourceVmError> {
+    /// Arms exactly these execution breakpoints on every vCPU, in the debug registers
+    /// or (`software`) as `int3`s over no-op instructions (none: disarms; the exporter
+    /// keeps to `protocol::MAX_BREAKPOINTS`); each hit is reported to the trace feed
+    /// with what its captures read.
+    fn set_breakpoints(&self, _software: bool, _points: &[Breakpoint]) -> Result<(), SourceVmError> {
         Err(SourceVmError::NoTrace)
     }
 }

@@ -50,10 +50,16 @@ pub(super) fn subscribe_trace(conn: &Connection, shared: &Shared, kinds: u32) ->
 pub(super) fn set_breakpoints(
     conn: &Connection,
     shared: &Shared,
+    software: bool,
     points: &[Breakpoint],
 ) -> Result<u32, (ErrorCode, String)> {
     if !shared.policy.allow_trace {
         let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
+        return Err((ErrorCode::PolicyDenied, text.into()));
+    }
+    if software && !points.is_empty() && !shared.policy.allow_trace_patches {
+        let text = "this source does not let inspectors patch guest text for software breakpoints \
+                    (vmm --mirror-allow-trace-patches)";
         return Err((ErrorCode::PolicyDenied, text.into()));
     }
     if shared.source.trace_feed().is_none() {
@@ -70,7 +76,7 @@ pub(super) fn set_breakpoints(
     }
     shared
         .source
-        .set_breakpoints(points)
+        .set_breakpoints(software, points)
         .map_err(|e| (ErrorCode::Internal, format!("cannot arm breakpoints: {}", error_chain(&e))))?;
     *holder = (!points.is_empty()).then_some(conn.id);
     if points.is_empty() {
@@ -86,7 +92,7 @@ pub(super) fn set_breakpoints(
 pub(super) fn release_breakpoints(conn: &Connection, shared: &Shared) {
     let mut holder = lock(&shared.breakpoint_holder);
     if *holder == Some(conn.id) {
-        if let Err(e) = shared.source.set_breakpoints(&[]) {
+        if let Err(e) = shared.source.set_breakpoints(false, &[]) {
             log::warn!("mirror: cannot disarm the breakpoints of inspector {}: {}", conn.id, error_chain(&e));
         }
         *holder = None;

@@ -342,10 +342,11 @@ impl Importer {
         }
     }
 
-    /// Arms exactly these hardware breakpoints in the source's guest (none: disarms),
-    /// their hits arriving as [`SourceEvent::BreakpointHit`]; returns how many are armed.
-    pub fn set_breakpoints(&self, points: &[Breakpoint]) -> Result<u32, ImportError> {
-        match self.request(&Message::TraceBreakpoints { points: points.to_vec() })?.message {
+    /// Arms exactly these breakpoints in the source's guest, hardware or `software`
+    /// (none: disarms), their hits arriving as [`SourceEvent::BreakpointHit`]; returns
+    /// how many are armed.
+    pub fn set_breakpoints(&self, software: bool, points: &[Breakpoint]) -> Result<u32, ImportError> {
+        match self.request(&Message::TraceBreakpoints { software, points: points.to_vec() })?.message {
             Message::TraceBreakpointsSet { count } => Ok(count),
             other => Err(unexpected(other)),
         }

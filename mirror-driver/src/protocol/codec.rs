@@ -306,7 +306,8 @@ impl Message {
                 w.u64(*count);
                 kind::TRACE_DROPPED
             }
-            Message::TraceBreakpoints { points } => {
+            Message::TraceBreakpoints { software, points } => {
+                w.u32(u32::from(*software));
                 w.u32(points.len() as u32);
                 for p in points {
                     w.u64(p.address);
@@ -448,9 +449,14 @@ impl Message {
             }
             kind::TRACE_DROPPED => Message::TraceDropped { count: r.u64()? },
             kind::TRACE_BREAKPOINTS => {
+                let software = match r.u32()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::Malformed { kind }),
+                };
                 let n = r.count(MAX_BREAKPOINTS, 12)?;
                 let points = (0..n).map(|_| read_breakpoint(&mut r)).collect::<Result<_, _>>()?;
-                Message::TraceBreakpoints { points }
+                Message::TraceBreakpoints { software, points }
             }
             kind::TRACE_BREAKPOINTS_SET => Message::TraceBreakpointsSet { count: r.u32()? },
             kind::TRACE_BREAKPOINT_HIT => {

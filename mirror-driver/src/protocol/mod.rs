@@ -425,11 +425,15 @@ pub enum Message {
     TraceDropped {
         count: u64,
     },
-    /// Inspector -> source: arm exactly these hardware breakpoints (at most
-    /// [`MAX_BREAKPOINTS`]; none disarms) on every vCPU, their hits sent to this
-    /// connection. One connection holds the breakpoints at a time; they are released
-    /// when it sets none or disconnects. Reply: `TraceBreakpointsSet`, or an error.
+    /// Inspector -> source: arm exactly these breakpoints (at most [`MAX_BREAKPOINTS`];
+    /// none disarms) on every vCPU, their hits sent to this connection. Hardware ones
+    /// use the debug registers; `software` ones an `int3` the source writes over a no-op
+    /// instruction at (or, past an `endbr64`, just after) each address, skipped at each
+    /// hit, where the debug registers do not work. One connection holds the breakpoints
+    /// at a time; they are released when it sets none or disconnects. Reply:
+    /// `TraceBreakpointsSet`, or an error.
     TraceBreakpoints {
+        software: bool,
         points: Vec<Breakpoint>,
     },
     /// Source -> inspector: the breakpoints are armed (`count` of them).

@@ -65,6 +65,7 @@ fn samples() -> Vec<Message> {
         }),
         Message::TraceDropped { count: 42 },
         Message::TraceBreakpoints {
+            software: true,
             points: vec![
                 Breakpoint {
                     address: 0xffff_ffff_8100_1000,
@@ -133,8 +134,10 @@ fn unknown_kinds_and_trailing_bytes_are_refused() {
     }
     // Breakpoints beyond the four debug registers, a capture base past GS, a string
     // longer than the cap, an unknown capture kind.
-    let five =
-        Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![] }; MAX_BREAKPOINTS + 1] };
+    let five = Message::TraceBreakpoints {
+        software: false,
+        points: vec![Breakpoint { address: 1, captures: vec![] }; MAX_BREAKPOINTS + 1],
+    };
     let frame = five.encode(1);
     let decoded = Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]);
     assert!(matches!(decoded, Err(DecodeError::CountTooLarge { .. })), "{decoded:?}");
@@ -143,16 +146,28 @@ fn unknown_kinds_and_trailing_bytes_are_refused() {
         Capture { base: CAPTURE_BASE_GS + 1, ..capture.clone() },
         Capture { max_len: MAX_CAPTURE_STRING + 1, ..capture.clone() },
     ] {
-        let frame = Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![bad.clone()] }] }
-            .encode(1);
+        let frame = Message::TraceBreakpoints {
+            software: false,
+            points: vec![Breakpoint { address: 1, captures: vec![bad.clone()] }],
+        }
+        .encode(1);
         let decoded = Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]);
         assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "{bad:?}: {decoded:?}");
     }
     let mut frame =
-        Message::TraceBreakpoints { points: vec![Breakpoint { address: 1, captures: vec![capture] }] }.encode(1);
+        Message::TraceBreakpoints { software: false, points: vec![Breakpoint { address: 1, captures: vec![capture] }] }
+            .encode(1);
     let kind_at = frame.len() - 8;
     frame[kind_at] = 9;
     assert!(Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]).is_err(), "capture kind 9");
+    frame[kind_at] = CaptureKind::U64 as u8;
+    frame[HEADER_LEN] = 2;
+    assert!(
+        matches!(Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]), Err(DecodeError::Malformed { .. })),
+        "software is neither 0 nor 1"
+    );
+    frame[HEADER_LEN] = 0;
+    assert!(Message::decode(kind::TRACE_BREAKPOINTS, &frame[HEADER_LEN..]).is_ok(), "as encoded, it decodes");
     // An MSR write whose `applied` flag is neither 0 nor 1.
     let mut frame = Message::TraceMsrWrite(MsrWrite::default()).encode(EVENT_ID);
     let last = frame.len() - 4;

@@ -207,6 +207,12 @@ impl Vcpu {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            Ok(VcpuExit::IoOut(port, _)) if port == u16::from(breakpoints::TRACE_PORT) && self.trace.is_some() => {
+                let trace = self.trace.as_ref().expect("checked");
+                if let Err(e) = breakpoints::on_trace_port(&self.fd, index, trace) {
+                    return Some(VmExit::Crash(format!("vCPU {index}: a breakpoint hit could not be handled: {e}")));
+                }
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 // A device that blocks the vCPU (the agent doorbell) gives way to a stop or a pause.
                 let give_way = || lifecycle.stopping() || lifecycle.is_paused();

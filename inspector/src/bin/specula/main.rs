@@ -110,11 +110,14 @@ enum Cmd {
         kinds: Option<String>,
     },
     /// Trace the source's guest and follow what it reports: starts tracing KINDS
-    /// (msr_writes; every kind by default) and prints each trace.* event as it comes.
-    /// Tracing stays on when this ends (trace-stop ends it).
+    /// (msr_writes, exec, exit, module_load; every kind by default) and prints each
+    /// trace.* event as it comes. Tracing stays on when this ends (trace-stop ends it).
     Trace {
         #[arg(value_delimiter = ',')]
         kinds: Vec<String>,
+        /// Break with int3 over no-op instructions instead of the debug registers.
+        #[arg(long)]
+        software_breakpoints: bool,
     },
     /// Print the OpenAPI document (no socket needed).
     Openapi,
@@ -341,13 +344,14 @@ async fn run(cli: &Cli) -> Result<u8, CliError> {
             Ok(0)
         }
         Cmd::Events { since, kinds } => follow_events(s, *since, kinds.as_deref(), cli.json).await.map(|()| 0),
-        Cmd::Trace { kinds } => {
+        Cmd::Trace { kinds, software_breakpoints } => {
             // Only what happens from now on: the events before it are not this trace's.
             let since = match ask(s, &Request::Status).await? {
                 Reply::Status(status) => Some(status.last_event),
                 _ => None,
             };
-            if let Reply::Trace(status) = ask(s, &Request::TraceStart { kinds: kinds.clone() }).await? {
+            let start = Request::TraceStart { kinds: kinds.clone(), software_breakpoints: *software_breakpoints };
+            if let Reply::Trace(status) = ask(s, &start).await? {
                 eprintln!("specula: tracing {} (at most {} events/s)", status.kinds.join(","), status.max_per_second);
             }
             follow_events(s, since, Some("trace"), cli.json).await.map(|()| 0)

@@ -61,6 +61,8 @@ enum Pending {
 pub(crate) struct Tracing {
     /// The kinds traced; held while they change.
     kinds: Mutex<u32>,
+    /// Whether the breakpoints are `int3`s.
+    software: std::sync::atomic::AtomicBool,
     /// What each armed breakpoint reports, by index.
     probes: Mutex<Vec<Probe>>,
     max_per_second: AtomicU32,
@@ -111,8 +113,10 @@ impl Inspector {
     /// Serves the trace requests; each answers with where tracing stands.
     pub(super) fn handle_trace(&self, request: Request) -> Result<Reply, InspectError> {
         match request {
-            Request::TraceStart { kinds } => self.set_tracing(kinds_named(&kinds)?)?,
-            Request::TraceStop => self.set_tracing(0)?,
+            Request::TraceStart { kinds, software_breakpoints } => {
+                self.set_tracing(kinds_named(&kinds)?, software_breakpoints)?
+            }
+            Request::TraceStop => self.set_tracing(0, false)?,
             Request::TraceStatus => {}
             other => return Err(InspectError::misrouted(&other)),
         }
@@ -122,8 +126,12 @@ impl Inspector {
     /// What is traced, and what was reported.
     pub fn trace_status(&self) -> TraceStatus {
         let t = &self.tracing;
+        let kinds = *lock(&t.kinds);
+        let breakpoints = (kinds & BREAKPOINT_KINDS != 0)
+            .then(|| if t.software.load(Ordering::SeqCst) { "software" } else { "hardware" }.to_string());
         TraceStatus {
-            kinds: kind_names(*lock(&t.kinds)),
+            kinds: kind_names(kinds),
+            breakpoints,
             max_per_second: t.max_per_second.load(Ordering::SeqCst),
             events: t.published.load(Ordering::SeqCst),
             dropped: t.dropped.load(Ordering::SeqCst),
@@ -132,7 +140,7 @@ impl Inspector {
 
     /// Traces exactly `kinds` (0: nothing): the MSR kinds by subscription at the
     /// source, the others by the breakpoints planned for them (or none).
-    fn set_tracing(&self, kinds: u32) -> Result<(), InspectError> {
+    fn set_tracing(&self, kinds: u32, software: bool) -> Result<(), InspectError> {
         if self.source_gone() {
             return Err(InspectError::SourceGone);
         }
@@ -143,8 +151,8 @@ impl Inspector {
         };
         let max_per_second = self.source.subscribe_trace(kinds & trace_kind::ALL)?;
         let armed = match &plan {
-            Some(plan) => self.source.set_breakpoints(&plan.points).map(|_| ()),
-            None if *current & BREAKPOINT_KINDS != 0 => self.source.set_breakpoints(&[]).map(|_| ()),
+            Some(plan) => self.source.set_breakpoints(software, &plan.points).map(|_| ()),
+            None if *current & BREAKPOINT_KINDS != 0 => self.source.set_breakpoints(false, &[]).map(|_| ()),
             None => Ok(()),
         };
         if let Err(e) = armed {
@@ -154,6 +162,7 @@ impl Inspector {
         }
         *lock(&self.tracing.probes) = plan.map(|p| p.probes).unwrap_or_default();
         *current = kinds;
+        self.tracing.software.store(software, Ordering::SeqCst);
         self.tracing.max_per_second.store(if kinds == 0 { 0 } else { max_per_second }, Ordering::SeqCst);
         Ok(())
     }

@@ -1,18 +1,36 @@
-//! Hardware execution breakpoints (KVM_SET_GUEST_DEBUG with the debug registers): the
-//! inspector sets up to four guest virtual addresses, each with what to capture when a
-//! vCPU reaches it; nothing is written into guest memory. A hit exits to the vCPU's
-//! thread, which reads the captures through the vCPU's own translation, reports the hit
-//! and resumes the guest past the breakpoint (RFLAGS.RF).
+//! Execution breakpoints for tracing: the inspector sets up to four guest virtual
+//! addresses, each with what to capture when a vCPU reaches it. A hit exits to the
+//! vCPU's thread, which reads the captures through the vCPU's own translation, reports
+//! the hit and lets the guest go on as if nothing had happened. Two kinds:
 //!
-//! While breakpoints are armed, KVM loads ours into the debug registers and keeps the
-//! guest's own DR0-DR7 values aside: the guest reads back what it wrote, but its own
-//! breakpoints do not fire (a debugger inside the guest would see none), and every #DB
-//! the guest raises exits here. One that is not ours (a single step, `int1`) is given
-//! back to the guest as it would have been delivered. Disarmed, the guest's debug
-//! registers are its own again.
+//! - **Hardware** (KVM_SET_GUEST_DEBUG with the debug registers): nothing is written
+//!   into guest memory. After a hit the vCPU single-steps that one instruction with
+//!   the breakpoint off and interrupts held (KVM_GUESTDBG_BLOCKIRQ, so the step is the
+//!   breakpoint's instruction and not an interrupt handler's), then re-arms it: two
+//!   exits per hit. RFLAGS.RF would take one, but not every KVM honours it (PVM's
+//!   emulated kernel mode re-takes the breakpoint), and a breakpoint re-taken forever
+//!   would stall the guest. While they are armed, KVM loads ours into the debug
+//!   registers and keeps the guest's own DR0-DR7 values aside: the guest reads back
+//!   what it wrote, but its own breakpoints do not fire, and every #DB it raises exits
+//!   here; one that is not ours (a single step, `int1`) is given back to it.
+//! - **Software**, where the debug registers do not work (QEMU's TCG, which emulates
+//!   SVM for the nested test bed, neither arms the DR7 a VMRUN loads nor intercepts an
+//!   L2's `int3` as #BP). The vmm writes `out %al, $TRACE_PORT` (2 bytes, one aligned
+//!   16-bit store) over the start of a no-op at the address, or just past an `endbr64`
+//!   there (Linux's `__fentry__` slot, a 5-byte NOP unless ftrace uses it). A port
+//!   write exits to the vmm on every KVM; a hit sets RIP past the whole no-op, so the
+//!   guest runs exactly what it would have, in one exit, and no vCPU can run into a
+//!   half-written instruction. An address with no such no-op is refused. This is the
+//!   one way an inspector makes the source write guest memory, so the source must
+//!   allow it apart (`--mirror-allow-trace-patches`); the guest can see the patch if it
+//!   reads its own text there (Specula's kernel-text check does). Disarming writes each
+//!   no-op back where the patch still is.
+//!
+//! Disarmed, there is nothing: no debug registers of ours, no patch, no intercepts.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, kvm_regs, KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_DB,
@@ -24,6 +42,7 @@ use mirror_driver::protocol::{
 };
 use mirror_driver::trace::TraceEvent;
 use specula_common::sync::lock;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::guest_view::GuestView;
 use super::VcpuTrace;
@@ -32,35 +51,168 @@ use super::VcpuTrace;
 const DR6_BS: u64 = 1 << 14;
 /// DR7 bit 10 always reads 1.
 const DR7_FIXED_1: u64 = 1 << 10;
+/// The port a software breakpoint's `out` writes: no device of the vmm's, and none a
+/// PC guest probes (0x80 and 0xed are Linux's I/O delay ports).
+pub const TRACE_PORT: u8 = 0xeb;
+/// `out %al, $TRACE_PORT`.
+const PATCH: [u8; 2] = [0xe6, TRACE_PORT];
+/// What may start a function before its `__fentry__` slot: `endbr64`, or the 4-byte
+/// NOP Linux writes over it where IBT is off.
+const FUNCTION_PROLOGUES: [[u8; 4]; 2] = [[0xf3, 0x0f, 0x1e, 0xfa], [0x66, 0x0f, 0x1f, 0x00]];
+/// The no-ops a software breakpoint may go on: the 5-byte NOP compilers emit for
+/// `__fentry__` calls that Linux turns off, and the 4-byte NOPs.
+const NOPS: [&[u8]; 3] = [&[0x0f, 0x1f, 0x44, 0x00, 0x00], &[0x66, 0x0f, 0x1f, 0x00], &[0x0f, 0x1f, 0x40, 0x00]];
+/// How long setting software breakpoints waits for a vCPU to place them.
+const PLACE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why breakpoints could not be set.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BreakpointError {
+    /// A software breakpoint's address holds no no-op to write the patch over.
+    #[error("no no-op instruction at {address:#x} to place a software breakpoint on (found {found:02x?})")]
+    NoNop { address: u64, found: Vec<u8> },
+    #[error("breakpoint address {0:#x} is not mapped by the guest")]
+    Unmapped(u64),
+    #[error("no vCPU placed the software breakpoints within {0:?} (is the source paused?)")]
+    Timeout(Duration),
+}
+
+/// A software breakpoint's patch over a no-op: where, and what it replaced.
+#[derive(Clone, Copy, Debug)]
+struct Patch {
+    /// The breakpoint it stands for.
+    index: usize,
+    /// Guest virtual and physical address of the patch.
+    at: u64,
+    gpa: u64,
+    original: [u8; 2],
+    /// The length of the no-op a hit skips.
+    skip: u64,
+}
+
+#[derive(Default)]
+struct State {
+    generation: u64,
+    software: bool,
+    points: Vec<Breakpoint>,
+    patches: Vec<Patch>,
+    /// The generation whose software breakpoints a vCPU placed, and how that went.
+    placed: Option<(u64, Result<(), BreakpointError>)>,
+}
 
 /// The breakpoints the vCPUs arm, and a generation each vCPU compares with its own.
-#[derive(Default)]
 pub struct Breakpoints {
-    points: Mutex<Vec<Breakpoint>>,
+    memory: GuestMemoryMmap,
+    state: Mutex<State>,
+    placed: Condvar,
     generation: AtomicU64,
 }
 
 impl Breakpoints {
-    /// Replaces the breakpoints (at most [`MAX_BREAKPOINTS`]; the rest are ignored);
-    /// each vCPU arms them before it next enters the guest.
-    pub fn set(&self, points: &[Breakpoint]) {
-        let mut held = lock(&self.points);
-        *held = points.iter().take(MAX_BREAKPOINTS).cloned().collect();
-        self.generation.fetch_add(1, Ordering::SeqCst);
+    pub fn new(memory: GuestMemoryMmap) -> Self {
+        Self { memory, state: Mutex::new(State::default()), placed: Condvar::new(), generation: AtomicU64::new(0) }
+    }
+
+    /// Replaces the breakpoints (at most [`MAX_BREAKPOINTS`]; the rest are ignored).
+    /// Hardware ones are armed by each vCPU before it next enters the guest; software
+    /// ones are placed by the first vCPU that does (`kick` makes them all leave the
+    /// guest now), and this waits for that, so that a refused address is an error here.
+    pub fn set(&self, software: bool, points: &[Breakpoint], kick: impl Fn()) -> Result<(), BreakpointError> {
+        let mut state = lock(&self.state);
+        self.remove_patches(&mut state);
+        state.software = software;
+        state.points = points.iter().take(MAX_BREAKPOINTS).cloned().collect();
+        state.generation += 1;
+        self.generation.store(state.generation, Ordering::SeqCst);
+        kick();
+        if !software || state.points.is_empty() {
+            return Ok(());
+        }
+        let generation = state.generation;
+        let (state, timeout) = self
+            .placed
+            .wait_timeout_while(state, PLACE_TIMEOUT, |s| s.placed.as_ref().is_none_or(|(g, _)| *g != generation))
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            return Err(BreakpointError::Timeout(PLACE_TIMEOUT));
+        }
+        state.placed.as_ref().map_or(Ok(()), |(_, outcome)| outcome.clone())
+    }
+
+    /// Puts back the no-op of every patch still there (one 16-bit store each).
+    fn remove_patches(&self, state: &mut State) {
+        for patch in state.patches.drain(..) {
+            if self.memory.read_obj::<u16>(GuestAddress(patch.gpa)).ok() == Some(u16::from_le_bytes(PATCH)) {
+                let _ = self.memory.write_obj(u16::from_le_bytes(patch.original), GuestAddress(patch.gpa));
+            }
+        }
+    }
+
+    /// Writes the patches of the current generation, through this vCPU's translation
+    /// (kernel text is mapped alike in every address space); all or none.
+    fn place(&self, view: &GuestView, state: &mut State) {
+        let mut patches = Vec::new();
+        let mut outcome = Ok(());
+        for (index, point) in state.points.iter().enumerate() {
+            match self.patch_for(view, index, point.address) {
+                Ok(patch) => {
+                    // One aligned 16-bit store: a vCPU fetching the no-op meanwhile sees
+                    // it whole, or the whole patch.
+                    if let Err(e) = self.memory.write_obj(u16::from_le_bytes(PATCH), GuestAddress(patch.gpa)) {
+                        log::warn!("trace: cannot write a breakpoint at {:#x}: {e}", patch.gpa);
+                        outcome = Err(BreakpointError::Unmapped(point.address));
+                        break;
+                    }
+                    patches.push(patch);
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        state.patches = patches;
+        if outcome.is_err() {
+            self.remove_patches(state);
+        }
+        state.placed = Some((state.generation, outcome));
+        self.placed.notify_all();
+    }
+
+    /// Where the patch for a breakpoint at `address` goes: on the no-op just past an
+    /// `endbr64` (or its NOP) there, or on a no-op there; 2-byte aligned.
+    fn patch_for(&self, view: &GuestView, index: usize, address: u64) -> Result<Patch, BreakpointError> {
+        let mut code = [0u8; 9];
+        if !view.read(address, &mut code) {
+            return Err(BreakpointError::Unmapped(address));
+        }
+        let nop_at = |offset: usize| NOPS.iter().find(|nop| code[offset..].starts_with(nop)).map(|nop| (offset, nop));
+        let past_prologue = FUNCTION_PROLOGUES.iter().any(|p| code.starts_with(p)).then(|| nop_at(4)).flatten();
+        let (offset, nop) = past_prologue
+            .or_else(|| nop_at(0))
+            .filter(|(offset, _)| (address + *offset as u64).is_multiple_of(2))
+            .ok_or_else(|| BreakpointError::NoNop { address, found: code.to_vec() })?;
+        let at = address + offset as u64;
+        let gpa = view.translate(at).ok_or(BreakpointError::Unmapped(at))?;
+        Ok(Patch { index, at, gpa, original: [code[offset], code[offset + 1]], skip: nop.len() as u64 })
     }
 }
 
-/// KVM's guest-debug state for `points` but `skip`: enabled with hardware breakpoints,
-/// one debug address register each, locally enabled for execution (R/W and LEN 0), with
-/// the `extra` control bits; nothing at all disables.
-fn guest_debug(points: &[Breakpoint], skip: Option<usize>, extra: u32) -> kvm_guest_debug {
+/// KVM's guest-debug state for `state`'s breakpoints but `skip`, with the `extra`
+/// control bits: hardware ones in the debug address registers, locally enabled for
+/// execution (R/W and LEN 0); software ones by intercepting #BP; nothing disables.
+fn guest_debug(state: &State, skip: Option<usize>, extra: u32) -> kvm_guest_debug {
     let mut debug = kvm_guest_debug::default();
-    if points.is_empty() && extra == 0 {
+    if state.points.is_empty() && extra == 0 {
+        return debug;
+    }
+    if state.software {
+        // Patches need nothing of KVM: a port write always exits.
         return debug;
     }
     debug.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP | extra;
     let mut dr7 = DR7_FIXED_1;
-    for (i, point) in points.iter().take(MAX_BREAKPOINTS).enumerate().filter(|(i, _)| Some(*i) != skip) {
+    for (i, point) in state.points.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
         debug.arch.debugreg[i] = point.address;
         dr7 |= 1 << (2 * i);
     }
@@ -68,12 +220,16 @@ fn guest_debug(points: &[Breakpoint], skip: Option<usize>, extra: u32) -> kvm_gu
     debug
 }
 
-/// Arms what [`Breakpoints::set`] last set, and records its generation as applied.
+/// Arms what [`Breakpoints::set`] last set (placing software ones if no vCPU has yet),
+/// and records its generation as applied.
 fn arm_latest(fd: &VcpuFd, trace: &mut VcpuTrace) -> Result<(), kvm_ioctls::Error> {
-    let generation = trace.breakpoints.generation.load(Ordering::SeqCst);
-    let points = lock(&trace.breakpoints.points).clone();
-    fd.set_guest_debug(&guest_debug(&points, None, 0))?;
-    trace.applied_debug = generation;
+    let breakpoints = trace.breakpoints.clone();
+    let mut state = lock(&breakpoints.state);
+    if state.software && !state.points.is_empty() && state.placed.as_ref().is_none_or(|(g, _)| *g != state.generation) {
+        breakpoints.place(&GuestView::new(fd, &trace.memory), &mut state);
+    }
+    fd.set_guest_debug(&guest_debug(&state, None, 0))?;
+    trace.applied_debug = state.generation;
     Ok(())
 }
 
@@ -88,8 +244,7 @@ pub fn sync(fd: &VcpuFd, trace: &mut VcpuTrace) -> Result<(), kvm_ioctls::Error>
 }
 
 /// Handles a debug exit on vCPU `index`: a hit of one of ours is captured, reported and
-/// stepped past (the step's own exit re-arms it); any other #DB is the guest's own,
-/// and is delivered to it.
+/// stepped past; any other #DB is the guest's own, and is delivered to it.
 pub fn on_debug_exit(
     fd: &VcpuFd,
     index: u8,
@@ -100,23 +255,58 @@ pub fn on_debug_exit(
         trace.stepping = false;
         return arm_latest(fd, trace);
     }
-    let points = lock(&trace.breakpoints.points).clone();
-    let Some(hit) = (0..points.len()).find(|i| exit.dr6 & (1 << i) != 0) else {
-        return fd.set_guest_debug(&guest_debug(&points, None, KVM_GUESTDBG_INJECT_DB));
+    let state = lock(&trace.breakpoints.state);
+    let hit = (0..state.points.len()).find(|i| exit.dr6 & (1 << i) != 0).filter(|_| !state.software);
+    let Some(hit) = hit else {
+        return fd.set_guest_debug(&guest_debug(&state, None, KVM_GUESTDBG_INJECT_DB));
     };
     let regs = fd.get_regs()?;
-    let sregs = fd.get_sregs()?;
-    let view = GuestView::new(fd, &trace.memory);
-    let values = points[hit].captures.iter().map(|c| capture(&view, &regs, sregs.gs.base, c)).collect();
-    let report = BreakpointHit { vcpu: u32::from(index), index: hit as u32, rip: regs.rip, cr3: sregs.cr3, values };
-    trace.feed.report(TraceEvent::Breakpoint(report));
+    report(fd, index, &regs, &state.points[hit], hit, trace)?;
     // Past the hit: one instruction with this breakpoint off and interrupts held
     // (without KVM_GUESTDBG_BLOCKIRQ, before Linux 5.15, an interrupt may come first
     // and the breakpoint is then taken again, and reported again, after it).
     let step = KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ;
-    fd.set_guest_debug(&guest_debug(&points, Some(hit), step))
-        .or_else(|_| fd.set_guest_debug(&guest_debug(&points, Some(hit), KVM_GUESTDBG_SINGLESTEP)))?;
+    fd.set_guest_debug(&guest_debug(&state, Some(hit), step))
+        .or_else(|_| fd.set_guest_debug(&guest_debug(&state, Some(hit), KVM_GUESTDBG_SINGLESTEP)))?;
     trace.stepping = true;
+    Ok(())
+}
+
+/// A write to [`TRACE_PORT`] on vCPU `index`: a software breakpoint's hit when the vCPU
+/// stands at one of the patches (its captures are read, the hit reported, and the rest
+/// of the no-op skipped); otherwise the guest's own write, ignored like any write to a
+/// port no device claims.
+///
+/// Where the vCPU stands depends on how KVM took the `out`: its fast path (hardware
+/// VMX/SVM) exits with RIP still on the instruction and skips it on the next entry
+/// unless RIP was changed meanwhile; its emulator (PVM's emulated kernel mode) exits
+/// with RIP already past it. Both are met.
+pub fn on_trace_port(fd: &VcpuFd, index: u8, trace: &VcpuTrace) -> Result<(), kvm_ioctls::Error> {
+    let state = lock(&trace.breakpoints.state);
+    let mut regs = fd.get_regs()?;
+    let past = regs.rip.wrapping_sub(PATCH.len() as u64);
+    let Some(patch) = state.patches.iter().find(|p| p.at == regs.rip || p.at == past).copied() else {
+        return Ok(());
+    };
+    report(fd, index, &regs, &state.points[patch.index], patch.index, trace)?;
+    regs.rip = patch.at + patch.skip;
+    fd.set_regs(&regs)
+}
+
+/// Reads breakpoint `index`'s captures and reports its hit.
+fn report(
+    fd: &VcpuFd,
+    vcpu: u8,
+    regs: &kvm_regs,
+    point: &Breakpoint,
+    index: usize,
+    trace: &VcpuTrace,
+) -> Result<(), kvm_ioctls::Error> {
+    let sregs = fd.get_sregs()?;
+    let view = GuestView::new(fd, &trace.memory);
+    let values = point.captures.iter().map(|c| capture(&view, regs, sregs.gs.base, c)).collect();
+    let hit = BreakpointHit { vcpu: u32::from(vcpu), index: index as u32, rip: regs.rip, cr3: sregs.cr3, values };
+    trace.feed.report(TraceEvent::Breakpoint(hit));
     Ok(())
 }
 
@@ -179,6 +369,82 @@ mod tests {
 
     const CODE: u64 = 0x1000;
 
+    /// Sets software breakpoints from another thread while `vcpu` places them (as a
+    /// vCPU thread does between two runs; `set` waits for that).
+    fn set_software(
+        trace: &Arc<GuestTrace>,
+        vcpu: &VcpuFd,
+        vcpu_trace: &mut VcpuTrace,
+        point: Option<Breakpoint>,
+    ) -> Result<(), BreakpointError> {
+        let setter = {
+            let trace = trace.clone();
+            std::thread::spawn(move || trace.breakpoints().set(true, point.as_slice(), || {}))
+        };
+        while !setter.is_finished() {
+            sync(vcpu, vcpu_trace).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sync(vcpu, vcpu_trace).unwrap();
+        setter.join().unwrap()
+    }
+
+    /// `endbr64; nop5; hlt` with a software breakpoint on its address: the patch goes
+    /// on the NOP past the `endbr64`, a real hit exits on the trace port, is reported
+    /// with its captures and skips the NOP; the guest's own write to the port elsewhere
+    /// is no hit; an address with no NOP is refused; disarming puts the NOP back.
+    #[test]
+    fn a_software_breakpoint_sits_on_the_nop_past_endbr64_and_is_skipped() {
+        const FUNC: u64 = 0x2000;
+        const OWN_OUT: u64 = 0x2100;
+        let nop5 = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+        let (vm, ram) = vm_with_code();
+        let memory = ram.memory().clone();
+        memory.write_slice(&[0xf3, 0x0f, 0x1e, 0xfa], GuestAddress(FUNC)).unwrap();
+        memory.write_slice(&nop5, GuestAddress(FUNC + 4)).unwrap();
+        memory.write_slice(&[0xf4], GuestAddress(FUNC + 9)).unwrap();
+        // The guest's own `out %al, $0xeb; hlt`.
+        memory.write_slice(&[0xe6, TRACE_PORT, 0xf4], GuestAddress(OWN_OUT)).unwrap();
+        let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
+        let trace = Arc::new(GuestTrace::new(vm.clone(), feed.clone(), memory.clone()));
+        let mut vcpu_trace = trace.for_vcpu(memory.clone());
+        let mut vcpu = vm.fd().create_vcpu(0).unwrap();
+        let mut sregs = vcpu.get_sregs().unwrap();
+        (sregs.cs.base, sregs.cs.selector) = (0, 0);
+        vcpu.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        (regs.rip, regs.rbx) = (FUNC, 42);
+        vcpu.set_regs(&regs).unwrap();
+        let capture = Capture { base: 1, derefs: vec![], offset: 0, kind: CaptureKind::Address, max_len: 0 };
+        set_software(&trace, &vcpu, &mut vcpu_trace, Some(Breakpoint { address: FUNC, captures: vec![capture] }))
+            .unwrap();
+        assert_eq!(memory.read_obj::<[u8; 2]>(GuestAddress(FUNC + 4)).unwrap(), PATCH, "on the NOP, not the endbr64");
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut(port, _) => assert_eq!(port, u16::from(TRACE_PORT)),
+            other => panic!("the patch must exit to the vmm, not {other:?}"),
+        }
+        on_trace_port(&vcpu, 0, &vcpu_trace).unwrap();
+        assert_eq!(vcpu.get_regs().unwrap().rip, FUNC + 9, "the whole NOP skipped");
+        let (events, _) = feed.take(Duration::ZERO).unwrap();
+        let TraceEvent::Breakpoint(hit) = &events[0] else { panic!("{events:?}") };
+        assert_eq!((hit.index, hit.rip, hit.values.clone()), (0, FUNC + 6, vec![Captured::Number(42)]));
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt), "on past the NOP, in one exit");
+        // The guest's own write to the port is not a hit.
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rip = OWN_OUT;
+        vcpu.set_regs(&regs).unwrap();
+        assert!(matches!(vcpu.run().unwrap(), VcpuExit::IoOut(..)));
+        on_trace_port(&vcpu, 0, &vcpu_trace).unwrap();
+        assert_eq!(vcpu.get_regs().unwrap().rip, OWN_OUT + 2, "left alone");
+        assert!(feed.take(Duration::ZERO).unwrap().0.is_empty(), "no report");
+        // No NOP at the address: refused, and the earlier patch is gone.
+        let hlt = Some(Breakpoint { address: FUNC + 9, captures: vec![] });
+        let refused = set_software(&trace, &vcpu, &mut vcpu_trace, hlt).unwrap_err();
+        assert!(matches!(refused, BreakpointError::NoNop { address: 0x2009, .. }), "{refused}");
+        assert_eq!(memory.read_obj::<[u8; 5]>(GuestAddress(FUNC + 4)).unwrap(), nop5, "the NOP is back");
+        set_software(&trace, &vcpu, &mut vcpu_trace, None).unwrap();
+    }
+
     /// A real-mode vCPU about to run `wrmsr; hlt` at `CODE` (the test VM's code), with
     /// a breakpoint there whose captures follow RDI to a string and RSI to an argv-style
     /// array, take RBX's value, and follow a pointer into nothing.
@@ -193,7 +459,7 @@ mod tests {
         }
         memory.write_obj(0x3000u64, GuestAddress(0x3300)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone());
+        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone());
         let mut vcpu_trace = trace.for_vcpu(memory.clone());
         let mut vcpu = vm.fd().create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
@@ -205,15 +471,22 @@ mod tests {
         regs.rcx = 0x10;
         vcpu.set_regs(&regs).unwrap();
         let capture = |base, derefs: Vec<i64>, kind, max_len| Capture { base, derefs, offset: 0, kind, max_len };
-        trace.breakpoints().set(&[Breakpoint {
-            address: CODE,
-            captures: vec![
-                capture(5, vec![0], CaptureKind::String, 256),
-                capture(4, vec![], CaptureKind::StringArray, 16),
-                capture(1, vec![], CaptureKind::Address, 0),
-                capture(5, vec![0x10_0000_0000], CaptureKind::U64, 0),
-            ],
-        }]);
+        trace
+            .breakpoints()
+            .set(
+                false,
+                &[Breakpoint {
+                    address: CODE,
+                    captures: vec![
+                        capture(5, vec![0], CaptureKind::String, 256),
+                        capture(4, vec![], CaptureKind::StringArray, 16),
+                        capture(1, vec![], CaptureKind::Address, 0),
+                        capture(5, vec![0x10_0000_0000], CaptureKind::U64, 0),
+                    ],
+                }],
+                || {},
+            )
+            .unwrap();
         sync(&vcpu, &mut vcpu_trace).unwrap();
         let exit = match vcpu.run().unwrap() {
             VcpuExit::Debug(exit) => exit,
@@ -246,7 +519,7 @@ mod tests {
         assert_eq!(next, "Hlt", "at {:#x}", vcpu.get_regs().unwrap().rip);
         assert_eq!(feed.take(Duration::ZERO).unwrap().0.len(), 0, "one report for one hit");
         // Disarmed, the same code runs with no exit.
-        trace.breakpoints().set(&[]);
+        trace.breakpoints().set(false, &[], || {}).unwrap();
         sync(&vcpu, &mut vcpu_trace).unwrap();
         let mut regs = vcpu.get_regs().unwrap();
         regs.rip = CODE;

@@ -20,7 +20,7 @@ impl<'a> GuestView<'a> {
     }
 
     /// The guest-physical address of `va`, if the vCPU maps it.
-    fn translate(&self, va: u64) -> Option<u64> {
+    pub fn translate(&self, va: u64) -> Option<u64> {
         self.fd.translate_gva(va).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
     }
 

@@ -25,8 +25,10 @@ pub struct GuestTrace {
 }
 
 impl GuestTrace {
-    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>) -> Self {
-        Self { vm, feed, breakpoints: Arc::new(Breakpoints::default()) }
+    /// The trace of `vm`, whose guest RAM is `memory` (software breakpoints are
+    /// written there).
+    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>, memory: GuestMemoryMmap) -> Self {
+        Self { vm, feed, breakpoints: Arc::new(Breakpoints::new(memory)) }
     }
 
     /// Where the vCPUs report.

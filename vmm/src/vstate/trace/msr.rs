@@ -90,7 +90,7 @@ pub(super) mod tests {
     fn an_armed_msr_write_exits_is_reported_with_its_writer_and_is_applied() {
         let (vm, ram) = vm_with_code();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone());
+        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone());
         trace.arm_msr_writes(true).unwrap();
         let hook = 0xffff_ffff_c000_1000;
         let mut vcpu = vcpu_writing_lstar(&vm, hook);
@@ -133,8 +133,8 @@ pub(super) mod tests {
 
     #[test]
     fn a_disarmed_trace_leaves_msr_writes_to_kvm() {
-        let (vm, _ram) = vm_with_code();
-        let trace = GuestTrace::new(vm.clone(), Arc::new(TraceFeed::new(TraceLimits::default())));
+        let (vm, ram) = vm_with_code();
+        let trace = GuestTrace::new(vm.clone(), Arc::new(TraceFeed::new(TraceLimits::default())), ram.memory().clone());
         trace.arm_msr_writes(true).unwrap();
         trace.arm_msr_writes(false).unwrap();
         let mut vcpu = vcpu_writing_lstar(&vm, 0xffff_ffff_8120_0040);
@@ -147,7 +147,7 @@ pub(super) mod tests {
         let (vm, ram) = vm_with_code();
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let vcpu_trace = GuestTrace::new(vm.clone(), feed.clone()).for_vcpu(ram.memory().clone());
+        let vcpu_trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone()).for_vcpu(ram.memory().clone());
         // A non-canonical LSTAR: the guest would get #GP without tracing, and does with it.
         assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&vcpu_trace)));
         let (events, _) = feed.take(Duration::ZERO).unwrap();
