@@ -443,7 +443,7 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 /// Debian's kernel from `guest-images/<dir>`), every kind at once through the API
 /// (`specula trace`; software breakpoints, since QEMU's TCG does not arm the debug
 /// registers a VMRUN loads), with no agent in the guest and no check run:
-/// - a busy guest (300 fork+exec of /bin/true) is reported exec by exec, and writes none
+/// - a busy guest (100 fork+exec of /bin/true) is reported exec by exec, and writes none
 ///   of the traced MSRs;
 /// - a process that runs and exits between two looks (`/bin/sh -c 'exit 7' MARKER`) is
 ///   reported with its filename and argv as the guest ran them, then its exit with 7;
@@ -483,7 +483,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
                  done"
             ))
             // A busy guest: processes come and go, every one with its system calls.
-            .send("i=0; while [ $i -lt 20 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
+            .send("i=0; while [ $i -lt 100 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
             .wait_for("busy-done-42", SHELL_LIMIT)
             .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
             .wait_for("marker-status-7", SHELL_LIMIT)
@@ -519,7 +519,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
 
         let execs = of_kind("trace.exec");
         let true_runs = execs.iter().filter(|e| e["detail"]["filename"] == "/bin/true").count();
-        assert!(true_runs >= 20, "every /bin/true of the busy loop is an exec ({true_runs}): {}", summary());
+        assert!(true_runs >= 100, "every /bin/true of the busy loop is an exec ({true_runs}): {}", summary());
         let marker = execs
             .iter()
             .find(|e| e["detail"]["argv"] == serde_json::json!(["/bin/sh", "-c", "exit 7", "specula-marker-42"]))
