@@ -187,9 +187,14 @@ fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
         .arg("-initrd")
         .arg(initramfs)
         // An L1 CPU that TCG keeps inside an L2 (docs/nested.md, "A triple fault the
-        // nest makes") never schedules again: L1 panics after a minute of that, so the
-        // test ends at once with the panic line instead of at its time limit.
-        .args(["-append", "console=ttyS0 quiet panic=-1 softlockup_panic=1 watchdog_thresh=30"])
+        // nest makes") never schedules again, or never takes its timer again: L1
+        // panics after a minute of either (a soft lockup, an RCU stall), so the test
+        // ends at once with the panic line instead of at its time limit.
+        .args([
+            "-append",
+            "console=ttyS0 quiet panic=-1 softlockup_panic=1 watchdog_thresh=30 \
+             rcupdate.rcu_cpu_stall_timeout=60 sysctl.kernel.panic_on_rcu_stall=1",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()))
         .arg("-serial")

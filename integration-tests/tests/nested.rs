@@ -49,13 +49,17 @@ const NEST_L1_CORRUPTED: &str = "Kernel panic - not syncing: corrupted stack end
 /// makes": L1 boots with `softlockup_panic=1`).
 const NEST_L1_SOFT_LOCKUP: &str = "Kernel panic - not syncing: softlockup: hung tasks";
 
+/// What L1's kernel says when one of its CPUs has taken no timer for a minute, which a
+/// CPU that TCG keeps inside an L2 does not (L1 boots with `panic_on_rcu_stall`).
+const NEST_L1_RCU_STALL: &str = "Kernel panic - not syncing: RCU Stall";
+
 /// What the source vmm answers when a vCPU does not leave KVM_RUN even for a signal
 /// (docs/nested.md, "A triple fault the nest makes": L1's CPU stuck in its L2), as a
 /// failed `poke` reports it (`Workload::poke`).
 const NEST_STUCK_VCPU: &str = "not every vCPU answered the snapshot request";
 
 /// Runs a nested test, and once more if it failed with [`NEST_TRIPLE_FAULT`],
-/// [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`] or [`NEST_L1_SOFT_LOCKUP`] in its message: an L2 that TCG's
+/// [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`], [`NEST_L1_SOFT_LOCKUP`] or [`NEST_L1_RCU_STALL`] in its message: an L2 that TCG's
 /// nested SVM shuts down, or never leaves, or an L1 whose kernel memory it corrupts,
 /// at random, about once in a few dozen L2 runs, in guests that never fault on this
 /// runner's KVM or in 150 runs in a row under tracing. The retry is announced on
@@ -67,7 +71,7 @@ fn retry_once_on_the_nest_triple_fault(test: impl Fn()) {
         .map(String::as_str)
         .or_else(|| failure.downcast_ref::<&str>().copied())
         .unwrap_or("");
-    let Some(what) = [NEST_TRIPLE_FAULT, NEST_STUCK_VCPU, NEST_L1_CORRUPTED, NEST_L1_SOFT_LOCKUP]
+    let Some(what) = [NEST_TRIPLE_FAULT, NEST_STUCK_VCPU, NEST_L1_CORRUPTED, NEST_L1_SOFT_LOCKUP, NEST_L1_RCU_STALL]
         .into_iter()
         .find(|s| text.contains(s))
     else {

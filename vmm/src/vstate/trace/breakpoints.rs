@@ -364,7 +364,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::vstate::trace::msr::tests::vm_with_code;
+    use crate::vstate::trace::msr::tests::{real_mode_vcpu, vm_with_code};
     use crate::vstate::trace::GuestTrace;
 
     const CODE: u64 = 0x1000;
@@ -408,13 +408,7 @@ mod tests {
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = Arc::new(GuestTrace::new(vm.clone(), feed.clone(), memory.clone()));
         let mut vcpu_trace = trace.for_vcpu(memory.clone());
-        let mut vcpu = vm.fd().create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        (sregs.cs.base, sregs.cs.selector) = (0, 0);
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        (regs.rip, regs.rbx) = (FUNC, 42);
-        vcpu.set_regs(&regs).unwrap();
+        let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rbx) = (FUNC, 42));
         let capture = Capture { base: 1, derefs: vec![], offset: 0, kind: CaptureKind::Address, max_len: 0 };
         set_software(&trace, &vcpu, &mut vcpu_trace, Some(Breakpoint { address: FUNC, captures: vec![capture] }))
             .unwrap();
@@ -461,15 +455,10 @@ mod tests {
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone());
         let mut vcpu_trace = trace.for_vcpu(memory.clone());
-        let mut vcpu = vm.fd().create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        (sregs.cs.base, sregs.cs.selector) = (0, 0);
-        vcpu.set_sregs(&sregs).unwrap();
-        let mut regs = vcpu.get_regs().unwrap();
-        (regs.rip, regs.rdi, regs.rsi, regs.rbx) = (CODE, 0x3300, 0x3200, 7);
-        // The instruction under the breakpoint writes the TSC: harmless.
-        regs.rcx = 0x10;
-        vcpu.set_regs(&regs).unwrap();
+        // The instruction under the breakpoint writes the TSC (RCX 0x10): harmless.
+        let mut vcpu = real_mode_vcpu(&vm, |regs| {
+            (regs.rip, regs.rdi, regs.rsi, regs.rbx, regs.rcx) = (CODE, 0x3300, 0x3200, 7, 0x10)
+        });
         let capture = |base, derefs: Vec<i64>, kind, max_len| Capture { base, derefs, offset: 0, kind, max_len };
         trace
             .breakpoints()

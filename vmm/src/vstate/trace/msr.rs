@@ -62,20 +62,24 @@ pub(super) mod tests {
     const CODE: u64 = 0x1000;
     const STACK: u64 = 0x8000;
 
-    /// A real-mode vCPU about to run `wrmsr; hlt` at [`CODE`], writing `value` to LSTAR.
-    fn vcpu_writing_lstar(vm: &Vm, value: u64) -> VcpuFd {
+    /// vCPU 0 of `vm` in real mode with a flat code segment, its registers as `set`
+    /// leaves them.
+    pub(in crate::vstate::trace) fn real_mode_vcpu(vm: &Vm, set: impl FnOnce(&mut kvm_bindings::kvm_regs)) -> VcpuFd {
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
+        (sregs.cs.base, sregs.cs.selector) = (0, 0);
         vcpu.set_sregs(&sregs).unwrap();
         let mut regs = vcpu.get_regs().unwrap();
-        regs.rip = CODE;
-        regs.rcx = u64::from(LSTAR);
-        regs.rax = value & 0xffff_ffff;
-        regs.rdx = value >> 32;
+        set(&mut regs);
         vcpu.set_regs(&regs).unwrap();
         vcpu
+    }
+
+    /// A real-mode vCPU about to run `wrmsr; hlt` at [`CODE`], writing `value` to LSTAR.
+    fn vcpu_writing_lstar(vm: &Vm, value: u64) -> VcpuFd {
+        real_mode_vcpu(vm, |regs| {
+            (regs.rip, regs.rcx, regs.rax, regs.rdx) = (CODE, u64::from(LSTAR), value & 0xffff_ffff, value >> 32)
+        })
     }
 
     pub(in crate::vstate::trace) fn vm_with_code() -> (Arc<Vm>, GuestRam) {
