@@ -260,6 +260,10 @@ fn client(request: &Request) -> Result<ExitCode, MainError> {
             println!("{}", rest.trim_start());
             Ok(ExitCode::SUCCESS)
         }
+        None if reply.trim().is_empty() => Err(MainError::Refused(format!(
+            "the inspector at {} closed the connection with no reply (did it exit? its log says why)",
+            socket.display()
+        ))),
         None => Err(MainError::Refused(reply.strip_prefix("error ").unwrap_or(&reply).to_string())),
     }
 }

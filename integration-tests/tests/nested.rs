@@ -58,28 +58,35 @@ const NEST_L1_RCU_STALL: &str = "Kernel panic - not syncing: RCU Stall";
 /// failed `poke` reports it (`Workload::poke`).
 const NEST_STUCK_VCPU: &str = "not every vCPU answered the snapshot request";
 
-/// Runs a nested test, and once more if it failed with [`NEST_TRIPLE_FAULT`],
-/// [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`], [`NEST_L1_SOFT_LOCKUP`] or [`NEST_L1_RCU_STALL`] in its message: an L2 that TCG's
-/// nested SVM shuts down, or never leaves, or an L1 whose kernel memory it corrupts,
-/// at random, about once in a few dozen L2 runs, in guests that never fault on this
-/// runner's KVM or in 150 runs in a row under tracing. The retry is announced on
-/// stderr; a second failure fails the test, whatever its cause.
-fn retry_once_on_the_nest_triple_fault(test: impl Fn()) {
-    let Err(failure) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else { return };
-    let text = failure
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| failure.downcast_ref::<&str>().copied())
-        .unwrap_or("");
-    let Some(what) = [NEST_TRIPLE_FAULT, NEST_STUCK_VCPU, NEST_L1_CORRUPTED, NEST_L1_SOFT_LOCKUP, NEST_L1_RCU_STALL]
-        .into_iter()
-        .find(|s| text.contains(s))
-    else {
-        std::panic::resume_unwind(failure);
-    };
-    eprintln!("nested: the nest failed ({what}; TCG's nested SVM); running the test once more");
-    test();
+/// Runs a nested test, and again (at most [`NEST_ATTEMPTS`] runs in all) while it fails
+/// with [`NEST_TRIPLE_FAULT`], [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`],
+/// [`NEST_L1_SOFT_LOCKUP`] or [`NEST_L1_RCU_STALL`] in its message: an L2 that TCG's
+/// nested SVM shuts down, or never leaves, or an L1 whose kernel memory it corrupts or
+/// whose CPU it keeps, at random, about once in a few dozen L2 runs, in guests that
+/// never fault on this runner's KVM or in 150 runs in a row under tracing. With 15
+/// nested tests a CI run meets one now and then, and twice in one test was seen once
+/// (docs/nested.md). Each retry is announced on stderr; any other failure, or the last
+/// run's, fails the test.
+fn retry_on_the_nest_symptoms(test: impl Fn()) {
+    for attempt in 1.. {
+        let Err(failure) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else { return };
+        let text = failure
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| failure.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let symptoms = [NEST_TRIPLE_FAULT, NEST_STUCK_VCPU, NEST_L1_CORRUPTED, NEST_L1_SOFT_LOCKUP, NEST_L1_RCU_STALL];
+        match symptoms.into_iter().find(|s| text.contains(s)) {
+            Some(what) if attempt < NEST_ATTEMPTS => {
+                eprintln!("nested: the nest failed ({what}; TCG's nested SVM); running the test again");
+            }
+            _ => std::panic::resume_unwind(failure),
+        }
+    }
 }
+
+/// Runs of one nested test, at most, while the nest's own symptoms fail it.
+const NEST_ATTEMPTS: u32 = 3;
 
 /// Held for a test's whole run, so that the tests of this binary use L1 one at a time.
 fn turn() -> MutexGuard<'static, ()> {
@@ -120,7 +127,7 @@ fn reaches_the_shell_answers_and_powers_off(dir: &str, cpus: u32) {
 
 #[test]
 fn nested_l1_has_kvm_with_nested_paging_and_the_vmm_boots_hello_there() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         let l1 = &l1();
         assert_eq!(l1.npt, "Y", "kvm_amd in L1 must run with nested paging");
@@ -135,7 +142,7 @@ fn nested_l1_has_kvm_with_nested_paging_and_the_vmm_boots_hello_there() {
 
 #[test]
 fn nested_linux_6_1_with_2_vcpus_reaches_its_shell_answers_a_console_command_and_powers_off_with_0() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         reaches_the_shell_answers_and_powers_off("linux", 2);
     })
@@ -143,7 +150,7 @@ fn nested_linux_6_1_with_2_vcpus_reaches_its_shell_answers_a_console_command_and
 
 #[test]
 fn nested_linux_6_12_with_2_vcpus_reaches_its_shell_answers_a_console_command_and_powers_off_with_0() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         reaches_the_shell_answers_and_powers_off("linux-trixie", 2);
     })
@@ -151,7 +158,7 @@ fn nested_linux_6_12_with_2_vcpus_reaches_its_shell_answers_a_console_command_an
 
 #[test]
 fn nested_linux_6_1_with_1_vcpu_reboots_and_the_vmm_ends_as_a_reset() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         let l1 = &l1();
         let (status, log) = linux_session(l1, "linux-1-reboot", "linux", 1, "")
@@ -166,7 +173,7 @@ fn nested_linux_6_1_with_1_vcpu_reboots_and_the_vmm_ends_as_a_reset() {
 
 #[test]
 fn nested_linux_6_12_with_1_vcpu_and_panic_minus_1_ends_the_vmm_when_init_dies() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         let l1 = &l1();
         // The shell is init (exec'd by /init): its exit panics the kernel, which with
@@ -201,7 +208,7 @@ fn run_carried_tests(binary: &str, tests: &[&str]) {
 
 #[test]
 fn nested_mirror_core_tests_pass_on_npt() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         run_carried_tests(
             "mirror",
@@ -219,7 +226,7 @@ fn nested_mirror_core_tests_pass_on_npt() {
 
 #[test]
 fn nested_mirror_security_tests_pass_on_npt() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         run_carried_tests(
             "mirror_security",
@@ -240,7 +247,7 @@ fn nested_mirror_security_tests_pass_on_npt() {
 /// (mirror-driver/kmod/README.md, "Limits").
 #[test]
 fn nested_kernel_mirror_tests_pass_in_l1() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         // Two NUMA nodes, so pages can migrate between them; swap on zram.
         let l1 = &NestedL1::boot_numa(CARRIED_TESTS, 2);
@@ -301,7 +308,7 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
 /// then the test rootkit loads and each of its attacks is reported.
 #[test]
 fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_truth() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         use integration_tests::linux_guest::parse_ps_reply;
         let _turn = turn();
         let l1 = &l1();
@@ -456,7 +463,7 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 ///   (hidden) module, the previous value `entry_SYSCALL_64`, and the module among the
 ///   writer and its callers.
 fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         let l1 = &l1();
         let run_dir = format!("/run/l2/trace-{dir}");
@@ -586,7 +593,7 @@ fn nested_trace_reports_processes_the_rootkits_load_and_its_lstar_hook_on_linux_
 /// process and module lists it computes match what the guest printed about itself.
 #[test]
 fn nested_kernel_mirror_inspects_an_unmodified_qemu_by_pid_against_the_guests_own_ps() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         use integration_tests::linux_guest::parse_ps_reply;
         let _turn = turn();
         let l1 = &l1();
@@ -612,6 +619,7 @@ fn nested_kernel_mirror_inspects_an_unmodified_qemu_by_pid_against_the_guests_ow
                  done\n\
                  for request in status ps lsmod; do echo \"--- $request\"; {inspector} $request --control-socket c.sock; done\n\
                  kill $insp $qemu; wait\n\
+                 echo '--- inspector log'; cat insp.log\n\
                  echo '=== console'; cat qemu.out"
             ),
             Duration::from_secs(600),
@@ -623,6 +631,10 @@ fn nested_kernel_mirror_inspects_an_unmodified_qemu_by_pid_against_the_guests_ow
         let view =
             |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name} reply:\n{views_text}")).trim().to_string();
         assert!(view("status").contains("kind=kernel-mirror"), "{}", view("status"));
+        for request in ["ps", "lsmod"] {
+            let reply = view(request);
+            assert!(!reply.starts_with("inspector: error"), "{request}: {reply}\n{}", view("inspector log"));
+        }
         truth.assert_processes_listed(&parse_ps_reply(&view("ps")));
         truth.assert_modules_are(&view("lsmod"));
     })
@@ -634,7 +646,7 @@ fn nested_kernel_mirror_inspects_an_unmodified_qemu_by_pid_against_the_guests_ow
 /// Ctrl-C stops both.
 #[test]
 fn nested_kernel_mirror_specula_launch_attaches_by_pid_to_a_vmm_with_anonymous_ram() {
-    retry_once_on_the_nest_triple_fault(|| {
+    retry_on_the_nest_symptoms(|| {
         let _turn = turn();
         let l1 = &l1();
         let (specula, kmod, workload) =
