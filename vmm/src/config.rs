@@ -200,8 +200,9 @@ struct Args {
     #[arg(long = "mirror-allow-pause")]
     mirror_allow_pause: bool,
     /// Let inspectors trace the guest: its writes to LSTAR, CSTAR, SYSENTER_EIP, EFER and
-    /// DEBUGCTL exit to the vmm while an inspector subscribes, are reported, then applied
-    /// (at most 1000 events a second; the rest are counted as dropped).
+    /// DEBUGCTL exit to the vmm while an inspector subscribes, are reported, then applied,
+    /// and up to four hardware breakpoints report what their captures read (at most 1000
+    /// events a second; the rest are counted as dropped).
     #[arg(long = "mirror-allow-trace")]
     mirror_allow_trace: bool,
     /// Also let tracing inspectors set software breakpoints, where the debug registers

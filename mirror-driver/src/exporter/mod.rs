@@ -284,7 +284,7 @@ struct Shared {
     /// The trace kinds armed at the source (the union of the subscribers'); held while
     /// they change, so arming follows the subscriptions in order.
     trace_armed: Mutex<u32>,
-    /// The connection whose hardware breakpoints are armed, if one's are.
+    /// The connection whose breakpoints (hardware or software) are armed, if one's are.
     breakpoint_holder: Mutex<Option<u64>>,
 }
 
