@@ -89,6 +89,14 @@ pub trait Source: Send + Sync {
             "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, arms hardware breakpoints for an inspector)",
         ))
     }
+    /// Traps the guest's writes to exactly these guest-physical ranges (none: disarms),
+    /// each delivered as [`SourceEvent::MemoryWrite`]; returns the pages trapped. Only a
+    /// Specula `vmm` started with `--mirror-allow-trace`.
+    fn set_write_traps(&self, _ranges: &[mirror_driver::protocol::Range]) -> Result<u64, SourceError> {
+        Err(SourceError::Unsupported(
+            "this source cannot be traced (only a Specula vmm, started with --mirror-allow-trace, traps the guest's writes for an inspector)",
+        ))
+    }
     /// Whether mapped grants keep the source's last contents once it is gone (memfd
     /// pages outlive their VMM; a process's anonymous memory does not).
     fn contents_outlive_the_source(&self) -> bool {
@@ -197,6 +205,10 @@ impl Source for MirrorSource {
         points: &[mirror_driver::protocol::Breakpoint],
     ) -> Result<u32, SourceError> {
         Ok(self.0.set_breakpoints(software, points)?)
+    }
+
+    fn set_write_traps(&self, ranges: &[mirror_driver::protocol::Range]) -> Result<u64, SourceError> {
+        Ok(self.0.set_write_traps(ranges)?)
     }
 
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {

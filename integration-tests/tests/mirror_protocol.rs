@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use integration_tests::{unix_request, Running, SourceVm, TempDir};
 use mirror_driver::importer::{ImportError, Importer};
-use mirror_driver::protocol::{trace_kind, Breakpoint, ErrorCode, Message, Range, MAX_PAYLOAD, PROTOCOL_VERSION};
+use mirror_driver::protocol::{
+    trace_kind, Breakpoint, ErrorCode, Message, Range, MAX_PAYLOAD, MAX_WRITE_TRAP_BYTES, PROTOCOL_VERSION,
+};
 use mirror_driver::wire;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -87,6 +89,8 @@ fn trace_subscriptions_need_the_sources_consent_and_known_kinds() {
     let (code, text) = refused(importer.subscribe_trace(trace_kind::MSR_WRITES));
     assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
     assert!(text.contains("--mirror-allow-trace"), "{text}");
+    let (code, text) = refused(importer.set_write_traps(&[Range { gpa: 0x100_0000, len: 8 }]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "write traps need the consent too: {text}");
     drop(importer);
     assert_source_healthy(&mut vm, &mirror, &api);
 
@@ -119,7 +123,28 @@ fn trace_subscriptions_need_the_sources_consent_and_known_kinds() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(other.set_breakpoints(false, &[]).unwrap(), 0);
+    // Write traps: inside guest RAM (128 MiB here) and within the byte limit, one
+    // inspector's at a time, and released when it leaves.
+    let (code, text) = refused(other.set_write_traps(&[Range { gpa: 0x800_0000 - 8, len: 16 }]));
+    assert_eq!(code, ErrorCode::OutOfRange, "{text}");
+    let (code, _) = refused(other.set_write_traps(&[Range { gpa: u64::MAX - 7, len: 16 }]));
+    assert_eq!(code, ErrorCode::OutOfRange, "an overflowing range");
+    let (code, _) = refused(other.set_write_traps(&[Range { gpa: 0x100_0000, len: 0 }]));
+    assert_eq!(code, ErrorCode::OutOfRange, "an empty range");
+    let (code, text) = refused(other.set_write_traps(&[Range { gpa: 0, len: MAX_WRITE_TRAP_BYTES + 4096 }]));
+    assert_eq!(code, ErrorCode::TooLarge, "{text}");
+    assert_eq!(other.set_write_traps(&[Range { gpa: 0x100_0000, len: 0x2001 }]).unwrap(), 3, "whole pages");
+    let third = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(third.set_write_traps(&[Range { gpa: 0x100_0000, len: 8 }]));
+    assert_eq!(code, ErrorCode::NotNow, "{text}");
+    assert!(text.contains("holds this source's write traps"), "{text}");
     drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while third.set_write_traps(&[Range { gpa: 0x100_0000, len: 8 }]).is_err() {
+        assert!(std::time::Instant::now() < deadline, "the write traps outlived the inspector that held them");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(third);
     assert_source_healthy(&mut vm, &mirror, &api);
 }
 

@@ -530,11 +530,18 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
             .wait_for("busy-done-42", SHELL_LIMIT)
             .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
             .wait_for("marker-status-7", SHELL_LIMIT)
-            .send("insmod /lib/specula_rootkit.ko hook_lstar=1 && echo rootkit-loaded-$((40 + 2))")
+            // Its addresses from the guest's own kallsyms, as an attacker finds them.
+            .send(
+                "ksym() { echo 0x$(grep \" $1$\" /proc/kallsyms | cut -d\" \" -f1); }; \
+                 insmod /lib/specula_rootkit.ko hook_lstar=1 syscall_nr=62 sys_call_table=$(ksym sys_call_table) \
+                 x64_sys_call=$(ksym x64_sys_call) handler=$(ksym __x64_sys_kill) poke_text_end=$(ksym _etext) \
+                 && echo rootkit-loaded-$((40 + 2))",
+            )
             .wait_for("rootkit-loaded-42", SHELL_LIMIT)
             .shell(&format!(
                 "end=$(( $(date +%s) + 60 ))\n\
-                 until [ $(grep -c '\"msr\":\"LSTAR\"' trace.out) -ge 2 ] || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
+                 until [ $(grep -c '\"msr\":\"LSTAR\"' trace.out) -ge 2 ] && grep -q '\"table\":\"sys_call_table\"' trace.out \
+                   || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
                  sleep 2\n\
                  echo '--- trace'; cat trace.out\n\
                  echo '--- status'; {specula} --socket {api} --json trace-status\n\
@@ -601,8 +608,51 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
                 "the module is the writer or among its callers: {d}"
             );
         }
+        // Kernel-table writes: none from the busy guest before the rootkit, then its
+        // system call table entry, its patch of x64_sys_call, and its write-and-restore
+        // of text, each with the module as the writer or among its callers.
+        let kernel_writes = of_kind("trace.kernel_write");
+        let by_module = |d: &serde_json::Value| {
+            let in_module =
+                |p: &serde_json::Value| p["module"].as_str().is_some_and(|m| m.starts_with("specula_rootkit"));
+            in_module(&d["writer"]) || d["callers"].as_array().is_some_and(|c| c.iter().any(in_module))
+        };
+        for event in &kernel_writes {
+            assert!(event["seq"].as_u64() > load["seq"].as_u64(), "no kernel write before the rootkit's load: {event}");
+        }
+        // The rootkit's own writes (the kernel may patch its text for a module, too).
+        let kernel_writes: Vec<&serde_json::Value> =
+            kernel_writes.iter().map(|e| &e["detail"]).filter(|d| by_module(d)).collect();
+        let table_write = kernel_writes
+            .iter()
+            .find(|d| d["table"] == "sys_call_table")
+            .unwrap_or_else(|| panic!("the sys_call_table write: {}", summary()));
+        assert_eq!(
+            (table_write["entry"].as_u64(), table_write["len"].as_u64()),
+            (Some(SYSCALL_KILL.into()), Some(8)),
+            "{table_write}"
+        );
+        let text_writes: Vec<&serde_json::Value> =
+            kernel_writes.iter().copied().filter(|d| d["table"] == "kernel_text").collect();
+        assert!(
+            text_writes.iter().any(|d| d["symbol"].as_str().is_some_and(|s| s.starts_with("x64_sys_call+"))),
+            "the patch of x64_sys_call's call to the kill handler: {text_writes:#?}"
+        );
+        let restored = text_writes.windows(2).any(|pair| {
+            let (poke, put_back) = (pair[0], pair[1]);
+            poke["address"] == put_back["address"]
+                && poke["len"] == 1
+                && poke["value"] == put_back["previous"]
+                && poke["previous"] == put_back["value"]
+                && poke["value"] != poke["previous"]
+        });
+        assert!(restored, "the write-and-restore of the last text byte, as two writes: {text_writes:#?}");
         let status: serde_json::Value = serde_json::from_str(&view("status")).expect("the trace status, in JSON");
-        assert_eq!(status["kinds"], serde_json::json!(["msr_writes", "exec", "exit", "module_load"]), "{status}");
+        assert_eq!(
+            status["kinds"],
+            serde_json::json!(["msr_writes", "exec", "exit", "module_load", "kernel_writes"]),
+            "{status}"
+        );
         assert_eq!(status["breakpoints"], "software", "{status}");
         assert_eq!(status["dropped"], 0, "{status}");
     })

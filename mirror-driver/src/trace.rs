@@ -1,5 +1,5 @@
 //! The trace feed: what a source's vCPU threads report while an inspector traces the
-//! guest (writes to the system-call MSRs, so far), capped in rate and bounded in
+//! guest (writes to the system-call MSRs, breakpoint hits, trapped memory writes), capped in rate and bounded in
 //! memory, for the exporter to send to the inspectors that subscribed.
 //!
 //! A vCPU thread never waits here: past the rate cap, or behind a full queue, an event
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use specula_common::sync::lock;
 
-use crate::protocol::{trace_kind, BreakpointHit, Message, MsrWrite};
+use crate::protocol::{trace_kind, BreakpointHit, MemoryWrite, Message, MsrWrite};
 
 /// One traced event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub enum TraceEvent {
     MsrWrite(MsrWrite),
     /// A vCPU reached a hardware breakpoint.
     Breakpoint(BreakpointHit),
+    /// A guest write to a write-trapped range.
+    MemoryWrite(MemoryWrite),
 }
 
 impl TraceEvent {
@@ -29,6 +31,7 @@ impl TraceEvent {
         match self {
             TraceEvent::MsrWrite(_) => trace_kind::MSR_WRITES,
             TraceEvent::Breakpoint(_) => trace_kind::BREAKPOINTS,
+            TraceEvent::MemoryWrite(_) => trace_kind::WRITE_TRAPS,
         }
     }
 
@@ -37,6 +40,7 @@ impl TraceEvent {
         match self {
             TraceEvent::MsrWrite(write) => Message::TraceMsrWrite(write),
             TraceEvent::Breakpoint(hit) => Message::TraceBreakpointHit(hit),
+            TraceEvent::MemoryWrite(write) => Message::TraceMemoryWrite(write),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
 use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
+use crate::vstate::ram_slots::RamMemslots;
 use crate::vstate::trace::GuestTrace;
 use crate::vstate::vcpu::{self, Lifecycle, Vcpu, VmExit};
 use crate::vstate::vm::Vm;
@@ -64,8 +65,8 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vmm {
     vm: Arc<Vm>,
     ram: GuestRam,
-    /// The memslot of each of `ram.slots()`.
-    ram_slots: Vec<u32>,
+    /// Guest RAM's memslots (split where the trace's write traps make pages read-only).
+    ram_slots: Arc<RamMemslots>,
     bus: Arc<PioBus>,
     /// COM1, also on the bus: the event loop feeds it stdin.
     serial: Arc<SerialPort>,
@@ -115,7 +116,9 @@ impl Vmm {
         }
         vcpu::install_kick_handler()?;
         let vm = Arc::new(vm);
-        let trace = trace_feed(config).map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone())));
+        let ram_slots = Arc::new(RamMemslots::new(vm.clone(), &ram, &ram_slots));
+        let trace = trace_feed(config)
+            .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone(), ram_slots.clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let mut vcpu = Vcpu::new(&vm, index)?;
@@ -275,7 +278,7 @@ fn choose_dirty_ring(vm: &Vm, config: &VmConfig) -> Result<(), BuildError> {
 impl Vmm {
     /// Starts the mirror exporter and the API socket, when configured.
     fn start_services(&self) -> Result<Option<Arc<mirror_driver::exporter::Exporter>>, BuildError> {
-        let dirty_log = crate::mirror::DirtyLog::new(self.vm.clone(), &self.ram, &self.ram_slots);
+        let dirty_log = crate::mirror::DirtyLog::new(self.ram_slots.clone());
         let exporter = crate::mirror::start_exporter(
             &self.config,
             &self.ram,

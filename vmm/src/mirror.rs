@@ -9,41 +9,26 @@ use mirror_driver::protocol::{trace_kind, Breakpoint, DirtyMechanism, Range, Vcp
 use mirror_driver::trace::TraceFeed;
 
 use crate::config::VmConfig;
-use crate::memory::{GuestRam, RamSlot};
-use crate::vstate::dirty_ring::{DirtyRing, DirtyRingError};
+use crate::memory::GuestRam;
+use crate::vstate::ram_slots::{RamMemslots, RamSlotsError};
 use crate::vstate::trace::GuestTrace;
 use crate::vstate::vcpu::{Lifecycle, LifecycleError, VcpuSnapshot};
-use crate::vstate::vm::{Vm, VmError};
-
-/// Why KVM's dirty log of guest RAM could not be switched or read.
-#[derive(Debug, thiserror::Error)]
-pub enum DirtyLogError {
-    /// A memslot ioctl (its flags, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG) failed.
-    #[error(transparent)]
-    Memslot(#[from] VmError),
-    /// Harvesting or resetting the dirty ring failed.
-    #[error(transparent)]
-    Ring(#[from] DirtyRingError),
-}
 
 /// KVM's dirty log of the VM's RAM memslots, for the mirror's dirty-page feed.
 pub struct DirtyLog {
-    vm: Arc<Vm>,
-    slots: Vec<(u32, RamSlot)>,
+    slots: Arc<RamMemslots>,
 }
 
 impl DirtyLog {
-    /// The dirty log of `ram`, whose runs `ram.slots()` are the memslots `slots`.
-    pub fn new(vm: Arc<Vm>, ram: &GuestRam, slots: &[u32]) -> Self {
-        Self { vm, slots: slots.iter().copied().zip(ram.slots().iter().copied()).collect() }
+    /// The dirty log of guest RAM, through its memslots as they are at each call.
+    pub fn new(slots: Arc<RamMemslots>) -> Self {
+        Self { slots }
     }
 
     /// Starts (`on`) or stops KVM's dirty logging of every RAM memslot.
-    fn set(&self, on: bool) -> Result<(), DirtyLogError> {
-        for (slot, ram) in &self.slots {
-            self.vm.set_dirty_logging(*slot, ram, on)?;
-        }
-        if let Some(ring) = self.vm.dirty_ring().filter(|_| !on) {
+    fn set(&self, on: bool) -> Result<(), RamSlotsError> {
+        self.slots.set_dirty_logging(on)?;
+        if let Some(ring) = self.slots.vm().dirty_ring().filter(|_| !on) {
             // Writes between the last collection and now go to no one. Logging is off
             // whatever happens here: a failed discard only means a later subscriber may
             // hear of a few earlier writes (and the next harvest resets again).
@@ -56,9 +41,10 @@ impl DirtyLog {
 
     /// How writes are learnt of.
     fn mechanism(&self) -> DirtyMechanism {
-        if self.vm.dirty_ring().is_some() {
+        let vm = self.slots.vm();
+        if vm.dirty_ring().is_some() {
             DirtyMechanism::Ring
-        } else if self.vm.manual_dirty_protect() {
+        } else if vm.manual_dirty_protect() {
             DirtyMechanism::BitmapManualProtect
         } else {
             DirtyMechanism::Bitmap
@@ -66,27 +52,8 @@ impl DirtyLog {
     }
 
     /// Pages written since the last call, as runs in GPA order.
-    fn take(&self) -> Result<Vec<Range>, DirtyLogError> {
-        if let Some(ring) = self.vm.dirty_ring() {
-            return self.take_from_ring(ring);
-        }
-        let mut runs = Vec::new();
-        for (slot, ram) in &self.slots {
-            let bitmap = self.vm.take_dirty_log(*slot, ram.size)?;
-            runs.extend(mirror_driver::dirty::bitmap_runs(ram.guest_addr, &bitmap, ram.size));
-        }
-        Ok(runs)
-    }
-
-    /// Pages written since the last call, from the dirty ring: O(pages written).
-    fn take_from_ring(&self, ring: &DirtyRing) -> Result<Vec<Range>, DirtyLogError> {
-        ring.harvest()?;
-        let mut runs = Vec::new();
-        for (slot, ram) in &self.slots {
-            let words = ring.take_slot(*slot);
-            runs.extend(mirror_driver::dirty::sparse_bitmap_runs(ram.guest_addr, &words, ram.size));
-        }
-        Ok(runs)
+    fn take(&self) -> Result<Vec<Range>, RamSlotsError> {
+        self.slots.take_dirty()
     }
 }
 
@@ -139,6 +106,15 @@ impl SourceVm for LifecycleSource {
             .breakpoints()
             .set(software, points, || self.0.kick_vcpus())
             .map_err(|e| SourceVmError::ArmTrace { kinds: trace_kind::BREAKPOINTS, source: Box::new(e) })
+    }
+
+    fn set_write_traps(&self, ranges: &[Range]) -> Result<u64, SourceVmError> {
+        let trace = self.2.as_ref().ok_or(SourceVmError::NoTrace)?;
+        // Memslots are replaced, not changed in place: no vCPU may run meanwhile.
+        self.0.pause().map_err(source_vm_error)?;
+        let armed = trace.write_traps().set(ranges);
+        self.0.resume();
+        armed.map_err(|e| SourceVmError::ArmTrace { kinds: trace_kind::WRITE_TRAPS, source: Box::new(e) })
     }
 }
 

@@ -235,7 +235,7 @@ class Client:
 
     def trace_start(self, kinds: Optional[Iterable[str]] = None, software_breakpoints: bool = False) -> Dict[str, Any]:
         """Trace the source's guest (a Specula vmm started with ``--mirror-allow-trace``):
-        the ``kinds`` named (``msr_writes``, ``exec``, ``exit``, ``module_load``; every kind
+        the ``kinds`` named (``msr_writes``, ``exec``, ``exit``, ``module_load``, ``kernel_writes``; every kind
         when none) arrive on :meth:`events` as ``trace.*`` events. Breakpoints use the
         debug registers, or ``int3`` over no-ops with ``software_breakpoints``. Returns where
         tracing stands (``kinds``, ``breakpoints``, ``max_per_second``, ``events``,

@@ -28,7 +28,11 @@
  *    loads (IDTR; the kernel maps `idt_table` there read-only after boot) through
  *    a writable alias of its page; the trampoline's address is readable in
  *    /sys/module/specula_rootkit/parameters/idt_hook. Refused under page-table
- *    isolation, like `hook_lstar`.
+ *    isolation, like `hook_lstar`;
+ *  - with `poke_text_end` (the address of `_etext`, from /proc/kallsyms), writes
+ *    the last byte of kernel text through a writable alias and then puts it back,
+ *    as a rootkit that patches code for a moment and restores it before anyone
+ *    looks. That byte is padding no code runs, so the guest cannot trip on it.
  *
  * It takes no locks it cannot reach (tasklist_lock and module_mutex are not
  * exported): the test guest is idle while it loads. It cannot be unloaded.
@@ -73,6 +77,10 @@ MODULE_PARM_DESC(hook_lstar, "send every CPU's syscall entry (LSTAR) through thi
 static bool hook_idt;
 module_param(hook_idt, bool, 0);
 MODULE_PARM_DESC(hook_idt, "send IDT vector 0x80 through this module");
+
+static unsigned long poke_text_end;
+module_param(poke_text_end, ulong, 0);
+MODULE_PARM_DESC(poke_text_end, "address of _etext: its last text byte is overwritten, then restored (0: not)");
 
 /* Where the hooked IDT gate points now (0: not hooked), for the test to compare. */
 static unsigned long idt_hook_address;
@@ -161,6 +169,19 @@ static int redirect_dispatch(void)
 		return poke_text(dispatch_address + i + 1, &rel, 4);
 	}
 	return -ENOENT;
+}
+
+/* Overwrites the last byte of kernel text and puts it back: two writes. */
+static int poke_and_restore_text(void)
+{
+	unsigned long at = poke_text_end - 1;
+	u8 original = *(const u8 *)at;
+	u8 poked = original ^ 0xff;
+	int err = poke_text(at, &poked, 1);
+
+	if (err)
+		return err;
+	return poke_text(at, &original, 1);
 }
 
 static int hide_process(void)
@@ -264,6 +285,11 @@ static int __init specula_rootkit_init(void)
 	}
 	if (dispatch_address && handler_address) {
 		err = redirect_dispatch();
+		if (err)
+			return err;
+	}
+	if (poke_text_end) {
+		err = poke_and_restore_text();
 		if (err)
 			return err;
 	}

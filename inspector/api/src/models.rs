@@ -118,7 +118,7 @@ impl Rows for ViewCacheStats {
 /// What the inspector traces in the source's guest, and what it has reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TraceStatus {
-    /// The kinds traced now (`msr_writes`, `exec`, `exit`, `module_load`); empty when
+    /// The kinds traced now (`msr_writes`, `exec`, `exit`, `module_load`, `kernel_writes`); empty when
     /// tracing is off.
     pub kinds: Vec<String>,
     /// How the breakpoint kinds break: `hardware` (debug registers) or `software`

@@ -74,7 +74,7 @@ pub enum Request {
         len: u64,
     },
     /// Trace the source's guest (a Specula vmm started with --mirror-allow-trace): the
-    /// kinds named (msr_writes, exec, exit, module_load; every kind when none is named)
+    /// kinds named (msr_writes, exec, exit, module_load, kernel_writes; every kind when none is named)
     /// are reported on the event stream as trace.* events, addresses resolved to kernel
     /// symbols or modules.
     TraceStart {

@@ -74,7 +74,7 @@ async fn resume(State(s): State<AppState>) -> Result<StatusCode, ApiError> {
 
 /// Starts tracing the source's guest (control clients; a Specula vmm started with
 /// `--mirror-allow-trace`): the kinds named (`msr_writes`, `exec`, `exit`,
-/// `module_load`; all when none is named) are reported on the event stream as
+/// `module_load`, `kernel_writes`; all when none is named) are reported on the event stream as
 /// `trace.*` events. Replaces what was traced before.
 #[utoipa::path(post, path = "/v1/trace", request_body = TraceRequest, responses((status = 200, body = TraceStatus), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 501, body = ErrorBody)))]
 async fn trace_start(State(s): State<AppState>, Json(q): Json<TraceRequest>) -> ApiResult<Reply> {

@@ -109,6 +109,7 @@ impl Inspector {
             SourceEvent::DirtySynced { token } => self.views.note_synced(token),
             SourceEvent::MsrWrite(write) => self.queue_msr_write(write),
             SourceEvent::BreakpointHit(hit) => self.queue_breakpoint_hit(hit),
+            SourceEvent::MemoryWrite(write) => self.queue_memory_write(write),
             SourceEvent::TraceDropped { count } => self.note_trace_dropped(count, "source"),
             SourceEvent::Gone => {
                 self.source_gone.store(true, Ordering::SeqCst);

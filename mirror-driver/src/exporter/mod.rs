@@ -286,6 +286,8 @@ struct Shared {
     trace_armed: Mutex<u32>,
     /// The connection whose breakpoints (hardware or software) are armed, if one's are.
     breakpoint_holder: Mutex<Option<u64>>,
+    /// The connection whose write traps are armed, if one's are.
+    write_trap_holder: Mutex<Option<u64>>,
 }
 
 #[derive(Default)]
@@ -344,6 +346,7 @@ impl Exporter {
             collecting: Mutex::new(()),
             trace_armed: Mutex::new(0),
             breakpoint_holder: Mutex::new(None),
+            write_trap_holder: Mutex::new(None),
         });
         if shared.policy.allow_trace {
             tracing::start_sender(&shared).map_err(|source| ExportError::Bind { path: path.to_path_buf(), source })?;

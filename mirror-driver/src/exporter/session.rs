@@ -12,7 +12,9 @@ use specula_common::error_chain;
 use super::dirty_feed::{subscribe_dirty, sync_dirty};
 use super::grants::grant;
 use super::shared::{broadcast, forget_duplicate_exposures};
-use super::tracing::{rearm_trace, release_breakpoints, set_breakpoints, subscribe_trace};
+use super::tracing::{
+    rearm_trace, release_breakpoints, release_write_traps, set_breakpoints, set_write_traps, subscribe_trace,
+};
 use super::{error, lock, Connection, GrantState, Shared};
 use crate::protocol::{ErrorCode, Message, EVENT_ID, PROTOCOL_VERSION};
 use crate::wire::{self, WireError};
@@ -141,6 +143,7 @@ fn serve(stream: UnixStream, conn: Arc<Connection>, shared: Arc<Shared>) {
     conn.disconnect();
     shared.disconnected(&conn);
     release_breakpoints(&conn, &shared);
+    release_write_traps(&conn, &shared);
     if conn.trace_kinds.swap(0, Ordering::SeqCst) != 0 {
         // What only this peer traced is disarmed: tracing nobody reads costs nothing.
         rearm_trace(&shared);
@@ -264,6 +267,13 @@ fn handle(conn: &Connection, shared: &Arc<Shared>, id: u32, message: Message) {
         Message::TraceBreakpoints { software, points } => {
             let reply = match set_breakpoints(conn, shared, software, &points) {
                 Ok(count) => Message::TraceBreakpointsSet { count },
+                Err((code, text)) => error(code, text),
+            };
+            conn.send(id, &reply, &[]);
+        }
+        Message::TraceWriteTraps { ranges } => {
+            let reply = match set_write_traps(conn, shared, &ranges) {
+                Ok(pages) => Message::TraceWriteTrapsSet { pages },
                 Err((code, text)) => error(code, text),
             };
             conn.send(id, &reply, &[]);

@@ -91,4 +91,12 @@ pub trait SourceVm: Send + Sync {
     fn set_breakpoints(&self, _software: bool, _points: &[Breakpoint]) -> Result<(), SourceVmError> {
         Err(SourceVmError::NoTrace)
     }
+    /// Traps the guest's writes to exactly these guest-physical ranges (none: disarms;
+    /// the exporter checks them against RAM and `protocol::MAX_WRITE_TRAP_BYTES`): their
+    /// pages become read-only to the guest, each write is completed by the source as the
+    /// guest asked, and those that touch a range are reported to the trace feed. Returns
+    /// the pages trapped.
+    fn set_write_traps(&self, _ranges: &[Range]) -> Result<u64, SourceVmError> {
+        Err(SourceVmError::NoTrace)
+    }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use specula_common::error_chain;
 
 use super::{lock, Connection, Shared};
-use crate::protocol::{trace_kind, Breakpoint, ErrorCode, Message, EVENT_ID};
+use crate::protocol::{trace_kind, Breakpoint, ErrorCode, Message, Range, EVENT_ID, MAX_WRITE_TRAP_BYTES};
 use crate::trace::TraceFeed;
 
 /// How long the sender waits for events before it looks at the exporter again.
@@ -99,6 +99,70 @@ pub(super) fn release_breakpoints(conn: &Connection, shared: &Shared) {
     }
 }
 
+/// Traps the guest's writes to `ranges` for `conn` (none: releases them), unless another
+/// live connection holds the write traps. Returns the pages trapped, or the refusal.
+pub(super) fn set_write_traps(
+    conn: &Connection,
+    shared: &Shared,
+    ranges: &[Range],
+) -> Result<u64, (ErrorCode, String)> {
+    if !shared.policy.allow_trace {
+        let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
+        return Err((ErrorCode::PolicyDenied, text.into()));
+    }
+    if shared.source.trace_feed().is_none() {
+        return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
+    }
+    let mut pages = 0u64;
+    for r in ranges {
+        let inside = r.gpa.checked_add(r.len).is_some_and(|end| {
+            r.len > 0 && shared.ram_ranges.iter().any(|ram| r.gpa >= ram.gpa && end <= ram.gpa + ram.len)
+        });
+        if !inside {
+            return Err((
+                ErrorCode::OutOfRange,
+                format!("write trap {:#x} (+{:#x}) is not inside guest RAM", r.gpa, r.len),
+            ));
+        }
+        pages += (r.gpa + r.len).div_ceil(PAGE) - r.gpa / PAGE;
+    }
+    if pages * PAGE > MAX_WRITE_TRAP_BYTES {
+        let text = format!("write traps over {pages} pages exceed the {MAX_WRITE_TRAP_BYTES}-byte limit");
+        return Err((ErrorCode::TooLarge, text));
+    }
+    let mut holder = lock(&shared.write_trap_holder);
+    if let Some(other) = holder.filter(|&h| h != conn.id) {
+        if shared.live_connections().iter().any(|c| c.id == other) {
+            return Err((ErrorCode::NotNow, format!("inspector {other} holds this source's write traps")));
+        }
+    }
+    let trapped = shared
+        .source
+        .set_write_traps(ranges)
+        .map_err(|e| (ErrorCode::Internal, format!("cannot arm write traps: {}", error_chain(&e))))?;
+    *holder = (!ranges.is_empty()).then_some(conn.id);
+    if ranges.is_empty() {
+        conn.trace_kinds.fetch_and(!trace_kind::WRITE_TRAPS, Ordering::SeqCst);
+    } else {
+        conn.trace_kinds.fetch_or(trace_kind::WRITE_TRAPS, Ordering::SeqCst);
+    }
+    log::info!("mirror: write traps over {trapped} pages armed for inspector {}", conn.id);
+    Ok(trapped)
+}
+
+/// Releases the write traps of a connection that left: its pages are writable again.
+pub(super) fn release_write_traps(conn: &Connection, shared: &Shared) {
+    let mut holder = lock(&shared.write_trap_holder);
+    if *holder == Some(conn.id) {
+        if let Err(e) = shared.source.set_write_traps(&[]) {
+            log::warn!("mirror: cannot disarm the write traps of inspector {}: {}", conn.id, error_chain(&e));
+        }
+        *holder = None;
+    }
+}
+
+const PAGE: u64 = 4096;
+
 /// Canonical x86-64 addresses: below this, or at or above [`KERNEL_HALF`].
 const USER_TOP: u64 = 0x0000_8000_0000_0000;
 const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
@@ -147,13 +211,16 @@ fn send_events(shared: &Shared, feed: &TraceFeed) {
         let subscribers: Vec<Arc<Connection>> =
             shared.live_connections().into_iter().filter(|c| c.trace_kinds.load(Ordering::SeqCst) != 0).collect();
         let holder = *lock(&shared.breakpoint_holder);
+        let trap_holder = *lock(&shared.write_trap_holder);
         for event in events {
             let kind = event.kind();
             let message = event.to_message();
-            // Breakpoint hits go to the connection that set the breakpoints, and to no other.
+            // Breakpoint hits and trapped writes go to the connection that set the
+            // breakpoints or the traps, and to no other.
             let wants = |c: &Connection| {
                 c.trace_kinds.load(Ordering::SeqCst) & kind != 0
                     && (kind != trace_kind::BREAKPOINTS || holder == Some(c.id))
+                    && (kind != trace_kind::WRITE_TRAPS || trap_holder == Some(c.id))
             };
             for conn in subscribers.iter().filter(|c| wants(c)) {
                 conn.send(EVENT_ID, &message, &[]);

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use specula_common::sync::lock;
 
 use crate::protocol::{
-    Breakpoint, BreakpointHit, DirtyMechanism, ErrorCode, Message, MsrWrite, Range, VcpuRegs, ACCESS_READ_ONLY,
-    EVENT_ID, PROTOCOL_VERSION,
+    Breakpoint, BreakpointHit, DirtyMechanism, ErrorCode, MemoryWrite, Message, MsrWrite, Range, VcpuRegs,
+    ACCESS_READ_ONLY, EVENT_ID, PROTOCOL_VERSION,
 };
 use crate::wire::{self, Frame, WireError};
 
@@ -108,6 +108,9 @@ pub enum SourceEvent {
     /// A vCPU reached one of the breakpoints this connection set
     /// ([`Importer::set_breakpoints`]), with what the breakpoint's captures read.
     BreakpointHit(BreakpointHit),
+    /// A guest write to one of the ranges this connection trapped
+    /// ([`Importer::set_write_traps`]), as the source completed it.
+    MemoryWrite(MemoryWrite),
     /// The source dropped `count` trace events since it last said so (over its rate
     /// cap, or behind a full queue).
     TraceDropped {
@@ -130,6 +133,7 @@ impl SourceEvent {
             Message::DirtySynced { token } => SourceEvent::DirtySynced { token },
             Message::TraceMsrWrite(write) => SourceEvent::MsrWrite(write),
             Message::TraceBreakpointHit(ref hit) => SourceEvent::BreakpointHit(hit.clone()),
+            Message::TraceMemoryWrite(write) => SourceEvent::MemoryWrite(write),
             Message::TraceDropped { count } => SourceEvent::TraceDropped { count },
             _ => return None,
         })
@@ -348,6 +352,15 @@ impl Importer {
     pub fn set_breakpoints(&self, software: bool, points: &[Breakpoint]) -> Result<u32, ImportError> {
         match self.request(&Message::TraceBreakpoints { software, points: points.to_vec() })?.message {
             Message::TraceBreakpointsSet { count } => Ok(count),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Traps the guest's writes to exactly these guest-physical ranges (none: disarms),
+    /// each arriving as [`SourceEvent::MemoryWrite`]; returns the pages trapped.
+    pub fn set_write_traps(&self, ranges: &[Range]) -> Result<u64, ImportError> {
+        match self.request(&Message::TraceWriteTraps { ranges: ranges.to_vec() })?.message {
+            Message::TraceWriteTrapsSet { pages } => Ok(pages),
             other => Err(unexpected(other)),
         }
     }

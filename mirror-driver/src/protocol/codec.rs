@@ -2,10 +2,10 @@
 //! little-endian fields and bounded, counted arrays.
 
 use super::{
-    Breakpoint, BreakpointHit, Capture, CaptureKind, Captured, DecodeError, DirtyMechanism, ErrorCode, Grant, Message,
-    MsrWrite, Range, VcpuRegs, CAPTURE_BASE_GS, HEADER_LEN, MAX_BREAKPOINTS, MAX_CAPTURES, MAX_CAPTURE_STRING,
-    MAX_CAPTURE_STRINGS, MAX_DEREFS, MAX_ERROR_TEXT, MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES, MAX_VCPUS,
-    MSR_WRITE_STACK_WORDS,
+    Breakpoint, BreakpointHit, Capture, CaptureKind, Captured, DecodeError, DirtyMechanism, ErrorCode, Grant,
+    MemoryWrite, Message, MsrWrite, Range, VcpuRegs, CAPTURE_BASE_GS, HEADER_LEN, MAX_BREAKPOINTS, MAX_CAPTURES,
+    MAX_CAPTURE_STRING, MAX_CAPTURE_STRINGS, MAX_DEREFS, MAX_ERROR_TEXT, MAX_FDS_PER_FRAME, MAX_PAYLOAD, MAX_RANGES,
+    MAX_VCPUS, MAX_WRITE_TRAP_RANGES, MEMORY_WRITE_MAX_LEN, MSR_WRITE_STACK_WORDS,
 };
 
 pub(super) mod kind {
@@ -39,6 +39,9 @@ pub(super) mod kind {
     pub const TRACE_BREAKPOINTS: u16 = 18;
     pub const TRACE_BREAKPOINTS_SET: u16 = 19;
     pub const TRACE_BREAKPOINT_HIT: u16 = 31;
+    pub const TRACE_WRITE_TRAPS: u16 = 32;
+    pub const TRACE_WRITE_TRAPS_SET: u16 = 33;
+    pub const TRACE_MEMORY_WRITE: u16 = 34;
     pub const ERROR: u16 = 30;
 }
 
@@ -340,6 +343,23 @@ impl Message {
                 }
                 kind::TRACE_BREAKPOINT_HIT
             }
+            Message::TraceWriteTraps { ranges } => {
+                write_ranges(&mut w, ranges);
+                kind::TRACE_WRITE_TRAPS
+            }
+            Message::TraceWriteTrapsSet { pages } => {
+                w.u64(*pages);
+                kind::TRACE_WRITE_TRAPS_SET
+            }
+            Message::TraceMemoryWrite(m) => {
+                w.u32(m.vcpu);
+                w.u64(m.gpa);
+                w.u32(m.len);
+                for v in [m.value, m.previous, m.rip, m.cr3].iter().chain(&m.stack) {
+                    w.u64(*v);
+                }
+                kind::TRACE_MEMORY_WRITE
+            }
             Message::Error { code, text } => {
                 w.u32(*code as u32);
                 let text = truncate_utf8(text, MAX_ERROR_TEXT);
@@ -464,6 +484,24 @@ impl Message {
                 let n = r.count(MAX_CAPTURES, 4)?;
                 let values = (0..n).map(|_| read_captured(&mut r)).collect::<Result<_, _>>()?;
                 Message::TraceBreakpointHit(BreakpointHit { vcpu, index, rip, cr3, values })
+            }
+            kind::TRACE_WRITE_TRAPS => {
+                let n = r.count(MAX_WRITE_TRAP_RANGES, 16)?;
+                let ranges = (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect::<Result<_, _>>()?;
+                Message::TraceWriteTraps { ranges }
+            }
+            kind::TRACE_WRITE_TRAPS_SET => Message::TraceWriteTrapsSet { pages: r.u64()? },
+            kind::TRACE_MEMORY_WRITE => {
+                let (vcpu, gpa, len) = (r.u32()?, r.u64()?, r.u32()?);
+                if len == 0 || len > MEMORY_WRITE_MAX_LEN {
+                    return Err(DecodeError::Malformed { kind });
+                }
+                let (value, previous, rip, cr3) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let mut stack = [0; MSR_WRITE_STACK_WORDS];
+                for word in stack.iter_mut() {
+                    *word = r.u64()?;
+                }
+                Message::TraceMemoryWrite(MemoryWrite { vcpu, gpa, len, value, previous, rip, cr3, stack })
             }
             kind::ERROR => {
                 let raw = r.u32()?;

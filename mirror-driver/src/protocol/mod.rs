@@ -21,7 +21,7 @@ mod codec;
 mod tests;
 
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 64 << 10;
 /// Frame header size.
@@ -142,9 +142,18 @@ pub mod trace_kind {
     /// Hits of the hardware breakpoints this connection set
     /// ([`super::Message::TraceBreakpoints`]), as [`super::Message::TraceBreakpointHit`].
     pub const BREAKPOINTS: u32 = 2;
+    /// Guest writes to the ranges of this connection's write traps
+    /// ([`super::Message::TraceWriteTraps`]), as [`super::Message::TraceMemoryWrite`].
+    pub const WRITE_TRAPS: u32 = 4;
     /// Every kind a subscription names (breakpoint hits come with setting breakpoints).
     pub const ALL: u32 = MSR_WRITES;
 }
+
+/// Most ranges one set of write traps names.
+pub const MAX_WRITE_TRAP_RANGES: usize = 64;
+/// Most bytes the write traps of a source cover, in whole pages: each trapped page is a
+/// read-only piece of a memslot, and kernel text (the largest table traced) is ~16 MiB.
+pub const MAX_WRITE_TRAP_BYTES: u64 = 64 << 20;
 
 /// Most hardware breakpoints a source arms: x86's four debug address registers.
 pub const MAX_BREAKPOINTS: usize = 4;
@@ -274,6 +283,29 @@ pub struct MsrWrite {
     /// Whether the source applied the write (false: KVM refused the value, and the
     /// guest got the #GP it would have got without tracing).
     pub applied: bool,
+}
+
+/// Most bytes one [`MemoryWrite`] carries: KVM completes wider stores in pieces of at
+/// most 8 bytes, each its own exit.
+pub const MEMORY_WRITE_MAX_LEN: u32 = 8;
+
+/// A guest write to a write-trapped range, as its vCPU exited on it (a write to a
+/// read-only page, which the source completed exactly as the guest asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryWrite {
+    /// The vCPU that wrote.
+    pub vcpu: u32,
+    /// Where it wrote, and how many bytes (1 to [`MEMORY_WRITE_MAX_LEN`]).
+    pub gpa: u64,
+    pub len: u32,
+    /// The bytes written, and those they replaced (little-endian, `len` of each).
+    pub value: u64,
+    pub previous: u64,
+    /// Where the writing instruction is, and the address space it ran in.
+    pub rip: u64,
+    pub cr3: u64,
+    /// The first words on the writer's stack (0 where unmapped).
+    pub stack: [u64; MSR_WRITE_STACK_WORDS],
 }
 
 /// Error codes carried by [`Message::Error`].
@@ -442,6 +474,21 @@ pub enum Message {
     },
     /// Source -> inspector event: a vCPU reached one of this connection's breakpoints.
     TraceBreakpointHit(BreakpointHit),
+    /// Inspector -> source: trap the guest's writes to exactly these guest-physical
+    /// ranges (at most [`MAX_WRITE_TRAP_RANGES`], [`MAX_WRITE_TRAP_BYTES`] in whole pages;
+    /// none disarms), reported to this connection. Their pages become read-only to the
+    /// guest: each write exits, the source completes it and reports those that touch a
+    /// range. One connection holds the write traps at a time; they are released when it
+    /// sets none or disconnects. Reply: `TraceWriteTrapsSet`, or an error.
+    TraceWriteTraps {
+        ranges: Vec<Range>,
+    },
+    /// Source -> inspector: the write traps are armed, over `pages` pages.
+    TraceWriteTrapsSet {
+        pages: u64,
+    },
+    /// Source -> inspector event: a guest write to one of this connection's trapped ranges.
+    TraceMemoryWrite(MemoryWrite),
     Error {
         code: ErrorCode,
         text: String,

@@ -96,8 +96,37 @@ fn samples() -> Vec<Message> {
                 Captured::Strings(vec![b"true".to_vec(), b"".to_vec()]),
             ],
         }),
+        Message::TraceWriteTraps {
+            ranges: vec![Range { gpa: 0x100_0000, len: 0x20_0000 }, Range { gpa: 0x20_3000, len: 8 }],
+        },
+        Message::TraceWriteTrapsSet { pages: 513 },
+        Message::TraceMemoryWrite(MemoryWrite {
+            vcpu: 1,
+            gpa: 0x20_3010,
+            len: 8,
+            value: 0xffff_ffff_c000_1000,
+            previous: 0xffff_ffff_8110_2030,
+            rip: 0xffff_ffff_c000_2044,
+            cr3: 0x10_b000,
+            stack: [1, 2, 3, 4],
+        }),
         Message::Error { code: ErrorCode::PolicyDenied, text: "no".into() },
     ]
+}
+
+#[test]
+fn write_traps_and_their_writes_are_bounded() {
+    let too_many: Vec<Range> = (0..=MAX_WRITE_TRAP_RANGES as u64).map(|i| Range { gpa: i << 12, len: 1 }).collect();
+    let frame = Message::TraceWriteTraps { ranges: too_many }.encode(1);
+    assert!(matches!(
+        Message::decode(kind::TRACE_WRITE_TRAPS, &frame[HEADER_LEN..]),
+        Err(DecodeError::CountTooLarge { limit: MAX_WRITE_TRAP_RANGES, .. })
+    ));
+    for len in [0, MEMORY_WRITE_MAX_LEN + 1, u32::MAX] {
+        let frame = Message::TraceMemoryWrite(MemoryWrite { len, ..Default::default() }).encode(1);
+        let decoded = Message::decode(kind::TRACE_MEMORY_WRITE, &frame[HEADER_LEN..]);
+        assert!(matches!(decoded, Err(DecodeError::Malformed { .. })), "a {len}-byte write: {decoded:?}");
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 pub mod dirty_ring;
 pub mod lifecycle;
+pub mod ram_slots;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

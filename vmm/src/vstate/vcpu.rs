@@ -226,8 +226,18 @@ impl Vcpu {
             }
             // Nothing is mapped in the MMIO gap but the in-kernel APICs: reads see an open bus.
             Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                log::debug!("vcpu{index}: MMIO write to unclaimed {addr:#x}")
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                let (mut bytes, len) = ([0u8; 8], data.len().min(8));
+                bytes[..len].copy_from_slice(&data[..len]);
+                // A write to a page the trace made read-only is the guest's own to RAM:
+                // completed there; anything else is a device's.
+                let trapped = self
+                    .trace
+                    .as_ref()
+                    .is_some_and(|t| t.write_traps.on_mmio_write(&self.fd, index, addr, &bytes[..len], t));
+                if !trapped {
+                    log::debug!("vcpu{index}: MMIO write to unclaimed {addr:#x}")
+                }
             }
             Ok(VcpuExit::X86Wrmsr(exit)) => {
                 let (msr, value, filtered) = (exit.index, exit.data, exit.reason == MsrExitReason::Filter);

@@ -96,6 +96,9 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     next_slot: std::sync::atomic::AtomicU32,
+    /// Slot numbers removed and free again: KVM has a fixed number of them (32764 on
+    /// x86), and the trace's write traps replace slots each time they are re-armed.
+    free_slots: std::sync::Mutex<Vec<u32>>,
     /// Memslots that exist now (added and not removed).
     live_slots: std::sync::atomic::AtomicU32,
     /// Whether KVM_GET_DIRTY_LOG leaves pages writable and KVM_CLEAR_DIRTY_LOG
@@ -130,6 +133,7 @@ impl Vm {
             kvm,
             fd,
             next_slot: std::sync::atomic::AtomicU32::new(0),
+            free_slots: std::sync::Mutex::new(Vec::new()),
             live_slots: std::sync::atomic::AtomicU32::new(0),
             manual_dirty_protect,
             dirty_ring: std::sync::OnceLock::new(),
@@ -177,8 +181,7 @@ impl Vm {
     /// Turns KVM's dirty logging of a writable RAM memslot on or off (the slot keeps its
     /// place and contents; KVM write-protects its pages to see the writes).
     pub fn set_dirty_logging(&self, slot: u32, ram: &RamSlot, on: bool) -> Result<(), VmError> {
-        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        self.set_memslot_flags(slot, ram.guest_addr, ram.size, ram.host_addr, flags)
+        self.set_memslot_flags(slot, ram.guest_addr, ram.size, ram.host_addr, dirty_log_flags(on))
     }
 
     /// The pages of a dirty-logged memslot written since the last call, one bit per page.
@@ -281,8 +284,28 @@ impl Vm {
     /// # Safety
     /// `host_addr..host_addr + size` must stay mapped until the slot is removed or the VM is dropped.
     pub unsafe fn add_memslot(&self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<u32, VmError> {
-        let slot = self.next_slot.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.set_memslot(slot, gpa, size, host_addr, read_only)?;
+        // SAFETY: the caller's guarantee is the one add_memslot_with_flags needs.
+        unsafe { self.add_memslot_with_flags(gpa, size, host_addr, if read_only { KVM_MEM_READONLY } else { 0 }) }
+    }
+
+    /// [`Vm::add_memslot`] with KVM's flags (`KVM_MEM_READONLY`, `KVM_MEM_LOG_DIRTY_PAGES`)
+    /// as given.
+    ///
+    /// # Safety
+    /// As [`Vm::add_memslot`].
+    pub unsafe fn add_memslot_with_flags(
+        &self,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        flags: u32,
+    ) -> Result<u32, VmError> {
+        let reused = specula_common::sync::lock(&self.free_slots).pop();
+        let slot = reused.unwrap_or_else(|| self.next_slot.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        if let Err(e) = self.set_memslot_flags(slot, gpa, size, host_addr, flags) {
+            specula_common::sync::lock(&self.free_slots).push(slot);
+            return Err(e);
+        }
         self.live_slots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(slot)
     }
@@ -291,6 +314,7 @@ impl Vm {
     pub fn remove_memslot(&self, slot: u32, gpa: u64) -> Result<(), VmError> {
         self.set_memslot(slot, gpa, 0, 0, false)?;
         self.live_slots.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        specula_common::sync::lock(&self.free_slots).push(slot);
         Ok(())
     }
 
@@ -324,6 +348,15 @@ impl Vm {
     /// Routes `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Irqfd { gsi, source })
+    }
+}
+
+/// The memslot flags of writable RAM with KVM's dirty logging on or off.
+pub fn dirty_log_flags(on: bool) -> u32 {
+    if on {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
     }
 }
 

@@ -110,7 +110,7 @@ enum Cmd {
         kinds: Option<String>,
     },
     /// Trace the source's guest and follow what it reports: starts tracing KINDS
-    /// (msr_writes, exec, exit, module_load; every kind by default) and prints each
+    /// (msr_writes, exec, exit, module_load, kernel_writes; every kind by default) and prints each
     /// trace.* event as it comes. Tracing stays on when this ends (trace-stop ends it).
     Trace {
         #[arg(value_delimiter = ',')]

@@ -3,7 +3,9 @@
 //! A traced write to a system-call MSR becomes a `trace.msr_write` event once the agent
 //! has said where its value, the MSR's previous value, the writing instruction and its
 //! callers land (a kernel symbol, a module, hidden or not); a breakpoint hit becomes a
-//! `trace.exec`, `trace.exit` or `trace.module_load` event.
+//! `trace.exec`, `trace.exit` or `trace.module_load` event; a write the source trapped
+//! in a kernel table ([`tables`]) becomes a `trace.kernel_write` event, its writer
+//! placed as an MSR writer is.
 //!
 //! The source's events arrive on the source-event thread, which must never wait on the
 //! agent (revocations go through it): they are queued here (bounded; past the bound
@@ -11,13 +13,16 @@
 //! the order they came.
 
 mod plan;
+mod tables;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use mirror_driver::protocol::{trace_kind, traced_msr_name, BreakpointHit, MsrWrite, MSR_WRITE_STACK_WORDS};
+use mirror_driver::protocol::{
+    trace_kind, traced_msr_name, BreakpointHit, MemoryWrite, MsrWrite, MSR_WRITE_STACK_WORDS,
+};
 use serde_json::{json, Value};
 use specula_api::{Reply, Request, TraceStatus};
 use specula_common::sync::lock;
@@ -25,6 +30,7 @@ use specula_os::checks::{select, FindingKind};
 use specula_os::wire::{self, OsRequest, MAX_LSTARS};
 
 use self::plan::Probe;
+use self::tables::TablePlan;
 use super::{InspectError, Inspector};
 
 /// Trace kinds the inspector builds from hardware breakpoints (bits past the mirror
@@ -33,16 +39,25 @@ const EXEC: u32 = 1 << 8;
 const EXIT: u32 = 1 << 9;
 const MODULE_LOAD: u32 = 1 << 10;
 const BREAKPOINT_KINDS: u32 = EXEC | EXIT | MODULE_LOAD;
+/// Writes to the kernel's tables, trapped by the source ([`tables`]).
+const KERNEL_WRITES: u32 = trace_kind::WRITE_TRAPS;
 /// The kinds by the names the API uses.
-const KIND_NAMES: [(u32, &str); 4] =
-    [(trace_kind::MSR_WRITES, "msr_writes"), (EXEC, "exec"), (EXIT, "exit"), (MODULE_LOAD, "module_load")];
+const KIND_NAMES: [(u32, &str); 5] = [
+    (trace_kind::MSR_WRITES, "msr_writes"),
+    (EXEC, "exec"),
+    (EXIT, "exit"),
+    (MODULE_LOAD, "module_load"),
+    (KERNEL_WRITES, "kernel_writes"),
+];
 /// Every kind.
-const ALL_KINDS: u32 = trace_kind::MSR_WRITES | BREAKPOINT_KINDS;
+const ALL_KINDS: u32 = trace_kind::MSR_WRITES | BREAKPOINT_KINDS | KERNEL_WRITES;
 /// Events waiting for the resolver; past it they are counted as dropped.
 const MAX_PENDING: usize = 4096;
 /// Addresses resolved per MSR write: the value, the previous value, the writer's RIP
 /// and its stack words.
 const PLACES_PER_WRITE: usize = 3 + MSR_WRITE_STACK_WORDS;
+/// Addresses resolved per kernel-table write: the writer's RIP and its stack words.
+const PLACES_PER_TABLE_WRITE: usize = 1 + MSR_WRITE_STACK_WORDS;
 /// Events taken in one batch (all MSR writes, at most: one agent call resolves them).
 const RESOLVE_BATCH: usize = MAX_LSTARS / PLACES_PER_WRITE;
 /// The MSRs that hold where a system call enters the kernel.
@@ -54,6 +69,18 @@ const KERNEL_HALF: u64 = 0xffff_8000_0000_0000;
 enum Pending {
     Msr(MsrWrite),
     Hit(BreakpointHit),
+    Write(MemoryWrite),
+}
+
+impl Pending {
+    /// The addresses the agent places for this event.
+    fn addresses(&self) -> Vec<u64> {
+        match self {
+            Pending::Msr(w) => [w.value, w.previous, w.rip].into_iter().chain(w.stack).collect(),
+            Pending::Write(w) => std::iter::once(w.rip).chain(w.stack).collect(),
+            Pending::Hit(_) => Vec::new(),
+        }
+    }
 }
 
 /// The trace state of one inspector.
@@ -65,6 +92,8 @@ pub(crate) struct Tracing {
     software: std::sync::atomic::AtomicBool,
     /// What each armed breakpoint reports, by index.
     probes: Mutex<Vec<Probe>>,
+    /// The kernel tables whose writes the source traps.
+    tables: Mutex<TablePlan>,
     max_per_second: AtomicU32,
     published: AtomicU64,
     dropped: AtomicU64,
@@ -149,22 +178,48 @@ impl Inspector {
             0 => None,
             wanted => Some(self.plan_breakpoints(wanted)?),
         };
+        let tables = match kinds & KERNEL_WRITES {
+            0 => None,
+            _ => Some(self.plan_tables()?),
+        };
         let max_per_second = self.source.subscribe_trace(kinds & trace_kind::ALL)?;
         let armed = match &plan {
             Some(plan) => self.source.set_breakpoints(software, &plan.points).map(|_| ()),
             None if *current & BREAKPOINT_KINDS != 0 => self.source.set_breakpoints(false, &[]).map(|_| ()),
             None => Ok(()),
         };
+        let armed = armed.and_then(|()| match &tables {
+            Some(tables) => self.source.set_write_traps(&tables.ranges()).map(|_| ()),
+            None if *current & KERNEL_WRITES != 0 => self.source.set_write_traps(&[]).map(|_| ()),
+            None => Ok(()),
+        });
         if let Err(e) = armed {
             // Back to what was traced before, as far as the source lets us.
             let _ = self.source.subscribe_trace(*current & trace_kind::ALL);
+            if *current & BREAKPOINT_KINDS == 0 && plan.is_some() {
+                let _ = self.source.set_breakpoints(false, &[]);
+            }
             return Err(e.into());
         }
         *lock(&self.tracing.probes) = plan.map(|p| p.probes).unwrap_or_default();
+        *lock(&self.tracing.tables) = tables.unwrap_or_default();
         *current = kinds;
         self.tracing.software.store(software, Ordering::SeqCst);
         self.tracing.max_per_second.store(if kinds == 0 { 0 } else { max_per_second }, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The kernel tables to trap, from the kernel's kallsyms and its image's physical
+    /// base, once the kernel view is anchored to the vCPUs' state.
+    fn plan_tables(&self) -> Result<TablePlan, InspectError> {
+        let kernel = self.os_kernel()?;
+        if !kernel.anchored {
+            let why = kernel.unanchored_reason.unwrap_or_else(|| "no reason given".into());
+            return Err(InspectError::Os(format!(
+                "kernel writes are traced only in a kernel anchored to the vCPUs' state, and this one is not ({why})"
+            )));
+        }
+        tables::plan(&self.os_symbols()?, kernel.phys_base)
     }
 
     /// The breakpoints for `kinds`, from the kernel's kallsyms and BTF (read through
@@ -183,6 +238,11 @@ impl Inspector {
     /// Queues a breakpoint hit for the resolver (from the source-event thread).
     pub(super) fn queue_breakpoint_hit(&self, hit: BreakpointHit) {
         self.queue_trace_event(Pending::Hit(hit));
+    }
+
+    /// Queues a trapped kernel-table write for the resolver (from the source-event thread).
+    pub(super) fn queue_memory_write(&self, write: MemoryWrite) {
+        self.queue_trace_event(Pending::Write(write));
     }
 
     fn queue_trace_event(&self, event: Pending) {
@@ -219,24 +279,23 @@ impl Inspector {
         if batch.is_empty() {
             return;
         }
-        let addresses: Vec<u64> = batch
-            .iter()
-            .filter_map(|e| match e {
-                Pending::Msr(w) => Some([w.value, w.previous, w.rip].into_iter().chain(w.stack)),
-                Pending::Hit(_) => None,
-            })
-            .flatten()
-            .collect();
+        let addresses: Vec<u64> = batch.iter().flat_map(Pending::addresses).collect();
         let (places, error) = match self.kernel_places(&addresses) {
             Ok(places) => (places, None),
             Err(e) => (vec![Place::default(); addresses.len()], Some(e.to_string())),
         };
-        let mut places = places.chunks(PLACES_PER_WRITE);
+        let mut places = places.as_slice();
+        let mut take = |n: usize| {
+            let (these, rest) = places.split_at(n.min(places.len()));
+            places = rest;
+            these
+        };
         let probes = lock(&self.tracing.probes).clone();
+        let tables = lock(&self.tracing.tables).clone();
         for event in &batch {
             let (kind, detail) = match event {
                 Pending::Msr(write) => {
-                    let places = places.next().unwrap_or_default();
+                    let places = take(PLACES_PER_WRITE);
                     ("trace.msr_write", msr_write_detail(write, places, error.as_deref()))
                 }
                 // A hit of a breakpoint set before the last change of plan is not
@@ -245,6 +304,17 @@ impl Inspector {
                     Some(&probe) => plan::event(probe, hit),
                     None => continue,
                 },
+                Pending::Write(write) => {
+                    let places = take(PLACES_PER_TABLE_WRITE);
+                    let writer = places.first().cloned().unwrap_or_default();
+                    let callers = callers(&write.stack, places.get(1..).unwrap_or_default());
+                    // A write to a table no longer traced (or beside a table, on its
+                    // page) is not reported.
+                    match tables.event(write, &writer, callers, error.as_deref()) {
+                        Some(detail) => ("trace.kernel_write", detail),
+                        None => continue,
+                    }
+                }
             };
             self.events.publish(kind, detail);
             self.tracing.published.fetch_add(1, Ordering::SeqCst);
@@ -286,6 +356,17 @@ impl Inspector {
     }
 }
 
+/// The stack words that land in kernel code or a module, with where: the writer's
+/// callers, innermost first (the others are data, and left out).
+fn callers(stack: &[u64], places: &[Place]) -> Vec<Value> {
+    stack
+        .iter()
+        .zip(places)
+        .filter(|(_, place)| place.symbol.is_some() || place.module.is_some())
+        .map(|(&word, place)| json!({ "address": hex(word), "symbol": place.symbol, "module": place.module }))
+        .collect()
+}
+
 /// The `trace.msr_write` event's detail. `places`: where the value, the previous value,
 /// the writer's RIP and its stack words land ([`PLACES_PER_WRITE`]).
 fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&str>) -> Value {
@@ -293,15 +374,7 @@ fn msr_write_detail(write: &MsrWrite, places: &[Place], resolve_error: Option<&s
     let entry_msr = name.is_some_and(|n| ENTRY_MSRS.contains(&n));
     let place = |i: usize| places.get(i).cloned().unwrap_or_default();
     let (value_at, previous_at, writer) = (place(0), place(1), place(2));
-    // Stack words that land in kernel code or a module: the callers, innermost first
-    // (others are data, and left out).
-    let callers: Vec<Value> = write
-        .stack
-        .iter()
-        .zip(places.get(3..).unwrap_or_default())
-        .filter(|(_, place)| place.symbol.is_some() || place.module.is_some())
-        .map(|(&word, place)| json!({ "address": hex(word), "symbol": place.symbol, "module": place.module }))
-        .collect();
+    let callers = callers(&write.stack, places.get(3..).unwrap_or_default());
     let mut detail = json!({
         "vcpu": write.vcpu,
         "msr": name.unwrap_or("unknown"),
@@ -337,7 +410,7 @@ mod tests {
         assert_eq!(kinds_named(&[]).unwrap(), ALL_KINDS);
         assert_eq!(kinds_named(&["msr_writes".into()]).unwrap(), trace_kind::MSR_WRITES);
         assert_eq!(kinds_named(&["exec".into(), "exit".into()]).unwrap(), EXEC | EXIT);
-        assert_eq!(kind_names(ALL_KINDS), vec!["msr_writes", "exec", "exit", "module_load"]);
+        assert_eq!(kind_names(ALL_KINDS), vec!["msr_writes", "exec", "exit", "module_load", "kernel_writes"]);
         let e = kinds_named(&["syscalls".into()]).unwrap_err().to_string();
         assert!(e.contains("\"syscalls\"") && e.contains("msr_writes"), "{e}");
         assert_eq!(kind_names(trace_kind::MSR_WRITES), vec!["msr_writes"]);

@@ -406,7 +406,7 @@ mod tests {
         // The guest's own `out %al, $0xeb; hlt`.
         memory.write_slice(&[0xe6, TRACE_PORT, 0xf4], GuestAddress(OWN_OUT)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = Arc::new(GuestTrace::new(vm.clone(), feed.clone(), memory.clone()));
+        let trace = Arc::new(GuestTrace::of_test_vm(&vm, feed.clone(), &ram));
         let mut vcpu_trace = trace.for_vcpu(memory.clone());
         let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rbx) = (FUNC, 42));
         let capture = Capture { base: 1, derefs: vec![], offset: 0, kind: CaptureKind::Address, max_len: 0 };
@@ -453,7 +453,7 @@ mod tests {
         }
         memory.write_obj(0x3000u64, GuestAddress(0x3300)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone());
+        let trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram);
         let mut vcpu_trace = trace.for_vcpu(memory.clone());
         // The instruction under the breakpoint writes the TSC (RCX 0x10): harmless.
         let mut vcpu = real_mode_vcpu(&vm, |regs| {

@@ -1,12 +1,14 @@
 //! Agentless tracing of the guest, for inspectors the source lets trace it
-//! (`--mirror-allow-trace`): its writes to the system-call MSRs ([`msr`]) and hardware
-//! execution breakpoints with captures ([`breakpoints`]). Every vCPU reports to one
+//! (`--mirror-allow-trace`): its writes to the system-call MSRs ([`msr`]), execution
+//! breakpoints with captures ([`breakpoints`]) and its writes to trapped ranges of
+//! guest RAM ([`write_traps`]). Every vCPU reports to one
 //! trace feed, which the mirror exporter drains. What no inspector asked for is not
-//! armed: no MSR filter, no debug registers.
+//! armed: no MSR filter, no debug registers, no read-only memslots.
 
 pub mod breakpoints;
 pub mod guest_view;
 pub mod msr;
+pub mod write_traps;
 
 use std::sync::Arc;
 
@@ -15,6 +17,8 @@ use mirror_driver::trace::TraceFeed;
 use vm_memory::GuestMemoryMmap;
 
 use self::breakpoints::Breakpoints;
+use self::write_traps::WriteTraps;
+use super::ram_slots::RamMemslots;
 use super::vm::{Vm, VmError};
 
 /// The trace state of one VM: its feed, what is armed, and how to arm it.
@@ -22,13 +26,33 @@ pub struct GuestTrace {
     vm: Arc<Vm>,
     feed: Arc<TraceFeed>,
     breakpoints: Arc<Breakpoints>,
+    write_traps: Arc<WriteTraps>,
 }
 
 impl GuestTrace {
     /// The trace of `vm`, whose guest RAM is `memory` (software breakpoints are
-    /// written there).
-    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>, memory: GuestMemoryMmap) -> Self {
-        Self { vm, feed, breakpoints: Arc::new(Breakpoints::new(memory)) }
+    /// written there) in the memslots `slots` (write traps make pieces read-only).
+    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>, memory: GuestMemoryMmap, slots: Arc<RamMemslots>) -> Self {
+        Self {
+            vm,
+            feed,
+            breakpoints: Arc::new(Breakpoints::new(memory)),
+            write_traps: Arc::new(WriteTraps::new(slots)),
+        }
+    }
+
+    /// The trace of a test VM whose RAM `ram` was registered first (its memslots are
+    /// the first numbers).
+    #[cfg(test)]
+    pub(crate) fn of_test_vm(vm: &Arc<Vm>, feed: Arc<TraceFeed>, ram: &crate::memory::GuestRam) -> Self {
+        let slots: Vec<u32> = (0..ram.slots().len() as u32).collect();
+        let memslots = Arc::new(RamMemslots::new(vm.clone(), ram, &slots));
+        Self::new(vm.clone(), feed, ram.memory().clone(), memslots)
+    }
+
+    /// The write traps the vCPUs complete.
+    pub fn write_traps(&self) -> &Arc<WriteTraps> {
+        &self.write_traps
     }
 
     /// Where the vCPUs report.
@@ -53,6 +77,7 @@ impl GuestTrace {
         VcpuTrace {
             feed: self.feed.clone(),
             breakpoints: self.breakpoints.clone(),
+            write_traps: self.write_traps.clone(),
             memory,
             applied_debug: 0,
             stepping: false,
@@ -64,6 +89,7 @@ impl GuestTrace {
 pub struct VcpuTrace {
     pub feed: Arc<TraceFeed>,
     pub breakpoints: Arc<Breakpoints>,
+    pub write_traps: Arc<WriteTraps>,
     pub memory: GuestMemoryMmap,
     /// The breakpoint generation this vCPU's debug registers hold.
     pub applied_debug: u64,

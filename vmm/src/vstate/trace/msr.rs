@@ -45,7 +45,7 @@ fn write_msr(fd: &VcpuFd, msr: u32, value: u64) -> bool {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -64,7 +64,7 @@ pub(super) mod tests {
 
     /// vCPU 0 of `vm` in real mode with a flat code segment, its registers as `set`
     /// leaves them.
-    pub(in crate::vstate::trace) fn real_mode_vcpu(vm: &Vm, set: impl FnOnce(&mut kvm_bindings::kvm_regs)) -> VcpuFd {
+    pub(crate) fn real_mode_vcpu(vm: &Vm, set: impl FnOnce(&mut kvm_bindings::kvm_regs)) -> VcpuFd {
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let mut sregs = vcpu.get_sregs().unwrap();
         (sregs.cs.base, sregs.cs.selector) = (0, 0);
@@ -94,7 +94,7 @@ pub(super) mod tests {
     fn an_armed_msr_write_exits_is_reported_with_its_writer_and_is_applied() {
         let (vm, ram) = vm_with_code();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone());
+        let trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram);
         trace.arm_msr_writes(true).unwrap();
         let hook = 0xffff_ffff_c000_1000;
         let mut vcpu = vcpu_writing_lstar(&vm, hook);
@@ -138,7 +138,7 @@ pub(super) mod tests {
     #[test]
     fn a_disarmed_trace_leaves_msr_writes_to_kvm() {
         let (vm, ram) = vm_with_code();
-        let trace = GuestTrace::new(vm.clone(), Arc::new(TraceFeed::new(TraceLimits::default())), ram.memory().clone());
+        let trace = GuestTrace::of_test_vm(&vm, Arc::new(TraceFeed::new(TraceLimits::default())), &ram);
         trace.arm_msr_writes(true).unwrap();
         trace.arm_msr_writes(false).unwrap();
         let mut vcpu = vcpu_writing_lstar(&vm, 0xffff_ffff_8120_0040);
@@ -151,7 +151,7 @@ pub(super) mod tests {
         let (vm, ram) = vm_with_code();
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let vcpu_trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone()).for_vcpu(ram.memory().clone());
+        let vcpu_trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram).for_vcpu(ram.memory().clone());
         // A non-canonical LSTAR: the guest would get #GP without tracing, and does with it.
         assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&vcpu_trace)));
         let (events, _) = feed.take(Duration::ZERO).unwrap();
