@@ -611,7 +611,8 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
         // Kernel-table writes: none from the busy guest before the rootkit, then its
         // system call table entry, its patch of x64_sys_call, and its write-and-restore
         // of text, each with the module as the writer or among its callers.
-        let kernel_writes = of_kind("trace.kernel_write");
+        let all_kernel_writes = of_kind("trace.kernel_write");
+        let kernel_writes = all_kernel_writes.clone();
         let by_module = |d: &serde_json::Value| {
             let in_module =
                 |p: &serde_json::Value| p["module"].as_str().is_some_and(|m| m.starts_with("specula_rootkit"));
@@ -626,7 +627,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
         let table_write = kernel_writes
             .iter()
             .find(|d| d["table"] == "sys_call_table")
-            .unwrap_or_else(|| panic!("the sys_call_table write: {}", summary()));
+            .unwrap_or_else(|| panic!("the sys_call_table write: {all_kernel_writes:#?}\n{}", summary()));
         assert_eq!(
             (table_write["entry"].as_u64(), table_write["len"].as_u64()),
             (Some(SYSCALL_KILL.into()), Some(8)),

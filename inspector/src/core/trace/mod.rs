@@ -51,6 +51,8 @@ const KIND_NAMES: [(u32, &str); 5] = [
 ];
 /// Every kind.
 const ALL_KINDS: u32 = trace_kind::MSR_WRITES | BREAKPOINT_KINDS | KERNEL_WRITES;
+/// Module init texts remembered for placing writers.
+const MAX_INIT_TEXTS: usize = 16;
 /// Events waiting for the resolver; past it they are counted as dropped.
 const MAX_PENDING: usize = 4096;
 /// Addresses resolved per MSR write: the value, the previous value, the writer's RIP
@@ -94,6 +96,9 @@ pub(crate) struct Tracing {
     probes: Mutex<Vec<Probe>>,
     /// The kernel tables whose writes the source traps.
     tables: Mutex<TablePlan>,
+    /// The init text of the modules loaded last, newest last (at most
+    /// [`MAX_INIT_TEXTS`]): a writer there is the module's init.
+    init_texts: Mutex<VecDeque<(String, u64, u64)>>,
     max_per_second: AtomicU32,
     published: AtomicU64,
     dropped: AtomicU64,
@@ -301,11 +306,20 @@ impl Inspector {
                 // A hit of a breakpoint set before the last change of plan is not
                 // decoded with the new one.
                 Pending::Hit(hit) => match probes.get(hit.index as usize) {
-                    Some(&probe) => plan::event(probe, hit),
+                    Some(&probe) => {
+                        if let Some(init) = plan::init_text(probe, hit) {
+                            let mut inits = lock(&self.tracing.init_texts);
+                            if inits.len() == MAX_INIT_TEXTS {
+                                inits.pop_front();
+                            }
+                            inits.push_back(init);
+                        }
+                        plan::event(probe, hit)
+                    }
                     None => continue,
                 },
                 Pending::Write(write) => {
-                    let places = take(PLACES_PER_TABLE_WRITE);
+                    let places = self.in_init_texts(take(PLACES_PER_TABLE_WRITE), write.rip, &write.stack);
                     let writer = places.first().cloned().unwrap_or_default();
                     let callers = callers(&write.stack, places.get(1..).unwrap_or_default());
                     // A write to a table no longer traced (or beside a table, on its
@@ -319,6 +333,27 @@ impl Inspector {
             self.events.publish(kind, detail);
             self.tracing.published.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    /// `places` (of `rip` and then `stack`), where the agent found nothing, placed in
+    /// the init text of a module whose load was traced: code the kernel frees once the
+    /// init returns, so that the agent, asked after, cannot place it.
+    fn in_init_texts(&self, places: &[Place], rip: u64, stack: &[u64]) -> Vec<Place> {
+        let inits = lock(&self.tracing.init_texts);
+        let addresses = std::iter::once(rip).chain(stack.iter().copied());
+        places
+            .iter()
+            .zip(addresses)
+            .map(|(place, address)| {
+                let init = inits.iter().rev().find(|(_, base, size)| address >= *base && address - base < *size);
+                match init {
+                    Some((name, _, _)) if place.symbol.is_none() && place.module.is_none() => {
+                        Place { symbol: None, module: Some(format!("{name} (init)")) }
+                    }
+                    _ => place.clone(),
+                }
+            })
+            .collect()
     }
 
     /// Where each address lands in the guest kernel, as the agent's `msrs` check

@@ -59,6 +59,10 @@ struct Layout {
     regs_dx: i64,
     module_name: i64,
     module_base: i64,
+    /// Where a module's init text is and its size: its code until its init returns,
+    /// which writes made by the init (a rootkit's) are placed in.
+    module_init_base: i64,
+    module_init_size: i64,
 }
 
 fn symbol(symbols: &[SymbolRecord], name: &str) -> Option<u64> {
@@ -80,11 +84,20 @@ impl Layout {
                 hot as i64 + offset("pcpu_hot", "current_task")?
             }
         };
-        // The text's base: `mem[MOD_TEXT]` (MOD_TEXT is 0) since 6.4, `core_layout` before.
-        let module_base = if btf.has_member("module", "mem") {
-            offset("module", "mem")? + offset("module_memory", "base")?
+        // The text's base: `mem[MOD_TEXT]` (MOD_TEXT is 0) since 6.4, `core_layout` before;
+        // the init text: `mem[MOD_INIT_TEXT]`, or `init_layout`.
+        let (module_base, module_init_base, module_init_size) = if btf.has_member("module", "mem") {
+            let mem = offset("module", "mem")?;
+            let entry = btf.size_of(btf.struct_id("module_memory").map_err(os)?).map_err(os)? as i64;
+            let init = mem + btf.enum_value("MOD_INIT_TEXT").map_err(os)? * entry;
+            let (base, size) = (offset("module_memory", "base")?, offset("module_memory", "size")?);
+            (mem + base, init + base, init + size)
         } else {
-            offset("module", "core_layout.base")?
+            (
+                offset("module", "core_layout.base")?,
+                offset("module", "init_layout.base")?,
+                offset("module", "init_layout.size")?,
+            )
         };
         Ok(Self {
             current,
@@ -97,6 +110,8 @@ impl Layout {
             regs_dx: offset("pt_regs", "dx")?,
             module_name: offset("module", "name")?,
             module_base,
+            module_init_base,
+            module_init_size,
         })
     }
 
@@ -164,6 +179,8 @@ pub(super) fn plan(kinds: u32, symbols: &[SymbolRecord], btf: &Btf) -> Result<Pl
             plain(RDI, layout.module_base, CaptureKind::U64, 0),
             tgid,
             comm,
+            plain(RDI, layout.module_init_base, CaptureKind::U64, 0),
+            plain(RDI, layout.module_init_size, CaptureKind::U32, 0),
         ];
         add(Probe::ModuleLoad, at("do_init_module")?, captures);
     }
@@ -231,7 +248,7 @@ pub(super) fn event(probe: Probe, hit: &BreakpointHit) -> (&'static str, Value) 
             )
         }
         Probe::ModuleLoad => {
-            let base = match v(1) {
+            let address = |v: Option<&Captured>| match v {
                 Some(Captured::Number(n)) => json!(format!("{n:#x}")),
                 _ => Value::Null,
             };
@@ -240,12 +257,30 @@ pub(super) fn event(probe: Probe, hit: &BreakpointHit) -> (&'static str, Value) 
                 json!({
                     "vcpu": hit.vcpu,
                     "name": text(v(0)),
-                    "base": base,
+                    "base": address(v(1)),
                     "loader_pid": number(v(2)),
                     "loader_comm": text(v(3)),
+                    "init_text": { "base": address(v(4)), "size": number(v(5)) },
                 }),
             )
         }
+    }
+}
+
+/// A module's init text as its load reported it: `(name, base, size)`, for placing
+/// what its init does (the code is freed once the init returns, so the agent, asked
+/// later, finds no module there).
+pub(super) fn init_text(probe: Probe, hit: &BreakpointHit) -> Option<(String, u64, u64)> {
+    if probe != Probe::ModuleLoad {
+        return None;
+    }
+    match (hit.values.first(), hit.values.get(4), hit.values.get(5)) {
+        (Some(Captured::Bytes(name)), Some(&Captured::Number(base)), Some(&Captured::Number(size)))
+            if base != 0 && size != 0 =>
+        {
+            Some((String::from_utf8_lossy(name).into_owned(), base, size))
+        }
+        _ => None,
     }
 }
 
@@ -288,12 +323,28 @@ mod tests {
     }
 
     #[test]
-    fn a_module_load_names_the_module_and_its_base() {
-        let values = vec![Captured::Bytes(b"specula_rootkit".to_vec()), Captured::Number(0xffff_ffff_c000_0000)];
-        let (kind, detail) = event(Probe::ModuleLoad, &hit(values));
+    fn a_module_load_names_the_module_its_base_and_its_init_text() {
+        let values = vec![
+            Captured::Bytes(b"specula_rootkit".to_vec()),
+            Captured::Number(0xffff_ffff_c000_0000),
+            Captured::Number(700),
+            Captured::Bytes(b"insmod".to_vec()),
+            Captured::Number(0xffff_ffff_c020_d000),
+            Captured::Number(0x1000),
+        ];
+        let (kind, detail) = event(Probe::ModuleLoad, &hit(values.clone()));
         assert_eq!(
             (kind, detail["name"].clone(), detail["base"].clone()),
             ("trace.module_load", json!("specula_rootkit"), json!("0xffffffffc0000000"))
         );
+        assert_eq!(detail["init_text"], json!({ "base": "0xffffffffc020d000", "size": 0x1000 }));
+        assert_eq!(
+            init_text(Probe::ModuleLoad, &hit(values.clone())),
+            Some(("specula_rootkit".into(), 0xffff_ffff_c020_d000, 0x1000))
+        );
+        assert_eq!(init_text(Probe::Exit, &hit(values.clone())), None);
+        let mut no_init = values;
+        no_init[5] = Captured::Number(0);
+        assert_eq!(init_text(Probe::ModuleLoad, &hit(no_init)), None, "a module with no init text");
     }
 }
