@@ -11,8 +11,11 @@
 //!   emulated kernel mode re-takes the breakpoint), and a breakpoint re-taken forever
 //!   would stall the guest. While they are armed, KVM loads ours into the debug
 //!   registers and keeps the guest's own DR0-DR7 values aside: the guest reads back
-//!   what it wrote, but its own breakpoints do not fire, and every #DB it raises exits
-//!   here; one that is not ours (a single step, `int1`) is given back to it.
+//!   what it wrote, but its own breakpoints do not fire on the hardware, and every #DB
+//!   it raises exits here; one that is not ours (a single step, `int1`) is given back
+//!   to it. Where KVM's emulator runs guest code (PVM's kernel mode), it checks the
+//!   guest's DR7 as well and hands the guest its own #DB without an exit. Either way a
+//!   guest's breakpoint is never reported as ours (tested with a guest that arms DR0).
 //! - **Software**, where the debug registers do not work (QEMU's TCG, which emulates
 //!   SVM for the nested test bed, neither arms the DR7 a VMRUN loads nor intercepts an
 //!   L2's `int3` as #BP). The vmm writes `out %al, $TRACE_PORT` (2 bytes, one aligned
@@ -514,5 +517,70 @@ mod tests {
         regs.rip = CODE;
         vcpu.set_regs(&regs).unwrap();
         assert!(matches!(vcpu.run().unwrap(), VcpuExit::Hlt));
+    }
+
+    /// A guest that uses its own debug registers while ours are armed is not confused
+    /// with us, either way: it reads back the DR0 and DR7 it wrote (not ours), its own
+    /// breakpoint (DR0, on an instruction it then runs) is not reported as a hit of
+    /// ours (at most its own handler takes it), and ours, one instruction later, is
+    /// reported once, as index 0.
+    #[test]
+    fn a_guests_own_debug_registers_are_its_own_and_never_our_hits() {
+        const GUEST_BP: u64 = 0x1100;
+        let (vm, ram) = vm_with_code();
+        let memory = ram.memory();
+        let code = [
+            0x66, 0xb8, 0x00, 0x11, 0x00, 0x00, // mov $0x1100, %eax
+            0x0f, 0x23, 0xc0, // mov %eax, %dr0
+            0x66, 0xb8, 0x01, 0x00, 0x00, 0x00, // mov $1, %eax (L0: execution, DR0)
+            0x0f, 0x23, 0xf8, // mov %eax, %dr7
+            0x0f, 0x21, 0xfb, // mov %dr7, %ebx
+            0x0f, 0x21, 0xc1, // mov %dr0, %ecx
+            0xe9, 0xe5, 0x00, // jmp 0x1100
+        ];
+        memory.write_slice(&code, GuestAddress(CODE)).unwrap();
+        memory.write_slice(&[0x90, 0x90, 0xf4], GuestAddress(GUEST_BP)).unwrap(); // nop; nop; hlt
+        // The guest's #DB handler (IVT vector 1): clears its DR7, counts in SI, returns.
+        let handler = [0x66, 0x31, 0xc0, 0x0f, 0x23, 0xf8, 0x46, 0xcf]; // xor %eax,%eax; mov %eax,%dr7; inc %si; iret
+        memory.write_slice(&handler, GuestAddress(0x1200)).unwrap();
+        memory.write_obj(0x0000_1200u32, GuestAddress(4)).unwrap();
+        let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
+        let trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram);
+        let mut vcpu_trace = trace.for_vcpu(memory.clone());
+        let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rsp, regs.rsi) = (CODE, 0x8000, 0));
+        trace.breakpoints().set(false, &[Breakpoint { address: GUEST_BP + 1, captures: vec![] }], || {}).unwrap();
+        sync(&vcpu, &mut vcpu_trace).unwrap();
+        let mut exits = Vec::new();
+        loop {
+            match vcpu.run().unwrap() {
+                VcpuExit::Hlt => break,
+                VcpuExit::Debug(exit) => {
+                    exits.push((vcpu.get_regs().unwrap().rip, exit.dr6));
+                    on_debug_exit(&vcpu, 0, &exit, &mut vcpu_trace).unwrap();
+                }
+                other => {
+                    let other = format!("{other:?}");
+                    panic!("unexpected exit {other} at {:#x}", vcpu.get_regs().unwrap().rip)
+                }
+            }
+            assert!(exits.len() < 8, "the guest's breakpoint keeps exiting: {exits:x?}");
+        }
+        let regs = vcpu.get_regs().unwrap();
+        assert_eq!(regs.rbx & 0xffff_ffff, 0x401, "the guest reads its own DR7 (bit 10 reads 1), not ours");
+        assert_eq!(regs.rcx & 0xffff_ffff, GUEST_BP, "the guest reads its own DR0");
+        let (events, _) = feed.take(Duration::ZERO).unwrap();
+        let hits: Vec<(u32, u64)> = events
+            .iter()
+            .map(|e| match e {
+                TraceEvent::Breakpoint(hit) => (hit.index, hit.rip),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(hits, vec![(0, GUEST_BP + 1)], "our one hit, and not the guest's breakpoint: exits {exits:x?}");
+        // Where KVM runs the guest on the hardware, ours are in the debug registers and
+        // its own do not fire; where KVM's emulator runs it (PVM's kernel mode here),
+        // the emulator checks the guest's DR7 too and gives it its #DB directly. Either
+        // way its breakpoint is its own: taken by its handler at most once, never ours.
+        assert!(regs.rsi & 0xffff <= 1, "the guest's #DB handler ran {} times", regs.rsi & 0xffff);
     }
 }
