@@ -865,3 +865,69 @@ fn trace_write_traps_report_the_guests_writes_and_complete_them() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(writes().len(), 4, "nothing is reported once disarmed: {:#x?}", writes());
 }
+
+/// A guest that hammers trapped pages (the workload fills 64 KiB of them: thousands of
+/// stores, each an exit) gets no more reports than the source's rate cap lets through:
+/// the rest are counted in `TraceDropped`, so every completed write is reported or
+/// counted and none is lost silently; every byte lands as the guest wrote it; and the
+/// source goes on serving its guest.
+#[test]
+fn trace_write_traps_hold_the_rate_cap_against_a_guest_hammering_them() {
+    use mirror_driver::importer::{Importer, SourceEvent};
+    use mirror_driver::protocol::Range;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const FILL: u64 = 0x0400_0000;
+    const LEN: u64 = 0x1_0000;
+    let dir = TempDir::new("write-trap-flood");
+    let mut source = start_source(&dir, &["--mirror-allow-trace"]);
+    let peer = Importer::connect(&source.mirror).expect("connect");
+    let mapped = peer.grant(&[Range { gpa: FILL, len: LEN }]).expect("grant");
+    assert_eq!(peer.set_write_traps(&[Range { gpa: FILL, len: LEN }]).expect("armed"), LEN / 4096);
+    let (reported, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (r, d) = (reported.clone(), dropped.clone());
+    let peer = peer
+        .start_events(move |_, event| match event {
+            SourceEvent::MemoryWrite(_) => {
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+            SourceEvent::TraceDropped { count } => {
+                d.fetch_add(count, Ordering::SeqCst);
+            }
+            _ => {}
+        })
+        .expect("read events");
+    let started = Instant::now();
+    source.vm.send(&format!("fill {FILL:#x} {LEN:#x} 7\n"));
+    source.vm.expect_line("workload: filled", LIMIT);
+    let filled_after = started.elapsed();
+    // Reports and drop counts still on their way settle.
+    let total = || reported.load(Ordering::SeqCst) + dropped.load(Ordering::SeqCst);
+    let mut last = total();
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        if total() == last {
+            break;
+        }
+        last = total();
+    }
+    let (reported, dropped) = (reported.load(Ordering::SeqCst), dropped.load(Ordering::SeqCst));
+    eprintln!("flood: {reported} reported, {dropped} dropped, the fill took {filled_after:?}");
+    assert!(
+        reported + dropped >= LEN / 8,
+        "every store (at most 8 bytes each) reported or counted: {reported} + {dropped}"
+    );
+    let windows = filled_after.as_secs() + 2;
+    assert!(reported <= 1000 * windows, "{reported} reports in {filled_after:?} break the cap of 1000/s");
+    assert!(dropped > 0, "a flood past the cap is counted: {reported} reported");
+    let mut expected = vec![0u8; LEN as usize];
+    workload::fill_with_needles(&mut expected, FILL, 7);
+    let grant =
+        mapped.iter().find(|m| m.grant.gpa <= FILL && FILL + LEN <= m.grant.gpa + m.grant.len).expect("one grant");
+    let at = (FILL - grant.grant.gpa) as usize;
+    assert!(grant.bytes()[at..at + LEN as usize] == expected[..], "every trapped store landed as the guest wrote it");
+    // The guest still answers (its sequence counts the fill, so not through `poke`).
+    source.vm.send(&format!("poke {POKE_GPA:#x} 414c495645\n"));
+    source.vm.expect_line("ack poke", LIMIT);
+    drop(peer);
+}

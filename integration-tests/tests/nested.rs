@@ -486,8 +486,9 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 /// Debian's kernel from `guest-images/<dir>`), every kind at once through the API
 /// (`specula trace`; software breakpoints, since QEMU's TCG does not arm the debug
 /// registers a VMRUN loads), with no agent in the guest and no check run:
-/// - a busy guest (100 fork+exec of /bin/true) is reported exec by exec, and writes none
-///   of the traced MSRs;
+/// - a busy guest (a minute of fork+exec of /bin/true and `cat`, 100 runs at least) is
+///   reported exec by exec, and writes none of the traced MSRs and none of the kernel's
+///   traced tables;
 /// - a process that runs and exits between two looks (`/bin/sh -c 'exit 7' MARKER`) is
 ///   reported with its filename and argv as the guest ran them, then its exit with 7;
 /// - the test rootkit, loaded with `hook_lstar=1`, is reported at load (its name, by
@@ -525,8 +526,13 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
                    usleep 200000\n\
                  done"
             ))
-            // A busy guest: processes come and go, every one with its system calls.
-            .send("i=0; while [ $i -lt 100 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
+            // A busy guest for a minute (and 100 runs at least): processes come and go,
+            // every one with its system calls, and the kernel's tables are left alone.
+            .send(
+                "i=0; end=$(( $(date +%s) + 60 )); \
+                 while [ $i -lt 100 ] || [ $(date +%s) -lt $end ]; do /bin/true; cat /proc/self/stat > /dev/null; \
+                 i=$((i + 1)); done; echo busy-done-$((40 + 2))",
+            )
             .wait_for("busy-done-42", SHELL_LIMIT)
             .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
             .wait_for("marker-status-7", SHELL_LIMIT)

@@ -540,7 +540,7 @@ mod tests {
         ];
         memory.write_slice(&code, GuestAddress(CODE)).unwrap();
         memory.write_slice(&[0x90, 0x90, 0xf4], GuestAddress(GUEST_BP)).unwrap(); // nop; nop; hlt
-        // The guest's #DB handler (IVT vector 1): clears its DR7, counts in SI, returns.
+                                                                                  // The guest's #DB handler (IVT vector 1): clears its DR7, counts in SI, returns.
         let handler = [0x66, 0x31, 0xc0, 0x0f, 0x23, 0xf8, 0x46, 0xcf]; // xor %eax,%eax; mov %eax,%dr7; inc %si; iret
         memory.write_slice(&handler, GuestAddress(0x1200)).unwrap();
         memory.write_obj(0x0000_1200u32, GuestAddress(4)).unwrap();
