@@ -10,7 +10,7 @@
 //! - The mirror core's own end-to-end tests run again on NPT (the `mirror` and
 //!   `mirror_security` test binaries, carried into L1).
 //!
-//! One L1 serves every test here. They take turns ([`turn`]): L1's two vCPUs are
+//! Each test boots a fresh L1 (docs/nested.md says why), and they take turns ([`turn`]): L1's two vCPUs are
 //! TCG threads on a two-core runner, and a Linux L2 keeps one of them busy.
 
 use std::sync::{Mutex, MutexGuard};
@@ -333,9 +333,11 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
 
 /// Debian 12's Linux as a *source* under our own vmm (2 vCPUs, mirror socket), with
 /// the introspection initramfs: the inspector attaches in L1, and its kernel, process,
-/// module and memory views match what the guest printed about itself; the default
-/// rootkit checks and the LSTAR check (fed by the vmm's own KVM_GET_MSRS) are clean;
-/// then the test rootkit loads and each of its attacks is reported.
+/// module and memory views match what the guest printed about itself, and YARA finds a
+/// process's marker where it printed it; the default rootkit checks and the LSTAR check
+/// (fed by the vmm's own KVM_GET_MSRS) are clean; then the test rootkit loads and each
+/// of its attacks is reported, and a polled watch over the system call table's page
+/// (on our vmm's dirty-page feed) reports the page it wrote.
 #[test]
 fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_truth() {
     retry_on_the_nest_symptoms(|| {
@@ -349,7 +351,8 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
             l1.linux_image("linux", "vmlinuz"),
             l1.linux_image("linux", "introspect.cpio.gz"),
         );
-        let inspector = l1.binary("inspector");
+        let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
+        let api = format!("{run_dir}/api.sock");
         let ask_as = |name: &str, request: &str| {
             format!("echo '--- {name}'; {inspector} {request} --control-socket {run_dir}/control.sock")
         };
@@ -358,9 +361,12 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
         // console in L1 and asks for it there.
         let (status, out) = ConsoleSession::new(l1, "linux-source", &args)
             .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
+            // Where the system call table is, as the guest's kallsyms says (for a watch).
+            .send("echo sct=$(grep ' sys_call_table$' /proc/kallsyms | cut -d' ' -f1)")
+            .wait_for("sct=ffffffff", SHELL_LIMIT)
             .shell(&format!(
                 "{inspector} --source-socket {run_dir}/mirror.sock --all --serial null --control-socket {run_dir}/control.sock \
-                   --view-cache always > inspector.log 2>&1 &\n\
+                   --api-socket {api} --view-cache always > inspector.log 2>&1 &\n\
                  inspector=$!\n\
                  end=$(( $(date +%s) + 240 ))\n\
                  until grep -q 'inspector: agent ready' inspector.log; do\n\
@@ -373,7 +379,16 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
                  text=$(field text)\n\
                  echo '--- vread'; {inspector} vread $(field pid) $(field vaddr) ${{#text}} --control-socket {run_dir}/control.sock\n\
                  victim=$(grep '^marker .*comm=specula-workerB' out | head -1 | tr -d '\\r' | sed -n 's/.* pid=\\([0-9]*\\) .*/\\1/p')\n\
-                 echo '--- victim'; echo $victim",
+                 echo '--- victim'; echo $victim\n\
+                 printf 'rule marker_a {{ strings: $t = \"%s\" condition: $t }}\\n' \"$text\" > marker.yar\n\
+                 echo '--- yara'; {specula} --socket {api} --json yara marker.yar --pid $(field pid) || true\n\
+                 sct=$(grep -o 'sct=ffffffff[0-9a-f]*' out | tail -1 | cut -c13-)\n\
+                 pb=$({inspector} kernel --control-socket {run_dir}/control.sock | sed -n 's/.* phys_base=\\([^ ]*\\) .*/\\1/p')\n\
+                 table_page=$(printf '0x%x' $(( (0x$sct - 0x80000000 + pb) & ~4095 )))\n\
+                 echo '--- table page'; echo $table_page\n\
+                 added=$({specula} --socket {api} --json watch add $table_page 0x1000)\n\
+                 echo '--- watch'; echo \"$added\"\n\
+                 watch_id=$(echo \"$added\" | sed -n 's/.*\"id\": *\\([0-9]*\\).*/\\1/p')",
                 ask("kernel"),
                 ask("ps"),
                 ask("lsmod"),
@@ -398,7 +413,11 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
             ))
             .wait_for("rootkit-loaded-42", SHELL_LIMIT)
             .shell(&format!(
-                "echo '--- rootkit checks'; {inspector} checks --control-socket {run_dir}/control.sock\n\
+                "end=$(( $(date +%s) + 60 ))\n\
+                 until {specula} --socket {api} --json watch findings $watch_id | grep -q pages || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
+                 echo '--- watch findings'; {specula} --socket {api} --json watch findings $watch_id\n\
+                 echo '--- watches'; {specula} --socket {api} --json watch list\n\
+                 echo '--- rootkit checks'; {inspector} checks --control-socket {run_dir}/control.sock\n\
                  echo '--- rootkit msrs'; {inspector} checks msrs --control-socket {run_dir}/control.sock\n\
                  echo '--- views at the end'; {inspector} views --control-socket {run_dir}/control.sock\n\
                  kill $inspector\n\
@@ -479,6 +498,30 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
         );
         let entry = view("rootkit msrs");
         assert!(entry.contains("syscall_entry_hooked:0:"), "LSTAR of vCPU 0, from the vmm's KVM_GET_MSRS: {entry}");
+
+        // YARA over the marker process's memory finds its marker where it printed it.
+        let yara: serde_json::Value = serde_json::from_str(&view("yara"))
+            .unwrap_or_else(|e| panic!("specula yara, in JSON: {e}: {}", view("yara")));
+        let found = yara["matches"].as_array().cloned().unwrap_or_default();
+        assert!(
+            found.iter().any(|m| m["pid"] == marker.pid && m["va"].as_u64() == Some(marker.vaddr)),
+            "YARA finds workerA's marker at {:#x} in pid {}: {yara:#}",
+            marker.vaddr,
+            marker.pid
+        );
+        // A polled watch over the system call table's page runs on the dirty-page feed
+        // of our vmm, and reports the page the rootkit's insmod wrote.
+        let page = u64::from_str_radix(view("table page").trim_start_matches("0x"), 16).expect("the table's page");
+        let watches = view("watches");
+        assert!(watches.contains("\"mode\": \"dirty-log\""), "the watch uses the dirty-page feed: {watches}");
+        let findings: serde_json::Value = serde_json::from_str(&view("watch findings"))
+            .unwrap_or_else(|e| panic!("the watch's findings, in JSON: {e}: {}", view("watch findings")));
+        assert!(
+            findings
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["pages"].as_array().is_some_and(|p| p.contains(&page.into())))),
+            "the watch reports the table's page {page:#x}, which the rootkit wrote: {findings:#}"
+        );
     })
 }
 
@@ -486,9 +529,8 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
 /// Debian's kernel from `guest-images/<dir>`), every kind at once through the API
 /// (`specula trace`; software breakpoints, since QEMU's TCG does not arm the debug
 /// registers a VMRUN loads), with no agent in the guest and no check run:
-/// - a busy guest (a minute of fork+exec of /bin/true and `cat`, 100 runs at least) is
-///   reported exec by exec, and writes none of the traced MSRs and none of the kernel's
-///   traced tables;
+/// - a busy guest (100 fork+exec of /bin/true) is reported exec by exec, and writes none
+///   of the traced MSRs and none of the kernel's traced tables;
 /// - a process that runs and exits between two looks (`/bin/sh -c 'exit 7' MARKER`) is
 ///   reported with its filename and argv as the guest ran them, then its exit with 7;
 /// - the test rootkit, loaded with `hook_lstar=1`, is reported at load (its name, by
@@ -526,13 +568,9 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
                    usleep 200000\n\
                  done"
             ))
-            // A busy guest for a minute (and 100 runs at least): processes come and go,
-            // every one with its system calls, and the kernel's tables are left alone.
-            .send(
-                "i=0; end=$(( $(date +%s) + 60 )); \
-                 while [ $i -lt 100 ] || [ $(date +%s) -lt $end ]; do /bin/true; cat /proc/self/stat > /dev/null; \
-                 i=$((i + 1)); done; echo busy-done-$((40 + 2))",
-            )
+            // A busy guest: processes come and go, every one with its system calls, and the
+            // kernel's tables are left alone.
+            .send("i=0; while [ $i -lt 100 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
             .wait_for("busy-done-42", SHELL_LIMIT)
             .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
             .wait_for("marker-status-7", SHELL_LIMIT)
