@@ -18,10 +18,17 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>`, from the running test executable (`target/<profile>/deps/NAME-HASH`).
+/// `target/<profile>`, from the running executable (a test's `target/<profile>/deps/NAME-HASH`,
+/// or a binary of this crate in `target/<profile>`).
 pub fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("test executable lives in target/<profile>/deps").to_path_buf()
+    let dir = exe.parent().expect("an executable lives in a directory");
+    // Tests and benches live in target/<profile>/deps, binaries (nested-run) beside it.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>/deps").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary; fails with what to run if it was not built.
