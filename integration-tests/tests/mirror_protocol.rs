@@ -148,6 +148,21 @@ fn trace_subscriptions_need_the_sources_consent_and_known_kinds() {
     assert_source_healthy(&mut vm, &mirror, &api);
 }
 
+/// Write traps report the bytes the guest writes, so they stay inside what the
+/// source's grant policy lets its peers read.
+#[test]
+fn trace_write_traps_stay_inside_the_grant_policy() {
+    let dir = TempDir::new("trace-policy");
+    let (_vm, mirror, _api) = start_source(&dir, &["--mirror-allow-trace", "--mirror-policy", "0x1000000:2M"]);
+    let importer = Importer::connect(&mirror).unwrap();
+    let (code, text) = refused(importer.set_write_traps(&[Range { gpa: 0x2000000, len: 8 }]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "{text}");
+    assert!(text.contains("grant policy"), "{text}");
+    let (code, _) = refused(importer.set_write_traps(&[Range { gpa: 0x11ffff8, len: 16 }]));
+    assert_eq!(code, ErrorCode::PolicyDenied, "a range that runs past the policy's end");
+    assert_eq!(importer.set_write_traps(&[Range { gpa: 0x1000008, len: 8 }]).unwrap(), 1);
+}
+
 #[test]
 fn a_policy_narrower_than_a_chunk_grants_nothing_of_that_chunk() {
     // An fd exposes its whole chunk, so a 4 KiB policy inside a 2 MiB chunk cannot be honoured.

@@ -124,6 +124,22 @@ pub(super) fn set_write_traps(
                 format!("write trap {:#x} (+{:#x}) is not inside guest RAM", r.gpa, r.len),
             ));
         }
+        // A trap reports the bytes written: only where this peer may read them.
+        let end = r.gpa + r.len;
+        if shared
+            .policy
+            .ranges
+            .as_ref()
+            .is_some_and(|allowed| !allowed.iter().any(|a| r.gpa >= a.gpa && end <= a.gpa + a.len))
+        {
+            let text = format!("write trap {:#x} (+{:#x}) is outside the source's grant policy", r.gpa, r.len);
+            return Err((ErrorCode::PolicyDenied, text));
+        }
+        if lock(&shared.revoked).iter().any(|(uid, g)| *uid == conn.uid && r.gpa < g.gpa + g.len && g.gpa < end) {
+            let text =
+                format!("write trap {:#x} (+{:#x}) overlaps a range revoked from uid {}", r.gpa, r.len, conn.uid);
+            return Err((ErrorCode::PolicyDenied, text));
+        }
         pages += (r.gpa + r.len).div_ceil(PAGE) - r.gpa / PAGE;
     }
     if pages * PAGE > MAX_WRITE_TRAP_BYTES {
