@@ -1,0 +1,204 @@
+//! What agentless tracing costs a guest, in the nested test bed (docs/nested.md: an L1
+//! under QEMU's TCG with emulated SVM and nested paging; every figure is TCG's, so only
+//! the ratios within this one L1 compare). Writes the `nested-trace` section of
+//! BENCHMARKS.md.
+//!
+//! Debian 13's Linux (6.12, 2 vCPUs) runs under our vmm with `--mirror-allow-trace`, an
+//! inspector attached. Two guest workloads, timed from L1 (the command typed on the
+//! console until the guest prints that it is done):
+//! - exec-heavy: `EXECS` runs of `/bin/true` (fork, exec, exit each);
+//! - syscall-heavy: `dd` copying `SYSCALL_BYTES` bytes one at a time (a read and a
+//!   write system call per byte),
+//!
+//! each with tracing off, with `exec,exit` traced (software breakpoints: TCG does not
+//! arm the debug registers), with `kernel_writes` traced (the kernel's text, system
+//! call tables and IDT as read-only memslots) and with every kind. Then the event
+//! latency: from a command typed on the console to its `trace.exec` on the inspector's
+//! event stream, beside the same command's own output on the console.
+//!
+//! `cargo bench -p integration-tests --bench trace` (after scripts/build.sh).
+
+use std::time::Duration;
+
+use integration_tests::bench::{summarize, write_section};
+use integration_tests::nested::NestedL1;
+
+/// The guest kernel: Debian 13's 6.12 (its L2s met fewer of the nest's TCG failures than
+/// 6.1's in the trace tests).
+const KERNEL_DIR: &str = "linux-trixie";
+/// Runs of each workload in each mode.
+const ROUNDS: usize = 3;
+const EXECS: u32 = 100;
+const SYSCALL_BYTES: u32 = 20_000;
+/// Latency samples.
+const LATENCY_SAMPLES: usize = 10;
+/// The trace modes, by the kinds `trace-start` is given (none: off).
+const MODES: [(&str, &str); 4] =
+    [("off", ""), ("exec_exit", "exec,exit"), ("kernel_writes", "kernel_writes"), ("all", "")];
+
+/// The L1 script: boots the source, attaches the inspector, runs the workloads in every
+/// mode and the latency samples; prints `NAME=MICROSECONDS` lines, from L1's
+/// `/proc/uptime` (10 ms steps: L1's busybox `date` has no `%N`).
+fn script(l1: &NestedL1) -> String {
+    let (vmm, inspector, specula) = (l1.binary("vmm"), l1.binary("inspector"), l1.binary("specula"));
+    let (kernel, initramfs) = (l1.linux_image(KERNEL_DIR, "vmlinuz"), l1.linux_image(KERNEL_DIR, "introspect.cpio.gz"));
+    let modes: Vec<String> = MODES
+        .iter()
+        .map(|(name, kinds)| match *name {
+            "off" => "off:-".to_string(),
+            "all" => "all:all".to_string(),
+            _ => format!("{name}:{kinds}"),
+        })
+        .collect();
+    format!(
+        "cd /tmp\n\
+         rm -f in out m.sock c.sock api.sock; mkfifo in; exec 3<>in\n\
+         now() {{ read up rest < /proc/uptime; echo $(( ${{up%.*}}${{up#*.}} * 10000 )); }}\n\
+         {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512M --cpus 2 --mirror-socket m.sock \
+           --mirror-allow-trace --mirror-allow-trace-patches --cmdline 'console=ttyS0 quiet' < in > out 2>&1 &\n\
+         vmm=$!\n\
+         until grep -q '=== specula ground truth end ===' out; do kill -0 $vmm || {{ tail -5 out | sed 's/^/# /'; exit 1; }}; usleep 200000; done\n\
+         {inspector} --source-socket m.sock --all --serial null --control-socket c.sock --api-socket api.sock > insp.log 2>&1 &\n\
+         insp=$!\n\
+         until grep -q 'agent ready' insp.log; do kill -0 $insp || {{ sed 's/^/# /' insp.log; exit 1; }}; usleep 200000; done\n\
+         n=0\n\
+         dump() {{ echo \"# $1\"; tail -8 out | sed 's/^/# vmm: /'; tail -8 insp.log | sed 's/^/# inspector: /'; exit 1; }}\n\
+         guest() {{ # runs $2 in the guest, waits for it, prints NAME=the microseconds it took, seen from L1\n\
+           n=$((n + 1)); t0=$(now)\n\
+           echo \"$2; echo done-$n-\\$((40 + 2))\" >&3\n\
+           until grep -q \"^done-$n-42\" out; do kill -0 $vmm || dump 'the vmm exited'; usleep 20000; done\n\
+           echo \"$1=$(( $(now) - t0 ))\"\n\
+         }}\n\
+         for mode in {modes}; do\n\
+           name=${{mode%%:*}}; kinds=${{mode#*:}}\n\
+           {specula} --socket api.sock trace-stop > /dev/null || dump 'trace-stop failed'\n\
+           case $kinds in\n\
+             -) ;;\n\
+             all) {specula} --socket api.sock trace-start --software-breakpoints > trace.$name 2>&1 || dump \"trace-start: $(cat trace.$name)\" ;;\n\
+             *) {specula} --socket api.sock trace-start $kinds --software-breakpoints > trace.$name 2>&1 || dump \"trace-start $kinds: $(cat trace.$name)\" ;;\n\
+           esac\n\
+           for round in $(seq {ROUNDS}); do\n\
+             guest exec_$name 'i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i + 1)); done'\n\
+             guest syscall_$name 'dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null'\n\
+           done\n\
+         done\n\
+         {specula} --socket api.sock trace-status | sed 's/^/# status: /'\n\
+         # Latency: tracing exec, a marker command typed on the console, until its trace.exec\n\
+         # is on the event stream, and until its own output is on the console.\n\
+         {specula} --socket api.sock trace-stop > /dev/null\n\
+         {specula} --socket api.sock trace-start exec --software-breakpoints > /dev/null || exit 1\n\
+         {specula} --socket api.sock --json events --kinds trace.exec > events.out 2>&1 &\n\
+         follower=$!\n\
+         sleep 1\n\
+         for s in $(seq {LATENCY_SAMPLES}); do\n\
+           t0=$(now)\n\
+           echo \"/bin/echo latency-mark-$s-\\$((40 + 2))\" >&3\n\
+           seen_event=; seen_out=\n\
+           while [ -z \"$seen_event\" ] || [ -z \"$seen_out\" ]; do\n\
+             [ -z \"$seen_event\" ] && grep -q \"latency-mark-$s-\" events.out && seen_event=$(( $(now) - t0 ))\n\
+             [ -z \"$seen_out\" ] && grep -q \"^latency-mark-$s-42\" out && seen_out=$(( $(now) - t0 ))\n\
+             [ $(( ($(now) - t0) / 1000000 )) -lt 60 ] || {{ echo \"# sample $s: no event or output in 60 s\"; tail -3 events.out | sed 's/^/# /'; exit 1; }}\n\
+             usleep 2000\n\
+           done\n\
+           echo \"latency_event=$seen_event\"; echo \"latency_output=$seen_out\"\n\
+           sleep 1\n\
+         done\n\
+         # How each process ended is said (`# ...`); the figures are complete by now.\n\
+         kill $follower; wait $follower; echo \"# the event follower ended with $?\"\n\
+         kill $insp; wait $insp; echo \"# the inspector ended with $? on SIGTERM\"\n\
+         echo 'poweroff -f' >&3; wait $vmm; echo \"# the vmm ended with $? on poweroff\"\n\
+         exit 0\n",
+        modes = modes.join(" "),
+    )
+}
+
+/// The figures named `name`, as durations.
+fn values(found: &[(String, f64)], name: &str) -> Vec<Duration> {
+    found.iter().filter(|(n, _)| n == name).map(|(_, us)| Duration::from_micros(*us as u64)).collect()
+}
+
+fn main() {
+    let mut found = Vec::new();
+    let mut why = String::new();
+    // Retries in a fresh L1: TCG's nested SVM fails an L1 or its L2 now and then
+    // (docs/nested.md); a failed attempt is said, and its figures are not used.
+    for attempt in 1..=3 {
+        let l1 = NestedL1::boot(&[]);
+        match l1.try_run(&script(&l1), Duration::from_secs(1500)) {
+            Ok(out) if out.status == 0 => {
+                out.output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
+                found = out
+                    .output
+                    .lines()
+                    .filter_map(|l| l.trim().split_once('=').and_then(|(n, v)| Some((n.to_string(), v.parse().ok()?))))
+                    .collect::<Vec<(String, f64)>>();
+                break;
+            }
+            Ok(out) => why = format!("status {}:\n{}", out.status, out.output),
+            Err(e) => why = e,
+        }
+        let tail: Vec<&str> = why.lines().rev().take(15).collect();
+        eprintln!("# attempt {attempt} failed; its last lines:");
+        tail.iter().rev().for_each(|l| eprintln!("#   {l}"));
+    }
+    assert!(!found.is_empty(), "the trace benchmark failed in three L1s:\n{why}");
+
+    let median_ms = |name: &str| {
+        let v = values(&found, name);
+        assert!(!v.is_empty(), "no {name} in {found:?}");
+        summarize(&v).median.as_secs_f64() * 1e3
+    };
+    let mut body = format!(
+        "## Nested: what agentless tracing costs the guest, `cargo bench --bench trace`\n\n\
+         One L1 under QEMU's TCG (nested SVM; compare only ratios within this table): Debian 13 (6.12, 2 vCPUs) under \
+         our vmm with `--mirror-allow-trace`, an inspector attached. Each workload is timed from L1, from the command \
+         typed on the guest's console until the guest prints that it finished (the console's own delay included: it is \
+         in every mode alike); median of {ROUNDS} runs. Exec-heavy: {EXECS} runs of `/bin/true`. Syscall-heavy: \
+         `dd bs=1 count={SYSCALL_BYTES}` (a read and a write per byte). Modes: off (nothing armed); `exec,exit` \
+         (software breakpoints on `__x64_sys_execve`/`execveat` and `do_exit`: one exit per exec and per exit, each \
+         read and reported); `kernel_writes` (the kernel's text, system call tables and IDT as read-only memslots: an \
+         exit only when something writes them, which nothing here does); all kinds (those, module loads and the \
+         system-call MSR filter).\n\n\
+         | workload | off (ms) | `exec,exit` (ms) | `kernel_writes` (ms) | all kinds (ms) |\n|---|---|---|---|---|\n"
+    );
+    for (workload, label) in [
+        ("exec", format!("exec-heavy ({EXECS} execs)")),
+        ("syscall", format!("syscall-heavy ({} syscalls)", 2 * SYSCALL_BYTES)),
+    ] {
+        let off = median_ms(&format!("{workload}_off"));
+        let cell = |mode: &str| {
+            let ms = median_ms(&format!("{workload}_{mode}"));
+            format!("{ms:.0} ({:.2}x)", ms / off)
+        };
+        body.push_str(&format!(
+            "| {label} | {off:.0} | {} | {} | {} |\n",
+            cell("exec_exit"),
+            cell("kernel_writes"),
+            cell("all")
+        ));
+    }
+    let event = summarize(&values(&found, "latency_event"));
+    let output = summarize(&values(&found, "latency_output"));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    body.push_str(&format!(
+        "\n**Event latency** ({} samples, exec traced): from `/bin/echo MARK` typed on the console until its \
+         `trace.exec` is on the inspector's event stream (`specula events`, polled every 2 ms, read in L1's \
+         10 ms clock steps): median {:.1} ms, p90 \
+         {:.1} ms; until the program's own output is on the console: median {:.1} ms, p90 {:.1} ms. {}\n",
+        event.n,
+        ms(event.median),
+        ms(event.p90),
+        ms(output.median),
+        ms(output.p90),
+        if event.median < output.median {
+            "The event is on the stream before the program's own output is on the console: the exec is reported at \
+             the system call's entry, before the program runs."
+        } else {
+            "The event reaches the stream after the program's own output reaches the console: the resolver and the \
+             event stream take longer than the program's run and the console."
+        },
+    ));
+    print!("{body}");
+    let path = write_section("nested-trace", &body).expect("write BENCHMARKS.md");
+    println!("wrote {}", path.display());
+}
