@@ -180,8 +180,26 @@ impl RamMemslots {
             }
         }
         layout.pieces = kept;
-        for piece in &old {
-            self.vm.remove_memslot(piece.slot, piece.ram.guest_addr)?;
+        for (i, piece) in old.iter().enumerate() {
+            if let Err(e) = self.vm.remove_memslot(piece.slot, piece.ram.guest_addr) {
+                // The pieces not removed stay as they were; those removed go back, so
+                // that no page of RAM is left out of the VM.
+                layout.pieces.extend_from_slice(&old[i..]);
+                for removed in &old[..i] {
+                    let flags =
+                        if removed.read_only { KVM_MEM_READONLY } else { dirty_log_flags(layout.dirty_logging) };
+                    let ram = removed.ram;
+                    // SAFETY: the piece lies inside a run of GuestRam, whose mappings outlive the VM.
+                    match unsafe { self.vm.add_memslot_with_flags(ram.guest_addr, ram.size, ram.host_addr, flags) } {
+                        Ok(slot) => layout.pieces.push(Piece { slot, ..*removed }),
+                        Err(e) => {
+                            log::error!("RAM at {:#x} is out of the VM: {}", ram.guest_addr, crate::error_chain(&e))
+                        }
+                    }
+                }
+                layout.pieces.sort_by_key(|p| p.ram.guest_addr);
+                return Err(e.into());
+            }
         }
         let mut added = Vec::new();
         for &(ram, read_only) in wanted {
