@@ -301,7 +301,8 @@ pub struct MemoryWrite {
     /// The bytes written, and those they replaced (little-endian, `len` of each).
     pub value: u64,
     pub previous: u64,
-    /// Where the writing instruction is, and the address space it ran in.
+    /// Where the vCPU is after the writing instruction (KVM's emulator has stepped
+    /// past it by the exit), and the address space it ran in.
     pub rip: u64,
     pub cr3: u64,
     /// The first words on the writer's stack (0 where unmapped).
