@@ -809,7 +809,8 @@ fn the_inspector_binary_is_a_client_of_its_control_socket() {
 /// what it replaced, and the guest goes on to acknowledge each), are reported byte by
 /// byte (the workload stores bytes) with the writer's RIP and CR3, and are named in the
 /// dirty-page feed, which KVM's own log cannot see for them; a write beside the range on
-/// its page is completed and not reported; disarmed, nothing more is reported.
+/// its page is completed and not reported; a subscription to other trace kinds does not
+/// stop them; disarmed, nothing more is reported.
 #[test]
 fn trace_write_traps_report_the_guests_writes_and_complete_them() {
     use mirror_driver::importer::{Importer, SourceEvent};
@@ -838,6 +839,8 @@ fn trace_write_traps_report_the_guests_writes_and_complete_them() {
         writes()
     };
 
+    // A subscription to other kinds keeps the write traps this peer holds reported.
+    peer.subscribe_trace(mirror_driver::protocol::trace_kind::MSR_WRITES).expect("subscribed");
     source.poke(target, &[0xab, 0xcd]);
     source.poke(target + 8, &[0x77]);
     source.poke(target, &[0x12, 0x34]);

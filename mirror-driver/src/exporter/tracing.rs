@@ -29,9 +29,9 @@ pub(super) fn subscribe_trace(conn: &Connection, shared: &Shared, kinds: u32) ->
         return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
     };
     let mut armed = lock(&shared.trace_armed);
-    // Only this connection's session thread changes its kinds: the breakpoint bit,
-    // which a subscription does not name, is kept.
-    let held = conn.trace_kinds.load(Ordering::SeqCst) & trace_kind::BREAKPOINTS;
+    // Only this connection's session thread changes its kinds: the bits of what it
+    // holds (breakpoints, write traps), which a subscription does not name, are kept.
+    let held = conn.trace_kinds.load(Ordering::SeqCst) & (trace_kind::BREAKPOINTS | trace_kind::WRITE_TRAPS);
     let previous = conn.trace_kinds.swap(kinds | held, Ordering::SeqCst);
     let wanted = wanted_kinds(shared);
     if wanted != *armed {
