@@ -18,10 +18,7 @@ const SENDER_POLL: Duration = Duration::from_millis(500);
 /// Subscribes `conn` to the trace kinds `kinds` (0: none) and arms what the subscribers
 /// now want. Returns the source's event rate cap, or the refusal to send.
 pub(super) fn subscribe_trace(conn: &Connection, shared: &Shared, kinds: u32) -> Result<u32, (ErrorCode, String)> {
-    if !shared.policy.allow_trace {
-        let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
-        return Err((ErrorCode::PolicyDenied, text.into()));
-    }
+    require_consent(shared)?;
     if kinds & !trace_kind::ALL != 0 {
         return Err((ErrorCode::Malformed, format!("unknown trace kinds {:#x}", kinds & !trace_kind::ALL)));
     }
@@ -53,10 +50,7 @@ pub(super) fn set_breakpoints(
     software: bool,
     points: &[Breakpoint],
 ) -> Result<u32, (ErrorCode, String)> {
-    if !shared.policy.allow_trace {
-        let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
-        return Err((ErrorCode::PolicyDenied, text.into()));
-    }
+    require_consent(shared)?;
     if software && !points.is_empty() && !shared.policy.allow_trace_patches {
         let text = "this source does not let inspectors patch guest text for software breakpoints \
                     (vmm --mirror-allow-trace-patches)";
@@ -66,11 +60,7 @@ pub(super) fn set_breakpoints(
         return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
     }
     let mut holder = lock(&shared.breakpoint_holder);
-    if let Some(other) = holder.filter(|&h| h != conn.id) {
-        if shared.live_connections().iter().any(|c| c.id == other) {
-            return Err((ErrorCode::NotNow, format!("inspector {other} holds this source's breakpoints")));
-        }
-    }
+    refuse_another_holder(conn, shared, *holder, "breakpoints")?;
     if let Some(point) = points.iter().find(|p| !(p.address >= KERNEL_HALF || p.address < USER_TOP)) {
         return Err((ErrorCode::OutOfRange, format!("breakpoint address {:#x} is not canonical", point.address)));
     }
@@ -78,25 +68,14 @@ pub(super) fn set_breakpoints(
         .source
         .set_breakpoints(software, points)
         .map_err(|e| (ErrorCode::Internal, format!("cannot arm breakpoints: {}", error_chain(&e))))?;
-    *holder = (!points.is_empty()).then_some(conn.id);
-    if points.is_empty() {
-        conn.trace_kinds.fetch_and(!trace_kind::BREAKPOINTS, Ordering::SeqCst);
-    } else {
-        conn.trace_kinds.fetch_or(trace_kind::BREAKPOINTS, Ordering::SeqCst);
-    }
+    record_holder(conn, &mut holder, !points.is_empty(), trace_kind::BREAKPOINTS);
     log::info!("mirror: {} hardware breakpoints armed for inspector {}", points.len(), conn.id);
     Ok(points.len() as u32)
 }
 
 /// Releases the breakpoints of a connection that left.
 pub(super) fn release_breakpoints(conn: &Connection, shared: &Shared) {
-    let mut holder = lock(&shared.breakpoint_holder);
-    if *holder == Some(conn.id) {
-        if let Err(e) = shared.source.set_breakpoints(false, &[]) {
-            log::warn!("mirror: cannot disarm the breakpoints of inspector {}: {}", conn.id, error_chain(&e));
-        }
-        *holder = None;
-    }
+    release(conn, &shared.breakpoint_holder, "breakpoints", || shared.source.set_breakpoints(false, &[]));
 }
 
 /// Traps the guest's writes to `ranges` for `conn` (none: releases them), unless another
@@ -106,10 +85,7 @@ pub(super) fn set_write_traps(
     shared: &Shared,
     ranges: &[Range],
 ) -> Result<u64, (ErrorCode, String)> {
-    if !shared.policy.allow_trace {
-        let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
-        return Err((ErrorCode::PolicyDenied, text.into()));
-    }
+    require_consent(shared)?;
     if shared.source.trace_feed().is_none() {
         return Err((ErrorCode::NotNow, "this source cannot trace its guest".into()));
     }
@@ -147,31 +123,67 @@ pub(super) fn set_write_traps(
         return Err((ErrorCode::TooLarge, text));
     }
     let mut holder = lock(&shared.write_trap_holder);
-    if let Some(other) = holder.filter(|&h| h != conn.id) {
-        if shared.live_connections().iter().any(|c| c.id == other) {
-            return Err((ErrorCode::NotNow, format!("inspector {other} holds this source's write traps")));
-        }
-    }
+    refuse_another_holder(conn, shared, *holder, "write traps")?;
     let trapped = shared
         .source
         .set_write_traps(ranges)
         .map_err(|e| (ErrorCode::Internal, format!("cannot arm write traps: {}", error_chain(&e))))?;
-    *holder = (!ranges.is_empty()).then_some(conn.id);
-    if ranges.is_empty() {
-        conn.trace_kinds.fetch_and(!trace_kind::WRITE_TRAPS, Ordering::SeqCst);
-    } else {
-        conn.trace_kinds.fetch_or(trace_kind::WRITE_TRAPS, Ordering::SeqCst);
-    }
+    record_holder(conn, &mut holder, !ranges.is_empty(), trace_kind::WRITE_TRAPS);
     log::info!("mirror: write traps over {trapped} pages armed for inspector {}", conn.id);
     Ok(trapped)
 }
 
 /// Releases the write traps of a connection that left: its pages are writable again.
 pub(super) fn release_write_traps(conn: &Connection, shared: &Shared) {
-    let mut holder = lock(&shared.write_trap_holder);
+    release(conn, &shared.write_trap_holder, "write traps", || shared.source.set_write_traps(&[]).map(|_| ()));
+}
+
+/// The refusal for a source that does not let inspectors trace it.
+fn require_consent(shared: &Shared) -> Result<(), (ErrorCode, String)> {
+    if shared.policy.allow_trace {
+        return Ok(());
+    }
+    let text = "this source does not let inspectors trace it (vmm --mirror-allow-trace)";
+    Err((ErrorCode::PolicyDenied, text.into()))
+}
+
+/// Refuses `conn` what another live connection holds (`holder`; `what` names it).
+fn refuse_another_holder(
+    conn: &Connection,
+    shared: &Shared,
+    holder: Option<u64>,
+    what: &str,
+) -> Result<(), (ErrorCode, String)> {
+    match holder.filter(|&h| h != conn.id) {
+        Some(other) if shared.live_connections().iter().any(|c| c.id == other) => {
+            Err((ErrorCode::NotNow, format!("inspector {other} holds this source's {what}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Records whether `conn` now holds what `holder` guards, and so whether the events of
+/// `kind` (sent to the holder only) go to it.
+fn record_holder(conn: &Connection, holder: &mut Option<u64>, held: bool, kind: u32) {
+    *holder = held.then_some(conn.id);
+    if held {
+        conn.trace_kinds.fetch_or(kind, Ordering::SeqCst);
+    } else {
+        conn.trace_kinds.fetch_and(!kind, Ordering::SeqCst);
+    }
+}
+
+/// Disarms (`disarm`) what a connection that left held, if it held it.
+fn release(
+    conn: &Connection,
+    holder: &std::sync::Mutex<Option<u64>>,
+    what: &str,
+    disarm: impl FnOnce() -> Result<(), super::SourceVmError>,
+) {
+    let mut holder = lock(holder);
     if *holder == Some(conn.id) {
-        if let Err(e) = shared.source.set_write_traps(&[]) {
-            log::warn!("mirror: cannot disarm the write traps of inspector {}: {}", conn.id, error_chain(&e));
+        if let Err(e) = disarm() {
+            log::warn!("mirror: cannot disarm the {what} of inspector {}: {}", conn.id, error_chain(&e));
         }
         *holder = None;
     }

@@ -104,9 +104,19 @@ fn write_ranges(w: &mut Writer, ranges: &[Range]) {
     }
 }
 
-fn read_ranges(r: &mut Reader) -> Result<Vec<Range>, DecodeError> {
-    let n = r.count(MAX_RANGES, 16)?;
+/// A counted array of at most `limit` ranges.
+fn read_ranges(r: &mut Reader, limit: usize) -> Result<Vec<Range>, DecodeError> {
+    let n = r.count(limit, 16)?;
     (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect()
+}
+
+/// The writer's stack words of a traced write.
+fn read_stack(r: &mut Reader) -> Result<[u64; MSR_WRITE_STACK_WORDS], DecodeError> {
+    let mut stack = [0; MSR_WRITE_STACK_WORDS];
+    for word in stack.iter_mut() {
+        *word = r.u64()?;
+    }
+    Ok(stack)
 }
 
 fn read_breakpoint(r: &mut Reader) -> Result<Breakpoint, DecodeError> {
@@ -385,8 +395,8 @@ impl Message {
             kind::HELLO => Message::Hello { version: r.u32()? },
             kind::HELLO_ACK => Message::HelloAck { version: r.u32()?, ram_size: r.u64()?, vcpus: r.u32()? },
             kind::GET_MEMORY_MAP => Message::GetMemoryMap,
-            kind::MEMORY_MAP => Message::MemoryMap { regions: read_ranges(&mut r)? },
-            kind::GRANT_REQUEST => Message::GrantRequest { access: r.u32()?, ranges: read_ranges(&mut r)? },
+            kind::MEMORY_MAP => Message::MemoryMap { regions: read_ranges(&mut r, MAX_RANGES)? },
+            kind::GRANT_REQUEST => Message::GrantRequest { access: r.u32()?, ranges: read_ranges(&mut r, MAX_RANGES)? },
             kind::GRANT_REPLY => {
                 let more = match r.u32()? {
                     0 => false,
@@ -447,7 +457,7 @@ impl Message {
                     1 => true,
                     _ => return Err(DecodeError::Malformed { kind }),
                 };
-                Message::DirtyPages { coalesced, ranges: read_ranges(&mut r)? }
+                Message::DirtyPages { coalesced, ranges: read_ranges(&mut r, MAX_RANGES)? }
             }
             kind::DIRTY_SYNC => Message::DirtySync { token: r.u64()? },
             kind::DIRTY_SYNCED => Message::DirtySynced { token: r.u64()? },
@@ -456,10 +466,7 @@ impl Message {
             kind::TRACE_MSR_WRITE => {
                 let (vcpu, msr) = (r.u32()?, r.u32()?);
                 let (value, previous, rip, cr3) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-                let mut stack = [0; MSR_WRITE_STACK_WORDS];
-                for word in stack.iter_mut() {
-                    *word = r.u64()?;
-                }
+                let stack = read_stack(&mut r)?;
                 let applied = match r.u32()? {
                     0 => false,
                     1 => true,
@@ -485,11 +492,7 @@ impl Message {
                 let values = (0..n).map(|_| read_captured(&mut r)).collect::<Result<_, _>>()?;
                 Message::TraceBreakpointHit(BreakpointHit { vcpu, index, rip, cr3, values })
             }
-            kind::TRACE_WRITE_TRAPS => {
-                let n = r.count(MAX_WRITE_TRAP_RANGES, 16)?;
-                let ranges = (0..n).map(|_| Ok(Range { gpa: r.u64()?, len: r.u64()? })).collect::<Result<_, _>>()?;
-                Message::TraceWriteTraps { ranges }
-            }
+            kind::TRACE_WRITE_TRAPS => Message::TraceWriteTraps { ranges: read_ranges(&mut r, MAX_WRITE_TRAP_RANGES)? },
             kind::TRACE_WRITE_TRAPS_SET => Message::TraceWriteTrapsSet { pages: r.u64()? },
             kind::TRACE_MEMORY_WRITE => {
                 let (vcpu, gpa, len) = (r.u32()?, r.u64()?, r.u32()?);
@@ -497,10 +500,7 @@ impl Message {
                     return Err(DecodeError::Malformed { kind });
                 }
                 let (value, previous, rip, cr3) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-                let mut stack = [0; MSR_WRITE_STACK_WORDS];
-                for word in stack.iter_mut() {
-                    *word = r.u64()?;
-                }
+                let stack = read_stack(&mut r)?;
                 Message::TraceMemoryWrite(MemoryWrite { vcpu, gpa, len, value, previous, rip, cr3, stack })
             }
             kind::ERROR => {

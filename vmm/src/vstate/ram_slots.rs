@@ -186,15 +186,13 @@ impl RamMemslots {
                 // that no page of RAM is left out of the VM.
                 layout.pieces.extend_from_slice(&old[i..]);
                 for removed in &old[..i] {
-                    let flags =
-                        if removed.read_only { KVM_MEM_READONLY } else { dirty_log_flags(layout.dirty_logging) };
-                    let ram = removed.ram;
-                    // SAFETY: the piece lies inside a run of GuestRam, whose mappings outlive the VM.
-                    match unsafe { self.vm.add_memslot_with_flags(ram.guest_addr, ram.size, ram.host_addr, flags) } {
-                        Ok(slot) => layout.pieces.push(Piece { slot, ..*removed }),
-                        Err(e) => {
-                            log::error!("RAM at {:#x} is out of the VM: {}", ram.guest_addr, crate::error_chain(&e))
-                        }
+                    match self.add_piece(removed.ram, removed.read_only, layout.dirty_logging) {
+                        Ok(piece) => layout.pieces.push(piece),
+                        Err(e) => log::error!(
+                            "RAM at {:#x} is out of the VM: {}",
+                            removed.ram.guest_addr,
+                            crate::error_chain(&e)
+                        ),
                     }
                 }
                 layout.pieces.sort_by_key(|p| p.ram.guest_addr);
@@ -203,10 +201,8 @@ impl RamMemslots {
         }
         let mut added = Vec::new();
         for &(ram, read_only) in wanted {
-            let flags = if read_only { KVM_MEM_READONLY } else { dirty_log_flags(layout.dirty_logging) };
-            // SAFETY: every piece lies inside a run of GuestRam, whose mappings outlive the VM.
-            match unsafe { self.vm.add_memslot_with_flags(ram.guest_addr, ram.size, ram.host_addr, flags) } {
-                Ok(slot) => added.push(Piece { slot, ram, read_only }),
+            match self.add_piece(ram, read_only, layout.dirty_logging) {
+                Ok(piece) => added.push(piece),
                 Err(e) => {
                     self.restore_whole(layout, run, &added);
                     return Err(e.into());
@@ -224,13 +220,20 @@ impl RamMemslots {
         for piece in added {
             let _ = self.vm.remove_memslot(piece.slot, piece.ram.guest_addr);
         }
-        let flags = dirty_log_flags(layout.dirty_logging);
-        // SAFETY: `run` is a run of GuestRam, whose mappings outlive the VM.
-        match unsafe { self.vm.add_memslot_with_flags(run.guest_addr, run.size, run.host_addr, flags) } {
-            Ok(slot) => layout.pieces.push(Piece { slot, ram: *run, read_only: false }),
+        match self.add_piece(*run, false, layout.dirty_logging) {
+            Ok(piece) => layout.pieces.push(piece),
             Err(e) => log::error!("RAM at {:#x} is out of the VM: {}", run.guest_addr, crate::error_chain(&e)),
         }
         layout.pieces.sort_by_key(|p| p.ram.guest_addr);
+    }
+
+    /// Adds `ram` (a part of a run of guest RAM) as a memslot, read-only or writable and
+    /// dirty-logged while logging is on.
+    fn add_piece(&self, ram: RamSlot, read_only: bool, dirty_logging: bool) -> Result<Piece, VmError> {
+        let flags = if read_only { KVM_MEM_READONLY } else { dirty_log_flags(dirty_logging) };
+        // SAFETY: every piece lies inside a run of GuestRam, whose mappings outlive the VM.
+        let slot = unsafe { self.vm.add_memslot_with_flags(ram.guest_addr, ram.size, ram.host_addr, flags) }?;
+        Ok(Piece { slot, ram, read_only })
     }
 
     /// KVM's log of one writable piece (the ring must have been harvested).
