@@ -179,13 +179,18 @@ impl Inspector {
             return Err(InspectError::SourceGone);
         }
         let mut current = lock(&self.tracing.kinds);
+        // Both plans read the kernel's symbols: fetched once through the agent.
+        let symbols = match kinds & (BREAKPOINT_KINDS | KERNEL_WRITES) {
+            0 => Vec::new(),
+            _ => self.os_symbols()?,
+        };
         let plan = match kinds & BREAKPOINT_KINDS {
             0 => None,
-            wanted => Some(self.plan_breakpoints(wanted)?),
+            wanted => Some(self.plan_breakpoints(wanted, &symbols)?),
         };
         let tables = match kinds & KERNEL_WRITES {
             0 => None,
-            _ => Some(self.plan_tables()?),
+            _ => Some(self.plan_tables(&symbols)?),
         };
         let max_per_second = self.source.subscribe_trace(kinds & trace_kind::ALL)?;
         let armed = match &plan {
@@ -214,9 +219,9 @@ impl Inspector {
         Ok(())
     }
 
-    /// The kernel tables to trap, from the kernel's kallsyms and its image's physical
-    /// base, once the kernel view is anchored to the vCPUs' state.
-    fn plan_tables(&self) -> Result<TablePlan, InspectError> {
+    /// The kernel tables to trap, from the kernel's kallsyms (`symbols`) and its image's
+    /// physical base, once the kernel view is anchored to the vCPUs' state.
+    fn plan_tables(&self, symbols: &[specula_os::wire::SymbolRecord]) -> Result<TablePlan, InspectError> {
         let kernel = self.os_kernel()?;
         if !kernel.anchored {
             let why = kernel.unanchored_reason.unwrap_or_else(|| "no reason given".into());
@@ -224,15 +229,18 @@ impl Inspector {
                 "kernel writes are traced only in a kernel anchored to the vCPUs' state, and this one is not ({why})"
             )));
         }
-        tables::plan(&self.os_symbols()?, kernel.phys_base)
+        tables::plan(symbols, kernel.phys_base)
     }
 
-    /// The breakpoints for `kinds`, from the kernel's kallsyms and BTF (read through
-    /// the agent).
-    fn plan_breakpoints(&self, kinds: u32) -> Result<plan::Plan, InspectError> {
-        let symbols = self.os_symbols()?;
-        let btf = specula_os::btf::Btf::parse(self.os_btf(&symbols)?)?;
-        plan::plan(kinds, &symbols, &btf)
+    /// The breakpoints for `kinds`, from the kernel's kallsyms (`symbols`) and its BTF
+    /// (read through the agent).
+    fn plan_breakpoints(
+        &self,
+        kinds: u32,
+        symbols: &[specula_os::wire::SymbolRecord],
+    ) -> Result<plan::Plan, InspectError> {
+        let btf = specula_os::btf::Btf::parse(self.os_btf(symbols)?)?;
+        plan::plan(kinds, symbols, &btf)
     }
 
     /// Queues a traced MSR write for the resolver (from the source-event thread).
