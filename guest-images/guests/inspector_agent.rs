@@ -121,10 +121,14 @@ fn main(info: &rt::BootInfo) -> u8 {
                 Ok(result) => (STATUS_OK, result),
                 Err(status) => (status, [0; 4]),
             };
-            s.state = SLOT_DONE;
-            compiler_fence(Ordering::Release);
+            // The answer first, then the state that says it is there: one volatile
+            // write of the whole slot may store its state (first in it) before the
+            // result, and the host may read the slot in between.
             // SAFETY: as above.
             unsafe { write_volatile(slot(i), s) };
+            compiler_fence(Ordering::Release);
+            // SAFETY: as above.
+            unsafe { write_volatile(&mut (*slot(i)).state, SLOT_DONE) };
             completed += 1;
         }
         if completed > 0 {

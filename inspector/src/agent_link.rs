@@ -324,9 +324,13 @@ pub(crate) mod testing {
                         (memory.clone(), doorbell.clone(), answer.clone(), delay(&s));
                     std::thread::spawn(move || {
                         std::thread::sleep(wait);
+                        // As the agent does: the answer first, then the state that says
+                        // it is there (a host that sees DONE must read the answer).
                         let mut reply = answer(s);
-                        reply.state = SLOT_DONE;
+                        reply.state = SLOT_SUBMITTED;
                         write_struct(&memory, slot_gpa(i), &reply).unwrap();
+                        std::sync::atomic::fence(Ordering::Release);
+                        memory.write_obj(SLOT_DONE, GuestAddress(slot_gpa(i))).unwrap();
                         doorbell.guest_done();
                     });
                 }
