@@ -23,7 +23,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 FUZZ="$ROOT/fuzz"
 TRIPLE="$(rustc -vV | sed -n 's/^host: //p')"
 BIN="$FUZZ/target/$TRIPLE/release"
-TARGETS=(decode wire_recv line_request control_unhex cli_args boot_kernel agent_reply os_parsers qemu_state)
+TARGETS=(decode wire_recv line_request control_unhex cli_args boot_kernel agent_reply os_parsers qemu_state virtio_blk)
 
 # Instrumentation for libFuzzer on stable rustc: edge coverage (level 4 = edges),
 # inline 8-bit counters + PC table (libFuzzer's coverage feedback, cov/ft), and

@@ -30,8 +30,15 @@
 #                            (rootkit/specula_rootkit.c), which the rootkit tests load,
 #                            and /bin/specula-forger (specula-forger.c), which forges a
 #                            second kernel in its pages for the forgery tests.
+#   disk-initramfs.cpio.gz   boots a root file system from a virtio disk: /init loads
+#                            the virtio-mmio and virtio-blk modules of this kernel
+#                            (Debian builds them as modules), mounts root= (default
+#                            /dev/vda; `ro` on the command line mounts it read-only)
+#                            and switch_roots to init= (default /sbin/init). The
+#                            disk itself is build-rootfs.sh's.
 #   l1-modules/              with the default suite: zsmalloc.ko, zram.ko and
-#                            lzo-rle.ko, for swap to zram in the L1
+#                            lzo-rle.ko, for swap to zram in the L1, and tun.ko, for
+#                            the taps of the virtio-net tests
 #   kmod/                    with the default suite: specula_mirror.ko and
 #                            specula_pin_baseline.ko (mirror-driver/kmod), built
 #                            against the same headers as the rootkit.
@@ -114,7 +121,7 @@ done
 # default compressor, which the L1 loads by hand (it has no modprobe).
 if [ -z "$suite" ]; then
     mkdir -p "$out/l1-modules"
-    for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko; do
+    for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko drivers/net/tun.ko; do
         f="$(ls "$modules_root/lib/modules/$version/kernel/$m"* 2>/dev/null | head -1)"
         [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
         case "$f" in
@@ -244,4 +251,63 @@ done
 INIT
 chmod +x introspect/init
 (cd introspect && find . | cpio -o -H newc --quiet | gzip -9) > "$out/introspect.cpio.gz"
-echo "Linux $version -> $out/vmlinuz, $out/initramfs.cpio.gz, $out/introspect.cpio.gz"
+
+# The disk boot's initramfs: the virtio modules (transport, block, network) in load
+# order (each after what it depends on), busybox, and an /init that mounts the root
+# disk and switch_roots.
+mkdir -p disk/{bin,dev,proc,sys,newroot,lib/modules}
+cp busybox/bin/busybox disk/bin/busybox
+for applet in sh mount umount echo cat insmod switch_root sleep grep sed; do ln -sf busybox "disk/bin/$applet"; done
+# Each module's config symbol: a kernel that builds it in (=y) has no .ko for it.
+for entry in drivers/virtio/virtio_ring:VIRTIO drivers/virtio/virtio:VIRTIO drivers/virtio/virtio_mmio:VIRTIO_MMIO \
+    drivers/block/virtio_blk:VIRTIO_BLK net/core/failover:FAILOVER drivers/net/net_failover:NET_FAILOVER \
+    drivers/net/virtio_net:VIRTIO_NET; do
+    m="${entry%%:*}" symbol="CONFIG_${entry##*:}"
+    f="$(ls "$modules_root/lib/modules/$version/kernel/$m.ko"* 2>/dev/null | head -1 || true)"
+    if [ -z "$f" ]; then
+        grep -q "^$symbol=y" kernel/boot/config-* \
+            || { echo "build.sh: $kernel_pkg has no $m.ko and does not build $symbol in" >&2; exit 1; }
+        continue
+    fi
+    case "$f" in
+        *.xz) xz -dc "$f" > "disk/lib/modules/$(basename "$m").ko" ;;
+        *) cp "$f" "disk/lib/modules/$(basename "$m").ko" ;;
+    esac
+    echo "$(basename "$m")" >> disk/lib/modules/order
+done
+touch disk/lib/modules/order
+cat > disk/init <<'INIT'
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m.ko" || echo "specula-disk-initramfs: cannot load $m.ko"
+done
+root=/dev/vda init=/sbin/init mode=rw
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=*) root="${arg#root=}" ;;
+        init=*) init="${arg#init=}" ;;
+        ro) mode=ro ;;
+    esac
+done
+n=0
+while [ ! -b "$root" ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+# A file system left dirty needs its journal replayed, which a read-only disk cannot
+# take: mount it without the journal then, and say so.
+if ! mount -t ext4 -o "$mode" "$root" /newroot && ! { [ "$mode" = ro ] \
+    && echo "specula-disk-initramfs: $root needs journal recovery; mounting it read-only without the journal" \
+    && mount -t ext4 -o ro,noload "$root" /newroot; }; then
+    echo "specula-disk-initramfs: cannot mount $root; a shell instead"
+    exec sh
+fi
+echo "specula-disk-initramfs: $root mounted $mode; switching to $init"
+mount --move /dev /newroot/dev
+umount /sys /proc
+exec switch_root /newroot "$init"
+INIT
+chmod +x disk/init
+(cd disk && find . | cpio -o -H newc --quiet | gzip -9) > "$out/disk-initramfs.cpio.gz"
+echo "Linux $version -> $out/vmlinuz, $out/initramfs.cpio.gz, $out/introspect.cpio.gz, $out/disk-initramfs.cpio.gz"

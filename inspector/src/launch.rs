@@ -50,16 +50,20 @@ pub struct LaunchConfig {
     pub source: String,
     /// Guest image or Linux kernel.
     pub kernel: PathBuf,
-    /// Initramfs (QEMU sources).
+    /// Initramfs.
     pub initrd: Option<PathBuf>,
     /// Guest RAM, e.g. `512M`.
     #[serde(default = "default_memory")]
     pub memory: String,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
-    /// Kernel command line (QEMU sources).
+    /// Kernel command line (QEMU prefixes `console=ttyS0`; the vmm takes it as is).
     #[serde(default)]
     pub cmdline: String,
+    /// Disks, `path=FILE[,readonly=on]` each, as the vmm's `--disk`: virtio-blk in
+    /// either source, in order (/dev/vda first).
+    #[serde(default)]
+    pub disk: Vec<String>,
     /// Where the sockets and logs go.
     pub dir: PathBuf,
     /// Integrity watches, `GPA:LEN`.
@@ -99,6 +103,25 @@ impl LaunchConfig {
     pub fn from_toml(text: &str) -> Result<Self, LaunchError> {
         toml::from_str(text).map_err(LaunchError::BadFile)
     }
+}
+
+/// A `--disk` value as QEMU's virtio-blk `-drive`.
+fn qemu_drive(disk: &str) -> Result<String, LaunchError> {
+    let disk = vmm::config::parse_disk(disk).map_err(|e| LaunchError::Setting {
+        what: "disk",
+        value: e.to_string(),
+        expected: "path=FILE[,readonly=on]",
+    })?;
+    let path = disk.path.display().to_string();
+    if path.contains(',') {
+        return Err(LaunchError::Setting {
+            what: "disk path",
+            value: path,
+            expected: "a path without commas (QEMU's -drive)",
+        });
+    }
+    let read_only = if disk.read_only { ",readonly=on" } else { "" };
+    Ok(format!("file={path},format=raw,if=virtio{read_only}"))
 }
 
 /// A binary next to this executable (the workspace's `target/PROFILE/`), or on PATH.
@@ -173,6 +196,15 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), LaunchErr
             cmd.arg("--kernel").arg(&config.kernel);
             cmd.args(["--memory", &config.memory, "--cpus", &config.cpus.to_string()]);
             cmd.arg("--serial").arg(format!("file={}", dir.join("console.log").display()));
+            if let Some(initrd) = &config.initrd {
+                cmd.arg("--initramfs").arg(initrd);
+            }
+            if !config.cmdline.is_empty() {
+                cmd.arg("--cmdline").arg(&config.cmdline);
+            }
+            for disk in &config.disk {
+                cmd.arg("--disk").arg(disk);
+            }
             if by_pid {
                 cmd.args(["--memory-backend", "anon"]);
             } else {
@@ -201,6 +233,9 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), LaunchErr
                 cmd.arg("-initrd").arg(initrd);
             }
             cmd.args(["-append", &format!("console=ttyS0 {}", config.cmdline)]);
+            for disk in &config.disk {
+                cmd.arg("-drive").arg(qemu_drive(disk)?);
+            }
             cmd.arg("-serial").arg(format!("file:{}", dir.join("console.log").display()));
             cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
             unblocked(cmd)

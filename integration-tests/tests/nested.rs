@@ -16,7 +16,9 @@
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use integration_tests::nested::{linux_dir, ConsoleSession, NestedL1, L1_EXTRA_MODULES, L1_MODULES, L1_TARGET};
+use integration_tests::nested::{
+    linux_dir, retry_on_the_nest_symptoms, ConsoleSession, NestedL1, L1_EXTRA_MODULES, L1_MODULES, L1_TARGET,
+};
 
 /// Linux under the vmm reaches its shell in ~10-20 s of TCG time; this bounds a hang
 /// on a loaded runner, it is not a timing test.
@@ -33,81 +35,6 @@ const CARRIED_TESTS: &[&str] = &["mirror", "mirror_security", "kernel_mirror"];
 fn l1() -> NestedL1 {
     NestedL1::boot(CARRIED_TESTS)
 }
-
-/// What the vmm prints when TCG's emulated SVM shuts an L2 down (docs/nested.md, "A
-/// triple fault the nest makes"): RIP is the reset vector because KVM re-INITs a vCPU
-/// after a SHUTDOWN intercept, so where the guest was is lost.
-const NEST_TRIPLE_FAULT: &str = "shut down (triple fault) near RIP 0xfff0";
-
-/// What L1's kernel says when its own memory is found corrupted in a VMM's vCPU
-/// thread (docs/nested.md, "A triple fault the nest makes": no L2 and no user process
-/// can write L1's kernel stacks).
-const NEST_L1_CORRUPTED: &str = "Kernel panic - not syncing: corrupted stack end detected inside scheduler";
-
-/// What L1's kernel says when one of its CPUs has not scheduled for a minute, which a
-/// CPU that TCG keeps inside an L2 never does (docs/nested.md, "A triple fault the nest
-/// makes": L1 boots with `softlockup_panic=1`).
-const NEST_L1_SOFT_LOCKUP: &str = "Kernel panic - not syncing: softlockup: hung tasks";
-
-/// What L1's kernel says when one of its CPUs has taken no timer for a minute, which a
-/// CPU that TCG keeps inside an L2 does not (L1 boots with `panic_on_rcu_stall`).
-const NEST_L1_RCU_STALL: &str = "Kernel panic - not syncing: RCU Stall";
-
-/// What the source vmm answers when a vCPU does not leave KVM_RUN even for a signal
-/// (docs/nested.md, "A triple fault the nest makes": L1's CPU stuck in its L2), as a
-/// failed `poke` reports it (`Workload::poke`).
-const NEST_STUCK_VCPU: &str = "not every vCPU answered the snapshot request";
-
-/// What the bed says when L1 answers nothing, not even the `timeout` it runs each
-/// command under, and prints no panic either: a CI run met an L1 that went silent in
-/// the hello test, whose L2 does nothing but exit. No user process in L1 can keep
-/// L1's own command runner from answering, so this is L1 itself held by TCG
-/// (docs/nested.md, "A triple fault the nest makes").
-const NEST_L1_SILENT: &str = "no answer from the nested L1 within";
-
-/// Runs a nested test, and again (at most [`NEST_ATTEMPTS`] runs in all) while it fails
-/// with [`NEST_TRIPLE_FAULT`], [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`],
-/// [`NEST_L1_SOFT_LOCKUP`], [`NEST_L1_RCU_STALL`], [`NEST_L1_SILENT`] or
-/// [`NEST_AGENT_CRASH`] in its message: an L2 that TCG's nested SVM shuts down, or
-/// never leaves, or an L1 whose kernel memory it corrupts or whose CPU it keeps, at
-/// random, about once in a few dozen L2 runs, in guests that
-/// never fault on this runner's KVM or in 150 runs in a row under tracing. With 15
-/// nested tests a CI run meets one now and then, and twice in one test was seen once
-/// (docs/nested.md). Each retry is announced on stderr; any other failure, or the last
-/// run's, fails the test.
-fn retry_on_the_nest_symptoms(test: impl Fn()) {
-    for attempt in 1.. {
-        let Err(failure) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else { return };
-        let text = failure
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| failure.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        let symptoms = [
-            NEST_TRIPLE_FAULT,
-            NEST_STUCK_VCPU,
-            NEST_L1_CORRUPTED,
-            NEST_L1_SOFT_LOCKUP,
-            NEST_L1_RCU_STALL,
-            NEST_L1_SILENT,
-            NEST_AGENT_CRASH,
-        ];
-        match symptoms.into_iter().find(|s| text.contains(s)) {
-            Some(what) if attempt < NEST_ATTEMPTS => {
-                eprintln!("nested: the nest failed ({what}; TCG's nested SVM); running the test again");
-            }
-            _ => std::panic::resume_unwind(failure),
-        }
-    }
-}
-
-/// What an inspector prints when its agent VM (an L2) crashed: the third symptom of
-/// docs/nested.md, "agents shut down on their first OS command"; the inspector exits,
-/// and its requests get no reply. The tests put the inspector's log in such failures.
-const NEST_AGENT_CRASH: &str = "inspector: agent crashed: vCPU";
-
-/// Runs of one nested test, at most, while the nest's own symptoms fail it.
-const NEST_ATTEMPTS: u32 = 3;
 
 /// Held for a test's whole run, so that the tests of this binary use L1 one at a time.
 fn turn() -> MutexGuard<'static, ()> {

@@ -14,6 +14,7 @@ use crate::arch::x86_64::{acpi, mptable, reset_vector};
 use crate::boot;
 use crate::config::VmConfig;
 use crate::devices::serial::{self, SerialInput, SerialOutput, SerialPort};
+use crate::devices::virtio::{MmioBus, MmioTransport, VirtioEvents};
 use crate::devices::{self, PioBus, PioBusError, COM1_IRQ};
 use crate::memory::GuestRam;
 use crate::signals::StopSignals;
@@ -57,9 +58,31 @@ pub enum BuildError {
     Mirror(#[from] mirror_driver::exporter::ExportError),
     #[error("cannot start the API socket")]
     Api(#[source] std::io::Error),
+    #[error("{0} virtio devices asked for; a VM has at most {max}", max = devices::virtio::MAX_VIRTIO_DEVICES)]
+    TooManyVirtioDevices(usize),
+    #[error("disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    #[error("network device {index}")]
+    Net {
+        index: usize,
+        #[source]
+        source: devices::virtio::net::NetError,
+    },
+    #[error("cannot set up virtio device {index}'s queues, interrupt or notifications")]
+    Virtio {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// The virtio devices, as the vCPUs (the bus) and the event loop (each transport) see them.
+type VirtioDevices = (MmioBus, Vec<Arc<Mutex<MmioTransport>>>);
 
 /// A built, not yet running VM.
 pub struct Vmm {
@@ -68,6 +91,10 @@ pub struct Vmm {
     /// Guest RAM's memslots (split where the trace's write traps make pages read-only).
     ram_slots: Arc<RamMemslots>,
     bus: Arc<PioBus>,
+    /// The virtio devices' register windows, for the vCPUs.
+    mmio: Arc<MmioBus>,
+    /// The virtio devices, for the event loop.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// COM1, also on the bus: the event loop feeds it stdin.
     serial: Arc<SerialPort>,
     lifecycle: Arc<Lifecycle>,
@@ -86,7 +113,12 @@ impl Vmm {
         let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
         let ram_slots = vm.register_ram(&ram)?;
-        let rsdp = acpi::setup_acpi(ram.memory(), config.cpus)?;
+        let virtio_count = config.disks.len() + config.nets.len();
+        if virtio_count > devices::virtio::MAX_VIRTIO_DEVICES {
+            return Err(BuildError::TooManyVirtioDevices(virtio_count));
+        }
+        let virtio_slots: Vec<(u64, u32)> = (0..virtio_count).map(devices::virtio::device_slot).collect();
+        let rsdp = acpi::setup_acpi(ram.memory(), config.cpus, &virtio_slots)?;
         reset_vector::setup_reset_vector(ram.memory())?;
         let entry = boot::load_with(&ram, &config.boot, Some(rsdp), config.kernel_decompress)?;
         if let Some(note) = &entry.page_tables {
@@ -117,6 +149,7 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let vm = Arc::new(vm);
         let ram_slots = Arc::new(RamMemslots::new(vm.clone(), &ram, &ram_slots));
+        let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, config)?;
         let trace = trace_feed(config)
             .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone(), ram_slots.clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -135,6 +168,8 @@ impl Vmm {
             ram,
             ram_slots,
             bus,
+            mmio: Arc::new(mmio),
+            virtio,
             serial,
             lifecycle,
             vcpus,
@@ -176,6 +211,10 @@ impl Vmm {
             let input = SerialInput::new(std::io::stdin().as_raw_fd(), self.serial.clone());
             manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
+        if !self.virtio.is_empty() {
+            let events = VirtioEvents::new(self.lifecycle.clone(), &self.virtio);
+            manager.add_subscriber(Arc::new(Mutex::new(events)));
+        }
         for subscriber in extra {
             manager.add_subscriber(subscriber);
         }
@@ -207,7 +246,7 @@ impl Vmm {
         let mut threads = Vec::with_capacity(self.vcpus.len());
         let mut error = None;
         for vcpu in std::mem::take(&mut self.vcpus) {
-            match vcpu.start(self.bus.clone(), self.lifecycle.clone()) {
+            match vcpu.start(self.bus.clone(), self.mmio.clone(), self.lifecycle.clone()) {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     error = Some(e);
@@ -228,6 +267,57 @@ fn build_bus(config: &VmConfig, serial: Arc<SerialPort>, reset_evt: &EventFd) ->
         bus.insert(*range, device.clone())?;
     }
     Ok(bus)
+}
+
+/// The virtio devices (`config.disks` as virtio-blk, then `config.nets` as
+/// virtio-net, in order), each in its slot
+/// ([`devices::virtio::device_slot`]) with its irqfd and one ioeventfd per queue on
+/// QueueNotify (matching the queue's index). Their writes into guest RAM are noted
+/// for the dirty log, which sees only the vCPUs' own.
+fn build_virtio(
+    vm: &Vm,
+    ram: &GuestRam,
+    ram_slots: &Arc<RamMemslots>,
+    config: &VmConfig,
+) -> Result<VirtioDevices, BuildError> {
+    use kvm_ioctls::IoEventAddress;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+    let slots = ram_slots.clone();
+    let dma_log: devices::virtio::DmaLog = Arc::new(move |gpa, len| slots.note_written(gpa, len));
+    let mut models: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block = devices::virtio::block::Block::open(disk, Some(dma_log.clone()))
+            .map_err(|source| BuildError::Disk { index, source })?;
+        let read_only = if disk.read_only { ", read-only" } else { "" };
+        log::info!("disk {index}: {} ({} sectors{read_only})", disk.path.display(), block.sectors());
+        models.push(Box::new(block));
+    }
+    for (index, net) in config.nets.iter().enumerate() {
+        let device = devices::virtio::net::Net::new(net, Some(dma_log.clone()))
+            .map_err(|source| BuildError::Net { index, source })?;
+        log::info!("network {index}: tap {}", net.tap);
+        models.push(Box::new(device));
+    }
+    let mut bus = MmioBus::new();
+    let mut transports = Vec::with_capacity(models.len());
+    for (index, device) in models.into_iter().enumerate() {
+        let virtio_err = |source| BuildError::Virtio { index, source };
+        let (base, irq_line) = devices::virtio::device_slot(index);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
+        vm.register_irqfd(&irq, irq_line)?;
+        let transport =
+            MmioTransport::new(device, ram.memory().clone(), irq, Some(dma_log.clone())).map_err(virtio_err)?;
+        let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
+        for (queue, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(evt, &notify, queue as u32)
+                .map_err(|e| virtio_err(std::io::Error::from_raw_os_error(e.errno())))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(base, devices::virtio::VIRTIO_MMIO_SIZE, transport.clone());
+        transports.push(transport);
+    }
+    Ok((bus, transports))
 }
 
 /// Writes the identity page tables an image's stub would build (see

@@ -60,6 +60,10 @@ pub struct VmConfig {
     pub dirty_log: DirtyLogMode,
     /// Entries in each vCPU's dirty ring, when the ring is used.
     pub dirty_ring_entries: u32,
+    /// virtio-blk disks, in the order the guest finds them (`/dev/vda` first).
+    pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// virtio-net devices on taps (`eth0` first), after the disks.
+    pub nets: Vec<crate::devices::virtio::net::NetConfig>,
 }
 
 /// How the source's dirty-page feed learns of writes (`--dirty-log`).
@@ -109,6 +113,8 @@ impl VmConfig {
             log_level: None,
             dirty_log: DirtyLogMode::default(),
             dirty_ring_entries: crate::vstate::dirty_ring::DEFAULT_ENTRIES,
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -232,6 +238,72 @@ struct Args {
     /// Entries in each vCPU's dirty ring (a power of two, 1024 to 65536; 16 bytes each).
     #[arg(long, value_name = "N", default_value_t = crate::vstate::dirty_ring::DEFAULT_ENTRIES, value_parser = parse_dirty_ring_entries)]
     dirty_ring_entries: u32,
+    /// A virtio-blk disk over a raw image: `path=FILE[,readonly=on]`. Repeatable; the
+    /// guest sees them as /dev/vda, /dev/vdb, ... in this order.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on]", value_parser = parse_disk)]
+    disks: Vec<crate::devices::virtio::block::DiskConfig>,
+    /// A virtio-net device on a tap: `tap=NAME[,mac=52:54:00:12:34:56]`. Repeatable.
+    /// The tap must exist and be the vmm user's, or the vmm must run as root (the
+    /// kernel then creates it for the vmm's lifetime). Without mac=, one derived
+    /// from the tap's name.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    nets: Vec<crate::devices::virtio::net::NetConfig>,
+}
+
+/// Parses `--net tap=NAME[,mac=MAC]`.
+pub fn parse_net(value: &str) -> Result<crate::devices::virtio::net::NetConfig, ConfigError> {
+    use crate::devices::virtio::net::{default_mac, parse_mac, NetConfig};
+    let (mut tap, mut mac) = (None, None);
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && name.len() < 16 && !name.contains(['/', ' ']) => {
+                tap = Some(name.to_string())
+            }
+            Some(("tap", name)) => {
+                return Err(bad(
+                    "--net",
+                    value,
+                    format!("'{name}' is not an interface name (1 to 15 characters, no '/')"),
+                ))
+            }
+            Some(("mac", text)) => {
+                mac = Some(parse_mac(text).ok_or_else(|| {
+                    bad("--net", value, format!("'{text}' is not a unicast MAC address like 52:54:00:12:34:56"))
+                })?)
+            }
+            _ => return Err(bad("--net", value, format!("unknown option '{part}' (expected tap=NAME, mac=MAC)"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| bad("--net", value, "no tap=NAME"))?;
+    Ok(NetConfig { mac: mac.unwrap_or_else(|| default_mac(&tap)), tap })
+}
+
+/// Parses `--disk path=FILE[,readonly=on|off]` (a bare `FILE` is taken as the path).
+pub fn parse_disk(value: &str) -> Result<crate::devices::virtio::block::DiskConfig, ConfigError> {
+    let mut path = None;
+    let mut read_only = false;
+    for (i, part) in value.split(',').enumerate() {
+        match part.split_once('=') {
+            Some(("path", p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+            Some(("readonly" | "ro", v)) => {
+                read_only = match v {
+                    "on" | "true" | "yes" | "1" => true,
+                    "off" | "false" | "no" | "0" => false,
+                    _ => return Err(bad("--disk", value, format!("readonly takes on or off, not '{v}'"))),
+                }
+            }
+            None if i == 0 && !part.is_empty() => path = Some(PathBuf::from(part)),
+            _ => {
+                return Err(bad(
+                    "--disk",
+                    value,
+                    format!("unknown or empty option '{part}' (expected path=FILE, readonly=on|off)"),
+                ))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| bad("--disk", value, "no path=FILE"))?;
+    Ok(crate::devices::virtio::block::DiskConfig { path, read_only })
 }
 
 fn parse_dirty_log(value: &str) -> Result<DirtyLogMode, ConfigError> {
@@ -415,6 +487,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         log_level: args.log_level,
         dirty_log: args.dirty_log,
         dirty_ring_entries: args.dirty_ring_entries,
+        disks: args.disks,
+        nets: args.nets,
     })))
 }
 
@@ -442,6 +516,41 @@ mod tests {
         let cfg = run(&["--kernel=k", "--memory=64M", "--cpus=2", "--cmdline", "a b=c"]);
         assert_eq!(run(&["--kernel", "k", "--memory", "64M", "--memory", "1G"]).memory, 1 << 30, "the last one wins");
         assert_eq!((cfg.memory, cfg.cpus, cfg.boot.cmdline.as_str()), (64 << 20, 2, "a b=c"));
+    }
+
+    #[test]
+    fn virtio_disks_parse_in_order_and_bad_options_are_named() {
+        let config =
+            run(&["--kernel", "k", "--disk", "path=/a.img", "--disk", "path=/b.img,readonly=on", "--disk", "/c.img"]);
+        let disks: Vec<_> = config.disks.iter().map(|d| (d.path.to_str().unwrap(), d.read_only)).collect();
+        assert_eq!(disks, [("/a.img", false), ("/b.img", true), ("/c.img", false)]);
+        for (value, named) in [
+            ("readonly=on", "no path=FILE"),
+            ("path=/a,readonly=maybe", "readonly takes on or off"),
+            ("path=/a,cache=none", "unknown or empty option 'cache=none'"),
+            ("path=", "unknown or empty option 'path='"),
+        ] {
+            let err = parse_args(args(&["--kernel", "k", "--disk", value])).unwrap_err().to_string();
+            assert!(err.contains("--disk") && err.contains(named), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn virtio_nets_parse_and_bad_options_are_named() {
+        let config = run(&["--kernel", "k", "--net", "tap=tap0,mac=52:54:00:00:00:01", "--net", "tap=tap1"]);
+        assert_eq!(config.nets[0].tap, "tap0");
+        assert_eq!(config.nets[0].mac, [0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(config.nets[1].mac, crate::devices::virtio::net::default_mac("tap1"));
+        for (value, named) in [
+            ("mac=52:54:00:00:00:01", "no tap=NAME"),
+            ("tap=a/b", "not an interface name"),
+            ("tap=0123456789abcdef", "not an interface name"),
+            ("tap=t,mac=01:00:5e:00:00:01", "not a unicast MAC"),
+            ("tap=t,queues=4", "unknown option 'queues=4'"),
+        ] {
+            let err = parse_args(args(&["--kernel", "k", "--net", value])).unwrap_err().to_string();
+            assert!(err.contains("--net") && err.contains(named), "{value}: {err}");
+        }
     }
 
     #[test]

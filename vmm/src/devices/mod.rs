@@ -6,6 +6,7 @@ pub mod bus;
 pub mod doorbell;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! two KVM_RUNs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -103,6 +103,11 @@ pub struct Lifecycle {
     requests: Mutex<Requests>,
     served: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// Held (shared) by a device while it touches guest RAM; a pause takes it
+    /// exclusively once, so no device write is in flight when a pause returns.
+    device_work: RwLock<()>,
+    /// Written when the last pause hold goes: devices serve what waited meanwhile.
+    resume_evt: EventFd,
 }
 
 impl Lifecycle {
@@ -117,6 +122,8 @@ impl Lifecycle {
             requests: Mutex::new(Requests { wanted: 0, published: Vec::new(), pause_holds: 0, quiescent: 0 }),
             served: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            device_work: RwLock::new(()),
+            resume_evt: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
 
@@ -175,6 +182,8 @@ impl Lifecycle {
             req.pause_holds += 1;
             self.paused.store(true, Ordering::SeqCst);
         }
+        // Devices start no work once `paused` is set; wait out the one in flight.
+        drop(self.device_work.write().unwrap_or_else(PoisonError::into_inner));
         self.parked.notify_all();
         self.kick_all();
         let threads = lock(&self.threads).len();
@@ -197,10 +206,23 @@ impl Lifecycle {
     pub fn resume(&self) {
         let mut req = lock(&self.requests);
         req.pause_holds = req.pause_holds.saturating_sub(1);
-        if req.pause_holds == 0 {
-            self.paused.store(false, Ordering::SeqCst);
+        if req.pause_holds == 0 && self.paused.swap(false, Ordering::SeqCst) {
+            let _ = self.resume_evt.write(1);
         }
         self.served.notify_all();
+    }
+
+    /// Leave for a device to touch guest RAM (serve its queues): `None` while the VM
+    /// is paused, when the device must wait for [`Lifecycle::resume_evt`]. A pause
+    /// waits for every leave given out to be dropped.
+    pub fn device_work(&self) -> Option<RwLockReadGuard<'_, ()>> {
+        let leave = self.device_work.read().unwrap_or_else(PoisonError::into_inner);
+        (!self.is_paused()).then_some(leave)
+    }
+
+    /// Readable after the VM resumes from a pause.
+    pub fn resume_evt(&self) -> &EventFd {
+        &self.resume_evt
     }
 
     /// Whether a pause hold is in place.

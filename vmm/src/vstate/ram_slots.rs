@@ -118,7 +118,7 @@ impl RamMemslots {
         if !layout.dirty_logging || len == 0 {
             return;
         }
-        // At most the read-only pages: nothing else is written behind KVM's back.
+        // The read-only pages the vmm completes writes to, and the virtio devices' DMA.
         let last = gpa.saturating_add(len - 1) / PAGE;
         layout.written.extend(gpa / PAGE..=last);
     }

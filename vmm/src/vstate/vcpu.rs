@@ -14,6 +14,7 @@ use super::trace::{breakpoints, msr as msr_trace, VcpuTrace};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::boot::KernelEntry;
+use crate::devices::virtio::MmioBus;
 use crate::devices::{PioAction, PioBus, PioContext};
 use crate::memory::GuestRam;
 
@@ -170,15 +171,20 @@ impl Vcpu {
     }
 
     /// Spawns the thread that runs this vCPU until the VM stops.
-    pub fn start(self, bus: Arc<PioBus>, lifecycle: Arc<Lifecycle>) -> Result<std::thread::JoinHandle<()>, VcpuError> {
+    pub fn start(
+        self,
+        bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<std::thread::JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&bus, &lifecycle))
+            .spawn(move || self.run(&bus, &mmio, &lifecycle))
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
-    fn run(mut self, bus: &PioBus, lifecycle: &Lifecycle) {
+    fn run(mut self, bus: &PioBus, mmio: &MmioBus, lifecycle: &Lifecycle) {
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut last_published = 0;
         while !lifecycle.stopping() {
@@ -192,7 +198,7 @@ impl Vcpu {
                     break;
                 }
             }
-            if let Some(reason) = self.run_once(bus, lifecycle, &mut last_published) {
+            if let Some(reason) = self.run_once(bus, mmio, lifecycle, &mut last_published) {
                 lifecycle.request_exit(reason);
                 break;
             }
@@ -203,7 +209,13 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until one exit is handled; returns a reason when the VM must end.
-    fn run_once(&mut self, bus: &PioBus, lifecycle: &Lifecycle, last_published: &mut u64) -> Option<VmExit> {
+    fn run_once(
+        &mut self,
+        bus: &PioBus,
+        mmio: &MmioBus,
+        lifecycle: &Lifecycle,
+        last_published: &mut u64,
+    ) -> Option<VmExit> {
         let index = self.index;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
@@ -224,8 +236,13 @@ impl Vcpu {
                     PioAction::Park => lifecycle.park(&self.fd, index, last_published),
                 }
             }
-            // Nothing is mapped in the MMIO gap but the in-kernel APICs: reads see an open bus.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            // Outside the virtio windows (and the in-kernel APICs) reads see an open bus.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    data.fill(0xff)
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) if mmio.write(addr, data) => {}
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 let (mut bytes, len) = ([0u8; 8], data.len().min(8));
                 bytes[..len].copy_from_slice(&data[..len]);

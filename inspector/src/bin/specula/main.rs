@@ -136,16 +136,19 @@ struct LaunchArgs {
     /// Guest image or Linux kernel.
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Initramfs (QEMU sources).
+    /// Initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
     #[arg(long, default_value = "256M")]
     memory: String,
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Kernel command line (QEMU sources).
+    /// Kernel command line (QEMU prefixes console=ttyS0; the vmm takes it as is).
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// A virtio-blk disk, path=FILE[,readonly=on] (repeatable; /dev/vda first).
+    #[arg(long)]
+    disk: Vec<String>,
     /// Run directory for the sockets and logs.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -176,6 +179,7 @@ impl LaunchArgs {
             memory: self.memory.clone(),
             cpus: self.cpus,
             cmdline: self.cmdline.clone(),
+            disk: self.disk.clone(),
             dir: self.dir.clone().ok_or(LaunchError::Missing("--dir PATH is needed (or --config FILE)"))?,
             watch: self.watch.clone(),
             accel: self.accel.clone(),

@@ -96,8 +96,10 @@ fn gas_io_byte(port: u16) -> [u8; 12] {
 }
 
 /// The DSDT's AML: COM1 as a PNP0501 device with its ports and IRQ (the only way
-/// a hardware-reduced guest learns of the IRQ), and the S5 sleep type for power-off.
-fn dsdt_aml() -> Vec<u8> {
+/// a hardware-reduced guest learns of the IRQ), each virtio-mmio device (`virtio`:
+/// register window base and IOAPIC line) as an `LNRO0005` with its window and its
+/// edge-triggered interrupt, and the S5 sleep type for power-off.
+fn dsdt_aml(virtio: &[(u64, u32)]) -> Vec<u8> {
     let mut bytes = Vec::new();
     let s5_type = ACPI_S5_SLEEP_TYPE;
     // \_S5_: Package { SLP_TYPa, SLP_TYPb }, both the value the sleep control port acts on.
@@ -108,8 +110,41 @@ fn dsdt_aml() -> Vec<u8> {
     let ports = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&interrupt, &ports]));
     let com1 = aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]);
-    aml::Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut bytes);
+    let virtio_devices: Vec<VirtioAml> =
+        virtio.iter().enumerate().map(|(i, &(base, irq))| VirtioAml::new(i, base, irq)).collect();
+    let mut devices: Vec<&dyn Aml> = vec![&com1];
+    devices.extend(virtio_devices.iter().map(|d| d as &dyn Aml));
+    aml::Scope::new("\\_SB_".into(), devices).to_aml_bytes(&mut bytes);
     bytes
+}
+
+/// One virtio-mmio device in the DSDT (Linux's `virtio_mmio` matches `LNRO0005`).
+struct VirtioAml {
+    name: String,
+    index: usize,
+    window: aml::Memory32Fixed,
+    interrupt: aml::Interrupt,
+}
+
+impl VirtioAml {
+    fn new(index: usize, base: u64, irq: u32) -> Self {
+        let window = aml::Memory32Fixed::new(true, base as u32, crate::devices::virtio::VIRTIO_MMIO_SIZE as u32);
+        Self {
+            name: format!("VR{index:02X}"),
+            index,
+            window,
+            interrupt: aml::Interrupt::new(true, true, false, false, irq),
+        }
+    }
+}
+
+impl Aml for VirtioAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+        let uid = aml::Name::new("_UID".into(), &self.index);
+        let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&self.window, &self.interrupt]));
+        aml::Device::new(self.name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
+    }
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -146,10 +181,10 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 }
 
 /// The tables, laid out from [`ACPI_START`]: RSDP, DSDT, FADT, MADT, XSDT.
-fn build(cpu_count: u8) -> Vec<(u64, Vec<u8>)> {
+fn build(cpu_count: u8, virtio: &[(u64, u32)]) -> Vec<(u64, Vec<u8>)> {
     let align = |addr: u64| (addr + 15) & !15;
     let dsdt_addr = ACPI_START + 64;
-    let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(virtio));
     let fadt_addr = align(dsdt_addr + dsdt.len() as u64);
     let fadt = fadt(dsdt_addr);
     let madt_addr = align(fadt_addr + fadt.len() as u64);
@@ -162,9 +197,10 @@ fn build(cpu_count: u8) -> Vec<(u64, Vec<u8>)> {
     vec![(ACPI_START, rsdp(xsdt_addr)), (dsdt_addr, dsdt), (fadt_addr, fadt), (madt_addr, madt), (xsdt_addr, xsdt)]
 }
 
-/// Writes the tables; returns the RSDP's address (for boot_params and PVH start info).
-pub fn setup_acpi(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<u64, AcpiError> {
-    for (addr, table) in build(cpu_count) {
+/// Writes the tables, with `virtio` (each device's register window base and IOAPIC
+/// line) in the DSDT; returns the RSDP's address (for boot_params and PVH start info).
+pub fn setup_acpi(mem: &GuestMemoryMmap, cpu_count: u8, virtio: &[(u64, u32)]) -> Result<u64, AcpiError> {
+    for (addr, table) in build(cpu_count, virtio) {
         mem.write_slice(&table, GuestAddress(addr)).map_err(AcpiError::Write)?;
     }
     Ok(ACPI_START)
@@ -180,7 +216,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_states_its_length() {
-        let tables = build(4);
+        let tables = build(4, &[(0xd000_0000, 5)]);
         let rsdp = &tables[0].1;
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
@@ -239,7 +275,7 @@ mod tests {
 
     #[test]
     fn dsdt_describes_com1_with_its_irq_and_the_s5_state() {
-        let aml = dsdt_aml();
+        let aml = dsdt_aml(&[]);
         let find = |needle: &[u8]| aml.windows(needle.len()).position(|w| w == needle);
         // NameOp "_S5_" PackageOp PkgLength NumElements BytePrefix 5 BytePrefix 5.
         assert!(find(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 5, 0x0a, 5]).is_some(), "{aml:02x?}");
@@ -250,5 +286,16 @@ mod tests {
         assert!(find(&[0x89, 6, 0, 0b011, 1, 4, 0, 0, 0]).is_some(), "IRQ 4");
         // I/O port descriptor: 16-bit decode, 0x3f8..0x3f8, alignment 1, 8 ports.
         assert!(find(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]).is_some(), "ports 0x3f8-0x3ff");
+    }
+
+    #[test]
+    fn dsdt_describes_each_virtio_device_with_its_window_and_line() {
+        let aml = dsdt_aml(&[(0xd000_0000, 5), (0xd000_1000, 6)]);
+        let find = |needle: &[u8]| aml.windows(needle.len()).position(|w| w == needle);
+        assert!(find(b"VR00").is_some() && find(b"VR01").is_some(), "{aml:02x?}");
+        assert_eq!(aml.windows(9).filter(|w| w == b"LNRO0005\0").count(), 2, "two LNRO0005 _HIDs");
+        // Memory32Fixed: read-write, base, 4 KiB.
+        assert!(find(&[0x86, 9, 0, 1, 0, 0x10, 0, 0xd0, 0, 0x10, 0, 0]).is_some(), "window of device 1");
+        assert!(find(&[0x89, 6, 0, 0b011, 1, 6, 0, 0, 0]).is_some(), "IRQ 6, edge, active high");
     }
 }

@@ -1,0 +1,253 @@
+//! virtio devices over MMIO, the way Firecracker and Cloud Hypervisor give a minimal
+//! VM its disks: each device is a 4 KiB register window ([`mmio::MmioTransport`]) in
+//! the MMIO gap with one IOAPIC line, announced to the guest in the DSDT (`LNRO0005`,
+//! which Linux's `virtio_mmio` driver matches; Debian's kernels do not take
+//! `virtio_mmio.device=` on the command line). The guest's queue notifications arrive
+//! on ioeventfds and the device's interrupts leave on an irqfd, so a request costs
+//! the vCPU one exit and no register emulation.
+//!
+//! Queues are rust-vmm's [`virtio_queue::Queue`]; everything in them is the guest's
+//! and is treated as hostile input. A request the device cannot make sense of (a
+//! descriptor loop, an address outside RAM, an available index running ahead of the
+//! queue, rings outside RAM) stops that device: it sets `DEVICE_NEEDS_RESET`, tells
+//! the guest through a configuration interrupt and serves nothing until the guest
+//! resets it. The vmm and the other devices go on.
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+#[doc(hidden)]
+pub mod testing;
+
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryMmap;
+
+pub use mmio::{MmioBus, MmioTransport};
+
+/// Guest-physical base of the first virtio device's register window.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Each device's register window (a page, so ioeventfds and ACPI name it exactly).
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The first device's IOAPIC line (0-4 are the PIT, the keyboard, the cascade and COM1).
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The most virtio devices a VM gets: the IOAPIC lines 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// Where device `index`'s registers are and which line it interrupts on.
+pub fn device_slot(index: usize) -> (u64, u32) {
+    (VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_SIZE, VIRTIO_FIRST_IRQ + index as u32)
+}
+
+/// Records the guest pages a device writes from the host (its DMA): KVM's dirty log
+/// sees only the vCPUs' writes, and the mirror's dirty-page feed must see these too.
+pub type DmaLog = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// What a virtio device gives its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// Each queue's largest size; their count is the device's queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (`VIRTIO_F_VERSION_1` is the transport's).
+    fn features(&self) -> u64;
+    /// Reads the device's configuration space; bytes past its end read 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Serves the requests waiting on queue `index`; `Ok(true)` when it used buffers
+    /// (the guest is then interrupted). An error stops the device.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError>;
+    /// A file descriptor of the device's backend (a tap) whose readiness the event
+    /// loop reports through [`VirtioDevice::process_backend`].
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// The backend has input: move it into `queues`; `Ok(true)` when it used buffers.
+    fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        Ok(false)
+    }
+    /// The driver reset the device: forget what it negotiated.
+    fn reset(&mut self) {}
+}
+
+/// Why a device stopped serving its queues: the guest's queue was not something a
+/// device can follow. Each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the available ring cannot be read, or its index ran more than a queue's worth ahead")]
+    AvailRing(#[source] virtio_queue::Error),
+    #[error("descriptor chain at head {head}: {reason}")]
+    Chain { head: u16, reason: ChainError },
+    #[error("the used ring cannot be written")]
+    UsedRing(#[source] virtio_queue::Error),
+}
+
+/// What was wrong with one descriptor chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    #[error("it never ends: a descriptor loop, a next index past the table, a descriptor outside RAM, a bad indirect table or over 4 GiB of buffers")]
+    Unterminated,
+    #[error("a buffer lies outside guest RAM or its lengths overflow: {0}")]
+    Buffers(String),
+    #[error("its request header is missing or short ({0} bytes)")]
+    ShortHeader(usize),
+    #[error("it has no device-writable byte for the status")]
+    NoStatus,
+}
+
+/// Rejects a chain whose walk ends on a descriptor that still points on. The queue's
+/// iterator stops quietly where it cannot go on (after a queue's worth of descriptors,
+/// at an index past the table, at a descriptor it cannot read), so a loop or a broken
+/// link would otherwise pass as a shorter chain.
+pub fn check_chain_terminates(chain: &DescriptorChain<&GuestMemoryMmap>) -> Result<(), ChainError> {
+    let mut last_has_next = false;
+    for desc in chain.clone() {
+        last_has_next = desc.has_next() && !desc.refers_to_indirect_table();
+    }
+    if last_has_next {
+        Err(ChainError::Unterminated)
+    } else {
+        Ok(())
+    }
+}
+
+/// [`VirtioEvents::serve`]'s queue index for a device's backend.
+const BACKEND: usize = usize::MAX;
+
+/// One device as the event loop watches it: its transport, each queue's
+/// notification fd, its backend's fd.
+type WatchedDevice = (Arc<std::sync::Mutex<MmioTransport>>, Vec<std::os::fd::RawFd>, Option<std::os::fd::RawFd>);
+
+/// The event loop's side of every virtio device: each queue's notification, and the
+/// VM's resume (work that waited out a pause).
+pub struct VirtioEvents {
+    lifecycle: Arc<crate::vstate::lifecycle::Lifecycle>,
+    devices: Vec<WatchedDevice>,
+    /// Queues notified while the VM was paused, served at the resume.
+    deferred: Vec<(usize, usize)>,
+}
+
+impl VirtioEvents {
+    pub fn new(
+        lifecycle: Arc<crate::vstate::lifecycle::Lifecycle>,
+        transports: &[Arc<std::sync::Mutex<MmioTransport>>],
+    ) -> Self {
+        use std::os::fd::AsRawFd;
+        let devices = transports
+            .iter()
+            .map(|t| {
+                let transport = specula_common::sync::lock(t);
+                let fds = transport.queue_evts().iter().map(|e| e.as_raw_fd()).collect();
+                (t.clone(), fds, transport.backend_fd())
+            })
+            .collect();
+        Self { lifecycle, devices, deferred: Vec::new() }
+    }
+
+    /// Serves queue `queue` of device `device` (its backend: [`BACKEND`]), or defers
+    /// it while the VM is paused (a paused VM's RAM is not written: the mirror
+    /// re-homes chunks then).
+    fn serve(&mut self, device: usize, queue: usize) {
+        match self.lifecycle.device_work() {
+            Some(_leave) if queue == BACKEND => specula_common::sync::lock(&self.devices[device].0).process_backend(),
+            Some(_leave) => specula_common::sync::lock(&self.devices[device].0).process_queue(queue),
+            None if !self.deferred.contains(&(device, queue)) => self.deferred.push((device, queue)),
+            None => {}
+        }
+    }
+}
+
+impl VirtioEvents {
+    /// Serves what was notified while the VM was paused.
+    fn serve_deferred(&mut self) {
+        for (device, queue) in std::mem::take(&mut self.deferred) {
+            self.serve(device, queue);
+        }
+    }
+}
+
+impl event_manager::MutEventSubscriber for VirtioEvents {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::epoll::EventSet;
+        let fds = self.devices.iter().flat_map(|(_, fds, _)| fds.iter().copied());
+        for fd in fds.chain(std::iter::once(self.lifecycle.resume_evt().as_raw_fd())) {
+            if let Err(e) = ops.add(event_manager::Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch a virtio notification: {e:?}");
+            }
+        }
+        // Edge-triggered: a backend read only while the guest has buffers would
+        // otherwise wake the loop without end.
+        for fd in self.devices.iter().filter_map(|(_, _, backend)| *backend) {
+            if let Err(e) = ops.add(event_manager::Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+                log::error!("cannot watch a virtio backend: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        use std::os::fd::AsRawFd;
+        let fd = events.fd();
+        if fd == self.lifecycle.resume_evt().as_raw_fd() {
+            let _ = self.lifecycle.resume_evt().read();
+            self.serve_deferred();
+            return;
+        }
+        if let Some(device) = self.devices.iter().position(|(_, _, backend)| *backend == Some(fd)) {
+            self.serve(device, BACKEND);
+            return;
+        }
+        let found = self
+            .devices
+            .iter()
+            .enumerate()
+            .find_map(|(d, (_, fds, _))| fds.iter().position(|&f| f == fd).map(|q| (d, q)));
+        if let Some((device, queue)) = found {
+            // Drain the notification first: one arriving during the walk fires again.
+            let transport = self.devices[device].0.clone();
+            let _ = specula_common::sync::lock(&transport).queue_evts()[queue].read();
+            self.serve(device, queue);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{FakeDriver, DATA, NEXT, USED_RING, WRITE};
+    use super::*;
+    use crate::vstate::lifecycle::Lifecycle;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A device notified while the VM is paused touches no guest RAM until the resume
+    /// (the mirror re-homes RAM chunks under a pause), and then serves the request.
+    #[test]
+    fn virtio_devices_write_no_ram_while_the_vm_is_paused() {
+        let image = std::env::temp_dir().join(format!("specula-virtio-pause-{}", std::process::id()));
+        std::fs::write(&image, [7u8; 4096]).unwrap();
+        let disk = block::DiskConfig { path: image.clone(), read_only: false };
+        let mut d = FakeDriver::new(Box::new(block::Block::open(&disk, None).unwrap()));
+        std::fs::remove_file(&image).unwrap();
+        // A read of sector 0 into DATA + 0x100.
+        d.mem.write_slice(&[0u8; 16], GuestAddress(DATA)).unwrap();
+        d.write_desc(0, DATA, 16, NEXT, 1);
+        d.write_desc(1, DATA + 0x100, 512, NEXT | WRITE, 2);
+        d.write_desc(2, DATA + 0x300, 1, WRITE, 0);
+        d.make_available(0);
+        let FakeDriver { mem, transport, .. } = d;
+        let lifecycle = Arc::new(Lifecycle::new().unwrap());
+        let mut events = VirtioEvents::new(lifecycle.clone(), &[Arc::new(std::sync::Mutex::new(transport))]);
+        let used = || mem.read_obj::<u16>(GuestAddress(USED_RING + 2)).unwrap();
+
+        lifecycle.pause().unwrap();
+        events.serve(0, 0);
+        assert_eq!(
+            (used(), mem.read_obj::<u8>(GuestAddress(DATA + 0x100)).unwrap()),
+            (0, 0),
+            "paused: nothing written"
+        );
+        lifecycle.resume();
+        assert_eq!(lifecycle.resume_evt().read().unwrap(), 1, "the resume wakes the devices");
+        events.serve_deferred();
+        assert_eq!((used(), mem.read_obj::<u8>(GuestAddress(DATA + 0x100)).unwrap()), (1, 7), "served at the resume");
+    }
+}
