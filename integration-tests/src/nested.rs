@@ -823,6 +823,50 @@ impl ConsoleSession {
     }
 }
 
+/// Where an L1 carrying [`debian_root_disk`] has the Debian root disk
+/// (`guest-images/linux/build-rootfs.sh`) and the initramfs that mounts it.
+pub const L1_ROOTFS: &str = "/target/guest-images/debian/rootfs.img";
+pub const L1_DISK_INITRAMFS: &str = "/target/guest-images/linux/disk-initramfs.cpio.gz";
+
+/// What an L1 carries to boot Debian from a virtio disk under the vmm: the root
+/// disk, the disk initramfs of Debian 12's kernel, and `debugfs` (which reads the
+/// image back in L1).
+pub fn debian_root_disk() -> Carried {
+    let images = linux_dir("linux");
+    let rootfs = images.parent().expect("guest-images").join("debian/rootfs.img");
+    Carried {
+        files: vec![
+            (rootfs, L1_ROOTFS.to_string()),
+            (images.join("disk-initramfs.cpio.gz"), L1_DISK_INITRAMFS.to_string()),
+        ],
+        programs: vec![host_program("debugfs")],
+    }
+}
+
+/// A program of this host, by name, for an L1 to carry (at the same path).
+pub fn host_program(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{name} is missing here (scripts/install-deps.sh installs the packages the tests use)")
+        })
+}
+
+/// A console session in `l1` (which carries [`debian_root_disk`]) booting Debian 12's
+/// kernel from the root disk: `vmm_args` are more vmm options (the `--disk` among
+/// them), `cmdline` more kernel parameters. Its console shows
+/// "specula-rootfs: Debian 12." once the shell is up.
+pub fn debian_session(l1: &NestedL1, name: &str, vmm_args: &str, cmdline: &str) -> ConsoleSession {
+    let args = format!(
+        "--kernel {} --initramfs {L1_DISK_INITRAMFS} --memory 384M {vmm_args} \
+         --cmdline \"console=ttyS0 quiet panic=-1 init=/sbin/specula-init {cmdline}\"",
+        l1.linux_image("linux", "vmlinuz"),
+    );
+    ConsoleSession::new(l1, name, &args)
+}
+
 /// Removes the work directories (each ~100 MB: L1's initramfs) of test processes that
 /// are gone: the bed lives in a static, whose destructor never runs.
 fn remove_stale_workdirs() {

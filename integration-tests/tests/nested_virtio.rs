@@ -7,58 +7,25 @@
 //! (`guest-images/linux/build.sh`) and `debugfs`, which reads the image back in L1
 //! after the vmm exits.
 
-use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use integration_tests::nested::{linux_dir, retry_on_the_nest_symptoms, Carried, ConsoleSession, NestedL1};
+use integration_tests::nested::{
+    debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1, L1_ROOTFS,
+};
 
 /// Linux from its disk to the Debian shell: ~30 s of TCG time; this bounds a hang.
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
 const END_LIMIT: Duration = Duration::from_secs(60);
-/// Where L1 has the root disk and the disk initramfs.
-const L1_ROOTFS: &str = "/target/guest-images/debian/rootfs.img";
-const L1_DISK_INITRAMFS: &str = "/target/guest-images/linux/disk-initramfs.cpio.gz";
-
-fn carried() -> Carried {
-    let images = linux_dir("linux");
-    let rootfs = images.parent().expect("guest-images").join("debian/rootfs.img");
-    Carried {
-        files: vec![
-            (rootfs, L1_ROOTFS.to_string()),
-            (images.join("disk-initramfs.cpio.gz"), L1_DISK_INITRAMFS.to_string()),
-        ],
-        programs: vec![find_program("debugfs")],
-    }
-}
-
-fn find_program(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin"]
-        .iter()
-        .map(|d| PathBuf::from(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is missing (Debian package e2fsprogs; scripts/install-deps.sh installs it)"))
-}
 
 fn l1() -> NestedL1 {
-    NestedL1::boot_carrying(&[], &carried())
+    NestedL1::boot_carrying(&[], &debian_root_disk())
 }
 
 /// The tests of this binary take turns on the runner's two cores (see tests/nested.rs).
 fn turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// A console session booting Debian's 6.1 kernel from the root disk, `disk` being the
-/// `--disk` value and `extra` more kernel parameters.
-fn debian_session(l1: &NestedL1, name: &str, disk: &str, extra: &str) -> ConsoleSession {
-    let args = format!(
-        "--kernel {} --initramfs {L1_DISK_INITRAMFS} --memory 384M --disk {disk} \
-         --cmdline \"console=ttyS0 quiet panic=-1 init=/sbin/specula-init {extra}\"",
-        l1.linux_image("linux", "vmlinuz"),
-    );
-    ConsoleSession::new(l1, name, &args)
 }
 
 /// Both halves in one L1: a second L1 of this test binary (whose initramfs carries
@@ -77,7 +44,7 @@ fn nested_virtio_blk_boots_debian_keeps_its_writes_and_a_read_only_disk_refuses_
 /// powered off is in the image after the vmm exits (read back with debugfs, not by
 /// the guest); the disk's serial is its file name.
 fn boots_debian_and_keeps_what_the_guest_wrote(l1: &NestedL1) {
-    let (status, log) = debian_session(l1, "virtio-blk-rw", &format!("path={L1_ROOTFS}"), "")
+    let (status, log) = debian_session(l1, "virtio-blk-rw", &format!("--disk path={L1_ROOTFS}"), "")
         .wait_for("specula-rootfs: Debian 12.", SHELL_LIMIT)
         .send("echo \"serial=$(cat /sys/block/vda/serial) answer=$((6 * 7))\"")
         .wait_for("serial=rootfs.img answer=42", SHELL_LIMIT)
@@ -97,7 +64,7 @@ fn boots_debian_and_keeps_what_the_guest_wrote(l1: &NestedL1) {
         .unwrap_or_else(|| panic!("the guest printed its proof file:\n{log}"));
 
     // Carried to its host path; L1's PATH is busybox's /bin alone.
-    let debugfs = find_program("debugfs");
+    let debugfs = host_program("debugfs");
     let script = format!("{} -R 'cat /root/proof' {L1_ROOTFS} </dev/null 2>/dev/null", debugfs.display());
     let out = l1.run(&script, Duration::from_secs(60));
     assert_eq!(out.status, 0, "debugfs in L1: {}", out.output);
@@ -109,7 +76,7 @@ fn boots_debian_and_keeps_what_the_guest_wrote(l1: &NestedL1) {
 /// superblock's mount and write times and counts. Hashing all of it takes minutes
 /// under TCG.
 fn image_state(l1: &NestedL1) -> String {
-    let debugfs = find_program("debugfs");
+    let debugfs = host_program("debugfs");
     let script = format!(
         "dd if={L1_ROOTFS} bs=4096 count=16 2>/dev/null | sha256sum; \
          {} -R stats {L1_ROOTFS} </dev/null 2>/dev/null | grep -E '^(Last mount time|Last write time|Mount count|Lifetime writes)'",
@@ -126,7 +93,7 @@ fn image_state(l1: &NestedL1) -> String {
 /// and the image's boot sector and superblock are what they were.
 fn read_only_disk_refuses_the_guests_writes(l1: &NestedL1) {
     let before = image_state(l1);
-    let (status, log) = debian_session(l1, "virtio-blk-ro", &format!("path={L1_ROOTFS},readonly=on"), "ro")
+    let (status, log) = debian_session(l1, "virtio-blk-ro", &format!("--disk path={L1_ROOTFS},readonly=on"), "ro")
         .wait_for("specula-rootfs: Debian 12.", SHELL_LIMIT)
         .send("echo \"ro-flag=$(cat /sys/block/vda/ro)\"")
         .wait_for("ro-flag=1", SHELL_LIMIT)
