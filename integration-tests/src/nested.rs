@@ -756,6 +756,8 @@ fn copy_libraries(binary: &Path, root: &Path) {
 /// script greps.
 pub struct ConsoleSession {
     script: String,
+    /// Shell text run in L1 once the vmm has exited (its output follows `=== after`).
+    after: String,
 }
 
 impl ConsoleSession {
@@ -780,7 +782,23 @@ impl ConsoleSession {
                done\n\
              }}\n"
         );
-        Self { script }
+        Self { script, after: String::new() }
+    }
+
+    /// Runs `text` in L1 before the vmm starts, in the same L1 command: an L1 that
+    /// has run KVM guests may stop reading its command port after a few commands
+    /// (docs/nested.md), so a test does its checks in its session's command.
+    pub fn before(mut self, text: &str) -> Self {
+        self.script = format!("{text}\n{}", self.script);
+        self
+    }
+
+    /// Runs `text` in L1 after the vmm exited, in the same L1 command; its output
+    /// ends the log [`ConsoleSession::finish`] returns, after a `=== after` line.
+    pub fn after_exit(mut self, text: &str) -> Self {
+        self.after.push_str(text);
+        self.after.push('\n');
+        self
     }
 
     /// Waits (in L1) until the console shows `needle`, for at most `limit`.
@@ -812,8 +830,11 @@ impl ConsoleSession {
              wait $vmm; status=$?\n\
              kill $watchdog $echoer 2>/dev/null; exec 3>&-\n\
              echo \"=== vmm exit $status\"\n\
-             cat out\n",
-            secs = limit.as_secs()
+             cat out\n\
+             echo '=== after'\n\
+             {after}",
+            secs = limit.as_secs(),
+            after = self.after,
         ));
         let out = l1.run(&self.script, Duration::from_secs(1200));
         assert_eq!(out.status, 0, "the console session failed in L1:\n{}", out.output);

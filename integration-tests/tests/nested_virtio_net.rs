@@ -2,9 +2,8 @@
 //! `tun`, the vmm (root in L1) creates the tap, L1 puts an address on its side, and
 //! Debian booted from its (read-only) root disk takes the other.
 //!
-//! Its own test binary: each binary's L1 initramfs carries what its tests need, and
-//! one L1 per binary is what the bed has been seen to boot reliably with the 260 MiB
-//! root disk inside (tests/nested_virtio.rs).
+//! One test, one L1 command (tests/nested_virtio.rs says why); `specula launch` with
+//! a disk and a network device is tests/nested_virtio_launch.rs.
 
 use std::time::Duration;
 
@@ -29,22 +28,17 @@ const GUEST_MAC: &str = "52:54:00:5e:c0:01";
 fn nested_virtio_net_answers_pings_from_l1_and_carries_16_mib_with_a_matching_checksum() {
     retry_on_the_nest_symptoms(|| {
         let l1 = &NestedL1::boot_carrying(&[], &debian_root_disk());
-        let setup = l1.run(
-            &format!(
-                "insmod {L1_MODULES}/tun.ko && dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null && \
-                 sha256sum /tmp/blob"
-            ),
-            Duration::from_secs(120),
-        );
-        assert_eq!(setup.status, 0, "tun and the file in L1: {}", setup.output);
-        let l1_sum = setup.output.split_whitespace().next().expect("L1's sha256sum").to_string();
-
         let (status, log) = debian_session(
             l1,
             "virtio-net",
             &format!("--disk path={L1_ROOTFS},readonly=on --net tap={TAP},mac={GUEST_MAC}"),
             "ro",
         )
+        .before(&format!(
+            "insmod {L1_MODULES}/tun.ko || exit 1\n\
+             dd if=/dev/urandom of=/tmp/blob bs=1M count=16 2>/dev/null || exit 1\n\
+             echo \"=== l1-sum=$(sha256sum /tmp/blob | cut -d' ' -f1)\""
+        ))
         .wait_for("specula-rootfs: Debian 12.", SHELL_LIMIT)
         .shell(&format!("ip addr add {L1_ADDRESS}/24 dev {TAP} && ip link set {TAP} up || fail 'the tap is not there'"))
         .send(&format!(
@@ -58,10 +52,17 @@ fn nested_virtio_net_answers_pings_from_l1_and_carries_16_mib_with_a_matching_ch
              usleep 500000"
         ))
         .send(&format!("echo \"guest-sum=$(sha256sum < /dev/tcp/{L1_ADDRESS}/5000 | cut -d' ' -f1)\""))
-        .wait_for(&l1_sum, TRANSFER_LIMIT)
+        .wait_for("guest-sum=", TRANSFER_LIMIT)
+        .shell(&format!("waitfor \"guest-sum=$(sha256sum /tmp/blob | cut -d' ' -f1)\" {}", TRANSFER_LIMIT.as_secs()))
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
         assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        let l1_sum = log
+            .lines()
+            .find_map(|l| l.strip_prefix("=== l1-sum="))
+            .unwrap_or_else(|| panic!("L1's checksum:\n{log}"))
+            .trim()
+            .to_string();
         assert!(
             log.contains("=== ping: 3 packets transmitted, 3 packets received, 0% packet loss"),
             "L1's 1400-byte pings are all answered:\n{log}"

@@ -149,6 +149,9 @@ struct LaunchArgs {
     /// A virtio-blk disk, path=FILE[,readonly=on] (repeatable; /dev/vda first).
     #[arg(long)]
     disk: Vec<String>,
+    /// A virtio-net device on a tap, tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long)]
+    net: Vec<String>,
     /// Run directory for the sockets and logs.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -180,6 +183,7 @@ impl LaunchArgs {
             cpus: self.cpus,
             cmdline: self.cmdline.clone(),
             disk: self.disk.clone(),
+            net: self.net.clone(),
             dir: self.dir.clone().ok_or(LaunchError::Missing("--dir PATH is needed (or --config FILE)"))?,
             watch: self.watch.clone(),
             accel: self.accel.clone(),
