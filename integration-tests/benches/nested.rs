@@ -17,24 +17,11 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{summarize, write_section};
+use integration_tests::bench::{figures_of, summarize, write_section};
 use integration_tests::nested::{NestedL1, L1_EXTRA_MODULES, L1_MODULES};
 
 const RUNS: usize = 5;
 const SIZES_GIB: [u64; 4] = [1, 16, 64, 256];
-
-/// The `NAME=VALUE` lines of a script's output (and echoes its `# ` lines: what a
-/// failed run printed last).
-fn figures_of(output: &str) -> Vec<(String, f64)> {
-    output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
-    output
-        .lines()
-        .filter_map(|l| {
-            let (name, value) = l.trim().split_once('=')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 /// Runs the script `script(l1)` makes in a fresh L1 (with `nodes` NUMA nodes) and
 /// returns its figures; once more in another fresh L1 if the first L1 failed under

@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use integration_tests::bench::{summarize, write_section};
+use integration_tests::bench::{figures_of, summarize, write_section};
 use integration_tests::nested::{linux_dir, Carried, NestedL1, L1_DISK_INITRAMFS};
 
 const RUNS: usize = 3;
@@ -75,18 +75,6 @@ fn script(l1: &NestedL1) -> String {
         guest_read("vmm", &vmm),
         guest_read("qemu", &qemu)
     )
-}
-
-/// The `NAME=VALUE` figures of a run's output (and echoes its `# ` lines).
-fn figures_of(output: &str) -> Vec<(String, f64)> {
-    output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
-    output
-        .lines()
-        .filter_map(|l| {
-            let (name, value) = l.trim().split_once('=')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect()
 }
 
 fn main() {

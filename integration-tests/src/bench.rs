@@ -35,6 +35,19 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// The `NAME=VALUE` lines of a benchmark script's output, as figures (and its `# `
+/// lines echoed to stderr: what a failed run printed last).
+pub fn figures_of(output: &str) -> Vec<(String, f64)> {
+    output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
+    output
+        .lines()
+        .filter_map(|l| {
+            let (name, value) = l.trim().split_once('=')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Replaces (or appends) the section between `<!-- bench:NAME -->` markers in BENCHMARKS.md.
 pub fn write_section(name: &str, body: &str) -> std::io::Result<PathBuf> {
     let path = workspace_root().join("BENCHMARKS.md");

@@ -122,7 +122,7 @@ enum Cmd {
     /// Print the OpenAPI document (no socket needed).
     Openapi,
     /// Start a source and an inspector attached to it, and supervise both (Ctrl-C stops both).
-    Launch(LaunchArgs),
+    Launch(Box<LaunchArgs>),
 }
 
 #[derive(clap::Args)]

@@ -386,6 +386,27 @@ mod tests {
         assert_eq!(d.read_reg(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, VIRTIO_MMIO_INT_VRING);
     }
 
+    /// With EVENT_IDX (which the transport offers and this driver takes) the guest is
+    /// interrupted only when the used ring reaches the index it asked for.
+    #[test]
+    fn virtio_blk_interrupts_only_where_the_driver_asked_with_event_idx() {
+        use crate::devices::virtio::testing::{AVAIL_RING, QUEUE_SIZE};
+        let (_file, path) = image(4);
+        let mut d = driver(&path, false);
+        d.write_reg(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_ne!(d.read_reg(VIRTIO_MMIO_DEVICE_FEATURES) & (1 << 29), 0, "EVENT_IDX offered");
+        let used_event = GuestAddress(AVAIL_RING + 4 + 2 * u64::from(QUEUE_SIZE));
+        d.mem.write_obj(5u16, used_event).unwrap();
+        d.interrupts();
+        for served in 1..=6u16 {
+            request(&d, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+            d.write_desc(0, DATA, 16, NEXT, 2);
+            d.post(0);
+            // used_event 5: the interrupt comes with the sixth used entry (index 5).
+            assert_eq!((d.used().len(), d.interrupts() > 0), (usize::from(served), served == 6), "request {served}");
+        }
+    }
+
     #[test]
     fn virtio_blk_refuses_transfers_past_the_end_or_of_partial_sectors() {
         let (_file, path) = image(4);

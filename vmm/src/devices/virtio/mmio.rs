@@ -12,11 +12,12 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DmaLog, VirtioDevice};
+use super::{DmaLog, QueueError, VirtioDevice};
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -92,8 +93,11 @@ impl MmioTransport {
         self.status
     }
 
+    /// The device's features, with the transport's: VERSION_1, and EVENT_IDX (the
+    /// driver then says when it wants a notification or an interrupt: under nested
+    /// virtualization each one is an exit through two hypervisors).
     fn offered_features(&self) -> u64 {
-        self.device.features() | (1 << VIRTIO_F_VERSION_1)
+        self.device.features() | (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn activated(&self) -> bool {
@@ -226,6 +230,10 @@ impl MmioTransport {
                 self.stop(reason);
                 return;
             }
+            let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+            for queue in &mut self.queues {
+                queue.set_event_idx(event_idx);
+            }
         }
         // The device keeps the bits only it sets.
         self.status = status | (self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED));
@@ -291,15 +299,20 @@ impl MmioTransport {
         if !self.activated() || self.broken.is_some() {
             return;
         }
-        match self.device.process_backend(&mut self.queues, &self.mem) {
-            Ok(false) => {}
-            Ok(true) => self.used_buffers(0),
-            Err(e) => self.stop(crate::error_chain(&e)),
-        }
+        let outcome = self.device.process_backend(&mut self.queues, &self.mem).and_then(|used| {
+            // A backend fills the first queue (a NIC's receive queue).
+            match self.queues.first_mut() {
+                Some(queue) if used => Ok((true, queue.needs_notification(&self.mem).map_err(QueueError::UsedRing)?)),
+                _ => Ok((false, false)),
+            }
+        });
+        self.after_work(0, outcome);
     }
 
     /// Serves queue `index` after its notification: nothing before the driver is
-    /// running or after the device stopped.
+    /// running or after the device stopped. With EVENT_IDX the driver's notifications
+    /// are off while the device works, and the queue is served again if more arrived
+    /// meanwhile; the guest is interrupted only where it asked to be.
     pub fn process_queue(&mut self, index: usize) {
         if !self.activated() || self.broken.is_some() {
             return;
@@ -308,21 +321,48 @@ impl MmioTransport {
         if !queue.ready() {
             return;
         }
-        match self.device.process_queue(index, queue, &self.mem) {
-            Ok(false) => {}
-            Ok(true) => self.used_buffers(index),
-            Err(e) => self.stop(crate::error_chain(&e)),
-        }
+        let (device, mem) = (&mut self.device, &self.mem);
+        let outcome = (|| {
+            let event_idx = queue.event_idx_enabled();
+            let mut used = false;
+            loop {
+                if event_idx {
+                    queue.disable_notification(mem).map_err(QueueError::UsedRing)?;
+                }
+                let progressed = device.process_queue(index, queue, mem)?;
+                used |= progressed;
+                // Re-armed whatever happened; served again only if the device moved
+                // and more is waiting (a receive queue holds buffers it cannot fill).
+                let more = event_idx && queue.enable_notification(mem).map_err(QueueError::UsedRing)?;
+                if !(more && progressed) {
+                    break;
+                }
+            }
+            if used {
+                Ok((true, queue.needs_notification(mem).map_err(QueueError::UsedRing)?))
+            } else {
+                Ok((false, false))
+            }
+        })();
+        self.after_work(index, outcome);
     }
 
-    /// The device added to queue `index`'s used ring: note the ring's page for the
-    /// dirty log and interrupt the guest.
-    fn used_buffers(&mut self, index: usize) {
-        if let (Some(log), Some(queue)) = (&self.dma_log, self.queues.get(index)) {
-            let used_len = 4 + 8 * u64::from(queue.size()) + 2;
-            log(queue.used_ring(), used_len);
+    /// After the device worked on queue `index` (`outcome`: whether it used buffers,
+    /// and whether the driver wants to hear of it): notes the used ring's page for the
+    /// dirty log and interrupts the guest as asked; stops the device on an error.
+    fn after_work(&mut self, index: usize, outcome: Result<(bool, bool), QueueError>) {
+        match outcome {
+            Ok((used, notify)) => {
+                if let (true, Some(log), Some(queue)) = (used, &self.dma_log, self.queues.get(index)) {
+                    let used_len = 4 + 8 * u64::from(queue.size()) + 2 + 2;
+                    log(queue.used_ring(), used_len);
+                }
+                if notify {
+                    self.interrupt(VIRTIO_MMIO_INT_VRING);
+                }
+            }
+            Err(e) => self.stop(crate::error_chain(&e)),
         }
-        self.interrupt(VIRTIO_MMIO_INT_VRING);
     }
 }
 
