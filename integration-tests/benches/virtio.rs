@@ -46,6 +46,7 @@ echo read-done $(busybox awk \"BEGIN {{ print ($b - $a) * 1000 }}\")' >&4\n\
              usleep 200000\n\
            done\n\
            grep '^read-done [0-9]' out.{key} | tr -d '\\r' | sed 's/^read-done /read_{key}=/'\n\
+           echo \"# {key}: $(grep -c . out.{key}) console lines, read at $(date +%s)\"\n\
          fi\n\
          kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; exec 4>&-\n"
     )
@@ -81,11 +82,12 @@ fn main() {
     let disk_initramfs = linux_dir("linux").join("disk-initramfs.cpio.gz");
     assert!(Path::new(&disk_initramfs).is_file(), "{} is missing: run scripts/build.sh", disk_initramfs.display());
     let carried = Carried { files: vec![(disk_initramfs, L1_DISK_INITRAMFS.to_string())], programs: Vec::new() };
+    let runs = std::env::var("SPECULA_VIRTIO_BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(RUNS);
     let mut found = Vec::new();
-    for run in 1..=RUNS {
+    for run in 1..=runs {
         // A fresh L1 per run: one that has run KVM guests may stop answering (docs/nested.md).
         let l1 = NestedL1::boot_carrying(&[], &carried);
-        match l1.try_run(&script(&l1), Duration::from_secs(900)) {
+        match l1.try_run(&script(&l1), Duration::from_secs(400)) {
             Ok(out) if out.status == 0 => found.extend(figures_of(&out.output)),
             Ok(out) => panic!("run {run} failed in L1:\n{}", out.output),
             Err(why) => eprintln!("# run {run}: the L1 hung ({})", why.lines().next().unwrap_or("")),
