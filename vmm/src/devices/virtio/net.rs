@@ -97,9 +97,12 @@ impl Tap {
 pub struct Net {
     tap: Tap,
     mac: [u8; 6],
-    /// A frame read from the tap that no receive buffer has taken yet.
+    /// A frame read from the tap (its length, in `rx_frame`) that no receive buffer
+    /// has taken yet.
     pending: Option<usize>,
-    frame: Vec<u8>,
+    rx_frame: Vec<u8>,
+    /// Transmit's own buffer: a frame waiting in `rx_frame` must survive a transmit.
+    tx_frame: Vec<u8>,
     dma_log: Option<DmaLog>,
     /// Frames dropped: too large to send, or larger than the guest's receive buffer.
     dropped: u64,
@@ -108,7 +111,8 @@ pub struct Net {
 impl Net {
     pub fn new(config: &NetConfig, dma_log: Option<DmaLog>) -> Result<Self, NetError> {
         let tap = Tap::open(&config.tap)?;
-        Ok(Self { tap, mac: config.mac, pending: None, frame: vec![0; MAX_FRAME], dma_log, dropped: 0 })
+        let (rx_frame, tx_frame) = (vec![0; MAX_FRAME], vec![0; MAX_FRAME]);
+        Ok(Self { tap, mac: config.mac, pending: None, rx_frame, tx_frame, dma_log, dropped: 0 })
     }
 
     /// Frames dropped so far.
@@ -132,7 +136,7 @@ impl Net {
                 self.dropped += 1;
             } else {
                 let mut header = [0u8; HEADER_LEN];
-                let frame = &mut self.frame[..len - HEADER_LEN];
+                let frame = &mut self.tx_frame[..len - HEADER_LEN];
                 reader
                     .read_exact(&mut header)
                     .and_then(|()| reader.read_exact(frame))
@@ -154,7 +158,7 @@ impl Net {
         loop {
             let len = match self.pending {
                 Some(len) => len,
-                None => match (&self.tap.file).read(&mut self.frame) {
+                None => match (&self.tap.file).read(&mut self.rx_frame) {
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -187,7 +191,7 @@ impl Net {
                 header[10] = 1;
                 writer
                     .write_all(&header)
-                    .and_then(|()| writer.write_all(&self.frame[..len]))
+                    .and_then(|()| writer.write_all(&self.rx_frame[..len]))
                     .map_err(|e| chain_err(ChainError::Buffers(e.to_string())))?;
                 (HEADER_LEN + len) as u32
             };
@@ -365,6 +369,25 @@ mod tests {
         assert!(len as usize >= HEADER_LEN + 42);
         assert!(d.interrupts() > 0);
         assert_eq!(d.transport.broken(), None);
+    }
+
+    /// A received frame that waits for a receive buffer is delivered as it came, even
+    /// when the guest transmits meanwhile (the two directions have their own buffers).
+    #[test]
+    fn virtio_net_a_frame_waiting_for_a_buffer_survives_a_transmit() {
+        let (mut d, tap) = device_on_a_host_tap(9);
+        transmit(&mut d, &arp_request([10, 213, 9, 2], [10, 213, 9, 1]));
+        // No receive buffer yet: the host's reply is read and waits in the device.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        d.transport.process_backend();
+        // A frame nobody answers (no host has 10.213.9.9), sent while the reply waits.
+        transmit(&mut d, &arp_request([10, 213, 9, 2], [10, 213, 9, 9]));
+        post_receive_buffers(&mut d, 1, 2048);
+        let (_, buf) = wait_for_arp_reply(&mut d).unwrap_or_else(|| {
+            let used = d.used_on(RX as u16);
+            panic!("the waiting frame is not the host's ARP reply on {tap}: used {used:?}")
+        });
+        assert_eq!(&buf[HEADER_LEN + 28..HEADER_LEN + 32], &[10, 213, 9, 1], "from the tap's side");
     }
 
     /// A frame larger than the guest's receive buffer is dropped and counted, the
