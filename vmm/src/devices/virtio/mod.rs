@@ -155,9 +155,7 @@ impl VirtioEvents {
             None => {}
         }
     }
-}
 
-impl VirtioEvents {
     /// Serves what was notified while the VM was paused.
     fn serve_deferred(&mut self) {
         for (device, queue) in std::mem::take(&mut self.deferred) {
