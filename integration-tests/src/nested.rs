@@ -586,8 +586,10 @@ pub fn retry_on_the_nest_symptoms(test: impl Fn()) {
 /// and its requests get no reply. The tests put the inspector's log in such failures.
 pub const NEST_AGENT_CRASH: &str = "inspector: agent crashed: vCPU";
 
-/// Runs of one nested test, at most, while the nest's own symptoms fail it.
-pub const NEST_ATTEMPTS: u32 = 3;
+/// Runs of one nested test, at most, while the nest's own symptoms fail it. Four: a
+/// CI run met three in a row in the 6.12 trace test (an L2 triple fault, an L1 RCU
+/// stall, an agent's triple fault), each a known symptom (docs/nested.md).
+pub const NEST_ATTEMPTS: u32 = 4;
 
 /// Lays out L1's root and packs it as an uncompressed newc cpio (QEMU loads it into
 /// RAM as is; the kernel's unpacking is then a copy, not a TCG-emulated inflate).
