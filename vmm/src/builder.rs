@@ -72,7 +72,7 @@ pub enum BuildError {
         #[source]
         source: devices::virtio::net::NetError,
     },
-    #[error("cannot set up virtio device {index}'s queues, interrupt or notifications")]
+    #[error("cannot set up virtio device {index}'s queues or interrupt")]
     Virtio {
         index: usize,
         #[source]
@@ -149,7 +149,7 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let vm = Arc::new(vm);
         let ram_slots = Arc::new(RamMemslots::new(vm.clone(), &ram, &ram_slots));
-        let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, config)?;
+        let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, config, &virtio_slots)?;
         let trace = trace_feed(config)
             .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone(), ram_slots.clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -270,20 +270,20 @@ fn build_bus(config: &VmConfig, serial: Arc<SerialPort>, reset_evt: &EventFd) ->
 }
 
 /// The virtio devices (`config.disks` as virtio-blk, then `config.nets` as
-/// virtio-net, in order), each in its slot
-/// ([`devices::virtio::device_slot`]) with its irqfd and one ioeventfd per queue on
-/// QueueNotify (matching the queue's index). Their writes into guest RAM are noted
-/// for the dirty log, which sees only the vCPUs' own.
+/// virtio-net, in order), each in its slot of `slots` (the ACPI tables' own: window
+/// base and IOAPIC line) with its irqfd and one ioeventfd per queue on QueueNotify
+/// (matching the queue's index). Their writes into guest RAM are noted for the dirty
+/// log, which sees only the vCPUs' own.
 fn build_virtio(
     vm: &Vm,
     ram: &GuestRam,
     ram_slots: &Arc<RamMemslots>,
     config: &VmConfig,
+    slots: &[(u64, u32)],
 ) -> Result<VirtioDevices, BuildError> {
-    use kvm_ioctls::IoEventAddress;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-    let slots = ram_slots.clone();
-    let dma_log: devices::virtio::DmaLog = Arc::new(move |gpa, len| slots.note_written(gpa, len));
+    let ram_slots = ram_slots.clone();
+    let dma_log: devices::virtio::DmaLog = Arc::new(move |gpa, len| ram_slots.note_written(gpa, len));
     let mut models: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         let block = devices::virtio::block::Block::open(disk, Some(dma_log.clone()))
@@ -298,20 +298,17 @@ fn build_virtio(
         log::info!("network {index}: tap {}", net.tap);
         models.push(Box::new(device));
     }
+    debug_assert_eq!(models.len(), slots.len(), "a slot for each device");
     let mut bus = MmioBus::new();
     let mut transports = Vec::with_capacity(models.len());
-    for (index, device) in models.into_iter().enumerate() {
+    for ((index, device), &(base, irq_line)) in models.into_iter().enumerate().zip(slots) {
         let virtio_err = |source| BuildError::Virtio { index, source };
-        let (base, irq_line) = devices::virtio::device_slot(index);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(virtio_err)?;
         vm.register_irqfd(&irq, irq_line)?;
         let transport =
             MmioTransport::new(device, ram.memory().clone(), irq, Some(dma_log.clone())).map_err(virtio_err)?;
-        let notify = IoEventAddress::Mmio(base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
         for (queue, evt) in transport.queue_evts().iter().enumerate() {
-            vm.fd()
-                .register_ioevent(evt, &notify, queue as u32)
-                .map_err(|e| virtio_err(std::io::Error::from_raw_os_error(e.errno())))?;
+            vm.register_mmio_ioeventfd(evt, base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY), queue as u32)?;
         }
         let transport = Arc::new(Mutex::new(transport));
         bus.insert(base, devices::virtio::VIRTIO_MMIO_SIZE, transport.clone());

@@ -89,6 +89,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM_IOEVENTFD for MMIO address {addr:#x} failed")]
+    Ioeventfd {
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// A KVM VM and the /dev/kvm handle it came from.
@@ -348,6 +354,19 @@ impl Vm {
     /// Routes `evt` to interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Signals `evt` on each 4-byte guest write of `value` to MMIO address `addr`, in
+    /// the kernel, with no exit to the vmm.
+    pub fn register_mmio_ioeventfd(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+        value: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(|source| VmError::Ioeventfd { addr, source })
     }
 }
 

@@ -18,7 +18,9 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use super::{check_chain_terminates, ChainError, DmaLog, QueueError, VirtioDevice};
+use super::{
+    buffers, check_chain_terminates, note_dma, read_config_bytes, ChainError, DmaLog, QueueError, VirtioDevice,
+};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -129,27 +131,21 @@ impl Block {
     /// included), or why the chain itself is unusable.
     fn serve(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<u32, ChainError> {
         check_chain_terminates(&chain)?;
-        let mut reader = chain.clone().reader(mem).map_err(|e| ChainError::Buffers(e.to_string()))?;
-        let mut writer = chain.clone().writer(mem).map_err(|e| ChainError::Buffers(e.to_string()))?;
-        // Only now, with every writable buffer known to lie in RAM: the log stays
-        // bounded by RAM's pages whatever the guest posts.
-        if let Some(log) = &self.dma_log {
-            for desc in chain.writable() {
-                log(desc.addr().0, u64::from(desc.len()));
-            }
-        }
+        let mut reader = chain.clone().reader(mem).map_err(buffers)?;
+        let mut writer = chain.clone().writer(mem).map_err(buffers)?;
+        note_dma(self.dma_log.as_ref(), &chain);
         let header_len = std::mem::size_of::<RequestHeader>();
         if reader.available_bytes() < header_len {
             return Err(ChainError::ShortHeader(reader.available_bytes()));
         }
-        let header: RequestHeader = reader.read_obj().map_err(|e| ChainError::Buffers(e.to_string()))?;
+        let header: RequestHeader = reader.read_obj().map_err(buffers)?;
         let writable = writer.available_bytes();
         if writable == 0 {
             return Err(ChainError::NoStatus);
         }
-        let mut status_writer = writer.split_at(writable - 1).map_err(|e| ChainError::Buffers(e.to_string()))?;
+        let mut status_writer = writer.split_at(writable - 1).map_err(buffers)?;
         let (status, written) = self.execute(&header, &mut reader, &mut writer);
-        status_writer.write_all(&[status as u8]).map_err(|e| ChainError::Buffers(e.to_string()))?;
+        status_writer.write_all(&[status as u8]).map_err(buffers)?;
         Ok(written as u32 + 1)
     }
 
@@ -256,11 +252,7 @@ impl VirtioDevice for Block {
         config[..8].copy_from_slice(&self.sectors.to_le_bytes());
         config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        data.fill(0);
-        if let Some(tail) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let len = tail.len().min(data.len());
-            data[..len].copy_from_slice(&tail[..len]);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {

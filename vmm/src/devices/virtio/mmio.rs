@@ -31,7 +31,7 @@ pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
-    /// Written by KVM (the ioeventfd on QueueNotify) or by a notify this transport saw.
+    /// Written by KVM (the ioeventfd on QueueNotify, one per queue).
     queue_evts: Vec<EventFd>,
     /// The irqfd of the device's IOAPIC line.
     irq: EventFd,
@@ -86,11 +86,6 @@ impl MmioTransport {
     /// Why the device stopped serving its queues, if it did.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
-    }
-
-    /// The device status register (`VIRTIO_CONFIG_S_*`).
-    pub fn status(&self) -> u32 {
-        self.status
     }
 
     /// The device's features, with the transport's: VERSION_1, and EVENT_IDX (the
@@ -161,7 +156,9 @@ impl MmioTransport {
             VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
             VIRTIO_MMIO_DRIVER_FEATURES => self.ack_features(value),
             VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
-            VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
+            // KVM's ioeventfds take each queue's notification (matched on its index)
+            // before it can exit here; any other value names no queue.
+            VIRTIO_MMIO_QUEUE_NOTIFY => log::debug!("virtio: notification of unknown queue {value} ignored"),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => self.set_status(value),
             reg if may_set_up_queues => self.set_up_queue(reg, value),
@@ -192,14 +189,6 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_USED_LOW => queue.set_used_ring_address(Some(value), None),
             VIRTIO_MMIO_QUEUE_USED_HIGH => queue.set_used_ring_address(None, Some(value)),
             other => log::debug!("virtio: write to unknown register {other:#x} ignored"),
-        }
-    }
-
-    /// A notification that reached the register rather than the ioeventfd (the
-    /// ioeventfd matches each queue's index; anything else lands here).
-    fn notify(&self, value: u32) {
-        if let Some(evt) = self.queue_evts.get(value as usize) {
-            let _ = evt.write(1);
         }
     }
 
@@ -299,13 +288,8 @@ impl MmioTransport {
         if !self.activated() || self.broken.is_some() {
             return;
         }
-        let outcome = self.device.process_backend(&mut self.queues, &self.mem).and_then(|used| {
-            // A backend fills the first queue (a NIC's receive queue).
-            match self.queues.first_mut() {
-                Some(queue) if used => Ok((true, queue.needs_notification(&self.mem).map_err(QueueError::UsedRing)?)),
-                _ => Ok((false, false)),
-            }
-        });
+        // A backend fills the first queue (a NIC's receive queue).
+        let outcome = self.device.process_backend(&mut self.queues, &self.mem);
         self.after_work(0, outcome);
     }
 
@@ -338,29 +322,29 @@ impl MmioTransport {
                     break;
                 }
             }
-            if used {
-                Ok((true, queue.needs_notification(mem).map_err(QueueError::UsedRing)?))
-            } else {
-                Ok((false, false))
-            }
+            Ok(used)
         })();
         self.after_work(index, outcome);
     }
 
-    /// After the device worked on queue `index` (`outcome`: whether it used buffers,
-    /// and whether the driver wants to hear of it): notes the used ring's page for the
-    /// dirty log and interrupts the guest as asked; stops the device on an error.
-    fn after_work(&mut self, index: usize, outcome: Result<(bool, bool), QueueError>) {
-        match outcome {
-            Ok((used, notify)) => {
-                if let (true, Some(log), Some(queue)) = (used, &self.dma_log, self.queues.get(index)) {
-                    let used_len = 4 + 8 * u64::from(queue.size()) + 2 + 2;
-                    log(queue.used_ring(), used_len);
+    /// After the device worked on queue `index` (`outcome`: whether it used buffers):
+    /// notes the used ring for the dirty log and interrupts the guest where the driver
+    /// asked to hear of it; stops the device on an error.
+    fn after_work(&mut self, index: usize, outcome: Result<bool, QueueError>) {
+        let (mem, dma_log) = (&self.mem, &self.dma_log);
+        let notify = outcome.and_then(|used| match self.queues.get_mut(index) {
+            Some(queue) if used => {
+                if let Some(log) = dma_log {
+                    // flags, idx, the ring, avail_event.
+                    log(queue.used_ring(), 4 + 8 * u64::from(queue.size()) + 2);
                 }
-                if notify {
-                    self.interrupt(VIRTIO_MMIO_INT_VRING);
-                }
+                queue.needs_notification(mem).map_err(QueueError::UsedRing)
             }
+            _ => Ok(false),
+        });
+        match notify {
+            Ok(true) => self.interrupt(VIRTIO_MMIO_INT_VRING),
+            Ok(false) => {}
             Err(e) => self.stop(crate::error_chain(&e)),
         }
     }

@@ -95,6 +95,33 @@ pub enum ChainError {
     NoStatus,
 }
 
+/// A buffer of a chain that cannot be read or written (outside RAM, or shorter than
+/// what was asked of it).
+pub(crate) fn buffers(e: impl std::fmt::Display) -> ChainError {
+    ChainError::Buffers(e.to_string())
+}
+
+/// Notes the chain's device-writable buffers as written for the dirty log. Only for
+/// a chain whose buffers are known to lie in RAM (a `Writer` was made over it): the
+/// log then stays bounded by RAM's pages whatever the guest posts.
+pub(crate) fn note_dma(log: Option<&DmaLog>, chain: &DescriptorChain<&GuestMemoryMmap>) {
+    if let Some(log) = log {
+        for desc in chain.clone().writable() {
+            log(desc.addr().0, u64::from(desc.len()));
+        }
+    }
+}
+
+/// Reads `data.len()` bytes of a device's configuration space `config` at `offset`;
+/// bytes past its end read 0.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(tail) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let len = tail.len().min(data.len());
+        data[..len].copy_from_slice(&tail[..len]);
+    }
+}
+
 /// Rejects a chain whose walk ends on a descriptor that still points on. The queue's
 /// iterator stops quietly where it cannot go on (after a queue's worth of descriptors,
 /// at an index past the table, at a descriptor it cannot read), so a loop or a broken

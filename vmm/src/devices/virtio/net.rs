@@ -18,7 +18,9 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{check_chain_terminates, ChainError, DmaLog, QueueError, VirtioDevice};
+use super::{
+    buffers, check_chain_terminates, note_dma, read_config_bytes, ChainError, DmaLog, QueueError, VirtioDevice,
+};
 
 /// Receive and transmit queues.
 const RX: usize = 0;
@@ -127,7 +129,7 @@ impl Net {
             let head = chain.head_index();
             let chain_err = |reason| QueueError::Chain { head, reason };
             check_chain_terminates(&chain).map_err(chain_err)?;
-            let mut reader = chain.reader(mem).map_err(|e| chain_err(ChainError::Buffers(e.to_string())))?;
+            let mut reader = chain.reader(mem).map_err(|e| chain_err(buffers(e)))?;
             let len = reader.available_bytes();
             if len < HEADER_LEN {
                 return Err(chain_err(ChainError::ShortHeader(len)));
@@ -140,7 +142,7 @@ impl Net {
                 reader
                     .read_exact(&mut header)
                     .and_then(|()| reader.read_exact(frame))
-                    .map_err(|e| chain_err(ChainError::Buffers(e.to_string())))?;
+                    .map_err(|e| chain_err(buffers(e)))?;
                 // A full tap queue drops the frame, as a NIC does; the guest's TCP resends.
                 if (&self.tap.file).write(frame).is_err() {
                     self.dropped += 1;
@@ -176,23 +178,19 @@ impl Net {
             let head = chain.head_index();
             let chain_err = |reason| QueueError::Chain { head, reason };
             check_chain_terminates(&chain).map_err(chain_err)?;
-            let mut writer = chain.clone().writer(mem).map_err(|e| chain_err(ChainError::Buffers(e.to_string())))?;
+            let mut writer = chain.clone().writer(mem).map_err(|e| chain_err(buffers(e)))?;
             let written = if writer.available_bytes() < HEADER_LEN + len {
                 self.dropped += 1;
                 0
             } else {
-                if let Some(log) = &self.dma_log {
-                    for desc in chain.writable() {
-                        log(desc.addr().0, u64::from(desc.len()));
-                    }
-                }
+                note_dma(self.dma_log.as_ref(), &chain);
                 // virtio_net_hdr_v1: no checksum or GSO; num_buffers = 1.
                 let mut header = [0u8; HEADER_LEN];
                 header[10] = 1;
                 writer
                     .write_all(&header)
                     .and_then(|()| writer.write_all(&self.rx_frame[..len]))
-                    .map_err(|e| chain_err(ChainError::Buffers(e.to_string())))?;
+                    .map_err(|e| chain_err(buffers(e)))?;
                 (HEADER_LEN + len) as u32
             };
             queue.add_used(mem, head, written).map_err(QueueError::UsedRing)?;
@@ -220,11 +218,7 @@ impl VirtioDevice for Net {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        data.fill(0);
-        if let Some(tail) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let len = tail.len().min(data.len());
-            data[..len].copy_from_slice(&tail[..len]);
-        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
