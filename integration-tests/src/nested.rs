@@ -868,10 +868,9 @@ pub fn debian_root_disk() -> Carried {
 
 /// A program of this host, by name, for an L1 to carry (at the same path).
 pub fn host_program(name: &str) -> PathBuf {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    // On PATH, or in the sbin directories a user's PATH may lack (debugfs lives there).
+    find_on_path(name)
+        .or_else(|| ["/usr/sbin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.is_file()))
         .unwrap_or_else(|| {
             panic!("{name} is missing here (scripts/install-deps.sh installs the packages the tests use)")
         })
