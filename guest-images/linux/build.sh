@@ -106,28 +106,28 @@ if [ -f "$modules_root/$dummy.xz" ]; then  # and compresses modules
     xz -d "$modules_root/$dummy.xz"
 fi
 [ -f "$modules_root/$dummy" ] || { echo "build.sh: $kernel_pkg has no $dummy" >&2; exit 1; }
+# module_file M: the file of module M (a path under the kernel's modules, `.ko` or a
+# prefix of it) in the kernel package, compressed or not; empty when it has none.
+module_file() { ls "$modules_root/lib/modules/$version/kernel/$1"* 2>/dev/null | head -1 || true; }
+# unpack_module FILE DEST: copies a module, decompressing a .ko.xz (busybox's insmod
+# and L1's take only plain modules).
+unpack_module() { case "$1" in *.xz) xz -dc "$1" > "$2" ;; *) cp "$1" "$2" ;; esac; }
 # The nested test bed (integration-tests/src/nested.rs) boots this kernel as an L1
 # under QEMU's emulated SVM: it needs KVM's modules and a static busybox.
 mkdir -p "$out/kvm-modules"
 for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
-    f="$(ls "$modules_root/lib/modules/$version/kernel/$m"* 2>/dev/null | head -1)"
+    f="$(module_file "$m")"
     [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
-    case "$f" in
-        *.xz) xz -dc "$f" > "$out/kvm-modules/$(basename "$m")" ;;
-        *) cp "$f" "$out/kvm-modules/$(basename "$m")" ;;
-    esac
+    unpack_module "$f" "$out/kvm-modules/$(basename "$m")"
 done
 # Swap to zram in the L1 (the kernel mirror's swap test): zram, its allocator and its
 # default compressor, which the L1 loads by hand (it has no modprobe).
 if [ -z "$suite" ]; then
     mkdir -p "$out/l1-modules"
     for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko drivers/net/tun.ko; do
-        f="$(ls "$modules_root/lib/modules/$version/kernel/$m"* 2>/dev/null | head -1)"
+        f="$(module_file "$m")"
         [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
-        case "$f" in
-            *.xz) xz -dc "$f" > "$out/l1-modules/$(basename "$m")" ;;
-            *) cp "$f" "$out/l1-modules/$(basename "$m")" ;;
-        esac
+        unpack_module "$f" "$out/l1-modules/$(basename "$m")"
     done
 fi
 cp busybox/bin/busybox "$out/busybox"
@@ -263,16 +263,13 @@ for entry in drivers/virtio/virtio_ring:VIRTIO drivers/virtio/virtio:VIRTIO driv
     drivers/block/virtio_blk:VIRTIO_BLK net/core/failover:FAILOVER drivers/net/net_failover:NET_FAILOVER \
     drivers/net/virtio_net:VIRTIO_NET; do
     m="${entry%%:*}" symbol="CONFIG_${entry##*:}"
-    f="$(ls "$modules_root/lib/modules/$version/kernel/$m.ko"* 2>/dev/null | head -1 || true)"
+    f="$(module_file "$m.ko")"
     if [ -z "$f" ]; then
         grep -q "^$symbol=y" kernel/boot/config-* \
             || { echo "build.sh: $kernel_pkg has no $m.ko and does not build $symbol in" >&2; exit 1; }
         continue
     fi
-    case "$f" in
-        *.xz) xz -dc "$f" > "disk/lib/modules/$(basename "$m").ko" ;;
-        *) cp "$f" "disk/lib/modules/$(basename "$m").ko" ;;
-    esac
+    unpack_module "$f" "disk/lib/modules/$(basename "$m").ko"
     echo "$(basename "$m")" >> disk/lib/modules/order
 done
 touch disk/lib/modules/order
