@@ -13,11 +13,12 @@
 #   dwarves          pahole: module BTF when the kernel mirror device is built against
 #                    Linux 6.12's headers (mirror-driver/kmod/build-backports.sh)
 #   iproute2         `ip`: the virtio-net unit tests put an address on the tap they create
+#   socat            the virtio-vsock test's client and server in the nest's L1 (AF_VSOCK)
 #   mmdebstrap, e2fsprogs  the Debian root disk of the virtio tests (guest-images/linux/build-rootfs.sh:
 #                    a root file system from Debian packages, then mkfs.ext4 -d; debugfs reads it back)
 # The Rust toolchain (stable cargo/rustc) and gcc are expected to be installed already.
 set -euo pipefail
-packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils yara dwarves mmdebstrap e2fsprogs iproute2)
+packages=(qemu-system-x86 busybox-static cpio gzip libc6-dev curl python3 python3-venv linux-headers-cloud-amd64 make xz-utils yara dwarves mmdebstrap e2fsprogs iproute2 socat)
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive

@@ -6,7 +6,8 @@
 #
 # OUT_DIR defaults to target/guest-images/debian, SUITE to bookworm. Writes
 # OUT_DIR/rootfs.img: Debian's minbase (apt, bash, coreutils, dpkg, ...) plus
-# sysvinit-core (for a real `poweroff`), procps, iproute2, iputils-ping and kmod,
+# sysvinit-core (for a real `poweroff`), procps, iproute2, iputils-ping, kmod and
+# socat (whose VSOCK addresses the virtio-vsock tests use),
 # without documentation, man pages or locales, and /sbin/specula-init, the init the
 # tests boot (a shell on the serial console; see below). The image is ext4, made
 # with `mkfs.ext4 -d` from the unpacked tree, sized to its contents plus 64 MiB.
@@ -53,7 +54,7 @@ INIT
 
 exclude='path-exclude=/usr/share/{doc,man,info,locale,lintian,linda}/*'
 mmdebstrap --quiet --variant=minbase \
-    --include=sysvinit-core,procps,iproute2,iputils-ping,kmod \
+    --include=sysvinit-core,procps,iproute2,iputils-ping,kmod,socat \
     --dpkgopt="$exclude" --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --customize-hook="install -m 755 '$work/specula-init' \"\$1/sbin/specula-init\"" \
     --customize-hook='echo specula-debian > "$1/etc/hostname"' \

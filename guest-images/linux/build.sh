@@ -31,14 +31,18 @@
 #                            and /bin/specula-forger (specula-forger.c), which forges a
 #                            second kernel in its pages for the forgery tests.
 #   disk-initramfs.cpio.gz   boots a root file system from a virtio disk: /init loads
-#                            the virtio-mmio and virtio-blk modules of this kernel
-#                            (Debian builds them as modules), mounts root= (default
+#                            the virtio-mmio, virtio-blk, virtio-net and virtio-vsock
+#                            modules of this kernel (Debian builds them as modules),
+#                            mounts root= (default
 #                            /dev/vda; `ro` on the command line mounts it read-only)
 #                            and switch_roots to init= (default /sbin/init). The
 #                            disk itself is build-rootfs.sh's.
 #   l1-modules/              with the default suite: zsmalloc.ko, zram.ko and
-#                            lzo-rle.ko, for swap to zram in the L1, and tun.ko, for
-#                            the taps of the virtio-net tests
+#                            lzo-rle.ko, for swap to zram in the L1, tun.ko, for
+#                            the taps of the virtio-net tests, and vhost_iotlb.ko,
+#                            vhost.ko, vsock.ko, vmw_vsock_virtio_transport_common.ko
+#                            and vhost_vsock.ko (in this load order), for the
+#                            virtio-vsock tests' /dev/vhost-vsock
 #   kmod/                    with the default suite: specula_mirror.ko and
 #                            specula_pin_baseline.ko (mirror-driver/kmod), built
 #                            against the same headers as the rootkit.
@@ -124,7 +128,9 @@ done
 # default compressor, which the L1 loads by hand (it has no modprobe).
 if [ -z "$suite" ]; then
     mkdir -p "$out/l1-modules"
-    for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko drivers/net/tun.ko; do
+    for m in mm/zsmalloc.ko drivers/block/zram/zram.ko crypto/lzo-rle.ko drivers/net/tun.ko \
+        drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko net/vmw_vsock/vsock.ko \
+        net/vmw_vsock/vmw_vsock_virtio_transport_common.ko drivers/vhost/vhost_vsock.ko; do
         f="$(module_file "$m")"
         [ -n "$f" ] || { echo "build.sh: $kernel_pkg has no $m" >&2; exit 1; }
         unpack_module "$f" "$out/l1-modules/$(basename "$m")"
@@ -252,7 +258,7 @@ INIT
 chmod +x introspect/init
 (cd introspect && find . | cpio -o -H newc --quiet | gzip -9) > "$out/introspect.cpio.gz"
 
-# The disk boot's initramfs: the virtio modules (transport, block, network) in load
+# The disk boot's initramfs: the virtio modules (transport, block, network, vsock) in load
 # order (each after what it depends on), busybox, and an /init that mounts the root
 # disk and switch_roots.
 mkdir -p disk/{bin,dev,proc,sys,newroot,lib/modules}
@@ -261,7 +267,9 @@ for applet in sh mount umount echo cat insmod switch_root sleep grep sed; do ln 
 # Each module's config symbol: a kernel that builds it in (=y) has no .ko for it.
 for entry in drivers/virtio/virtio_ring:VIRTIO drivers/virtio/virtio:VIRTIO drivers/virtio/virtio_mmio:VIRTIO_MMIO \
     drivers/block/virtio_blk:VIRTIO_BLK net/core/failover:FAILOVER drivers/net/net_failover:NET_FAILOVER \
-    drivers/net/virtio_net:VIRTIO_NET; do
+    drivers/net/virtio_net:VIRTIO_NET net/vmw_vsock/vsock:VSOCKETS \
+    net/vmw_vsock/vmw_vsock_virtio_transport_common:VIRTIO_VSOCKETS_COMMON \
+    net/vmw_vsock/vmw_vsock_virtio_transport:VIRTIO_VSOCKETS; do
     m="${entry%%:*}" symbol="CONFIG_${entry##*:}"
     f="$(module_file "$m.ko")"
     if [ -z "$f" ]; then

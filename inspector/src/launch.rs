@@ -68,6 +68,10 @@ pub struct LaunchConfig {
     /// on a tap in either source.
     #[serde(default)]
     pub net: Vec<String>,
+    /// A vsock device, `cid=N`, as the vmm's `--vsock`: virtio-vsock through the
+    /// host's vhost-vsock in either source.
+    #[serde(default)]
+    pub vsock: Option<String>,
     /// Where the sockets and logs go.
     pub dir: PathBuf,
     /// Integrity watches, `GPA:LEN`.
@@ -135,6 +139,16 @@ fn qemu_nic(index: usize, net: &str) -> Result<[String; 4], LaunchError> {
         "-device".into(),
         format!("virtio-net,netdev=net{index},mac={mac}"),
     ])
+}
+
+/// A `--vsock` value as QEMU's vhost-vsock device (on the `pc` machine's PCI bus).
+fn qemu_vsock(vsock: &str) -> Result<String, LaunchError> {
+    let vsock = vmm::config::parse_vsock(vsock).map_err(|e| LaunchError::Setting {
+        what: "vsock",
+        value: e.to_string(),
+        expected: "cid=N",
+    })?;
+    Ok(format!("vhost-vsock-pci,guest-cid={}", vsock.cid))
 }
 
 /// A binary next to this executable (the workspace's `target/PROFILE/`), or on PATH.
@@ -221,6 +235,9 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), LaunchErr
             for net in &config.net {
                 cmd.arg("--net").arg(net);
             }
+            if let Some(vsock) = &config.vsock {
+                cmd.arg("--vsock").arg(vsock);
+            }
             if by_pid {
                 cmd.args(["--memory-backend", "anon"]);
             } else {
@@ -254,6 +271,9 @@ fn start_source(config: &LaunchConfig) -> Result<(Child, Vec<String>), LaunchErr
             }
             for (index, net) in config.net.iter().enumerate() {
                 cmd.args(qemu_nic(index, net)?);
+            }
+            if let Some(vsock) = &config.vsock {
+                cmd.arg("-device").arg(qemu_vsock(vsock)?);
             }
             cmd.arg("-serial").arg(format!("file:{}", dir.join("console.log").display()));
             cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()));
@@ -445,5 +465,13 @@ mod tests {
         let err = qemu_drive("path=/a,b.img").unwrap_err().to_string();
         assert!(err.contains("unknown or empty option 'b.img'"), "{err}");
         assert!(qemu_nic(0, "mac=52:54:00:00:00:09").is_err());
+    }
+
+    #[test]
+    fn launch_passes_a_virtio_vsock_to_qemu_as_vhost_vsock_and_names_a_bad_cid() {
+        let config = LaunchConfig::from_toml("kernel = \"/k\"\ndir = \"/d\"\nvsock = \"cid=7\"\n").unwrap();
+        assert_eq!(qemu_vsock(config.vsock.as_deref().unwrap()).unwrap(), "vhost-vsock-pci,guest-cid=7");
+        let err = specula_common::error_chain(&qemu_vsock("cid=2").unwrap_err());
+        assert!(err.contains("'2' is not a guest CID") && err.contains("cid=N"), "{err}");
     }
 }

@@ -16,7 +16,8 @@
 //! - the host's own `qemu-system-x86_64` at `/usr/bin`, with its shared libraries and
 //!   the firmware `-M microvm` boots with, so an unmodified QEMU can run a KVM guest
 //!   in L1 beside our vmm ([`NestedL1::qemu`]);
-//! - `/l1mod/`: zram and what it needs, for tests that swap ([`L1_EXTRA_MODULES`]).
+//! - `/l1mod/`: zram and what it needs, for tests that swap, tun and vhost-vsock
+//!   ([`L1_EXTRA_MODULES`]).
 //!
 //! Commands travel on the L1's second serial port (a Unix socket on the host) in
 //! frames: `ID SECONDS BASE64(script)` in, `=== begin ID`, base64 of the combined
@@ -59,8 +60,19 @@ const BINARIES: &[&str] = &["vmm", "inspector", "specula", "mirror-attack", "kmi
 /// The project's kernel modules the bed carries, in `/target/guest-images/linux/kmod/`.
 pub const KERNEL_MODULES: &[&str] = &["specula_mirror.ko", "specula_pin_baseline.ko"];
 /// Modules of L1's kernel the bed carries but does not load, in [`L1_MODULES`]: swap
-/// to zram (`insmod` the first three in this order), and taps (`tun.ko`).
-pub const L1_EXTRA_MODULES: &[&str] = &["zsmalloc.ko", "zram.ko", "lzo-rle.ko", "tun.ko"];
+/// to zram (`insmod` the first three in this order), taps (`tun.ko`), and
+/// /dev/vhost-vsock (the last five, in this order).
+pub const L1_EXTRA_MODULES: &[&str] = &[
+    "zsmalloc.ko",
+    "zram.ko",
+    "lzo-rle.ko",
+    "tun.ko",
+    "vhost_iotlb.ko",
+    "vhost.ko",
+    "vsock.ko",
+    "vmw_vsock_virtio_transport_common.ko",
+    "vhost_vsock.ko",
+];
 /// Where they are in L1.
 pub const L1_MODULES: &str = "/l1mod";
 /// Where QEMU lives in L1.

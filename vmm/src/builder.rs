@@ -72,6 +72,8 @@ pub enum BuildError {
         #[source]
         source: devices::virtio::net::NetError,
     },
+    #[error("cannot set up the vsock device")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
     #[error("cannot set up virtio device {index}'s queues or interrupt")]
     Virtio {
         index: usize,
@@ -113,7 +115,7 @@ impl Vmm {
         let vm = Vm::new(&config.kvm_path)?;
         vm.setup_irqchip()?;
         let ram_slots = vm.register_ram(&ram)?;
-        let virtio_count = config.disks.len() + config.nets.len();
+        let virtio_count = config.disks.len() + config.nets.len() + usize::from(config.vsock.is_some());
         if virtio_count > devices::virtio::MAX_VIRTIO_DEVICES {
             return Err(BuildError::TooManyVirtioDevices(virtio_count));
         }
@@ -149,7 +151,8 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let vm = Arc::new(vm);
         let ram_slots = Arc::new(RamMemslots::new(vm.clone(), &ram, &ram_slots));
-        let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, config, &virtio_slots)?;
+        let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
+        let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, &lifecycle, config, &virtio_slots)?;
         let trace = trace_feed(config)
             .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone(), ram_slots.clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -161,7 +164,6 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
-        let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let serial_input = config.serial == SerialOutput::Tty;
         Ok(Self {
             vm,
@@ -270,20 +272,22 @@ fn build_bus(config: &VmConfig, serial: Arc<SerialPort>, reset_evt: &EventFd) ->
 }
 
 /// The virtio devices (`config.disks` as virtio-blk, then `config.nets` as
-/// virtio-net, in order), each in its slot of `slots` (the ACPI tables' own: window
+/// virtio-net, in order, then `config.vsock`), each in its slot of `slots` (the ACPI tables' own: window
 /// base and IOAPIC line) with its irqfd and one ioeventfd per queue on QueueNotify
 /// (matching the queue's index). Their writes into guest RAM are noted for the dirty
-/// log, which sees only the vCPUs' own.
+/// log, which sees only the vCPUs' own; vhost, which writes RAM from the kernel,
+/// stops while the VM is paused and reports its writes to the dirty log.
 fn build_virtio(
     vm: &Vm,
     ram: &GuestRam,
     ram_slots: &Arc<RamMemslots>,
+    lifecycle: &Lifecycle,
     config: &VmConfig,
     slots: &[(u64, u32)],
 ) -> Result<VirtioDevices, BuildError> {
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
-    let ram_slots = ram_slots.clone();
-    let dma_log: devices::virtio::DmaLog = Arc::new(move |gpa, len| ram_slots.note_written(gpa, len));
+    let noted = ram_slots.clone();
+    let dma_log: devices::virtio::DmaLog = Arc::new(move |gpa, len| noted.note_written(gpa, len));
     let mut models: Vec<Box<dyn devices::virtio::VirtioDevice>> = Vec::new();
     for (index, disk) in config.disks.iter().enumerate() {
         let block = devices::virtio::block::Block::open(disk, Some(dma_log.clone()))
@@ -296,6 +300,13 @@ fn build_virtio(
         let device = devices::virtio::net::Net::new(net, Some(dma_log.clone()))
             .map_err(|source| BuildError::Net { index, source })?;
         log::info!("network {index}: tap {}", net.tap);
+        models.push(Box::new(device));
+    }
+    if let Some(vsock) = &config.vsock {
+        let device = devices::virtio::vsock::Vsock::new(vsock, ram.memory()).map_err(BuildError::Vsock)?;
+        lifecycle.on_pause(device.pause_hook());
+        ram_slots.add_dma_harvest(device.dma_harvest());
+        log::info!("vsock: guest CID {}", vsock.cid);
         models.push(Box::new(device));
     }
     debug_assert_eq!(models.len(), slots.len(), "a slot for each device");

@@ -64,6 +64,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::devices::virtio::block::DiskConfig>,
     /// virtio-net devices on taps (`eth0` first), after the disks.
     pub nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// A virtio-vsock device (through vhost-vsock), after the network devices.
+    pub vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
 }
 
 /// How the source's dirty-page feed learns of writes (`--dirty-log`).
@@ -115,6 +117,7 @@ impl VmConfig {
             dirty_ring_entries: crate::vstate::dirty_ring::DEFAULT_ENTRIES,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -248,6 +251,33 @@ struct Args {
     /// from the tap's name.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     nets: Vec<crate::devices::virtio::net::NetConfig>,
+    /// A virtio-vsock device with guest context ID N (3 to 4294967294, unique on the
+    /// host), served by the host kernel's vhost-vsock (/dev/vhost-vsock): host
+    /// programs connect to (N, port) with AF_VSOCK sockets.
+    #[arg(long = "vsock", value_name = "cid=N", value_parser = parse_vsock)]
+    vsock: Option<crate::devices::virtio::vsock::VsockConfig>,
+}
+
+/// Parses `--vsock cid=N`.
+pub fn parse_vsock(value: &str) -> Result<crate::devices::virtio::vsock::VsockConfig, ConfigError> {
+    use crate::devices::virtio::vsock::VsockConfig;
+    let mut cid = None;
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("cid", text)) => match text.parse::<u64>() {
+                Ok(n) if VsockConfig::valid_cid(n) => cid = Some(n),
+                _ => {
+                    return Err(bad(
+                        "--vsock",
+                        value,
+                        format!("'{text}' is not a guest CID (3 to 4294967294; 0 to 2 and -1 are reserved)"),
+                    ))
+                }
+            },
+            _ => return Err(bad("--vsock", value, format!("unknown option '{part}' (expected cid=N)"))),
+        }
+    }
+    Ok(VsockConfig { cid: cid.ok_or_else(|| bad("--vsock", value, "no cid=N"))? })
 }
 
 /// Parses `--net tap=NAME[,mac=MAC]`.
@@ -489,6 +519,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, Co
         dirty_ring_entries: args.dirty_ring_entries,
         disks: args.disks,
         nets: args.nets,
+        vsock: args.vsock,
     })))
 }
 
@@ -550,6 +581,22 @@ mod tests {
         ] {
             let err = parse_args(args(&["--kernel", "k", "--net", value])).unwrap_err().to_string();
             assert!(err.contains("--net") && err.contains(named), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn virtio_vsock_parses_and_bad_cids_are_named() {
+        assert_eq!(run(&["--kernel", "k", "--vsock", "cid=42"]).vsock.map(|v| v.cid), Some(42));
+        assert_eq!(run(&["--kernel", "k"]).vsock, None);
+        for (value, named) in [
+            ("cid=2", "'2' is not a guest CID"),
+            ("cid=4294967295", "'4294967295' is not a guest CID"),
+            ("cid=x", "'x' is not a guest CID"),
+            ("port=5", "unknown option 'port=5'"),
+            ("", "unknown option ''"),
+        ] {
+            let err = parse_args(args(&["--kernel", "k", "--vsock", value])).unwrap_err().to_string();
+            assert!(err.contains("--vsock") && err.contains(named), "{value}: {err}");
         }
     }
 

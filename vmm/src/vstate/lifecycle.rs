@@ -108,7 +108,13 @@ pub struct Lifecycle {
     device_work: RwLock<()>,
     /// Written when the last pause hold goes: devices serve what waited meanwhile.
     resume_evt: EventFd,
+    /// Devices whose RAM writes the kernel makes (vhost), where `device_work` cannot
+    /// reach: called with `true` at each pause and `false` when the last hold goes.
+    pause_hooks: Mutex<Vec<PauseHook>>,
 }
+
+/// See [`Lifecycle::on_pause`].
+pub type PauseHook = Box<dyn Fn(bool) + Send + Sync>;
 
 impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
@@ -124,7 +130,21 @@ impl Lifecycle {
             threads: Mutex::new(Vec::new()),
             device_work: RwLock::new(()),
             resume_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause_hooks: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Has `hook(true)` called when a pause holds the VM (after the device work in
+    /// flight ended), and `hook(false)` when the last hold goes: a device that writes
+    /// RAM outside the vmm's threads stops and starts with it.
+    pub fn on_pause(&self, hook: PauseHook) {
+        lock(&self.pause_hooks).push(hook);
+    }
+
+    fn run_pause_hooks(&self, paused: bool) {
+        for hook in lock(&self.pause_hooks).iter() {
+            hook(paused);
+        }
     }
 
     /// Records the running vCPU threads, so requests can kick them.
@@ -184,6 +204,7 @@ impl Lifecycle {
         }
         // Devices start no work once `paused` is set; wait out the one in flight.
         drop(self.device_work.write().unwrap_or_else(PoisonError::into_inner));
+        self.run_pause_hooks(true);
         self.parked.notify_all();
         self.kick_all();
         let threads = lock(&self.threads).len();
@@ -207,6 +228,8 @@ impl Lifecycle {
         let mut req = lock(&self.requests);
         req.pause_holds = req.pause_holds.saturating_sub(1);
         if req.pause_holds == 0 && self.paused.swap(false, Ordering::SeqCst) {
+            // Under the requests lock: a pause that comes next runs its hooks after.
+            self.run_pause_hooks(false);
             let _ = self.resume_evt.write(1);
         }
         self.served.notify_all();
@@ -375,6 +398,24 @@ mod tests {
         life.resume();
         life.begin_stop();
         assert_eq!(life.snapshot_vcpus().unwrap_err(), LifecycleError::SnapshotStopping);
+    }
+
+    /// A device that writes RAM from the kernel (vhost) is stopped by every pause and
+    /// started again only when the last of nested holds goes.
+    #[test]
+    fn pause_hooks_stop_at_each_pause_and_start_at_the_last_resume() {
+        let life = Lifecycle::new().unwrap();
+        let calls = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        life.on_pause(Box::new(move |paused| seen.lock().unwrap().push(paused)));
+        life.pause().unwrap();
+        life.pause().unwrap();
+        life.resume();
+        assert_eq!(*calls.lock().unwrap(), [true, true], "one hold remains: still stopped");
+        life.resume();
+        assert_eq!(*calls.lock().unwrap(), [true, true, false]);
+        life.resume();
+        assert_eq!(calls.lock().unwrap().len(), 3, "a resume without a hold starts nothing");
     }
 
     #[test]

@@ -53,12 +53,18 @@ struct Layout {
     written: BTreeSet<u64>,
 }
 
+/// Reports (`note(gpa, len)`) the guest RAM a device wrote outside the vmm's view
+/// since it was last asked (a kernel backend's DMA).
+pub type DmaHarvest = Box<dyn Fn(&mut dyn FnMut(u64, u64)) + Send + Sync>;
+
 /// Guest RAM's memslots, shared by the dirty-page feed and the write traps.
 pub struct RamMemslots {
     vm: Arc<Vm>,
     /// The contiguous runs of RAM (`GuestRam::slots`).
     runs: Vec<RamSlot>,
     layout: Mutex<Layout>,
+    /// Asked at each [`RamMemslots::take_dirty`].
+    dma_harvests: Mutex<Vec<DmaHarvest>>,
 }
 
 impl RamMemslots {
@@ -66,7 +72,17 @@ impl RamMemslots {
     pub fn new(vm: Arc<Vm>, ram: &GuestRam, slots: &[u32]) -> Self {
         let runs = ram.slots().to_vec();
         let pieces = slots.iter().zip(&runs).map(|(&slot, &ram)| Piece { slot, ram, read_only: false }).collect();
-        Self { vm, runs, layout: Mutex::new(Layout { pieces, dirty_logging: false, written: BTreeSet::new() }) }
+        Self {
+            vm,
+            runs,
+            layout: Mutex::new(Layout { pieces, dirty_logging: false, written: BTreeSet::new() }),
+            dma_harvests: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a device's report of the RAM it wrote, asked at each take of the dirty pages.
+    pub fn add_dma_harvest(&self, harvest: DmaHarvest) {
+        lock(&self.dma_harvests).push(harvest);
     }
 
     /// The VM the slots belong to.
@@ -97,6 +113,9 @@ impl RamMemslots {
     /// of each writable piece (from the dirty ring where it is on), and the pages noted
     /// written.
     pub fn take_dirty(&self) -> Result<Vec<Range>, RamSlotsError> {
+        for harvest in lock(&self.dma_harvests).iter() {
+            harvest(&mut |gpa, len| self.note_written(gpa, len));
+        }
         let mut layout = lock(&self.layout);
         if let Some(ring) = self.vm.dirty_ring() {
             ring.harvest()?;
@@ -372,6 +391,28 @@ mod tests {
         assert_eq!(ram.memory().read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0x6b);
         let dirty = memslots.take_dirty().unwrap();
         assert!(dirty.contains(&Range { gpa: 0x5000, len: PAGE }), "KVM's log of the new slot: {dirty:?}");
+    }
+
+    /// A kernel backend's writes (vhost's, which KVM never sees) are asked for at each
+    /// take of the dirty pages.
+    #[test]
+    fn dma_harvests_are_asked_at_each_take() {
+        let vm = Arc::new(Vm::new(std::path::Path::new("/dev/kvm")).expect("/dev/kvm (these tests need KVM)"));
+        let ram = GuestRam::with_backend(2 << 20, MemoryBackend::default()).unwrap();
+        let slots = vm.register_ram(&ram).unwrap();
+        let memslots = RamMemslots::new(vm, &ram, &slots);
+        memslots.set_dirty_logging(true).unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = asked.clone();
+        memslots.add_dma_harvest(Box::new(move |note| {
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                note(0x7010, 0x1000);
+            }
+        }));
+        let dirty = memslots.take_dirty().unwrap();
+        assert!(dirty.contains(&Range { gpa: 0x7000, len: 2 * PAGE }), "both pages of the write: {dirty:?}");
+        assert!(memslots.take_dirty().unwrap().is_empty(), "reported once");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -152,6 +152,9 @@ struct LaunchArgs {
     /// A virtio-net device on a tap, tap=NAME[,mac=MAC] (repeatable).
     #[arg(long)]
     net: Vec<String>,
+    /// A virtio-vsock device, cid=N (through the host's vhost-vsock in either source).
+    #[arg(long)]
+    vsock: Option<String>,
     /// Run directory for the sockets and logs.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -184,6 +187,7 @@ impl LaunchArgs {
             cmdline: self.cmdline.clone(),
             disk: self.disk.clone(),
             net: self.net.clone(),
+            vsock: self.vsock.clone(),
             dir: self.dir.clone().ok_or(LaunchError::Missing("--dir PATH is needed (or --config FILE)"))?,
             watch: self.watch.clone(),
             accel: self.accel.clone(),

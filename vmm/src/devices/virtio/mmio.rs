@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DmaLog, QueueError, VirtioDevice};
+use super::{DmaLog, KernelEvents, QueueError, VirtioDevice};
 
 /// "virt", little-endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -223,6 +223,11 @@ impl MmioTransport {
             for queue in &mut self.queues {
                 queue.set_event_idx(event_idx);
             }
+            if let Err(reason) = self.device.activate(&self.queues, &self.queue_evts, self.acked_features, &self.mem) {
+                self.status = status;
+                self.stop(reason);
+                return;
+            }
         }
         // The device keeps the bits only it sets.
         self.status = status | (self.status & (VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED));
@@ -275,6 +280,33 @@ impl MmioTransport {
         self.interrupt_status |= cause;
         if let Err(e) = self.irq.write(1) {
             log::error!("virtio {}: cannot raise its interrupt: {e}", self.device.device_type());
+        }
+    }
+
+    /// How many of the first queues a kernel backend serves (the event loop leaves
+    /// their notifications to it).
+    pub fn kernel_served_queues(&self) -> usize {
+        self.device.kernel_served_queues()
+    }
+
+    /// A kernel backend's eventfds, for the event loop.
+    pub fn kernel_events(&self) -> Option<KernelEvents> {
+        self.device.kernel_events()
+    }
+
+    /// The kernel backend used buffers and decided the guest hears of it: raise the
+    /// interrupt with the cause only the transport can set.
+    pub fn kernel_used(&mut self) {
+        if self.activated() && self.broken.is_none() {
+            self.interrupt(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    /// The kernel backend met a malformed queue: stop it and the device.
+    pub fn kernel_error(&mut self) {
+        if self.activated() && self.broken.is_none() {
+            self.device.reset();
+            self.stop("the kernel backend met a malformed queue (a descriptor outside guest RAM, a loop, or an absurd length)".to_string());
         }
     }
 

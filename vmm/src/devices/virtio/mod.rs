@@ -18,11 +18,13 @@ pub mod mmio;
 pub mod net;
 #[doc(hidden)]
 pub mod testing;
+pub mod vsock;
 
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::{MmioBus, MmioTransport};
 
@@ -68,6 +70,36 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: forget what it negotiated.
     fn reset(&mut self) {}
+    /// The driver set DRIVER_OK over `queues` (their rings checked to lie in RAM) with
+    /// `acked_features`: a kernel backend takes the rings and each queue's
+    /// notification eventfd here. An error stops the device.
+    fn activate(
+        &mut self,
+        _queues: &[Queue],
+        _queue_evts: &[EventFd],
+        _acked_features: u64,
+        _mem: &GuestMemoryMmap,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    /// How many of the first queues a kernel backend (vhost) serves itself: the event
+    /// loop neither reads their notifications nor walks them.
+    fn kernel_served_queues(&self) -> usize {
+        0
+    }
+    /// A kernel backend's eventfds, which the event loop relays to the transport.
+    fn kernel_events(&self) -> Option<KernelEvents> {
+        None
+    }
+}
+
+/// The eventfds a kernel backend signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelEvents {
+    /// It used buffers and wants the guest interrupted (it applied EVENT_IDX itself).
+    pub used: std::os::fd::RawFd,
+    /// It met a malformed queue.
+    pub error: std::os::fd::RawFd,
 }
 
 /// Why a device stopped serving its queues: the guest's queue was not something a
@@ -141,12 +173,18 @@ pub fn check_chain_terminates(chain: &DescriptorChain<&GuestMemoryMmap>) -> Resu
 /// [`VirtioEvents::serve`]'s queue index for a device's backend.
 const BACKEND: usize = usize::MAX;
 
-/// One device as the event loop watches it: its transport, each queue's
-/// notification fd, its backend's fd.
-type WatchedDevice = (Arc<std::sync::Mutex<MmioTransport>>, Vec<std::os::fd::RawFd>, Option<std::os::fd::RawFd>);
+/// One device as the event loop watches it.
+struct WatchedDevice {
+    transport: Arc<std::sync::Mutex<MmioTransport>>,
+    /// Each queue the vmm serves, with its notification fd.
+    queues: Vec<(usize, std::os::fd::RawFd)>,
+    backend: Option<std::os::fd::RawFd>,
+    kernel: Option<KernelEvents>,
+}
 
-/// The event loop's side of every virtio device: each queue's notification, and the
-/// VM's resume (work that waited out a pause).
+/// The event loop's side of every virtio device: each queue's notification, a
+/// backend's input, a kernel backend's signals, and the VM's resume (work that
+/// waited out a pause).
 pub struct VirtioEvents {
     lifecycle: Arc<crate::vstate::lifecycle::Lifecycle>,
     devices: Vec<WatchedDevice>,
@@ -164,8 +202,19 @@ impl VirtioEvents {
             .iter()
             .map(|t| {
                 let transport = specula_common::sync::lock(t);
-                let fds = transport.queue_evts().iter().map(|e| e.as_raw_fd()).collect();
-                (t.clone(), fds, transport.backend_fd())
+                let queues = transport
+                    .queue_evts()
+                    .iter()
+                    .enumerate()
+                    .skip(transport.kernel_served_queues())
+                    .map(|(queue, evt)| (queue, evt.as_raw_fd()))
+                    .collect();
+                WatchedDevice {
+                    transport: t.clone(),
+                    queues,
+                    backend: transport.backend_fd(),
+                    kernel: transport.kernel_events(),
+                }
             })
             .collect();
         Self { lifecycle, devices, deferred: Vec::new() }
@@ -176,8 +225,10 @@ impl VirtioEvents {
     /// re-homes chunks then).
     fn serve(&mut self, device: usize, queue: usize) {
         match self.lifecycle.device_work() {
-            Some(_leave) if queue == BACKEND => specula_common::sync::lock(&self.devices[device].0).process_backend(),
-            Some(_leave) => specula_common::sync::lock(&self.devices[device].0).process_queue(queue),
+            Some(_leave) if queue == BACKEND => {
+                specula_common::sync::lock(&self.devices[device].transport).process_backend()
+            }
+            Some(_leave) => specula_common::sync::lock(&self.devices[device].transport).process_queue(queue),
             None if !self.deferred.contains(&(device, queue)) => self.deferred.push((device, queue)),
             None => {}
         }
@@ -189,21 +240,48 @@ impl VirtioEvents {
             self.serve(device, queue);
         }
     }
+
+    /// Relays a kernel backend's signal on `fd`, if it is one; true when it was.
+    fn relay_kernel_event(&self, fd: std::os::fd::RawFd) -> bool {
+        for watched in &self.devices {
+            let Some(kernel) = watched.kernel else { continue };
+            if fd == kernel.used || fd == kernel.error {
+                drain_eventfd(fd);
+                let mut transport = specula_common::sync::lock(&watched.transport);
+                if fd == kernel.used {
+                    transport.kernel_used();
+                } else {
+                    transport.kernel_error();
+                }
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Empties an eventfd's count (it is non-blocking: an empty one reads nothing).
+fn drain_eventfd(fd: std::os::fd::RawFd) {
+    let mut count = [0u8; 8];
+    // SAFETY: an 8-byte read into a live buffer of 8 bytes; `fd` is an eventfd the
+    // device owns for the event loop's lifetime.
+    let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
 }
 
 impl event_manager::MutEventSubscriber for VirtioEvents {
     fn init(&mut self, ops: &mut event_manager::EventOps) {
         use std::os::fd::AsRawFd;
         use vmm_sys_util::epoll::EventSet;
-        let fds = self.devices.iter().flat_map(|(_, fds, _)| fds.iter().copied());
-        for fd in fds.chain(std::iter::once(self.lifecycle.resume_evt().as_raw_fd())) {
+        let queues = self.devices.iter().flat_map(|d| d.queues.iter().map(|&(_, fd)| fd));
+        let kernel = self.devices.iter().filter_map(|d| d.kernel).flat_map(|k| [k.used, k.error]);
+        for fd in queues.chain(kernel).chain(std::iter::once(self.lifecycle.resume_evt().as_raw_fd())) {
             if let Err(e) = ops.add(event_manager::Events::new_raw(fd, EventSet::IN)) {
                 log::error!("cannot watch a virtio notification: {e:?}");
             }
         }
         // Edge-triggered: a backend read only while the guest has buffers would
         // otherwise wake the loop without end.
-        for fd in self.devices.iter().filter_map(|(_, _, backend)| *backend) {
+        for fd in self.devices.iter().filter_map(|d| d.backend) {
             if let Err(e) = ops.add(event_manager::Events::new_raw(fd, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
                 log::error!("cannot watch a virtio backend: {e:?}");
             }
@@ -218,7 +296,10 @@ impl event_manager::MutEventSubscriber for VirtioEvents {
             self.serve_deferred();
             return;
         }
-        if let Some(device) = self.devices.iter().position(|(_, _, backend)| *backend == Some(fd)) {
+        if self.relay_kernel_event(fd) {
+            return;
+        }
+        if let Some(device) = self.devices.iter().position(|d| d.backend == Some(fd)) {
             self.serve(device, BACKEND);
             return;
         }
@@ -226,11 +307,10 @@ impl event_manager::MutEventSubscriber for VirtioEvents {
             .devices
             .iter()
             .enumerate()
-            .find_map(|(d, (_, fds, _))| fds.iter().position(|&f| f == fd).map(|q| (d, q)));
+            .find_map(|(d, w)| w.queues.iter().find(|&&(_, f)| f == fd).map(|&(q, _)| (d, q)));
         if let Some((device, queue)) = found {
             // Drain the notification first: one arriving during the walk fires again.
-            let transport = self.devices[device].0.clone();
-            let _ = specula_common::sync::lock(&transport).queue_evts()[queue].read();
+            drain_eventfd(fd);
             self.serve(device, queue);
         }
     }
