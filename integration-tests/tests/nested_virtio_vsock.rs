@@ -2,7 +2,9 @@
 //! loads vhost-vsock, the vmm gives the guest a CID through it, and `socat` (L1's,
 //! carried from this host, and the root disk's) talks AF_VSOCK on both sides.
 //!
-//! One test, one L1 command (tests/nested_virtio.rs says why).
+//! One test, one L1 command (tests/nested_virtio.rs says why): before the vmm starts,
+//! the same command runs tests/virtio_vsock.rs (hostile queues against L1's real
+//! vhost-vsock, from an in-process fake guest), which need /dev/vhost-vsock.
 
 use std::time::Duration;
 
@@ -15,6 +17,8 @@ const TRANSFER_LIMIT: Duration = Duration::from_secs(300);
 const END_LIMIT: Duration = Duration::from_secs(60);
 /// The guest's context ID.
 const CID: u32 = 42;
+/// The tests of tests/virtio_vsock.rs.
+const CARRIED_TESTS: usize = 6;
 /// vhost-vsock and what it needs, in load order.
 const VHOST_MODULES: &[&str] = &["vhost_iotlb", "vhost", "vsock", "vmw_vsock_virtio_transport_common", "vhost_vsock"];
 
@@ -27,10 +31,11 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
     retry_on_the_nest_symptoms(|| {
         let mut carried = debian_root_disk();
         carried.programs.push(host_program("socat"));
-        let l1 = &NestedL1::boot_carrying(&[], &carried);
+        let l1 = &NestedL1::boot_carrying(&["virtio_vsock"], &carried);
         let socat = host_program("socat");
         let socat = socat.display();
         let insmod: String = VHOST_MODULES.iter().map(|m| format!("insmod {L1_MODULES}/{m}.ko || exit 1\n")).collect();
+        let tests = l1.test_binary("virtio_vsock");
         let (status, log) = debian_session(
             l1,
             "virtio-vsock",
@@ -39,6 +44,7 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
         )
         .before(&format!(
             "{insmod}[ -c /dev/vhost-vsock ] || {{ echo '=== no /dev/vhost-vsock in L1'; exit 1; }}\n\
+             (cd /tmp && {tests} --include-ignored --test-threads=1 2>&1) || {{ echo '=== the virtio_vsock tests failed'; exit 1; }}\n\
              dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null || exit 1\n\
              echo \"=== l1-sum=$(sha256sum /tmp/blob | cut -d' ' -f1)\"\n\
              {socat} VSOCK-LISTEN:6000,reuseaddr SYSTEM:'read r; echo reply-from-l1-$r' &"
@@ -65,6 +71,10 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
         assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert!(
+            log.contains(&format!("test result: ok. {CARRIED_TESTS} passed")),
+            "tests/virtio_vsock.rs passed in L1:\n{log}"
+        );
         assert!(log.contains("=== pause: ok") && log.contains("=== resume: ok"), "the VM paused and resumed:\n{log}");
         let line =
             log.lines().find(|l| l.starts_with("=== l1 got: ")).unwrap_or_else(|| panic!("L1's request:\n{log}"));

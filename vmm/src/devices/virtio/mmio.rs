@@ -330,7 +330,8 @@ impl MmioTransport {
     /// are off while the device works, and the queue is served again if more arrived
     /// meanwhile; the guest is interrupted only where it asked to be.
     pub fn process_queue(&mut self, index: usize) {
-        if !self.activated() || self.broken.is_some() {
+        // A kernel backend's queues are its own: the vmm writes none of their rings.
+        if !self.activated() || self.broken.is_some() || index < self.device.kernel_served_queues() {
             return;
         }
         let Some(queue) = self.queues.get_mut(index) else { return };

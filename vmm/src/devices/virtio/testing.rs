@@ -51,13 +51,34 @@ impl FakeDriver {
 
     /// As [`FakeDriver::new`], with queue 0's used ring at `used_ring`.
     pub fn with_used_ring(device: Box<dyn VirtioDevice>, used_ring: u64) -> Self {
+        Self::over(|_| device, used_ring)
+    }
+
+    /// As [`FakeDriver::with_used_ring`], for a device made over the fake guest's RAM
+    /// (a kernel backend's, which is given the guest's memory when it is made).
+    pub fn over(make: impl FnOnce(&GuestMemoryMmap) -> Box<dyn VirtioDevice>, used_ring: u64) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM_SIZE as usize)]).expect("fake guest RAM");
+        let device = make(&mem);
         let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let transport =
             MmioTransport::new(device, mem.clone(), irq.try_clone().expect("eventfd"), None).expect("transport");
         let mut driver = Self { mem, transport, irq, avail_idx: Vec::new() };
         driver.set_up(used_ring);
         driver
+    }
+
+    /// Resets the device (status 0) and sets it up again as at probe, rings emptied.
+    pub fn reset_and_set_up(&mut self) {
+        self.write_reg(VIRTIO_MMIO_STATUS, 0);
+        let zeros = vec![0u8; (QUEUE_STRIDE * self.avail_idx.len() as u64) as usize];
+        self.mem.write_slice(&zeros, GuestAddress(0)).expect("fake RAM");
+        self.avail_idx.clear();
+        self.set_up(USED_RING);
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.read_reg(VIRTIO_MMIO_STATUS)
     }
 
     /// What Linux's driver does at probe: acknowledge, take every offered feature,
@@ -137,7 +158,14 @@ impl FakeDriver {
         self.make_available_on(0, head);
     }
 
-    fn make_available_on(&mut self, queue: u16, head: u16) {
+    /// Notifies queue `queue` as KVM does on the guest's QueueNotify write: through the
+    /// queue's eventfd (which a kernel backend polls).
+    pub fn notify(&self, queue: u16) {
+        self.transport.queue_evts()[usize::from(queue)].write(1).expect("queue eventfd");
+    }
+
+    /// Makes the chain at `head` of queue `queue` available, without a notification.
+    pub fn make_available_on(&mut self, queue: u16, head: u16) {
         let idx = &mut self.avail_idx[usize::from(queue)];
         let slot = ring_base(queue) + AVAIL_RING + 4 + 2 * u64::from(*idx % QUEUE_SIZE);
         *idx = idx.wrapping_add(1);
