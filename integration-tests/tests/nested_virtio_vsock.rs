@@ -18,7 +18,7 @@ const END_LIMIT: Duration = Duration::from_secs(60);
 /// The guest's context ID.
 const CID: u32 = 42;
 /// The tests of tests/virtio_vsock.rs.
-const CARRIED_TESTS: usize = 6;
+const CARRIED_TESTS: usize = 7;
 /// vhost-vsock and what it needs, in load order.
 const VHOST_MODULES: &[&str] = &["vhost_iotlb", "vhost", "vsock", "vmw_vsock_virtio_transport_common", "vhost_vsock"];
 

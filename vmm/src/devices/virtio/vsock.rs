@@ -104,6 +104,8 @@ struct RunState {
     activated: bool,
     paused: bool,
     running: bool,
+    /// The served queues' notification eventfds, while the driver runs the device.
+    kicks: Vec<EventFd>,
 }
 
 /// The vhost-vsock instance and whether it runs, shared with the VM's pause hook.
@@ -122,6 +124,13 @@ impl Vhost {
         if wanted != state.running {
             if wanted {
                 self.fd.start()?;
+                // A notification that came while vhost was stopped found no backend and
+                // is gone: without one, buffers the guest posted meanwhile (a transmit
+                // queue's credit updates) would wait for a next notification that
+                // EVENT_IDX may never send. Each queue is looked at again.
+                for kick in &state.kicks {
+                    kick.write(1).map_err(vhost::Error::IOError)?;
+                }
             } else {
                 self.fd.stop()?;
             }
@@ -352,6 +361,9 @@ impl VirtioDevice for Vsock {
             });
         }
         *lock(&self.rings) = served;
+        let kicks = queue_evts[..VHOST_QUEUES].iter().map(EventFd::try_clone).collect::<std::io::Result<Vec<_>>>();
+        lock(&self.vhost.state).kicks =
+            kicks.map_err(|e| format!("cannot keep the queues' notification eventfds: {e}"))?;
         self.vhost.update(Some(true), None).map_err(|e| format!("vhost-vsock does not start: {e}"))
     }
 
@@ -359,6 +371,7 @@ impl VirtioDevice for Vsock {
         if let Err(e) = self.vhost.update(Some(false), None) {
             log::error!("vhost-vsock: cannot stop it at the driver's reset: {e}");
         }
+        lock(&self.vhost.state).kicks.clear();
         // The last harvest before the rings go: what vhost wrote stays reported.
         lock(&self.rings).clear();
     }
