@@ -15,6 +15,8 @@
 //! - **Pause.** vhost writes RAM from a kernel thread the vmm's device-work gate
 //!   cannot hold, so a pause stops it (`VHOST_VSOCK_SET_RUNNING` 0) and the resume
 //!   starts it again: a mirror revoke, which copies RAM under a pause, loses nothing.
+//!   A stopped vhost drops the notifications it gets, so the restart notifies each
+//!   queue once: what the guest posted meanwhile is served.
 //! - **Dirty log.** vhost-vsock logs none of its writes into received buffers, even
 //!   with `VHOST_F_LOG_ALL`, so the dirty-page feed learns of them from the rings:
 //!   when the receive queue's used index moved since the last harvest, every
