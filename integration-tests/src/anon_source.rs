@@ -77,7 +77,22 @@ impl Source {
         Source::spawn_backed(pages, false, true)
     }
 
+    /// [`Source::spawn`]'s filled pages in a source that runs as `uid`:`uid` and stays
+    /// dumpable (a uid change would make it non-dumpable, which ptrace checks refuse
+    /// to everyone without CAP_SYS_PTRACE), so a caller of that uid may ptrace it.
+    pub fn spawn_as(uid: u32) -> Source {
+        let mut source = Source::spawn_with(PAGES, false, false, Some(uid));
+        for page in 0..PAGES {
+            source.send(FILL, page as u32, 0x10 + page as u8);
+        }
+        source
+    }
+
     fn spawn_backed(pages: usize, huge_aligned: bool, memfd: bool) -> Source {
+        Source::spawn_with(pages, huge_aligned, memfd, None)
+    }
+
+    fn spawn_with(pages: usize, huge_aligned: bool, memfd: bool, uid: Option<u32>) -> Source {
         let len = pages * PAGE;
         let slack = if huge_aligned { HUGE_PAGES * PAGE } else { 0 };
         let memfd = memfd.then(|| {
@@ -119,6 +134,14 @@ impl Source {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork");
         if pid == 0 {
+            if let Some(uid) = uid {
+                // SAFETY: setgid/setuid/prctl on this child only; it _exits if they fail.
+                unsafe {
+                    if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 || libc::prctl(libc::PR_SET_DUMPABLE, 1) != 0 {
+                        libc::_exit(100);
+                    }
+                }
+            }
             // SAFETY: see above; runs until told to stop or its parent's pipe closes.
             unsafe { source_main(cmd_read.as_raw_fd(), ack_write.as_raw_fd(), addr as *mut u8, len, stamp.cast()) };
         }

@@ -125,8 +125,9 @@ fn kernel_mirror_refuses_hostile_arguments_and_leaves_nothing_attached() {
     let pid = source.pid as u32;
     let dev = device(DEVICE);
     let len = (PAGES * PAGE) as u64;
-    let cases: [(&str, u64, u64); 5] = [
+    let cases: [(&str, u64, u64); 6] = [
         ("an unaligned start", source.addr + 1, len),
+        ("a length over the 1 TiB cap", source.addr, (1 << 40) + 4096),
         ("an unaligned length", source.addr, len - 1),
         ("a zero length", source.addr, 0),
         ("a range that wraps the address space", !4095, 2 * 4096),
@@ -205,6 +206,43 @@ fn kernel_mirror_refuses_a_caller_that_may_not_ptrace_the_source() {
     // Through an fd root opened and handed over, the ptrace check still holds.
     let code = attach_as_nobody(Some(&device(DEVICE)), pid, start, len);
     assert_eq!(code, libc::EPERM, "nobody with root's device fd: errno {code} (0 means it was allowed)");
+}
+
+/// Puts the module's `require_cap_sys_ptrace` back to N when dropped.
+struct CapPolicy;
+
+const CAP_POLICY: &str = "/sys/module/specula_mirror/parameters/require_cap_sys_ptrace";
+
+impl CapPolicy {
+    fn require(on: bool) -> CapPolicy {
+        write_sys(CAP_POLICY, if on { "Y" } else { "N" });
+        CapPolicy
+    }
+}
+
+impl Drop for CapPolicy {
+    fn drop(&mut self) {
+        let _ = std::fs::write(CAP_POLICY, "N");
+    }
+}
+
+/// The stricter policy: with `require_cap_sys_ptrace=Y` a caller the ptrace check
+/// allows (nobody, attaching to nobody's source) is refused for lacking
+/// CAP_SYS_PTRACE, and root, which has it, is not; with N the same caller attaches.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_require_cap_sys_ptrace_refuses_a_caller_ptrace_would_allow() {
+    const NOBODY: u32 = 65534;
+    let source = Source::spawn_as(NOBODY);
+    let (pid, start, len) = (source.pid as u32, source.addr, (PAGES * PAGE) as u64);
+    let dev = device(DEVICE);
+    let _policy = CapPolicy::require(false);
+    assert_eq!(attach_as_nobody(Some(&dev), pid, start, len), 0, "by default ptrace's rule decides: nobody may");
+    let _policy = CapPolicy::require(true);
+    let code = attach_as_nobody(Some(&dev), pid, start, len);
+    assert_eq!(code, libc::EPERM, "with the policy on, nobody lacks CAP_SYS_PTRACE: errno {code} (0: allowed)");
+    let pidfd = source.pidfd();
+    dev.attach(pid, pidfd.as_fd(), start, len).expect("root has CAP_SYS_PTRACE: allowed with the policy on");
 }
 
 /// Our own vmm running `source-workload` in 128 MiB of private anonymous RAM.
