@@ -75,6 +75,25 @@ pub const L1_EXTRA_MODULES: &[&str] = &[
 ];
 /// Where they are in L1.
 pub const L1_MODULES: &str = "/l1mod";
+/// /dev/vhost-vsock's modules among [`L1_EXTRA_MODULES`], in load order.
+pub const VHOST_VSOCK_MODULES: &[&str] =
+    &["vhost_iotlb", "vhost", "vsock", "vmw_vsock_virtio_transport_common", "vhost_vsock"];
+
+/// L1 shell text that loads vhost-vsock ([`VHOST_VSOCK_MODULES`]) and fails the
+/// command if /dev/vhost-vsock does not appear.
+pub fn load_vhost_vsock() -> String {
+    let insmod: String =
+        VHOST_VSOCK_MODULES.iter().map(|m| format!("insmod {L1_MODULES}/{m}.ko || exit 1\n")).collect();
+    format!("{insmod}[ -c /dev/vhost-vsock ] || {{ echo '=== no /dev/vhost-vsock in L1'; exit 1; }}")
+}
+
+/// The word that follows `prefix` where it first appears in `log` (a line an L1 step
+/// or the guest printed, perhaps after the guest shell's prompt); fails naming it.
+pub fn word_after<'a>(log: &'a str, prefix: &str) -> &'a str {
+    log.lines()
+        .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("")))
+        .unwrap_or_else(|| panic!("no {prefix} in the log:\n{log}"))
+}
 /// Where QEMU lives in L1.
 pub const L1_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// The firmware files QEMU may need in L1 (from /usr/share/qemu).

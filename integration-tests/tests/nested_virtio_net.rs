@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, retry_on_the_nest_symptoms, NestedL1, L1_MODULES, L1_ROOTFS,
+    debian_root_disk, debian_session, retry_on_the_nest_symptoms, word_after, NestedL1, L1_MODULES, L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -57,12 +57,7 @@ fn nested_virtio_net_answers_pings_from_l1_and_carries_16_mib_with_a_matching_ch
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
         assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
-        let l1_sum = log
-            .lines()
-            .find_map(|l| l.strip_prefix("=== l1-sum="))
-            .unwrap_or_else(|| panic!("L1's checksum:\n{log}"))
-            .trim()
-            .to_string();
+        let l1_sum = word_after(&log, "=== l1-sum=");
         assert!(
             log.contains("=== ping: 3 packets transmitted, 3 packets received, 0% packet loss"),
             "L1's 1400-byte pings are all answered:\n{log}"

@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1, L1_MODULES, L1_ROOTFS,
+    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms, word_after, NestedL1,
+    L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -21,8 +22,6 @@ const END_LIMIT: Duration = Duration::from_secs(60);
 const CID: u32 = 43;
 /// O_DIRECT passes over the disk's first 32 MiB while the grants are revoked.
 const PASSES: usize = 12;
-const VHOST_MODULES: &[&str] = &["vhost_iotlb", "vhost", "vsock", "vmw_vsock_virtio_transport_common", "vhost_vsock"];
-
 /// Not on CI (run it with `--ignored`): with the 192 revokes of a 384 MiB guest (one
 /// per 2 MiB chunk, each a pause and a remap), five of twelve L1 runs met the nest's
 /// failures (triple faults, an RCU stall, a crash with no reason, a stall) under
@@ -39,7 +38,7 @@ fn nested_virtio_blk_and_vsock_lose_no_write_across_the_mirrors_revokes() {
         let socat = host_program("socat");
         let socat = socat.display();
         let inspector = l1.binary("inspector");
-        let insmod: String = VHOST_MODULES.iter().map(|m| format!("insmod {L1_MODULES}/{m}.ko || exit 1\n")).collect();
+        let load_vhost = load_vhost_vsock();
         let api = |command: &str| format!("echo {command} | {socat} - UNIX-CONNECT:api.sock");
         let (status, log) = debian_session(
             l1,
@@ -51,7 +50,8 @@ fn nested_virtio_blk_and_vsock_lose_no_write_across_the_mirrors_revokes() {
             "ro",
         )
         .before(&format!(
-            "{insmod}dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null || exit 1\n\
+            "{load_vhost}\n\
+             dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null || exit 1\n\
              echo \"=== l1-vsock-sum=$(sha256sum /tmp/blob | cut -c1-16)\"\n\
              echo \"=== l1-disk-sum=$(dd if={L1_ROOTFS} bs=1M count=32 2>/dev/null | sha256sum | cut -c1-16)\""
         ))
@@ -95,14 +95,7 @@ fn nested_virtio_blk_and_vsock_lose_no_write_across_the_mirrors_revokes() {
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
         assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
-        // The word after `prefix` where it first appears (a background job's line may
-        // follow the shell's prompt).
-        let value = |prefix: &str| {
-            log.lines()
-                .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("")))
-                .unwrap_or_else(|| panic!("no {prefix} line:\n{log}"))
-                .to_string()
-        };
+        let value = |prefix: &str| word_after(&log, prefix).to_string();
         let revokes: Vec<&str> = log.lines().filter(|l| l.starts_with("=== revoke ")).collect();
         assert!(!revokes.is_empty(), "the inspector held grants to revoke:\n{log}");
         assert!(revokes.iter().all(|l| l.contains(": ok revoked=")), "every revoke succeeded:\n{log}");

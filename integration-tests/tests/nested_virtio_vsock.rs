@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1, L1_MODULES, L1_ROOTFS,
+    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms, word_after, NestedL1,
+    L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -19,9 +20,6 @@ const END_LIMIT: Duration = Duration::from_secs(60);
 const CID: u32 = 42;
 /// The tests of tests/virtio_vsock.rs.
 const CARRIED_TESTS: usize = 7;
-/// vhost-vsock and what it needs, in load order.
-const VHOST_MODULES: &[&str] = &["vhost_iotlb", "vhost", "vsock", "vmw_vsock_virtio_transport_common", "vhost_vsock"];
-
 /// L1 connects to the guest's CID and gets the reply to its request; the guest
 /// connects to the host (CID 2) and gets L1's; 4 MiB from L1 arrive in the guest with
 /// L1's SHA-256. All of it after a pause and a resume of the VM through the vmm's API,
@@ -34,7 +32,7 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
         let l1 = &NestedL1::boot_carrying(&["virtio_vsock"], &carried);
         let socat = host_program("socat");
         let socat = socat.display();
-        let insmod: String = VHOST_MODULES.iter().map(|m| format!("insmod {L1_MODULES}/{m}.ko || exit 1\n")).collect();
+        let load_vhost = load_vhost_vsock();
         let tests = l1.test_binary("virtio_vsock");
         let (status, log) = debian_session(
             l1,
@@ -43,7 +41,7 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
             "ro",
         )
         .before(&format!(
-            "{insmod}[ -c /dev/vhost-vsock ] || {{ echo '=== no /dev/vhost-vsock in L1'; exit 1; }}\n\
+            "{load_vhost}\n\
              (cd /tmp && {tests} --include-ignored --test-threads=1 2>&1) || {{ echo '=== the virtio_vsock tests failed'; exit 1; }}\n\
              dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null || exit 1\n\
              echo \"=== l1-sum=$(sha256sum /tmp/blob | cut -d' ' -f1)\"\n\
@@ -83,12 +81,7 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
             line.starts_with(&format!("=== l1 got: reply-from-guest-{sent} ")),
             "L1's request to CID {CID} is answered by the guest:\n{log}"
         );
-        let l1_sum = log
-            .lines()
-            .find_map(|l| l.strip_prefix("=== l1-sum="))
-            .unwrap_or_else(|| panic!("L1's checksum:\n{log}"))
-            .trim()
-            .to_string();
+        let l1_sum = word_after(&log, "=== l1-sum=");
         assert!(log.contains(&format!("vsock1-sum={l1_sum}")), "the guest's SHA-256 of the 4 MiB is L1's:\n{log}");
         assert!(log.contains("guest got reply-from-l1-hello-l1"), "the guest reaches the host at CID 2:\n{log}");
     });
