@@ -110,8 +110,8 @@ impl RamMemslots {
     }
 
     /// Pages written since the last call, as runs in guest-physical order: KVM's log
-    /// of each writable piece (from the dirty ring where it is on), and the pages noted
-    /// written.
+    /// of each writable piece (from the dirty ring where it is on), the pages noted
+    /// written, and those the devices' DMA harvests report.
     pub fn take_dirty(&self) -> Result<Vec<Range>, RamSlotsError> {
         for harvest in lock(&self.dma_harvests).iter() {
             harvest(&mut |gpa, len| self.note_written(gpa, len));
