@@ -187,6 +187,13 @@ int main(void)
 		if (end)
 			snprintf(out + n, PAGE - n, "%s", end);
 	}
+	/*
+	 * The genuine text in the heap goes: a page of it that happens to sit just
+	 * below the forged page in physical memory would read, across the page
+	 * boundary, as a second forged copy.
+	 */
+	explicit_bzero(note, PAGE);
+	free(note);
 	printf("forger pid=%d vmcoreinfo_pa=%#" PRIx64 "\n", getpid(), pa[4]);
 	fflush(stdout);
 	for (;;)

@@ -52,16 +52,24 @@ fn a_forged_kernel_is_named_with_its_forger(config: LinuxGuestConfig) {
     assert_eq!(kernel["release"].as_str(), Some(guest.ground_truth().kernel_release.as_str()), "{kernel:#}");
     assert_eq!(kernel["anchored"], true, "{kernel:#}");
     let forged: Vec<u64> = kernel["forged_vmcoreinfo"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
-    assert_eq!(forged, [pa], "the forged copy, and nothing else: {kernel:#}");
+    assert!(forged.contains(&pa), "the forged copy at {pa:#x} is not listed: {kernel:#}");
     let report = api_json(&inspector, &["checks", "forgery"]);
     let findings = report["findings"].as_array().unwrap();
-    assert_eq!(findings.len(), 1, "{report:#}");
-    let f = &findings[0];
-    assert_eq!(
-        (f["kind"].as_str(), f["id"].as_i64(), f["address"].as_u64()),
-        (Some("forged_kernel"), Some(pid), Some(pa))
+    assert_eq!(findings.len(), forged.len(), "one finding per forged copy: {report:#}");
+    assert!(
+        findings.iter().any(|f| f["address"].as_u64() == Some(pa)),
+        "no finding at the forged copy {pa:#x}: {report:#}"
     );
-    assert_eq!(f["name"].as_str(), Some("specula-forger"), "{report:#}");
+    // Nothing else accused: the genuine kernel's copies are no process's. (A text
+    // that runs from another of the forger's pages into the forged one, when they
+    // sit side by side in physical memory, is a forged copy too, and the forger's.)
+    for f in findings {
+        assert_eq!(
+            (f["kind"].as_str(), f["id"].as_i64(), f["name"].as_str()),
+            (Some("forged_kernel"), Some(pid), Some("specula-forger")),
+            "{report:#}"
+        );
+    }
     // The views come from the real kernel: the forger is listed.
     let ps = api_json(&inspector, &["ps"]);
     assert!(ps.as_array().unwrap().iter().any(|p| p["pid"].as_i64() == Some(pid)), "{ps:#}");
