@@ -422,6 +422,7 @@ fn stop_vcpus(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>) 
         // A thread already past KVM_RUN ignores the kick; one inside it returns EINTR.
         let _ = handle.kill(vcpu::kick_signal());
     }
+    lifecycle.forget_threads();
     for handle in threads {
         if handle.join().is_err() {
             log::error!("a vCPU thread panicked");
@@ -451,5 +452,40 @@ impl MutEventSubscriber for ExitWatcher {
         } else {
             let _ = self.lifecycle.exit_evt().read();
         }
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A pause or a trace disarm that races the VM's end kicks the vCPU threads. Once
+    /// they are joined, their pthread_t may name freed memory, and `pthread_kill` on it
+    /// crashed the vmm (SIGSEGV as a traced guest powered off): stopping unregisters
+    /// them before the join.
+    #[test]
+    fn no_vcpu_thread_is_kicked_once_the_vcpus_are_stopped() {
+        vcpu::install_kick_handler().unwrap();
+        let lifecycle = Arc::new(Lifecycle::new().unwrap());
+        let running = Arc::new(AtomicBool::new(true));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (lifecycle, running) = (lifecycle.clone(), running.clone());
+                std::thread::spawn(move || {
+                    while !lifecycle.stopping() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    running.store(false, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        assert_eq!(lifecycle.kick_vcpus(), 2, "both threads are registered while they run");
+        stop_vcpus(&lifecycle, threads);
+        assert!(!running.load(Ordering::SeqCst));
+        assert_eq!(lifecycle.kick_vcpus(), 0, "a kick after the join must signal no joined thread");
     }
 }

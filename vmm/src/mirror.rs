@@ -104,7 +104,9 @@ impl SourceVm for LifecycleSource {
         // are kicked out for it.
         trace
             .breakpoints()
-            .set(software, points, || self.0.kick_vcpus())
+            .set(software, points, || {
+                self.0.kick_vcpus();
+            })
             .map_err(|e| SourceVmError::ArmTrace { kinds: trace_kind::BREAKPOINTS, source: Box::new(e) })
     }
 

@@ -161,6 +161,10 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
+    /// The exporter was shut down: the source's RAM may be unmapped, so nothing
+    /// revokes or discards it any more.
+    #[error("the source VM is stopping: its RAM is no longer revoked or discarded")]
+    Stopping,
 }
 
 /// Where a grant record stands. Only a re-home of its chunk (a revoke) ends a record:
@@ -377,6 +381,9 @@ impl Exporter {
         let shared = &self.shared;
         let affected = {
             let _ops = lock(&shared.ops);
+            if shared.stopping.load(Ordering::SeqCst) {
+                return Err(ExportError::Stopping);
+            }
             let record = *lock(&shared.grants).get(&grant_id).ok_or(ExportError::UnknownGrant(grant_id))?;
             shared.rehome(&shared.chunks[record.chunk])?;
             let mut grants = lock(&shared.grants);
@@ -443,6 +450,9 @@ impl Exporter {
             return Err(ExportError::NotRam { gpa, len });
         }
         let _ops = lock(&self.shared.ops);
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(ExportError::Stopping);
+        }
         for chunk in &self.shared.chunks {
             let lo = gpa.max(chunk.gpa);
             let hi = end.min(chunk.gpa + chunk.len);
@@ -461,10 +471,16 @@ impl Exporter {
     }
 
     /// Tells every inspector the source is exiting and stops accepting.
+    ///
+    /// On return no revoke or discard is in flight and none starts again
+    /// ([`ExportError::Stopping`]), so the source may unmap its RAM.
     pub fn shutdown(&self) {
         if self.shared.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Waits out a revoke or discard that took `ops` before `stopping` was set: both
+        // write the source's mapping, which the caller is about to unmap.
+        drop(lock(&self.shared.ops));
         self.broadcast(&Message::SourceExiting);
         if let Some(feed) = self.shared.source.trace_feed() {
             feed.close();

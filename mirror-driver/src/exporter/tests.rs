@@ -58,3 +58,63 @@ fn data_segments_skip_holes() {
     let empty = memfd::create_ram_memfd(1 << 20).unwrap();
     assert!(data_segments(&empty, 1 << 20).unwrap().is_empty());
 }
+
+/// A source with no vCPUs: pauses and snapshots succeed at once.
+struct IdleSource;
+
+impl SourceVm for IdleSource {
+    fn vcpu_state(&self) -> Result<Vec<VcpuRegs>, SourceVmError> {
+        Ok(Vec::new())
+    }
+    fn pause(&self) -> Result<(), SourceVmError> {
+        Ok(())
+    }
+    fn resume(&self) {}
+}
+
+/// After `shutdown` the source unmaps its RAM: a discard or revoke that an API client
+/// asks for later (its threads outlive the VM) must not write the old mapping.
+#[test]
+fn after_shutdown_no_discard_or_revoke_touches_the_source_ram() {
+    const LEN: u64 = 2 << 20;
+    let file = memfd::create_ram_memfd(LEN).unwrap();
+    // SAFETY: a fresh shared mapping of our own memfd, unmapped at the end.
+    let ram = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(ram, libc::MAP_FAILED);
+    // SAFETY: inside the mapping above.
+    unsafe { ram.cast::<u8>().write(0x5a) };
+    let socket = std::env::temp_dir().join(format!("specula-exporter-shutdown-{}.sock", std::process::id()));
+    let region = ExportRegion { gpa: 0, len: LEN, file: Arc::new(file), host_addr: ram as u64 };
+    let policy = ExportPolicy {
+        // SAFETY: getuid cannot fail.
+        allowed_uids: vec![unsafe { libc::getuid() }],
+        ranges: None,
+        regrant_after_revoke: true,
+        allow_pause: false,
+        allow_trace: false,
+        allow_trace_patches: false,
+    };
+    let exporter =
+        Exporter::start(&socket, vec![region], 1, policy, ExportLimits::default(), Arc::new(IdleSource)).unwrap();
+    exporter.discard(0, 4096).unwrap();
+    // SAFETY: inside the mapping above.
+    assert_eq!(unsafe { ram.cast::<u8>().read() }, 0, "a discard before shutdown zeroes the page");
+    // SAFETY: inside the mapping above.
+    unsafe { ram.cast::<u8>().write(0x5a) };
+    exporter.shutdown();
+    assert!(matches!(exporter.discard(0, 4096), Err(ExportError::Stopping)));
+    assert!(matches!(exporter.revoke(1), Err(ExportError::Stopping)));
+    // SAFETY: inside the mapping above.
+    assert_eq!(unsafe { ram.cast::<u8>().read() }, 0x5a, "nothing was written after shutdown");
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(ram, LEN as usize) };
+}

@@ -156,15 +156,27 @@ impl Lifecycle {
 
     /// Kicks every vCPU out of KVM_RUN once, so that each serves what was asked of it
     /// (arming the trace's breakpoints, say) before it enters the guest again.
-    pub fn kick_vcpus(&self) {
-        self.kick_all();
+    /// Returns how many vCPU threads it signalled.
+    pub fn kick_vcpus(&self) -> usize {
+        self.kick_all()
     }
 
-    fn kick_all(&self) {
-        for &thread in lock(&self.threads).iter() {
-            // SAFETY: the threads are joined only after `begin_stop`, so each handle is live.
+    /// Signals every vCPU thread still registered; returns how many it signalled.
+    fn kick_all(&self) -> usize {
+        let threads = lock(&self.threads);
+        for &thread in threads.iter() {
+            // SAFETY: a handle stays registered only until `forget_threads`, which takes
+            // this lock before anyone joins the thread, so each one here is live.
             unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
+        threads.len()
+    }
+
+    /// Unregisters the vCPU threads, which the caller is about to join: a pthread_t of a
+    /// joined thread must never be signalled (its descriptor may be freed). Later kicks,
+    /// from a pause or a trace disarm that races the VM's end, signal no one.
+    pub fn forget_threads(&self) {
+        lock(&self.threads).clear();
     }
 
     /// Registers of every vCPU, taken by kicking each out of KVM_RUN for a moment.
