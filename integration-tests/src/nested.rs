@@ -94,6 +94,22 @@ pub fn word_after<'a>(log: &'a str, prefix: &str) -> &'a str {
         .find_map(|l| l.split_once(prefix).map(|(_, rest)| rest.split_whitespace().next().unwrap_or("")))
         .unwrap_or_else(|| panic!("no {prefix} in the log:\n{log}"))
 }
+
+/// Shell lines for a guest session in L1: start `inspector ARGS` in the background,
+/// its output in `log`, as `$inspector`, and wait (at most 240 s) until its agent is
+/// ready; `fail` (the session's own) names the log when it dies or times out.
+pub fn start_inspector_and_wait(inspector: &str, args: &str, log: &str) -> String {
+    format!(
+        "{inspector} {args} > {log} 2>&1 &\n\
+         inspector=$!\n\
+         end=$(( $(date +%s) + 240 ))\n\
+         until grep -q 'inspector: agent ready' {log}; do\n\
+           [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat {log})\"\n\
+           usleep 200000\n\
+         done"
+    )
+}
+
 /// Where QEMU lives in L1.
 pub const L1_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// The firmware files QEMU may need in L1 (from /usr/share/qemu).

@@ -17,7 +17,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use integration_tests::nested::{
-    linux_dir, retry_on_the_nest_symptoms, ConsoleSession, NestedL1, L1_EXTRA_MODULES, L1_MODULES, L1_TARGET,
+    linux_dir, retry_on_the_nest_symptoms, start_inspector_and_wait, ConsoleSession, NestedL1, L1_EXTRA_MODULES,
+    L1_MODULES, L1_TARGET,
 };
 
 /// Linux under the vmm reaches its shell in ~10-20 s of TCG time; this bounds a hang
@@ -286,20 +287,21 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
         let ask = |request: &str| ask_as(request, request);
         // The marker's address is printed by the guest: the session reads it from the
         // console in L1 and asks for it there.
+        let start = start_inspector_and_wait(
+            &inspector,
+            &format!(
+                "--source-socket {run_dir}/mirror.sock --all --serial null --control-socket {run_dir}/control.sock \
+                 --api-socket {api} --view-cache always"
+            ),
+            "inspector.log",
+        );
         let (status, out) = ConsoleSession::new(l1, "linux-source", &args)
             .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
             // Where the system call table is, as the guest's kallsyms says (for a watch).
             .send("echo sct=$(grep ' sys_call_table$' /proc/kallsyms | cut -d' ' -f1)")
             .wait_for("sct=ffffffff", SHELL_LIMIT)
             .shell(&format!(
-                "{inspector} --source-socket {run_dir}/mirror.sock --all --serial null --control-socket {run_dir}/control.sock \
-                   --api-socket {api} --view-cache always > inspector.log 2>&1 &\n\
-                 inspector=$!\n\
-                 end=$(( $(date +%s) + 240 ))\n\
-                 until grep -q 'inspector: agent ready' inspector.log; do\n\
-                   [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat inspector.log)\"\n\
-                   usleep 200000\n\
-                 done\n\
+                "{start}\n\
                  {}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}\n\
                  marker=$(grep '^marker .*comm=specula-workerA' out | head -1 | tr -d '\\r')\n\
                  field() {{ echo \" $marker \" | sed -n \"s/.* $1=\\([^ ]*\\) .*/\\1/p\"; }}\n\
@@ -477,17 +479,15 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
         );
         let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
         let api = format!("{run_dir}/api.sock");
+        let start = start_inspector_and_wait(
+            &inspector,
+            &format!("--source-socket {run_dir}/mirror.sock --all --serial null --api-socket {api}"),
+            "inspector.log",
+        );
         let (status, out) = ConsoleSession::new(l1, &format!("trace-{dir}"), &args)
             .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
             .shell(&format!(
-                "{inspector} --source-socket {run_dir}/mirror.sock --all --serial null --api-socket {api} \
-                   > inspector.log 2>&1 &\n\
-                 inspector=$!\n\
-                 end=$(( $(date +%s) + 240 ))\n\
-                 until grep -q 'inspector: agent ready' inspector.log; do\n\
-                   [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat inspector.log)\"\n\
-                   usleep 200000\n\
-                 done\n\
+                "{start}\n\
                  {specula} --socket {api} --json trace --software-breakpoints > trace.out 2> trace.err &\n\
                  tracer=$!\n\
                  until grep -q 'specula: tracing' trace.err; do\n\

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms, word_after, NestedL1,
-    L1_ROOTFS,
+    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms,
+    start_inspector_and_wait, word_after, NestedL1, L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -57,15 +57,14 @@ fn nested_virtio_blk_and_vsock_lose_no_write_across_the_mirrors_revokes() {
         ))
         .wait_for("specula-rootfs: Debian 12.", SHELL_LIMIT)
         .shell(&format!(
-            "{inspector} --source-socket mirror.sock --all --serial null > inspector.log 2>&1 &\n\
-             inspector=$!\n\
-             end=$(( $(date +%s) + 240 ))\n\
-             until grep -q 'inspector: agent ready' inspector.log; do\n\
-               [ $(date +%s) -lt $end ] && kill -0 $inspector 2>/dev/null || fail \"inspector not ready: $(cat inspector.log)\"\n\
-               usleep 200000\n\
-             done\n\
+            "{start}\n\
              grants=$({grants})\n\
              echo \"=== grants: $grants\"",
+            start = start_inspector_and_wait(
+                &inspector,
+                "--source-socket mirror.sock --all --serial null",
+                "inspector.log"
+            ),
             grants = api("grants"),
         ))
         .send("echo \"vsock$((1))-sum=$(socat -u VSOCK-LISTEN:5001,reuseaddr - | sha256sum | cut -c1-16)\" &")

@@ -306,7 +306,7 @@ impl MmioTransport {
     pub fn kernel_error(&mut self) {
         if self.activated() && self.broken.is_none() {
             self.device.reset();
-            self.stop("the kernel backend met a malformed queue (a descriptor outside guest RAM, a loop, or an absurd length)".to_string());
+            self.stop("the kernel backend met a malformed queue (such as a descriptor outside guest RAM, a loop, an absurd length or an available index running ahead)".to_string());
         }
     }
 
