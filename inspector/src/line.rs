@@ -70,6 +70,10 @@ pub fn execute(line: &str, inspector: &Inspector) -> Result<String, LineError> {
     Ok(line_of(reply))
 }
 
+/// The requests only this socket serves, with syntax of its own (the others are
+/// [`Request`]'s clap subcommands).
+pub const LINE_ONLY_REQUESTS: &[&str] = &["read", "audit-read", "scan", "watch", "check", "write-probe", "latency"];
+
 /// The request a line asks for.
 pub fn parse(line: &str) -> Result<Request, LineError> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -243,6 +247,19 @@ pub fn request(path: &Path, line: &str) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `inspector --help` lists these as the socket's own: each is one `parse` knows
+    /// (its missing arguments are named, not the request).
+    #[test]
+    fn the_line_only_requests_are_the_ones_parse_serves_by_hand() {
+        for name in LINE_ONLY_REQUESTS {
+            match parse(name) {
+                Err(LineError::Parse(ParseError::Missing { .. })) => {}
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert!(matches!(parse("no-such-request"), Err(LineError::Syntax(_))));
+    }
 
     #[test]
     fn line_requests_parse_into_the_requests_they_name() {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use inspector::line;
 use inspector::startup::{self, DaemonConfig, DaemonError};
 use inspector::view_cache::ViewCacheMode;
@@ -27,8 +27,7 @@ use vmm::{error_chain, VmExit};
     args_conflicts_with_subcommands = true,
     about = "Attach to a source (a Specula vmm's mirror socket, or an unmodified QEMU through its QMP \
              socket: its RAM must be a shared memfd backend, -object memory-backend-memfd,id=ram0,size=SIZE,share=on \
-             -machine memory-backend=ram0, or any KVM VMM by pid through the kernel mirror device), map its RAM read-only into an agent VM, and serve analysis requests.",
-    after_help = "Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply."
+             -machine memory-backend=ram0, or any KVM VMM by pid through the kernel mirror device), map its RAM read-only into an agent VM, and serve analysis requests."
 )]
 struct Cli {
     #[command(flatten)]
@@ -125,94 +124,78 @@ enum MainError {
     Refused(String),
     #[error("{0}")]
     Usage(&'static str),
+    /// The request's words are not a request the control socket serves.
+    #[error("bad request {0}")]
+    BadRequest(String),
+    /// Asked for a request's help: printed, and not an error.
+    #[error("{0}")]
+    Help(String),
     #[error("--log-level")]
     LogLevel(#[from] vmm::logger::LoggerError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
 }
 
-/// One request to a running inspector's control socket; the reply is printed.
+/// A request to a running inspector: the words of any request its control socket
+/// serves (`inspector status --control-socket PATH`, `inspector trace-start exec
+/// --control-socket PATH`, ...), checked here with the socket's own parser before they
+/// are sent, so the binary never lags behind the requests the inspector knows.
 #[derive(Subcommand)]
-#[command(rename_all = "kebab-case")]
 enum Request {
-    /// read GPA LEN: the bytes, hex
-    Read(Words),
-    /// hash GPA LEN: xxh64 and SHA-256
-    Hash(Words),
-    /// scan GPA LEN HEXPATTERN: where the pattern occurs
-    Scan(Words),
-    /// watch GPA LEN: start an integrity watch
-    Watch(Words),
-    /// check ID: pages a watch saw change
-    Check(Words),
-    /// grants: the mapped grants
-    Grants(Words),
-    /// status: source and inspector state
-    Status(Words),
-    /// views: OS views served again without a walk (dirty-page feed), and walks
-    Views(Words),
-    /// vcpus: the source's vCPU registers
-    Vcpus(Words),
-    /// pause: stop the source's vCPUs (QEMU sources)
-    Pause(Words),
-    /// resume: let them run again
-    Resume(Words),
-    /// write-probe GPA BYTE: the agent tries to write the window
-    WriteProbe(Words),
-    /// latency GPA COUNT MS: coherence latency samples
-    Latency(Words),
-    /// kernel: the source's Linux kernel, found in its RAM
-    Kernel(Words),
-    /// ps: the source's processes
-    Ps(Words),
-    /// lsmod: the source's kernel modules
-    Lsmod(Words),
-    /// vread PID VA LEN: a process's virtual memory
-    Vread(Words),
-    /// check-syscalls: system call table entries outside the kernel's text
-    CheckSyscalls(Words),
-    /// checks [processes|modules|syscalls|interrupts|kernel_text|forgery|msrs ...]: rootkit checks (all but msrs by default)
-    Checks(Words),
+    #[command(external_subcommand)]
+    Words(Vec<String>),
 }
 
-#[derive(Args)]
-struct Words {
-    /// The running inspector's control socket.
-    #[arg(long, value_name = "PATH")]
-    control_socket: PathBuf,
-    /// The request's arguments (GPA LEN, ...), before or after --control-socket.
-    args: Vec<String>,
+/// Where the requests are listed in `--help`.
+fn requests_help() -> String {
+    let api = <specula_api::Request as clap::Subcommand>::augment_subcommands(clap::Command::new("requests"));
+    let mut names: Vec<String> = line::LINE_ONLY_REQUESTS.iter().map(|n| n.to_string()).collect();
+    names.extend(api.get_subcommands().map(|c| c.get_name().to_string()));
+    format!(
+        "Requests to a running inspector: inspector REQUEST [ARGS...] --control-socket PATH, one of: {}.\n\
+         Exit status: 0 on success; 1 on a bad argument, a refused attach or an error reply.",
+        names.join(", ")
+    )
+}
+
+/// clap's help for a request with a clap syntax (`inspector trace-start --help`).
+fn request_help(words: &[&str]) -> String {
+    let requests = <specula_api::Request as clap::Subcommand>::augment_subcommands(
+        clap::Command::new("inspector").override_usage("inspector REQUEST [ARGS...] --control-socket PATH"),
+    );
+    match requests.try_get_matches_from(std::iter::once("inspector").chain(words.iter().copied())) {
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => e.render().to_string(),
+        _ => format!("{}: see `inspector --help` and the line socket's requests in inspector/src/line.rs\n", words[0]),
+    }
 }
 
 impl Request {
-    fn line(&self) -> (&PathBuf, String) {
-        let (name, words) = match self {
-            Request::Read(w) => ("read", w),
-            Request::Hash(w) => ("hash", w),
-            Request::Scan(w) => ("scan", w),
-            Request::Watch(w) => ("watch", w),
-            Request::Check(w) => ("check", w),
-            Request::Grants(w) => ("grants", w),
-            Request::Status(w) => ("status", w),
-            Request::Views(w) => ("views", w),
-            Request::Vcpus(w) => ("vcpus", w),
-            Request::Pause(w) => ("pause", w),
-            Request::Resume(w) => ("resume", w),
-            Request::WriteProbe(w) => ("write-probe", w),
-            Request::Latency(w) => ("latency", w),
-            Request::Kernel(w) => ("kernel", w),
-            Request::Ps(w) => ("ps", w),
-            Request::Lsmod(w) => ("lsmod", w),
-            Request::Vread(w) => ("vread", w),
-            Request::CheckSyscalls(w) => ("check-syscalls", w),
-            Request::Checks(w) => ("checks", w),
-        };
-        let mut line = name.to_string();
-        for word in &words.args {
-            line.push(' ');
-            line.push_str(word);
+    /// The control socket and the request line: `--control-socket PATH` (or `=PATH`)
+    /// may stand anywhere among the words.
+    fn line(&self) -> Result<(PathBuf, String), MainError> {
+        let Request::Words(words) = self;
+        let mut socket = None;
+        let mut rest = Vec::with_capacity(words.len());
+        let mut words = words.iter();
+        while let Some(word) = words.next() {
+            if word == "--control-socket" {
+                socket = Some(words.next().ok_or(MainError::Usage("--control-socket needs a PATH"))?.into());
+            } else if let Some(path) = word.strip_prefix("--control-socket=") {
+                socket = Some(path.into());
+            } else if word.is_empty() || word.contains(char::is_whitespace) {
+                return Err(MainError::BadRequest(format!("request word {word:?} is empty or holds white space")));
+            } else {
+                rest.push(word.as_str());
+            }
         }
-        (&words.control_socket, line)
+        if rest.iter().any(|w| matches!(*w, "--help" | "-h")) {
+            return Err(MainError::Help(request_help(&rest)));
+        }
+        let socket =
+            socket.ok_or(MainError::Usage("a request needs --control-socket PATH (the running inspector's)"))?;
+        let line = rest.join(" ");
+        line::parse(&line).map_err(|e| MainError::BadRequest(format!("{line:?}: {e}")))?;
+        Ok((socket, line))
     }
 }
 
@@ -225,7 +208,8 @@ fn main() -> ExitCode {
         eprintln!("inspector: error: {e}");
         return ExitCode::from(1);
     }
-    let cli = match Cli::try_parse() {
+    let command = Cli::command().after_help(requests_help());
+    let cli = match command.try_get_matches().and_then(|m| Cli::from_arg_matches(&m)) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             eprintln!("inspector: error: {}", line::first_line(&e));
@@ -252,9 +236,15 @@ fn main() -> ExitCode {
 }
 
 fn client(request: &Request) -> Result<ExitCode, MainError> {
-    let (socket, line) = request.line();
+    let (socket, line) = match request.line() {
+        Err(MainError::Help(text)) => {
+            print!("{text}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => other?,
+    };
     let reply =
-        line::request(socket, &line).map_err(|source| MainError::Unreachable { socket: socket.clone(), source })?;
+        line::request(&socket, &line).map_err(|source| MainError::Unreachable { socket: socket.clone(), source })?;
     match reply.strip_prefix("ok") {
         Some(rest) => {
             println!("{}", rest.trim_start());

@@ -801,6 +801,24 @@ fn the_inspector_binary_is_a_client_of_its_control_socket() {
     assert_eq!((code, read.as_str()), (Some(0), "53504543554c412d574f524b4c4f4144"), "arguments before the socket");
     let (code, read) = client(&["read", "--control-socket", control, &format!("{:#x}", workload::HEADER_GPA), "16"]);
     assert_eq!((code, read.as_str()), (Some(0), "53504543554c412d574f524b4c4f4144"), "and after it");
+    // Every request the socket serves, not a list of the binary's own: the trace
+    // requests came later, and this source does not trace.
+    let (code, trace) = client(&["trace-status", &format!("--control-socket={control}")]);
+    assert_eq!(code, Some(0), "{trace}");
+    assert!(trace.contains("\"kinds\":[]"), "nothing traced: {trace}");
+    let refused = |args: &[&str]| {
+        let out = integration_tests::run_with_timeout(Command::new(binary("inspector")).args(args), LIMIT);
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).trim().to_string())
+    };
+    let (code, err) = refused(&["stats", "--control-socket", control]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("bad request \"stats\": unrecognized subcommand 'stats'"), "{err}");
+    let (code, err) = refused(&["read", "0x1000", "--control-socket", control]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("missing LEN"), "{err}");
+    let (code, err) = refused(&["status"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("a request needs --control-socket PATH"), "{err}");
 }
 
 /// Write traps on a real source (`--mirror-allow-trace`; on this runner's KVM, and on
