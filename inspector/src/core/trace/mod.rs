@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use mirror_driver::protocol::{
-    trace_kind, traced_msr_name, BreakpointHit, MemoryWrite, MsrWrite, MSR_WRITE_STACK_WORDS,
+    trace_kind, traced_msr_name, Breakpoint, BreakpointHit, MemoryWrite, MsrWrite, MSR_WRITE_STACK_WORDS,
 };
 use serde_json::{json, Value};
 use specula_api::{Reply, Request, TraceStatus};
@@ -94,6 +94,9 @@ pub(crate) struct Tracing {
     software: std::sync::atomic::AtomicBool,
     /// What each armed breakpoint reports, by index.
     probes: Mutex<Vec<Probe>>,
+    /// The breakpoints armed at the source, which `probes` decodes: re-armed when a
+    /// change of plan fails half-way, so that no hit is decoded with another plan.
+    points: Mutex<Vec<Breakpoint>>,
     /// The kernel tables whose writes the source traps.
     tables: Mutex<TablePlan>,
     /// The init text of the modules loaded last, newest last (at most
@@ -204,13 +207,18 @@ impl Inspector {
             None => Ok(()),
         });
         if let Err(e) = armed {
-            // Back to what was traced before, as far as the source lets us.
+            // Back to what was traced before, as far as the source lets us. The old
+            // breakpoints go back at their indices too: `probes` still decodes hits by
+            // the old plan, and the new points may have been armed before the write
+            // traps failed (a hit of an exit probe read as an exec, say).
             let _ = self.source.subscribe_trace(*current & trace_kind::ALL);
-            if *current & BREAKPOINT_KINDS == 0 && plan.is_some() {
-                let _ = self.source.set_breakpoints(false, &[]);
+            if plan.is_some() || *current & BREAKPOINT_KINDS != 0 {
+                let old = lock(&self.tracing.points);
+                let _ = self.source.set_breakpoints(self.tracing.software.load(Ordering::SeqCst), &old);
             }
             return Err(e.into());
         }
+        *lock(&self.tracing.points) = plan.as_ref().map(|p| p.points.clone()).unwrap_or_default();
         *lock(&self.tracing.probes) = plan.map(|p| p.probes).unwrap_or_default();
         *lock(&self.tracing.tables) = tables.unwrap_or_default();
         *current = kinds;
