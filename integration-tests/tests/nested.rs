@@ -193,7 +193,7 @@ fn nested_mirror_security_tests_pass_on_npt() {
 /// baseline. Transparent huge pages are off in L1: KVM before Linux 6.13 refuses to
 /// map a THP's tail pages through a PFN mapping (`kvm_try_get_pfn` cannot take a
 /// reference on a tail page), so the agent's first read of a THP-backed source faults
-/// (mirror-driver/kmod/README.md, "Limits").
+/// (docs/kernel-mirror.md, "Limits").
 #[test]
 fn nested_kernel_mirror_tests_pass_in_l1() {
     retry_on_the_nest_symptoms(|| {

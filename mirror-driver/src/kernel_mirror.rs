@@ -173,7 +173,7 @@ pub enum KernelMirrorError {
         "process {pid} backs {kib} KiB of its guest RAM with transparent huge pages, which KVM before Linux 6.13 \
          cannot map into the inspector's VM through the device (it cannot take a reference on a huge page's tail \
          pages): echo never > /sys/kernel/mm/transparent_hugepage/enabled, then split the existing ones with \
-         echo 1 > /sys/kernel/debug/split_huge_pages, and attach again (mirror-driver/kmod/README.md, Limits)"
+         echo 1 > /sys/kernel/debug/split_huge_pages, and attach again (docs/kernel-mirror.md, Limits)"
     )]
     TransparentHugePages { pid: u32, kib: u64 },
 }
