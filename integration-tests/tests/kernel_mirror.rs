@@ -257,6 +257,32 @@ fn anonymous_ram_vmm() -> Running {
     ]))
 }
 
+/// VM layout's caller-given capacity is bounded: over the device's cap of 4096 it is
+/// refused before anything is read (EINVAL), short of the VM's memslots it reports the
+/// count with ENOSPC (and writes no more than asked), and enough gets every slot: here
+/// the one RAM slot of our vmm's 128 MiB anonymous guest.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_vm_layout_bounds_the_capacity_it_is_given() {
+    let mut source = anonymous_ram_vmm();
+    source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let pid = source.child.id();
+    let dev = device(DEVICE);
+    let pidfd = kernel_mirror::pidfd_open(pid).unwrap();
+    let vm_fds = kernel_mirror::kvm_vm_fds(pid).unwrap();
+    assert_eq!(vm_fds.len(), 1, "the vmm holds one KVM VM fd: {vm_fds:?}");
+    let vm = kernel_mirror::pidfd_getfd(pid, pidfd.as_fd(), vm_fds[0]).unwrap();
+
+    let e = dev.vm_layout_into(pid, pidfd.as_fd(), vm.as_fd(), 4097).expect_err("a capacity over 4096");
+    assert_eq!(errno_of(&e), Some(libc::EINVAL), "{e:?}");
+    let slots = dev.vm_layout_into(pid, pidfd.as_fd(), vm.as_fd(), 4096).expect("the full capacity");
+    assert_eq!(slots.len(), 1, "{slots:#x?}");
+    assert_eq!((slots[0].guest_phys_addr, slots[0].memory_size), (0, 128 << 20), "{slots:#x?}");
+    let e = dev.vm_layout_into(pid, pidfd.as_fd(), vm.as_fd(), 0).expect_err("no room");
+    assert!(matches!(e, KernelMirrorError::TooManyMemslots { count: 1, .. }), "{e:?}");
+    assert_eq!(dev.vm_layout(pid, pidfd.as_fd(), vm.as_fd()).unwrap(), slots, "the inspector's own call agrees");
+}
+
 #[test]
 #[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
 fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() {

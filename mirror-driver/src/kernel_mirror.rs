@@ -214,11 +214,26 @@ impl KernelMirror {
         pidfd: BorrowedFd<'_>,
         vm_fd: BorrowedFd<'_>,
     ) -> Result<Vec<Memslot>, KernelMirrorError> {
-        let mut slots = vec![Memslot::default(); MAX_MEMSLOTS];
+        self.vm_layout_into(pid, pidfd, vm_fd, MAX_MEMSLOTS)
+    }
+
+    /// [`KernelMirror::vm_layout`] with room for `capacity` memslots: more than the VM
+    /// has is [`KernelMirrorError::TooManyMemslots`] with its count, and a capacity over
+    /// the device's own cap (4096, as ours) is refused by the device (EINVAL). For tests
+    /// of the device's bounds; an inspector asks with [`KernelMirror::vm_layout`].
+    pub fn vm_layout_into(
+        &self,
+        pid: u32,
+        pidfd: BorrowedFd<'_>,
+        vm_fd: BorrowedFd<'_>,
+        capacity: usize,
+    ) -> Result<Vec<Memslot>, KernelMirrorError> {
+        let capacity = u32::try_from(capacity).expect("a memslot capacity fits in 32 bits");
+        let mut slots = vec![Memslot::default(); capacity as usize];
         let mut request = VmLayout {
             pidfd: pidfd.as_raw_fd() as u32,
             vm_fd: vm_fd.as_raw_fd(),
-            capacity: MAX_MEMSLOTS as u32,
+            capacity,
             count: 0,
             slots_ptr: slots.as_mut_ptr() as u64,
         };
@@ -231,7 +246,7 @@ impl KernelMirror {
             }
             return Err(KernelMirrorError::Layout { pid, source });
         }
-        slots.truncate((request.count as usize).min(MAX_MEMSLOTS));
+        slots.truncate((request.count as usize).min(capacity as usize));
         Ok(slots)
     }
 }
