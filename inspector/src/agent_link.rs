@@ -46,6 +46,10 @@ pub enum AgentError {
     TooBig,
     #[error("{0}")]
     Os(String),
+    /// The source exited and took its memory with it (a source by pid): whatever the
+    /// agent read of it since is zero pages, not an answer.
+    #[error("the source exited and its memory went with it: the agent has nothing of it to read")]
+    SourceMemoryGone,
 }
 
 /// A completed command. Its slot (and data area) stays reserved until it is dropped.
@@ -95,6 +99,9 @@ pub struct AgentLink {
     /// agent marks them done.
     abandoned: Mutex<Vec<(usize, u64)>>,
     seq: Mutex<u64>,
+    /// Set once the source's memory is gone: no command answers from then on, and
+    /// none that was running when it went.
+    source_memory_gone: std::sync::atomic::AtomicBool,
 }
 
 /// A random word from the kernel (getrandom).
@@ -132,6 +139,7 @@ impl AgentLink {
             free: Mutex::new((0..RING_SLOTS).collect()),
             abandoned: Mutex::new(Vec::new()),
             seq: Mutex::new(0),
+            source_memory_gone: Default::default(),
         })
     }
 
@@ -155,9 +163,18 @@ impl AgentLink {
         input: &[u8],
         timeout: Duration,
     ) -> Result<Completion<'_>, AgentError> {
+        let gone = || self.source_memory_gone.load(std::sync::atomic::Ordering::SeqCst);
+        if gone() {
+            return Err(AgentError::SourceMemoryGone);
+        }
         let slot = self.claim()?;
         let seq = self.next_seq();
         match self.run(slot, seq, op, args, input, timeout) {
+            // The agent may have read zero pages where the source's memory was.
+            Ok(_) if gone() => {
+                self.release(slot);
+                Err(AgentError::SourceMemoryGone)
+            }
             Ok(result) => Ok(Completion { result, slot, link: self }),
             Err(AgentError::Timeout(t)) => {
                 // The agent may still be working on it: keep the slot until it says done.
@@ -169,6 +186,12 @@ impl AgentLink {
                 Err(e)
             }
         }
+    }
+
+    /// From now on every command fails with [`AgentError::SourceMemoryGone`], and so
+    /// does each one running now, whatever the agent answers.
+    pub fn mark_source_memory_gone(&self) {
+        self.source_memory_gone.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn release(&self, slot: usize) {
@@ -377,6 +400,29 @@ mod tests {
             n += 1;
         }
         assert_eq!(lock(&link.free).len(), RING_SLOTS, "the late slot came back once the agent finished");
+        stop.store(true, Ordering::SeqCst);
+        agent.join().unwrap();
+    }
+
+    /// The source's memory went while a command ran (the vCPU's EFAULT, mended with
+    /// zero pages): its answer is refused, and so is every later command, slots freed.
+    #[test]
+    fn once_the_source_memory_is_gone_no_answer_is_taken() {
+        let (link, memory, doorbell) = ring();
+        let link = Arc::new(link);
+        let stop = Arc::new(AtomicBool::new(false));
+        let slow = |s: &Slot| if s.args[0] == 1 { Duration::from_millis(300) } else { Duration::ZERO };
+        let agent = fake_agent(memory, doorbell, stop.clone(), slow, echo);
+        assert_eq!(link.call(OP_READ, [7, 0, 0, 0], &[]).unwrap().result[0], 7, "answers while the memory is there");
+        let running = {
+            let link = link.clone();
+            std::thread::spawn(move || link.call(OP_SCAN, [1, 0, 0, 0], &[]).map(|done| done.result[0]))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        link.mark_source_memory_gone();
+        assert!(matches!(running.join().unwrap(), Err(AgentError::SourceMemoryGone)), "the command running then");
+        assert!(matches!(link.call(OP_READ, [2, 0, 0, 0], &[]), Err(AgentError::SourceMemoryGone)), "a later one");
+        assert_eq!(lock(&link.free).len(), RING_SLOTS, "no slot is lost");
         stop.store(true, Ordering::SeqCst);
         agent.join().unwrap();
     }

@@ -102,6 +102,12 @@ pub trait Source: Send + Sync {
     fn contents_outlive_the_source(&self) -> bool {
         true
     }
+    /// Whether the source's memory is gone now, so that the agent's mappings of it
+    /// fault (asked when the agent's vCPU meets such a fault, before any exit event may
+    /// have come). Never, where the contents outlive the source.
+    fn memory_gone(&self) -> bool {
+        false
+    }
     /// The system-call MSRs (LSTAR) of every vCPU, where the source can tell them.
     fn cpu_msrs(&self) -> Result<Vec<CpuMsrs>, SourceError> {
         Err(SourceError::Unsupported("this source does not report vCPU MSRs"))
@@ -281,5 +287,9 @@ impl Source for PidSource {
     /// is SIGBUS for a process and EFAULT for the agent's vCPU.
     fn contents_outlive_the_source(&self) -> bool {
         false
+    }
+
+    fn memory_gone(&self) -> bool {
+        PidSource::memory_gone(self)
     }
 }

@@ -152,6 +152,10 @@ pub fn run(config: &DaemonConfig) -> Result<VmExit, DaemonError> {
         scan_rate_limit: config.scan_rate_limit,
         view_cache: config.view_cache,
     }));
+    let weak = Arc::downgrade(&inspector);
+    vmm.lifecycle().on_memory_fault(Arc::new(move |_| {
+        weak.upgrade().is_some_and(|inspector| inspector.recover_from_lost_source_memory())
+    }));
     start_events(&inspector, attached.events).map_err(DaemonError::Control)?;
     start_trace_resolver(&inspector).map_err(DaemonError::Control)?;
 

@@ -119,6 +119,29 @@ impl MirrorWindow {
         }
     }
 
+    /// Puts private zero pages over every run, in place: what a vCPU of the agent VM
+    /// can fault in when the source's own memory is gone (KVM_RUN fails with EFAULT on a
+    /// kernel mirror mapping whose source exited). The memslots stay; the grants' own
+    /// drop later does the same again. Returns whether every run was replaced.
+    pub fn replace_with_zero_pages(&self) -> bool {
+        self.regions.iter().all(|r| {
+            // SAFETY: each run lies in the address range this window reserved and never
+            // unmaps (see `place`); MAP_FIXED replaces what is mapped there in place, and
+            // KVM's MMU notifier drops the agent VM's translations of the old pages.
+            let zeros = unsafe {
+                libc::mmap(
+                    r.host_addr as *mut libc::c_void,
+                    r.len as usize,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            zeros != libc::MAP_FAILED
+        })
+    }
+
     /// The runs, each one memslot.
     pub fn regions(&self) -> &[WindowRegion] {
         &self.regions

@@ -341,6 +341,9 @@ pub struct PidSource {
     pidfd: OwnedFd,
     device: KernelMirror,
     memslots: Vec<Memslot>,
+    /// A one-page attach of the first memslot, never mapped: asked ([`info`]) whether
+    /// the source's address space is still there.
+    probe: Option<OwnedFd>,
 }
 
 impl PidSource {
@@ -364,7 +367,18 @@ impl PidSource {
                 return Err(KernelMirrorError::TransparentHugePages { pid, kib });
             }
         }
-        Ok(Self { pid, pidfd, device, memslots })
+        let probe = match memslots.first() {
+            Some(slot) => Some(device.attach(pid, pidfd.as_fd(), slot.userspace_addr, PAGE)?),
+            None => None,
+        };
+        Ok(Self { pid, pidfd, device, memslots, probe })
+    }
+
+    /// Whether the source's address space is gone (it exited, or is exiting): every
+    /// mapping of it then faults (SIGBUS in a process, EFAULT in a vCPU), where its
+    /// pidfd may not say so yet. The device's own answer, at once.
+    pub fn memory_gone(&self) -> bool {
+        self.probe.as_ref().is_some_and(|probe| info(probe.as_fd()).is_ok_and(|i| i.source_alive == 0))
     }
 
     /// The source's pid.

@@ -57,6 +57,23 @@ impl Inspector {
         Ok(self.source.set_paused(paused)?)
     }
 
+    /// Asked by the agent VM's vCPU whose KVM_RUN failed with EFAULT: when the source's
+    /// memory is gone (a source by pid that exited while the agent read it), every
+    /// command fails by name from now on, the one running included, and the window gets
+    /// zero pages, so that the agent runs on to answer it. Any other fault is not ours
+    /// to mend (`false`: the agent VM ends as crashed).
+    pub fn recover_from_lost_source_memory(&self) -> bool {
+        if !self.source.memory_gone() {
+            return false;
+        }
+        self.link.mark_source_memory_gone();
+        let replaced = self.window.replace_with_zero_pages();
+        if replaced {
+            say(format_args!("the source's memory went while the agent read it; the agent reads zero pages there now"));
+        }
+        replaced
+    }
+
     /// Handles a source event.
     pub(crate) fn on_event(&self, event: SourceEvent) {
         match event {
@@ -124,6 +141,7 @@ impl Inspector {
                     // Its memory is gone: the grants are released (dropping one leaves zero
                     // pages in its memslot), so reads there are refused by name instead of
                     // the agent faulting on pages that no longer exist.
+                    self.link.mark_source_memory_gone();
                     let released = std::mem::take(&mut *self.write_grants()).len();
                     say(format_args!("source gone; its memory went with it, {released} grants released"));
                 }

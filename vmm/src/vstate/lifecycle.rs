@@ -3,7 +3,7 @@
 //! two KVM_RUNs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -111,10 +111,16 @@ pub struct Lifecycle {
     /// Devices whose RAM writes the kernel makes (vhost), where `device_work` cannot
     /// reach: called with `true` at each pause and `false` when the last hold goes.
     pause_hooks: Mutex<Vec<PauseHook>>,
+    /// Asked when KVM_RUN fails with EFAULT; see [`Lifecycle::on_memory_fault`].
+    memory_fault: Mutex<Option<Arc<MemoryFaultHandler>>>,
 }
 
 /// See [`Lifecycle::on_pause`].
 pub type PauseHook = Box<dyn Fn(bool) + Send + Sync>;
+
+/// See [`Lifecycle::on_memory_fault`]: given the vCPU's index, whether the memory
+/// behind the fault was replaced so that the vCPU may run again.
+pub type MemoryFaultHandler = dyn Fn(u32) -> bool + Send + Sync;
 
 impl Lifecycle {
     pub fn new() -> std::io::Result<Self> {
@@ -131,6 +137,7 @@ impl Lifecycle {
             device_work: RwLock::new(()),
             resume_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             pause_hooks: Mutex::new(Vec::new()),
+            memory_fault: Mutex::new(None),
         })
     }
 
@@ -170,6 +177,21 @@ impl Lifecycle {
             unsafe { libc::pthread_kill(thread, kick_signal()) };
         }
         threads.len()
+    }
+
+    /// Sets who decides about a vCPU whose KVM_RUN failed with EFAULT: host memory
+    /// behind one of its memslots that cannot be faulted in (a kernel mirror mapping
+    /// whose source exited, say). Without one, or when it answers `false`, the VM ends
+    /// as crashed; `true` means the memory was replaced (zero pages, say) and the vCPU
+    /// runs again, a bounded number of times in a row.
+    pub fn on_memory_fault(&self, handler: Arc<MemoryFaultHandler>) {
+        *lock(&self.memory_fault) = Some(handler);
+    }
+
+    /// Asks the memory fault handler about vCPU `index` (see [`Lifecycle::on_memory_fault`]).
+    pub fn memory_fault_recovered(&self, index: u32) -> bool {
+        let handler = lock(&self.memory_fault).clone();
+        handler.is_some_and(|h| h(index))
     }
 
     /// Unregisters the vCPU threads, which the caller is about to join: a pthread_t of a

@@ -113,7 +113,13 @@ pub struct Vcpu {
     dirty_ring: Option<Arc<DirtyRing>>,
     /// Where traced MSR writes are reported, when the VM may be traced.
     trace: Option<VcpuTrace>,
+    /// KVM_RUN EFAULTs in a row that the memory fault handler said it mended.
+    memory_fault_retries: u32,
 }
+
+/// EFAULTs in a row a vCPU retries after the handler mended one
+/// ([`Lifecycle::on_memory_fault`]): memory that stays unmapped ends the VM.
+const MAX_MEMORY_FAULT_RETRIES: u32 = 4;
 
 impl Vcpu {
     /// Creates vCPU `index` in `vm`.
@@ -123,7 +129,7 @@ impl Vcpu {
         if let Some(ring) = &dirty_ring {
             ring.map_vcpu(&fd).map_err(|source| VcpuError::DirtyRing { index, source })?;
         }
-        Ok(Self { index, fd, dirty_ring, trace: None })
+        Ok(Self { index, fd, dirty_ring, trace: None, memory_fault_retries: 0 })
     }
 
     /// Reports this vCPU's traced events (see [`super::trace`]).
@@ -217,7 +223,11 @@ impl Vcpu {
         last_published: &mut u64,
     ) -> Option<VmExit> {
         let index = self.index;
-        match self.fd.run() {
+        let exit = self.fd.run();
+        if exit.is_ok() {
+            self.memory_fault_retries = 0;
+        }
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::IoOut(port, _)) if port == u16::from(breakpoints::TRACE_PORT) && self.trace.is_some() => {
                 let trace = self.trace.as_ref().expect("checked");
@@ -311,6 +321,15 @@ impl Vcpu {
             Ok(other) => return Some(VmExit::Crash(format!("vCPU {index}: unexpected exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
+            }
+            // Memory behind a memslot that cannot be faulted in: the handler may replace it.
+            Err(e)
+                if e.errno() == libc::EFAULT
+                    && self.memory_fault_retries < MAX_MEMORY_FAULT_RETRIES
+                    && lifecycle.memory_fault_recovered(u32::from(index)) =>
+            {
+                self.memory_fault_retries += 1;
+                log::info!("vcpu{index}: KVM_RUN met unmapped memory; its owner replaced it, running again");
             }
             Err(e) => return Some(VmExit::Crash(format!("vCPU {index}: KVM_RUN failed: {e}"))),
         }
