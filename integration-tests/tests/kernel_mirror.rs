@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use integration_tests::anon_source::*;
 use integration_tests::{binary, guest, wait_for_path, Running, TempDir};
-use mirror_driver::kernel_mirror::{self, KernelMirror, KernelMirrorError, BASELINE_DEVICE, DEVICE};
+use mirror_driver::kernel_mirror::{self, KernelMirror, KernelMirrorError, PidSource, BASELINE_DEVICE, DEVICE};
 
 fn device(path: &str) -> KernelMirror {
     KernelMirror::open(Path::new(path)).unwrap_or_else(|e| panic!("{}", vmm::error_chain(&e)))
@@ -313,6 +313,53 @@ fn kernel_mirror_source_exiting_mid_scan_fails_the_scan_not_the_inspector() {
     assert!(read.starts_with("error ") && read.contains("not granted"), "{read}");
 }
 
+/// The agent's write into its read-only window, for a source by pid: the memslot is
+/// read-only, so the write exits to the inspector's VMM and lands nowhere. The agent
+/// reads back the source's byte, and the source process's own memory (read through
+/// /proc/PID/mem, as root) still holds it.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_agent_write_into_its_window_changes_nothing_in_the_source() {
+    use guest_images::workload::TEXT_GPA;
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("kernel-mirror-write");
+    let mut source = anonymous_ram_vmm();
+    source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let pid = source.child.id();
+    let slot = PidSource::attach(pid, Path::new(DEVICE))
+        .unwrap()
+        .memslots()
+        .iter()
+        .copied()
+        .find(|s| s.guest_phys_addr <= TEXT_GPA && TEXT_GPA < s.guest_phys_addr + s.memory_size)
+        .expect("a memslot holds the workload's text");
+    let source_byte = || {
+        let mut byte = [0u8];
+        let mem = File::open(format!("/proc/{pid}/mem")).unwrap();
+        mem.read_exact_at(&mut byte, slot.userspace_addr + (TEXT_GPA - slot.guest_phys_addr)).unwrap();
+        byte[0]
+    };
+    let before = source_byte();
+    let control = dir.join("control.sock");
+    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
+        "--pid",
+        &pid.to_string(),
+        "--all",
+        "--serial",
+        "null",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]));
+    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
+    wait_for_path(&control, Duration::from_secs(10));
+    let written = before ^ 0xff;
+    let reply = integration_tests::unix_request(&control, &format!("write-probe {TEXT_GPA:#x} {written:#x}"));
+    assert_eq!(reply, format!("ok read-back={before:#04x}"), "the agent's write did not land in its window");
+    assert_eq!(source_byte(), before, "nor in the source");
+    let read = integration_tests::unix_request(&control, &format!("read {TEXT_GPA:#x} 1"));
+    assert_eq!(read, format!("ok {before:02x}"), "and the window still shows the source's byte");
+}
+
 /// VM layout's caller-given capacity is bounded: over the device's cap of 4096 it is
 /// refused before anything is read (EINVAL), short of the VM's memslots it reports the
 /// count with ENOSPC (and writes no more than asked), and enough gets every slot: here
@@ -537,6 +584,99 @@ fn kernel_mirror_follows_pages_migrated_to_another_numa_node() {
     }
     source.send(FILL, 9, 0x99);
     assert_eq!(mirror.byte(9), 0x99, "a write after migration, read through the mirror");
+}
+
+/// The node of each of `pid`'s `pages` (`to`: None), or moves them to the nodes in
+/// `to` first; returns what the node query says afterwards.
+fn pages_nodes(pid: libc::pid_t, pages: &[*mut libc::c_void], to: Option<&[i32]>) -> Vec<i32> {
+    if let Some(to) = to {
+        let mut status = vec![-1i32; pages.len()];
+        // SAFETY: moves `pid`'s own pages (we are root); status is filled per page.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_pages,
+                pid,
+                pages.len(),
+                pages.as_ptr(),
+                to.as_ptr(),
+                status.as_mut_ptr(),
+                MPOL_MF_MOVE,
+            )
+        };
+        // A positive count is the pages that could not be moved.
+        assert!(r >= 0, "move_pages: {}", std::io::Error::last_os_error());
+    }
+    let mut status = vec![-1i32; pages.len()];
+    // SAFETY: move_pages with no target nodes only reports each page's node.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            pid,
+            pages.len(),
+            pages.as_ptr(),
+            std::ptr::null::<i32>(),
+            status.as_mut_ptr(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "move_pages (query): {}", std::io::Error::last_os_error());
+    status
+}
+
+/// The pinning baseline (memflow's approach: pin at attach, `remap_pfn_range`) holds a
+/// reference on every page it maps, so while it is attached the kernel cannot migrate
+/// them, collapse them into a huge page or merge them (KSM): its reader never goes stale there because
+/// the kernel's memory management stops (the benchmark's `blocked`). The kernel mirror
+/// lets both happen and follows them (the two tests above and below); once the pin is
+/// dropped, the same migration and collapse go through.
+#[test]
+#[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
+fn kernel_mirror_pinning_baseline_blocks_migration_and_thp_collapse_where_the_mirror_follows() {
+    let source = Source::spawn();
+    let len = PAGES * PAGE;
+    let pin = |source: &Source, len: usize| {
+        let fd = device(BASELINE_DEVICE).attach(source.pid as u32, source.pidfd().as_fd(), source.addr, len as u64);
+        let fd = fd.expect("pin");
+        let view = View::map(&fd, len);
+        (fd, view)
+    };
+    let pinned = pin(&source, len);
+    assert!((0..PAGES).all(|p| pinned.1.byte(p) == 0x10 + p as u8));
+    let pages: Vec<*mut libc::c_void> = (0..PAGES).map(|p| (source.addr as usize + p * PAGE) as *mut _).collect();
+    let from = pages_nodes(source.pid, &pages, None);
+    let to: Vec<i32> = from.iter().map(|&n| i32::from(n == 0)).collect();
+    assert_eq!(pages_nodes(source.pid, &pages, Some(&to)), from, "pinned pages stay where they were");
+    drop(pinned);
+    assert_eq!(pages_nodes(source.pid, &pages, Some(&to)), to, "unpinned, the same pages move");
+
+    let mut source = Source::spawn_pages(HUGE_PAGES, true);
+    source.send(FILL_ALL, 0, 0x01);
+    let pinned = pin(&source, HUGE_PAGES * PAGE);
+    assert_eq!(pinned.1.byte(3), 0x04);
+    source.send_nowait(COLLAPSE, 0, 0);
+    assert!(!source.ack() && source.huge_kb() == 0, "MADV_COLLAPSE fails while the baseline pins the pages");
+    drop(pinned);
+    source.send(COLLAPSE, 0, 0);
+    assert_eq!(source.huge_kb(), 2048, "unpinned, the same range collapses");
+
+    // KSM skips a page with references beyond its mappings: none of the identical
+    // pinned pages merges while KSM runs flat out.
+    let mut source = Source::spawn_pages(PAGES, false);
+    for page in 0..PAGES {
+        source.send(FILL, page as u32, 0x42);
+    }
+    let pinned = pin(&source, len);
+    write_sys("/sys/kernel/mm/ksm/sleep_millisecs", "0");
+    write_sys("/sys/kernel/mm/ksm/pages_to_scan", "10000");
+    write_sys("/sys/kernel/mm/ksm/run", "1");
+    source.send(MERGEABLE, 0, 0);
+    let merging = format!("/proc/{}/ksm_merging_pages", source.pid);
+    let merged_while_pinned = eventually(Duration::from_secs(10), || read_sys(&merging) > 0);
+    drop(pinned);
+    let merged = eventually(Duration::from_secs(120), || read_sys(&merging) >= PAGES as u64 - 1);
+    write_sys("/sys/kernel/mm/ksm/run", "0");
+    assert!(!merged_while_pinned, "KSM merged {} pinned pages", read_sys(&merging));
+    assert!(merged, "unpinned, KSM merged only {} of {PAGES}", read_sys(&merging));
 }
 
 /// `MADV_COLLAPSE` copies 512 small pages into one transparent huge page and frees

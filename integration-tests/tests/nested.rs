@@ -215,7 +215,7 @@ fn nested_kernel_mirror_tests_pass_in_l1() {
             Duration::from_secs(900),
         );
         assert_eq!(out.status, 0, "the kernel mirror tests failed in L1:\n{}", out.output);
-        assert!(out.output.contains("test result: ok. 13 passed"), "{}", out.output);
+        assert!(out.output.contains("test result: ok. 15 passed"), "{}", out.output);
         assert!(
             !out.output.contains("BUG") && !out.output.contains("WARNING"),
             "the kernel complained:\n{}",
