@@ -246,6 +246,22 @@ fn kernel_mirror_require_cap_sys_ptrace_refuses_a_caller_ptrace_would_allow() {
 }
 
 /// Our own vmm running `source-workload` in 128 MiB of private anonymous RAM.
+/// `inspector --pid PID --all`, its control socket at `control`, once its agent is ready.
+fn inspector_by_pid(pid: u32, control: &Path) -> Running {
+    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
+        "--pid",
+        &pid.to_string(),
+        "--all",
+        "--serial",
+        "null",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]));
+    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
+    wait_for_path(control, Duration::from_secs(10));
+    inspector
+}
+
 fn anonymous_ram_vmm() -> Running {
     Running::spawn(Command::new(binary("vmm")).args([
         "--kernel",
@@ -268,17 +284,7 @@ fn kernel_mirror_source_exiting_mid_scan_fails_the_scan_not_the_inspector() {
     let mut source = anonymous_ram_vmm();
     source.expect_line("workload: text sha256 ", Duration::from_secs(60));
     let control = dir.join("control.sock");
-    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
-        "--pid",
-        &source.child.id().to_string(),
-        "--all",
-        "--serial",
-        "null",
-        "--control-socket",
-        control.to_str().unwrap(),
-    ]));
-    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
-    wait_for_path(&control, Duration::from_secs(10));
+    let mut inspector = inspector_by_pid(source.child.id(), &control);
     // Whole-RAM scans back to back, so the exit lands inside one of them.
     let scanning = {
         let control = control.clone();
@@ -341,17 +347,7 @@ fn kernel_mirror_agent_write_into_its_window_changes_nothing_in_the_source() {
     };
     let before = source_byte();
     let control = dir.join("control.sock");
-    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
-        "--pid",
-        &pid.to_string(),
-        "--all",
-        "--serial",
-        "null",
-        "--control-socket",
-        control.to_str().unwrap(),
-    ]));
-    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
-    wait_for_path(&control, Duration::from_secs(10));
+    let _inspector = inspector_by_pid(pid, &control);
     let written = before ^ 0xff;
     let reply = integration_tests::unix_request(&control, &format!("write-probe {TEXT_GPA:#x} {written:#x}"));
     assert_eq!(reply, format!("ok read-back={before:#04x}"), "the agent's write did not land in its window");
@@ -398,17 +394,7 @@ fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() 
     assert!(!maps.contains("memfd:"), "the source's RAM must be anonymous, not memfd:\n{maps}");
 
     let control = dir.join("control.sock");
-    let mut inspector = Running::spawn(Command::new(binary("inspector")).args([
-        "--pid",
-        &source.child.id().to_string(),
-        "--all",
-        "--serial",
-        "null",
-        "--control-socket",
-        control.to_str().unwrap(),
-    ]));
-    inspector.expect_line("inspector: agent ready", Duration::from_secs(120));
-    wait_for_path(&control, Duration::from_secs(10));
+    let mut inspector = inspector_by_pid(source.child.id(), &control);
     let reply = integration_tests::unix_request(&control, &format!("hash {TEXT_GPA:#x} {TEXT_LEN:#x}"));
     assert!(reply.ends_with(&format!("sha256={expected}")), "the agent hashed {reply}; the guest says {expected}");
     let status = integration_tests::unix_request(&control, "status");
@@ -540,44 +526,13 @@ fn kernel_mirror_follows_pages_migrated_to_another_numa_node() {
     // Every page mapped through the mirror before it moves.
     assert!((0..PAGES).all(|p| mirror.byte(p) == 0x10 + p as u8));
     let pages: Vec<*mut libc::c_void> = (0..PAGES).map(|p| (source.addr as usize + p * PAGE) as *mut _).collect();
-    let node_of = |pages: &[*mut libc::c_void]| -> Vec<i32> {
-        let mut status = vec![-1i32; pages.len()];
-        // SAFETY: move_pages with no target nodes only reports each page's node.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_pages,
-                source.pid,
-                pages.len(),
-                pages.as_ptr(),
-                std::ptr::null::<i32>(),
-                status.as_mut_ptr(),
-                0,
-            )
-        };
-        assert_eq!(r, 0, "move_pages (query): {}", std::io::Error::last_os_error());
-        status
-    };
     let nodes = std::fs::read_dir("/sys/devices/system/node")
         .map(|d| d.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("node")).count());
     assert!(nodes.unwrap_or(0) >= 2, "this test needs a NUMA L1 with 2 nodes (NestedL1::boot_numa)");
-    let from = node_of(&pages);
+    let from = pages_nodes(source.pid, &pages, None);
     let targets: Vec<i32> = from.iter().map(|&n| if n == 0 { 1 } else { 0 }).collect();
     let before = kernel_mirror::info(fd.as_fd()).expect("info").invalidations;
-    let mut status = vec![-1i32; PAGES];
-    // SAFETY: moves the source's own pages (we are root); status is filled per page.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_pages,
-            source.pid,
-            PAGES,
-            pages.as_ptr(),
-            targets.as_ptr(),
-            status.as_mut_ptr(),
-            MPOL_MF_MOVE,
-        )
-    };
-    assert_eq!(r, 0, "move_pages: {}", std::io::Error::last_os_error());
-    assert_eq!(status, targets, "every page moved (from nodes {from:?})");
+    assert_eq!(pages_nodes(source.pid, &pages, Some(&targets)), targets, "every page moved (from nodes {from:?})");
     assert!(kernel_mirror::info(fd.as_fd()).unwrap().invalidations > before, "the migration went unnoticed");
     for page in 0..PAGES {
         assert_eq!(mirror.byte(page), 0x10 + page as u8, "page {page} after migration");
