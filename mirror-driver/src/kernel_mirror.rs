@@ -367,10 +367,14 @@ impl PidSource {
                 return Err(KernelMirrorError::TransparentHugePages { pid, kib });
             }
         }
-        let probe = match memslots.first() {
-            Some(slot) => Some(device.attach(pid, pidfd.as_fd(), slot.userspace_addr, PAGE)?),
-            None => None,
-        };
+        // Best effort: without it, a source that exits mid-request ends the agent as
+        // before (an EFAULT nobody mends), which is no reason to refuse the attach.
+        let probe = memslots.first().and_then(|slot| {
+            device
+                .attach(pid, pidfd.as_fd(), slot.userspace_addr, PAGE)
+                .inspect_err(|e| log::warn!("kernel mirror: no exit probe for process {pid}: {e}"))
+                .ok()
+        });
         Ok(Self { pid, pidfd, device, memslots, probe })
     }
 
