@@ -262,6 +262,15 @@ fn inspector_by_pid(pid: u32, control: &Path) -> Running {
     inspector
 }
 
+/// [`anonymous_ram_vmm`] once its workload has hashed its text: the source and the
+/// SHA-256 (hex) the guest printed.
+fn anonymous_ram_vmm_with_text() -> (Running, String) {
+    let mut source = anonymous_ram_vmm();
+    let line = source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let sha = line.rsplit(' ').next().unwrap().to_string();
+    (source, sha)
+}
+
 fn anonymous_ram_vmm() -> Running {
     Running::spawn(Command::new(binary("vmm")).args([
         "--kernel",
@@ -281,8 +290,7 @@ fn anonymous_ram_vmm() -> Running {
 #[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
 fn kernel_mirror_source_exiting_mid_scan_fails_the_scan_not_the_inspector() {
     let dir = TempDir::new("kernel-mirror-scan");
-    let mut source = anonymous_ram_vmm();
-    source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let (mut source, _) = anonymous_ram_vmm_with_text();
     let control = dir.join("control.sock");
     let mut inspector = inspector_by_pid(source.child.id(), &control);
     // Whole-RAM scans back to back, so the exit lands inside one of them.
@@ -329,8 +337,7 @@ fn kernel_mirror_agent_write_into_its_window_changes_nothing_in_the_source() {
     use guest_images::workload::TEXT_GPA;
     use std::os::unix::fs::FileExt;
     let dir = TempDir::new("kernel-mirror-write");
-    let mut source = anonymous_ram_vmm();
-    source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let (source, _) = anonymous_ram_vmm_with_text();
     let pid = source.child.id();
     let slot = PidSource::attach(pid, Path::new(DEVICE))
         .unwrap()
@@ -363,8 +370,7 @@ fn kernel_mirror_agent_write_into_its_window_changes_nothing_in_the_source() {
 #[test]
 #[ignore = "kernel_mirror: needs specula_mirror.ko loaded; runs in the nested L1 (nested_kernel_mirror_tests_pass_in_l1)"]
 fn kernel_mirror_vm_layout_bounds_the_capacity_it_is_given() {
-    let mut source = anonymous_ram_vmm();
-    source.expect_line("workload: text sha256 ", Duration::from_secs(60));
+    let (source, _) = anonymous_ram_vmm_with_text();
     let pid = source.child.id();
     let dev = device(DEVICE);
     let pidfd = kernel_mirror::pidfd_open(pid).unwrap();
@@ -387,9 +393,7 @@ fn kernel_mirror_vm_layout_bounds_the_capacity_it_is_given() {
 fn kernel_mirror_lets_the_inspector_attach_by_pid_to_a_vmm_with_anonymous_ram() {
     use guest_images::workload::{TEXT_GPA, TEXT_LEN};
     let dir = TempDir::new("kernel-mirror");
-    let mut source = anonymous_ram_vmm();
-    let line = source.expect_line("workload: text sha256 ", Duration::from_secs(60));
-    let expected = line.rsplit(' ').next().unwrap().to_string();
+    let (mut source, expected) = anonymous_ram_vmm_with_text();
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", source.child.id())).unwrap();
     assert!(!maps.contains("memfd:"), "the source's RAM must be anonymous, not memfd:\n{maps}");
 
