@@ -126,19 +126,8 @@ impl MirrorWindow {
     pub fn replace_with_zero_pages(&self) -> bool {
         self.regions.iter().all(|r| {
             // SAFETY: each run lies in the address range this window reserved and never
-            // unmaps (see `place`); MAP_FIXED replaces what is mapped there in place, and
-            // KVM's MMU notifier drops the agent VM's translations of the old pages.
-            let zeros = unsafe {
-                libc::mmap(
-                    r.host_addr as *mut libc::c_void,
-                    r.len as usize,
-                    libc::PROT_READ,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            zeros != libc::MAP_FAILED
+            // unmaps (see `place`); the source's pages there are gone already.
+            unsafe { mirror_driver::importer::put_zero_pages(r.host_addr as *mut libc::c_void, r.len as usize) }.is_ok()
         })
     }
 

@@ -80,30 +80,42 @@ impl Drop for MappedGrant {
             unsafe { libc::munmap(self.map_base, self.map_len) };
             return;
         }
-        // SAFETY: replaces exactly this grant's mapping, inside the reservation it was
-        // handed, with private zero pages; the kernel's MMU notifiers zap every secondary
-        // mapping (KVM's) of the old pages before mmap returns.
-        let zeros = unsafe {
-            libc::mmap(
-                self.map_base,
-                self.map_len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if zeros == libc::MAP_FAILED {
+        // SAFETY: exactly this grant's mapping, inside the reservation it was handed.
+        if let Err(e) = unsafe { put_zero_pages(self.map_base, self.map_len) } {
             // The old mapping may be gone and a hole left inside a memslot, where a later
             // mapping of this process could land and be read by the agent: stop here.
             eprintln!(
-                "mirror: cannot put zero pages in place of grant {} ({}); aborting rather than leave a hole",
+                "mirror: cannot put zero pages in place of grant {} ({e}); aborting rather than leave a hole",
                 self.grant.id,
-                std::io::Error::last_os_error()
             );
             std::process::abort();
         }
     }
+}
+
+/// Replaces whatever is mapped at `addr..addr + len` with private read-only zero pages,
+/// in place (`MAP_FIXED`): the kernel's MMU notifiers zap every secondary mapping
+/// (KVM's) of the old pages before it returns, so a memslot over the range reads zeros.
+///
+/// # Safety
+/// The range must be page-aligned and belong to the caller, who gives up what was
+/// mapped there: nothing may still hold references into it.
+pub unsafe fn put_zero_pages(addr: *mut libc::c_void, len: usize) -> std::io::Result<()> {
+    // SAFETY: the caller's contract: its own range, replaced in place.
+    let zeros = unsafe {
+        libc::mmap(
+            addr,
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if zeros == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Maps a range of another VMM's RAM file (QEMU's memfd) opened read-only: the fd must

@@ -23,7 +23,7 @@ mod mapping;
 #[cfg(test)]
 mod tests;
 
-pub use mapping::{map_device, map_foreign, map_grant, MappedGrant};
+pub use mapping::{map_device, map_foreign, map_grant, put_zero_pages, MappedGrant};
 
 const PAGE: u64 = 4096;
 /// How long a request waits for its reply.
