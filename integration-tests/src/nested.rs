@@ -143,7 +143,8 @@ pub struct NestedL1 {
     profile: String,
     /// The npt parameter of L1's kvm_amd ("Y" when nested paging is on).
     pub npt: String,
-    qemu_pid: u32,
+    /// Killed when the bed is dropped, or when its boot fails.
+    qemu: L1Qemu,
     dir: PathBuf,
 }
 
@@ -172,10 +173,28 @@ static PREPARED: OnceLock<Prepared> = OnceLock::new();
 
 impl Drop for NestedL1 {
     fn drop(&mut self) {
+        self.qemu.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The QEMU process of one L1, killed when dropped: an L1 whose boot fails (one that
+/// never becomes ready) must not go on taking the runner's CPUs from the next one.
+struct L1Qemu {
+    pid: u32,
+}
+
+impl L1Qemu {
+    fn kill(&self) {
         // SAFETY: kill on the pid of the QEMU child this bed started (reaped by its
         // owner thread, so the pid is not reused before the kill lands).
-        unsafe { libc::kill(self.qemu_pid as libc::pid_t, libc::SIGKILL) };
-        let _ = std::fs::remove_dir_all(&self.dir);
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+impl Drop for L1Qemu {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -283,7 +302,8 @@ fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
         // For a person looking at a stuck L1: `info registers -a`, `info lapic`.
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
     }
-    let (qemu_pid, qemu_exit) = spawn_owned(cmd);
+    let (pid, qemu_exit) = spawn_owned(cmd);
+    let qemu = L1Qemu { pid };
 
     let stream = connect(&socket, &qemu_exit, &console_log);
     let reader = BufReader::new(stream.try_clone().expect("clone the command socket"));
@@ -296,7 +316,7 @@ fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
     let npt = match ready_rx.recv_timeout(L1_READY_LIMIT) {
         Ok(line) => line,
         Err(_) => panic!(
-            "the nested L1 did not become ready within {L1_READY_LIMIT:?}{}; its console ends with:\n{}",
+            "{NEST_L1_NOT_READY} {L1_READY_LIMIT:?}{}; its console ends with:\n{}",
             qemu_exit
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -317,7 +337,7 @@ fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
         console_log,
         profile: profile.clone(),
         npt,
-        qemu_pid,
+        qemu,
         dir,
     }
 }
@@ -594,8 +614,8 @@ pub const NEST_L1_SILENT: &str = "no answer from the nested L1 within";
 
 /// Runs a nested test, and again (at most [`NEST_ATTEMPTS`] runs in all) while it fails
 /// with [`NEST_TRIPLE_FAULT`], [`NEST_STUCK_VCPU`], [`NEST_L1_CORRUPTED`],
-/// [`NEST_L1_SOFT_LOCKUP`], [`NEST_L1_RCU_STALL`], [`NEST_L1_SILENT`] or
-/// [`NEST_AGENT_CRASH`] in its message: an L2 that TCG's nested SVM shuts down, or
+/// [`NEST_L1_SOFT_LOCKUP`], [`NEST_L1_RCU_STALL`], [`NEST_L1_SILENT`],
+/// [`NEST_L1_NOT_READY`] or [`NEST_AGENT_CRASH`] in its message: an L2 that TCG's nested SVM shuts down, or
 /// never leaves, or an L1 whose kernel memory it corrupts or whose CPU it keeps, at
 /// random, about once in a few dozen L2 runs, in guests that
 /// never fault on this runner's KVM or in 150 runs in a row under tracing. With 15
@@ -617,6 +637,7 @@ pub fn retry_on_the_nest_symptoms(test: impl Fn()) {
             NEST_L1_SOFT_LOCKUP,
             NEST_L1_RCU_STALL,
             NEST_L1_SILENT,
+            NEST_L1_NOT_READY,
             NEST_AGENT_CRASH,
         ];
         match symptoms.into_iter().find(|s| text.contains(s)) {
@@ -627,6 +648,13 @@ pub fn retry_on_the_nest_symptoms(test: impl Fn()) {
         }
     }
 }
+
+/// What the bed says of an L1 that never became ready: a run met an L1 whose
+/// console stayed empty (its kernel boots with `quiet`) for the whole limit while its
+/// QEMU kept both of the runner's CPUs, with no L2 ever started; the next L1, the
+/// same initramfs, booted in the usual 25 s. A broken initramfs fails every attempt,
+/// with the console's end in the message.
+pub const NEST_L1_NOT_READY: &str = "the nested L1 did not become ready within";
 
 /// What an inspector prints when its agent VM (an L2) crashed: the third symptom of
 /// docs/nested.md, "agents shut down on their first OS command"; the inspector exits,
@@ -880,6 +908,7 @@ impl ConsoleSession {
              kill $watchdog $echoer 2>/dev/null; exec 3>&-\n\
              echo \"=== vmm exit $status\"\n\
              cat out\n\
+             [ $status -lt 128 ] || {{ echo '=== L1 kernel log (the vmm was killed)'; dmesg | tail -n 20; }}\n\
              echo '=== after'\n\
              {after}",
             secs = limit.as_secs(),
@@ -891,6 +920,37 @@ impl ConsoleSession {
         let (status, log) = after.split_once('\n').unwrap_or((after, ""));
         (status.trim().parse().expect("vmm exit status"), format!("{before}{log}"))
     }
+}
+
+/// Asserts that a [`ConsoleSession`]'s vmm ended with `expected`, leading the failure
+/// with how it ended and its last log lines: CI shows a failure's first and last lines,
+/// and a long session's middle (the guest's console, the tools' output) is cut.
+#[track_caller]
+pub fn assert_vmm_ended_with(status: i32, expected: i32, what: &str, log: &str) {
+    if status == expected {
+        return;
+    }
+    let how = match status {
+        3 => "the guest crashed".to_string(),
+        137 => "killed by SIGKILL (the session's watchdog, or L1's OOM killer)".to_string(),
+        s if s > 128 => format!("killed by signal {}", s - 128),
+        s => format!("exit status {s}"),
+    };
+    let vmm_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.starts_with("vmm:")
+                || l.contains("segfault")
+                || l.contains(" WARN ")
+                || l.contains(" ERROR ")
+                || l.contains("panicked")
+        })
+        .collect();
+    let last = &vmm_lines[vmm_lines.len().saturating_sub(8)..];
+    panic!(
+        "{what}: the vmm ended with {status} ({how}), not {expected}; its last log lines:\n{}\n--- the whole session:\n{log}",
+        last.join("\n")
+    );
 }
 
 /// Where an L1 carrying [`debian_root_disk`] has the Debian root disk

@@ -17,8 +17,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use integration_tests::nested::{
-    linux_dir, retry_on_the_nest_symptoms, start_inspector_and_wait, ConsoleSession, NestedL1, L1_EXTRA_MODULES,
-    L1_MODULES, L1_TARGET,
+    assert_vmm_ended_with, linux_dir, retry_on_the_nest_symptoms, start_inspector_and_wait, ConsoleSession, NestedL1,
+    L1_EXTRA_MODULES, L1_MODULES, L1_TARGET,
 };
 
 /// Linux under the vmm reaches its shell in ~10-20 s of TCG time; this bounds a hang
@@ -70,7 +70,7 @@ fn reaches_the_shell_answers_and_powers_off(dir: &str, cpus: u32) {
         .wait_for(&format!("answer=42 cpus={cpus} kernel={version}"), SHELL_LIMIT)
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
-    assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+    assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
     assert!(log.contains("vmm: guest powered off"), "{log}");
 }
 
@@ -115,7 +115,7 @@ fn nested_linux_6_1_with_1_vcpu_reboots_and_the_vmm_ends_as_a_reset() {
             .send("echo cpus=$(grep -c ^processor /proc/cpuinfo); reboot -f")
             .wait_for("cpus=1", SHELL_LIMIT)
             .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "a guest reset ends the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "a guest reset ends the vmm with 0", &log);
         assert!(log.contains("vmm: guest reset the machine"), "{log}");
     })
 }
@@ -132,7 +132,7 @@ fn nested_linux_6_12_with_1_vcpu_and_panic_minus_1_ends_the_vmm_when_init_dies()
             .send("exit")
             .finish(l1, END_LIMIT);
         assert!(log.contains("Attempted to kill init"), "{log}");
-        assert_eq!(status, 0, "panic=-1 resets the machine, and a reset ends the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "panic=-1 resets the machine, and a reset ends the vmm with 0", &log);
         assert!(log.contains("vmm: guest reset the machine"), "{log}");
     })
 }
@@ -355,7 +355,7 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
             ))
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "{out}");
+        assert_vmm_ended_with(status, 0, "the session", &out);
         let (views_text, log) = out.split_once("=== end of views").expect("the views");
         let truth = ground_truth_in(log);
         let marker = truth.marker("specula-workerA").expect("the ground truth names its markers").clone();
@@ -522,7 +522,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
             ))
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "{out}");
+        assert_vmm_ended_with(status, 0, "the session", &out);
         let (views_text, _) = out.split_once("=== end of trace").expect("the trace");
         let views = sections(views_text);
         let view =

@@ -13,7 +13,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1, L1_ROOTFS,
+    assert_vmm_ended_with, debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1,
+    L1_ROOTFS,
 };
 
 /// Linux from its disk to the Debian shell: ~20 s of TCG time; this bounds a hang.
@@ -42,7 +43,7 @@ fn nested_virtio_blk_boots_debian_from_its_disk_and_keeps_what_the_guest_wrote()
             .send("cat /root/proof; mount -o remount,ro /; poweroff -f")
             .after_exit(&format!("{} -R 'cat /root/proof' {L1_ROOTFS} </dev/null 2>/dev/null", debugfs.display()))
             .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
         let (console, image) = log.split_once("=== after").expect("the after-exit output");
         assert!(console.contains(", root /dev/vda rw"), "the root file system is the virtio disk, read-write:\n{log}");
         // Bash's prompt codes may lead the line: the proof starts where its text does.

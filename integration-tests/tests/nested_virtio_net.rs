@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, retry_on_the_nest_symptoms, word_after, NestedL1, L1_MODULES, L1_ROOTFS,
+    assert_vmm_ended_with, debian_root_disk, debian_session, retry_on_the_nest_symptoms, word_after, NestedL1,
+    L1_MODULES, L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -56,7 +57,7 @@ fn nested_virtio_net_answers_pings_from_l1_and_carries_16_mib_with_a_matching_ch
         .shell(&format!("waitfor \"guest-sum=$(sha256sum /tmp/blob | cut -d' ' -f1)\" {}", TRANSFER_LIMIT.as_secs()))
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
         let l1_sum = word_after(&log, "=== l1-sum=");
         assert!(
             log.contains("=== ping: 3 packets transmitted, 3 packets received, 0% packet loss"),

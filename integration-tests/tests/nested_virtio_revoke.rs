@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms,
-    start_inspector_and_wait, word_after, NestedL1, L1_ROOTFS,
+    assert_vmm_ended_with, debian_root_disk, debian_session, host_program, load_vhost_vsock,
+    retry_on_the_nest_symptoms, start_inspector_and_wait, word_after, NestedL1, L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -93,7 +93,7 @@ fn nested_virtio_blk_and_vsock_lose_no_write_across_the_mirrors_revokes() {
         .wait_for("vsock1-sum=", SHELL_LIMIT)
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
         let value = |prefix: &str| word_after(&log, prefix).to_string();
         let revokes: Vec<&str> = log.lines().filter(|l| l.starts_with("=== revoke ")).collect();
         assert!(!revokes.is_empty(), "the inspector held grants to revoke:\n{log}");

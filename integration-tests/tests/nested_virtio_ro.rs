@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1, L1_ROOTFS,
+    assert_vmm_ended_with, debian_root_disk, debian_session, host_program, retry_on_the_nest_symptoms, NestedL1,
+    L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -40,7 +41,7 @@ fn nested_virtio_blk_read_only_disk_refuses_the_guests_writes() {
             .send("touch /root/nope 2>/dev/null; echo \"touch=$?\"; poweroff -f")
             .after_exit(&image_state_script())
             .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
         let before = log
             .split_once("=== before\n")
             .and_then(|(_, rest)| rest.split_once("=== before end"))

@@ -9,8 +9,8 @@
 use std::time::Duration;
 
 use integration_tests::nested::{
-    debian_root_disk, debian_session, host_program, load_vhost_vsock, retry_on_the_nest_symptoms, word_after, NestedL1,
-    L1_ROOTFS,
+    assert_vmm_ended_with, debian_root_disk, debian_session, host_program, load_vhost_vsock,
+    retry_on_the_nest_symptoms, word_after, NestedL1, L1_ROOTFS,
 };
 
 const SHELL_LIMIT: Duration = Duration::from_secs(300);
@@ -68,7 +68,7 @@ fn nested_virtio_vsock_carries_requests_and_replies_both_ways_and_4_mib_intact()
         .wait_for("guest got reply-from-l1-hello-l1", SHELL_LIMIT)
         .send("poweroff -f")
         .finish(l1, END_LIMIT);
-        assert_eq!(status, 0, "poweroff must end the vmm with 0:\n{log}");
+        assert_vmm_ended_with(status, 0, "poweroff must end the vmm with 0", &log);
         assert!(
             log.contains(&format!("test result: ok. {CARRIED_TESTS} passed")),
             "tests/virtio_vsock.rs passed in L1:\n{log}"
