@@ -3,6 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use mirror_driver::trace::{TraceFeed, TraceLimits};
@@ -415,17 +416,44 @@ fn trace_feed(config: &VmConfig) -> Option<Arc<TraceFeed>> {
     Some(Arc::new(TraceFeed::new(TraceLimits::default())))
 }
 
+/// How long stopping waits for the vCPU threads to leave KVM_RUN. A thread that the
+/// host's KVM keeps inside the guest even through the kick signal (the nested test
+/// bed's TCG does, docs/nested.md) must not keep the vmm from ending.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Stops every vCPU thread and joins it, so none outlives the VM.
 fn stop_vcpus(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>) {
+    stop_vcpus_within(lifecycle, threads, VCPU_STOP_TIMEOUT);
+}
+
+/// [`stop_vcpus`], giving up on a thread that has not stopped after `timeout` (with an
+/// error naming it): the vmm then ends without it, and the process's exit ends it.
+fn stop_vcpus_within(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>, timeout: Duration) {
     lifecycle.begin_stop();
-    for handle in &threads {
-        // A thread already past KVM_RUN ignores the kick; one inside it returns EINTR.
-        let _ = handle.kill(vcpu::kick_signal());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let running: Vec<_> = threads.iter().filter(|t| !t.is_finished()).collect();
+        if running.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for handle in running {
+            // One inside KVM_RUN returns EINTR; a kick that came between two runs is
+            // kept in its kvm_run (immediate_exit). Unjoined, the pthread_t is live.
+            let _ = handle.kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     lifecycle.forget_threads();
-    for handle in threads {
+    for (index, handle) in threads.into_iter().enumerate() {
+        if !handle.is_finished() {
+            log::error!(
+                "vCPU {index} did not stop within {timeout:?} of the VM's end (the host's KVM kept it in \
+                 KVM_RUN through every kick); the vmm ends without it"
+            );
+            continue;
+        }
         if handle.join().is_err() {
-            log::error!("a vCPU thread panicked");
+            log::error!("vCPU {index}'s thread panicked");
         }
     }
 }
@@ -487,5 +515,36 @@ mod stop_tests {
         stop_vcpus(&lifecycle, threads);
         assert!(!running.load(Ordering::SeqCst));
         assert_eq!(lifecycle.kick_vcpus(), 0, "a kick after the join must signal no joined thread");
+    }
+
+    /// A vCPU thread that never stops (one the host's KVM keeps inside the guest) does
+    /// not keep the vmm from ending: stopping gives up on it after its timeout.
+    #[test]
+    fn a_vcpu_that_never_stops_does_not_hold_the_vmm_past_the_stop_timeout() {
+        vcpu::install_kick_handler().unwrap();
+        let lifecycle = Arc::new(Lifecycle::new().unwrap());
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stopping = {
+            let lifecycle = lifecycle.clone();
+            std::thread::spawn(move || {
+                while !lifecycle.stopping() {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            })
+        };
+        // Deaf to the stop and to the kicks until the test lets it go (or 5 s pass, so
+        // that a stop that waits for it fails the test instead of hanging it).
+        let deaf = std::thread::spawn(move || {
+            let _ = stuck.recv_timeout(Duration::from_secs(5));
+        });
+        let threads = vec![stopping, deaf];
+        lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
+        let started = Instant::now();
+        stop_vcpus_within(&lifecycle, threads, Duration::from_millis(300));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "it waited for the deaf thread: {took:?}");
+        assert!(took < Duration::from_secs(5), "and gave up on it: {took:?}");
+        assert_eq!(lifecycle.kick_vcpus(), 0, "no thread stays registered for kicks");
+        release.send(()).unwrap();
     }
 }
