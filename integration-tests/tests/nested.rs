@@ -700,14 +700,14 @@ fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s() {
                  && echo poked-$((40 + 2))",
             )
             .wait_for("poked-42", SHELL_LIMIT)
-            .shell(&format!(
+            .shell(
                 "end=$(( $(date +%s) + 60 ))\n\
                  until grep -q trace.kernel_write trace.out || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
                  echo '--- after'; cat trace.out\n\
                  kill $tracer $inspector\n\
                  echo '--- inspector log'; cat inspector.log trace.err\n\
-                 echo '=== end of trace'"
-            ))
+                 echo '=== end of trace'",
+            )
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
         assert_vmm_ended_with(status, 0, "the session", &out);
