@@ -1,8 +1,11 @@
 //! A kernel forged in a guest process's pages (`guest-images/linux/specula-forger.c`):
 //! a valid VMCOREINFO whose page-table root is a page of the forger's own, with page
 //! tables that map `swapper_pg_dir`'s address back onto that root, which is the test a
-//! discovery from RAM alone applies to a candidate. The forger runs as root (it needs
-//! its pages' physical addresses) and writes nothing but its own memory.
+//! discovery from RAM alone applies to a candidate, and that map the two task-list
+//! links next to the forger's task onto copies that skip it: in the forged kernel the
+//! forger does not exist. The forger runs as root (it needs its pages' physical
+//! addresses, kernel memory and kernel addresses) and writes nothing but its own
+//! memory.
 //!
 //! Anchored to the vCPUs' CR3s, discovery believes the real kernel; the kernel view
 //! lists the forged copy, and the `forgery` check names its physical address and the
@@ -38,6 +41,7 @@ fn start_forger(guest: &LinuxGuest) -> (i64, u64) {
             .unwrap_or_else(|| panic!("no {name} in {line:?}"))
             .to_string()
     };
+    assert_eq!(field("hidden="), "1", "the forger hid itself in its copy: {line}");
     let pid = field("pid=").parse().unwrap();
     let pa = u64::from_str_radix(field("vmcoreinfo_pa=").trim_start_matches("0x"), 16).unwrap();
     (pid, pa)
@@ -70,7 +74,7 @@ fn a_forged_kernel_is_named_with_its_forger(config: LinuxGuestConfig) {
             "{report:#}"
         );
     }
-    // The views come from the real kernel: the forger is listed.
+    // The views come from the real kernel: the forger, hidden in the copy, is listed.
     let ps = api_json(&inspector, &["ps"]);
     assert!(ps.as_array().unwrap().iter().any(|p| p["pid"].as_i64() == Some(pid)), "{ps:#}");
 }

@@ -640,6 +640,103 @@ fn nested_trace_reports_processes_the_rootkits_load_and_its_lstar_hook_on_linux_
     trace_reports_processes_the_rootkits_load_and_its_lstar_hook("linux-trixie");
 }
 
+/// A change of plan the source refuses half-way leaves the old one armed: inspector A
+/// holds the source's write traps (`kernel_writes`); inspector B traces `exit` (one
+/// breakpoint, on `do_exit`), then asks for `exec,exit,kernel_writes`. The source arms
+/// B's three new breakpoints (execve's and execveat's first) and then refuses the write
+/// traps, which A holds: B must put its old breakpoint back, because its probes still
+/// decode hits by the old plan. A process that exits afterwards is then reported with
+/// its status; left with the new points armed, B would read execve's hit as an exit
+/// and drop do_exit's (an index its old plan does not have).
+#[test]
+fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
+    retry_on_the_nest_symptoms(|| {
+        let _turn = turn();
+        let l1 = &l1();
+        let run_dir = "/run/l2/trace-refused";
+        let args = format!(
+            "--kernel {} --initramfs {} --memory 512M --cpus 1 --mirror-socket {run_dir}/mirror.sock \
+             --mirror-allow-trace --mirror-allow-trace-patches --log-level info --cmdline \"console=ttyS0 quiet\"",
+            l1.linux_image("linux-trixie", "vmlinuz"),
+            l1.linux_image("linux-trixie", "introspect.cpio.gz"),
+        );
+        let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
+        let start = |name: &str| {
+            start_inspector_and_wait(
+                &inspector,
+                &format!(
+                    "--source-socket {run_dir}/mirror.sock --all --serial null --api-socket {run_dir}/{name}.sock"
+                ),
+                &format!("{name}.log"),
+            )
+        };
+        let (status, out) = ConsoleSession::new(l1, "trace-refused", &args)
+            .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
+            .shell(&format!(
+                "{a}\n\
+                 inspector_a=$inspector\n\
+                 {b}\n\
+                 {specula} --socket a.sock trace-start kernel_writes > a.start 2>&1 || fail \"A's trace: $(cat a.start a.log)\"\n\
+                 {specula} --socket b.sock --json trace exit --software-breakpoints > b.out 2> b.err &\n\
+                 tracer=$!\n\
+                 until grep -q 'specula: tracing' b.err; do\n\
+                   kill -0 $tracer 2>/dev/null || fail \"B's trace failed: $(cat b.err b.log)\"\n\
+                   usleep 200000\n\
+                 done\n\
+                 echo '--- refused'; {specula} --socket b.sock trace-start exec exit kernel_writes --software-breakpoints 2>&1\n\
+                 echo \"refused-status=$?\"\n\
+                 echo '--- status'; {specula} --socket b.sock --json trace-status",
+                a = start("a"),
+                b = start("b"),
+            ))
+            .send("/bin/sh -c 'exit 5' specula-after-refusal; echo after-status-$?-$((40 + 2))")
+            .wait_for("after-status-5-42", SHELL_LIMIT)
+            .shell(
+                "end=$(( $(date +%s) + 30 ))\n\
+                 until grep -q '\"status\":5' b.out || [ $(date +%s) -ge $end ]; do usleep 200000; done\n\
+                 echo '--- events'; cat b.out\n\
+                 kill $tracer $inspector $inspector_a\n\
+                 echo '--- inspector logs'; cat a.log b.log b.err\n\
+                 echo '=== end of trace'",
+            )
+            .send("poweroff -f")
+            .finish(l1, END_LIMIT);
+        assert_vmm_ended_with(status, 0, "the session", &out);
+        let (views_text, log) = out.split_once("=== end of trace").expect("the trace");
+        let views = sections(views_text);
+        let view =
+            |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
+        let refused = view("refused");
+        assert!(
+            refused.contains("refused-status=") && !refused.contains("refused-status=0"),
+            "B's change of plan must be refused: {refused}"
+        );
+        assert!(refused.contains("holds this source's write traps"), "refused for A's write traps: {refused}");
+        let status: serde_json::Value = serde_json::from_str(&view("status")).expect("trace-status JSON");
+        assert_eq!(status["kinds"], serde_json::json!(["exit"]), "B still traces what it traced: {status}");
+        let events: Vec<serde_json::Value> = view("events")
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect();
+        assert!(
+            events.iter().all(|e| e["kind"] == "trace.exit"),
+            "B reports only exits: {events:#?}\n{}",
+            view("inspector logs")
+        );
+        assert!(
+            events.iter().any(|e| e["detail"]["status"] == 5 && e["detail"]["comm"] == "sh"),
+            "the exit of `sh -c 'exit 5'`, after the refused change, with its status: {events:#?}\n{}",
+            view("inspector logs")
+        );
+        // The source's own account: the new points went in, then the old one came back.
+        let armed: Vec<&str> = log.lines().filter(|l| l.contains("hardware breakpoints armed for inspector")).collect();
+        assert!(
+            armed.iter().any(|l| l.contains(" 3 hardware")) && armed.last().is_some_and(|l| l.contains(" 1 hardware")),
+            "the vmm armed B's three new points, then its one old point again: {armed:#?}"
+        );
+    })
+}
+
 /// vCPUs of the busy guest. One: the L2 triple fault (docs/nested.md) met two of four
 /// busy 2-vCPU guests within 20 s.
 const BUSY_GUEST_CPUS: u32 = 1;

@@ -155,13 +155,13 @@ impl Vmm {
         let lifecycle = Arc::new(Lifecycle::new().map_err(BuildError::EventLoop)?);
         let (mmio, virtio) = build_virtio(&vm, &ram, &ram_slots, &lifecycle, config, &virtio_slots)?;
         let trace = trace_feed(config)
-            .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.memory().clone(), ram_slots.clone())));
+            .map(|feed| Arc::new(GuestTrace::new(vm.clone(), feed, ram.shared_memory(), ram_slots.clone())));
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..config.cpus {
             let mut vcpu = Vcpu::new(&vm, index)?;
             vcpu.configure(&vm, &ram, &entry, config.cpus, config.host_tsc)?;
             if let Some(trace) = &trace {
-                vcpu.set_trace(trace.for_vcpu(ram.memory().clone()));
+                vcpu.set_trace(trace.for_vcpu(ram.shared_memory()));
             }
             vcpus.push(vcpu);
         }
@@ -238,7 +238,11 @@ impl Vmm {
         if let Ok(Some(exporter)) = &services {
             exporter.shutdown();
         }
-        stop_vcpus(&self.lifecycle, threads);
+        if !stop_vcpus(&self.lifecycle, threads) {
+            // A vCPU thread left running may still reach devices that touch guest RAM:
+            // the RAM stays mapped until the process exits.
+            std::mem::forget(self.ram.shared_memory());
+        }
         services?;
         Ok(self.lifecycle.exit_reason().expect("the loop ends only with an exit reason"))
     }
@@ -421,14 +425,16 @@ fn trace_feed(config: &VmConfig) -> Option<Arc<TraceFeed>> {
 /// bed's TCG does, docs/nested.md) must not keep the vmm from ending.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Stops every vCPU thread and joins it, so none outlives the VM.
-fn stop_vcpus(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>) {
-    stop_vcpus_within(lifecycle, threads, VCPU_STOP_TIMEOUT);
+/// Stops every vCPU thread and joins it, so none outlives the VM; false if one had to
+/// be left running (see [`stop_vcpus_within`]).
+fn stop_vcpus(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>) -> bool {
+    stop_vcpus_within(lifecycle, threads, VCPU_STOP_TIMEOUT)
 }
 
 /// [`stop_vcpus`], giving up on a thread that has not stopped after `timeout` (with an
 /// error naming it): the vmm then ends without it, and the process's exit ends it.
-fn stop_vcpus_within(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>, timeout: Duration) {
+/// Returns whether every thread stopped.
+fn stop_vcpus_within(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle<()>>, timeout: Duration) -> bool {
     lifecycle.begin_stop();
     let deadline = Instant::now() + timeout;
     loop {
@@ -444,8 +450,10 @@ fn stop_vcpus_within(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle
         std::thread::sleep(Duration::from_millis(20));
     }
     lifecycle.forget_threads();
+    let mut all_stopped = true;
     for (index, handle) in threads.into_iter().enumerate() {
         if !handle.is_finished() {
+            all_stopped = false;
             log::error!(
                 "vCPU {index} did not stop within {timeout:?} of the VM's end (the host's KVM kept it in \
                  KVM_RUN through every kick); the vmm ends without it"
@@ -456,6 +464,7 @@ fn stop_vcpus_within(lifecycle: &Lifecycle, threads: Vec<std::thread::JoinHandle
             log::error!("vCPU {index}'s thread panicked");
         }
     }
+    all_stopped
 }
 
 /// Wakes the event loop when a vCPU ends the VM, and turns an i8042 reset into an exit.
@@ -512,7 +521,7 @@ mod stop_tests {
             .collect();
         lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         assert_eq!(lifecycle.kick_vcpus(), 2, "both threads are registered while they run");
-        stop_vcpus(&lifecycle, threads);
+        assert!(stop_vcpus(&lifecycle, threads), "both stopped");
         assert!(!running.load(Ordering::SeqCst));
         assert_eq!(lifecycle.kick_vcpus(), 0, "a kick after the join must signal no joined thread");
     }
@@ -540,8 +549,9 @@ mod stop_tests {
         let threads = vec![stopping, deaf];
         lifecycle.set_threads(threads.iter().map(|t| t.as_pthread_t()).collect());
         let started = Instant::now();
-        stop_vcpus_within(&lifecycle, threads, Duration::from_millis(300));
+        let all_stopped = stop_vcpus_within(&lifecycle, threads, Duration::from_millis(300));
         let took = started.elapsed();
+        assert!(!all_stopped, "the deaf thread is reported as left running");
         assert!(took >= Duration::from_millis(300), "it waited for the deaf thread: {took:?}");
         assert!(took < Duration::from_secs(5), "and gave up on it: {took:?}");
         assert_eq!(lifecycle.kick_vcpus(), 0, "no thread stays registered for kicks");

@@ -45,10 +45,11 @@ use mirror_driver::protocol::{
 };
 use mirror_driver::trace::TraceEvent;
 use specula_common::sync::lock;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::guest_view::GuestView;
 use super::VcpuTrace;
+use crate::memory::SharedMemory;
 
 /// DR6.BS: the #DB is a single step's.
 const DR6_BS: u64 = 1 << 14;
@@ -105,14 +106,14 @@ struct State {
 
 /// The breakpoints the vCPUs arm, and a generation each vCPU compares with its own.
 pub struct Breakpoints {
-    memory: GuestMemoryMmap,
+    memory: SharedMemory,
     state: Mutex<State>,
     placed: Condvar,
     generation: AtomicU64,
 }
 
 impl Breakpoints {
-    pub fn new(memory: GuestMemoryMmap) -> Self {
+    pub fn new(memory: SharedMemory) -> Self {
         Self { memory, state: Mutex::new(State::default()), placed: Condvar::new(), generation: AtomicU64::new(0) }
     }
 
@@ -410,7 +411,7 @@ mod tests {
         memory.write_slice(&[0xe6, TRACE_PORT, 0xf4], GuestAddress(OWN_OUT)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = Arc::new(GuestTrace::of_test_vm(&vm, feed.clone(), &ram));
-        let mut vcpu_trace = trace.for_vcpu(memory.clone());
+        let mut vcpu_trace = trace.for_vcpu(ram.shared_memory());
         let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rbx) = (FUNC, 42));
         let capture = Capture { base: 1, derefs: vec![], offset: 0, kind: CaptureKind::Address, max_len: 0 };
         set_software(&trace, &vcpu, &mut vcpu_trace, Some(Breakpoint { address: FUNC, captures: vec![capture] }))
@@ -442,6 +443,41 @@ mod tests {
         set_software(&trace, &vcpu, &mut vcpu_trace, None).unwrap();
     }
 
+    /// The VM's end and an inspector's disarm race: the connection that disarms the
+    /// software breakpoints (reading and writing guest RAM) may run after the VM's
+    /// owner dropped its RAM (a vmm crashed there with SIGSEGV as a traced guest powered
+    /// off). The trace keeps guest RAM mapped, and the disarm puts the NOP back: read
+    /// here from the RAM's memfd, once nothing else holds the mapping.
+    #[test]
+    fn software_breakpoints_are_disarmed_after_the_vms_ram_is_dropped() {
+        use std::os::unix::fs::FileExt;
+        const FUNC: u64 = 0x2000;
+        let nop5 = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+        let (vm, ram) = vm_with_code();
+        let memory = ram.memory();
+        memory.write_slice(&[0xf3, 0x0f, 0x1e, 0xfa], GuestAddress(FUNC)).unwrap();
+        memory.write_slice(&nop5, GuestAddress(FUNC + 4)).unwrap();
+        memory.write_slice(&[0xf4], GuestAddress(FUNC + 9)).unwrap();
+        let region = ram.regions()[0];
+        assert_eq!(region.guest_addr, 0, "the test VM's RAM starts at 0 in one memfd");
+        let (file, at) = (ram.chunk_file(region.chunk).clone(), region.file_offset + FUNC + 4);
+        let in_file = || {
+            let mut bytes = [0u8; 2];
+            file.read_exact_at(&mut bytes, at).unwrap();
+            bytes
+        };
+        let trace = Arc::new(GuestTrace::of_test_vm(&vm, Arc::new(TraceFeed::new(TraceLimits::default())), &ram));
+        {
+            let mut vcpu_trace = trace.for_vcpu(ram.shared_memory());
+            let vcpu = real_mode_vcpu(&vm, |regs| regs.rip = FUNC);
+            set_software(&trace, &vcpu, &mut vcpu_trace, Some(Breakpoint { address: FUNC, captures: vec![] })).unwrap();
+        }
+        assert_eq!(in_file(), PATCH, "the patch is in guest RAM");
+        drop(ram);
+        trace.breakpoints().set(false, &[], || {}).unwrap();
+        assert_eq!(in_file(), [nop5[0], nop5[1]], "the NOP is back");
+    }
+
     /// A real-mode vCPU about to run `wrmsr; hlt` at `CODE` (the test VM's code), with
     /// a breakpoint there whose captures follow RDI to a string and RSI to an argv-style
     /// array, take RBX's value, and follow a pointer into nothing.
@@ -457,7 +493,7 @@ mod tests {
         memory.write_obj(0x3000u64, GuestAddress(0x3300)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram);
-        let mut vcpu_trace = trace.for_vcpu(memory.clone());
+        let mut vcpu_trace = trace.for_vcpu(ram.shared_memory());
         // The instruction under the breakpoint writes the TSC (RCX 0x10): harmless.
         let mut vcpu = real_mode_vcpu(&vm, |regs| {
             (regs.rip, regs.rdi, regs.rsi, regs.rbx, regs.rcx) = (CODE, 0x3300, 0x3200, 7, 0x10)
@@ -546,7 +582,7 @@ mod tests {
         memory.write_obj(0x0000_1200u32, GuestAddress(4)).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
         let trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram);
-        let mut vcpu_trace = trace.for_vcpu(memory.clone());
+        let mut vcpu_trace = trace.for_vcpu(ram.shared_memory());
         let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rsp, regs.rsi) = (CODE, 0x8000, 0));
         trace.breakpoints().set(false, &[Breakpoint { address: GUEST_BP + 1, captures: vec![] }], || {}).unwrap();
         sync(&vcpu, &mut vcpu_trace).unwrap();

@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use mirror_driver::protocol::TRACED_MSRS;
 use mirror_driver::trace::TraceFeed;
-use vm_memory::GuestMemoryMmap;
 
 use self::breakpoints::Breakpoints;
 use self::write_traps::WriteTraps;
 use super::ram_slots::RamMemslots;
 use super::vm::{Vm, VmError};
+use crate::memory::SharedMemory;
 
 /// The trace state of one VM: its feed, what is armed, and how to arm it.
 pub struct GuestTrace {
@@ -32,7 +32,9 @@ pub struct GuestTrace {
 impl GuestTrace {
     /// The trace of `vm`, whose guest RAM is `memory` (software breakpoints are
     /// written there) in the memslots `slots` (write traps make pieces read-only).
-    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>, memory: GuestMemoryMmap, slots: Arc<RamMemslots>) -> Self {
+    /// `memory` keeps guest RAM mapped: an inspector's connection may disarm the
+    /// breakpoints (reading and writing RAM) after the VM ended and its owner let go.
+    pub fn new(vm: Arc<Vm>, feed: Arc<TraceFeed>, memory: SharedMemory, slots: Arc<RamMemslots>) -> Self {
         Self {
             vm,
             feed,
@@ -47,7 +49,7 @@ impl GuestTrace {
     pub(crate) fn of_test_vm(vm: &Arc<Vm>, feed: Arc<TraceFeed>, ram: &crate::memory::GuestRam) -> Self {
         let slots: Vec<u32> = (0..ram.slots().len() as u32).collect();
         let memslots = Arc::new(RamMemslots::new(vm.clone(), ram, &slots));
-        Self::new(vm.clone(), feed, ram.memory().clone(), memslots)
+        Self::new(vm.clone(), feed, ram.shared_memory(), memslots)
     }
 
     /// The write traps the vCPUs complete.
@@ -73,7 +75,7 @@ impl GuestTrace {
 
     /// What one vCPU thread needs to report: the feed, the breakpoints, and guest RAM
     /// (to read what a hit captures).
-    pub fn for_vcpu(&self, memory: GuestMemoryMmap) -> VcpuTrace {
+    pub fn for_vcpu(&self, memory: SharedMemory) -> VcpuTrace {
         VcpuTrace {
             feed: self.feed.clone(),
             breakpoints: self.breakpoints.clone(),
@@ -90,7 +92,7 @@ pub struct VcpuTrace {
     pub feed: Arc<TraceFeed>,
     pub breakpoints: Arc<Breakpoints>,
     pub write_traps: Arc<WriteTraps>,
-    pub memory: GuestMemoryMmap,
+    pub memory: SharedMemory,
     /// The breakpoint generation this vCPU's debug registers hold.
     pub applied_debug: u64,
     /// Whether the vCPU is single-stepping past a breakpoint it hit.

@@ -105,7 +105,7 @@ pub(crate) mod tests {
         vcpu.set_regs(&regs).unwrap();
         ram.memory().write_obj(0xffff_ffff_c000_2040u64, GuestAddress(STACK)).unwrap();
         ram.memory().write_obj(0x1234u64, GuestAddress(STACK + 8)).unwrap();
-        let vcpu_trace = trace.for_vcpu(ram.memory().clone());
+        let vcpu_trace = trace.for_vcpu(ram.shared_memory());
         let (msr, value) = match vcpu.run().unwrap() {
             VcpuExit::X86Wrmsr(exit) => {
                 assert_eq!(exit.reason, MsrExitReason::Filter);
@@ -151,7 +151,7 @@ pub(crate) mod tests {
         let (vm, ram) = vm_with_code();
         let vcpu = vm.fd().create_vcpu(0).unwrap();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let vcpu_trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram).for_vcpu(ram.memory().clone());
+        let vcpu_trace = GuestTrace::of_test_vm(&vm, feed.clone(), &ram).for_vcpu(ram.shared_memory());
         // A non-canonical LSTAR: the guest would get #GP without tracing, and does with it.
         assert!(!on_msr_write(&vcpu, 0, LSTAR, 0x8000_0000_0000_0000, Some(&vcpu_trace)));
         let (events, _) = feed.take(Duration::ZERO).unwrap();

@@ -174,10 +174,10 @@ mod tests {
     fn a_trapped_write_is_completed_as_the_guest_asked_and_reported_with_its_writer() {
         let (vm, ram, memslots) = guest();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone(), memslots.clone());
+        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.shared_memory(), memslots.clone());
         // The word is watched; the byte shares its page and is not.
         assert_eq!(trace.write_traps().set(&[Range { gpa: 0x5008, len: 8 }]).unwrap(), 1);
-        let vcpu_trace = trace.for_vcpu(ram.memory().clone());
+        let vcpu_trace = trace.for_vcpu(ram.shared_memory());
         let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rax, regs.rbx) = (0x1000, 0xbeef, 0x42));
         assert_eq!(run_to_hlt(&mut vcpu, &vcpu_trace), 2, "both stores exit: their page is read-only");
         assert_eq!(ram.memory().read_obj::<u16>(GuestAddress(0x5008)).unwrap(), 0xbeef, "the word is written");
@@ -204,10 +204,10 @@ mod tests {
     fn disarmed_traps_leave_writes_to_kvm_and_a_device_write_is_not_taken() {
         let (vm, ram, memslots) = guest();
         let feed = Arc::new(TraceFeed::new(TraceLimits::default()));
-        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.memory().clone(), memslots);
+        let trace = GuestTrace::new(vm.clone(), feed.clone(), ram.shared_memory(), memslots);
         trace.write_traps().set(&[Range { gpa: 0x5008, len: 8 }]).unwrap();
         assert_eq!(trace.write_traps().set(&[]).unwrap(), 0);
-        let vcpu_trace = trace.for_vcpu(ram.memory().clone());
+        let vcpu_trace = trace.for_vcpu(ram.shared_memory());
         let mut vcpu = real_mode_vcpu(&vm, |regs| (regs.rip, regs.rax, regs.rbx) = (0x1000, 0xbeef, 0x42));
         assert_eq!(run_to_hlt(&mut vcpu, &vcpu_trace), 0, "no exit once disarmed");
         assert_eq!(ram.memory().read_obj::<u16>(GuestAddress(0x5008)).unwrap(), 0xbeef);
