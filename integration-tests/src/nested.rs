@@ -849,7 +849,8 @@ impl ConsoleSession {
              {vmm} {args} < input > out 2>&1 &\n\
              vmm=$!\n\
              {echo_console}\
-             fail() {{ echo \"=== $*\"; kill -9 $vmm 2>/dev/null; cat out; echo '=== L1 kernel log'; dmesg | tail -n 15; exit 1; }}\n\
+             fail() {{ echo \"=== $*\"; kill -9 $vmm 2>/dev/null; cat out; echo '=== L1 kernel log'; dmesg | tail -n 15; \
+               for f in *.log *.err *.out; do [ -f \"$f\" ] && echo \"=== $f ($(wc -l < \"$f\") lines), its end\" && tail -n 8 \"$f\"; done; exit 1; }}\n\
              waitfor() {{\n\
                end=$(( $(date +%s) + $2 ))\n\
                while ! grep -qF -- \"$1\" out; do\n\

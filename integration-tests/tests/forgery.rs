@@ -55,6 +55,10 @@ fn a_forged_kernel_is_named_with_its_forger(config: LinuxGuestConfig) {
     let kernel = api_json(&inspector, &["discover"]);
     assert_eq!(kernel["release"].as_str(), Some(guest.ground_truth().kernel_release.as_str()), "{kernel:#}");
     assert_eq!(kernel["anchored"], true, "{kernel:#}");
+    // It says how it knows: each vCPU's CR3 (QEMU's registers carry no LSTAR) agrees.
+    let anchors = kernel["anchors"].as_array().unwrap_or_else(|| panic!("no anchors: {kernel:#}"));
+    assert!(anchors.iter().any(|a| a["anchor"] == "cr3"), "the CR3 anchor was checked: {kernel:#}");
+    assert!(anchors.iter().all(|a| a["agrees"] == true), "every anchor agrees: {kernel:#}");
     let forged: Vec<u64> = kernel["forged_vmcoreinfo"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
     assert!(forged.contains(&pa), "the forged copy at {pa:#x} is not listed: {kernel:#}");
     let report = api_json(&inspector, &["checks", "forgery"]);

@@ -454,11 +454,16 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
     })
 }
 
+/// Runs of /bin/true in the trace test's busy phase. 40, down from 100: every minute of
+/// a busy L2 meets the nest's failures (docs/nested.md), and a local run of the 6.12 test
+/// saw its 100-exec loop stop making progress for 300 s (2026-12-06).
+const BUSY_EXECS: usize = 40;
+
 /// Agentless tracing on a Linux source under our own vmm (2 vCPUs, `--mirror-allow-trace`,
 /// Debian's kernel from `guest-images/<dir>`), every kind at once through the API
 /// (`specula trace`; software breakpoints, since QEMU's TCG does not arm the debug
 /// registers a VMRUN loads), with no agent in the guest and no check run:
-/// - a busy guest (100 fork+exec of /bin/true) is reported exec by exec, and writes none
+/// - a busy guest ([`BUSY_EXECS`] fork+exec of /bin/true) is reported exec by exec, and writes none
 ///   of the traced MSRs and none of the kernel's traced tables;
 /// - a process that runs and exits between two looks (`/bin/sh -c 'exit 7' MARKER`) is
 ///   reported with its filename and argv as the guest ran them, then its exit with 7;
@@ -497,7 +502,9 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
             ))
             // A busy guest: processes come and go, every one with its system calls, and the
             // kernel's tables are left alone.
-            .send("i=0; while [ $i -lt 100 ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))")
+            .send(&format!(
+                "i=0; while [ $i -lt {BUSY_EXECS} ]; do /bin/true; i=$((i + 1)); done; echo busy-done-$((40 + 2))"
+            ))
             .wait_for("busy-done-42", SHELL_LIMIT)
             .send("/bin/sh -c 'exit 7' specula-marker-$((40 + 2)); echo marker-status-$?")
             .wait_for("marker-status-7", SHELL_LIMIT)
@@ -540,7 +547,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
 
         let execs = of_kind("trace.exec");
         let true_runs = execs.iter().filter(|e| e["detail"]["filename"] == "/bin/true").count();
-        assert!(true_runs >= 100, "every /bin/true of the busy loop is an exec ({true_runs}): {}", summary());
+        assert!(true_runs >= BUSY_EXECS, "every /bin/true of the busy loop is an exec ({true_runs}): {}", summary());
         let marker = execs
             .iter()
             .find(|e| e["detail"]["argv"] == serde_json::json!(["/bin/sh", "-c", "exit 7", "specula-marker-42"]))
