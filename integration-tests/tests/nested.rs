@@ -54,6 +54,21 @@ fn linux_session(l1: &NestedL1, name: &str, dir: &str, cpus: u32, cmdline_extra:
     ConsoleSession::new(l1, name, &args)
 }
 
+/// The vmm options of a Linux *source* in L1: Debian's kernel from
+/// `guest-images/<dir>` with the introspection initramfs, 512 MiB, `cpus` vCPUs, its
+/// mirror socket in `run_dir`, and `extra` options.
+fn linux_source_args(l1: &NestedL1, dir: &str, run_dir: &str, cpus: u32, extra: &str) -> String {
+    format!(
+        "--kernel {} --initramfs {} --memory 512M --cpus {cpus} --mirror-socket {run_dir}/mirror.sock {extra} \
+         --cmdline \"console=ttyS0 quiet\"",
+        l1.linux_image(dir, "vmlinuz"),
+        l1.linux_image(dir, "introspect.cpio.gz"),
+    )
+}
+
+/// What a traced source allows its inspectors: tracing, with software breakpoints.
+const TRACED: &str = "--mirror-allow-trace --mirror-allow-trace-patches";
+
 fn kernel_version(dir: &str) -> String {
     std::fs::read_to_string(linux_dir(dir).join("kernel-version")).expect("kernel-version").trim().to_string()
 }
@@ -259,6 +274,38 @@ fn sections(text: &str) -> std::collections::HashMap<String, String> {
     out
 }
 
+/// What a console session printed in `--- NAME` sections before its `end` line, once
+/// its vmm powered off with 0, and the console log after that line.
+struct SessionReport {
+    text: String,
+    sections: std::collections::HashMap<String, String>,
+    log: String,
+}
+
+impl SessionReport {
+    #[track_caller]
+    fn of(status: i32, out: &str, end: &str) -> Self {
+        assert_vmm_ended_with(status, 0, "the session", out);
+        let (text, log) = out.split_once(end).unwrap_or_else(|| panic!("no {end:?} line:\n{out}"));
+        Self { sections: sections(text), text: text.to_string(), log: log.to_string() }
+    }
+
+    /// Section `name`, trimmed; fails with everything printed if there is none.
+    #[track_caller]
+    fn get(&self, name: &str) -> String {
+        self.sections.get(name).unwrap_or_else(|| panic!("no {name} section:\n{}", self.text)).trim().to_string()
+    }
+
+    /// Section `name` as JSON lines (a trace's events).
+    #[track_caller]
+    fn json_lines(&self, name: &str) -> Vec<serde_json::Value> {
+        self.get(name)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+}
+
 /// Debian 12's Linux as a *source* under our own vmm (2 vCPUs, mirror socket), with
 /// the introspection initramfs: the inspector attaches in L1, and its kernel, process,
 /// module and memory views match what the guest printed about itself, and YARA finds a
@@ -273,12 +320,7 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
         let _turn = turn();
         let l1 = &l1();
         let run_dir = "/run/l2/linux-source";
-        let args = format!(
-            "--kernel {} --initramfs {} --memory 512M --cpus 2 --mirror-socket {run_dir}/mirror.sock \
-             --cmdline \"console=ttyS0 quiet\"",
-            l1.linux_image("linux", "vmlinuz"),
-            l1.linux_image("linux", "introspect.cpio.gz"),
-        );
+        let args = linux_source_args(l1, "linux", run_dir, 2, "");
         let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
         let api = format!("{run_dir}/api.sock");
         let ask_as = |name: &str, request: &str| {
@@ -355,14 +397,12 @@ fn nested_a_linux_source_under_our_vmm_is_inspected_live_against_its_own_ground_
             ))
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_vmm_ended_with(status, 0, "the session", &out);
-        let (views_text, log) = out.split_once("=== end of views").expect("the views");
-        let truth = ground_truth_in(log);
+        let report = SessionReport::of(status, &out, "=== end of views");
+        let truth = ground_truth_in(&report.log);
         let marker = truth.marker("specula-workerA").expect("the ground truth names its markers").clone();
-        let out = views_text.to_string();
-        let views = sections(&out);
-        let view = |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name} reply:\n{out}")).trim().to_string();
-        assert_no_request_went_unanswered(&views);
+        let out = &report.text;
+        let view = |name: &str| report.get(name);
+        assert_no_request_went_unanswered(&report.sections);
 
         let kernel = view("kernel");
         assert!(kernel.starts_with(&format!("release={} ", truth.kernel_release)), "{kernel}");
@@ -476,12 +516,7 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
         let _turn = turn();
         let l1 = &l1();
         let run_dir = format!("/run/l2/trace-{dir}");
-        let args = format!(
-            "--kernel {} --initramfs {} --memory 512M --cpus 2 --mirror-socket {run_dir}/mirror.sock \
-             --mirror-allow-trace --mirror-allow-trace-patches --cmdline \"console=ttyS0 quiet\"",
-            l1.linux_image(dir, "vmlinuz"),
-            l1.linux_image(dir, "introspect.cpio.gz"),
-        );
+        let args = linux_source_args(l1, dir, &run_dir, 2, TRACED);
         let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
         let api = format!("{run_dir}/api.sock");
         let start = start_inspector_and_wait(
@@ -529,15 +564,9 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
             ))
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_vmm_ended_with(status, 0, "the session", &out);
-        let (views_text, _) = out.split_once("=== end of trace").expect("the trace");
-        let views = sections(views_text);
-        let view =
-            |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
-        let events: Vec<serde_json::Value> = view("trace")
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect();
+        let report = SessionReport::of(status, &out, "=== end of trace");
+        let view = |name: &str| report.get(name);
+        let events = report.json_lines("trace");
         let of_kind = |kind: &str| events.iter().filter(|e| e["kind"] == kind).collect::<Vec<_>>();
         let summary = || {
             let mut kinds: Vec<String> = events.iter().map(|e| e["kind"].as_str().unwrap_or("?").to_string()).collect();
@@ -661,12 +690,7 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
         let _turn = turn();
         let l1 = &l1();
         let run_dir = "/run/l2/trace-refused";
-        let args = format!(
-            "--kernel {} --initramfs {} --memory 512M --cpus 1 --mirror-socket {run_dir}/mirror.sock \
-             --mirror-allow-trace --mirror-allow-trace-patches --log-level info --cmdline \"console=ttyS0 quiet\"",
-            l1.linux_image("linux-trixie", "vmlinuz"),
-            l1.linux_image("linux-trixie", "introspect.cpio.gz"),
-        );
+        let args = linux_source_args(l1, "linux-trixie", run_dir, 1, &format!("{TRACED} --log-level info"));
         let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
         let start = |name: &str| {
             start_inspector_and_wait(
@@ -708,11 +732,8 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
             )
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_vmm_ended_with(status, 0, "the session", &out);
-        let (views_text, log) = out.split_once("=== end of trace").expect("the trace");
-        let views = sections(views_text);
-        let view =
-            |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
+        let report = SessionReport::of(status, &out, "=== end of trace");
+        let view = |name: &str| report.get(name);
         let refused = view("refused");
         assert!(
             refused.contains("refused-status=") && !refused.contains("refused-status=0"),
@@ -721,10 +742,7 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
         assert!(refused.contains("holds this source's write traps"), "refused for A's write traps: {refused}");
         let status: serde_json::Value = serde_json::from_str(&view("status")).expect("trace-status JSON");
         assert_eq!(status["kinds"], serde_json::json!(["exit"]), "B still traces what it traced: {status}");
-        let events: Vec<serde_json::Value> = view("events")
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
-            .collect();
+        let events = report.json_lines("events");
         assert!(
             events.iter().all(|e| e["kind"] == "trace.exit"),
             "B reports only exits: {events:#?}\n{}",
@@ -736,7 +754,8 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
             view("inspector logs")
         );
         // The source's own account: the new points went in, then the old one came back.
-        let armed: Vec<&str> = log.lines().filter(|l| l.contains("hardware breakpoints armed for inspector")).collect();
+        let armed: Vec<&str> =
+            report.log.lines().filter(|l| l.contains("hardware breakpoints armed for inspector")).collect();
         assert!(
             armed.iter().any(|l| l.contains(" 3 hardware")) && armed.last().is_some_and(|l| l.contains(" 1 hardware")),
             "the vmm armed B's three new points, then its one old point again: {armed:#?}"
@@ -763,12 +782,7 @@ fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s() {
         let _turn = turn();
         let l1 = &l1();
         let run_dir = "/run/l2/trace-quiet";
-        let args = format!(
-            "--kernel {} --initramfs {} --memory 512M --cpus {BUSY_GUEST_CPUS} --mirror-socket {run_dir}/mirror.sock \
-             --mirror-allow-trace --mirror-allow-trace-patches --cmdline \"console=ttyS0 quiet\"",
-            l1.linux_image("linux", "vmlinuz"),
-            l1.linux_image("linux", "introspect.cpio.gz"),
-        );
+        let args = linux_source_args(l1, "linux", run_dir, BUSY_GUEST_CPUS, TRACED);
         let (inspector, specula) = (l1.binary("inspector"), l1.binary("specula"));
         let api = format!("{run_dir}/api.sock");
         let start = start_inspector_and_wait(
@@ -814,11 +828,8 @@ fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s() {
             )
             .send("poweroff -f")
             .finish(l1, END_LIMIT);
-        assert_vmm_ended_with(status, 0, "the session", &out);
-        let (views_text, _) = out.split_once("=== end of trace").expect("the trace");
-        let views = sections(views_text);
-        let view =
-            |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name}:\n{views_text}")).trim().to_string();
+        let report = SessionReport::of(status, &out, "=== end of trace");
+        let view = |name: &str| report.get(name);
         // The count the loop printed (the console also echoes the command that prints it).
         let rounds: u32 = out
             .split("busy-rounds-")
