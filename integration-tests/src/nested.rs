@@ -182,12 +182,19 @@ impl Drop for NestedL1 {
 /// never becomes ready) must not go on taking the runner's CPUs from the next one.
 struct L1Qemu {
     pid: u32,
+    killed: std::sync::atomic::AtomicBool,
 }
 
 impl L1Qemu {
+    /// Kills QEMU, once: after the first kill its owner thread may reap it and the pid
+    /// be reused.
     fn kill(&self) {
-        // SAFETY: kill on the pid of the QEMU child this bed started (reaped by its
-        // owner thread, so the pid is not reused before the kill lands).
+        if self.killed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: kill(2) on the pid of the QEMU child this bed started and has not
+        // killed yet. One that exited on its own and was reaped frees its pid, but pids
+        // are handed out in order and come round again only after pid_max others.
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
     }
 }
@@ -303,7 +310,7 @@ fn launch(prepared: &Prepared, nodes: u32) -> NestedL1 {
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", dir.join("monitor.sock").display()));
     }
     let (pid, qemu_exit) = spawn_owned(cmd);
-    let qemu = L1Qemu { pid };
+    let qemu = L1Qemu { pid, killed: Default::default() };
 
     let stream = connect(&socket, &qemu_exit, &console_log);
     let reader = BufReader::new(stream.try_clone().expect("clone the command socket"));
