@@ -16,6 +16,11 @@
 //! latency: from a command typed on the console to its `trace.exec` on the inspector's
 //! event stream, beside the same command's own output on the console.
 //!
+//! The inspector runs with `--no-dirty-log`: the dirty-page feed write-protects guest RAM,
+//! which made exec-heavy work about 4 times slower in the nest (30 untraced execs: a
+//! median of 4.9 s with the feed, 1.2 s without, three runs each in two L1s,
+//! 2026-12-06), a cost that is the feed's, not the trace's.
+//!
 //! `cargo bench -p integration-tests --bench trace` (after scripts/build.sh).
 
 use std::time::Duration;
@@ -28,7 +33,10 @@ use integration_tests::nested::NestedL1;
 const KERNEL_DIR: &str = "linux-trixie";
 /// Runs of each workload in each mode.
 const ROUNDS: usize = 3;
-const EXECS: u32 = 100;
+/// Execs per exec-heavy run: 30, down from 100. An exec loop in a nested L2 meets the
+/// nest's triple fault now and then with tracing off as well (docs/nested.md), and
+/// three L1s in a row met it with 100 (2026-12-06), before any figure was complete.
+const EXECS: u32 = 30;
 const SYSCALL_BYTES: u32 = 20_000;
 /// Latency samples.
 const LATENCY_SAMPLES: usize = 10;
@@ -58,7 +66,7 @@ fn script(l1: &NestedL1) -> String {
            --mirror-allow-trace --mirror-allow-trace-patches --cmdline 'console=ttyS0 quiet' < in > out 2>&1 &\n\
          vmm=$!\n\
          until grep -q '=== specula ground truth end ===' out; do kill -0 $vmm || {{ tail -5 out | sed 's/^/# /'; exit 1; }}; usleep 200000; done\n\
-         {inspector} --source-socket m.sock --all --serial null --control-socket c.sock --api-socket api.sock > insp.log 2>&1 &\n\
+         {inspector} --source-socket m.sock --all --serial null --no-dirty-log --control-socket c.sock --api-socket api.sock > insp.log 2>&1 &\n\
          insp=$!\n\
          until grep -q 'agent ready' insp.log; do kill -0 $insp || {{ sed 's/^/# /' insp.log; exit 1; }}; usleep 200000; done\n\
          n=0\n\
@@ -83,6 +91,7 @@ fn script(l1: &NestedL1) -> String {
            done\n\
          done\n\
          {specula} --socket api.sock trace-status | sed 's/^/# status: /'\n\
+         echo workloads-complete\n\
          # Latency: tracing exec, a marker command typed on the console, until its trace.exec\n\
          # is on the event stream, and until its own output is on the console.\n\
          {specula} --socket api.sock trace-stop > /dev/null\n\
@@ -117,31 +126,50 @@ fn values(found: &[(String, f64)], name: &str) -> Vec<Duration> {
     found.iter().filter(|(n, _)| n == name).map(|(_, us)| Duration::from_micros(*us as u64)).collect()
 }
 
+/// `NAME=MICROSECONDS` lines of `output`.
+fn figures(output: &str) -> Vec<(String, f64)> {
+    output
+        .lines()
+        .filter_map(|l| l.trim().split_once('=').and_then(|(n, v)| Some((n.to_string(), v.parse().ok()?))))
+        .collect()
+}
+
 fn main() {
-    let mut found = Vec::new();
+    // The workload table and the latency samples each come from one L1 (their ratios
+    // compare within it): the first L1 that finished that part. TCG's nested SVM fails
+    // an L1 or its L2 now and then (docs/nested.md), so a fresh L1 is tried, at most
+    // three; a failed attempt is said, and only the parts it finished are used.
+    let mut workloads: Option<Vec<(String, f64)>> = None;
+    let mut latency: Option<Vec<(String, f64)>> = None;
     let mut why = String::new();
-    // Retries in a fresh L1: TCG's nested SVM fails an L1 or its L2 now and then
-    // (docs/nested.md); a failed attempt is said, and its figures are not used.
     for attempt in 1..=3 {
+        if workloads.is_some() && latency.is_some() {
+            break;
+        }
         let l1 = NestedL1::boot(&[]);
         match l1.try_run(&script(&l1), Duration::from_secs(1500)) {
-            Ok(out) if out.status == 0 => {
+            Ok(out) => {
                 out.output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
-                found = out
-                    .output
-                    .lines()
-                    .filter_map(|l| l.trim().split_once('=').and_then(|(n, v)| Some((n.to_string(), v.parse().ok()?))))
-                    .collect::<Vec<(String, f64)>>();
-                break;
+                let found = figures(&out.output);
+                let (lat, work): (Vec<_>, Vec<_>) = found.into_iter().partition(|(n, _)| n.starts_with("latency_"));
+                if workloads.is_none() && out.output.lines().any(|l| l.trim() == "workloads-complete") {
+                    workloads = Some(work);
+                }
+                if latency.is_none() && out.status == 0 {
+                    latency = Some(lat);
+                }
+                if out.status == 0 {
+                    continue;
+                }
+                why = format!("status {}:\n{}", out.status, out.output);
             }
-            Ok(out) => why = format!("status {}:\n{}", out.status, out.output),
             Err(e) => why = e,
         }
         let tail: Vec<&str> = why.lines().rev().take(15).collect();
         eprintln!("# attempt {attempt} failed; its last lines:");
         tail.iter().rev().for_each(|l| eprintln!("#   {l}"));
     }
-    assert!(!found.is_empty(), "the trace benchmark failed in three L1s:\n{why}");
+    let found = workloads.unwrap_or_else(|| panic!("no L1 of three finished the workloads:\n{why}"));
 
     let median_ms = |name: &str| {
         let v = values(&found, name);
@@ -151,7 +179,8 @@ fn main() {
     let mut body = format!(
         "## Nested: what agentless tracing costs the guest, `cargo bench --bench trace`\n\n\
          One L1 under QEMU's TCG (nested SVM; compare only ratios within this table): Debian 13 (6.12, 2 vCPUs) under \
-         our vmm with `--mirror-allow-trace`, an inspector attached. Each workload is timed from L1, from the command \
+         our vmm with `--mirror-allow-trace`, an inspector attached with its dirty-page feed off (`--no-dirty-log`: \
+         the feed write-protects guest RAM, a cost of its own that is not the trace's). Each workload is timed from L1, from the command \
          typed on the guest's console until the guest prints that it finished (the console's own delay included: it is \
          in every mode alike); median of {ROUNDS} runs. Exec-heavy: {EXECS} runs of `/bin/true`. Syscall-heavy: \
          `dd bs=1 count={SYSCALL_BYTES}` (a read and a write per byte). Modes: off (nothing armed); `exec,exit` \
@@ -177,27 +206,35 @@ fn main() {
             cell("all")
         ));
     }
-    let event = summarize(&values(&found, "latency_event"));
-    let output = summarize(&values(&found, "latency_output"));
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    body.push_str(&format!(
-        "\n**Event latency** ({} samples, exec traced): from `/bin/echo MARK` typed on the console until its \
-         `trace.exec` is on the inspector's event stream (`specula events`, polled every 2 ms, read in L1's \
-         10 ms clock steps): median {:.1} ms, p90 \
-         {:.1} ms; until the program's own output is on the console: median {:.1} ms, p90 {:.1} ms. {}\n",
-        event.n,
-        ms(event.median),
-        ms(event.p90),
-        ms(output.median),
-        ms(output.p90),
-        if event.median < output.median {
-            "The event is on the stream before the program's own output is on the console: the exec is reported at \
-             the system call's entry, before the program runs."
-        } else {
-            "The event reaches the stream after the program's own output reaches the console: the resolver and the \
-             event stream take longer than the program's run and the console."
-        },
-    ));
+    match &latency {
+        Some(latency) => {
+            let event = summarize(&values(latency, "latency_event"));
+            let output = summarize(&values(latency, "latency_output"));
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            body.push_str(&format!(
+                "\n**Event latency** ({} samples, exec traced): from `/bin/echo MARK` typed on the console until \
+                 its `trace.exec` is on the inspector's event stream (`specula events`, polled every 2 ms, read in \
+                 L1's 10 ms clock steps): median {:.1} ms, p90 {:.1} ms; until the program's own output is on the \
+                 console: median {:.1} ms, p90 {:.1} ms. {}\n",
+                event.n,
+                ms(event.median),
+                ms(event.p90),
+                ms(output.median),
+                ms(output.p90),
+                if event.median < output.median {
+                    "The event is on the stream before the program's own output is on the console: the exec is \
+                     reported at the system call's entry, before the program runs."
+                } else {
+                    "The event reaches the stream after the program's own output reaches the console: the resolver \
+                     and the event stream take longer than the program's run and the console."
+                },
+            ));
+        }
+        None => body.push_str(
+            "\n**Event latency**: not measured in this run. Every L1 that reached the latency samples failed \
+             before they were complete (the nest's failures, docs/nested.md); the attempts' lines say how.\n",
+        ),
+    }
     print!("{body}");
     let path = write_section("nested-trace", &body).expect("write BENCHMARKS.md");
     println!("wrote {}", path.display());
