@@ -66,6 +66,22 @@ fn linux_source_args(l1: &NestedL1, dir: &str, run_dir: &str, cpus: u32, extra: 
     )
 }
 
+/// Shell text for a [`ConsoleSession`] in the session's directory: starts `specula
+/// --json trace KINDS --software-breakpoints` (every kind when `kinds` is empty) on the
+/// inspector API at `socket` as `$tracer`, its events in NAME.out and its messages in
+/// NAME.err, and waits until it says it is tracing; fails with those messages and the
+/// inspector's `log` if it ends first.
+fn start_tracer(specula: &str, socket: &str, kinds: &str, name: &str, log: &str) -> String {
+    format!(
+        "{specula} --socket {socket} --json trace {kinds} --software-breakpoints > {name}.out 2> {name}.err &\n\
+         tracer=$!\n\
+         until grep -q 'specula: tracing' {name}.err; do\n\
+           kill -0 $tracer 2>/dev/null || fail \"specula trace failed: $(cat {name}.err {log})\"\n\
+           usleep 200000\n\
+         done"
+    )
+}
+
 /// What a traced source allows its inspectors: tracing, with software breakpoints.
 const TRACED: &str = "--mirror-allow-trace --mirror-allow-trace-patches";
 
@@ -528,12 +544,8 @@ fn trace_reports_processes_the_rootkits_load_and_its_lstar_hook(dir: &str) {
             .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
             .shell(&format!(
                 "{start}\n\
-                 {specula} --socket {api} --json trace --software-breakpoints > trace.out 2> trace.err &\n\
-                 tracer=$!\n\
-                 until grep -q 'specula: tracing' trace.err; do\n\
-                   kill -0 $tracer 2>/dev/null || fail \"specula trace failed: $(cat trace.err inspector.log)\"\n\
-                   usleep 200000\n\
-                 done"
+                 {}",
+                start_tracer(&specula, &api, "", "trace", "inspector.log")
             ))
             // A busy guest: processes come and go, every one with its system calls, and the
             // kernel's tables are left alone.
@@ -708,17 +720,13 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
                  inspector_a=$inspector\n\
                  {b}\n\
                  {specula} --socket a.sock trace-start kernel_writes > a.start 2>&1 || fail \"A's trace: $(cat a.start a.log)\"\n\
-                 {specula} --socket b.sock --json trace exit --software-breakpoints > b.out 2> b.err &\n\
-                 tracer=$!\n\
-                 until grep -q 'specula: tracing' b.err; do\n\
-                   kill -0 $tracer 2>/dev/null || fail \"B's trace failed: $(cat b.err b.log)\"\n\
-                   usleep 200000\n\
-                 done\n\
+                 {tracer}\n\
                  echo '--- refused'; {specula} --socket b.sock trace-start exec exit kernel_writes --software-breakpoints 2>&1\n\
                  echo \"refused-status=$?\"\n\
                  echo '--- status'; {specula} --socket b.sock --json trace-status",
                 a = start("a"),
                 b = start("b"),
+                tracer = start_tracer(&specula, "b.sock", "exit", "b", "b.log"),
             ))
             .send("/bin/sh -c 'exit 5' specula-after-refusal; echo after-status-$?-$((40 + 2))")
             .wait_for("after-status-5-42", SHELL_LIMIT)
@@ -764,15 +772,15 @@ fn nested_trace_a_change_of_plan_refused_half_way_keeps_the_old_breakpoints() {
 }
 
 /// vCPUs of the busy guest. One: the L2 triple fault (docs/nested.md) met two of four
-/// busy 2-vCPU guests within 20 s.
+/// busy 2-vCPU guests within 20 s (one vCPU met it too, in both of its 60 s runs).
 const BUSY_GUEST_CPUS: u32 = 1;
 
 /// Kernel-write tracing raises no false alarm: Debian 12's 6.1 under our vmm
 /// ([`BUSY_GUEST_CPUS`]) keeps its kernel busy for 60 s by its own clock (page cache,
 /// allocation and system calls, from `dd` and `sha256sum` over pipes and files, with
-/// few execs, which the nest's TCG meets badly) while the inspector traps writes to the kernel's text, system call tables
-/// and IDT, MSR writes and module loads; no `trace.kernel_write` or `trace.msr_write`
-/// event comes.
+/// few execs, which the nest's TCG meets badly) while the inspector traps writes to the
+/// kernel's text, system call tables and IDT, MSR writes and module loads; no
+/// `trace.kernel_write` or `trace.msr_write` event comes.
 /// Then a write-and-restore of the kernel's last text byte (the test rootkit's
 /// `poke_text_end`) is reported, so the quiet minute is the trace's, not a dead one.
 #[test]
@@ -794,13 +802,8 @@ fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s() {
             .wait_for("=== specula ground truth end ===", SHELL_LIMIT)
             .shell(&format!(
                 "{start}\n\
-                 {specula} --socket {api} --json trace kernel_writes msr_writes module_load --software-breakpoints \
-                   > trace.out 2> trace.err &\n\
-                 tracer=$!\n\
-                 until grep -q 'specula: tracing' trace.err; do\n\
-                   kill -0 $tracer 2>/dev/null || fail \"specula trace failed: $(cat trace.err inspector.log)\"\n\
-                   usleep 200000\n\
-                 done"
+                 {}",
+                start_tracer(&specula, &api, "kernel_writes msr_writes module_load", "trace", "inspector.log")
             ))
             // Seconds from the guest's own clock, read by a shell builtin (no exec).
             .send(
