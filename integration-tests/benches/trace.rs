@@ -83,6 +83,13 @@ fn script(l1: &NestedL1) -> String {
            insp=$!\n\
            until grep -q 'agent ready' insp.log; do kill -0 $insp || {{ sed 's/^/# /' insp.log; exit 1; }}; usleep 200000; done\n\
            n=0\n\
+           warm_up\n\
+         }}\n\
+         warm_up() {{ # a fresh L2 touches each page for the first time (a nested page fault each, costly under TCG): \
+           touch most of its RAM and run each workload once, unmeasured, so no mode's figures pay for a (re)boot\n\
+           guest 'dd if=/dev/zero of=/tmp/warm bs=1M count=256 2>/dev/null; rm /tmp/warm' && guest '{exec_loop}' \
+             && guest '{syscall_loop}' && return 0\n\
+           echo '# the source ended in its warm-up'; crashed; vmm=; start_source\n\
          }}\n\
          dump() {{ echo \"# $1\"; tail -8 out | sed 's/^/# vmm: /'; tail -8 insp.log | sed 's/^/# inspector: /'; exit 1; }}\n\
          arm() {{ # $1: the trace kinds (- for none, all for every kind)\n\
@@ -93,14 +100,14 @@ fn script(l1: &NestedL1) -> String {
              *) {specula} --socket api.sock trace-start $1 --software-breakpoints > trace.arm 2>&1 || dump \"trace-start $1: $(cat trace.arm)\" ;;\n\
            esac\n\
          }}\n\
-         restart() {{ # after the source ended: boots it again on the nest's triple fault, else fails\n\
+         crashed() {{ # after the source ended: counts the nest's triple fault, fails the script on anything else\n\
            wait $vmm; status=$?\n\
            grep -q 'shut down (triple fault)' out || dump \"the vmm exited with $status\"\n\
            restarts=$((restarts + 1))\n\
-           echo \"# restart $restarts: $(grep -m1 'triple fault' out)\"\n\
+           echo \"# restart $restarts: $(grep -m1 -o 'vCPU.*triple fault.*' out)\"\n\
            [ $restarts -le {MAX_RESTARTS} ] || dump 'too many triple faults in one L1'\n\
-           vmm=; start_source; arm $1\n\
          }}\n\
+         restart() {{ crashed; vmm=; start_source; arm $1; }}\n\
          guest() {{ # runs $1 in the guest and waits for it: took=the microseconds, seen from L1; fails if the source ended\n\
            n=$((n + 1)); t0=$(now)\n\
            echo \"$1; echo done-$n-\\$((40 + 2))\" >&3\n\
@@ -116,8 +123,8 @@ fn script(l1: &NestedL1) -> String {
            name=${{mode%%:*}}; kinds=${{mode#*:}}\n\
            arm $kinds\n\
            for round in $(seq {ROUNDS}); do\n\
-             until guest 'i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i + 1)); done' && exec_took=$took \
-                   && guest 'dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null'; do restart $kinds; done\n\
+             until guest '{exec_loop}' && exec_took=$took && guest '{syscall_loop}'; do \
+               echo \"# the source ended in mode $name, round $round\"; restart $kinds; done\n\
              echo \"exec_$name=$exec_took\"; echo \"syscall_$name=$took\"\n\
            done\n\
          done\n\
@@ -144,7 +151,7 @@ fn script(l1: &NestedL1) -> String {
              [ $(( ($(now) - t0) / 1000000 )) -lt 60 ] || {{ echo \"# sample $s: no event or output in 60 s\"; tail -3 events.out | sed 's/^/# /'; exit 1; }}\n\
              usleep 2000\n\
            done\n\
-           if ! kill -0 $vmm; then kill $follower; wait $follower; s=$((s - 1)); restart exec; follow; continue; fi\n\
+           if ! kill -0 $vmm; then echo \"# the source ended in latency sample $s\"; kill $follower; wait $follower; s=$((s - 1)); restart exec; follow; continue; fi\n\
            echo \"latency_event=$seen_event\"; echo \"latency_output=$seen_out\"\n\
            sleep 1\n\
          done\n\
@@ -155,6 +162,8 @@ fn script(l1: &NestedL1) -> String {
          echo 'poweroff -f' >&3; wait $vmm; echo \"# the vmm ended with $? on poweroff\"\n\
          exit 0\n",
         modes = modes.join(" "),
+        exec_loop = format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i + 1)); done"),
+        syscall_loop = format!("dd if=/dev/zero of=/dev/null bs=1 count={SYSCALL_BYTES} 2>/dev/null"),
     )
 }
 
@@ -208,10 +217,13 @@ fn main() {
     }
     let found = workloads.unwrap_or_else(|| panic!("no L1 of three finished the workloads:\n{why}"));
 
-    let median_ms = |name: &str| {
+    // The median and the range of a workload's runs in one mode, in milliseconds.
+    let spread_ms = |name: &str| {
         let v = values(&found, name);
         assert!(!v.is_empty(), "no {name} in {found:?}");
-        summarize(&v).median.as_secs_f64() * 1e3
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        let (min, max) = (v.iter().min().map(ms).unwrap_or(0.0), v.iter().max().map(ms).unwrap_or(0.0));
+        (summarize(&v).median.as_secs_f64() * 1e3, min, max)
     };
     let mut body = format!(
         "## Nested: what agentless tracing costs the guest, `cargo bench --bench trace`\n\n\
@@ -219,7 +231,9 @@ fn main() {
          our vmm with `--mirror-allow-trace`, an inspector attached with its dirty-page feed off (`--no-dirty-log`: \
          the feed write-protects guest RAM, a cost of its own that is not the trace's). Each workload is timed from L1, from the command \
          typed on the guest's console until the guest prints that it finished (the console's own delay included: it is \
-         in every mode alike); median of {ROUNDS} runs. Exec-heavy: {EXECS} runs of `/bin/true`. Syscall-heavy: \
+         in every mode alike); the median of {ROUNDS} runs, its ratio to off, and the fastest and slowest run, each \
+         after a warm-up that touched most of the guest's RAM and ran both workloads once (a freshly booted L2 pays a \
+         nested page fault for each page it touches first). Exec-heavy: {EXECS} runs of `/bin/true`. Syscall-heavy: \
          `dd bs=1 count={SYSCALL_BYTES}` (a read and a write per byte). Modes: off (nothing armed); `exec,exit` \
          (software breakpoints on `__x64_sys_execve`/`execveat` and `do_exit`: one exit per exec and per exit, each \
          read and reported); `kernel_writes` (the kernel's text, system call tables and IDT as read-only memslots: an \
@@ -231,13 +245,13 @@ fn main() {
         ("exec", format!("exec-heavy ({EXECS} execs)")),
         ("syscall", format!("syscall-heavy ({} syscalls)", 2 * SYSCALL_BYTES)),
     ] {
-        let off = median_ms(&format!("{workload}_off"));
+        let (off, off_min, off_max) = spread_ms(&format!("{workload}_off"));
         let cell = |mode: &str| {
-            let ms = median_ms(&format!("{workload}_{mode}"));
-            format!("{ms:.0} ({:.2}x)", ms / off)
+            let (ms, min, max) = spread_ms(&format!("{workload}_{mode}"));
+            format!("{ms:.0} ({:.2}x; {min:.0}-{max:.0})", ms / off)
         };
         body.push_str(&format!(
-            "| {label} | {off:.0} | {} | {} | {} |\n",
+            "| {label} | {off:.0} ({off_min:.0}-{off_max:.0}) | {} | {} | {} |\n",
             cell("exec_exit"),
             cell("kernel_writes"),
             cell("all")
@@ -246,8 +260,8 @@ fn main() {
     let restarts = found.iter().find(|(n, _)| n == "restarts_workloads").map_or(0, |(_, v)| *v as u32);
     body.push_str(&format!(
         "\nThe L2 met the nest's triple fault {restarts} times in these runs (docs/nested.md; at most {MAX_RESTARTS} \
-         per L1): each time it was booted again in the same L1, its trace mode armed again, and the round it was in \
-         was run again.\n"
+         per L1): each time it was booted again in the same L1 and warmed up, its trace mode armed again, and the \
+         round it was in was run again.\n"
     ));
     match &latency {
         Some(latency) => {

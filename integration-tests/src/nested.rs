@@ -856,10 +856,10 @@ impl ConsoleSession {
              {vmm} {args} < input > out 2>&1 &\n\
              vmm=$!\n\
              {echo_console}\
-             vmm_threads() {{ [ -d /proc/$vmm/task ] || return 0; echo '=== vmm threads (state, wchan, kernel stack)'; \
-               for t in /proc/$vmm/task/*; do echo \"$(cat $t/comm) $(sed -n 's/^State:[[:space:]]*//p' $t/status) \
+             threads() {{ [ -n \"$1\" ] && [ -d /proc/$1/task ] || return 0; echo \"=== $2 threads (state, wchan, kernel stack)\"; \
+               for t in /proc/$1/task/*; do echo \"$(cat $t/comm) $(sed -n 's/^State:[[:space:]]*//p' $t/status) \
                  wchan=$(cat $t/wchan)\"; head -n 6 $t/stack 2>/dev/null | sed 's/^/    /'; done; }}\n\
-             fail() {{ echo \"=== $*\"; vmm_threads; kill -9 $vmm 2>/dev/null; cat out; echo '=== L1 kernel log'; dmesg | tail -n 15; \
+             fail() {{ echo \"=== $*\"; threads \"$vmm\" vmm; threads \"$inspector\" inspector; kill -9 $vmm 2>/dev/null; cat out; echo '=== L1 kernel log'; dmesg | tail -n 15; \
                for f in *.log *.err *.out; do [ -f \"$f\" ] && echo \"=== $f ($(wc -l < \"$f\") lines), its end\" && tail -n 8 \"$f\"; done; exit 1; }}\n\
              waitfor() {{\n\
                end=$(( $(date +%s) + $2 ))\n\
