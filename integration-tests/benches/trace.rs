@@ -41,8 +41,14 @@ const SYSCALL_BYTES: u32 = 20_000;
 /// Latency samples.
 const LATENCY_SAMPLES: usize = 10;
 /// The trace modes, by the kinds `trace-start` is given (none: off).
-const MODES: [(&str, &str); 4] =
-    [("off", ""), ("exec_exit", "exec,exit"), ("kernel_writes", "kernel_writes"), ("all", "")];
+const MODES: [(&str, &str); 6] = [
+    ("off", ""),
+    ("exec_exit", "exec,exit"),
+    ("kernel_writes", "kernel_writes"),
+    ("msr_writes", "msr_writes"),
+    ("module_load", "module_load"),
+    ("all", ""),
+];
 
 /// Source restarts one L1 may make. An L2 that the nest's TCG shuts down (a triple
 /// fault, docs/nested.md) is booted again in the same L1 and the run it was in is
@@ -237,9 +243,11 @@ fn main() {
          `dd bs=1 count={SYSCALL_BYTES}` (a read and a write per byte). Modes: off (nothing armed); `exec,exit` \
          (software breakpoints on `__x64_sys_execve`/`execveat` and `do_exit`: one exit per exec and per exit, each \
          read and reported); `kernel_writes` (the kernel's text, system call tables and IDT as read-only memslots: an \
-         exit only when something writes them, which nothing here does); all kinds (those, module loads and the \
-         system-call MSR filter).\n\n\
-         | workload | off (ms) | `exec,exit` (ms) | `kernel_writes` (ms) | all kinds (ms) |\n|---|---|---|---|---|\n"
+         exit only when something writes them, which nothing here does); `msr_writes` (KVM's MSR filter on the \
+         system-call MSRs, EFER and DEBUGCTL: an exit per write to them); `module_load` (a software breakpoint on \
+         the kernel's module loader, which nothing here loads); all kinds at once.\n\n\
+         | workload | off (ms) | `exec,exit` (ms) | `kernel_writes` (ms) | `msr_writes` (ms) | `module_load` (ms) \
+         | all kinds (ms) |\n|---|---|---|---|---|---|---|\n"
     );
     for (workload, label) in [
         ("exec", format!("exec-heavy ({EXECS} execs)")),
@@ -251,9 +259,11 @@ fn main() {
             format!("{ms:.0} ({:.2}x; {min:.0}-{max:.0})", ms / off)
         };
         body.push_str(&format!(
-            "| {label} | {off:.0} ({off_min:.0}-{off_max:.0}) | {} | {} | {} |\n",
+            "| {label} | {off:.0} ({off_min:.0}-{off_max:.0}) | {} | {} | {} | {} | {} |\n",
             cell("exec_exit"),
             cell("kernel_writes"),
+            cell("msr_writes"),
+            cell("module_load"),
             cell("all")
         ));
     }
