@@ -786,7 +786,7 @@ const BUSY_GUEST_CPUS: u32 = 2;
 /// busy: /proc/stat's idle ticks are at most a ninth of its busy ones.
 /// The inspector's dirty-page feed is off (`--no-dirty-log`): with it on, the feed's
 /// write-protection of a busy L2's RAM brought the nest's triple fault in 7 of 8 busy
-/// minutes; with it off, 2 of 6 (docs/nested.md).
+/// minutes; with it off, 2 of 9 (docs/nested.md).
 /// Then a write-and-restore of the kernel's last text byte (the test rootkit's
 /// `poke_text_end`) is reported, so the quiet minute is the trace's, not a dead one.
 fn trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s(dir: &str) {
@@ -878,14 +878,14 @@ fn trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s(dir: &str)
 }
 
 #[test]
-#[ignore = "about a third of its busy minutes meet the nest's triple fault even with the dirty-page feed off \
+#[ignore = "one busy minute in four or five meets the nest's triple fault even with the dirty-page feed off \
             (docs/nested.md); run by hand with --ignored"]
 fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s_on_linux_6_1() {
     trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s("linux");
 }
 
 #[test]
-#[ignore = "about a third of its busy minutes meet the nest's triple fault even with the dirty-page feed off \
+#[ignore = "one busy minute in four or five meets the nest's triple fault even with the dirty-page feed off \
             (docs/nested.md); run by hand with --ignored"]
 fn nested_trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s_on_linux_6_12() {
     trace_reports_no_kernel_write_from_a_busy_untouched_guest_for_60_s("linux-trixie");
