@@ -12,7 +12,9 @@
 //!
 //! each with tracing off, with `exec,exit` traced (software breakpoints: TCG does not
 //! arm the debug registers), with `kernel_writes` traced (the kernel's text, system
-//! call tables and IDT as read-only memslots) and with every kind. Then the event
+//! call tables and IDT as read-only memslots), with `msr_writes` (KVM's MSR filter)
+//! and with `module_load` (a breakpoint nothing here hits) each on its own, and with
+//! every kind at once. Then the event
 //! latency: from a command typed on the console to its `trace.exec` on the inspector's
 //! event stream, beside the same command's own output on the console.
 //!
