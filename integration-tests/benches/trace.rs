@@ -79,9 +79,8 @@ fn script(l1: &NestedL1) -> String {
         "cd /tmp\n\
          now() {{ read up rest < /proc/uptime; echo $(( ${{up%.*}}${{up#*.}} * 10000 )); }}\n\
          restarts=0; vmm=; insp=\n\
-         start_source() {{ # boots the source and attaches the inspector; fails the script if either fails\n\
+         start_source() {{ # boots the source (the last one has ended) and attaches the inspector; fails the script if either fails\n\
            [ -n \"$insp\" ] && {{ kill $insp 2>/dev/null; wait $insp 2>/dev/null; }}\n\
-           [ -n \"$vmm\" ] && {{ kill $vmm 2>/dev/null; wait $vmm 2>/dev/null; }}\n\
            exec 3>&-; rm -f in out m.sock c.sock api.sock; mkfifo in; exec 3<>in\n\
            {vmm} --kernel {kernel} --initramfs {initramfs} --memory 512M --cpus 2 --mirror-socket m.sock \
              --mirror-allow-trace --mirror-allow-trace-patches --cmdline 'console=ttyS0 quiet' < in > out 2>&1 &\n\
@@ -97,7 +96,7 @@ fn script(l1: &NestedL1) -> String {
            touch most of its RAM and run each workload once, unmeasured, so no mode's figures pay for a (re)boot\n\
            guest 'dd if=/dev/zero of=/tmp/warm bs=1M count=256 2>/dev/null; rm /tmp/warm' && guest '{exec_loop}' \
              && guest '{syscall_loop}' && return 0\n\
-           echo '# the source ended in its warm-up'; crashed; vmm=; start_source\n\
+           echo '# the source ended in its warm-up'; crashed; start_source\n\
          }}\n\
          dump() {{ echo \"# $1\"; tail -8 out | sed 's/^/# vmm: /'; tail -8 insp.log | sed 's/^/# inspector: /'; exit 1; }}\n\
          arm() {{ # $1: the trace kinds (- for none, all for every kind)\n\
@@ -115,7 +114,7 @@ fn script(l1: &NestedL1) -> String {
            echo \"# restart $restarts: $(grep -m1 -o 'vCPU.*triple fault.*' out)\"\n\
            [ $restarts -le {MAX_RESTARTS} ] || dump 'too many triple faults in one L1'\n\
          }}\n\
-         restart() {{ crashed; vmm=; start_source; arm $1; }}\n\
+         restart() {{ crashed; start_source; arm $1; }}\n\
          guest() {{ # runs $1 in the guest and waits for it: took=the microseconds, seen from L1; fails if the source ended\n\
            n=$((n + 1)); t0=$(now)\n\
            echo \"$1; echo done-$n-\\$((40 + 2))\" >&3\n\
