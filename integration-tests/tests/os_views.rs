@@ -92,18 +92,10 @@ fn linux() -> &'static Linux<'static, GuestRam> {
     })
 }
 
-/// The process list; the guest runs while it is walked, so a walk that raced
-/// with a fork or exit is retried.
+/// The process list, walked while the guest runs (the library walks again a list
+/// that changed under it).
 fn processes() -> Vec<Process> {
-    let mut last = None;
-    for _ in 0..10 {
-        match linux().processes() {
-            Ok(list) => return list,
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("task list walk kept failing: {}", last.unwrap());
+    linux().processes().unwrap_or_else(|e| panic!("task list walk failed: {e}"))
 }
 
 fn args_of(p: &Process) -> String {

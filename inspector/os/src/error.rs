@@ -82,3 +82,33 @@ impl fmt::Display for Error {
         }
     }
 }
+
+impl Error {
+    /// Whether this error can come from guest memory that changed while it was read:
+    /// a pointer followed after the guest freed (and reused) what it pointed at, a
+    /// count read before the list it counts was cut. A running guest changes its
+    /// lists under every walk, so such a walk is worth repeating
+    /// ([`crate::linux::walked_until_consistent`]); the errors about the kernel
+    /// itself (its symbols, types, VMCOREINFO) or about a request are not.
+    pub fn may_come_from_a_change_under_the_walk(&self) -> bool {
+        match self {
+            Error::PhysRead { .. }
+            | Error::NonCanonical { .. }
+            | Error::NotMapped { .. }
+            | Error::BadPageTableEntry { .. }
+            | Error::TooLarge { .. }
+            | Error::ListCycle { .. }
+            | Error::ListTooLong { .. }
+            | Error::Corrupt(_) => true,
+            Error::VmcoreinfoNotFound { .. }
+            | Error::Vmcoreinfo(_)
+            | Error::Kallsyms(_)
+            | Error::SymbolNotFound(_)
+            | Error::Btf(_)
+            | Error::BtfLookup(_)
+            | Error::BadReply(_)
+            | Error::BadRequest(_)
+            | Error::Unanchored(_) => false,
+        }
+    }
+}

@@ -16,8 +16,11 @@
 //! module list from `modules` (at most [`MAX_MODULES`]); a node seen twice is
 //! [`Error::ListCycle`]. Command lines are read up to [`MAX_CMDLINE_BYTES`]
 //! each and [`MAX_CMDLINE_TOTAL`] for a whole process list. Guest memory
-//! changes while it is read (the guest runs): a walk that races with the guest
-//! can fail with an error; callers retry.
+//! changes while it is read (the guest runs and is never paused): a walk can
+//! follow a pointer out of a task the guest freed a moment before. A walk that
+//! fails on guest memory is therefore walked again, up to [`MAX_WALKS`] times
+//! ([`walked_until_consistent`]); a structure that is broken on every walk is
+//! reported as the error of the last one.
 //!
 //! The views are split by concern: [`processes`](Linux::processes) and process
 //! memory, [`vmas`](Linux::vmas), [`modules`](Linux::modules) and the
@@ -48,6 +51,25 @@ pub use modules::{Module, MAX_MODULES};
 pub use processes::{Process, MAX_CMDLINE_BYTES, MAX_CMDLINE_TOTAL, MAX_TASKS, PF_KTHREAD};
 pub use syscalls::{SyscallCheck, SyscallEntry, MAX_SYSCALLS};
 pub use vmas::{Vma, MAX_MAPLE_DEPTH, MAX_MAPLE_NODES, MAX_VMAS, VM_EXEC, VM_READ, VM_SHARED, VM_WRITE};
+
+/// Walks of one view made at most before the error of the last is reported: a list
+/// the guest changed under one walk is read whole by the next (the guest unlinks an
+/// entry before it frees it), while one that is broken for good costs at most this
+/// many walks.
+pub const MAX_WALKS: usize = 3;
+
+/// Runs `walk` until it succeeds, fails for a reason a change of guest memory under
+/// it cannot explain, or has run [`MAX_WALKS`] times.
+pub fn walked_until_consistent<T>(mut walk: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+    let mut result = walk();
+    for _ in 1..MAX_WALKS {
+        match &result {
+            Err(e) if e.may_come_from_a_change_under_the_walk() => result = walk(),
+            _ => break,
+        }
+    }
+    result
+}
 
 /// Facts about the running kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -50,8 +50,13 @@ impl<M: PhysMem + ?Sized> Linux<'_, M> {
         Err(Error::Corrupt("no `modules` symbol is a list head".into()))
     }
 
-    /// Every module on the `modules` list, in list order.
+    /// Every module on the `modules` list, in list order; a walk that fails on guest
+    /// memory is made again ([`super::walked_until_consistent`]).
     pub fn modules(&self) -> Result<Vec<Module>, Error> {
+        super::walked_until_consistent(|| self.modules_walked_once())
+    }
+
+    fn modules_walked_once(&self) -> Result<Vec<Module>, Error> {
         let head = self.modules_head()?;
         let mut out = Vec::new();
         structs::walk_list(&self.kernel, head, "module", MAX_MODULES, |node| {

@@ -82,14 +82,20 @@ impl Process {
 
 impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// Every process (thread-group leader) on `init_task.tasks`, in list order
-    /// (the idle task itself, pid 0, is not listed).
+    /// (the idle task itself, pid 0, is not listed). A walk that fails on guest
+    /// memory is made again ([`super::walked_until_consistent`]).
+    pub fn processes(&self) -> Result<Vec<Process>, Error> {
+        super::walked_until_consistent(|| self.processes_walked_once())
+    }
+
+    /// One walk of the task list for [`Linux::processes`].
     ///
     /// A listing reads about ten structures per task that are rarely in cache, so it
     /// is bound by memory latency. It therefore runs in passes over all tasks (collect
     /// the list; read each task's pointers; read the fields; read command lines), and
     /// each pass asks for the lines the next pass reads ([`VirtMem::prefetch_virt`])
     /// so that their misses overlap.
-    pub fn processes(&self) -> Result<Vec<Process>, Error> {
+    fn processes_walked_once(&self) -> Result<Vec<Process>, Error> {
         let l = &self.layout;
         let init = self.kallsyms.address("init_task")?;
         // Tens of fields per task: one page walk per page, not per field.

@@ -169,3 +169,83 @@ fn a_cyclic_module_list_and_bad_tables_are_errors() {
     let empty = TestMem::new(0, 0x1000);
     assert!(matches!(Linux::discover(&empty).err().unwrap(), Error::VmcoreinfoNotFound { candidates: 0, .. }));
 }
+
+/// Guest memory whose 8-byte word at `at` reads as `torn` for as long as `torn_reads`
+/// lasts, and as it is in `mem` after: a guest that changed a list under a walk (a
+/// pointer into a task it had just freed, that a walk a moment later no longer meets).
+struct TornWord<'m> {
+    mem: &'m TestMem,
+    at: u64,
+    torn: u64,
+    torn_reads: core::cell::Cell<u32>,
+    reads: core::cell::Cell<u32>,
+}
+
+impl<'m> TornWord<'m> {
+    fn new(mem: &'m TestMem, at: u64, torn: u64) -> Self {
+        TornWord { mem, at, torn, torn_reads: Default::default(), reads: Default::default() }
+    }
+}
+
+impl PhysMem for TornWord<'_> {
+    fn read(&self, pa: u64, buf: &mut [u8]) -> Result<(), Error> {
+        self.mem.read(pa, buf)?;
+        let Some(offset) = self.at.checked_sub(pa).map(|o| o as usize).filter(|&o| o + 8 <= buf.len()) else {
+            return Ok(());
+        };
+        self.reads.set(self.reads.get() + 1);
+        if self.torn_reads.get() > 0 {
+            self.torn_reads.set(self.torn_reads.get() - 1);
+            buf[offset..offset + 8].copy_from_slice(&self.torn.to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn ram_ranges(&self) -> Vec<core::ops::Range<u64>> {
+        self.mem.ram_ranges()
+    }
+}
+
+#[test]
+fn a_task_list_torn_under_one_walk_is_walked_again_and_listed_whole() {
+    let g = Guest::new();
+    let whole = Linux::discover(&g.mem).unwrap().processes().unwrap();
+    // Task A's `tasks.next` read once as a pointer outside every mapping (the task it
+    // named was freed), then as it is: the listing is the whole one.
+    let mem = TornWord::new(&g.mem, Guest::pa(TASK_A), 0xffff_9000_0000_0000);
+    let linux = Linux::discover(&mem).unwrap();
+    mem.reads.set(0);
+    assert_eq!(linux.processes(), Ok(whole.clone()));
+    let per_walk = mem.reads.get();
+    mem.reads.set(0);
+    mem.torn_reads.set(1);
+    assert_eq!(linux.processes(), Ok(whole));
+    assert_eq!(mem.reads.get(), 1 + per_walk, "a walk that failed at the torn word, then a whole walk");
+    // Torn on every read: the error, after MAX_WALKS walks and no more.
+    mem.reads.set(0);
+    mem.torn_reads.set(u32::MAX);
+    assert!(matches!(linux.processes(), Err(Error::NotMapped { va: 0xffff_9000_0000_0000, .. })));
+    assert_eq!(mem.reads.get() as usize, MAX_WALKS);
+    // The module list the same way (its head's `next`).
+    let mem = TornWord::new(&g.mem, Guest::pa(MODULES), 0xffff_9000_0000_0000);
+    let linux = Linux::discover(&mem).unwrap();
+    let modules = linux.modules().unwrap();
+    mem.torn_reads.set(1);
+    assert_eq!(linux.modules(), Ok(modules));
+}
+
+#[test]
+fn an_error_about_the_kernel_itself_is_not_walked_again() {
+    let mut walks = 0;
+    let result: Result<(), Error> = walked_until_consistent(|| {
+        walks += 1;
+        Err(Error::SymbolNotFound("init_task".into()))
+    });
+    assert_eq!((result, walks), (Err(Error::SymbolNotFound("init_task".into())), 1));
+    let mut walks = 0;
+    let result: Result<(), Error> = walked_until_consistent(|| {
+        walks += 1;
+        Err(Error::Corrupt("torn".into()))
+    });
+    assert_eq!((result, walks), (Err(Error::Corrupt("torn".into())), MAX_WALKS));
+}

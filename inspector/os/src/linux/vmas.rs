@@ -70,8 +70,13 @@ impl Vma {
 impl<M: PhysMem + ?Sized> Linux<'_, M> {
     /// The memory areas of process `p`, sorted by address (empty for kernel
     /// threads). From the maple tree `mm->mm_mt` (Linux ≥ 6.1) or the
-    /// `mm->mmap` list (older), whichever BTF shows. At most [`MAX_VMAS`].
+    /// `mm->mmap` list (older), whichever BTF shows. At most [`MAX_VMAS`]. A walk
+    /// that fails on guest memory is made again ([`super::walked_until_consistent`]).
     pub fn vmas(&self, p: &Process) -> Result<Vec<Vma>, Error> {
+        super::walked_until_consistent(|| self.vmas_walked_once(p))
+    }
+
+    fn vmas_walked_once(&self, p: &Process) -> Result<Vec<Vma>, Error> {
         let vl = self.vma_layout.as_ref().map_err(Clone::clone)?;
         if p.mm == 0 {
             return Ok(Vec::new());
