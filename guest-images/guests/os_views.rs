@@ -281,6 +281,7 @@ pub fn execute(
     let listed = lists_pages_read(op) && args[3] == LIST_PAGES_READ;
     // SAFETY: single-threaded; no reference to it is alive between reads.
     unsafe { *mem.pages_read.get() = listed.then(|| PagesRead::new(digest_key)) };
+    let redone_before = linux.walks_redone();
     let outcome: Result<usize, Error> = (|| {
         let mut w = Writer::new(&mut *data);
         match request {
@@ -324,13 +325,14 @@ pub fn execute(
     })();
     // SAFETY: as above; the walk is over.
     let read = unsafe { (*mem.pages_read.get()).take() };
+    let redone = linux.walks_redone() - redone_before;
     match outcome {
         Ok(len) => match read {
             Some(read) => {
                 let (records, at) = read.write_records(data, len);
-                Ok([len as u64, records, at, 0])
+                Ok([len as u64, records, at, redone])
             }
-            None => Ok([len as u64, READ_SET_NONE, 0, 0]),
+            None => Ok([len as u64, READ_SET_NONE, 0, redone]),
         },
         Err(Error::TooLarge { what: "reply", .. }) => Err(STATUS_TOO_BIG),
         Err(e) => Err(fail(data, &e)),

@@ -72,7 +72,9 @@ pub const MAX_LATENCY_SAMPLES: u64 = DATA_SLOT_SIZE / 8;
 /// OS views (Linux, found in the source's RAM with no symbols: see the `specula-os`
 /// crate). Every OS command's data area starts with the granted ranges, `u32 count`
 /// then `count` (gpa u64, len u64) pairs, which bound what the agent may read; the
-/// reply (a `specula_os::wire` encoding) replaces them, `result[0]` = its length.
+/// reply (a `specula_os::wire` encoding) replaces them, `result[0]` = its length, and
+/// `result[3]` = how many of its walks were made again because the source changed what
+/// they read under them (`specula_os::linux::walked_until_consistent`).
 /// `OP_OS_DISCOVER` (re)finds the kernel; the others use what it found.
 pub const OP_OS_DISCOVER: u32 = 8;
 pub const OP_OS_KERNEL: u32 = 9;

@@ -37,6 +37,7 @@ mod vmas;
 
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::anchors::{self, AnchorCheck, Anchoring, CpuState};
 use crate::btf::Btf;
@@ -59,12 +60,16 @@ pub use vmas::{Vma, MAX_MAPLE_DEPTH, MAX_MAPLE_NODES, MAX_VMAS, VM_EXEC, VM_READ
 pub const MAX_WALKS: usize = 3;
 
 /// Runs `walk` until it succeeds, fails for a reason a change of guest memory under
-/// it cannot explain, or has run [`MAX_WALKS`] times.
-pub fn walked_until_consistent<T>(mut walk: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+/// it cannot explain, or has run [`MAX_WALKS`] times; counts each walk made again in
+/// `redone`.
+pub fn walked_until_consistent<T>(redone: &AtomicU64, mut walk: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
     let mut result = walk();
     for _ in 1..MAX_WALKS {
         match &result {
-            Err(e) if e.may_come_from_a_change_under_the_walk() => result = walk(),
+            Err(e) if e.may_come_from_a_change_under_the_walk() => {
+                redone.fetch_add(1, Ordering::Relaxed);
+                result = walk();
+            }
             _ => break,
         }
     }
@@ -136,6 +141,8 @@ pub struct Linux<'a, M: PhysMem + ?Sized> {
     anchoring: Anchoring,
     /// Where the valid VMCOREINFO copies that the vCPUs contradict were found.
     forged: Vec<u64>,
+    /// Walks made again since discovery because one failed on guest memory.
+    walks_redone: AtomicU64,
 }
 
 /// Most valid VMCOREINFO copies judged in one discovery (the kernel keeps two).
@@ -205,7 +212,19 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
         let btf = Self::read_btf(&kernel, &kallsyms)?;
         let layout = Layout::new(&btf)?;
         let vma_layout = VmaLayout::new(&btf);
-        Ok(Linux { mem, vmcoreinfo, kernel, kallsyms, btf, layout, vma_layout, conflicting, anchoring, forged })
+        Ok(Linux {
+            mem,
+            vmcoreinfo,
+            kernel,
+            kallsyms,
+            btf,
+            layout,
+            vma_layout,
+            conflicting,
+            anchoring,
+            forged,
+            walks_redone: AtomicU64::new(0),
+        })
     }
 
     fn check_candidate(mem: &'a M, info: &VmcoreInfo) -> Result<AddressSpace<'a, M>, Error> {
@@ -289,6 +308,12 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// The kernel's types.
     pub fn btf(&self) -> &Btf {
         &self.btf
+    }
+
+    /// Walks made again since discovery because one failed on guest memory (the
+    /// guest changed a list under it; [`walked_until_consistent`]).
+    pub fn walks_redone(&self) -> u64 {
+        self.walks_redone.load(Ordering::Relaxed)
     }
 
     /// The kernel's address space (rooted at `swapper_pg_dir`).

@@ -11,7 +11,7 @@ use specula_os::CpuState;
 use specula_os::{CheckReport, KernelInfo, Module, SyscallCheck, Vma};
 
 use super::replies as agent_replies;
-use super::{InspectError, Inspector, DIRTY_SYNC_TIMEOUT, MAX_READ};
+use super::{say, InspectError, Inspector, DIRTY_SYNC_TIMEOUT, MAX_READ};
 use crate::agent_link::AgentError;
 use crate::view_cache::{Lookup, PageRead, Served, ViewCacheMode, ViewKey};
 
@@ -22,6 +22,18 @@ pub fn kernel_symbol(symbols: &[wire::SymbolRecord], name: &str) -> Result<u64, 
         .find(|s| s.name == name)
         .map(|s| s.address)
         .ok_or_else(|| InspectError::Os(format!("no {name} in kallsyms")))
+}
+
+/// What the agent walks for OS command `op`, in a log line.
+fn walk_name(op: u32) -> &'static str {
+    match op {
+        abi::OP_OS_PROCESSES => "task list",
+        abi::OP_OS_MODULES => "module list",
+        abi::OP_OS_VMAS => "memory-area",
+        abi::OP_OS_CHECKS => "rootkit-check",
+        abi::OP_OS_READ_VIRTUAL => "virtual-read",
+        _ => "OS view",
+    }
 }
 
 /// The bits of `specula_os::checks::select` that the named checks select (none named:
@@ -131,6 +143,15 @@ impl Inspector {
         let run = |op| -> Result<(Vec<u8>, Option<Vec<PageRead>>), InspectError> {
             let done = self.link.call(op, args, &key.input)?;
             let reply = done.data(0, done.result[0])?;
+            if done.result[3] > 0 {
+                // Worth a line: it is what a running source does to a walk, and a view
+                // that fails after MAX_WALKS is then no surprise.
+                say(format_args!(
+                    "the source changed what the agent's {} walk read under it: walked again {} time(s)",
+                    walk_name(op),
+                    done.result[3]
+                ));
+            }
             let read = if cached && abi::lists_pages_read(op) {
                 agent_replies::pages_read(&done, done.result[0], self.window_len)?
             } else {

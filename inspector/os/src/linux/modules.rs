@@ -53,7 +53,7 @@ impl<M: PhysMem + ?Sized> Linux<'_, M> {
     /// Every module on the `modules` list, in list order; a walk that fails on guest
     /// memory is made again ([`super::walked_until_consistent`]).
     pub fn modules(&self) -> Result<Vec<Module>, Error> {
-        super::walked_until_consistent(|| self.modules_walked_once())
+        super::walked_until_consistent(&self.walks_redone, || self.modules_walked_once())
     }
 
     fn modules_walked_once(&self) -> Result<Vec<Module>, Error> {

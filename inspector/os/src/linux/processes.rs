@@ -85,7 +85,7 @@ impl<'a, M: PhysMem + ?Sized> Linux<'a, M> {
     /// (the idle task itself, pid 0, is not listed). A walk that fails on guest
     /// memory is made again ([`super::walked_until_consistent`]).
     pub fn processes(&self) -> Result<Vec<Process>, Error> {
-        super::walked_until_consistent(|| self.processes_walked_once())
+        super::walked_until_consistent(&self.walks_redone, || self.processes_walked_once())
     }
 
     /// One walk of the task list for [`Linux::processes`].

@@ -221,6 +221,7 @@ fn a_task_list_torn_under_one_walk_is_walked_again_and_listed_whole() {
     mem.torn_reads.set(1);
     assert_eq!(linux.processes(), Ok(whole));
     assert_eq!(mem.reads.get(), 1 + per_walk, "a walk that failed at the torn word, then a whole walk");
+    assert_eq!(linux.walks_redone(), 1);
     // Torn on every read: the error, after MAX_WALKS walks and no more.
     mem.reads.set(0);
     mem.torn_reads.set(u32::MAX);
@@ -237,15 +238,17 @@ fn a_task_list_torn_under_one_walk_is_walked_again_and_listed_whole() {
 #[test]
 fn an_error_about_the_kernel_itself_is_not_walked_again() {
     let mut walks = 0;
-    let result: Result<(), Error> = walked_until_consistent(|| {
+    let redone = AtomicU64::new(0);
+    let result: Result<(), Error> = walked_until_consistent(&redone, || {
         walks += 1;
         Err(Error::SymbolNotFound("init_task".into()))
     });
-    assert_eq!((result, walks), (Err(Error::SymbolNotFound("init_task".into())), 1));
+    assert_eq!((result, walks, redone.load(Ordering::Relaxed)), (Err(Error::SymbolNotFound("init_task".into())), 1, 0));
     let mut walks = 0;
-    let result: Result<(), Error> = walked_until_consistent(|| {
+    let result: Result<(), Error> = walked_until_consistent(&redone, || {
         walks += 1;
         Err(Error::Corrupt("torn".into()))
     });
-    assert_eq!((result, walks), (Err(Error::Corrupt("torn".into())), MAX_WALKS));
+    let redone = redone.load(Ordering::Relaxed);
+    assert_eq!((result, walks, redone), (Err(Error::Corrupt("torn".into())), MAX_WALKS, MAX_WALKS as u64 - 1));
 }

@@ -73,7 +73,7 @@ impl<M: PhysMem + ?Sized> Linux<'_, M> {
     /// `mm->mmap` list (older), whichever BTF shows. At most [`MAX_VMAS`]. A walk
     /// that fails on guest memory is made again ([`super::walked_until_consistent`]).
     pub fn vmas(&self, p: &Process) -> Result<Vec<Vma>, Error> {
-        super::walked_until_consistent(|| self.vmas_walked_once(p))
+        super::walked_until_consistent(&self.walks_redone, || self.vmas_walked_once(p))
     }
 
     fn vmas_walked_once(&self, p: &Process) -> Result<Vec<Vma>, Error> {
