@@ -937,6 +937,10 @@ fn nested_kernel_mirror_inspects_an_unmodified_qemu_by_pid_against_the_guests_ow
             |name: &str| views.get(name).unwrap_or_else(|| panic!("no {name} reply:\n{views_text}")).trim().to_string();
         assert!(view("status").contains("kind=kernel-mirror"), "{}", view("status"));
         assert_no_request_went_unanswered(&views);
+        // A failed view with the inspector's log (which says when a walk was made again).
+        for request in ["ps", "lsmod"] {
+            assert!(!view(request).contains("error:"), "{request} failed:\n{}", out.output);
+        }
         truth.assert_processes_listed(&parse_ps_reply(&view("ps")));
         truth.assert_modules_are(&view("lsmod"));
     })
