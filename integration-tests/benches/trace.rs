@@ -82,6 +82,8 @@ fn script(l1: &NestedL1) -> String {
     format!(
         "cd /tmp\n\
          now() {{ read up rest < /proc/uptime; echo $(( ${{up%.*}}${{up#*.}} * 10000 )); }}\n\
+         mount -t debugfs none /sys/kernel/debug 2>/dev/null\n\
+         counter() {{ cat /sys/kernel/debug/kvm/$vmm-*/$1 2>/dev/null || echo 0; }} # one of KVM's counters for the source's VM, summed over its vCPUs\n\
          restarts=0; vmm=; insp=\n\
          start_source() {{ # boots the source (the last one has ended) and attaches the inspector; fails the script if either fails\n\
            [ -n \"$insp\" ] && {{ kill $insp 2>/dev/null; wait $insp 2>/dev/null; }}\n\
@@ -134,9 +136,12 @@ fn script(l1: &NestedL1) -> String {
            name=${{mode%%:*}}; kinds=${{mode#*:}}\n\
            arm $kinds\n\
            for round in $(seq {ROUNDS}); do\n\
-             until guest '{exec_loop}' && exec_took=$took && guest '{syscall_loop}'; do \
+             until calls=$(counter hypercalls) && emulated=$(counter insn_emulation) && guest '{exec_loop}' \
+               && exec_took=$took && calls=$(( $(counter hypercalls) - calls )) \
+               && emulated=$(( $(counter insn_emulation) - emulated )) && guest '{syscall_loop}'; do \
                echo \"# the source ended in mode $name, round $round\"; restart $kinds; done\n\
              echo \"exec_$name=$exec_took\"; echo \"syscall_$name=$took\"\n\
+             echo \"hypercalls_$name=$calls\"; echo \"emulated_$name=$emulated\"\n\
            done\n\
          done\n\
          {specula} --socket api.sock trace-status | sed 's/^/# status: /'\n\
@@ -246,9 +251,19 @@ fn main() {
          after a warm-up that touched most of the guest's RAM and ran both workloads once (a freshly booted L2 pays a \
          nested page fault for each page it touches first). Exec-heavy: {EXECS} runs of `/bin/true`. Syscall-heavy: \
          `dd bs=1 count={SYSCALL_BYTES}` (a read and a write per byte). The modes ran in the order of the rows.\n\n\
-         | mode | what it arms | exec-heavy ({EXECS} execs, ms) | syscall-heavy ({} syscalls, ms) |\n|---|---|---|---|\n",
+         The last two columns are two of KVM's counters for the source's VM (L1's debugfs) over each exec-heavy run, \
+         medians: `hypercalls` (in this guest, paravirtual spinlock kicks: a vCPU that waited too long for a lock \
+         the other held went to sleep, and its holder woke it) and `insn_emulation` (instructions KVM emulated).\n\n\
+         | mode | what it arms | exec-heavy ({EXECS} execs, ms) | syscall-heavy ({} syscalls, ms) | hypercalls per exec-heavy run \
+         | instructions emulated per exec-heavy run |\n|---|---|---|---|---|---|\n",
         2 * SYSCALL_BYTES
     );
+    // The median of a counter's values over a mode's runs.
+    let median_count = |name: &str| {
+        let mut v: Vec<f64> = found.iter().filter(|(n, _)| n == name).map(|(_, c)| *c).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     let (exec_off, syscall_off) = (spread_ms("exec_off").0, spread_ms("syscall_off").0);
     for (mode, _, arms) in MODES {
         let cell = |workload: &str, off: f64| {
@@ -256,10 +271,12 @@ fn main() {
             format!("{ms:.0} ({:.2}x; {min:.0}-{max:.0})", ms / off)
         };
         body.push_str(&format!(
-            "| {} | {arms} | {} | {} |\n",
+            "| {} | {arms} | {} | {} | {:.0} | {:.0} |\n",
             mode.replace('_', " "),
             cell("exec", exec_off),
-            cell("syscall", syscall_off)
+            cell("syscall", syscall_off),
+            median_count(&format!("hypercalls_{mode}")),
+            median_count(&format!("emulated_{mode}"))
         ));
     }
     let restarts = found.iter().find(|(n, _)| n == "restarts_workloads").map_or(0, |(_, v)| *v as u32);
