@@ -17,7 +17,7 @@ mod tables;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use mirror_driver::protocol::{
@@ -97,8 +97,11 @@ pub(crate) struct Tracing {
     /// The breakpoints armed at the source, which `probes` decodes: re-armed when a
     /// change of plan fails half-way, so that no hit is decoded with another plan.
     points: Mutex<Vec<Breakpoint>>,
-    /// The kernel tables whose writes the source traps.
-    tables: Mutex<TablePlan>,
+    /// The kernel tables whose writes the source traps. Shared, not copied, with each
+    /// batch the resolver publishes: the plan holds every kernel text symbol (tens of
+    /// thousands of names), and copying it per batch made the resolver thread take
+    /// most of a CPU while exec was traced beside kernel writes.
+    tables: Mutex<Arc<TablePlan>>,
     /// The init text of the modules loaded last, newest last (at most
     /// [`MAX_INIT_TEXTS`]): a writer there is the module's init.
     init_texts: Mutex<VecDeque<(String, u64, u64)>>,
@@ -220,7 +223,7 @@ impl Inspector {
         }
         *lock(&self.tracing.points) = plan.as_ref().map(|p| p.points.clone()).unwrap_or_default();
         *lock(&self.tracing.probes) = plan.map(|p| p.probes).unwrap_or_default();
-        *lock(&self.tracing.tables) = tables.unwrap_or_default();
+        *lock(&self.tracing.tables) = Arc::new(tables.unwrap_or_default());
         *current = kinds;
         self.tracing.software.store(software, Ordering::SeqCst);
         self.tracing.max_per_second.store(if kinds == 0 { 0 } else { max_per_second }, Ordering::SeqCst);
@@ -312,7 +315,7 @@ impl Inspector {
             these
         };
         let probes = lock(&self.tracing.probes).clone();
-        let tables = lock(&self.tracing.tables).clone();
+        let tables = Arc::clone(&lock(&self.tracing.tables));
         for event in &batch {
             let (kind, detail) = match event {
                 Pending::Msr(write) => {
