@@ -28,7 +28,7 @@
 
 use std::time::Duration;
 
-use integration_tests::bench::{summarize, write_section};
+use integration_tests::bench::{figures_of, summarize, write_section};
 use integration_tests::nested::NestedL1;
 
 /// The guest kernel: Debian 13's 6.12 (its L2s met fewer of the nest's TCG failures than
@@ -188,14 +188,6 @@ fn values(found: &[(String, f64)], name: &str) -> Vec<Duration> {
     found.iter().filter(|(n, _)| n == name).map(|(_, us)| Duration::from_micros(*us as u64)).collect()
 }
 
-/// `NAME=MICROSECONDS` lines of `output`.
-fn figures(output: &str) -> Vec<(String, f64)> {
-    output
-        .lines()
-        .filter_map(|l| l.trim().split_once('=').and_then(|(n, v)| Some((n.to_string(), v.parse().ok()?))))
-        .collect()
-}
-
 fn main() {
     // The workload table and the latency samples each come from one L1 (their ratios
     // compare within it): the first L1 that finished that part. TCG's nested SVM fails
@@ -211,8 +203,7 @@ fn main() {
         let l1 = NestedL1::boot(&[]);
         match l1.try_run(&script(&l1), Duration::from_secs(1500)) {
             Ok(out) => {
-                out.output.lines().filter(|l| l.starts_with("# ")).for_each(|l| eprintln!("{l}"));
-                let found = figures(&out.output);
+                let found = figures_of(&out.output);
                 let (lat, work): (Vec<_>, Vec<_>) = found.into_iter().partition(|(n, _)| n.starts_with("latency_"));
                 if workloads.is_none() && out.output.lines().any(|l| l.trim() == "workloads-complete") {
                     workloads = Some(work);
